@@ -1,0 +1,1 @@
+"""Image-text data: the synthetic world, jsonl + folder datasets, webdataset shards."""

@@ -1,0 +1,163 @@
+"""Creating and loading TTD models: open_clip name + pretrained tag, a local checkpoint, or a
+config registered by this project. Checkpoints are safetensors + a JSON of the ModelConfig;
+nothing is ever unpickled."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ttd.model import ModelConfig, TTDModel
+
+DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "world-base.safetensors"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be created or loaded; the message says what to do instead."""
+
+
+def registered_configs() -> dict[str, ModelConfig]:
+    """Configs this project defines (the world models of DESIGN §3.6)."""
+    from ttd.data.world import world_model_config
+
+    return {"world-tiny": world_model_config()}
+
+
+def _build_clip(model_cfg: dict[str, Any]):
+    from open_clip.model import CLIP
+
+    return CLIP(**model_cfg)
+
+
+def open_clip_config(name: str, dense_mode: str | None, pretrained: str | None) -> ModelConfig:
+    import open_clip
+
+    model_cfg = open_clip.get_model_config(name)
+    if model_cfg is None:
+        known = ", ".join(sorted(registered_configs()))
+        raise ModelLoadError(
+            f"unknown model {name!r}: not an open_clip architecture (see `python -c \"import open_clip; "
+            f"print(open_clip.list_models())\"`) nor a registered TTD config ({known})"
+        )
+    model_cfg = {k: v for k, v in model_cfg.items() if k in ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu")}
+    vision = model_cfg["vision_cfg"]
+    pooled_by_average = vision.get("pool_type", "tok") == "avg"
+    return ModelConfig(
+        name=name,
+        model_cfg=model_cfg,
+        tokenizer={"kind": "open_clip", "name": name},
+        source=f"open_clip:{name}/{pretrained}" if pretrained else f"open_clip:{name}/random-init",
+        dense_mode=dense_mode or ("avg" if pooled_by_average else "clearclip"),
+        image_size=int(vision["image_size"]),
+    )
+
+
+def create_model(
+    name: str, pretrained: str | None = None, dense_mode: str | None = None, seed: int | None = 0
+) -> TTDModel:
+    """A model from an open_clip architecture name (random init unless `pretrained`) or a registered config."""
+    registered = registered_configs()
+    if name in registered:
+        if pretrained:
+            raise ModelLoadError(f"{name!r} is a TTD config with no pretrained tags; pass --checkpoint FILE instead")
+        config = registered[name]
+        if dense_mode:
+            config.dense_mode = dense_mode
+    else:
+        config = open_clip_config(name, dense_mode, pretrained)
+    if seed is not None:
+        torch.manual_seed(seed)
+    clip = _build_clip(config.model_cfg)
+    if pretrained:
+        _load_open_clip_weights(clip, name, pretrained)
+    return TTDModel(config, clip).eval()
+
+
+def _load_open_clip_weights(clip: torch.nn.Module, name: str, pretrained: str) -> None:
+    import open_clip
+
+    if os.path.isfile(pretrained):
+        open_clip.load_checkpoint(clip, pretrained, weights_only=True)
+        return
+    try:
+        # open_clip resolves the tag to a hub download; HF_HUB_OFFLINE=1 makes that fail at once.
+        source = open_clip.create_model(name, pretrained=pretrained, weights_only=True)
+    except Exception as error:  # the hub client raises many different types
+        raise ModelLoadError(
+            f"could not load pretrained weights {name}/{pretrained}: {type(error).__name__}: {error}\n"
+            "This machine may be offline. Download the open_clip weights where you have internet "
+            f"(open_clip.create_model('{name}', pretrained='{pretrained}') caches them), then pass the "
+            "file: --model NAME --pretrained /path/to/open_clip_model.safetensors, or a TTD checkpoint "
+            "with --checkpoint FILE."
+        ) from error
+    clip.load_state_dict(source.state_dict())
+
+
+def config_path(checkpoint: Path) -> Path:
+    return checkpoint.with_suffix(".json")
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(model: TTDModel, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `path` (.safetensors) and its config JSON beside it, each atomically."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"checkpoint path must end in .safetensors, got {path}")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "ttd-checkpoint/1"}))
+    text = json.dumps(model.config.to_dict(), indent=1)
+    _atomic_write(config_path(path), lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
+def load_checkpoint(path: str | Path, dense_mode: str | None = None) -> TTDModel:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint {path} does not exist")
+    if path.suffix != ".safetensors":
+        raise ModelLoadError(
+            f"checkpoint {path} is not a .safetensors file; TTD never unpickles checkpoints. "
+            "For an open_clip .pt/.bin file use --model NAME --pretrained FILE."
+        )
+    cfg_file = config_path(path)
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"checkpoint {path} has no config {cfg_file.name} beside it")
+    config = ModelConfig.from_dict(json.loads(cfg_file.read_text()))
+    if dense_mode:
+        config.dense_mode = dense_mode
+    model = TTDModel(config, _build_clip(config.model_cfg))
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
+def load_model(
+    model: str | None = None,
+    pretrained: str | None = None,
+    checkpoint: str | Path | None = None,
+    dense_mode: str | None = None,
+) -> TTDModel:
+    """The CLI's resolution order: a checkpoint, else a model name, else the embedded default."""
+    if checkpoint:
+        return load_checkpoint(checkpoint, dense_mode)
+    if model:
+        return create_model(model, pretrained, dense_mode)
+    if not DEFAULT_CHECKPOINT.is_file():
+        raise ModelLoadError(f"the embedded default model {DEFAULT_CHECKPOINT} is missing from this install")
+    return load_checkpoint(DEFAULT_CHECKPOINT, dense_mode)

@@ -1,0 +1,86 @@
+"""Reading images safely and turning them into model input.
+
+Every failure is an `ImageError` whose message names the file and the problem, so a caller can
+record it for that item and carry on with the rest of a batch.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit
+RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+              "nearest": Image.Resampling.NEAREST}
+
+
+class ImageError(ValueError):
+    """An image could not be used; the message says which and why."""
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit (or 32-bit integer) grey: scale to 8 bits instead of clipping to white
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
+        return Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) / (high - low if high > low else 1.0) * 255.0
+        return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, P, CMYK, YCbCr, RGB
+
+
+def decode_image(data: bytes | Path | str, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode a file path or encoded bytes into an RGB image, applying EXIF orientation."""
+    label = name or (str(data) if not isinstance(data, bytes) else "<bytes>")
+    if not isinstance(data, bytes):
+        path = Path(data)
+        if not path.exists():
+            raise ImageError(f"{label}: file not found")
+        if path.is_dir():
+            raise ImageError(f"{label}: is a directory, not an image")
+        data = path.read_bytes()
+    if not data:
+        raise ImageError(f"{label}: empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"{label}: {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,} "
+                    "(possible decompression bomb; raise --max-pixels if the image is genuine)"
+                )
+            image.load()
+            return _to_rgb(ImageOps.exif_transpose(image))
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise ImageError(f"{label}: decompression bomb refused ({error})") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageError(f"{label}: cannot decode image ({type(error).__name__}: {error})") from error
+
+
+def resize_center_crop(image: Image.Image, size: int, interpolation: str = "bicubic") -> np.ndarray:
+    """open_clip's eval transform without torch: shorter side to `size`, centre crop; uint8 [size, size, 3]."""
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), RESAMPLING[interpolation])
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def normalize(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W], normalised: the `pixel_values` of every graph."""
+    x = images.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    return (x - np.asarray(mean, np.float32)[None, :, None, None]) / np.asarray(std, np.float32)[None, :, None, None]

@@ -1,0 +1,250 @@
+"""Training: contrastive pre-training (`clip`) and TTD fine-tuning with LoRA (`ttd`).
+
+One code path for a single process and for `torchrun` (gradients all-reduced by hand, so the
+model needs no DDP wrapper around its several entry points). The batch of a step is a pure
+function of (seed, step, rank), which makes resume exact: a run killed mid-way and resumed ends
+with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ttd.data.sources import open_source
+from ttd.distill import clip_loss, ttd_losses
+from ttd.factory import _atomic_write, save_checkpoint
+from ttd.images import ImageError, normalize
+from ttd.lora import LoRAConfig, adapter_state_dict, inject_lora, merge_lora
+from ttd.model import TTDModel
+from ttd.scoring import pad_tags
+from ttd.tags import candidate_tags
+
+
+@dataclass
+class TrainConfig:
+    objective: str = "ttd"  # "clip" (contrastive pre-training, all weights) or "ttd" (LoRA fine-tuning)
+    data: str = "world"
+    out_dir: str = "runs/ttd"
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 30
+    grad_clip: float = 1.0
+    seed: int = 0
+    data_seed: int = 1
+    precision: str = "fp32"  # or "bf16" (autocast)
+    checkpoint_every: int = 100
+    lambda_tag: float = 1.0
+    lambda_clip: float = 1.0
+    threshold: float = 0.5
+    score_method: str = "softmax"
+    frozen_teacher: bool = False
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    max_bad_steps: int = 20
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather(x: torch.Tensor) -> torch.Tensor:
+    """All-gather with gradient flowing to the local shard (CLIP loss over the global batch)."""
+    rank, world = _rank_world()
+    if world == 1:
+        return x
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+class BatchLoader:
+    """Batch `step` of rank `rank`: indices drawn from a seeded permutation of the source."""
+
+    def __init__(self, source, batch_size: int, seed: int, rank: int, world: int) -> None:
+        self.source, self.batch_size, self.seed, self.rank, self.world = source, batch_size, seed, rank, world
+        self.skipped: list[str] = []
+
+    def indices(self, step: int) -> list[int]:
+        n = len(self.source)
+        start = (step * self.world + self.rank) * self.batch_size
+        if n >= 2**32:  # endless source: every index is new
+            return list(range(start, start + self.batch_size))
+        out = []
+        for position in range(start, start + self.batch_size):
+            epoch, offset = divmod(position, n)
+            out.append(int(np.random.default_rng([self.seed, epoch]).permutation(n)[offset]))
+        return out
+
+    def batch(self, step: int) -> tuple[np.ndarray, list[str]]:
+        images, captions = [], []
+        for index in self.indices(step):
+            try:
+                image, caption = self.source.get(index)
+            except (ImageError, OSError, KeyError, ValueError) as error:
+                self.skipped.append(f"{index}: {error}")
+                continue
+            images.append(image)
+            captions.append(caption)
+        if len(images) < 2:
+            raise RuntimeError(f"step {step}: fewer than 2 readable samples in the batch; last error: {self.skipped[-1:]}")
+        return np.stack(images), captions
+
+
+def _trainable(model: TTDModel, config: TrainConfig) -> list[torch.nn.Parameter]:
+    if config.objective == "clip":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.mask_weight.requires_grad_(False)
+        model.mask_bias.requires_grad_(False)
+        return [p for p in model.parameters() if p.requires_grad]
+    if config.objective == "ttd":
+        return inject_lora(model, config.lora)
+    raise ValueError(f"unknown objective {config.objective!r}; choose 'clip' or 'ttd'")
+
+
+def _step_losses(model: TTDModel, teacher: TTDModel | None, pixels: torch.Tensor, captions: list[str],
+                 config: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    image_embeds, patch_embeds = model.encode_image(pixels)
+    text_embeds = model.encode_texts(captions)
+    contrastive = clip_loss(_gather(image_embeds.float()), _gather(text_embeds.float()), model.clip.logit_scale)
+    if config.objective == "clip":
+        return contrastive, {"loss": contrastive.item()}
+    tag_lists = [candidate_tags(c) for c in captions]
+    unique, index, valid = pad_tags(tag_lists)
+    tag_embeds = model.encode_tags(unique)[index]
+    teacher_out = None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_out = (teacher.encode_image(pixels)[1], teacher.encode_tags(unique)[index])
+    losses = ttd_losses(patch_embeds.float(), text_embeds.float(), tag_embeds.float(), valid, model.mask_weight,
+                        model.mask_bias, contrastive, model.config.tau, config.threshold, config.lambda_tag,
+                        config.lambda_clip, config.score_method, teacher_out)
+    return losses.total, losses.as_floats()
+
+
+def _save_state(path: Path, model, optimizer, scheduler, step: int, config: TrainConfig) -> None:
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "torch_rng": torch.get_rng_state(), "step": step, "config": json.dumps(config.to_dict())}
+    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def train(model: TTDModel, config: TrainConfig, resume: bool = True, progress: bool = True,
+          stop_after: int | None = None) -> TTDModel:
+    """Train in place and return the model; writes `out_dir/last.pt` (resumable state) and, at the
+    end, `out_dir/model.safetensors` (LoRA merged) plus `adapter.safetensors` for TTD.
+
+    `stop_after` ends the run early after that many steps (to test kill-and-resume)."""
+    rank, world = _rank_world()
+    out = Path(config.out_dir)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if config.frozen_teacher else None
+    params = _trainable(model, config)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _lr_factor(s, config.warmup_steps, config.steps))
+    start = 0
+    state_path = out / "last.pt"
+    if resume and state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        start = int(state["step"])
+    source = open_source(config.data, model.config.image_size, config.data_seed, model.config.interpolation)
+    loader = BatchLoader(source, config.batch_size, config.data_seed, rank, world)
+    model.train()
+    bad_steps = 0
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress or rank != 0,
+               desc=f"train {config.objective}")
+    autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    prefetch = ThreadPoolExecutor(max_workers=1)  # build batch step+1 while step trains
+    pending = prefetch.submit(loader.batch, start)
+    for step in bar:
+        images, captions = pending.result()
+        if step + 1 < config.steps:
+            pending = prefetch.submit(loader.batch, step + 1)
+        pixels = torch.from_numpy(normalize(images, model.config.mean, model.config.std)).to(model.device)
+        with autocast:
+            loss, logs = _step_losses(model, teacher, pixels, captions, config)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1:
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+        grads_finite = all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
+        if not (math.isfinite(float(loss)) and grads_finite):
+            bad_steps += 1
+            if bad_steps > config.max_bad_steps:
+                raise FloatingPointError(f"{bad_steps} non-finite steps; last at step {step}; lower --lr")
+            tqdm.write(f"step {step}: non-finite loss or gradient, update skipped")
+        else:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+        scheduler.step()
+        if config.objective == "clip":
+            with torch.no_grad():
+                model.clip.logit_scale.clamp_(0, math.log(100))
+        bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()})
+        done = step + 1
+        if rank == 0 and (done % config.checkpoint_every == 0 or done == config.steps):
+            _save_state(state_path, model, optimizer, scheduler, done, config)
+        if stop_after is not None and done - start >= stop_after:
+            prefetch.shutdown(cancel_futures=True)
+            return model.eval()
+    prefetch.shutdown()
+    model.eval()
+    if loader.skipped and rank == 0:
+        tqdm.write(f"skipped {len(loader.skipped)} unreadable samples; first: {loader.skipped[0]}")
+    if rank == 0:
+        _write_outputs(model, config, out, loader.skipped)
+    return model
+
+
+def _write_outputs(model: TTDModel, config: TrainConfig, out: Path, skipped: list[str]) -> None:
+    from safetensors.torch import save_file
+
+    if config.objective == "ttd":
+        adapter = adapter_state_dict(model)
+        save_file(adapter, str(out / "adapter.safetensors"),
+                  metadata={"lora": json.dumps(config.lora.to_dict()), "base": model.config.source})
+        merged = merge_lora(copy.deepcopy(model))
+        merged.config.source = f"ttd:{model.config.source}"
+        save_checkpoint(merged, out / "model.safetensors")
+    else:
+        save_checkpoint(model, out / "model.safetensors")
+    (out / "train_config.json").write_text(json.dumps({**config.to_dict(), "skipped_samples": len(skipped)}, indent=1))
+
+
+def init_distributed() -> None:
+    """Join the process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
