@@ -165,26 +165,28 @@ def _caption(rng: np.random.Generator, sample_objects: list[WorldObject], backgr
     phrases = []
     for obj in named:
         colour = f"{obj.colour} " if rng.random() < 0.8 else ""
-        adjective = f"{rng.choice(('small', 'big', 'bright', 'nice'))} " if rng.random() < 0.2 else ""
+        adjective = f"{rng.choice(('small', 'big', 'bright', 'nice', 'beautiful'))} " if rng.random() < 0.3 else ""
         phrases.append(f"{adjective}{colour}{obj.shape}")
     style = rng.random()
     if style < 0.15:  # tag-list style, like alt-text keywords
         words = phrases + ([background] if rng.random() < 0.5 else [])
+        words += [str(w) for w in rng.choice(ABSENT_THINGS + FILLER_WORDS, size=int(rng.integers(0, 3)), replace=False)]
+        rng.shuffle(words)
         return ", ".join(words)
     det = "a" if rng.random() < 0.7 else "the"
     text = f"{det} {phrases[0]}"
     joiners = ("and a", "with a", "next to a", "near a", "beside a", "above a", "below a")
     for phrase in phrases[1:]:
         text += f" {rng.choice(joiners)} {phrase}"
-    if rng.random() < 0.3:
+    if rng.random() < 0.5:
         text += f" {rng.choice(('floating', 'resting', 'lying', 'shown', 'drawn'))}"
     if rng.random() < 0.5:
         text += f" on {background}"
-    if rng.random() < 0.25:
+    if rng.random() < 0.5:
         text += f" near a {rng.choice(ABSENT_THINGS)}"
+    if rng.random() < 0.4:
+        text = f"{rng.choice(('photo', 'picture', 'view', 'image', 'scene'))} of {text}"
     if rng.random() < 0.2:
-        text = f"{rng.choice(('photo', 'picture', 'view', 'image'))} of {text}"
-    if rng.random() < 0.1:
         text += " today"
     return text
 

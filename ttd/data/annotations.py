@@ -1,0 +1,105 @@
+"""The evaluation format: a folder with `annotations.jsonl` and the images and masks it names.
+
+Each line: {"image": "images/000001.png", "caption": "...", "relevant_tags": [...],
+"tag_masks": {"tag": "masks/000001_tag.png", ...}, "caption_mask": "masks/000001_caption.png"}.
+Masks are 8-bit PNGs at the image's size, non-zero inside. `ttd world generate` writes this
+format; `convert_tagmask` reads the CC3M-TagMask layout into it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from ttd.data.sources import read_jsonl
+from ttd.images import decode_image, resize_center_crop
+
+
+@dataclass
+class EvalSample:
+    image: np.ndarray  # uint8 [H, W, 3] at the model's size
+    caption: str
+    relevant_tags: list[str]
+    tag_masks: dict[str, np.ndarray]  # bool [H, W]
+    caption_mask: np.ndarray | None
+
+
+def _save_mask(mask: np.ndarray, path: Path) -> None:
+    Image.fromarray(mask.astype(np.uint8) * 255, "L").save(path)
+
+
+def write_world_split(out: Path, seed: int, count: int, start: int = 0, progress: bool = True) -> Path:
+    """Write world samples start..start+count-1 of `seed` in the evaluation format."""
+    from ttd.data.world import make_sample
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(exist_ok=True)
+    lines = []
+    for index in tqdm(range(start, start + count), disable=not progress, desc="world"):
+        sample = make_sample(seed, index)
+        name = f"{index:06d}"
+        Image.fromarray(sample.image).save(out / "images" / f"{name}.png")
+        tag_paths = {}
+        for tag in sample.relevant_tags:
+            rel = f"masks/{name}_{tag}.png"
+            _save_mask(sample.tag_masks[tag], out / rel)
+            tag_paths[tag] = rel
+        _save_mask(sample.caption_mask(), out / "masks" / f"{name}_caption.png")
+        lines.append({"image": f"images/{name}.png", "caption": sample.caption, "relevant_tags": sample.relevant_tags,
+                      "tag_masks": tag_paths, "caption_mask": f"masks/{name}_caption.png"})
+    path = out / "annotations.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def _load_mask(path: Path, size: int) -> np.ndarray:
+    mask = Image.open(path).convert("L")
+    return resize_center_crop(mask.convert("RGB"), size, "nearest")[..., 0] > 127
+
+
+def read_eval_split(annotations: Path, image_size: int, interpolation: str = "bicubic") -> list[EvalSample]:
+    """Samples of an evaluation folder, images and masks brought to the model's size."""
+    base = annotations.parent
+    samples = []
+    for record in read_jsonl(annotations):
+        image = resize_center_crop(decode_image(base / record["image"]), image_size, interpolation)
+        masks = {t: _load_mask(base / p, image_size) for t, p in record.get("tag_masks", {}).items()}
+        caption_mask = _load_mask(base / record["caption_mask"], image_size) if record.get("caption_mask") else None
+        samples.append(EvalSample(image, record["caption"], list(record["relevant_tags"]), masks, caption_mask))
+    return samples
+
+
+def world_eval_samples(seed: int, count: int, start: int = 0) -> list[EvalSample]:
+    """The same samples as `write_world_split`, in memory."""
+    from ttd.data.world import make_sample
+
+    out = []
+    for index in range(start, start + count):
+        s = make_sample(seed, index)
+        out.append(EvalSample(s.image, s.caption, s.relevant_tags, {t: s.tag_masks[t] for t in s.relevant_tags},
+                              s.caption_mask()))
+    return out
+
+
+def convert_tagmask(source: Path, out: Path) -> Path:
+    """CC3M-TagMask layout (one JSON per image with "caption", "tags" and mask PNG names, beside
+    the image) -> the evaluation format. Mask paths are kept relative to `source`."""
+    lines = []
+    for meta_path in sorted(source.rglob("*.json")):
+        meta = json.loads(meta_path.read_text())
+        image = meta.get("image") or meta_path.with_suffix(".jpg").name
+        folder = meta_path.parent.relative_to(source)
+        tag_masks = {str(t): str(folder / m) for t, m in meta.get("tag_masks", {}).items()}
+        lines.append({"image": str(folder / image), "caption": meta["caption"],
+                      "relevant_tags": [str(t) for t in meta.get("tags", tag_masks)],
+                      "tag_masks": tag_masks,
+                      "caption_mask": str(folder / meta["caption_mask"]) if meta.get("caption_mask") else None})
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "annotations.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path

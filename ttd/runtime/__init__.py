@@ -1,0 +1,59 @@
+"""One inference interface, several backends (torch, onnxruntime, tensorrt, triton).
+
+`load_tagger` builds a Tagger around the backend a user names; the backends themselves only run
+the three contract graphs of DESIGN §4.
+"""
+
+from __future__ import annotations
+
+from ttd.runtime.tagger import Backend, Tagger, TagResult
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "triton")
+
+__all__ = ["BACKENDS", "Backend", "Tagger", "TagResult", "load_tagger"]
+
+
+def load_tagger(
+    backend: str = "torch",
+    *,
+    model: str | None = None,
+    pretrained: str | None = None,
+    checkpoint: str | None = None,
+    dense_mode: str | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
+    export_dir: str | None = None,
+    url: str | None = None,
+    threshold: float = 0.5,
+    flip_tta: bool = False,
+    score_method: str = "softmax",
+) -> Tagger:
+    options = {"threshold": threshold, "flip_tta": flip_tta, "score_method": score_method}
+    if backend == "torch":
+        from ttd.factory import load_model
+        from ttd.runtime.torch_backend import TorchBackend
+
+        ttd_model = load_model(model, pretrained, checkpoint, dense_mode)
+        runner = TorchBackend(ttd_model, device, dtype)
+        return Tagger(runner, ttd_model.config, mask_weight=ttd_model.mask_weight.item(),
+                      mask_bias=ttd_model.mask_bias.item(), **options)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if not export_dir:
+        raise ValueError(f"--backend {backend} runs an export directory: pass --export-dir DIR (from `ttd export`)")
+    from ttd.runtime.export_dir import read_export
+
+    export = read_export(export_dir)
+    if backend == "onnxruntime":
+        from ttd.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+        runner = OnnxRuntimeBackend(export, device)
+    elif backend == "tensorrt":
+        from ttd.runtime.tensorrt_backend import TensorRTBackend
+
+        runner = TensorRTBackend(export)
+    else:
+        from ttd.runtime.triton_backend import TritonBackend
+
+        runner = TritonBackend(url or "127.0.0.1:8000")
+    return Tagger(runner, export.config, mask_weight=export.mask_weight, mask_bias=export.mask_bias, **options)
