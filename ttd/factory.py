@@ -86,6 +86,8 @@ def _load_open_clip_weights(clip: torch.nn.Module, name: str, pretrained: str) -
         open_clip.load_checkpoint(clip, pretrained, weights_only=True)
         return
     try:
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes"):
+            _check_hub_reachable()
         # open_clip resolves the tag to a hub download; HF_HUB_OFFLINE=1 makes that fail at once.
         source = open_clip.create_model(name, pretrained=pretrained, weights_only=True)
     except Exception as error:  # the hub client raises many different types
@@ -97,6 +99,22 @@ def _load_open_clip_weights(clip: torch.nn.Module, name: str, pretrained: str) -
             "with --checkpoint FILE."
         ) from error
     clip.load_state_dict(source.state_dict())
+
+
+def _check_hub_reachable(timeout_s: float = 3.0) -> None:
+    """Fail in seconds, not after the hub client's minute of retries, when the hub is unreachable."""
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as error:
+        raise ConnectionError(
+            f"the model hub {host}:{port} is unreachable ({error}); weights already in the local hub cache "
+            "load with HF_HUB_OFFLINE=1"
+        ) from error
 
 
 def config_path(checkpoint: Path) -> Path:

@@ -36,7 +36,7 @@ def read_captions(path: Path) -> list[Item]:
     if not path.is_file():
         raise InputError(f"captions file {path} does not exist")
     base = path.parent
-    items: list[Item] = []
+    rows: list[tuple[int, dict | str]] = []  # (line, record or the reason it is unusable), in file order
     if path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
@@ -44,21 +44,21 @@ def read_captions(path: Path) -> list[Item]:
                 raise InputError(f"{path}: CSV header must name an image column ({', '.join(IMAGE_KEYS)}) and a caption column")
             rows = [(n, dict(r)) for n, r in enumerate(reader, start=2)]
     elif path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        rows = []
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("not an object")
+                rows.append((n, record if isinstance(record, dict) else "not an object"))
             except ValueError as error:
-                items.append(Item(f"<line {n}>", base, None, f"{path.name}:{n}: not a JSON object ({error})"))
-                continue
-            rows.append((n, record))
+                rows.append((n, str(error)))
     else:
         raise InputError(f"{path}: captions must be a .jsonl or .csv file")
+    items: list[Item] = []
     for n, record in rows:
+        if isinstance(record, str):
+            items.append(Item(f"<line {n}>", base, None, f"{path.name}:{n}: not a JSON object ({record})"))
+            continue
         image = _pick(record, IMAGE_KEYS)
         caption = _pick(record, CAPTION_KEYS)
         if image is None:

@@ -1,0 +1,24 @@
+"""Shared fixtures: offline, seeded, single-threaded."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import pytest
+import torch
+
+from ttd.factory import create_model
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The world-tiny architecture, random-initialised with seed 0."""
+    return create_model("world-tiny", seed=0)
+
+
+@pytest.fixture()
+def fresh_tiny_model():
+    return create_model("world-tiny", seed=0)
