@@ -221,3 +221,40 @@ def evaluate_command(model, pretrained, checkpoint, dense_mode, data_dir, count,
     click.echo(format_table(result))
     if json_path:
         json_path.write_text(json.dumps(result, indent=1))
+
+
+@main.command("export")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@model_options
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default="fp32", show_default=True,
+              help="Encoder precision. Variants must pass a quality gate against fp32 (cosine ≥ 0.99, "
+                   "selected-tag agreement ≥ 95%) or the export is refused.")
+@click.option("--int8-mode", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True,
+              help="int8: dynamic weight quantisation, or static QDQ calibrated on world images and captions.")
+@click.option("--opset", type=click.IntRange(17), default=18, show_default=True)
+@click.option("--tensorrt", is_flag=True, help="Also build TensorRT engines (needs an NVIDIA GPU and tensorrt).")
+@click.option("--opt-batch", type=click.IntRange(1), default=8, show_default=True, help="TensorRT profile: preferred batch.")
+@click.option("--max-batch", type=click.IntRange(1), default=32, show_default=True, help="TensorRT profile: max batch.")
+def export_command(out_dir, model, pretrained, checkpoint, dense_mode, precision, int8_mode, opset, tensorrt,
+                   opt_batch, max_batch):
+    """Export ONNX graphs (image encoder, text encoder, tag head) + manifest to OUT_DIR.
+
+    Every export is checked against PyTorch in onnxruntime at batch sizes 1, 3 and 7 and on
+    world image-caption pairs; the figures go into manifest.json, and an export that misses its
+    gate fails with the figures.
+    """
+    from export.checks import GateError
+    from export.pipeline import run_export
+    from export.tensorrt import BatchLimits, TensorRTUnavailable
+    from ttd.factory import ModelLoadError, load_model
+
+    try:
+        ttd_model = load_model(model, pretrained, checkpoint, dense_mode)
+        manifest = run_export(ttd_model, out_dir, precision, int8_mode, opset, tensorrt=tensorrt,
+                              tensorrt_limits=BatchLimits(opt_batch=opt_batch, max_batch=max_batch))
+    except (ModelLoadError, GateError, TensorRTUnavailable, ValueError) as error:
+        fail(str(error))
+    figures = manifest.get("quality", manifest["parity"])
+    click.echo(f"exported {precision} graphs to {out_dir}: min cosine "
+               f"{min(figures['min_cosine'][k] for k in ('image_embeds', 'patch_embeds', 'text_embeds')):.6f}, "
+               f"selected-tag agreement {figures['tag_agreement']:.1%}", err=True)

@@ -21,7 +21,8 @@ class ImageEncoderGraph(nn.Module):
         self.model = model
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.encode_image(pixel_values)
+        image_embeds, patch_embeds = self.model.encode_image(pixel_values)
+        return image_embeds.float(), patch_embeds.float()
 
 
 class TextEncoderGraph(nn.Module):
@@ -32,7 +33,7 @@ class TextEncoderGraph(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(input_ids)
+        return self.model.encode_text(input_ids).float()
 
 
 class TagHeadGraph(nn.Module):

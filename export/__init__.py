@@ -1,0 +1,1 @@
+"""The export toolchain: ONNX graphs with parity gates, precision variants, TensorRT engines."""

@@ -1,0 +1,64 @@
+"""Writing the three contract graphs (DESIGN §4) with the TorchScript-based ONNX exporter.
+
+The dynamo exporter specialises a batch of 1 and writes side files; the TorchScript exporter
+with explicit dynamic axes and open_clip's MHA fast path disabled gives one self-contained file
+per graph with a dynamic batch (DESIGN §5).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from ttd.graphs import ImageEncoderGraph, TagHeadGraph, TextEncoderGraph
+from ttd.model import TTDModel
+
+DEFAULT_OPSET = 18
+EXAMPLE_BATCH = 2  # never 1: a batch of 1 invites the exporter to specialise it
+
+
+def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: dict[str, dict[int, str]],
+            outputs: dict[str, dict[int, str]], opset: int) -> Path:
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about python scalars are expected here
+            torch.onnx.export(module, args, str(path), input_names=list(inputs), output_names=list(outputs),
+                              dynamic_axes={**inputs, **outputs}, opset_version=opset, dynamo=False,
+                              do_constant_folding=True)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return path
+
+
+def export_graphs(model: TTDModel, out_dir: Path, opset: int = DEFAULT_OPSET,
+                  dtype: torch.dtype = torch.float32) -> dict[str, Path]:
+    """image_encoder.onnx, text_encoder.onnx and tag_head.onnx in `out_dir`.
+
+    Inputs and outputs are float32 whatever `dtype` the encoders' weights are in (the graphs
+    cast at their edges), so every precision variant keeps the contract's types."""
+    model = model.to(dtype).eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    size, dim = config.image_size, config.embed_dim
+    grid_h, grid_w = config.grid_size
+    batch = {0: "batch"}
+    pixels = torch.randn(EXAMPLE_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
+    input_ids = torch.from_numpy(model.tokenizer(["a photo", "two words here"]))
+    patch = torch.nn.functional.normalize(torch.randn(EXAMPLE_BATCH, dim, grid_h, grid_w), dim=1)
+    tags = torch.nn.functional.normalize(torch.randn(EXAMPLE_BATCH, 3, dim), dim=-1)
+    head = TagHeadGraph(config.tau, model.mask_weight.item(), model.mask_bias.item())
+    with torch.no_grad():
+        return {
+            "image_encoder": _export(ImageEncoderGraph(model), (pixels,), out_dir / "image_encoder.onnx",
+                                     {"pixel_values": batch}, {"image_embeds": batch, "patch_embeds": batch}, opset),
+            "text_encoder": _export(TextEncoderGraph(model), (input_ids,), out_dir / "text_encoder.onnx",
+                                    {"input_ids": batch}, {"text_embeds": batch}, opset),
+            "tag_head": _export(head, (patch, tags), out_dir / "tag_head.onnx",
+                                {"patch_embeds": batch, "tag_embeds": {0: "batch", 1: "tags"}},
+                                {"tag_scores": {0: "batch", 1: "tags"}, "tag_masks": {0: "batch", 1: "tags"},
+                                 "tag_probs": {0: "batch", 1: "tags"}}, opset),
+        }

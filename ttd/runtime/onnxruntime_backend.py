@@ -1,0 +1,63 @@
+"""The onnxruntime backend: the three graphs of an export directory in InferenceSessions.
+
+Providers come from what this onnxruntime build offers (TensorRT EP, CUDA EP, CPU); the active
+provider is checked after session creation, so a session never falls back to the CPU silently.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ttd.runtime.export_dir import GRAPH_NAMES, ExportDir
+
+PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def choose_providers(device: str | None, available: list[str]) -> list[str]:
+    """auto: the best available; cpu: CPU only; cuda: CUDA (then CPU for ops CUDA lacks); tensorrt likewise."""
+    wanted = {
+        None: PREFERENCE, "auto": PREFERENCE, "cpu": ("CPUExecutionProvider",),
+        "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+        "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+    }
+    key = device.split(":")[0] if device else None
+    if key not in wanted:
+        raise ValueError(f"unknown device {device!r} for onnxruntime; choose auto, cpu, cuda or tensorrt")
+    providers = [p for p in wanted[key] if p in available]
+    if not providers or (key in ("cuda", "tensorrt") and providers[0] != wanted[key][0]):
+        raise ValueError(f"device {device!r} needs {wanted[key][0]}, but this onnxruntime offers {', '.join(available)}")
+    return providers
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, export: ExportDir, device: str | None = None, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        self.providers = choose_providers(device, ort.get_available_providers())
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if export.precision == "fp16" and self.providers[0] == "CPUExecutionProvider":
+            # onnxruntime 1.32's CPU layout optimisations crash (SIGSEGV) on fp16 graphs; EXTENDED is safe
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        self.sessions = {}
+        for name in GRAPH_NAMES:
+            session = ort.InferenceSession(str(export.graph(name)), options, providers=self.providers)
+            active = session.get_providers()
+            if active[0] != self.providers[0]:
+                raise RuntimeError(f"{name}: asked for {self.providers[0]} but onnxruntime activated {active}")
+            self.sessions[name] = session
+        self.precision = export.precision
+
+    def encode_images(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        image_embeds, patch_embeds = self.sessions["image_encoder"].run(None, {"pixel_values": pixel_values.astype(np.float32)})
+        return image_embeds, patch_embeds
+
+    def encode_texts(self, input_ids: np.ndarray) -> np.ndarray:
+        return self.sessions["text_encoder"].run(None, {"input_ids": input_ids.astype(np.int64)})[0]
+
+    def score_tags(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray) -> tuple[np.ndarray, ...]:
+        feeds = {"patch_embeds": patch_embeds.astype(np.float32), "tag_embeds": tag_embeds.astype(np.float32)}
+        return tuple(self.sessions["tag_head"].run(None, feeds))
