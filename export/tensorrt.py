@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ttd.model import ModelConfig
+from ttd.config import ModelConfig
 
 
 class TensorRTUnavailable(RuntimeError):

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import click
 
-from ttd.dense import DENSE_MODES
-from ttd.scoring import SCORE_METHODS
+from ttd.config import DENSE_MODES, SCORE_METHODS
 
 
 def model_options(f):
@@ -258,3 +257,91 @@ def export_command(out_dir, model, pretrained, checkpoint, dense_mode, precision
     click.echo(f"exported {precision} graphs to {out_dir}: min cosine "
                f"{min(figures['min_cosine'][k] for k in ('image_embeds', 'patch_embeds', 'text_embeds')):.6f}, "
                f"selected-tag agreement {figures['tag_agreement']:.1%}", err=True)
+
+
+@main.group()
+def triton() -> None:
+    """Triton model repositories: build one from an export, validate it."""
+
+
+def _batching_options(f):
+    f = click.option("--kind", type=click.Choice(["KIND_CPU", "KIND_GPU", "KIND_AUTO"]), default="KIND_CPU",
+                     show_default=True, help="instance_group kind.")(f)
+    f = click.option("--instances", type=click.IntRange(1), default=1, show_default=True, help="instance_group count.")(f)
+    f = click.option("--queue-delay-us", type=click.IntRange(0), default=2000, show_default=True,
+                     help="Dynamic batching: max queue delay.")(f)
+    f = click.option("--preferred-batch-sizes", default="8,16", show_default=True, help="Comma list.")(f)
+    f = click.option("--max-batch-size", type=click.IntRange(1), default=32, show_default=True,
+                     help="max_batch_size of every model (kept consistent across them).")(f)
+    return f
+
+
+@triton.command("build")
+@click.argument("export_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("repo", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--flavour", type=click.Choice(["python", "native"]), default="python", show_default=True,
+              help="python: Python-backend models running the ONNX graphs with onnxruntime (any tritonserver, "
+                   "e.g. nvidia-pytriton's); native: onnxruntime_onnx / tensorrt_plan platforms (NVIDIA's container).")
+@click.option("--engine", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True,
+              help="Native flavour: serve the ONNX graphs or the TensorRT engines of the export.")
+@_batching_options
+@click.option("--threshold", type=float, default=0.5, show_default=True, help="δ used by ttd_tagger.")
+@click.option("--max-tags", type=click.IntRange(1), default=1024, show_default=True, help="ttd_tagger: tags per request.")
+def triton_build(export_dir, repo, flavour, engine, max_batch_size, preferred_batch_sizes, queue_delay_us, instances,
+                 kind, threshold, max_tags):
+    """Write a Triton model repository REPO for the export EXPORT_DIR, then validate it."""
+    from export.triton import BatchingOptions, RepositoryError, build_repository, validate_repository
+    from ttd.runtime.export_dir import ExportError
+
+    try:
+        sizes = tuple(int(s) for s in preferred_batch_sizes.split(",") if s.strip())
+        options = BatchingOptions(max_batch_size, sizes, queue_delay_us, instances, kind)
+        build_repository(export_dir, repo, flavour, engine, options, threshold, max_tags)
+        summary = validate_repository(repo)
+    except (ValueError, ExportError, RepositoryError) as error:
+        fail(str(error))
+    click.echo("\n".join(summary))
+    click.echo(f"wrote {repo}; serve it with `ttd serve {repo}`", err=True)
+
+
+@triton.command("validate")
+@click.argument("repo", type=click.Path(file_okay=False, exists=True, path_type=Path))
+def triton_validate(repo):
+    """Parse every config.pbtxt with tritonclient's model_config_pb2 and check it against its files and graphs."""
+    from export.triton import RepositoryError, validate_repository
+
+    try:
+        summary = validate_repository(repo)
+    except RepositoryError as error:
+        fail(str(error))
+    click.echo("\n".join(summary))
+    click.echo(f"{repo}: valid", err=True)
+
+
+@main.command()
+@click.argument("repo", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; 0.0.0.0 exposes the server to the network.")
+@click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
+@click.option("--timeout", "timeout_s", type=float, default=120, show_default=True, help="Seconds to wait for readiness.")
+def serve(repo, host, http_port, grpc_port, timeout_s):
+    """Serve a model repository with the tritonserver bundled by nvidia-pytriton (Ctrl-C stops it)."""
+    import time
+
+    from ttd.runtime.triton_server import ServerError, start_server
+
+    try:
+        server = start_server(repo, host, http_port, grpc_port, timeout_s)
+    except ServerError as error:
+        fail(str(error))
+    click.echo(f"serving {repo}: HTTP {server.http_url}, gRPC {server.grpc_url} (Ctrl-C to stop)", err=True)
+    try:
+        while server.process.poll() is None:
+            time.sleep(1)
+        click.echo(f"tritonserver exited with code {server.process.returncode}:\n{server.log_tail()}", err=True)
+        server.stop()
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("stopping ...", err=True)
+        server.stop()

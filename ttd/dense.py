@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
+from ttd.config import DENSE_MODES
+
 DenseMode = Literal["avg", "maskclip", "clearclip"]
-DENSE_MODES: tuple[str, ...] = ("avg", "maskclip", "clearclip")
 
 
 def check_supported(visual: torch.nn.Module) -> VisionTransformer:

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ttd.model import ModelConfig, TTDModel
+from ttd.config import ModelConfig
+from ttd.model import TTDModel
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "world-base.safetensors"
 

@@ -10,8 +10,9 @@ from typing import Literal
 
 import torch
 
+from ttd.config import SCORE_METHODS
+
 ScoreMethod = Literal["softmax", "minmax", "sigmoid"]
-SCORE_METHODS: tuple[str, ...] = ("softmax", "minmax", "sigmoid")
 NEG_INF = float("-inf")
 
 

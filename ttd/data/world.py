@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ttd.model import ModelConfig
+from ttd.config import ModelConfig
 from ttd.tags import candidate_tags
 
 IMAGE_SIZE = 64

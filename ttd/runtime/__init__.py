@@ -40,7 +40,8 @@ def load_tagger(
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if not export_dir:
-        raise ValueError(f"--backend {backend} runs an export directory: pass --export-dir DIR (from `ttd export`)")
+        raise ValueError(f"--backend {backend} needs the export directory (for preprocessing and tokenizer "
+                         "settings, and the graphs): pass --export-dir DIR (from `ttd export`)")
     from ttd.runtime.export_dir import read_export
 
     export = read_export(export_dir)

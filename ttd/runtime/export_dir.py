@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ttd.model import ModelConfig
+from ttd.config import ModelConfig
 
 GRAPH_NAMES = ("image_encoder", "text_encoder", "tag_head")
 MANIFEST = "manifest.json"

@@ -13,8 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from ttd.images import normalize
-from ttd.model import ModelConfig
-from ttd.scoring import SCORE_METHODS
+from ttd.config import SCORE_METHODS, ModelConfig
 from ttd.tokenizer import build_tokenizer
 
 TEXT_BATCH = 256

@@ -1,0 +1,115 @@
+"""The single-tag-bias benchmark (the paper's table on the held-out world split).
+
+Rows: image-tag, text-tag, pixel-tag (base) and pixel-tag + TTD, columns P / R / F1 / Acc (+ mAP,
+R-precision), caption-mask IoU base -> TTD, over several TTD seeds; then ablations of λ_tag,
+λ_clip, δ and the pixel-tag score normalisation (one seed each).
+
+    python benchmarks/bias.py --seeds 0 1 2 --ablations --out benchmarks/results/bias.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ttd.data.annotations import world_eval_samples
+from ttd.evaluate import evaluate
+from ttd.factory import DEFAULT_CHECKPOINT, load_checkpoint
+from ttd.train import TrainConfig, train
+
+ABLATIONS = {
+    "lambda_tag=0": {"lambda_tag": 0.0},
+    "lambda_tag=2": {"lambda_tag": 2.0},
+    "lambda_clip=0": {"lambda_clip": 0.0},
+    "delta=0.3": {"threshold": 0.3},
+    "delta=0.7": {"threshold": 0.7},
+    "score=minmax": {"score_method": "minmax"},
+    "score=sigmoid": {"score_method": "sigmoid"},
+    "frozen teacher": {"frozen_teacher": True},
+}
+
+
+def fine_tune(base: Path, out: Path, seed: int, steps: int, batch: int, **overrides) -> dict:
+    model = load_checkpoint(base)
+    config = TrainConfig(objective="ttd", out_dir=str(out), steps=steps, batch_size=batch, seed=seed,
+                         data_seed=1 + seed, checkpoint_every=steps, **overrides)
+    start = time.time()
+    train(model, config, resume=False, progress=False)
+    return {"model": model, "seconds": time.time() - start}
+
+
+def row(result: dict, scorer: str) -> dict:
+    return {k: round(100 * v, 1) for k, v in result["tags"][scorer].items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--count", type=int, default=500, help="held-out world samples (seed 2)")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--ablations", action="store_true")
+    parser.add_argument("--runs", type=Path, default=Path("runs/bias"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bias.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    samples = world_eval_samples(2, args.count)
+    base = evaluate(load_checkpoint(args.base), samples, progress=False)
+    report = {"base": base, "ttd": {}, "ablations": {}, "settings": {k: str(v) for k, v in vars(args).items()}}
+    print("base", json.dumps({s: row(base, s) for s in base["tags"]}), base["caption_mask"], flush=True)
+    for seed in args.seeds:
+        run = fine_tune(args.base, args.runs / f"seed{seed}", seed, args.steps, args.batch_size)
+        result = evaluate(run["model"], samples, progress=False)
+        result["train_seconds"] = run["seconds"]
+        report["ttd"][str(seed)] = result
+        print(f"ttd seed {seed}", json.dumps(row(result, "pixel-tag")), result["caption_mask"], flush=True)
+        args.out.write_text(json.dumps(report, indent=1))
+    if args.ablations:
+        for name, overrides in ABLATIONS.items():
+            run = fine_tune(args.base, args.runs / name.replace(" ", "_").replace("=", "_"), args.seeds[0], args.steps,
+                            args.batch_size, **overrides)
+            result = evaluate(run["model"], samples, progress=False)
+            report["ablations"][name] = result
+            print(f"ablation {name}", json.dumps(row(result, "pixel-tag")), result["caption_mask"], flush=True)
+            args.out.write_text(json.dumps(report, indent=1))
+    args.out.write_text(json.dumps(report, indent=1))
+    print(markdown(report))
+
+
+def _mean_std(values: list[float]) -> str:
+    return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+
+
+def markdown(report: dict) -> str:
+    """The README tables."""
+    cols = ("precision", "recall", "f1", "accuracy", "map", "r_precision")
+    base = report["base"]
+    runs = list(report["ttd"].values())
+    lines = ["| scorer | P | R | F1 | Acc | mAP | R-prec |", "|---|---|---|---|---|---|---|"]
+    for scorer in ("image-tag", "text-tag", "pixel-tag"):
+        lines.append(f"| {scorer} (base) | " + " | ".join(f"{100 * base['tags'][scorer][c]:.1f}" for c in cols) + " |")
+    for scorer in ("text-tag", "pixel-tag"):
+        lines.append(f"| {scorer} + TTD | " + " | ".join(
+            _mean_std([100 * r["tags"][scorer][c] for r in runs]) for c in cols) + " |")
+    lines += ["", "| caption mask | IoU | FPR | FNR |", "|---|---|---|---|"]
+    lines.append("| base | " + " | ".join(f"{100 * base['caption_mask'][k]:.1f}" for k in ("iou", "fpr", "fnr")) + " |")
+    lines.append("| TTD | " + " | ".join(_mean_std([100 * r["caption_mask"][k] for r in runs]) for k in ("iou", "fpr", "fnr")) + " |")
+    if report["ablations"]:
+        lines += ["", "| ablation (seed 0) | pixel-tag F1 | text-tag R | caption IoU |", "|---|---|---|---|"]
+        first = runs[0]
+        lines.append(f"| default | {100 * first['tags']['pixel-tag']['f1']:.1f} | {100 * first['tags']['text-tag']['recall']:.1f} "
+                     f"| {100 * first['caption_mask']['iou']:.1f} |")
+        for name, r in report["ablations"].items():
+            lines.append(f"| {name} | {100 * r['tags']['pixel-tag']['f1']:.1f} | {100 * r['tags']['text-tag']['recall']:.1f} "
+                         f"| {100 * r['caption_mask']['iou']:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

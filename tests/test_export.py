@@ -1,0 +1,155 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from export.checks import FP32_GATE, GateError, check_pairs, compare, enforce
+from export.pipeline import run_export
+from export.tensorrt import BatchLimits, engine_name, is_strongly_typed, profiles
+from ttd.cli import main
+from ttd.factory import create_model
+from ttd.runtime import load_tagger
+from ttd.runtime.export_dir import ExportError, read_export
+from ttd.runtime.onnxruntime_backend import OnnxRuntimeBackend, choose_providers
+from ttd.runtime.tagger import Tagger
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    model = create_model("world-tiny", seed=0)
+    out = tmp_path_factory.mktemp("export")
+    manifest = run_export(model, out, check_count=16)
+    return model, out, manifest
+
+
+def test_fp32_export_passes_parity_at_batch_sizes_1_3_7(tiny_export):
+    _, out, manifest = tiny_export
+    parity = manifest["parity"]
+    assert parity["batch_sizes"] == [1, 3, 7]
+    for name in ("image_embeds", "patch_embeds", "text_embeds"):
+        assert parity["max_abs"][name] < 1e-4, name
+        assert parity["min_cosine"][name] > 0.99999, name
+    assert parity["tag_agreement"] == 1.0
+    for name in ("image_encoder", "text_encoder", "tag_head"):
+        graph = onnx.load(str(out / f"{name}.onnx"))
+        onnx.checker.check_model(graph)
+        assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert [o.name for o in onnx.load(str(out / "image_encoder.onnx")).graph.output] == ["image_embeds", "patch_embeds"]
+
+
+def test_manifest_hashes_verify_and_detect_tampering(tiny_export, tmp_path):
+    _, out, manifest = tiny_export
+    export = read_export(out)
+    assert export.config.name == "world-tiny" and manifest["grid"] == [8, 8] and manifest["tau"] == 100.0
+    assert set(manifest["files"]) >= {"image_encoder.onnx", "text_encoder.onnx", "tag_head.onnx", "model.json",
+                                      "stopwords.txt"}
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in out.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    with (copy / "tag_head.onnx").open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ExportError, match="tag_head.onnx does not match its sha256"):
+        read_export(copy)
+
+
+def test_gate_fails_on_a_corrupted_graph(tiny_export, tmp_path):
+    model, out, _ = tiny_export
+    graph = onnx.load(str(out / "image_encoder.onnx"))
+    weight = max(graph.graph.initializer, key=lambda t: np.prod(t.dims))
+    values = numpy_helper.to_array(weight).copy()
+    values *= -1.0
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for path in out.iterdir():
+        (bad / path.name).write_bytes(path.read_bytes())
+    onnx.save(graph, str(bad / "image_encoder.onnx"))
+    reference = load_tagger("torch", model="world-tiny")
+    candidate = Tagger(OnnxRuntimeBackend(read_export(bad, verify=False), "cpu"), model.config)
+    figures = compare(reference, candidate, *check_pairs(64, 16))
+    with pytest.raises(GateError, match=r"image_embeds max abs error .* > 1e-03"):
+        enforce(figures, FP32_GATE, "corrupted export")
+
+
+@pytest.mark.parametrize("precision, mode", [("int8", "dynamic"), ("int8", "static"), ("fp16", "dynamic")])
+def test_precision_variants_pass_their_quality_gate(tmp_path, precision, mode):
+    manifest = run_export(create_model("world-tiny", seed=0), tmp_path, precision, mode, check_count=32)
+    quality = manifest["quality"]
+    assert manifest["precision"] == precision
+    assert min(quality["min_cosine"][k] for k in ("image_embeds", "patch_embeds", "text_embeds")) >= 0.99
+    assert quality["tag_agreement"] >= 0.95
+    assert read_export(tmp_path).precision == precision
+
+
+def test_bf16_is_refused_where_onnxruntime_cannot_run_it(tmp_path):
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "x"), "--model", "world-tiny", "--precision", "bf16"])
+    assert result.exit_code == 2
+    assert "bf16 export refused: onnxruntime cannot run it here" in result.output
+    assert not (tmp_path / "x" / "image_encoder.onnx").exists()
+
+
+@pytest.mark.parametrize("dense_mode", ["avg", "maskclip", "clearclip"])
+def test_tiny_export_each_dense_mode(tmp_path, dense_mode):
+    manifest = run_export(create_model("world-tiny", dense_mode=dense_mode, seed=0), tmp_path, check_count=8)
+    assert manifest["dense_mode"] == dense_mode
+    assert manifest["parity"]["min_cosine"]["patch_embeds"] > 0.99999
+
+
+def test_vit_b_16_export_has_real_shapes(tmp_path):
+    manifest = run_export(create_model("ViT-B-16", seed=0), tmp_path, check_count=4)
+    assert manifest["grid"] == [14, 14] and manifest["embed_dim"] == 512 and manifest["dense_mode"] == "clearclip"
+    assert manifest["parity"]["max_abs"]["patch_embeds"] < 1e-3
+    backend = OnnxRuntimeBackend(read_export(tmp_path), "cpu")
+    image_embeds, patch_embeds = backend.encode_images(np.zeros((3, 3, 224, 224), np.float32))
+    assert image_embeds.shape == (3, 512) and patch_embeds.shape == (3, 512, 14, 14)
+    assert backend.encode_texts(np.zeros((5, 77), np.int64)).shape == (5, 512)
+
+
+def test_ttd_tag_through_onnxruntime_matches_torch(tiny_export, tmp_path):
+    _, out, _ = tiny_export
+    from ttd.data.annotations import write_world_split
+
+    annotations = write_world_split(tmp_path / "world", seed=2, count=24, progress=False)
+    results = {}
+    for backend in ("torch", "onnxruntime"):
+        target = tmp_path / f"{backend}.jsonl"
+        args = ["tag", "--captions", str(annotations), "-o", str(target), "--quiet", "--backend", backend]
+        args += ["--model", "world-tiny"] if backend == "torch" else ["--export-dir", str(out)]
+        assert CliRunner().invoke(main, args).exit_code == 0
+        results[backend] = [json.loads(line) for line in target.read_text().splitlines()]
+    for a, b in zip(results["torch"], results["onnxruntime"]):
+        assert a["selected"] == b["selected"]
+        np.testing.assert_allclose([c["score"] for c in a["candidates"]], [c["score"] for c in b["candidates"]], atol=1e-4)
+
+
+def test_provider_choice_is_explicit():
+    assert choose_providers("auto", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert choose_providers("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"])[0] == "CUDAExecutionProvider"
+    with pytest.raises(ValueError, match="needs CUDAExecutionProvider, but this onnxruntime offers CPUExecutionProvider"):
+        choose_providers("cuda", ["CPUExecutionProvider"])
+
+
+def test_tensorrt_profiles_and_names():
+    model = create_model("world-tiny")
+    shapes = profiles("tag_head", model.config, BatchLimits(opt_batch=4, max_batch=16, opt_tags=8, max_tags=64))
+    assert shapes["patch_embeds"] == ((1, 128, 8, 8), (4, 128, 8, 8), (16, 128, 8, 8))
+    assert shapes["tag_embeds"] == ((1, 1, 128), (4, 8, 128), (16, 64, 128))
+    assert profiles("text_encoder", model.config, BatchLimits())["input_ids"][2] == (256, 32)
+    assert engine_name("image_encoder", "10.13.3.9", (9, 0), "fp16") == "image_encoder.trt10.13.sm90.fp16.plan"
+    assert not is_strongly_typed("10.13.0") and is_strongly_typed("11.0.1")
+
+
+def test_tensorrt_missing_gives_a_clear_error(tiny_export):
+    pytest.importorskip("torch")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("tensorrt is installed here")
+    except ImportError:
+        pass
+    _, out, _ = tiny_export
+    with pytest.raises(RuntimeError, match="tensorrt"):
+        load_tagger("tensorrt", export_dir=str(out))

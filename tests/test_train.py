@@ -1,0 +1,158 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ttd.factory import create_model, load_checkpoint, save_checkpoint
+from ttd.lora import LoRAConfig, inject_lora, merge_lora
+from ttd.train import TrainConfig, train
+
+SMALL = dict(steps=4, batch_size=8, warmup_steps=1, checkpoint_every=2, lr=5e-3)
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_lora_starts_at_the_base_and_merges_exactly():
+    model = create_model("world-tiny", seed=0)
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model.encode_image(pixels)[1]
+        trainable = inject_lora(model, LoRAConfig(rank=4))
+        torch.testing.assert_close(model.encode_image(pixels)[1], before)
+        for p in trainable:
+            if p.ndim == 2:
+                p.normal_(0, 0.02)
+        adapted = model.encode_image(pixels)[1]
+        assert (adapted - before).abs().max() > 1e-3
+        merge_lora(model)
+        torch.testing.assert_close(model.encode_image(pixels)[1], adapted, rtol=1e-5, atol=1e-5)
+    assert not any("lora" in k for k in model.state_dict())
+    assert len(trainable) == 2 * 4 * 2 * 4 + 2  # A, B x 4 weights per block x 4 blocks x 2 towers + w, b
+
+
+def test_ttd_training_writes_adapter_and_merged_model(tmp_path):
+    base = create_model("world-tiny", seed=0)
+    base_path = save_checkpoint(base, tmp_path / "base.safetensors")
+    model = train(load_checkpoint(base_path), TrainConfig(out_dir=str(tmp_path / "run"), **SMALL), progress=False)
+    merged = load_checkpoint(tmp_path / "run" / "model.safetensors")
+    assert merged.config.source == "ttd:registered:world-tiny"
+    assert merged.mask_weight.item() != 10.0  # the calibration was trained
+    # the adapter alone, applied to the base, reproduces the merged model
+    rebuilt = load_checkpoint(base_path)
+    inject_lora(rebuilt, LoRAConfig())
+    adapter = load_file(str(tmp_path / "run" / "adapter.safetensors"))
+    missing, unexpected = rebuilt.load_state_dict(adapter, strict=False)
+    assert not unexpected
+    merge_lora(rebuilt)
+    for key, value in merged.state_dict().items():
+        torch.testing.assert_close(rebuilt.state_dict()[key], value, rtol=1e-6, atol=1e-6, msg=key)
+    logged = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert logged["objective"] == "ttd" and logged["skipped_samples"] == 0
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    straight = train(create_model("world-tiny", seed=0), TrainConfig(out_dir=str(tmp_path / "a"), **SMALL), progress=False)
+    partial_dir = str(tmp_path / "b")
+    train(create_model("world-tiny", seed=0), TrainConfig(out_dir=partial_dir, **SMALL), progress=False, stop_after=2)
+    assert torch.load(Path(partial_dir) / "last.pt", weights_only=True)["step"] == 2
+    resumed = train(create_model("world-tiny", seed=0), TrainConfig(out_dir=partial_dir, **SMALL), progress=False)
+    for key, value in weights(straight).items():
+        assert torch.equal(value, weights(resumed)[key]), key
+
+
+def test_clip_objective_lowers_the_contrastive_loss(tmp_path):
+    from ttd.data.sources import WorldSource
+    from ttd.distill import clip_loss
+    from ttd.images import normalize
+
+    model = create_model("world-tiny", seed=0)
+    source = WorldSource(seed=9)
+    images, captions = zip(*(source.get(i) for i in range(32)))
+    import numpy as np
+
+    pixels = torch.from_numpy(normalize(np.stack(images), model.config.mean, model.config.std))
+
+    def loss(m):
+        with torch.no_grad():
+            return clip_loss(m.encode_image(pixels)[0], m.encode_texts(list(captions)), m.clip.logit_scale).item()
+
+    before = loss(model)
+    train(model, TrainConfig(objective="clip", out_dir=str(tmp_path), steps=30, batch_size=32, warmup_steps=3,
+                             lr=2e-3, checkpoint_every=30), progress=False)
+    assert loss(model) < before - 0.2
+
+
+def test_non_finite_loss_is_caught(tmp_path):
+    model = create_model("world-tiny", seed=0)
+    with torch.no_grad():
+        model.mask_weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite steps"):
+        train(model, TrainConfig(out_dir=str(tmp_path), max_bad_steps=1, **SMALL), progress=False)
+
+
+def test_corrupt_samples_are_skipped_and_counted(tmp_path):
+    from ttd.data.annotations import write_world_split
+
+    write_world_split(tmp_path / "d", seed=3, count=10, progress=False)
+    (tmp_path / "d" / "images" / "000004.png").write_bytes(b"broken")
+    (tmp_path / "d" / "images" / "000007.png").unlink()
+    config = TrainConfig(out_dir=str(tmp_path / "run"), data=str(tmp_path / "d" / "annotations.jsonl"), **SMALL)
+    train(create_model("world-tiny", seed=0), config, progress=False)
+    logged = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    # 4 steps x 8 samples over a 10-sample dataset: each of the 2 bad files is drawn at least once
+    assert logged["skipped_samples"] >= 2
+
+
+def test_webdataset_shards_with_a_corrupt_sample(tmp_path):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from ttd.data.sources import ShardSource
+    from ttd.data.world import make_sample
+
+    with tarfile.open(tmp_path / "000.tar", "w") as tar:
+        for i in range(4):
+            sample = make_sample(3, i)
+            buffer = io.BytesIO()
+            Image.fromarray(sample.image).save(buffer, "JPEG")
+            payload = {"jpg": buffer.getvalue() if i != 2 else b"corrupt", "txt": sample.caption.encode()}
+            for ext, data in payload.items():
+                info = tarfile.TarInfo(f"{i:04d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    source = ShardSource(str(tmp_path / "000.tar"), 64)
+    assert len(source) == 4
+    image, caption = source.get(0)
+    assert image.shape == (64, 64, 3) and caption == make_sample(3, 0).caption
+    with pytest.raises(ValueError, match="sample 0002: cannot decode image"):
+        source.get(2)
+
+
+def test_distributed_training_matches_a_single_process(tmp_path):
+    """torchrun with 2 CPU processes (gloo), 4 samples each, equals one process with 8."""
+    base = save_checkpoint(create_model("world-tiny", seed=0), tmp_path / "base.safetensors")
+    common = ["train", "--checkpoint", str(base), "--steps", "3", "--warmup", "1", "--lr", "5e-3", "--no-resume"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ttd = shutil.which("ttd")
+    subprocess.run([ttd, *common, "--batch-size", "8", "--out", str(tmp_path / "single")], check=True, env=env,
+                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                    ttd, *common, "--batch-size", "4", "--out", str(tmp_path / "ddp")], check=True, env=env,
+                   capture_output=True)
+    single = load_file(str(tmp_path / "single" / "model.safetensors"))
+    ddp = load_file(str(tmp_path / "ddp" / "model.safetensors"))
+    base_weights = load_file(str(base))
+    changed = [k for k in single if not torch.equal(single[k], base_weights[k])]
+    assert len(changed) > 10
+    for key in single:
+        torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-5, msg=key)

@@ -1,0 +1,48 @@
+import numpy as np
+
+from ttd.data.annotations import read_eval_split, world_eval_samples, write_world_split
+from ttd.data.world import SHAPES, make_sample
+from ttd.tags import candidate_tags
+
+
+def test_samples_are_reproducible_and_differ_by_index():
+    a, b, c = make_sample(5, 3), make_sample(5, 3), make_sample(5, 4)
+    assert np.array_equal(a.image, b.image) and a.caption == b.caption
+    assert not np.array_equal(a.image, c.image)
+    assert a.image.shape == (64, 64, 3) and a.image.dtype == np.uint8
+
+
+def test_ground_truth_is_consistent():
+    for index in range(50):
+        sample = make_sample(0, index)
+        candidates = candidate_tags(sample.caption)
+        assert set(sample.relevant_tags) <= set(candidates)
+        largest = max(sample.objects, key=lambda o: o.mask.sum())
+        assert largest.shape in candidates  # the most salient object is always named
+        union = np.zeros((64, 64), bool)
+        for tag in sample.relevant_tags:
+            assert sample.tag_masks[tag].any()
+            union |= sample.tag_masks[tag]
+        assert np.array_equal(sample.caption_mask(), union)
+        for obj in sample.objects:
+            assert obj.shape in SHAPES and np.array_equal(obj.mask & ~sample.tag_masks[obj.shape], np.zeros_like(obj.mask))
+
+
+def test_the_world_shows_distractors_and_partial_naming():
+    samples = [make_sample(0, i) for i in range(300)]
+    candidates = sum(len(candidate_tags(s.caption)) for s in samples)
+    relevant = sum(len(s.relevant_tags) for s in samples)
+    assert 0.5 < relevant / candidates < 0.8  # a third of the candidate tags are distractors
+    unnamed = sum(o.shape not in candidate_tags(s.caption) for s in samples for o in s.objects)
+    assert unnamed > 100  # many small objects are never named
+
+
+def test_written_split_reads_back_identically(tmp_path):
+    write_world_split(tmp_path, seed=2, count=6, progress=False)
+    on_disk = read_eval_split(tmp_path / "annotations.jsonl", 64)
+    in_memory = world_eval_samples(2, 6)
+    for a, b in zip(on_disk, in_memory):
+        assert np.array_equal(a.image, b.image) and a.caption == b.caption and a.relevant_tags == b.relevant_tags
+        assert np.array_equal(a.caption_mask, b.caption_mask)
+        for tag in a.relevant_tags:
+            assert np.array_equal(a.tag_masks[tag], b.tag_masks[tag])

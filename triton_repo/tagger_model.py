@@ -1,0 +1,122 @@
+"""ttd_tagger: a Python-backend (BLS) model that takes encoded image bytes and a caption (or a
+list of tags) and returns the candidate tags, their pixel-tag scores, which are selected, and
+optionally their masks. Decoding, preprocessing, tag extraction and tokenisation happen here; the
+three graphs run in the ttd_image_encoder, ttd_text_encoder and ttd_tag_head models. It is the
+library's own Tagger around a backend whose graphs are BLS calls, and its tag-embedding cache
+makes repeated vocabularies cheap.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from ttd.config import ModelConfig
+from ttd.images import ImageError, decode_image, resize_center_crop
+from ttd.runtime.tagger import Tagger
+from ttd.tags import candidate_tags
+
+
+class BlsBackend:
+    """The three graphs of the export contract, run by the server's encoder models."""
+
+    name = "triton-bls"
+
+    def __init__(self, max_batch_size: int) -> None:
+        self.max_batch_size = max_batch_size
+
+    def _call(self, model, inputs, outputs):
+        chunks = []
+        total = len(next(iter(inputs.values())))
+        for start in range(0, total, self.max_batch_size):
+            tensors = [pb_utils.Tensor(k, np.ascontiguousarray(v[start : start + self.max_batch_size])) for k, v in inputs.items()]
+            response = pb_utils.InferenceRequest(model_name=model, requested_output_names=outputs, inputs=tensors).exec()
+            if response.has_error():
+                raise RuntimeError(f"{model}: {response.error().message()}")
+            chunks.append([pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in outputs])
+        return tuple(np.concatenate(parts) for parts in zip(*chunks))
+
+    def encode_images(self, pixel_values):
+        return self._call("ttd_image_encoder", {"pixel_values": pixel_values}, ["image_embeds", "patch_embeds"])
+
+    def encode_texts(self, input_ids):
+        return self._call("ttd_text_encoder", {"input_ids": input_ids}, ["text_embeds"])[0]
+
+    def score_tags(self, patch_embeds, tag_embeds):
+        return self._call("ttd_tag_head", {"patch_embeds": patch_embeds, "tag_embeds": tag_embeds},
+                          ["tag_scores", "tag_masks", "tag_probs"])
+
+
+def _text(request, name):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in tensor.as_numpy().reshape(-1)]
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        folder = Path(args["model_repository"]) / args["model_version"]
+        manifest = json.loads((folder / "manifest.json").read_text())
+        model_config = ModelConfig.from_dict(json.loads((folder / "model.json").read_text()))
+        self.max_tags = int(parameters.get("max_tags", "1024"))
+        self.max_image_bytes = int(parameters.get("max_image_bytes", str(20 << 20)))
+        self.max_pixels = int(parameters.get("max_pixels", "89478485"))
+        self.tagger = Tagger(BlsBackend(int(parameters["encoder_max_batch_size"])), model_config,
+                             threshold=float(parameters.get("threshold", "0.5")),
+                             mask_weight=manifest["mask_weight"], mask_bias=manifest["mask_bias"])
+
+    def _prepare(self, request):
+        images = pb_utils.get_input_tensor_by_name(request, "image").as_numpy().reshape(-1)
+        if len(images) != 1:
+            raise ValueError(f"send exactly one image per request, got {len(images)}")
+        data = bytes(images[0])
+        if len(data) > self.max_image_bytes:
+            raise ValueError(f"image of {len(data):,} bytes exceeds the limit of {self.max_image_bytes:,}")
+        caption, tags = _text(request, "caption"), _text(request, "tags")
+        if tags:
+            tags = list(dict.fromkeys(t.strip().lower() for t in tags if t.strip()))
+        elif caption is not None:
+            if not caption[0].strip():
+                raise ValueError("empty caption")
+            tags = candidate_tags(caption[0])
+            if not tags:
+                raise ValueError(f"caption {caption[0]!r} has no candidate tags (only stopwords or punctuation)")
+        else:
+            raise ValueError("send a caption or a list of tags")
+        if len(tags) > self.max_tags:
+            raise ValueError(f"{len(tags)} tags exceed the limit of {self.max_tags} per request")
+        image = decode_image(data, "image", self.max_pixels)
+        size = self.tagger.config.image_size
+        return resize_center_crop(image, size, self.tagger.config.interpolation), tags
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        prepared = {}
+        for i, request in enumerate(requests):
+            try:
+                prepared[i] = self._prepare(request)
+            except (ImageError, ValueError, UnicodeDecodeError) as error:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error)))
+        if prepared:
+            keys = sorted(prepared)
+            try:
+                results = self.tagger.tag(np.stack([prepared[k][0] for k in keys]), [prepared[k][1] for k in keys])
+            except Exception as error:
+                results = None
+                for k in keys:
+                    responses[k] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"tagging failed: {error}"))
+            for k, result in zip(keys, results or []):
+                masks_wanted = pb_utils.get_input_tensor_by_name(requests[k], "return_masks")
+                outputs = [
+                    pb_utils.Tensor("tags", np.array([t.encode() for t in result.tags], dtype=np.object_)[None]),
+                    pb_utils.Tensor("scores", result.scores.astype(np.float32)[None]),
+                    pb_utils.Tensor("selected", np.array([t in result.selected for t in result.tags])[None]),
+                ]
+                if masks_wanted is not None and bool(masks_wanted.as_numpy().reshape(-1)[0]):
+                    outputs.append(pb_utils.Tensor("masks", result.masks.astype(np.float32)[None]))
+                responses[k] = pb_utils.InferenceResponse(outputs)
+        return responses

@@ -1,0 +1,85 @@
+"""The triton backend: the three graphs served by a Triton server (ttd_image_encoder,
+ttd_text_encoder, ttd_tag_head), over HTTP or gRPC. Large inputs are split into chunks of the
+served max batch size and sent with bounded concurrency."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+MODELS = {"image": "ttd_image_encoder", "text": "ttd_text_encoder", "head": "ttd_tag_head"}
+NUMPY_TO_TRITON = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """('http' | 'grpc', 'host:port'); a bare host:port means HTTP."""
+    if "://" in url:
+        scheme, address = url.split("://", 1)
+        if scheme not in ("http", "grpc"):
+            raise ValueError(f"Triton URL {url!r}: scheme must be http:// or grpc://")
+        return scheme, address.rstrip("/")
+    return "http", url.rstrip("/")
+
+
+class TritonBackend:
+    name = "triton"
+
+    def __init__(self, url: str, concurrency: int = 4, timeout_s: float = 60.0) -> None:
+        self.protocol, self.address = parse_url(url)
+        if self.protocol == "http":
+            import tritonclient.http as client_module
+
+            self.client = client_module.InferenceServerClient(self.address, concurrency=concurrency,
+                                                              network_timeout=timeout_s)
+        else:
+            import tritonclient.grpc as client_module
+
+            self.client = client_module.InferenceServerClient(self.address)
+        self.module = client_module
+        try:
+            ready = self.client.is_server_ready()
+        except Exception as error:
+            raise ConnectionError(f"no Triton server answers at {url}: {error}") from error
+        if not ready:
+            raise ConnectionError(f"the Triton server at {url} is not ready")
+        self.concurrency = concurrency
+        self.max_batch = {}
+        for model in MODELS.values():
+            config = self.client.get_model_config(model)
+            config = config.get("config", config) if isinstance(config, dict) else config.config
+            self.max_batch[model] = int(config["max_batch_size"] if isinstance(config, dict) else config.max_batch_size)
+
+    def _request(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        tensors = []
+        for name, array in inputs.items():
+            array = np.ascontiguousarray(array)
+            tensor = self.module.InferInput(name, list(array.shape), NUMPY_TO_TRITON[array.dtype])
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        requested = [self.module.InferRequestedOutput(n) for n in outputs]
+        result = self.client.infer(model, tensors, outputs=requested)
+        return [result.as_numpy(n) for n in outputs]
+
+    def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> tuple[np.ndarray, ...]:
+        total = len(next(iter(inputs.values())))
+        step = self.max_batch[model]
+        chunks = [{k: v[i : i + step] for k, v in inputs.items()} for i in range(0, total, step)]
+        if len(chunks) == 1:
+            parts = [self._request(model, chunks[0], outputs)]
+        else:
+            with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+                parts = list(pool.map(lambda chunk: self._request(model, chunk, outputs), chunks))
+        return tuple(np.concatenate(p) for p in zip(*parts))
+
+    def encode_images(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._infer(MODELS["image"], {"pixel_values": pixel_values.astype(np.float32)},
+                           ["image_embeds", "patch_embeds"])
+
+    def encode_texts(self, input_ids: np.ndarray) -> np.ndarray:
+        return self._infer(MODELS["text"], {"input_ids": input_ids.astype(np.int64)}, ["text_embeds"])[0]
+
+    def score_tags(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray) -> tuple[np.ndarray, ...]:
+        return self._infer(MODELS["head"], {"patch_embeds": patch_embeds.astype(np.float32),
+                                            "tag_embeds": tag_embeds.astype(np.float32)},
+                           ["tag_scores", "tag_masks", "tag_probs"])
