@@ -50,27 +50,27 @@ class TritonBackend:
             config = config.get("config", config) if isinstance(config, dict) else config.config
             self.max_batch[model] = int(config["max_batch_size"] if isinstance(config, dict) else config.max_batch_size)
 
-    def _request(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+    def _tensors(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> tuple[list, list]:
         tensors = []
         for name, array in inputs.items():
             array = np.ascontiguousarray(array)
             tensor = self.module.InferInput(name, list(array.shape), NUMPY_TO_TRITON[array.dtype])
             tensor.set_data_from_numpy(array)
             tensors.append(tensor)
-        requested = [self.module.InferRequestedOutput(n) for n in outputs]
-        result = self.client.infer(model, tensors, outputs=requested)
-        return [result.as_numpy(n) for n in outputs]
+        return tensors, [self.module.InferRequestedOutput(n) for n in outputs]
 
     def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> tuple[np.ndarray, ...]:
         total = len(next(iter(inputs.values())))
         step = self.max_batch[model]
-        chunks = [{k: v[i : i + step] for k, v in inputs.items()} for i in range(0, total, step)]
-        if len(chunks) == 1:
-            parts = [self._request(model, chunks[0], outputs)]
+        chunks = [self._tensors({k: v[i : i + step] for k, v in inputs.items()}, outputs) for i in range(0, total, step)]
+        if self.protocol == "http":
+            # the HTTP client is not thread-safe; its own connection pool gives the concurrency
+            pending = [self.client.async_infer(model, t, outputs=o) for t, o in chunks]
+            results = [p.get_result() for p in pending]
         else:
             with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-                parts = list(pool.map(lambda chunk: self._request(model, chunk, outputs), chunks))
-        return tuple(np.concatenate(p) for p in zip(*parts))
+                results = list(pool.map(lambda chunk: self.client.infer(model, chunk[0], outputs=chunk[1]), chunks))
+        return tuple(np.concatenate([r.as_numpy(n) for r in results]) for n in outputs)
 
     def encode_images(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self._infer(MODELS["image"], {"pixel_values": pixel_values.astype(np.float32)},

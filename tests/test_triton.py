@@ -1,0 +1,112 @@
+import json
+import socket
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from export.pipeline import run_export
+from export.triton import BatchingOptions, RepositoryError, build_repository, validate_repository
+from ttd.cli import main
+from ttd.factory import create_model
+
+pytest.importorskip("tritonclient")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    run_export(create_model("world-tiny", seed=0), out, check_count=8)
+    return out
+
+
+@pytest.mark.parametrize("flavour", ["python", "native"])
+def test_both_flavours_validate(export_dir, tmp_path, flavour):
+    result = CliRunner().invoke(main, ["triton", "build", str(export_dir), str(tmp_path / "repo"), "--flavour", flavour,
+                                       "--max-batch-size", "16", "--preferred-batch-sizes", "4,8"])
+    assert result.exit_code == 0, result.output
+    summary = validate_repository(tmp_path / "repo")
+    engine = "python" if flavour == "python" else "onnxruntime_onnx"
+    assert f"ttd_image_encoder: {engine}, max_batch_size 16, version 1" in summary
+    assert "ttd_tagger: python, max_batch_size 16, version 1" in summary
+
+
+def test_invalid_repositories_are_rejected(export_dir, tmp_path):
+    repo = build_repository(export_dir, tmp_path / "repo", "native")
+    config = repo / "ttd_text_encoder" / "config.pbtxt"
+    config.write_text(config.read_text().replace("dims: [ 32 ]", "dims: [ 77 ]").replace("max_batch_size: 32", "max_batch_size: 8"))
+    with pytest.raises(RepositoryError) as error:
+        validate_repository(repo)
+    message = str(error.value)
+    assert "ttd_text_encoder: inputs [('input_ids', 'TYPE_INT64', [77])] do not match the ONNX graph's [('input_ids', 'TYPE_INT64', [32])]" in message
+    assert "preferred batch size 16 > max_batch_size 8" in message
+    assert "inconsistent max_batch_size across models" in message
+    (repo / "ttd_tag_head" / "config.pbtxt").write_text('name: "ttd_tag_head"\nplatform: "onnxruntime_onnx"\nmax_batch_size: [')
+    with pytest.raises(RepositoryError, match="ttd_tag_head/config.pbtxt does not parse"):
+        validate_repository(repo)
+    with pytest.raises(ValueError, match="preferred batch sizes \\(64,\\) must lie in 1..32"):
+        build_repository(export_dir, tmp_path / "other", batching=BatchingOptions(preferred_batch_sizes=(64,)))
+
+
+def test_real_tritonserver_serves_the_same_tags_as_onnxruntime(export_dir, tmp_path, monkeypatch):
+    from ttd.data.annotations import write_world_split
+    from ttd.runtime.triton_load import load_test, tagger_request
+    from ttd.runtime.triton_server import start_server
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    repo = build_repository(export_dir, tmp_path / "repo", "python",
+                            batching=BatchingOptions(max_batch_size=8, preferred_batch_sizes=(4,)))
+    annotations = write_world_split(tmp_path / "world", seed=2, count=12, progress=False)
+    http_port, grpc_port = free_port(), free_port()
+    with start_server(repo, http_port=http_port, grpc_port=grpc_port) as server:
+        assert server.http_url.startswith("127.0.0.1:")
+        outputs = {}
+        for name, extra in (("onnxruntime", []), ("http", ["--url", f"http://{server.http_url}"]),
+                            ("grpc", ["--url", f"grpc://{server.grpc_url}"])):
+            target = tmp_path / f"{name}.jsonl"
+            backend = "onnxruntime" if name == "onnxruntime" else "triton"
+            result = CliRunner().invoke(main, ["tag", "--captions", str(annotations), "-o", str(target), "--quiet",
+                                               "--backend", backend, "--export-dir", str(export_dir), *extra])
+            assert result.exit_code == 0, result.output
+            outputs[name] = [json.loads(line) for line in target.read_text().splitlines()]
+        assert outputs["http"] == outputs["onnxruntime"]
+        assert outputs["grpc"] == outputs["onnxruntime"]
+
+        import io
+
+        import tritonclient.http as http
+        from PIL import Image
+
+        client = http.InferenceServerClient(server.http_url)
+        pairs, expected = [], []
+        for record in outputs["onnxruntime"][:6]:
+            buffer = io.BytesIO()
+            Image.open(annotations.parent / record["image"]).save(buffer, "PNG")
+            pairs.append((buffer.getvalue(), record["caption"]))
+            expected.append({"tags": [c["tag"] for c in record["candidates"]],
+                             "scores": np.array([c["score"] for c in record["candidates"]]),
+                             "selected": np.array([c["tag"] in record["selected"] for c in record["candidates"]])})
+        answer = tagger_request(http, client, pairs[0][0], pairs[0][1], return_masks=True)
+        assert answer["tags"] == expected[0]["tags"] and answer["masks"].shape == (len(answer["tags"]), 8, 8)
+        report = load_test(server.http_url, pairs, expected, clients=3, total=24, atol=1e-5)
+        assert report.summary()["requests"] == 24 and not report.errors and not report.mismatches
+        with pytest.raises(Exception, match="cannot decode image"):
+            tagger_request(http, client, b"not an image", "a red circle")
+        with pytest.raises(Exception, match="2000 tags exceed the limit of 1024"):
+            tagger_request(http, client, pairs[0][0], tags=[f"t{i}" for i in range(2000)])
+        with pytest.raises(Exception, match="empty caption"):
+            tagger_request(http, client, pairs[0][0], "  ")
+        assert client.is_server_ready() and client.is_model_ready("ttd_tagger")
+        again = load_test(server.http_url, pairs, expected, clients=2, total=6)
+        assert again.summary()["errors"] == 0 and not again.mismatches
+
+
+def test_serve_refuses_a_folder_that_is_not_a_repository(tmp_path):
+    result = CliRunner().invoke(main, ["serve", str(tmp_path)])
+    assert result.exit_code == 2 and "is not a TTD model repository" in result.output
