@@ -48,6 +48,13 @@ class BlsBackend:
                           ["tag_scores", "tag_masks", "tag_probs"])
 
 
+def _client_error(message):
+    """An error response the client caused (HTTP 400 where the server supports error codes)."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+    error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
+    return pb_utils.InferenceResponse(error=error)
+
+
 def _text(request, name):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
@@ -100,7 +107,7 @@ class TritonPythonModel:
             try:
                 prepared[i] = self._prepare(request)
             except (ImageError, ValueError, UnicodeDecodeError) as error:
-                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error)))
+                responses[i] = _client_error(str(error))
         if prepared:
             keys = sorted(prepared)
             try:
