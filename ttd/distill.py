@@ -7,6 +7,7 @@ or zero (rejected). Targets are computed without gradient.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +25,8 @@ class DistillLosses:
     selected_fraction: float
 
     def as_floats(self) -> dict[str, float]:
-        return {"loss": float(self.total), "distill": float(self.distill), "tag": float(self.tag),
-                "clip": float(self.clip), "selected": self.selected_fraction}
+        return {"loss": self.total.item(), "distill": self.distill.item(), "tag": self.tag.item(),
+                "clip": self.clip.item(), "selected": self.selected_fraction}
 
 
 def distill_targets(
@@ -59,9 +60,15 @@ def ttd_losses(
     lambda_clip: float,
     score_method: ScoreMethod = "softmax",
     teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
+    normaliser: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> DistillLosses:
     """The TTD loss of a batch. `teacher` = (patch_embeds, tag_embeds) of a frozen teacher; the
-    default online teacher is the current model without gradient."""
+    default online teacher is the current model without gradient.
+
+    `normaliser` turns a local count (candidates, captions with a selection) into the divisor of
+    the local sum; distributed training passes global count / world size, so that averaging the
+    ranks' gradients gives exactly the gradient of one process over the whole batch."""
+    normaliser = normaliser or (lambda count: count)
     teacher_patch, teacher_tags = teacher if teacher is not None else (patch_embeds, tag_embeds)
     with torch.no_grad():
         scores = pixel_tag_scores(teacher_patch.detach(), teacher_tags.detach(), tau, valid, score_method,
@@ -72,12 +79,12 @@ def ttd_losses(
 
     tag_logits = mask_weight * pixel_cosines(patch_embeds, tag_embeds) + mask_bias
     per_tag = F.binary_cross_entropy_with_logits(tag_logits, tag_targets, reduction="none").mean(dim=(2, 3))
-    tag_loss = (per_tag * valid).sum() / valid.sum().clamp_min(1)
+    tag_loss = (per_tag * valid).sum() / normaliser(valid.sum().float()).clamp_min(1e-6)
 
     caption_logits = mask_weight * torch.einsum("bdhw,bd->bhw", patch_embeds, text_embeds) + mask_bias
     has_selection = selected.any(dim=1)
     per_caption = F.binary_cross_entropy_with_logits(caption_logits, union, reduction="none").mean(dim=(1, 2))
-    distill_loss = (per_caption * has_selection).sum() / has_selection.sum().clamp_min(1)
+    distill_loss = (per_caption * has_selection).sum() / normaliser(has_selection.sum().float()).clamp_min(1e-6)
 
     total = distill_loss + lambda_tag * tag_loss + lambda_clip * clip_term
     fraction = float(selected.sum()) / max(int(valid.sum()), 1)

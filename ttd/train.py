@@ -72,6 +72,16 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def _global_share(count: torch.Tensor) -> torch.Tensor:
+    """A local count -> the global count / world size (the local count alone in one process)."""
+    rank, world = _rank_world()
+    if world == 1:
+        return count
+    total = count.detach().clone()
+    dist.all_reduce(total)
+    return total / world
+
+
 def _gather(x: torch.Tensor) -> torch.Tensor:
     """All-gather with gradient flowing to the local shard (CLIP loss over the global batch)."""
     rank, world = _rank_world()
@@ -143,7 +153,7 @@ def _step_losses(model: TTDModel, teacher: TTDModel | None, pixels: torch.Tensor
             teacher_out = (teacher.encode_image(pixels)[1], teacher.encode_tags(unique)[index])
     losses = ttd_losses(patch_embeds.float(), text_embeds.float(), tag_embeds.float(), valid, model.mask_weight,
                         model.mask_bias, contrastive, model.config.tau, config.threshold, config.lambda_tag,
-                        config.lambda_clip, config.score_method, teacher_out)
+                        config.lambda_clip, config.score_method, teacher_out, _global_share)
     return losses.total, losses.as_floats()
 
 
