@@ -30,8 +30,13 @@ ABLATIONS = {
     "delta=0.7": {"threshold": 0.7},
     "score=minmax": {"score_method": "minmax"},
     "score=sigmoid": {"score_method": "sigmoid"},
-    "frozen teacher": {"frozen_teacher": True},
 }
+
+
+def world_tag_groups() -> dict[str, str]:
+    from ttd.data.world import BACKGROUNDS, COLOURS, SHAPES
+
+    return {**{c: "colour" for c in COLOURS}, **{s: "shape" for s in SHAPES}, **{b: "background" for b in BACKGROUNDS}}
 
 
 def fine_tune(base: Path, out: Path, seed: int, steps: int, batch: int, **overrides) -> dict:
@@ -60,12 +65,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     samples = world_eval_samples(2, args.count)
-    base = evaluate(load_checkpoint(args.base), samples, progress=False)
+    groups = world_tag_groups()
+    base = evaluate(load_checkpoint(args.base), samples, progress=False, tag_groups=groups)
     report = {"base": base, "ttd": {}, "ablations": {}, "settings": {k: str(v) for k, v in vars(args).items()}}
     print("base", json.dumps({s: row(base, s) for s in base["tags"]}), base["caption_mask"], flush=True)
     for seed in args.seeds:
         run = fine_tune(args.base, args.runs / f"seed{seed}", seed, args.steps, args.batch_size)
-        result = evaluate(run["model"], samples, progress=False)
+        result = evaluate(run["model"], samples, progress=False, tag_groups=groups)
         result["train_seconds"] = run["seconds"]
         report["ttd"][str(seed)] = result
         print(f"ttd seed {seed}", json.dumps(row(result, "pixel-tag")), result["caption_mask"], flush=True)

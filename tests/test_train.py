@@ -156,3 +156,11 @@ def test_distributed_training_matches_a_single_process(tmp_path):
     assert len(changed) > 10
     for key in single:
         torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_trained_model_stays_usable_after_its_outputs_are_written(tmp_path):
+    model = train(create_model("world-tiny", seed=0), TrainConfig(out_dir=str(tmp_path), **SMALL), progress=False)
+    merged = load_checkpoint(tmp_path / "model.safetensors")
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(pixels)[1], merged.encode_image(pixels)[1], rtol=1e-5, atol=1e-5)

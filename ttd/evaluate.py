@@ -29,10 +29,15 @@ def evaluate(
     batch_size: int = 64,
     flip_tta: bool = False,
     progress: bool = True,
+    tag_groups: dict[str, str] | None = None,
 ) -> dict:
-    """{"tags": {scorer: metrics}, "caption_mask": {...}, "samples": n, "candidates": n}."""
+    """{"tags": {scorer: metrics}, "caption_mask": {...}, "samples": n, "candidates": n}.
+
+    `tag_groups` (tag -> group name) adds "pixel-tag by group": the pixel-tag metrics of each
+    group of tags, to see which kinds of tags a model misses."""
     model.eval()
     counts = {name: TagCounts() for name in SCORERS}
+    by_group: dict[str, TagCounts] = {}
     masks = MaskCounts()
     tau, weight, bias = model.config.tau, model.mask_weight, model.mask_bias
     n_candidates = 0
@@ -61,6 +66,10 @@ def evaluate(
                 n_candidates += len(tags)
                 for name in SCORERS:
                     counts[name].add(scores[name][row, : len(tags)].float().cpu().numpy(), relevant, threshold)
+                pixel = scores["pixel-tag"][row, : len(tags)].float().cpu().numpy()
+                for k, tag in enumerate(tags if tag_groups else []):
+                    group = by_group.setdefault(tag_groups.get(tag, "other"), TagCounts())
+                    group.add(pixel[k : k + 1], relevant[k : k + 1], threshold)
         caption_logits = weight * torch.einsum("bdhw,bd->bhw", patch_embeds, text_embeds) + bias
         size = model.config.image_size
         upsampled = F.interpolate(caption_logits[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)
@@ -74,6 +83,7 @@ def evaluate(
         "threshold": threshold,
         "tags": {name: c.summary() for name, c in counts.items()},
         "caption_mask": masks.summary(),
+        **({"pixel-tag by group": {g: c.summary() for g, c in sorted(by_group.items())}} if tag_groups else {}),
     }
 
 

@@ -88,6 +88,24 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict the model would have with every adapter merged, without changing the model.
+
+    (Merging a deep copy is not an option: parametrized modules of a copy share their dynamically
+    created class with the original, and removing a parametrization edits that class.)"""
+    merged = {}
+    for key, value in model.state_dict().items():
+        if ".parametrizations." not in key:
+            merged[key] = value.detach().clone()
+        elif key.endswith(".original"):
+            module_path, name = key.split(".parametrizations.")
+            name = name[: -len(".original")]
+            module = model.get_submodule(module_path)
+            with torch.no_grad():
+                merged[f"{module_path}.{name}"] = getattr(module, name).detach().clone()
+    return merged
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapter matrices and the mask calibration: what TTD fine-tuning changed."""
     return {

@@ -26,7 +26,7 @@ from ttd.data.sources import open_source
 from ttd.distill import clip_loss, ttd_losses
 from ttd.factory import _atomic_write, save_checkpoint
 from ttd.images import ImageError, normalize
-from ttd.lora import LoRAConfig, adapter_state_dict, inject_lora, merge_lora
+from ttd.lora import LoRAConfig, adapter_state_dict, inject_lora, merged_state_dict
 from ttd.model import TTDModel
 from ttd.scoring import pad_tags
 from ttd.tags import candidate_tags
@@ -52,6 +52,7 @@ class TrainConfig:
     threshold: float = 0.5
     score_method: str = "softmax"
     frozen_teacher: bool = False
+    calibration_lr_scale: float = 10.0  # w and b are two scalars: AdamW at the base lr barely moves them
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     max_bad_steps: int = 20
 
@@ -175,7 +176,11 @@ def train(model: TTDModel, config: TrainConfig, resume: bool = True, progress: b
     random.seed(config.seed)
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if config.frozen_teacher else None
     params = _trainable(model, config)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    calibration = [p for p in (model.mask_weight, model.mask_bias) if p.requires_grad]
+    others = [p for p in params if all(p is not c for c in calibration)]
+    groups = [{"params": others}] + ([{"params": calibration, "lr": config.lr * config.calibration_lr_scale,
+                                       "weight_decay": 0.0}] if calibration else [])
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _lr_factor(s, config.warmup_steps, config.steps))
     start = 0
@@ -211,7 +216,7 @@ def train(model: TTDModel, config: TrainConfig, resume: bool = True, progress: b
                     dist.all_reduce(p.grad)
                     p.grad /= world
         grads_finite = all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
-        if not (math.isfinite(float(loss)) and grads_finite):
+        if not (math.isfinite(loss.item()) and grads_finite):
             bad_steps += 1
             if bad_steps > config.max_bad_steps:
                 raise FloatingPointError(f"{bad_steps} non-finite steps; last at step {step}; lower --lr")
@@ -246,9 +251,10 @@ def _write_outputs(model: TTDModel, config: TrainConfig, out: Path, skipped: lis
         adapter = adapter_state_dict(model)
         save_file(adapter, str(out / "adapter.safetensors"),
                   metadata={"lora": json.dumps(config.lora.to_dict()), "base": model.config.source})
-        merged = merge_lora(copy.deepcopy(model))
-        merged.config.source = f"ttd:{model.config.source}"
-        save_checkpoint(merged, out / "model.safetensors")
+        source = model.config.source
+        model.config.source = f"ttd:{source}"
+        save_checkpoint(model, out / "model.safetensors", merged_state_dict(model))
+        model.config.source = source
     else:
         save_checkpoint(model, out / "model.safetensors")
     (out / "train_config.json").write_text(json.dumps({**config.to_dict(), "skipped_samples": len(skipped)}, indent=1))
