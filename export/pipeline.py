@@ -7,6 +7,7 @@ directory is left without graphs and the error says by how much it missed.
 
 from __future__ import annotations
 
+import copy
 import json
 import platform
 import shutil
@@ -65,7 +66,9 @@ def _write_side_files(model: TTDModel, out_dir: Path) -> None:
 def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mode: str = "dynamic",
                opset: int = DEFAULT_OPSET, check_count: int = 64, tensorrt: bool = False,
                tensorrt_limits=None) -> dict:
-    """Export `model` to `out_dir` and return the manifest; raises GateError when a gate fails."""
+    """Export `model` to `out_dir` and return the manifest; raises GateError when a gate fails.
+
+    The model is moved to the CPU in float32 and its LoRA adapters, if any, are merged in place."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     model = model.float().cpu().eval()
@@ -107,8 +110,8 @@ def _make_variant(model: TTDModel, out_dir: Path, precision: str, int8_mode: str
                   images: np.ndarray, captions: list[str], reference: Tagger) -> dict:
     if precision == "bf16":
         with tempfile.TemporaryDirectory() as tmp:
-            graphs = export_graphs(model, Path(tmp), opset, torch.bfloat16)
-            model.float()
+            # a copy: casting the reference model to bf16 and back would round its weights
+            graphs = export_graphs(copy.deepcopy(model), Path(tmp), opset, torch.bfloat16)
             for name in ENCODERS:
                 shutil.move(graphs[name], out_dir / f"{name}.onnx")
     elif precision == "fp16":

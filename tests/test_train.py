@@ -41,7 +41,7 @@ def test_lora_starts_at_the_base_and_merges_exactly():
 def test_ttd_training_writes_adapter_and_merged_model(tmp_path):
     base = create_model("world-tiny", seed=0)
     base_path = save_checkpoint(base, tmp_path / "base.safetensors")
-    model = train(load_checkpoint(base_path), TrainConfig(out_dir=str(tmp_path / "run"), **SMALL), progress=False)
+    train(load_checkpoint(base_path), TrainConfig(out_dir=str(tmp_path / "run"), **SMALL), progress=False)
     merged = load_checkpoint(tmp_path / "run" / "model.safetensors")
     assert merged.config.source == "ttd:registered:world-tiny"
     assert merged.mask_weight.item() != 10.0  # the calibration was trained

@@ -46,3 +46,31 @@ def test_written_split_reads_back_identically(tmp_path):
         assert np.array_equal(a.caption_mask, b.caption_mask)
         for tag in a.relevant_tags:
             assert np.array_equal(a.tag_masks[tag], b.tag_masks[tag])
+
+
+def test_tagmask_layout_converts_to_the_evaluation_format(tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from ttd.cli import main
+
+    source = tmp_path / "tagmask" / "000"
+    source.mkdir(parents=True)
+    sample = make_sample(2, 1)
+    Image.fromarray(sample.image).save(source / "img.jpg", quality=98)
+    masks = {}
+    for tag in sample.relevant_tags:
+        Image.fromarray(sample.tag_masks[tag].astype(np.uint8) * 255).save(source / f"img_{tag}.png")
+        masks[tag] = f"img_{tag}.png"
+    Image.fromarray(sample.caption_mask().astype(np.uint8) * 255).save(source / "img_caption.png")
+    import json
+
+    (source / "img.json").write_text(json.dumps({"image": "img.jpg", "caption": sample.caption,
+                                                 "tags": sample.relevant_tags, "tag_masks": masks,
+                                                 "caption_mask": "img_caption.png"}))
+    result = CliRunner().invoke(main, ["world", "convert-tagmask", str(tmp_path / "tagmask"), str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    (read,) = read_eval_split(tmp_path / "eval" / "annotations.jsonl", 64)
+    assert read.caption == sample.caption and read.relevant_tags == sample.relevant_tags
+    assert np.array_equal(read.caption_mask, sample.caption_mask())
+    assert np.abs(read.image.astype(int) - sample.image.astype(int)).mean() < 10  # JPEG noise; another image differs by ~60

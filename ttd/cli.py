@@ -122,6 +122,21 @@ def world_generate(out_dir, count, seed, start):
     click.echo(f"wrote {count} samples to {path}", err=True)
 
 
+@world.command("convert-tagmask")
+@click.argument("source", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+def convert_tagmask_command(source, out_dir):
+    """Index a CC3M-TagMask style folder (one JSON per image: caption, tags, tag_masks,
+    caption_mask, beside the image and mask PNGs) as an evaluation annotations.jsonl."""
+    from ttd.data.annotations import convert_tagmask
+
+    try:
+        path = convert_tagmask(source, out_dir)
+    except (KeyError, ValueError) as error:
+        fail(f"{source}: {error}")
+    click.echo(f"wrote {path}", err=True)
+
+
 @main.command()
 @model_options
 @click.option("--objective", type=click.Choice(["ttd", "clip"]), default="ttd", show_default=True,

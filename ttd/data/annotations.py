@@ -9,6 +9,7 @@ format; `convert_tagmask` reads the CC3M-TagMask layout into it.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,13 +88,17 @@ def world_eval_samples(seed: int, count: int, start: int = 0) -> list[EvalSample
 
 
 def convert_tagmask(source: Path, out: Path) -> Path:
-    """CC3M-TagMask layout (one JSON per image with "caption", "tags" and mask PNG names, beside
-    the image) -> the evaluation format. Mask paths are kept relative to `source`."""
+    """CC3M-TagMask layout (one JSON per image with "caption", "tags", "tag_masks" {tag: png} and
+    "caption_mask", beside the image and masks) -> the evaluation format, written to `out` with
+    paths relative to `out` (the images stay where they are)."""
     lines = []
-    for meta_path in sorted(source.rglob("*.json")):
+    out = out.resolve()
+    for meta_path in sorted(source.resolve().rglob("*.json")):
         meta = json.loads(meta_path.read_text())
+        if "caption" not in meta:
+            raise ValueError(f"{meta_path} has no 'caption'")
         image = meta.get("image") or meta_path.with_suffix(".jpg").name
-        folder = meta_path.parent.relative_to(source)
+        folder = Path(os.path.relpath(meta_path.parent, out))
         tag_masks = {str(t): str(folder / m) for t, m in meta.get("tag_masks", {}).items()}
         lines.append({"image": str(folder / image), "caption": meta["caption"],
                       "relevant_tags": [str(t) for t in meta.get("tags", tag_masks)],
