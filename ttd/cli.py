@@ -148,7 +148,7 @@ def convert_tagmask_command(source, out_dir):
 @click.option("--batch-size", type=click.IntRange(2), default=None, help="Per process. Default: 64 (ttd) or 128 (clip).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate. Default: 1e-3.")
 @click.option("--warmup", "warmup_steps", type=click.IntRange(0), default=None)
-@click.option("--lambda-tag", type=float, default=1.0, show_default=True)
+@click.option("--lambda-tag", type=float, default=2.0, show_default=True, help="Weight of L_tag (2 won the ablation).")
 @click.option("--lambda-clip", type=float, default=1.0, show_default=True)
 @click.option("--threshold", type=float, default=0.5, show_default=True, help="δ of the Stage 1 selection.")
 @click.option("--score", "score_method", type=click.Choice(SCORE_METHODS), default="softmax", show_default=True)

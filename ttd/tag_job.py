@@ -103,7 +103,7 @@ def tag_items(
     summary = TagSummary()
     output.parent.mkdir(parents=True, exist_ok=True)
     if vocabulary is not None:
-        tagger.encode_tags(vocabulary)  # once, before the first batch
+        tagger.encode_tags(vocabulary, progress)  # once, before the first batch
     with output.open("w", encoding="utf-8") as out, tqdm(total=len(items), disable=not progress, unit="img") as bar:
         for start, chunk in zip(range(0, len(items), batch_size), _chunks(items, batch_size)):
             prepared: dict[int, tuple[np.ndarray, list[str]]] = {}

@@ -54,17 +54,21 @@ class Tagger:
         self.tokenizer = build_tokenizer(config.tokenizer, config.context_length)
         self._tag_cache: dict[str, np.ndarray] = {}
 
-    def encode_texts(self, texts: list[str]) -> np.ndarray:
-        chunks = [self.backend.encode_texts(self.tokenizer(texts[i : i + TEXT_BATCH]))
-                  for i in range(0, len(texts), TEXT_BATCH)]
+    def encode_texts(self, texts: list[str], progress: bool = False) -> np.ndarray:
+        starts = range(0, len(texts), TEXT_BATCH)
+        if progress:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc="encode tags", unit="batch")
+        chunks = [self.backend.encode_texts(self.tokenizer(texts[i : i + TEXT_BATCH])) for i in starts]
         return np.concatenate(chunks) if chunks else np.zeros((0, self.config.embed_dim), np.float32)
 
-    def encode_tags(self, tags: list[str]) -> np.ndarray:
+    def encode_tags(self, tags: list[str], progress: bool = False) -> np.ndarray:
         """Prompt-ensemble embeddings [K, D]; each tag is encoded once per Tagger (cached)."""
         missing = [t for t in dict.fromkeys(tags) if t not in self._tag_cache]
         if missing:
             templates = self.config.prompt_templates
-            embeds = self.encode_texts([tpl.format(t) for t in missing for tpl in templates])
+            embeds = self.encode_texts([tpl.format(t) for t in missing for tpl in templates], progress)
             embeds = _unit(_unit(embeds).reshape(len(missing), len(templates), -1).mean(axis=1))
             self._tag_cache.update(zip(missing, embeds))
         return np.stack([self._tag_cache[t] for t in tags]) if tags else np.zeros((0, self.config.embed_dim), np.float32)
