@@ -24,7 +24,7 @@ from ttd.train import TrainConfig, train
 
 ABLATIONS = {
     "lambda_tag=0": {"lambda_tag": 0.0},
-    "lambda_tag=2": {"lambda_tag": 2.0},
+    "lambda_tag=1": {"lambda_tag": 1.0},
     "lambda_clip=0": {"lambda_clip": 0.0},
     "delta=0.3": {"threshold": 0.3},
     "delta=0.7": {"threshold": 0.7},

@@ -88,7 +88,7 @@ def main() -> None:
         if "refused" in row:
             print(f"| {name} | refused: {row['refused'][:90]} | | | | | |")
             continue
-        cos = f"{row['min_cosine']:.5f}" if "min_cosine" in row else "reference"
+        cos = f"{row['min_cosine']:.5f}" if "min_cosine" in row else ("reference" if name == "torch float32" else "—")
         agree = f"{100 * row['tag_agreement']:.1f}%" if "tag_agreement" in row else ""
         print(f"| {name} | {cos} | {agree} | {row['images_per_s']:.1f} | {row['image_speedup']:.2f} | "
               f"{row['texts_per_s']:.1f} | {row['text_speedup']:.2f} |")

@@ -69,7 +69,7 @@ def compare(reference: Tagger, candidate: Tagger, images: np.ndarray, captions: 
         record("image_embeds", ref_image, out_image, -1)
         record("patch_embeds", ref_patch, out_patch, 1)
         record("text_embeds", reference.backend.encode_texts(tokens[:b]), candidate.backend.encode_texts(tokens[:b]), -1)
-        tag_batch = np.repeat(tags[None], b, axis=0)
+        tag_batch = np.repeat(tags[None], len(ref_patch), axis=0)
         ref_head = reference.backend.score_tags(ref_patch, tag_batch)
         out_head = candidate.backend.score_tags(ref_patch, tag_batch)
         record("tag_scores", ref_head[0], out_head[0], -1)

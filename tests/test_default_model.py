@@ -14,7 +14,7 @@ def test_embedded_default_loads_and_is_small():
     assert DEFAULT_CHECKPOINT.stat().st_size < 10 * 1024 * 1024
     model = load_model()
     assert model.config.name == "world-base" and model.config.dense_mode == "avg"
-    assert "ttd train --objective clip" in model.config.source
+    assert model.config.source.startswith("ttd train --model world-tiny --objective clip --steps 1500")
 
 
 def test_eval_defaults_to_the_embedded_model(tmp_path):

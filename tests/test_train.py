@@ -154,8 +154,10 @@ def test_distributed_training_matches_a_single_process(tmp_path):
     base_weights = load_file(str(base))
     changed = [k for k in single if not torch.equal(single[k], base_weights[k])]
     assert len(changed) > 10
-    for key in single:
-        torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
+    # float noise of different batch splits, amplified by Adam, stays below 2e-5 here; normalising the
+    # losses by local instead of global counts (the mistake this guards against) differs by 5e-3
+    worst = max((ddp[k] - single[k]).abs().max().item() for k in single)
+    assert worst < 2e-4
 
 
 def test_trained_model_stays_usable_after_its_outputs_are_written(tmp_path):
