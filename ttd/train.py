@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -221,10 +222,13 @@ def train(model: TTDModel, config: TrainConfig, resume: bool = True, progress: b
             if bad_steps > config.max_bad_steps:
                 raise FloatingPointError(f"{bad_steps} non-finite steps; last at step {step}; lower --lr")
             tqdm.write(f"step {step}: non-finite loss or gradient, update skipped")
+            optimizer.zero_grad(set_to_none=True)
         else:
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
-        scheduler.step()
+        with warnings.catch_warnings():  # a skipped update still advances the schedule, on purpose
+            warnings.filterwarnings("ignore", message="Detected call of")
+            scheduler.step()
         if config.objective == "clip":
             with torch.no_grad():
                 model.clip.logit_scale.clamp_(0, math.log(100))
