@@ -110,3 +110,29 @@ def test_real_tritonserver_serves_the_same_tags_as_onnxruntime(export_dir, tmp_p
 def test_serve_refuses_a_folder_that_is_not_a_repository(tmp_path):
     result = CliRunner().invoke(main, ["serve", str(tmp_path)])
     assert result.exit_code == 2 and "is not a TTD model repository" in result.output
+
+
+def test_ttd_serve_stops_cleanly_on_ctrl_c(export_dir, tmp_path):
+    import shutil
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    repo = build_repository(export_dir, tmp_path / "repo", "python")
+    port = free_port()
+    process = subprocess.Popen([shutil.which("ttd"), "serve", str(repo), "--http-port", str(port),
+                                "--grpc-port", str(free_port())], stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stderr.readline()  # printed once the server is ready
+        assert f"HTTP 127.0.0.1:{port}" in line, line
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5) as response:
+            assert response.status == 200
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+        time.sleep(0.5)
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2)
+    finally:
+        if process.poll() is None:
+            process.kill()

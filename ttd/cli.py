@@ -73,9 +73,11 @@ def main() -> None:
 @click.option("--max-pixels", type=click.IntRange(1), default=89_478_485, show_default=True,
               help="Refuse larger images (decompression bombs).")
 @click.option("--top-k", type=click.IntRange(1), default=10, show_default=True, help="Vocabulary mode: best tags listed per image.")
+@click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
+              help="CPU threads for the torch and onnxruntime backends (0: all cores).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, dense_mode, backend, export_dir, url,
-        threshold, score_method, flip_tta, masks_dir, batch_size, device, dtype, max_pixels, top_k, quiet):
+        threshold, score_method, flip_tta, masks_dir, batch_size, device, dtype, max_pixels, top_k, threads, quiet):
     """Tag images: with their captions (--captions) or against a vocabulary (--vocabulary IMAGES...).
 
     Each output line holds the candidate tags with their pixel-tag scores and the selected tags,
@@ -97,7 +99,7 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
         vocab = read_vocabulary(vocabulary) if vocabulary else None
         tagger = load_tagger(backend, model=model, pretrained=pretrained, checkpoint=checkpoint, dense_mode=dense_mode,
                              device=device, dtype=dtype, export_dir=export_dir, url=url, threshold=threshold,
-                             flip_tta=flip_tta, score_method=score_method)
+                             flip_tta=flip_tta, score_method=score_method, threads=threads)
     except (InputError, ValueError, RuntimeError, FileNotFoundError) as error:
         fail(str(error))
     summary = tag_items(tagger, items, output, vocab, batch_size, masks_dir, max_pixels, top_k, progress=not quiet)

@@ -27,12 +27,18 @@ def load_tagger(
     threshold: float = 0.5,
     flip_tta: bool = False,
     score_method: str = "softmax",
+    threads: int = 0,
 ) -> Tagger:
+    """A Tagger on the named backend; `threads` = 0 lets the backend use every core."""
     options = {"threshold": threshold, "flip_tta": flip_tta, "score_method": score_method}
     if backend == "torch":
         from ttd.factory import load_model
         from ttd.runtime.torch_backend import TorchBackend
 
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         ttd_model = load_model(model, pretrained, checkpoint, dense_mode)
         runner = TorchBackend(ttd_model, device, dtype)
         return Tagger(runner, ttd_model.config, mask_weight=ttd_model.mask_weight.item(),
@@ -48,7 +54,7 @@ def load_tagger(
     if backend == "onnxruntime":
         from ttd.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
-        runner = OnnxRuntimeBackend(export, device)
+        runner = OnnxRuntimeBackend(export, device, threads)
     elif backend == "tensorrt":
         from ttd.runtime.tensorrt_backend import TensorRTBackend
 
