@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,11 +37,6 @@ def contained_path(root: Path, *parts: str) -> Path:
     if not path.is_relative_to(root.resolve()):
         raise ValueError(f"refusing to write {path}: outside {root}")
     return path
-
-
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
 
 
 def _prepare(item: Item, tagger: Tagger, vocabulary: list[str] | None, max_pixels: int) -> tuple[np.ndarray, list[str]]:
@@ -105,7 +99,8 @@ def tag_items(
     if vocabulary is not None:
         tagger.encode_tags(vocabulary, progress)  # once, before the first batch
     with output.open("w", encoding="utf-8") as out, tqdm(total=len(items), disable=not progress, unit="img") as bar:
-        for start, chunk in zip(range(0, len(items), batch_size), _chunks(items, batch_size)):
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
             prepared: dict[int, tuple[np.ndarray, list[str]]] = {}
             records: dict[int, dict] = {}
             for offset, item in enumerate(chunk):

@@ -17,6 +17,7 @@ from ttd.config import SCORE_METHODS, ModelConfig
 from ttd.tokenizer import build_tokenizer
 
 TEXT_BATCH = 256
+MAX_CACHED_TAGS = 200_000  # ~400 MB at D = 512; the cache restarts when a corpus has more distinct tags
 
 
 class Backend(Protocol):
@@ -66,6 +67,9 @@ class Tagger:
     def encode_tags(self, tags: list[str], progress: bool = False) -> np.ndarray:
         """Prompt-ensemble embeddings [K, D]; each tag is encoded once per Tagger (cached)."""
         missing = [t for t in dict.fromkeys(tags) if t not in self._tag_cache]
+        if len(self._tag_cache) + len(missing) > MAX_CACHED_TAGS:
+            self._tag_cache.clear()
+            missing = list(dict.fromkeys(tags))
         if missing:
             templates = self.config.prompt_templates
             embeds = self.encode_texts([tpl.format(t) for t in missing for tpl in templates], progress)
