@@ -87,7 +87,8 @@ def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mod
         enforce(parity, FP32_GATE, "fp32 export (ONNX vs PyTorch)")
         if precision != "fp32":
             manifest["quality"] = _make_variant(model, out_dir, precision, int8_mode, opset, images, captions, reference)
-            manifest.update({k: v for k, v in _manifest(model, out_dir, precision, opset).items() if k in ("files", "precision")})
+            variant = json.loads((out_dir / MANIFEST).read_text())  # written by _make_variant, hashes included
+            manifest.update(files=variant["files"], precision=precision)
             if precision == "int8":
                 manifest["int8_mode"] = int8_mode
     except Exception:

@@ -46,9 +46,8 @@ class TritonBackend:
         self.concurrency = concurrency
         self.max_batch = {}
         for model in MODELS.values():
-            config = self.client.get_model_config(model)
-            config = config.get("config", config) if isinstance(config, dict) else config.config
-            self.max_batch[model] = int(config["max_batch_size"] if isinstance(config, dict) else config.max_batch_size)
+            config = self.client.get_model_config(model)  # HTTP: a dict; gRPC: a ModelConfigResponse
+            self.max_batch[model] = int(config["max_batch_size"] if isinstance(config, dict) else config.config.max_batch_size)
 
     def _tensors(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> tuple[list, list]:
         tensors = []
