@@ -24,7 +24,8 @@ from export.precision import ENCODERS, PRECISIONS, to_fp16, to_int8
 from ttd.images import normalize
 from ttd.lora import has_lora, merge_lora
 from ttd.model import TTDModel
-from ttd.runtime.export_dir import CONFIG, GRAPH_NAMES, MANIFEST, read_export, sha256
+from ttd.factory import save_checkpoint
+from ttd.runtime.export_dir import CONFIG, GRAPH_NAMES, MANIFEST, TORCH_WEIGHTS, read_export, sha256
 from ttd.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from ttd.runtime.tagger import Tagger
 from ttd.runtime.torch_backend import TorchBackend
@@ -52,8 +53,11 @@ def _calibration(model: TTDModel, images: np.ndarray, captions: list[str]) -> di
             "text_encoder": [{"input_ids": tokens[i : i + 8]} for i in range(0, len(tokens), 8)]}
 
 
-def _write_side_files(model: TTDModel, out_dir: Path) -> None:
-    (out_dir / CONFIG).write_text(json.dumps(model.config.to_dict(), indent=1))
+def _write_side_files(model: TTDModel, out_dir: Path, torch_weights: bool) -> None:
+    if torch_weights:  # writes CONFIG beside it
+        save_checkpoint(model, out_dir / TORCH_WEIGHTS)
+    else:
+        (out_dir / CONFIG).write_text(json.dumps(model.config.to_dict(), indent=1))
     (out_dir / "stopwords.txt").write_text("\n".join(sorted(STOPWORDS)) + "\n")
     if model.config.tokenizer.get("kind") == "open_clip":
         import open_clip
@@ -65,10 +69,12 @@ def _write_side_files(model: TTDModel, out_dir: Path) -> None:
 
 def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mode: str = "dynamic",
                opset: int = DEFAULT_OPSET, check_count: int = 64, tensorrt: bool = False,
-               tensorrt_limits=None) -> dict:
+               tensorrt_limits=None, torch_weights: bool = True) -> dict:
     """Export `model` to `out_dir` and return the manifest; raises GateError when a gate fails.
 
-    The model is moved to the CPU in float32 and its LoRA adapters, if any, are merged in place."""
+    The model is moved to the CPU in float32 and its LoRA adapters, if any, are merged in place.
+    `torch_weights` also writes those weights (model.safetensors), for the torch backend and the
+    Triton torch engine (GPU serving without TensorRT or onnxruntime-gpu)."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     model = model.float().cpu().eval()
@@ -77,7 +83,7 @@ def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mod
     out_dir.mkdir(parents=True, exist_ok=True)
     reference = _tagger(TorchBackend(model, "cpu", "float32"), model)
     images, captions = check_pairs(model.config.image_size, check_count)
-    _write_side_files(model, out_dir)
+    _write_side_files(model, out_dir, torch_weights)
     export_graphs(model, out_dir, opset)
     manifest = _manifest(model, out_dir, "fp32", opset)  # hashes first: the runtime verifies them
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))

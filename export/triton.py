@@ -1,8 +1,10 @@
 """Generating and validating Triton model repositories (`ttd triton build`, `ttd triton validate`).
 
 Two flavours of the three graph models: `native` (platform onnxruntime_onnx or tensorrt_plan, for
-NVIDIA's server container) and `python` (Python-backend models that run the same ONNX graphs
-with onnxruntime, for servers with the Python backend only). Both get the BLS `ttd_tagger`.
+NVIDIA's server container) and `python` (Python-backend models for servers with the Python
+backend only, running the ONNX graphs with onnxruntime on the CPU, or the export's weights with
+torch — on the GPU with `--kind KIND_GPU`). Both get the BLS `ttd_tagger`, which always runs on
+the CPU (it decodes images and calls the graph models).
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from string import Template
 import onnx
 
 import triton_repo
-from ttd.runtime.export_dir import CONFIG, MANIFEST, read_export
+from ttd.runtime.export_dir import CONFIG, MANIFEST, TORCH_WEIGHTS, read_export
 
 TEMPLATES = Path(triton_repo.__file__).parent
 GRAPH_MODELS = {"ttd_image_encoder": "image_encoder", "ttd_text_encoder": "text_encoder", "ttd_tag_head": "tag_head"}
 TAGGER = "ttd_tagger"
+ENGINES = {"python": ("onnx", "torch"), "native": ("onnx", "tensorrt")}
+TORCH_DTYPES = ("float32", "bfloat16", "float16")
 ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.INT64: "TYPE_INT64",
                   onnx.TensorProto.FLOAT16: "TYPE_FP16", onnx.TensorProto.INT32: "TYPE_INT32",
                   onnx.TensorProto.BOOL: "TYPE_BOOL"}
@@ -83,14 +87,17 @@ def _parameters(values: dict[str, str]) -> str:
 
 def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engine: str = "onnx",
                      batching: BatchingOptions = BatchingOptions(), threshold: float = 0.5,
-                     max_tags: int = 1024) -> Path:
+                     max_tags: int = 1024, torch_dtype: str = "float32") -> Path:
     """Write a model repository for `export_dir` into `repo` (which must not exist or be empty)."""
-    if flavour not in ("python", "native"):
+    if flavour not in ENGINES:
         raise ValueError(f"unknown flavour {flavour!r}; choose python or native")
-    if engine not in ("onnx", "tensorrt") or (engine == "tensorrt" and flavour != "native"):
-        raise ValueError("engine must be onnx, or tensorrt with the native flavour")
+    if engine not in ENGINES[flavour]:
+        raise ValueError(f"the {flavour} flavour serves engines {' or '.join(ENGINES[flavour])}, not {engine!r}")
+    if torch_dtype not in TORCH_DTYPES:
+        raise ValueError(f"unknown torch dtype {torch_dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
     batching.check()
     export = read_export(export_dir)
+    weights = export.torch_weights() if engine == "torch" else None
     if repo.exists() and any(repo.iterdir()):
         raise ValueError(f"{repo} exists and is not empty; choose a new folder")
     template = Template((TEMPLATES / "model.pbtxt.in").read_text())
@@ -101,11 +108,17 @@ def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engi
         version = repo / model / "1"
         version.mkdir(parents=True)
         inputs, outputs = graph_io(export.graph(graph))
-        if flavour == "python":
+        if flavour == "python" and engine == "torch":
+            engine_line = 'backend: "python"'
+            shutil.copy(weights, version / TORCH_WEIGHTS)
+            shutil.copy(export.root / CONFIG, version / CONFIG)
+            shutil.copy(TEMPLATES / "graph_model.py", version / "model.py")
+            extra = _parameters({"engine": "torch", "graph": graph, "dtype": torch_dtype})
+        elif flavour == "python":
             engine_line = 'backend: "python"'
             shutil.copy(export.graph(graph), version / "model.onnx")
-            shutil.copy(TEMPLATES / "onnx_model.py", version / "model.py")
-            extra = _parameters({"intra_op_threads": "1"})
+            shutil.copy(TEMPLATES / "graph_model.py", version / "model.py")
+            extra = _parameters({"engine": "onnxruntime", "intra_op_threads": "1"})
         elif engine == "onnx":
             engine_line = 'platform: "onnxruntime_onnx"'
             shutil.copy(export.graph(graph), version / "model.onnx")
@@ -134,7 +147,7 @@ def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engi
     parameters = {"threshold": str(threshold), "max_tags": str(max_tags),
                   "encoder_max_batch_size": str(batching.max_batch_size)}
     (repo / TAGGER / "config.pbtxt").write_text(template.substitute(
-        common, name=TAGGER, engine='backend: "python"', inputs=_tensor_block(tagger_inputs, {"caption", "tags", "return_masks"}),
+        common, kind="KIND_CPU", name=TAGGER, engine='backend: "python"', inputs=_tensor_block(tagger_inputs, {"caption", "tags", "return_masks"}),
         outputs=_tensor_block(tagger_outputs), extra=_parameters(parameters)))
     (repo / "ttd_repository.json").write_text(json.dumps({"flavour": flavour, "engine": engine, "export": str(export_dir)}))
     return repo
@@ -183,6 +196,10 @@ def validate_repository(repo: Path) -> list[str]:
             problems.append(f"{folder.name}: unsupported backend {config.backend!r}")
         if not (version / expected_file).is_file():
             problems.append(f"{folder.name}/{version.name}: {expected_file} is missing")
+        if config.parameters.get("engine") is not None and config.parameters["engine"].string_value == "torch":
+            for needed in (TORCH_WEIGHTS, CONFIG):
+                if not (version / needed).is_file():
+                    problems.append(f"{folder.name}/{version.name}: {needed} is missing (torch engine)")
         batch_sizes[folder.name] = config.max_batch_size
         if config.max_batch_size < 1:
             problems.append(f"{folder.name}: max_batch_size must be ≥ 1 for dynamic batching")

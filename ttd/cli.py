@@ -56,7 +56,8 @@ def main() -> None:
 @model_options
 @click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt", "triton"]), default="torch",
               show_default=True)
-@click.option("--export-dir", type=click.Path(file_okay=False), default=None, help="Export directory (onnxruntime, tensorrt).")
+@click.option("--export-dir", type=click.Path(file_okay=False), default=None,
+              help="Export directory (onnxruntime, tensorrt, triton; with torch: run the export's own weights).")
 @click.option("--url", default=None, help="Triton server URL for --backend triton (host:port).")
 @click.option("--threshold", type=float, default=0.5, show_default=True, help="δ: a tag is selected when its score ≥ δ.")
 @click.option("--score", "score_method", type=click.Choice(SCORE_METHODS), default="softmax", show_default=True,
@@ -75,9 +76,13 @@ def main() -> None:
 @click.option("--top-k", type=click.IntRange(1), default=10, show_default=True, help="Vocabulary mode: best tags listed per image.")
 @click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
               help="CPU threads for the torch and onnxruntime backends (0: all cores).")
+@click.option("--compile", "compile_encoder", is_flag=True,
+              help="Torch backend: torch.compile the image encoder (CUDA graphs on a GPU); pays a one-off "
+                   "compilation per power-of-two batch size, worth it for long jobs.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, dense_mode, backend, export_dir, url,
-        threshold, score_method, flip_tta, masks_dir, batch_size, device, dtype, max_pixels, top_k, threads, quiet):
+        threshold, score_method, flip_tta, masks_dir, batch_size, device, dtype, max_pixels, top_k, threads,
+        compile_encoder, quiet):
     """Tag images: with their captions (--captions) or against a vocabulary (--vocabulary IMAGES...).
 
     Each output line holds the candidate tags with their pixel-tag scores and the selected tags,
@@ -99,7 +104,7 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
         vocab = read_vocabulary(vocabulary) if vocabulary else None
         tagger = load_tagger(backend, model=model, pretrained=pretrained, checkpoint=checkpoint, dense_mode=dense_mode,
                              device=device, dtype=dtype, export_dir=export_dir, url=url, threshold=threshold,
-                             flip_tta=flip_tta, score_method=score_method, threads=threads)
+                             flip_tta=flip_tta, score_method=score_method, threads=threads, compile=compile_encoder)
     except (InputError, ValueError, RuntimeError, FileNotFoundError) as error:
         fail(str(error))
     summary = tag_items(tagger, items, output, vocab, batch_size, masks_dir, max_pixels, top_k, progress=not quiet)
@@ -163,24 +168,24 @@ def convert_tagmask_command(source, out_dir):
 @click.option("--data-seed", type=int, default=1, show_default=True)
 @click.option("--checkpoint-every", type=click.IntRange(1), default=100, show_default=True)
 @click.option("--no-resume", is_flag=True, help="Start over even if OUT/last.pt exists.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (cuda if available; under torchrun cuda:LOCAL_RANK), cpu, cuda, cuda:1 ...")
 def train(model, pretrained, checkpoint, dense_mode, objective, data, out_dir, steps, batch_size, lr, warmup_steps,
           lambda_tag, lambda_clip, threshold, score_method, lora_rank, lora_alpha, lora_targets, frozen_teacher,
-          precision, seed, data_seed, checkpoint_every, no_resume):
+          precision, seed, data_seed, checkpoint_every, no_resume, device):
     """Pre-train (clip) or TTD-fine-tune (ttd) a model; resumes from OUT/last.pt when present.
 
     Writes OUT/model.safetensors (+ .json; LoRA merged) and, for ttd, OUT/adapter.safetensors.
     Under torchrun every process trains on its own shard of each step's batch (gloo on CPU).
     """
-    import torch
-
     from ttd.factory import ModelLoadError, load_model
     from ttd.lora import LoRAConfig
-    from ttd.train import TrainConfig, init_distributed
+    from ttd.train import TrainConfig, init_distributed, training_device
     from ttd.train import train as run_training
 
-    init_distributed()
     try:
-        base = load_model(model, pretrained, checkpoint, dense_mode)
+        init_distributed(device)
+        base = load_model(model, pretrained, checkpoint, dense_mode).to(training_device(device))
     except (ModelLoadError, ValueError) as error:
         fail(str(error))
     clip = objective == "clip"
@@ -193,8 +198,6 @@ def train(model, pretrained, checkpoint, dense_mode, objective, data, out_dir, s
         checkpoint_every=checkpoint_every,
         lora=LoRAConfig(rank=lora_rank, alpha=lora_alpha, targets=tuple(t for t in lora_targets.split(",") if t)),
     )
-    if torch.cuda.is_available():
-        base = base.cuda()
     try:
         run_training(base, config, resume=not no_resume)
     except (ValueError, RuntimeError) as error:
@@ -214,15 +217,17 @@ def train(model, pretrained, checkpoint, dense_mode, objective, data, out_dir, s
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the metrics here as JSON.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:1 ...")
 def evaluate_command(model, pretrained, checkpoint, dense_mode, data_dir, count, seed, threshold, mask_threshold,
-                     flip_tta, batch_size, json_path):
+                     flip_tta, batch_size, json_path, device):
     """Tag and caption-mask metrics of a model (the embedded default when none is given)."""
     from ttd.data.annotations import read_eval_split, world_eval_samples
     from ttd.evaluate import evaluate, format_table
     from ttd.factory import ModelLoadError, load_model
+    from ttd.runtime.torch_backend import pick_device
 
     try:
-        ttd_model = load_model(model, pretrained, checkpoint, dense_mode)
+        ttd_model = load_model(model, pretrained, checkpoint, dense_mode).to(pick_device(device))
     except (ModelLoadError, ValueError) as error:
         fail(str(error))
     if data_dir is not None:
@@ -251,8 +256,11 @@ def evaluate_command(model, pretrained, checkpoint, dense_mode, data_dir, count,
 @click.option("--tensorrt", is_flag=True, help="Also build TensorRT engines (needs an NVIDIA GPU and tensorrt).")
 @click.option("--opt-batch", type=click.IntRange(1), default=8, show_default=True, help="TensorRT profile: preferred batch.")
 @click.option("--max-batch", type=click.IntRange(1), default=32, show_default=True, help="TensorRT profile: max batch.")
+@click.option("--torch-weights/--no-torch-weights", default=True, show_default=True,
+              help="Also write the fp32 weights (model.safetensors) for `--backend torch --export-dir` and the "
+                   "Triton torch engine (GPU serving without TensorRT).")
 def export_command(out_dir, model, pretrained, checkpoint, dense_mode, precision, int8_mode, opset, tensorrt,
-                   opt_batch, max_batch):
+                   opt_batch, max_batch, torch_weights):
     """Export ONNX graphs (image encoder, text encoder, tag head) + manifest to OUT_DIR.
 
     Every export is checked against PyTorch in onnxruntime at batch sizes 1, 3 and 7 and on
@@ -267,7 +275,8 @@ def export_command(out_dir, model, pretrained, checkpoint, dense_mode, precision
     try:
         ttd_model = load_model(model, pretrained, checkpoint, dense_mode)
         manifest = run_export(ttd_model, out_dir, precision, int8_mode, opset, tensorrt=tensorrt,
-                              tensorrt_limits=BatchLimits(opt_batch=opt_batch, max_batch=max_batch))
+                              tensorrt_limits=BatchLimits(opt_batch=opt_batch, max_batch=max_batch),
+                              torch_weights=torch_weights)
     except (ModelLoadError, GateError, TensorRTUnavailable, ValueError) as error:
         fail(str(error))
     figures = manifest.get("quality", manifest["parity"])
@@ -297,15 +306,18 @@ def _batching_options(f):
 @click.argument("export_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.argument("repo", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--flavour", type=click.Choice(["python", "native"]), default="python", show_default=True,
-              help="python: Python-backend models running the ONNX graphs with onnxruntime (any tritonserver, "
-                   "e.g. nvidia-pytriton's); native: onnxruntime_onnx / tensorrt_plan platforms (NVIDIA's container).")
-@click.option("--engine", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True,
-              help="Native flavour: serve the ONNX graphs or the TensorRT engines of the export.")
+              help="python: Python-backend models (any tritonserver, e.g. nvidia-pytriton's); "
+                   "native: onnxruntime_onnx / tensorrt_plan platforms (NVIDIA's container).")
+@click.option("--engine", type=click.Choice(["onnx", "torch", "tensorrt"]), default="onnx", show_default=True,
+              help="What the graph models run. python flavour: onnx (onnxruntime, CPU) or torch (the export's "
+                   "weights; GPU with --kind KIND_GPU); native flavour: onnx or tensorrt (the export's engines).")
+@click.option("--torch-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True, help="Torch engine: weight precision of the encoders (the tag head stays float32).")
 @_batching_options
 @click.option("--threshold", type=float, default=0.5, show_default=True, help="δ used by ttd_tagger.")
 @click.option("--max-tags", type=click.IntRange(1), default=1024, show_default=True, help="ttd_tagger: tags per request.")
-def triton_build(export_dir, repo, flavour, engine, max_batch_size, preferred_batch_sizes, queue_delay_us, instances,
-                 kind, threshold, max_tags):
+def triton_build(export_dir, repo, flavour, engine, torch_dtype, max_batch_size, preferred_batch_sizes, queue_delay_us,
+                 instances, kind, threshold, max_tags):
     """Write a Triton model repository REPO for the export EXPORT_DIR, then validate it."""
     from export.triton import BatchingOptions, RepositoryError, build_repository, validate_repository
     from ttd.runtime.export_dir import ExportError
@@ -313,7 +325,7 @@ def triton_build(export_dir, repo, flavour, engine, max_batch_size, preferred_ba
     try:
         sizes = tuple(int(s) for s in preferred_batch_sizes.split(",") if s.strip())
         options = BatchingOptions(max_batch_size, sizes, queue_delay_us, instances, kind)
-        build_repository(export_dir, repo, flavour, engine, options, threshold, max_tags)
+        build_repository(export_dir, repo, flavour, engine, options, threshold, max_tags, torch_dtype)
         summary = validate_repository(repo)
     except (ValueError, ExportError, RepositoryError) as error:
         fail(str(error))

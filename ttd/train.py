@@ -264,7 +264,20 @@ def _write_outputs(model: TTDModel, config: TrainConfig, out: Path, skipped: lis
     (out / "train_config.json").write_text(json.dumps({**config.to_dict(), "skipped_samples": len(skipped)}, indent=1))
 
 
-def init_distributed() -> None:
+def training_device(device: str | None = "auto") -> torch.device:
+    """auto: cuda if available (under torchrun, the process's own GPU cuda:LOCAL_RANK), else cpu."""
+    from ttd.runtime.torch_backend import pick_device
+
+    chosen = pick_device(device)
+    if chosen.type == "cuda" and chosen.index is None and "LOCAL_RANK" in os.environ:
+        chosen = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return chosen
+
+
+def init_distributed(device: str | None = "auto") -> None:
     """Join the process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
     if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        chosen = training_device(device)
+        if chosen.type == "cuda":
+            torch.cuda.set_device(chosen)
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")

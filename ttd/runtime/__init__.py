@@ -28,8 +28,13 @@ def load_tagger(
     flip_tta: bool = False,
     score_method: str = "softmax",
     threads: int = 0,
+    compile: bool = False,
 ) -> Tagger:
-    """A Tagger on the named backend; `threads` = 0 lets the backend use every core."""
+    """A Tagger on the named backend; `threads` = 0 lets the backend use every core.
+
+    The torch backend loads `checkpoint`, `model`, the weights of an export (`export_dir`, for
+    the same model the other backends run) or the embedded default; `compile` applies to it only.
+    """
     options = {"threshold": threshold, "flip_tta": flip_tta, "score_method": score_method}
     if backend == "torch":
         from ttd.factory import load_model
@@ -39,8 +44,12 @@ def load_tagger(
             import torch
 
             torch.set_num_threads(threads)
+        if export_dir and not (checkpoint or model):
+            from ttd.runtime.export_dir import read_export
+
+            checkpoint = str(read_export(export_dir).torch_weights())
         ttd_model = load_model(model, pretrained, checkpoint, dense_mode)
-        runner = TorchBackend(ttd_model, device, dtype)
+        runner = TorchBackend(ttd_model, device, dtype, compile=compile)
         return Tagger(runner, ttd_model.config, mask_weight=ttd_model.mask_weight.item(),
                       mask_bias=ttd_model.mask_bias.item(), **options)
     if backend not in BACKENDS:

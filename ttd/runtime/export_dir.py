@@ -13,6 +13,7 @@ from ttd.config import ModelConfig
 GRAPH_NAMES = ("image_encoder", "text_encoder", "tag_head")
 MANIFEST = "manifest.json"
 CONFIG = "model.json"
+TORCH_WEIGHTS = "model.safetensors"  # a TTD checkpoint with CONFIG as its config: the torch engine's weights
 
 
 class ExportError(ValueError):
@@ -47,6 +48,14 @@ class ExportDir:
 
     def graph(self, name: str) -> Path:
         return self.root / f"{name}.onnx"
+
+    def torch_weights(self) -> Path:
+        """The exported model's fp32 weights, for the torch backend and the Triton torch engine."""
+        path = self.root / TORCH_WEIGHTS
+        if TORCH_WEIGHTS not in self.manifest.get("files", {}) or not path.is_file():
+            raise ExportError(f"{self.root} has no {TORCH_WEIGHTS} (exported without torch weights); "
+                              "re-export with `ttd export` (weights are written unless --no-torch-weights)")
+        return path
 
 
 def verify_hashes(root: Path, manifest: dict) -> None:

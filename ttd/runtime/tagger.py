@@ -17,6 +17,7 @@ from ttd.config import SCORE_METHODS, ModelConfig
 from ttd.tokenizer import build_tokenizer
 
 TEXT_BATCH = 256
+HEAD_ELEMENTS = 1 << 24  # map elements (B·K·h·w) per tag-head call: 64 MB per float32 output
 MAX_CACHED_TAGS = 200_000  # ~400 MB at D = 512; the cache restarts when a corpus has more distinct tags
 
 
@@ -88,27 +89,52 @@ class Tagger:
 
     def score(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray, flipped: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """(scores [K], masks [K, h, w]) of one image's tags, with the chosen normalisation."""
-        views = [patch_embeds[None]] + ([flipped[None, :, :, ::-1].copy()] if flipped is not None else [])
-        outputs = [self.backend.score_tags(v, tag_embeds[None]) for v in views]
-        probs = np.mean([o[2][0] for o in outputs], axis=0)
-        masks = np.mean([o[1][0] for o in outputs], axis=0)
+        scores, masks = self.score_batch(patch_embeds[None], tag_embeds[None], None if flipped is None else flipped[None])
+        return scores[0], masks[0]
+
+    def score_batch(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray,
+                    flipped: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores [B, K], masks [B, K, h, w]) of B images with K tags each, in head calls of at
+        most HEAD_ELEMENTS map elements (one call per batch is what keeps a GPU busy)."""
+        batch, tags = tag_embeds.shape[:2]
+        per_image = max(1, tags * patch_embeds.shape[2] * patch_embeds.shape[3])
+        step = max(1, HEAD_ELEMENTS // per_image)
+        parts = [self._score_chunk(patch_embeds[i : i + step], tag_embeds[i : i + step],
+                                   None if flipped is None else flipped[i : i + step]) for i in range(0, batch, step)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _score_chunk(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray,
+                     flipped: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        views = [patch_embeds] + ([np.ascontiguousarray(flipped[..., ::-1])] if flipped is not None else [])
+        outputs = [self.backend.score_tags(v, tag_embeds) for v in views]
+        masks = np.mean([o[1] for o in outputs], axis=0) if len(views) > 1 else outputs[0][1]
         if self.score_method == "softmax":
-            scores = probs.max(axis=(1, 2)) if len(views) > 1 else outputs[0][0][0]
+            scores = np.mean([o[2] for o in outputs], axis=0).max(axis=(2, 3)) if len(views) > 1 else outputs[0][0]
         elif self.score_method == "sigmoid":
-            scores = masks.max(axis=(1, 2))
+            scores = masks.max(axis=(2, 3))
         else:  # minmax of the best-pixel cosine, recovered from the monotonic mask
-            peak = np.clip(masks.max(axis=(1, 2)).astype(np.float64), 1e-7, 1 - 1e-7)
+            peak = np.clip(masks.max(axis=(2, 3)).astype(np.float64), 1e-7, 1 - 1e-7)
             cos = (np.log(peak / (1 - peak)) - self.mask_bias) / self.mask_weight
-            span = cos.max() - cos.min()
-            scores = (cos - cos.min()) / span if span > 0 else np.ones_like(cos)
+            low, span = cos.min(axis=1, keepdims=True), np.ptp(cos, axis=1, keepdims=True)
+            scores = np.where(span > 0, (cos - low) / np.where(span > 0, span, 1), 1.0)
         return scores.astype(np.float32), masks
 
     def tag(self, images: np.ndarray, tag_lists: list[list[str]]) -> list[TagResult]:
-        """Tag a batch: images uint8 [B, S, S, 3] (already at the model's size), one tag list each."""
+        """Tag a batch: images uint8 [B, S, S, 3] (already at the model's size), one tag list each.
+
+        Images with the same number of tags share one tag-head call (all of them, in vocabulary
+        mode), which is exact: the head scores each image against its own tags."""
         _, patch_embeds, flipped = self.encode_images(images)
-        results = []
+        by_count: dict[int, list[int]] = {}
         for i, tags in enumerate(tag_lists):
-            scores, masks = self.score(patch_embeds[i], self.encode_tags(tags), None if flipped is None else flipped[i])
-            selected = [t for t, s in zip(tags, scores) if s >= self.threshold]
-            results.append(TagResult(list(tags), scores, selected, masks))
+            by_count.setdefault(len(tags), []).append(i)
+        results: list[TagResult | None] = [None] * len(tag_lists)
+        for members in by_count.values():
+            tag_embeds = np.stack([self.encode_tags(tag_lists[i]) for i in members])
+            scores, masks = self.score_batch(patch_embeds[members], tag_embeds,
+                                             None if flipped is None else flipped[members])
+            for row, i in enumerate(members):
+                tags = tag_lists[i]
+                selected = [t for t, s in zip(tags, scores[row]) if s >= self.threshold]
+                results[i] = TagResult(list(tags), scores[row], selected, masks[row])
         return results

@@ -1,4 +1,11 @@
-"""The PyTorch backend: runs the contract graphs of ttd/graphs.py on cuda (if present) or CPU."""
+"""The PyTorch backend: runs the contract graphs of ttd/graphs.py on cuda (if present) or CPU.
+
+On a GPU it takes the usual fast path: bf16/fp16 weights (the tag head stays fp32), attention
+through `scaled_dot_product_attention` (open_clip's MultiheadAttention dispatches to it at
+inference), pinned host buffers with non-blocking copies, and optionally `torch.compile` of the
+fixed-shape image encoder (with CUDA graphs on a GPU). Compiled batches are padded to the next
+power of two so that a job's last, smaller batch does not trigger a new compilation.
+"""
 
 from __future__ import annotations
 
@@ -19,29 +26,59 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+def padded_batch(n: int) -> int:
+    """The batch a compiled encoder runs for n images: the next power of two (few shapes, few compilations)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model: TTDModel, device: str | None = None, dtype: str = "float32") -> None:
+    def __init__(self, model: TTDModel, device: str | None = None, dtype: str = "float32",
+                 compile: bool = False) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         self.device = pick_device(device)
         self.dtype = DTYPES[dtype]
+        self.compiled = compile
         model = model.to(self.device, self.dtype).eval()
         self.image_encoder = ImageEncoderGraph(model)
+        if compile:
+            # reduce-overhead = CUDA graphs on a GPU; on a CPU it is plain inductor code
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+            self.image_encoder = torch.compile(self.image_encoder, mode=mode, dynamic=False)
         self.text_encoder = TextEncoderGraph(model)
         self.tag_head = TagHeadGraph(model.config.tau, model.mask_weight.item(), model.mask_bias.item())
 
-    def _run(self, graph, *arrays: np.ndarray, dtype: torch.dtype | None = None):
+    def _to_device(self, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type != "cuda":
+            return tensor.to(dtype if tensor.is_floating_point() else tensor.dtype)
+        # pinned staging lets the copy run asynchronously to the host
+        return tensor.pin_memory().to(self.device, dtype if tensor.is_floating_point() else None, non_blocking=True)
+
+    def _to_host(self, outputs: tuple[torch.Tensor, ...], rows: int | None = None) -> tuple[np.ndarray, ...]:
+        outputs = tuple(o[:rows].float() for o in outputs)
+        if self.device.type != "cuda":
+            return tuple(o.numpy() for o in outputs)
+        host = [torch.empty(o.shape, dtype=o.dtype, pin_memory=True) for o in outputs]
+        for h, o in zip(host, outputs):
+            h.copy_(o, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return tuple(h.numpy() for h in host)
+
+    def _run(self, graph, *arrays: np.ndarray, dtype: torch.dtype | None = None, rows: int | None = None):
         with torch.inference_mode():
-            tensors = [torch.from_numpy(a).to(self.device, (dtype or self.dtype) if a.dtype.kind == "f" else None)
-                       for a in arrays]
-            outputs = graph(*tensors)
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        return tuple(o.float().cpu().numpy() for o in outputs)
+            outputs = graph(*(self._to_device(a, dtype or self.dtype) for a in arrays))
+            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            return self._to_host(outputs, rows)
 
     def encode_images(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self._run(self.image_encoder, pixel_values)
+        n = len(pixel_values)
+        if self.compiled and padded_batch(n) != n:
+            padding = np.zeros((padded_batch(n) - n, *pixel_values.shape[1:]), pixel_values.dtype)
+            pixel_values = np.concatenate([pixel_values, padding])
+        return self._run(self.image_encoder, pixel_values, rows=n)
 
     def encode_texts(self, input_ids: np.ndarray) -> np.ndarray:
         return self._run(self.text_encoder, input_ids)[0]

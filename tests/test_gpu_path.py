@@ -1,0 +1,195 @@
+"""The GPU fast path's CPU-testable parts: batched tag-head calls, compiled-batch padding, the
+torch backend on an export's weights, the CUDA-only branches' clear refusals, and the Triton
+torch engine (python flavour) against the onnxruntime engine on a real tritonserver."""
+
+import json
+import socket
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ttd.cli import main
+from ttd.runtime import load_tagger
+from ttd.runtime.tagger import Tagger
+from ttd.runtime.torch_backend import TorchBackend, padded_batch, pick_device
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def world_images():
+    from ttd.data.world import make_sample
+
+    samples = [make_sample(2, i) for i in range(6)]
+    return np.stack([s.image for s in samples]), [s.caption for s in samples]
+
+
+def _tagger(model, **options) -> Tagger:
+    return Tagger(TorchBackend(model, "cpu"), model.config, mask_weight=model.mask_weight.item(),
+                  mask_bias=model.mask_bias.item(), **options)
+
+
+@pytest.mark.parametrize("score_method", ["softmax", "sigmoid", "minmax"])
+@pytest.mark.parametrize("flip_tta", [False, True])
+def test_batched_tag_head_equals_one_image_at_a_time(tiny_model, score_method, flip_tta):
+    """Images grouped by tag count into one head call score exactly as one call per image."""
+    tagger = _tagger(tiny_model, score_method=score_method, flip_tta=flip_tta)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    tag_lists = [["red", "circle"], ["blue", "square", "grass"], ["green", "star"], ["sand"],
+                 ["yellow", "triangle", "heart"]]
+    batched = tagger.tag(images, tag_lists)
+    assert [r.tags for r in batched] == tag_lists
+    for i, tags in enumerate(tag_lists):
+        alone = tagger.tag(images[i : i + 1], [tags])[0]
+        np.testing.assert_allclose(batched[i].scores, alone.scores, atol=1e-6)
+        np.testing.assert_allclose(batched[i].masks, alone.masks, atol=1e-6)
+        assert batched[i].selected == alone.selected
+
+
+def test_head_calls_are_chunked_to_the_element_budget(tiny_model, monkeypatch):
+    import ttd.runtime.tagger as tagger_module
+
+    tagger = _tagger(tiny_model)
+    calls = []
+    score_tags = tagger.backend.score_tags
+    monkeypatch.setattr(tagger.backend, "score_tags", lambda p, t: calls.append(len(p)) or score_tags(p, t))
+    images = np.random.default_rng(1).integers(0, 256, (7, 64, 64, 3), dtype=np.uint8)
+    vocabulary = ["red", "blue", "circle"]
+    whole = tagger.tag(images, [vocabulary] * 7)
+    assert calls == [7]  # vocabulary mode: one call for the batch
+    calls.clear()
+    monkeypatch.setattr(tagger_module, "HEAD_ELEMENTS", 2 * 3 * 8 * 8)  # two images' maps per call
+    chunked = tagger.tag(images, [vocabulary] * 7)
+    assert calls == [2, 2, 2, 1]
+    for a, b in zip(whole, chunked, strict=True):
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
+
+
+def test_padded_batch_is_the_next_power_of_two():
+    assert [padded_batch(n) for n in (1, 2, 3, 4, 5, 100, 256, 257)] == [1, 2, 4, 4, 8, 128, 256, 512]
+
+
+def test_compiled_encoder_pads_partial_batches_and_returns_only_the_real_rows(tiny_model):
+    plain = TorchBackend(tiny_model, "cpu")
+    padded = TorchBackend(tiny_model, "cpu")
+    seen = []
+    encoder = padded.image_encoder
+    padded.image_encoder = lambda pixels: seen.append(pixels.shape[0]) or encoder(pixels)
+    padded.compiled = True  # the padding path without paying for a compilation on the CPU
+    pixels = np.random.default_rng(2).standard_normal((5, 3, 64, 64)).astype(np.float32)
+    expected, got = plain.encode_images(pixels), padded.encode_images(pixels)
+    assert seen == [8]
+    assert [g.shape for g in got] == [e.shape for e in expected] == [(5, 128), (5, 128, 8, 8)]
+    for e, g in zip(expected, got):
+        np.testing.assert_allclose(g, e, atol=1e-5)
+
+
+@pytest.mark.skipif(CUDA, reason="checks the refusal on a machine without CUDA")
+def test_cuda_requests_fail_clearly_without_a_gpu(tmp_path):
+    with pytest.raises(ValueError, match="--device cuda: CUDA is not available on this machine"):
+        pick_device("cuda")
+    assert pick_device("auto").type == "cpu"
+    for args in (["eval", "--count", "2", "--device", "cuda"],
+                 ["train", "--steps", "1", "--device", "cuda", "--out", str(tmp_path / "run")],
+                 ["tag", "--captions", str(tmp_path / "x.jsonl"), "-o", str(tmp_path / "o.jsonl"), "--device", "cuda"]):
+        if args[0] == "tag":
+            (tmp_path / "x.jsonl").write_text('{"image": "a.png", "caption": "a red circle"}\n')
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code != 0
+        assert "CUDA is not available on this machine" in result.output, (args, result.output)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    from export.pipeline import run_export
+    from ttd.factory import create_model
+
+    out = tmp_path_factory.mktemp("export")
+    run_export(create_model("world-tiny", seed=0), out, check_count=8)
+    return out
+
+
+def test_torch_backend_runs_the_exports_own_weights(export_dir, world_images):
+    """`--backend torch --export-dir` is the exported model: same answers as onnxruntime."""
+    from ttd.tags import candidate_tags
+
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    assert "model.safetensors" in manifest["files"]
+    images, captions = world_images
+    tag_lists = [candidate_tags(c) for c in captions]
+    torch_results = load_tagger("torch", export_dir=str(export_dir), device="cpu").tag(images, tag_lists)
+    ort_results = load_tagger("onnxruntime", export_dir=str(export_dir), device="cpu").tag(images, tag_lists)
+    for a, b in zip(torch_results, ort_results, strict=True):
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
+        assert a.selected == b.selected
+
+
+def test_export_without_torch_weights_says_how_to_get_them(tmp_path):
+    from export.pipeline import run_export
+    from export.triton import build_repository
+    from ttd.factory import create_model
+    from ttd.runtime.export_dir import ExportError
+
+    out = tmp_path / "export"
+    run_export(create_model("world-tiny", seed=0), out, check_count=4, torch_weights=False)
+    assert not (out / "model.safetensors").exists()
+    with pytest.raises(ExportError, match="has no model.safetensors .* re-export with `ttd export`"):
+        load_tagger("torch", export_dir=str(out))
+    with pytest.raises(ExportError, match="has no model.safetensors"):
+        build_repository(out, tmp_path / "repo", "python", "torch")
+
+
+def test_torch_engine_repository_validates_and_keeps_the_tagger_on_the_cpu(export_dir, tmp_path):
+    from export.triton import RepositoryError, build_repository, validate_repository
+
+    result = CliRunner().invoke(main, ["triton", "build", str(export_dir), str(tmp_path / "repo"), "--engine", "torch",
+                                       "--kind", "KIND_GPU", "--torch-dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    repo = tmp_path / "repo"
+    for model in ("ttd_image_encoder", "ttd_text_encoder", "ttd_tag_head"):
+        config = (repo / model / "config.pbtxt").read_text()
+        assert "kind: KIND_GPU" in config and 'key: "engine" value: { string_value: "torch" }' in config
+        assert 'key: "dtype" value: { string_value: "bfloat16" }' in config
+        assert (repo / model / "1" / "model.safetensors").is_file() and not (repo / model / "1" / "model.onnx").exists()
+    assert "kind: KIND_CPU" in (repo / "ttd_tagger" / "config.pbtxt").read_text()
+    (repo / "ttd_tag_head" / "1" / "model.safetensors").unlink()
+    with pytest.raises(RepositoryError, match="ttd_tag_head/1: model.safetensors is missing \\(torch engine\\)"):
+        validate_repository(repo)
+    with pytest.raises(ValueError, match="the native flavour serves engines onnx or tensorrt, not 'torch'"):
+        build_repository(export_dir, tmp_path / "other", "native", "torch")
+
+
+def test_triton_torch_engine_answers_as_the_onnxruntime_engine(export_dir, tmp_path, monkeypatch):
+    """The python flavour with the torch engine (KIND_CPU here; KIND_GPU on a GPU server) on a
+    real tritonserver gives the tags that direct onnxruntime gives."""
+    pytest.importorskip("tritonclient")
+    from export.triton import BatchingOptions, build_repository
+    from ttd.data.annotations import write_world_split
+    from ttd.runtime.triton_server import start_server
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    repo = build_repository(export_dir, tmp_path / "repo", "python", "torch",
+                            batching=BatchingOptions(max_batch_size=8, preferred_batch_sizes=(4,)))
+    annotations = write_world_split(tmp_path / "world", seed=2, count=10, progress=False)
+    outputs = {}
+    with start_server(repo, http_port=_free_port(), grpc_port=_free_port()) as server:
+        for name, extra in (("onnxruntime", []), ("triton", ["--url", f"http://{server.http_url}"])):
+            target = tmp_path / f"{name}.jsonl"
+            result = CliRunner().invoke(main, ["tag", "--captions", str(annotations), "-o", str(target), "--quiet",
+                                               "--backend", name, "--export-dir", str(export_dir), *extra])
+            assert result.exit_code == 0, result.output
+            outputs[name] = [json.loads(line) for line in target.read_text().splitlines()]
+    assert len(outputs["triton"]) == len(outputs["onnxruntime"]) == 10
+    for served, direct in zip(outputs["triton"], outputs["onnxruntime"], strict=True):
+        assert "error" not in served and served["selected"] == direct["selected"]
+        np.testing.assert_allclose([c["score"] for c in served["candidates"]],
+                                   [c["score"] for c in direct["candidates"]], atol=1e-4)

@@ -1,0 +1,73 @@
+"""Python-backend model that runs one graph of a TTD export, with one of two engines:
+
+- `onnxruntime` (parameter engine): `model.onnx` in the version folder, on the CPU — for servers
+  with the Python backend only (like the one nvidia-pytriton bundles);
+- `torch`: the export's weights (`model.safetensors` + `model.json`) through the library's own
+  TorchBackend, on the instance's GPU for KIND_GPU instances — GPU serving without TensorRT or
+  onnxruntime-gpu. Each torch graph model holds its own copy of the weights.
+
+Input and output names come from config.pbtxt. Requests that the dynamic batcher grouped are
+concatenated into one call.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+def _onnxruntime_engine(folder: Path, parameters: dict, inputs: list, outputs: list):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(parameters.get("intra_op_threads", "1"))
+    session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    return lambda feeds: session.run(outputs, feeds)
+
+
+def _torch_engine(folder: Path, parameters: dict, inputs: list, args: dict):
+    from ttd.factory import load_checkpoint
+    from ttd.runtime.torch_backend import TorchBackend
+
+    gpu = args.get("model_instance_kind") == "GPU"
+    device = f"cuda:{args.get('model_instance_device_id', 0)}" if gpu else "cpu"
+    backend = TorchBackend(load_checkpoint(folder / "model.safetensors"), device, parameters.get("dtype", "float32"))
+    graph = {"image_encoder": backend.encode_images, "text_encoder": lambda ids: (backend.encode_texts(ids),),
+             "tag_head": backend.score_tags}[parameters["graph"]]
+    return lambda feeds: graph(*(feeds[name] for name in inputs))
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        folder = Path(args["model_repository"]) / args["model_version"]
+        self.inputs = [i["name"] for i in config["input"]]
+        self.outputs = [o["name"] for o in config["output"]]
+        if parameters.get("engine", "onnxruntime") == "torch":
+            self.engine = _torch_engine(folder, parameters, self.inputs, args)
+        else:
+            self.engine = _onnxruntime_engine(folder, parameters, self.inputs, self.outputs)
+
+    def _run(self, requests):
+        feeds = {name: [pb_utils.get_input_tensor_by_name(r, name).as_numpy() for r in requests] for name in self.inputs}
+        sizes = [len(a) for a in feeds[self.inputs[0]]]
+        results = self.engine({k: np.concatenate(v) for k, v in feeds.items()})
+        bounds = np.cumsum([0] + sizes)
+        return [
+            pb_utils.InferenceResponse([pb_utils.Tensor(n, np.ascontiguousarray(out[a:b])) for n, out in zip(self.outputs, results)])
+            for a, b in zip(bounds[:-1], bounds[1:])
+        ]
+
+    def execute(self, requests):
+        try:
+            return self._run(requests)
+        except Exception:  # requests of different shapes (e.g. tag counts) or one bad request: run one by one
+            responses = []
+            for request in requests:
+                try:
+                    responses.extend(self._run([request]))
+                except Exception as error:
+                    responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(error).__name__}: {error}")))
+            return responses
