@@ -1,0 +1,439 @@
+"""One bounded check of the toolkit on an NVIDIA GPU (issue 15): parity, tagging, throughput.
+
+Runs with the GPU machine's own python3 (torch on CUDA) plus a few carried wheels; see
+benchmarks/gpu_check.sh, which installs them and calls this script. Every step writes its
+figures to OUT/gpu_check.json (after each step, so a timeout keeps what was measured) and
+OUT/gpu_check.md at the end. Exit status 1 when a parity gate or a tag agreement fails or a
+step errors; `--dry-run` lists the steps and settings and runs nothing.
+
+The same script runs on a CPU with small settings (`--device cpu --vit-model world-tiny ...`),
+which is how the test suite checks that it works before a GPU is at hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DTYPES = ("float32", "float16", "bfloat16")
+VIT_GFLOP = 35.0  # ViT-B/16 at 224 px: ~17.6 GMAC per image (issue 15's roofline figure)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_check_out")))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--vit-model", default="ViT-B-16", help="open_clip architecture timed (random weights)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
+    parser.add_argument("--compile-batches", type=int, nargs="*", default=[1, 256],
+                        help="batches timed with torch.compile (CUDA graphs); none to skip")
+    parser.add_argument("--world-images", type=int, default=256, help="world images for `ttd tag` agreement")
+    parser.add_argument("--e2e-images", type=int, default=4096, help="images for the end-to-end `ttd tag` timing")
+    parser.add_argument("--train-steps", type=int, default=20)
+    parser.add_argument("--eval-count", type=int, default=200, help="world samples of `ttd eval` on device vs CPU")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="steps that would start later are skipped")
+    parser.add_argument("--dry-run", action="store_true")
+    return parser.parse_args(argv)
+
+
+def step_names() -> list[str]:
+    return [name for name, _ in STEPS]
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, min_iters: int = 5, min_seconds: float = 1.0, warmup: int = 3) -> float:
+    """Seconds per call: warm-up, then CUDA-synchronised wall time over ≥ min_iters and ≥ min_seconds."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    iters, start = 0, time.perf_counter()
+    while iters < min_iters or time.perf_counter() - start < min_seconds:
+        fn()
+        iters += 1
+        if iters % 5 == 0:
+            sync(device)
+    sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+def world_default():
+    from ttd.factory import load_model
+
+    return load_model()
+
+
+def vit(args):
+    from ttd.factory import create_model
+
+    return create_model(args.vit_model, seed=0)
+
+
+def tagger_for(model, device: str, dtype: str, compile: bool = False):
+    from ttd.runtime.tagger import Tagger
+    from ttd.runtime.torch_backend import TorchBackend
+
+    model = copy.deepcopy(model)
+    return Tagger(TorchBackend(model, device, dtype, compile=compile), model.config,
+                  mask_weight=model.mask_weight.item(), mask_bias=model.mask_bias.item())
+
+
+def run_cli(args: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "ttd", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+# ---------------------------------------------------------------------------------------------
+# steps: each returns a dict; a key "failed" (list of strings) marks a gate that was missed
+
+def step_environment(args, state) -> dict:
+    """Versions, GPU, CPU, and which of onnxruntime's providers / TensorRT / pytriton exist here."""
+    import numpy as np
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "numpy": np.__version__, "device": args.device}
+    try:
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in
+                           subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+                           if line.startswith("Model name"))
+    except Exception:
+        info["cpu"] = platform.processor()
+    if args.device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(args.device))
+        info.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
+                    gpu_memory_gib=round(props.total_memory / 2**30, 1))
+    for package in ("onnxruntime", "tensorrt", "open_clip", "pytriton", "tritonclient"):
+        try:
+            module = __import__(package)
+            info[package] = getattr(module, "__version__", "present")
+            if package == "onnxruntime":
+                info["onnxruntime_providers"] = module.get_available_providers()
+        except Exception as error:  # absent or broken: recorded, never fatal
+            info[package] = f"not available ({type(error).__name__})"
+    return info
+
+
+def step_matmul_peak(args, state) -> dict:
+    """Measured bf16 tensor-core peak: the roofline the encoder is compared with."""
+    import torch
+
+    device = torch.device(args.device)
+    n = 8192 if device.type == "cuda" else 512
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    seconds = timed(lambda: a @ b, device, min_iters=10, min_seconds=1.0)
+    state["peak_tflops"] = 2 * n**3 / seconds / 1e12
+    return {"matrix": n, "bf16_tflops": round(state["peak_tflops"], 1)}
+
+
+def step_parity(args, state) -> dict:
+    """The export gates, for torch on the device in each precision against torch fp32 on the CPU."""
+    from export.checks import FP32_GATE, VARIANT_GATE, GateError, check_pairs, compare, enforce
+
+    results, failed = {}, []
+    for label, model, count, gate_tags in (("world-base", world_default(), 64, True),
+                                           (args.vit_model, vit(args), 16, False)):
+        images, captions = check_pairs(model.config.image_size, count)
+        reference = tagger_for(model, "cpu", "float32")
+        for dtype in DTYPES:
+            figures = compare(reference, tagger_for(model, args.device, dtype), images, captions)
+            gate = FP32_GATE if dtype == "float32" else VARIANT_GATE
+            if not gate_tags:  # random weights: every tag decision is a near-tie, gate the embeddings only
+                gate = type(gate)(gate.max_abs, gate.min_cosine, 0.0)
+            try:
+                enforce(figures, gate, f"{label} {dtype} on {args.device}")
+                verdict = "pass"
+            except GateError as error:
+                verdict = str(error)
+                failed.append(verdict)
+            results[f"{label} {dtype}"] = {"gate": verdict, "min_cosine": figures["min_cosine"],
+                                           "max_abs": figures["max_abs"], "tag_agreement": figures["tag_agreement"],
+                                           "tag_decisions": figures["tag_decisions"]}
+    return {"rows": results, "failed": failed}
+
+
+def step_tag_cli(args, state) -> dict:
+    """`ttd tag --device DEVICE --dtype D` on world images selects the tags the CPU run selects."""
+    from ttd.data.annotations import write_world_split
+
+    work = Path(tempfile.mkdtemp(prefix="ttd-gpu-tag-"))
+    annotations = write_world_split(work / "world", seed=2, count=args.world_images, progress=False)
+    outputs, rows, failed = {}, {}, []
+    for label, extra in [("reference cpu float32", ["--device", "cpu"])] + [
+            (f"{args.device} {d}", ["--device", args.device, "--dtype", d]) for d in DTYPES]:
+        target = work / f"{label.replace(' ', '_')}.jsonl"
+        start = time.perf_counter()
+        done = run_cli(["tag", "--captions", str(annotations), "-o", str(target), "--quiet", *extra])
+        if done.returncode != 0:
+            failed.append(f"ttd tag {' '.join(extra)} exited {done.returncode}: {done.stderr[-800:]}")
+            continue
+        outputs[label] = [json.loads(line) for line in target.read_text().splitlines()]
+        rows[label] = {"seconds_with_startup": round(time.perf_counter() - start, 2), "records": len(outputs[label])}
+    reference = outputs.get("reference cpu float32")
+    for label, records in outputs.items():
+        if reference is None or label.startswith("reference"):
+            continue
+        same = total = 0
+        for r, o in zip(reference, records, strict=True):
+            for candidate in r.get("candidates", []):
+                same += (candidate["tag"] in r["selected"]) == (candidate["tag"] in o.get("selected", []))
+                total += 1
+        agreement = same / max(total, 1)
+        need = 0.99 if label.endswith("float32") else 0.95
+        rows[label].update(agreement=round(agreement, 4), decisions=total, gate=f"≥ {need:.0%}")
+        if agreement < need:
+            failed.append(f"ttd tag {label}: selected-tag agreement {agreement:.1%} < {need:.0%} of {total}")
+    return {"rows": rows, "failed": failed}
+
+
+def step_throughput(args, state) -> dict:
+    """Dense image encoding (global + patch embeddings) on device-resident batches, per dtype and batch."""
+    import torch
+
+    from ttd.graphs import ImageEncoderGraph
+
+    device = torch.device(args.device)
+    base = vit(args)
+    size = base.config.image_size
+    rows = {}
+    for dtype in DTYPES:
+        model = copy.deepcopy(base).to(device, getattr(torch, dtype)).eval()
+        encoder = ImageEncoderGraph(model)
+        for batch in args.batches:
+            pixels = torch.randn(batch, 3, size, size, device=device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            with torch.inference_mode():
+                seconds = timed(lambda: encoder(pixels), device)
+            row = {"images_per_s": round(batch / seconds, 1), "ms_per_batch": round(seconds * 1e3, 3)}
+            if device.type == "cuda":
+                row["peak_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
+            if "peak_tflops" in state and args.vit_model == "ViT-B-16":
+                row["tflops"] = round(batch / seconds * VIT_GFLOP / 1e3, 1)
+                row["of_bf16_peak"] = round(batch / seconds * VIT_GFLOP / 1e3 / state["peak_tflops"], 3)
+            rows[f"{dtype} b{batch}"] = row
+        del model, encoder
+    state["throughput"] = rows
+    return {"rows": rows}
+
+
+def step_compile(args, state) -> dict:
+    """torch.compile (CUDA graphs on a GPU) of the bf16 image encoder through the TorchBackend:
+    compile time, images/s and cosine to the eager outputs, at the compile batches."""
+    import numpy as np
+    import torch
+
+    from ttd.runtime.torch_backend import TorchBackend
+
+    if not args.compile_batches:
+        return {"skipped": "no --compile-batches"}
+    device = torch.device(args.device)
+    base = vit(args)
+    size = base.config.image_size
+    eager = TorchBackend(copy.deepcopy(base), args.device, "bfloat16")
+    compiled = TorchBackend(copy.deepcopy(base), args.device, "bfloat16", compile=True)
+    rows, failed = {}, []
+    for batch in args.compile_batches:
+        pixels = np.random.default_rng(batch).standard_normal((batch, 3, size, size)).astype(np.float32)
+        start = time.perf_counter()
+        out = compiled.encode_images(pixels)
+        compile_s = time.perf_counter() - start
+        ref = eager.encode_images(pixels)
+        cosine = min(float(((a * b).sum(axis=ax) / np.maximum(np.linalg.norm(a, axis=ax) * np.linalg.norm(b, axis=ax), 1e-12)).min())
+                     for a, b, ax in ((ref[0], out[0], -1), (ref[1], out[1], 1)))
+        pixels_dev = torch.from_numpy(pixels).to(device)
+        with torch.inference_mode():
+            seconds = timed(lambda: compiled.image_encoder(pixels_dev.to(compiled.dtype)), device)
+            eager_s = timed(lambda: eager.image_encoder(pixels_dev.to(eager.dtype)), device)
+            host_s = timed(lambda: compiled.encode_images(pixels), device, min_iters=3)
+        row = {"compile_s": round(compile_s, 1), "images_per_s": round(batch / seconds, 1),
+               "eager_images_per_s": round(batch / eager_s, 1),
+               "with_host_copies_images_per_s": round(batch / host_s, 1), "min_cosine_vs_eager": round(cosine, 6)}
+        if "peak_tflops" in state and args.vit_model == "ViT-B-16":
+            row["of_bf16_peak"] = round(batch / seconds * VIT_GFLOP / 1e3 / state["peak_tflops"], 3)
+        if cosine < 0.99:
+            failed.append(f"compiled bf16 b{batch}: cosine {cosine:.5f} to eager < 0.99")
+        rows[f"bfloat16 compiled b{batch}"] = row
+    state["compile"] = rows
+    return {"rows": rows, "failed": failed}
+
+
+def step_tag_end_to_end(args, state) -> dict:
+    """`ttd tag`'s job (decode, resize, encode, tag head, JSON lines) on world PNGs with the ViT,
+    at the largest batch, bf16, compiled if a compile batch equals it; against encoder-only."""
+    import torch
+
+    from ttd.data.annotations import write_world_split
+    from ttd.inputs import read_captions
+    from ttd.runtime.tagger import Tagger
+    from ttd.runtime.torch_backend import TorchBackend
+    from ttd.tag_job import tag_items
+
+    batch = max(args.batches)
+    use_compile = batch in (args.compile_batches or [])
+    work = Path(tempfile.mkdtemp(prefix="ttd-gpu-e2e-"))
+    annotations = write_world_split(work / "world", seed=3, count=min(args.e2e_images, 2048), progress=False)
+    items = read_captions(annotations)
+    items = (items * (args.e2e_images // len(items) + 1))[: args.e2e_images]
+    model = vit(args)
+    tagger = Tagger(TorchBackend(model, args.device, "bfloat16", compile=use_compile), model.config,
+                    mask_weight=model.mask_weight.item(), mask_bias=model.mask_bias.item())
+    tag_items(tagger, items[: 2 * batch], work / "warmup.jsonl", batch_size=batch, progress=False)  # compile, tag cache
+    start = time.perf_counter()
+    summary = tag_items(tagger, items, work / "tags.jsonl", batch_size=batch, progress=False)
+    seconds = time.perf_counter() - start
+    sync(torch.device(args.device))
+    encoder_only = (state.get("compile", {}).get(f"bfloat16 compiled b{batch}", {}).get("images_per_s")
+                    if use_compile else state.get("throughput", {}).get(f"bfloat16 b{batch}", {}).get("images_per_s"))
+    row = {"images": len(items), "batch": batch, "compiled": use_compile, "errors": summary.errors,
+           "images_per_s": round(len(items) / seconds, 1), "encoder_only_images_per_s": encoder_only}
+    if encoder_only:
+        row["ratio_to_encoder_only"] = round(len(items) / seconds / encoder_only, 3)
+    # where the time goes: decoding + resizing alone, on one core, as the job does it
+    from ttd.images import decode_image, resize_center_crop
+
+    start = time.perf_counter()
+    for item in items[:512]:
+        resize_center_crop(decode_image(item.path, item.image), model.config.image_size, model.config.interpolation)
+    row["decode_resize_images_per_s_one_core"] = round(512 / (time.perf_counter() - start), 1)
+    failed = [f"end-to-end: {summary.errors} error records"] if summary.errors else []
+    return {"rows": {"ttd tag end-to-end": row}, "failed": failed}
+
+
+def step_train_eval(args, state) -> dict:
+    """`ttd train --device DEVICE` (TTD on the default model) and `ttd eval` on device vs CPU."""
+    work = Path(tempfile.mkdtemp(prefix="ttd-gpu-train-"))
+    failed, rows = [], {}
+    start = time.perf_counter()
+    done = run_cli(["train", "--device", args.device, "--steps", str(args.train_steps), "--batch-size", "32",
+                    "--out", str(work / "run")])
+    rows["train"] = {"steps": args.train_steps, "seconds_with_startup": round(time.perf_counter() - start, 1),
+                     "exit": done.returncode, "model_written": (work / "run" / "model.safetensors").is_file()}
+    if done.returncode != 0 or not rows["train"]["model_written"]:
+        failed.append(f"ttd train --device {args.device} exited {done.returncode}: {done.stderr[-800:]}")
+    metrics = {}
+    for device in ("cpu", args.device):
+        target = work / f"eval_{device.replace(':', '_')}.json"
+        done = run_cli(["eval", "--device", device, "--count", str(args.eval_count), "--json", str(target)])
+        if done.returncode != 0:
+            failed.append(f"ttd eval --device {device} exited {done.returncode}: {done.stderr[-800:]}")
+            continue
+        result = json.loads(target.read_text())
+        metrics[device] = {"pixel-tag F1": result["tags"]["pixel-tag"]["f1"],
+                           "caption IoU": result["caption_mask"]["iou"]}
+    rows["eval"] = metrics
+    if len(metrics) == 2:
+        diff = max(abs(metrics["cpu"][k] - metrics[args.device][k]) for k in metrics["cpu"])
+        rows["eval"]["max_abs_difference"] = diff
+        if diff > 0.01:
+            failed.append(f"ttd eval on {args.device} differs from the CPU by {diff:.4f} (> 0.01)")
+    return {"rows": rows, "failed": failed}
+
+
+STEPS = [("environment", step_environment), ("matmul_peak", step_matmul_peak), ("parity", step_parity),
+         ("tag_cli", step_tag_cli), ("throughput", step_throughput), ("compile", step_compile),
+         ("tag_end_to_end", step_tag_end_to_end), ("train_eval", step_train_eval)]
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+def markdown(report: dict) -> str:
+    env = report["steps"].get("environment", {}).get("result", {})
+    lines = [f"# GPU check — {env.get('gpu', report['args']['device'])}", "",
+             f"torch {env.get('torch')} (CUDA {env.get('cuda')}), Python {env.get('python')}, CPU {env.get('cpu')}; "
+             f"TensorRT: {env.get('tensorrt')}; onnxruntime providers: {env.get('onnxruntime_providers')}", "",
+             f"Result: **{'PASS' if report['ok'] else 'FAIL'}** in {report['seconds']:.0f} s", ""]
+    for name, entry in report["steps"].items():
+        if name == "environment":
+            continue
+        lines.append(f"## {name} ({entry.get('seconds', 0):.1f} s)")
+        if "error" in entry or "skipped" in entry:
+            lines += ["", f"{'error' if 'error' in entry else 'skipped'}: {entry.get('error') or entry.get('skipped')}", ""]
+            continue
+        result = entry["result"]
+        rows = result.get("rows")
+        if isinstance(rows, dict) and rows and all(isinstance(v, dict) for v in rows.values()):
+            columns = sorted({k for v in rows.values() for k in v}, key=lambda k: list(next(iter(rows.values()))).index(k)
+                             if k in next(iter(rows.values())) else 99)
+            lines += ["", "| setting | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+            for key, value in rows.items():
+                lines.append(f"| {key} | " + " | ".join(_cell(value.get(c)) for c in columns) + " |")
+        else:
+            lines += ["", "```", json.dumps({k: v for k, v in result.items() if k != "failed"}, indent=1), "```"]
+        for failure in result.get("failed", []):
+            lines.append(f"\n**FAILED**: {failure}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_cell(v)}" for k, v in value.items())
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.dry_run:
+        print(f"gpu_check dry run: device {args.device}, model {args.vit_model}, batches {args.batches}, "
+              f"compile batches {args.compile_batches}, budget {args.budget_s:.0f} s, out {args.out}")
+        for name, fn in STEPS:
+            print(f"  {name}: {(fn.__doc__ or '').strip().splitlines()[0] if fn.__doc__ else name}")
+        return 0
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "steps": {}, "ok": True}
+    state: dict = {}
+    started = time.perf_counter()
+    for name, fn in STEPS:
+        entry: dict = {}
+        if time.perf_counter() - started > args.budget_s:
+            entry["skipped"] = f"time budget of {args.budget_s:.0f} s spent"
+        else:
+            step_start = time.perf_counter()
+            try:
+                entry["result"] = fn(args, state)
+                if entry["result"].get("failed"):
+                    report["ok"] = False
+            except Exception as error:
+                entry["error"] = f"{type(error).__name__}: {error}"
+                entry["traceback"] = traceback.format_exc()[-3000:]
+                report["ok"] = False
+            entry["seconds"] = round(time.perf_counter() - step_start, 1)
+        report["steps"][name] = entry
+        report["seconds"] = time.perf_counter() - started
+        print(f"[gpu_check] {name}: {entry.get('seconds', 0)} s "
+              f"{'ERROR ' + entry['error'] if 'error' in entry else entry.get('skipped', '')}", flush=True)
+        (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+    (args.out / "gpu_check.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
