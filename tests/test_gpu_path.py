@@ -193,3 +193,23 @@ def test_triton_torch_engine_answers_as_the_onnxruntime_engine(export_dir, tmp_p
         assert "error" not in served and served["selected"] == direct["selected"]
         np.testing.assert_allclose([c["score"] for c in served["candidates"]],
                                    [c["score"] for c in direct["candidates"]], atol=1e-4)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_on_device_normalisation_equals_the_host_path(tiny_model, compiled):
+    """Tagger hands uint8 images to a backend that normalises on its device: same embeddings as
+    `encode_images(normalize(...))`, with and without flip TTA and compiled-batch padding."""
+    from ttd.images import normalize
+
+    backend = TorchBackend(tiny_model, "cpu")
+    backend.compiled = compiled  # padding path only (no compilation on the CPU)
+    images = np.random.default_rng(3).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    config = tiny_model.config
+    expected = backend.encode_images(normalize(images, config.mean, config.std))
+    got = backend.encode_uint8_images(images, config.mean, config.std)
+    for e, g in zip(expected, got, strict=True):
+        assert g.shape == e.shape
+        np.testing.assert_allclose(g, e, atol=1e-6)
+    flipped = Tagger(backend, config, flip_tta=True).encode_images(images)[2]
+    mirrored = backend.encode_images(normalize(images[:, :, ::-1], config.mean, config.std))[1]
+    np.testing.assert_allclose(flipped, mirrored, atol=1e-6)

@@ -5,7 +5,9 @@ are still tagged and written."""
 from __future__ import annotations
 
 import json
+import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +56,19 @@ def _prepare(item: Item, tagger: Tagger, vocabulary: list[str] | None, max_pixel
     return resize_center_crop(image, tagger.config.image_size, tagger.config.interpolation), tags
 
 
+def _prepare_or_error(item: Item, tagger: Tagger, vocabulary: list[str] | None,
+                      max_pixels: int) -> tuple[np.ndarray, list[str]] | str:
+    try:
+        return _prepare(item, tagger, vocabulary, max_pixels)
+    except (ImageError, ValueError, OSError) as error:
+        return str(error)
+
+
+def default_decode_workers() -> int:
+    """Threads that decode and resize images (PIL releases the GIL there): the cores, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 def _record(item: Item, result: TagResult, vocabulary_mode: bool, top_k: int, mask_paths: dict[str, str]) -> dict:
     scored = [{"tag": t, "score": round(float(s), 6)} for t, s in zip(result.tags, result.scores)]
     record: dict = {"image": item.image}
@@ -93,21 +108,33 @@ def tag_items(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     top_k: int = 10,
     progress: bool = True,
+    decode_workers: int | None = None,
 ) -> TagSummary:
+    """Tag `items` into `output`. Images of the next batch are decoded by `decode_workers`
+    threads while the current batch runs on the model, so the device does not wait on decoding."""
     summary = TagSummary()
     output.parent.mkdir(parents=True, exist_ok=True)
     if vocabulary is not None:
         tagger.encode_tags(vocabulary, progress)  # once, before the first batch
-    with output.open("w", encoding="utf-8") as out, tqdm(total=len(items), disable=not progress, unit="img") as bar:
+    pool = ThreadPoolExecutor(decode_workers or default_decode_workers(), thread_name_prefix="ttd-decode")
+
+    def submit(start: int) -> list[Future]:
+        return [pool.submit(_prepare_or_error, item, tagger, vocabulary, max_pixels)
+                for item in items[start : start + batch_size]]
+
+    with pool, output.open("w", encoding="utf-8") as out, tqdm(total=len(items), disable=not progress, unit="img") as bar:
+        pending = submit(0)
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
+            outcomes = [future.result() for future in pending]
+            pending = submit(start + batch_size)  # decoded while this batch is tagged
             prepared: dict[int, tuple[np.ndarray, list[str]]] = {}
             records: dict[int, dict] = {}
-            for offset, item in enumerate(chunk):
-                try:
-                    prepared[offset] = _prepare(item, tagger, vocabulary, max_pixels)
-                except (ImageError, ValueError, OSError) as error:
-                    records[offset] = {"image": item.image, "caption": item.caption, "error": str(error)}
+            for offset, (item, outcome) in enumerate(zip(chunk, outcomes, strict=True)):
+                if isinstance(outcome, str):
+                    records[offset] = {"image": item.image, "caption": item.caption, "error": outcome}
+                else:
+                    prepared[offset] = outcome
             if prepared:
                 keys = sorted(prepared)
                 results = tagger.tag(np.stack([prepared[k][0] for k in keys]), [prepared[k][1] for k in keys])

@@ -148,6 +148,7 @@ def _step_losses(model: TTDModel, teacher: TTDModel | None, pixels: torch.Tensor
         return contrastive, {"loss": contrastive.item()}
     tag_lists = [candidate_tags(c) for c in captions]
     unique, index, valid = pad_tags(tag_lists)
+    index, valid = index.to(model.device), valid.to(model.device)
     tag_embeds = model.encode_tags(unique)[index]
     teacher_out = None
     if teacher is not None:

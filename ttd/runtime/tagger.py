@@ -79,13 +79,20 @@ class Tagger:
         return np.stack([self._tag_cache[t] for t in tags]) if tags else np.zeros((0, self.config.embed_dim), np.float32)
 
     def encode_images(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """uint8 [B, S, S, 3] -> (image_embeds, patch_embeds, patch_embeds of the flipped images or None)."""
-        pixels = normalize(images, self.config.mean, self.config.std)
+        """uint8 [B, S, S, 3] -> (image_embeds, patch_embeds, patch_embeds of the flipped images or None).
+
+        A backend with `encode_uint8_images` normalises on its device (a GPU gets a quarter of
+        the bytes and the host skips the float conversion); the others get `pixel_values`."""
+        batch = np.concatenate([images, images[:, :, ::-1]]) if self.flip_tta else images
+        on_device = getattr(self.backend, "encode_uint8_images", None)
+        if on_device is not None:
+            image_embeds, patch_embeds = on_device(batch, self.config.mean, self.config.std)
+        else:
+            image_embeds, patch_embeds = self.backend.encode_images(normalize(batch, self.config.mean, self.config.std))
         if not self.flip_tta:
-            return *self.backend.encode_images(pixels), None
-        both_global, both_patch = self.backend.encode_images(np.concatenate([pixels, pixels[..., ::-1]]))
+            return image_embeds, patch_embeds, None
         n = len(images)
-        return both_global[:n], both_patch[:n], both_patch[n:]
+        return image_embeds[:n], patch_embeds[:n], patch_embeds[n:]
 
     def score(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray, flipped: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """(scores [K], masks [K, h, w]) of one image's tags, with the chosen normalisation."""
@@ -131,8 +138,9 @@ class Tagger:
         results: list[TagResult | None] = [None] * len(tag_lists)
         for members in by_count.values():
             tag_embeds = np.stack([self.encode_tags(tag_lists[i]) for i in members])
-            scores, masks = self.score_batch(patch_embeds[members], tag_embeds,
-                                             None if flipped is None else flipped[members])
+            # one group of every image (vocabulary mode): no copy of the patch embeddings
+            rows = slice(None) if len(members) == len(tag_lists) else members
+            scores, masks = self.score_batch(patch_embeds[rows], tag_embeds, None if flipped is None else flipped[rows])
             for row, i in enumerate(members):
                 tags = tag_lists[i]
                 selected = [t for t, s in zip(tags, scores[row]) if s >= self.threshold]

@@ -52,10 +52,13 @@ class TorchBackend:
 
     def _to_device(self, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         tensor = torch.from_numpy(np.ascontiguousarray(array))
+        dtype = dtype if tensor.is_floating_point() else tensor.dtype
         if self.device.type != "cuda":
-            return tensor.to(dtype if tensor.is_floating_point() else tensor.dtype)
-        # pinned staging lets the copy run asynchronously to the host
-        return tensor.pin_memory().to(self.device, dtype if tensor.is_floating_point() else None, non_blocking=True)
+            return tensor.to(dtype)
+        # pinned staging lets the copy run asynchronously to the host (arrays that came back
+        # from this backend are pinned already: no staging copy)
+        staged = tensor if tensor.is_pinned() else tensor.pin_memory()
+        return staged.to(self.device, dtype, non_blocking=True)
 
     def _to_host(self, outputs: tuple[torch.Tensor, ...], rows: int | None = None) -> tuple[np.ndarray, ...]:
         outputs = tuple(o[:rows].float() for o in outputs)
@@ -73,12 +76,25 @@ class TorchBackend:
             outputs = outputs if isinstance(outputs, tuple) else (outputs,)
             return self._to_host(outputs, rows)
 
+    def _pad(self, array: np.ndarray) -> np.ndarray:
+        n = len(array)
+        if not self.compiled or padded_batch(n) == n:
+            return array
+        return np.concatenate([array, np.zeros((padded_batch(n) - n, *array.shape[1:]), array.dtype)])
+
     def encode_images(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        n = len(pixel_values)
-        if self.compiled and padded_batch(n) != n:
-            padding = np.zeros((padded_batch(n) - n, *pixel_values.shape[1:]), pixel_values.dtype)
-            pixel_values = np.concatenate([pixel_values, padding])
-        return self._run(self.image_encoder, pixel_values, rows=n)
+        return self._run(self.image_encoder, self._pad(pixel_values), rows=len(pixel_values))
+
+    def encode_uint8_images(self, images: np.ndarray, mean: tuple[float, ...],
+                            std: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 [B, H, W, 3] -> encode_images(normalize(images)), normalised on the device
+        (same float32 arithmetic as ttd.images.normalize)."""
+        with torch.inference_mode():
+            pixels = self._to_device(self._pad(images), torch.uint8).permute(0, 3, 1, 2).float()
+            pixels = pixels.div_(255.0).sub_(torch.tensor(mean, device=self.device)[:, None, None])
+            pixels = pixels.div_(torch.tensor(std, device=self.device)[:, None, None])
+            outputs = self.image_encoder(pixels.to(self.dtype).contiguous())
+            return self._to_host(outputs, len(images))
 
     def encode_texts(self, input_ids: np.ndarray) -> np.ndarray:
         return self._run(self.text_encoder, input_ids)[0]
