@@ -2,4 +2,5 @@
 
 from ttd.cli import main
 
-main(prog_name="ttd")
+if __name__ == "__main__":  # guarded: decoding worker processes (spawn) import this module again
+    main(prog_name="ttd")

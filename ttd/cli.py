@@ -79,10 +79,13 @@ def main() -> None:
 @click.option("--compile", "compile_encoder", is_flag=True,
               help="Torch backend: torch.compile the image encoder (CUDA graphs on a GPU); pays a one-off "
                    "compilation per power-of-two batch size, worth it for long jobs.")
+@click.option("--decode-workers", type=click.IntRange(0), default=None,
+              help="Processes that decode the next batch while the model runs the current one "
+                   "(0: decode in the main process). Default: cores − 1 (at most 8), or 0 below 4 cores.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, dense_mode, backend, export_dir, url,
         threshold, score_method, flip_tta, masks_dir, batch_size, device, dtype, max_pixels, top_k, threads,
-        compile_encoder, quiet):
+        compile_encoder, decode_workers, quiet):
     """Tag images: with their captions (--captions) or against a vocabulary (--vocabulary IMAGES...).
 
     Each output line holds the candidate tags with their pixel-tag scores and the selected tags,
@@ -107,7 +110,8 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
                              flip_tta=flip_tta, score_method=score_method, threads=threads, compile=compile_encoder)
     except (InputError, ValueError, RuntimeError, FileNotFoundError) as error:
         fail(str(error))
-    summary = tag_items(tagger, items, output, vocab, batch_size, masks_dir, max_pixels, top_k, progress=not quiet)
+    summary = tag_items(tagger, items, output, vocab, batch_size, masks_dir, max_pixels, top_k, progress=not quiet,
+                        decode_workers=decode_workers)
     click.echo(f"wrote {summary.written} records to {output} ({summary.errors} errors)", err=True)
 
 
