@@ -3,6 +3,7 @@ torch backend on an export's weights, the CUDA-only branches' clear refusals, an
 torch engine (python flavour) against the onnxruntime engine on a real tritonserver."""
 
 import json
+import os
 import re
 import socket
 
@@ -241,3 +242,41 @@ def test_decoding_worker_processes_write_what_the_main_process_writes(tiny_model
     assert outputs[2] == outputs[0]
     assert [r["image"] for r in outputs[2]] == [i.image for i in items]
     assert "cannot decode image" in outputs[2][9]["error"] and "error" not in outputs[2][0]
+
+
+def test_gpu_check_dry_run_lists_every_step_and_runs_nothing(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    done = subprocess.run(["bash", str(script), "--dry-run", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stderr
+    for step in ("environment", "matmul_peak", "parity", "tag_cli", "throughput", "compile", "tag_end_to_end",
+                 "train_eval"):
+        assert f"  {step}: " in done.stdout
+    assert "batches [1, 8, 64, 256]" in done.stdout and "dry run; would install" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_check_runs_end_to_end_on_the_cpu_with_small_settings(tmp_path):
+    """The script's own code paths (every step but compile and training), before a GPU is at hand."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--vit-model", "world-tiny",
+                           "--batches", "2", "--compile-batches", "--world-images", "4", "--e2e-images", "8",
+                           "--steps", "environment", "matmul_peak", "parity", "tag_cli", "throughput", "tag_end_to_end",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["ok"] and set(report["steps"]) == {"environment", "matmul_peak", "parity", "tag_cli", "throughput",
+                                                      "tag_end_to_end"}
+    parity = report["steps"]["parity"]["result"]["rows"]
+    assert parity["world-base float32"]["gate"] == "pass" and parity["world-base float32"]["tag_agreement"] == 1.0
+    assert report["steps"]["tag_cli"]["result"]["rows"]["cpu bfloat16"]["agreement"] >= 0.95
+    assert "| float32 b2 |" in (tmp_path / "gpu_check.md").read_text()
