@@ -282,8 +282,9 @@ def triton() -> None:
 
 
 def _batching_options(f):
-    f = click.option("--kind", type=click.Choice(["KIND_CPU", "KIND_GPU", "KIND_AUTO"]), default="KIND_CPU",
-                     show_default=True, help="instance_group kind.")(f)
+    f = click.option("--kind", type=click.Choice(["KIND_CPU", "KIND_GPU", "KIND_AUTO"]), default=None,
+                     help="instance_group kind of the graph models [default: KIND_GPU for TensorRT engines, "
+                          "which run only on GPUs; KIND_CPU otherwise].")(f)
     f = click.option("--instances", type=click.IntRange(1), default=1, show_default=True, help="instance_group count.")(f)
     f = click.option("--queue-delay-us", type=click.IntRange(0), default=2000, show_default=True,
                      help="Dynamic batching: max queue delay.")(f)
