@@ -506,5 +506,5 @@ def test_an_engine_that_does_not_load_says_why(trt_export, gpu_with, monkeypatch
         "TensorRT could not load image_encoder.trt10.13.sm90.fp32.plan: it was built with TensorRT 10.13, this is "
         "TensorRT 11.1.0; it was built for GPU compute capability sm90, this GPU is sm100. To fix it, rebuild the "
         "engines with `ttd export --tensorrt` on this machine")
-    assert "its name matches this machine (TensorRT 10.13, sm90), so the file is damaged" in deserialisation_failure(
+    assert "its name matches this machine (TensorRT 10.13, sm90), so the file comes from an incompatible" in deserialisation_failure(
         "tag_head.trt10.13.sm90.bf16.plan", "10.13.3.9", (9, 0))

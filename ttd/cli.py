@@ -248,7 +248,9 @@ def evaluate_command(model, pretrained, checkpoint, dense_mode, data_dir, count,
 @click.option("--int8-mode", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True,
               help="int8: dynamic weight quantisation, or static QDQ calibrated on world images and captions.")
 @click.option("--opset", type=click.IntRange(17), default=18, show_default=True)
-@click.option("--tensorrt", is_flag=True, help="Also build TensorRT engines (needs an NVIDIA GPU and tensorrt).")
+@click.option("--tensorrt", is_flag=True,
+              help="Also build TensorRT engines (needs an NVIDIA GPU and TensorRT 10 or newer; fp32, fp16 or bf16 — "
+                   "TensorRT cannot parse the int8 graphs).")
 @click.option("--opt-batch", type=click.IntRange(1), default=8, show_default=True, help="TensorRT profile: preferred batch.")
 @click.option("--max-batch", type=click.IntRange(1), default=32, show_default=True, help="TensorRT profile: max batch.")
 def export_command(out_dir, model, pretrained, checkpoint, dense_mode, precision, int8_mode, opset, tensorrt,

@@ -53,7 +53,7 @@ def deserialisation_failure(name: str, trt_version: str, compute_capability: tup
     if match["sm"] != sm:
         differences.append(f"it was built for GPU compute capability sm{match['sm']}, this GPU is sm{sm}")
     reason = "; ".join(differences) or (f"its name matches this machine (TensorRT {version}, sm{sm}), so the "
-                                        "file is damaged or comes from an incompatible TensorRT build")
+                                        "file comes from an incompatible TensorRT build (see the TensorRT log above)")
     return f"TensorRT could not load {name}: {reason}. To fix it, {rebuild}"
 
 
