@@ -86,6 +86,13 @@ class BatchLimits:
     opt_tags: int = 16
     max_tags: int = 1024  # what the Triton tagger accepts per request by default
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.opt_batch <= self.max_batch:
+            raise ValueError(f"TensorRT profile: --opt-batch {self.opt_batch} must lie in 1..--max-batch {self.max_batch}")
+        if self.max_tags < 1 or self.opt_tags < 1:
+            raise ValueError(f"TensorRT profile: tag counts must be at least 1 (got opt {self.opt_tags}, "
+                             f"max {self.max_tags})")
+
 
 def profiles(graph: str, config: ModelConfig, limits: BatchLimits) -> dict[str, tuple[tuple[int, ...], ...]]:
     """(min, opt, max) shapes of every input of `graph`."""
@@ -98,7 +105,7 @@ def profiles(graph: str, config: ModelConfig, limits: BatchLimits) -> dict[str, 
         # tag prompts arrive in large batches: allow 8x the image batch
         return {"input_ids": tuple((n, ctx) for n in (1, limits.opt_batch * 8, limits.max_batch * 8))}
     if graph == "tag_head":
-        k = (1, limits.opt_tags, limits.max_tags)
+        k = (1, min(limits.opt_tags, limits.max_tags), limits.max_tags)
         return {"patch_embeds": tuple((n, dim, h, w) for n in b),
                 "tag_embeds": tuple((n, t, dim) for n, t in zip(b, k))}
     raise ValueError(f"unknown graph {graph!r}")

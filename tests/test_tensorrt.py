@@ -217,6 +217,15 @@ def test_manifest_records_each_engine_and_its_profile(trt_export):
     assert set(section["engines"].values()) <= set(manifest["files"])
 
 
+def test_profile_limits_are_checked_when_given():
+    config = create_model("world-tiny").config
+    assert profiles("tag_head", config, BatchLimits(max_tags=4))["tag_embeds"] == ((1, 1, 128), (8, 4, 128), (32, 4, 128))
+    with pytest.raises(ValueError, match="--opt-batch 64 must lie in 1..--max-batch 32"):
+        BatchLimits(opt_batch=64, max_batch=32)
+    result = CliRunner().invoke(main, ["export", "--opt-batch", "64", "--max-batch", "32", "--tensorrt", "unused"])
+    assert result.exit_code != 0 and "--opt-batch 64 must lie in 1..--max-batch 32" in result.output
+
+
 # ---------------------------------------------------------------- Triton over the engines
 
 

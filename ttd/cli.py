@@ -253,8 +253,11 @@ def evaluate_command(model, pretrained, checkpoint, dense_mode, data_dir, count,
                    "TensorRT cannot parse the int8 graphs).")
 @click.option("--opt-batch", type=click.IntRange(1), default=8, show_default=True, help="TensorRT profile: preferred batch.")
 @click.option("--max-batch", type=click.IntRange(1), default=32, show_default=True, help="TensorRT profile: max batch.")
+@click.option("--max-tags", type=click.IntRange(1), default=1024, show_default=True,
+              help="TensorRT profile: most tags in one tag-head call (the Triton tagger's --max-tags must not exceed "
+                   "it; `ttd tag` runs larger vocabularies' tag head in torch).")
 def export_command(out_dir, model, pretrained, checkpoint, dense_mode, precision, int8_mode, opset, tensorrt,
-                   opt_batch, max_batch):
+                   opt_batch, max_batch, max_tags):
     """Export ONNX graphs (image encoder, text encoder, tag head) + manifest to OUT_DIR.
 
     Every export is checked against PyTorch in onnxruntime at batch sizes 1, 3 and 7 and on
@@ -269,7 +272,7 @@ def export_command(out_dir, model, pretrained, checkpoint, dense_mode, precision
     try:
         ttd_model = load_model(model, pretrained, checkpoint, dense_mode)
         manifest = run_export(ttd_model, out_dir, precision, int8_mode, opset, tensorrt=tensorrt,
-                              tensorrt_limits=BatchLimits(opt_batch=opt_batch, max_batch=max_batch))
+                              tensorrt_limits=BatchLimits(opt_batch=opt_batch, max_batch=max_batch, max_tags=max_tags))
     except (ModelLoadError, GateError, TensorRTUnavailable, ValueError) as error:
         fail(str(error))
     figures = manifest.get("quality", manifest["parity"])
