@@ -178,7 +178,8 @@ def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engi
     parameters = {"threshold": str(threshold), "max_tags": str(max_tags),
                   "encoder_max_batch_size": str(batching.max_batch_size)}
     (repo / TAGGER / "config.pbtxt").write_text(template.substitute(
-        common, name=TAGGER, kind=batching.kind or "KIND_CPU", engine='backend: "python"', inputs=_tensor_block(tagger_inputs, {"caption", "tags", "return_masks"}),
+        common, name=TAGGER, kind=batching.kind or "KIND_CPU",  # decoding and tokenising: CPU work by default
+        engine='backend: "python"', inputs=_tensor_block(tagger_inputs, {"caption", "tags", "return_masks"}),
         outputs=_tensor_block(tagger_outputs), extra=_parameters(parameters)))
     (repo / "ttd_repository.json").write_text(json.dumps({"flavour": flavour, "engine": engine, "export": str(export_dir)}))
     return repo
