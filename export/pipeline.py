@@ -77,6 +77,10 @@ def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mod
     Triton torch engine (GPU serving without TensorRT or onnxruntime-gpu)."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if tensorrt:  # before any work: an export that cannot become engines should not take minutes to say so
+        from export.tensorrt import preflight
+
+        preflight(precision)
     model = model.float().cpu().eval()
     if has_lora(model):
         model = merge_lora(model)
@@ -104,10 +108,11 @@ def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mod
         raise
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     if tensorrt:
-        from export.tensorrt import BatchLimits, build_engines
+        from export.tensorrt import BatchLimits, build_engines, engines_manifest
 
-        engines = build_engines(out_dir, model.config, precision, tensorrt_limits or BatchLimits())
-        manifest["tensorrt"] = {"engines": {g: p.name for g, p in engines.items()}}
+        limits = tensorrt_limits or BatchLimits()
+        engines = build_engines(out_dir, model.config, precision, limits)
+        manifest["tensorrt"] = engines_manifest(engines, model.config, limits)
         manifest["files"].update({p.name: sha256(p) for p in engines.values()})
         (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest

@@ -1,27 +1,45 @@
 """TensorRT engines from the exported ONNX graphs (TensorRT Python API, versions 10 and 11).
 
+- strongly typed networks on every version: each precision variant already carries its types
+  in its ONNX graph (fp16 casts with LayerNorm/Softmax kept fp32, bf16 weights, an fp32 tag
+  head), so no precision flag is set and nothing is re-typed behind the graph's back (weak
+  typing is deprecated since TensorRT 10.12 and gone in 11);
+- int8 is refused before any work: onnxruntime's dynamic quantisation writes
+  DynamicQuantizeLinear/MatMulInteger, which TensorRT's ONNX parser lacks, and its static QDQ
+  uses non-zero activation zero points, where TensorRT needs symmetric ones;
 - one optimisation profile per graph: batch min 1, opt = preferred batch, max = max batch (and
-  the tag count for the head);
-- TensorRT 10: weakly typed network, FP16 flag for fp16 with LayerNorm/Softmax layers pinned to
-  fp32; TensorRT 11: strongly typed network, precision taken from the graph (export an fp16
-  ONNX for an fp16 engine);
-- a persisted timing cache, so rebuilding is fast;
+  the tag count for the head); the limits are recorded in the manifest, so a Triton repository
+  and the runtime can stay inside them;
+- a timing cache kept outside the export directory (the user's cache folder, one file per
+  TensorRT version and GPU), so rebuilding is fast and the export's hashed files never change
+  after the manifest is written;
 - engine file names that carry TensorRT version, GPU compute capability and precision.
 
 TensorRT is imported only when an engine is built; without it the error says how to get it.
-The pure parts (profiles, names) are tested on the CPU; the build itself needs an NVIDIA GPU.
+The pure parts are tested on the CPU (with a stand-in for the tensorrt module); the build
+itself needs an NVIDIA GPU.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ttd.config import ModelConfig
+from ttd.runtime.export_dir import GRAPH_NAMES
+from ttd.runtime.tensorrt_backend import engine_name
+
+MIN_TENSORRT_MAJOR = 10
 
 
 class TensorRTUnavailable(RuntimeError):
     pass
+
+
+class TensorRTUnsupported(ValueError):
+    """An export option that no TensorRT engine can be built from."""
 
 
 def import_tensorrt():
@@ -32,7 +50,33 @@ def import_tensorrt():
             "TensorRT is not installed: on a machine with an NVIDIA GPU, `pip install tensorrt` "
             "(or use NVIDIA's TensorRT container); it cannot be installed on CPU-only machines"
         ) from error
+    major = int(trt.__version__.split(".")[0])
+    if major < MIN_TENSORRT_MAJOR:
+        raise TensorRTUnavailable(f"TensorRT {trt.__version__} is too old: ttd builds strongly typed engines "
+                                  f"with the TensorRT {MIN_TENSORRT_MAJOR} API; install TensorRT 10 or newer")
     return trt
+
+
+def check_precision(precision: str) -> None:
+    """Refuse what TensorRT's ONNX parser cannot take, before anything is exported."""
+    if precision == "int8":
+        raise TensorRTUnsupported(
+            "--precision int8 cannot be built into TensorRT engines: onnxruntime's int8 graphs use "
+            "DynamicQuantizeLinear/MatMulInteger (dynamic) or asymmetric QDQ (static), which TensorRT's ONNX "
+            "parser rejects. Export int8 without --tensorrt for onnxruntime, or use --precision fp16 or bf16 "
+            "with --tensorrt")
+
+
+def preflight(precision: str) -> tuple[str, tuple[int, int]]:
+    """Everything an engine build needs, checked before the export starts: (TensorRT version,
+    GPU compute capability)."""
+    check_precision(precision)
+    trt = import_tensorrt()
+    import torch
+
+    if not torch.cuda.is_available():
+        raise TensorRTUnavailable("building TensorRT engines needs an NVIDIA GPU; none is visible")
+    return trt.__version__, tuple(torch.cuda.get_device_capability())
 
 
 @dataclass(frozen=True)
@@ -40,7 +84,14 @@ class BatchLimits:
     opt_batch: int = 8
     max_batch: int = 32
     opt_tags: int = 16
-    max_tags: int = 256
+    max_tags: int = 1024  # what the Triton tagger accepts per request by default
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.opt_batch <= self.max_batch:
+            raise ValueError(f"TensorRT profile: --opt-batch {self.opt_batch} must lie in 1..--max-batch {self.max_batch}")
+        if self.max_tags < 1 or self.opt_tags < 1:
+            raise ValueError(f"TensorRT profile: tag counts must be at least 1 (got opt {self.opt_tags}, "
+                             f"max {self.max_tags})")
 
 
 def profiles(graph: str, config: ModelConfig, limits: BatchLimits) -> dict[str, tuple[tuple[int, ...], ...]]:
@@ -54,67 +105,82 @@ def profiles(graph: str, config: ModelConfig, limits: BatchLimits) -> dict[str, 
         # tag prompts arrive in large batches: allow 8x the image batch
         return {"input_ids": tuple((n, ctx) for n in (1, limits.opt_batch * 8, limits.max_batch * 8))}
     if graph == "tag_head":
-        k = (1, limits.opt_tags, limits.max_tags)
+        k = (1, min(limits.opt_tags, limits.max_tags), limits.max_tags)
         return {"patch_embeds": tuple((n, dim, h, w) for n in b),
                 "tag_embeds": tuple((n, t, dim) for n, t in zip(b, k))}
     raise ValueError(f"unknown graph {graph!r}")
 
 
-def engine_name(graph: str, trt_version: str, compute_capability: tuple[int, int], precision: str) -> str:
-    """e.g. image_encoder.trt10.13.sm90.fp16.plan"""
-    major_minor = ".".join(trt_version.split(".")[:2])
-    return f"{graph}.trt{major_minor}.sm{compute_capability[0]}{compute_capability[1]}.{precision}.plan"
+def profile_record(config: ModelConfig, limits: BatchLimits) -> dict[str, dict[str, dict[str, list[int]]]]:
+    """The manifest's record of every engine's profile: graph -> input -> {min, opt, max}."""
+    return {graph: {name: dict(zip(("min", "opt", "max"), map(list, shapes)))
+                    for name, shapes in profiles(graph, config, limits).items()} for graph in GRAPH_NAMES}
 
 
-def is_strongly_typed(trt_version: str) -> bool:
-    return int(trt_version.split(".")[0]) >= 11
+def network_flags(trt) -> int:
+    """Strongly typed on TensorRT 10 (a creation flag there); TensorRT 11 networks always are, and
+    its flag is deprecated and ignored."""
+    if int(trt.__version__.split(".")[0]) >= 11:
+        return 0
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+
+def default_timing_cache(trt_version: str, compute_capability: tuple[int, int]) -> Path:
+    """One timing cache per TensorRT version and GPU, in the user's cache folder."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ttd" / "tensorrt"
+    return root / engine_name("timing", trt_version, compute_capability, "cache").removesuffix(".plan")
+
+
+def _write_atomically(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        f.write(memoryview(data))
+    os.replace(f.name, path)
 
 
 def build_engine(onnx_path: Path, out_dir: Path, graph: str, config: ModelConfig, precision: str,
                  limits: BatchLimits, timing_cache: Path, compute_capability: tuple[int, int],
                  workspace_gib: float = 4.0) -> Path:
     """Build and write one engine; returns its path."""
+    check_precision(precision)
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    strongly_typed = is_strongly_typed(trt.__version__)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
-    network = builder.create_network(flags)
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_path.read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
     builder_config = builder.create_builder_config()
     builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    if not strongly_typed and precision == "fp16":
-        builder_config.set_flag(trt.BuilderFlag.FP16)
-        builder_config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
-        for i in range(network.num_layers):
-            layer = network.get_layer(i)
-            if layer.type in (trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX, trt.LayerType.REDUCE):
-                layer.precision = trt.float32
     profile = builder.create_optimization_profile()
     for name, (low, opt, high) in profiles(graph, config, limits).items():
         profile.set_shape(name, low, opt, high)
-    builder_config.add_optimization_profile(profile)
+    if builder_config.add_optimization_profile(profile) < 0:
+        raise RuntimeError(f"TensorRT rejected the optimisation profile of {graph}: {profiles(graph, config, limits)}")
     cache = builder_config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    builder_config.set_timing_cache(cache, ignore_mismatch=False)
+    if not builder_config.set_timing_cache(cache, ignore_mismatch=False):
+        raise RuntimeError(f"TensorRT refused the timing cache {timing_cache} (made by another TensorRT version "
+                           "or GPU?); delete it and build again")
     serialized = builder.build_serialized_network(network, builder_config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
-    timing_cache.write_bytes(memoryview(builder_config.get_timing_cache().serialize()))
+    _write_atomically(timing_cache, builder_config.get_timing_cache().serialize())
     path = out_dir / engine_name(graph, trt.__version__, compute_capability, precision)
     path.write_bytes(memoryview(serialized))
     return path
 
 
-def build_engines(export_dir: Path, config: ModelConfig, precision: str, limits: BatchLimits) -> dict[str, Path]:
-    """Engines for the three graphs of an export directory, beside them."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise TensorRTUnavailable("building TensorRT engines needs an NVIDIA GPU; none is visible")
-    capability = torch.cuda.get_device_capability()
-    cache = export_dir / "tensorrt.timing_cache"
+def build_engines(export_dir: Path, config: ModelConfig, precision: str, limits: BatchLimits,
+                  timing_cache: Path | None = None) -> dict[str, Path]:
+    """Engines for the three graphs of an export directory, beside them. Writes nothing else
+    there: the timing cache lives outside (default_timing_cache)."""
+    trt_version, capability = preflight(precision)
+    cache = timing_cache or default_timing_cache(trt_version, capability)
     return {g: build_engine(export_dir / f"{g}.onnx", export_dir, g, config, precision, limits, cache, capability)
-            for g in ("image_encoder", "text_encoder", "tag_head")}
+            for g in GRAPH_NAMES}
+
+
+def engines_manifest(engines: dict[str, Path], config: ModelConfig, limits: BatchLimits) -> dict:
+    """The manifest's `tensorrt` section: engine file names and the profile each accepts."""
+    return {"engines": {g: p.name for g, p in engines.items()}, "profiles": profile_record(config, limits)}

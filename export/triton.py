@@ -18,7 +18,7 @@ from string import Template
 import onnx
 
 import triton_repo
-from ttd.runtime.export_dir import CONFIG, MANIFEST, TORCH_WEIGHTS, read_export
+from ttd.runtime.export_dir import CONFIG, MANIFEST, TORCH_WEIGHTS, read_export, sha256
 
 TEMPLATES = Path(triton_repo.__file__).parent
 GRAPH_MODELS = {"ttd_image_encoder": "image_encoder", "ttd_text_encoder": "text_encoder", "ttd_tag_head": "tag_head"}
@@ -40,13 +40,52 @@ class BatchingOptions:
     preferred_batch_sizes: tuple[int, ...] = (8, 16)
     queue_delay_us: int = 2000
     instances: int = 1
-    kind: str = "KIND_CPU"
+    kind: str | None = None  # None: KIND_GPU for TensorRT engines (see instance_kind), else KIND_CPU
 
     def check(self) -> None:
         if any(p > self.max_batch_size or p < 1 for p in self.preferred_batch_sizes):
             raise ValueError(f"preferred batch sizes {self.preferred_batch_sizes} must lie in 1..{self.max_batch_size}")
-        if self.kind not in ("KIND_CPU", "KIND_GPU", "KIND_AUTO"):
+        if self.kind not in (None, "KIND_CPU", "KIND_GPU", "KIND_AUTO"):
             raise ValueError(f"instance kind {self.kind!r} must be KIND_CPU, KIND_GPU or KIND_AUTO")
+
+
+def instance_kind(engine: str, kind: str | None) -> str:
+    """The instance_group kind of the graph models. Triton's tensorrt backend refuses any
+    instance that is not on a GPU ("supports only GPU device"), so TensorRT engines get KIND_GPU
+    and an explicit KIND_CPU for them is an error, not a server that fails to load."""
+    if engine != "tensorrt":
+        return kind or "KIND_CPU"
+    if kind == "KIND_CPU":
+        raise ValueError("TensorRT engines run only on GPU instances (Triton's tensorrt backend refuses KIND_CPU): "
+                         "leave --kind out or pass --kind KIND_GPU")
+    return kind or "KIND_GPU"
+
+
+def _profile_max(profiles: dict, graph: str, name: str, axis: int) -> int:
+    return int(profiles[graph][name]["max"][axis])
+
+
+def tensorrt_limit_problems(manifest: dict, batch_sizes: dict[str, int], max_tags: int | None) -> list[str]:
+    """Where a repository's limits exceed the engines' optimisation profiles (recorded in the
+    export manifest): Triton refuses to load a tensorrt_plan model whose max_batch_size exceeds its
+    engine's, and a tag head call with more tags than its profile fails at run time.
+    `batch_sizes` maps model name -> max_batch_size."""
+    profiles = manifest.get("tensorrt", {}).get("profiles")
+    if not profiles:
+        return ["the export manifest records no TensorRT profile limits (an export made before they were "
+                "recorded): rebuild it with `ttd export --tensorrt`"]
+    problems = []
+    for model, size in batch_sizes.items():
+        graph = GRAPH_MODELS[model]
+        limit = min(_profile_max(profiles, graph, name, 0) for name in profiles[graph])
+        if size > limit:
+            problems.append(f"{model}: max_batch_size {size} exceeds its TensorRT engine's profile maximum {limit} "
+                            "(lower --max-batch-size, or re-export with a larger --max-batch)")
+    tag_limit = _profile_max(profiles, "tag_head", "tag_embeds", 1)
+    if max_tags is not None and max_tags > tag_limit:
+        problems.append(f"{TAGGER}: max_tags {max_tags} exceeds the tag head engine's profile maximum {tag_limit} "
+                        f"(pass --max-tags {tag_limit} or less)")
+    return problems
 
 
 def graph_io(graph_path: Path) -> tuple[list[tuple[str, str, list[int]]], list[tuple[str, str, list[int]]]]:
@@ -96,14 +135,19 @@ def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engi
     if torch_dtype not in TORCH_DTYPES:
         raise ValueError(f"unknown torch dtype {torch_dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
     batching.check()
+    kind = instance_kind(engine, batching.kind)
     export = read_export(export_dir)
     weights = export.torch_weights() if engine == "torch" else None
+    if engine == "tensorrt":
+        problems = tensorrt_limit_problems(export.manifest, dict.fromkeys(GRAPH_MODELS, batching.max_batch_size), max_tags)
+        if problems:
+            raise ValueError(f"{export_dir}: " + "; ".join(problems))
     if repo.exists() and any(repo.iterdir()):
         raise ValueError(f"{repo} exists and is not empty; choose a new folder")
     template = Template((TEMPLATES / "model.pbtxt.in").read_text())
     common = {"source": str(export_dir), "max_batch_size": batching.max_batch_size,
               "preferred_batch_sizes": ", ".join(map(str, batching.preferred_batch_sizes)),
-              "queue_delay_us": batching.queue_delay_us, "instances": batching.instances, "kind": batching.kind}
+              "queue_delay_us": batching.queue_delay_us, "instances": batching.instances, "kind": kind}
     for model, graph in GRAPH_MODELS.items():
         version = repo / model / "1"
         version.mkdir(parents=True)
@@ -147,7 +191,8 @@ def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engi
     parameters = {"threshold": str(threshold), "max_tags": str(max_tags),
                   "encoder_max_batch_size": str(batching.max_batch_size)}
     (repo / TAGGER / "config.pbtxt").write_text(template.substitute(
-        common, kind="KIND_CPU", name=TAGGER, engine='backend: "python"', inputs=_tensor_block(tagger_inputs, {"caption", "tags", "return_masks"}),
+        common, name=TAGGER, kind="KIND_CPU",  # decoding, tokenising and BLS calls: CPU work whatever the graphs run on
+        engine='backend: "python"', inputs=_tensor_block(tagger_inputs, {"caption", "tags", "return_masks"}),
         outputs=_tensor_block(tagger_outputs), extra=_parameters(parameters)))
     (repo / "ttd_repository.json").write_text(json.dumps({"flavour": flavour, "engine": engine, "export": str(export_dir)}))
     return repo
@@ -173,7 +218,7 @@ def validate_repository(repo: Path) -> list[str]:
     for expected in [*GRAPH_MODELS, TAGGER]:
         if expected not in names:
             problems.append(f"model {expected} is missing")
-    batch_sizes = {}
+    batch_sizes, engines, tagger = {}, {}, None
     for folder in models:
         config_path = folder / "config.pbtxt"
         if not config_path.is_file():
@@ -216,10 +261,46 @@ def validate_repository(repo: Path) -> list[str]:
                 declared_io = [(t.name, model_config_pb2.DataType.Name(t.data_type), list(t.dims)) for t in declared]
                 if sorted(declared_io) != sorted(actual):
                     problems.append(f"{folder.name}: {kind}s {declared_io} do not match the ONNX graph's {actual}")
+        if config.platform == "tensorrt_plan":
+            engines[folder.name] = (config, version)
+        if folder.name == TAGGER:
+            tagger = (config, version)
         summary.append(f"{folder.name}: {config.platform or config.backend}, max_batch_size {config.max_batch_size}, "
                        f"version {version.name}")
     if len(set(batch_sizes.values())) > 1:
         problems.append(f"inconsistent max_batch_size across models: {batch_sizes}")
+    if engines:
+        problems += _tensorrt_problems(engines, tagger)
     if problems:
         raise RepositoryError(f"{repo}: " + "; ".join(problems))
     return summary
+
+
+def _tensorrt_problems(engines: dict, tagger) -> list[str]:
+    """tensorrt_plan models: GPU instances only, each plan the one the export manifest (copied
+    beside the tagger) names, and batch and tag limits inside the engines' profiles."""
+    from tritonclient.grpc import model_config_pb2
+
+    problems = []
+    for model, (config, _) in engines.items():
+        for group in config.instance_group:
+            kind = model_config_pb2.ModelInstanceGroup.Kind.Name(group.kind)
+            if kind not in ("KIND_GPU", "KIND_AUTO"):
+                problems.append(f"{model}: instance_group kind {kind}, but Triton's tensorrt backend runs only on "
+                                "GPU instances (use KIND_GPU)")
+    manifest_path = tagger[1] / MANIFEST if tagger else None
+    if manifest_path is None or not manifest_path.is_file():
+        return problems + [f"{TAGGER}: no {MANIFEST} beside it, so the TensorRT engines' limits cannot be checked"]
+    manifest = json.loads(manifest_path.read_text())
+    names = manifest.get("tensorrt", {}).get("engines", {})
+    for model, (_, version) in engines.items():
+        name = names.get(GRAPH_MODELS.get(model, ""))
+        plan = version / "model.plan"
+        if model not in GRAPH_MODELS or name is None:
+            problems.append(f"{model}: the export manifest names no TensorRT engine for it")
+        elif plan.is_file() and sha256(plan) != manifest.get("files", {}).get(name):
+            problems.append(f"{model}: {version.name}/model.plan is not {name} of the export (sha256 differs)")
+    known = {m: config.max_batch_size for m, (config, _) in engines.items() if m in GRAPH_MODELS}
+    parameters = tagger[0].parameters
+    max_tags = int(parameters["max_tags"].string_value) if "ttd_tag_head" in known and "max_tags" in parameters else None
+    return problems + tensorrt_limit_problems(manifest, known, max_tags)

@@ -8,7 +8,7 @@ from onnx import numpy_helper
 
 from export.checks import FP32_GATE, GateError, check_pairs, compare, enforce
 from export.pipeline import run_export
-from export.tensorrt import BatchLimits, engine_name, is_strongly_typed, profiles
+from export.tensorrt import BatchLimits, engine_name, profiles
 from ttd.cli import main
 from ttd.factory import create_model
 from ttd.runtime import load_tagger
@@ -140,7 +140,6 @@ def test_tensorrt_profiles_and_names():
     assert shapes["tag_embeds"] == ((1, 1, 128), (4, 8, 128), (16, 64, 128))
     assert profiles("text_encoder", model.config, BatchLimits())["input_ids"][2] == (256, 32)
     assert engine_name("image_encoder", "10.13.3.9", (9, 0), "fp16") == "image_encoder.trt10.13.sm90.fp16.plan"
-    assert not is_strongly_typed("10.13.0") and is_strongly_typed("11.0.1")
 
 
 def test_tensorrt_missing_gives_a_clear_error(tiny_export):

@@ -257,14 +257,19 @@ def evaluate_command(model, pretrained, checkpoint, dense_mode, data_dir, count,
 @click.option("--int8-mode", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True,
               help="int8: dynamic weight quantisation, or static QDQ calibrated on world images and captions.")
 @click.option("--opset", type=click.IntRange(17), default=18, show_default=True)
-@click.option("--tensorrt", is_flag=True, help="Also build TensorRT engines (needs an NVIDIA GPU and tensorrt).")
+@click.option("--tensorrt", is_flag=True,
+              help="Also build TensorRT engines (needs an NVIDIA GPU and TensorRT 10 or newer; fp32, fp16 or bf16 — "
+                   "TensorRT cannot parse the int8 graphs).")
 @click.option("--opt-batch", type=click.IntRange(1), default=8, show_default=True, help="TensorRT profile: preferred batch.")
 @click.option("--max-batch", type=click.IntRange(1), default=32, show_default=True, help="TensorRT profile: max batch.")
+@click.option("--max-tags", type=click.IntRange(1), default=1024, show_default=True,
+              help="TensorRT profile: most tags in one tag-head call (the Triton tagger's --max-tags must not exceed "
+                   "it; `ttd tag` runs larger vocabularies' tag head in torch).")
 @click.option("--torch-weights/--no-torch-weights", default=True, show_default=True,
               help="Also write the fp32 weights (model.safetensors) for `--backend torch --export-dir` and the "
                    "Triton torch engine (GPU serving without TensorRT).")
 def export_command(out_dir, model, pretrained, checkpoint, dense_mode, precision, int8_mode, opset, tensorrt,
-                   opt_batch, max_batch, torch_weights):
+                   opt_batch, max_batch, max_tags, torch_weights):
     """Export ONNX graphs (image encoder, text encoder, tag head) + manifest to OUT_DIR.
 
     Every export is checked against PyTorch in onnxruntime at batch sizes 1, 3 and 7 and on
@@ -279,7 +284,7 @@ def export_command(out_dir, model, pretrained, checkpoint, dense_mode, precision
     try:
         ttd_model = load_model(model, pretrained, checkpoint, dense_mode)
         manifest = run_export(ttd_model, out_dir, precision, int8_mode, opset, tensorrt=tensorrt,
-                              tensorrt_limits=BatchLimits(opt_batch=opt_batch, max_batch=max_batch),
+                              tensorrt_limits=BatchLimits(opt_batch=opt_batch, max_batch=max_batch, max_tags=max_tags),
                               torch_weights=torch_weights)
     except (ModelLoadError, GateError, TensorRTUnavailable, ValueError) as error:
         fail(str(error))
@@ -295,8 +300,9 @@ def triton() -> None:
 
 
 def _batching_options(f):
-    f = click.option("--kind", type=click.Choice(["KIND_CPU", "KIND_GPU", "KIND_AUTO"]), default="KIND_CPU",
-                     show_default=True, help="instance_group kind.")(f)
+    f = click.option("--kind", type=click.Choice(["KIND_CPU", "KIND_GPU", "KIND_AUTO"]), default=None,
+                     help="instance_group kind of the graph models [default: KIND_GPU for TensorRT engines, "
+                          "which run only on GPUs; KIND_CPU otherwise].")(f)
     f = click.option("--instances", type=click.IntRange(1), default=1, show_default=True, help="instance_group count.")(f)
     f = click.option("--queue-delay-us", type=click.IntRange(0), default=2000, show_default=True,
                      help="Dynamic batching: max queue delay.")(f)

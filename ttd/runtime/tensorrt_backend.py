@@ -1,65 +1,233 @@
 """The TensorRT backend: runs the engines `ttd export --tensorrt` wrote, with torch CUDA tensors
-as buffers (no pycuda). Needs an NVIDIA GPU and the tensorrt package."""
+as buffers (no pycuda). Needs an NVIDIA GPU and the tensorrt package (10.x or 11.x).
+
+An engine accepts only the shapes of its optimisation profile, and `set_input_shape` answers
+False (it does not raise) for any other: ignoring that runs the engine with the previous shapes.
+So every call is split along the batch axis into pieces the profile accepts, every TensorRT call
+that reports failure is checked, and buffer types are read from the engine.
+
+The tag head's tag axis is the one axis that cannot be split: its per-pixel softmax runs over
+all of a call's tags, so scores computed on a slice of the tags are different numbers. A call
+with more tags than the head's profile allows runs the head (no weights: one product, a softmax
+and a sigmoid) in torch on the same device, with the functions the exported graph was traced
+from (ttd.scoring), so the answer is the same.
+"""
 
 from __future__ import annotations
+
+import re
+from dataclasses import dataclass
 
 import numpy as np
 
 from ttd.runtime.export_dir import GRAPH_NAMES, ExportDir
 
+INPUTS = {"image_encoder": ("pixel_values",), "text_encoder": ("input_ids",),
+          "tag_head": ("patch_embeds", "tag_embeds")}
 OUTPUTS = {"image_encoder": ("image_embeds", "patch_embeds"), "text_encoder": ("text_embeds",),
            "tag_head": ("tag_scores", "tag_masks", "tag_probs")}
+# tensorrt.DataType member names -> torch dtype names (TensorRT's own nptype() has no bfloat16)
+TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "UINT8": "uint8",
+                "INT32": "int32", "INT64": "int64", "BOOL": "bool"}
+_ENGINE_NAME = re.compile(r"^(?P<graph>[a-z_]+)\.trt(?P<version>\d+\.\d+)\.sm(?P<sm>\d+)\.(?P<precision>\w+)\.plan$")
+
+
+def engine_name(graph: str, trt_version: str, compute_capability: tuple[int, int], precision: str) -> str:
+    """e.g. image_encoder.trt10.13.sm90.fp16.plan: an engine runs only on the TensorRT version and
+    GPU generation that built it, so both are in its name."""
+    major_minor = ".".join(trt_version.split(".")[:2])
+    return f"{graph}.trt{major_minor}.sm{compute_capability[0]}{compute_capability[1]}.{precision}.plan"
+
+
+def deserialisation_failure(name: str, trt_version: str, compute_capability: tuple[int, int]) -> str:
+    """Why an engine file probably did not load, from what its name records and what is running."""
+    version, sm = ".".join(trt_version.split(".")[:2]), f"{compute_capability[0]}{compute_capability[1]}"
+    rebuild = "rebuild the engines with `ttd export --tensorrt` on this machine"
+    match = _ENGINE_NAME.match(name)
+    if not match:
+        return (f"TensorRT {trt_version} could not load {name}, whose name does not record the TensorRT version "
+                f"and GPU that built it (this is TensorRT {version} on sm{sm}): {rebuild}")
+    differences = []
+    if match["version"] != version:
+        differences.append(f"it was built with TensorRT {match['version']}, this is TensorRT {trt_version}")
+    if match["sm"] != sm:
+        differences.append(f"it was built for GPU compute capability sm{match['sm']}, this GPU is sm{sm}")
+    reason = "; ".join(differences) or (f"its name matches this machine (TensorRT {version}, sm{sm}), so the "
+                                        "file comes from an incompatible TensorRT build (see the TensorRT log above)")
+    return f"TensorRT could not load {name}: {reason}. To fix it, {rebuild}"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The shapes an input accepts: min[i] <= shape[i] <= max[i] on every axis."""
+
+    min: tuple[int, ...]
+    max: tuple[int, ...]
+
+
+class EngineRunner:
+    """One engine and its execution context; `run` splits a call along the batch axis into pieces
+    that the engine's optimisation profile 0 accepts."""
+
+    def __init__(self, graph: str, engine, device: str = "cuda", stream=None) -> None:
+        import torch
+
+        self.graph, self.engine, self.torch, self.device, self.stream = graph, engine, torch, device, stream
+        names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+        expected = set(INPUTS[graph]) | set(OUTPUTS[graph])
+        if names != expected:
+            raise RuntimeError(f"the {graph} engine has tensors {sorted(names)}, expected {sorted(expected)}: "
+                               "it was not built from this export's graph")
+        self.profiles = {}
+        for name in INPUTS[graph]:
+            low, _, high = engine.get_tensor_profile_shape(name, 0)
+            self.profiles[name] = Profile(tuple(int(d) for d in low), tuple(int(d) for d in high))
+        self.dtypes = {name: self._torch_dtype(name) for name in expected}
+        self.context = engine.create_execution_context()
+        if self.context is None:
+            raise RuntimeError(f"TensorRT could not create an execution context for the {graph} engine "
+                               "(out of GPU memory?)")
+
+    def _torch_dtype(self, name: str):
+        dtype = self.engine.get_tensor_dtype(name)
+        key = getattr(dtype, "name", str(dtype).rsplit(".", 1)[-1])
+        if key not in TORCH_DTYPES:
+            raise RuntimeError(f"the {self.graph} engine's tensor {name} has type {key}, which this runtime cannot hold")
+        return getattr(self.torch, TORCH_DTYPES[key])
+
+    @property
+    def max_batch(self) -> int:
+        return min(p.max[0] for p in self.profiles.values())
+
+    def accepts(self, name: str, axis: int, size: int) -> bool:
+        profile = self.profiles[name]
+        return profile.min[axis] <= size <= profile.max[axis]
+
+    def check_shapes(self, feeds: dict[str, np.ndarray]) -> None:
+        """Every axis but the batch must lie within the profile; the batch is split by `run`."""
+        for name, array in feeds.items():
+            profile = self.profiles[name]
+            if array.ndim != len(profile.max):
+                raise ValueError(f"{self.graph}: {name} has shape {array.shape}, the engine expects "
+                                 f"{len(profile.max)} axes")
+            for axis in range(1, array.ndim):
+                if not self.accepts(name, axis, array.shape[axis]):
+                    raise ValueError(f"{self.graph}: {name} has shape {array.shape}; the engine's profile accepts "
+                                     f"{profile.min[axis]}..{profile.max[axis]} on axis {axis} "
+                                     "(rebuild the engines with larger limits)")
+
+    def run(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+        self.check_shapes(feeds)
+        total = len(next(iter(feeds.values())))
+        if total == 0:
+            return self._empty(feeds)
+        step = self.max_batch
+        pieces = [self._run_once({k: v[start : start + step] for k, v in feeds.items()})
+                  for start in range(0, total, step)]
+        return tuple(np.concatenate(parts) for parts in zip(*pieces))
+
+    def _empty(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+        outputs = []
+        for name in OUTPUTS[self.graph]:
+            shape = [0] + [int(d) for d in self.engine.get_tensor_shape(name)][1:]
+            if any(d < 0 for d in shape):
+                raise ValueError(f"{self.graph}: an empty batch has no defined {name} shape")
+            outputs.append(np.zeros(shape, np.float32))  # every output of the contract is float32
+        return tuple(outputs)
+
+    def _run_once(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+        torch, context = self.torch, self.context
+        keep = []  # the buffers must outlive the execution
+        for name, array in feeds.items():
+            tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self.device, self.dtypes[name], non_blocking=False)
+            keep.append(tensor)
+            if not context.set_input_shape(name, tuple(tensor.shape)):
+                raise RuntimeError(f"TensorRT refused shape {tuple(tensor.shape)} for {self.graph} input {name} "
+                                   f"(profile {self.profiles[name].min}..{self.profiles[name].max})")
+            if not context.set_tensor_address(name, tensor.data_ptr()):
+                raise RuntimeError(f"TensorRT refused the buffer of {self.graph} input {name}")
+        outputs = []
+        for name in OUTPUTS[self.graph]:
+            shape = tuple(int(d) for d in context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise RuntimeError(f"TensorRT could not infer the shape of {self.graph} output {name} ({shape})")
+            out = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
+            if not context.set_tensor_address(name, out.data_ptr()):
+                raise RuntimeError(f"TensorRT refused the buffer of {self.graph} output {name}")
+            outputs.append(out)
+        if not context.execute_async_v3(self.stream.cuda_stream if self.stream is not None else 0):
+            raise RuntimeError(f"TensorRT execution of {self.graph} failed (see the TensorRT log above)")
+        if self.stream is not None:
+            self.stream.synchronize()
+        # the contract's outputs are float32 whatever precision the engine computes in
+        return tuple((o.float() if o.is_floating_point() else o).cpu().numpy() for o in outputs)
+
+
+def _load_engines(export: ExportDir) -> dict:
+    """graph -> deserialised engine, with errors that say what is missing or mismatched."""
+    try:
+        import tensorrt as trt
+    except ImportError as error:
+        raise RuntimeError("the tensorrt backend needs the tensorrt package and an NVIDIA GPU "
+                           "(pip install tensorrt on such a machine)") from error
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("the tensorrt backend needs an NVIDIA GPU; none is visible")
+    names = export.manifest.get("tensorrt", {}).get("engines", {})
+    missing = [g for g in GRAPH_NAMES if g not in names]
+    if missing:
+        raise RuntimeError(f"{export.root} has no TensorRT engines for {missing}; run `ttd export --tensorrt`")
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engines = {}
+    for graph in GRAPH_NAMES:
+        engine = runtime.deserialize_cuda_engine((export.root / names[graph]).read_bytes())
+        if engine is None:  # TensorRT logs the details and returns None rather than raising
+            raise RuntimeError(deserialisation_failure(names[graph], trt.__version__, torch.cuda.get_device_capability()))
+        engines[graph] = engine
+    return engines
 
 
 class TensorRTBackend:
     name = "tensorrt"
 
-    def __init__(self, export: ExportDir) -> None:
-        try:
-            import tensorrt as trt
-        except ImportError as error:
-            raise RuntimeError("the tensorrt backend needs the tensorrt package and an NVIDIA GPU "
-                               "(pip install tensorrt on such a machine)") from error
+    def __init__(self, export: ExportDir, engines: dict | None = None, device: str = "cuda") -> None:
+        """`engines` (graph -> deserialised engine) are loaded from the export unless given."""
         import torch
 
-        if not torch.cuda.is_available():
-            raise RuntimeError("the tensorrt backend needs an NVIDIA GPU; none is visible")
-        engines = export.manifest.get("tensorrt", {}).get("engines", {})
-        missing = [g for g in GRAPH_NAMES if g not in engines]
-        if missing:
-            raise RuntimeError(f"{export.root} has no TensorRT engines for {missing}; run `ttd export --tensorrt`")
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.torch, self.stream = torch, torch.cuda.Stream()
-        self.contexts = {}
-        for graph in GRAPH_NAMES:
-            engine = runtime.deserialize_cuda_engine((export.root / engines[graph]).read_bytes())
-            self.contexts[graph] = (engine, engine.create_execution_context())
-
-    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
-        torch = self.torch
-        engine, context = self.contexts[graph]
-        keep = []
-        for name, array in feeds.items():
-            tensor = torch.from_numpy(np.ascontiguousarray(array)).cuda()
-            keep.append(tensor)
-            context.set_input_shape(name, tuple(tensor.shape))
-            context.set_tensor_address(name, tensor.data_ptr())
-        outputs = []
-        for name in OUTPUTS[graph]:
-            out = torch.empty(tuple(context.get_tensor_shape(name)), dtype=torch.float32, device="cuda")
-            context.set_tensor_address(name, out.data_ptr())
-            outputs.append(out)
-        if not context.execute_async_v3(self.stream.cuda_stream):
-            raise RuntimeError(f"TensorRT execution of {graph} failed")
-        self.stream.synchronize()
-        return tuple(o.cpu().numpy() for o in outputs)
+        if engines is None:
+            engines = _load_engines(export)
+        self.torch, self.device = torch, device
+        stream = torch.cuda.Stream() if device.startswith("cuda") else None
+        self.runners = {g: EngineRunner(g, engines[g], device, stream) for g in GRAPH_NAMES}
+        self.tau, self.mask_weight, self.mask_bias = float(export.config.tau), export.mask_weight, export.mask_bias
 
     def encode_images(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self._run("image_encoder", {"pixel_values": pixel_values.astype(np.float32)})
+        return self._run("image_encoder", {"pixel_values": pixel_values})
 
     def encode_texts(self, input_ids: np.ndarray) -> np.ndarray:
-        return self._run("text_encoder", {"input_ids": input_ids.astype(np.int64)})[0]
+        return self._run("text_encoder", {"input_ids": input_ids})[0]
 
     def score_tags(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray) -> tuple[np.ndarray, ...]:
-        return self._run("tag_head", {"patch_embeds": patch_embeds.astype(np.float32),
-                                      "tag_embeds": tag_embeds.astype(np.float32)})
+        if self.runners["tag_head"].accepts("tag_embeds", 1, tag_embeds.shape[1]):
+            return self._run("tag_head", {"patch_embeds": patch_embeds, "tag_embeds": tag_embeds})
+        return self._tag_head_in_torch(patch_embeds, tag_embeds)
+
+    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+        runner = self.runners[graph]
+        if runner.stream is None:
+            return runner.run(feeds)
+        with self.torch.cuda.stream(runner.stream):  # copies in, execution and copies out on one stream
+            return runner.run(feeds)
+
+    def _tag_head_in_torch(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray) -> tuple[np.ndarray, ...]:
+        from ttd.scoring import pixel_cosines, pixel_tag_probs, tag_masks
+
+        torch = self.torch
+        with torch.no_grad():
+            patches = torch.from_numpy(np.ascontiguousarray(patch_embeds, np.float32)).to(self.device)
+            tags = torch.from_numpy(np.ascontiguousarray(tag_embeds, np.float32)).to(self.device)
+            probs = pixel_tag_probs(patches, tags, self.tau)
+            masks = tag_masks(pixel_cosines(patches, tags), self.mask_weight, self.mask_bias)
+            return tuple(t.cpu().numpy() for t in (probs.amax(dim=(2, 3)), masks, probs))
+
