@@ -342,23 +342,26 @@ def triton_validate(repo):
 @click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
 @click.option("--timeout", "timeout_s", type=float, default=120, show_default=True, help="Seconds to wait for readiness.")
-def serve(repo, host, http_port, grpc_port, timeout_s):
-    """Serve a model repository with the tritonserver bundled by nvidia-pytriton (Ctrl-C stops it)."""
-    import time
+@click.option("--max-restarts", type=click.IntRange(0), default=5, show_default=True,
+              help="Restart tritonserver when it dies, at most this many times in 10 minutes.")
+def serve(repo, host, http_port, grpc_port, timeout_s, max_restarts):
+    """Serve a model repository with the tritonserver bundled by nvidia-pytriton (Ctrl-C or
+    SIGTERM stops it; a crashed tritonserver is restarted)."""
+    from ttd.runtime.triton_server import ServerError, start_server, stop_on_signals, supervise
 
-    from ttd.runtime.triton_server import ServerError, start_server
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: binding {host} exposes the server to the network, without authentication", err=True)
 
-    try:
-        server = start_server(repo, host, http_port, grpc_port, timeout_s)
-    except ServerError as error:
-        fail(str(error))
-    click.echo(f"serving {repo}: HTTP {server.http_url}, gRPC {server.grpc_url} (Ctrl-C to stop)", err=True)
-    try:
-        while server.process.poll() is None:
-            time.sleep(1)
-        click.echo(f"tritonserver exited with code {server.process.returncode}:\n{server.log_tail()}", err=True)
-        server.stop()
-        sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("stopping ...", err=True)
-        server.stop()
+    def start():
+        return start_server(repo, host, http_port, grpc_port, timeout_s)
+
+    with stop_on_signals():
+        try:
+            server = start()
+        except ServerError as error:
+            fail(str(error))
+        except KeyboardInterrupt:
+            sys.exit(0)
+        click.echo(f"serving {repo}: HTTP {server.http_url}, gRPC {server.grpc_url} (Ctrl-C to stop)", err=True)
+        code = supervise(server, start, lambda line: click.echo(line, err=True), max_restarts)
+    sys.exit(code)
