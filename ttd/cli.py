@@ -102,7 +102,11 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
                              flip_tta=flip_tta, score_method=score_method, threads=threads)
     except (InputError, ValueError, RuntimeError, FileNotFoundError) as error:
         fail(str(error))
-    summary = tag_items(tagger, items, output, vocab, batch_size, masks_dir, max_pixels, top_k, progress=not quiet)
+    try:
+        summary = tag_items(tagger, items, output, vocab, batch_size, masks_dir, max_pixels, top_k, progress=not quiet,
+                            inputs=[p for p in (captions, vocabulary) if p is not None])
+    except ValueError as error:
+        fail(str(error))
     click.echo(f"wrote {summary.written} records to {output} ({summary.errors} errors)", err=True)
 
 
@@ -229,10 +233,16 @@ def evaluate_command(model, pretrained, checkpoint, dense_mode, data_dir, count,
         annotations = data_dir / "annotations.jsonl" if data_dir.is_dir() else data_dir
         if not annotations.is_file():
             fail(f"{annotations} does not exist (expected an evaluation folder with annotations.jsonl)")
-        samples = read_eval_split(annotations, ttd_model.config.image_size, ttd_model.config.interpolation)
+        skipped: list[str] = []
+        samples = read_eval_split(annotations, ttd_model.config.image_size, ttd_model.config.interpolation, skipped)
+        for reason in skipped:
+            click.echo(f"skipped {reason}", err=True)
+        if not samples:
+            fail(f"{annotations}: no usable samples")
     else:
-        samples = world_eval_samples(seed, count)
+        samples, skipped = world_eval_samples(seed, count), []
     result = evaluate(ttd_model, samples, threshold, mask_threshold, batch_size, flip_tta)
+    result["skipped"] = skipped
     result["model"] = ttd_model.config.source
     click.echo(format_table(result))
     if json_path:

@@ -5,7 +5,9 @@ are still tagged and written."""
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +39,22 @@ def contained_path(root: Path, *parts: str) -> Path:
     if not path.is_relative_to(root.resolve()):
         raise ValueError(f"refusing to write {path}: outside {root}")
     return path
+
+
+def partial_path(output: Path) -> Path:
+    """Where a run writes before its output is complete."""
+    return output.with_name(output.name + ".partial")
+
+
+def refuse_input_as_output(output: Path, items: list[Item], inputs: Sequence[Path] = ()) -> None:
+    """ValueError when `output` (or its .partial) is one of the job's inputs: writing it would destroy it."""
+    for target in (output, partial_path(output)):
+        if not target.exists():
+            continue
+        candidates = [*inputs, *(item.path for item in items if item.path.name == target.name)]
+        for path in candidates:
+            if path.exists() and os.path.samefile(path, target):
+                raise ValueError(f"output {target} is an input of this job ({path}); choose another output file")
 
 
 def _prepare(item: Item, tagger: Tagger, vocabulary: list[str] | None, max_pixels: int) -> tuple[np.ndarray, list[str]]:
@@ -75,9 +93,10 @@ def _write_masks(masks_dir: Path, index: int, item: Item, result: TagResult, siz
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
     for tag in result.selected:
-        mask = result.masks[result.tags.index(tag)]
+        position = result.tags.index(tag)  # the tag's place among the candidates: unique in the item
+        mask = result.masks[position]
         png = Image.fromarray((np.clip(mask, 0, 1) * 255).astype(np.uint8), "L").resize((size, size), Image.BILINEAR)
-        path = contained_path(folder, f"{safe_name(tag)}.png")
+        path = contained_path(folder, f"{position:04d}_{safe_name(tag)}.png")
         png.save(path)
         paths[tag] = str(path)
     return paths
@@ -93,12 +112,19 @@ def tag_items(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     top_k: int = 10,
     progress: bool = True,
+    inputs: Sequence[Path] = (),
 ) -> TagSummary:
+    """Tag `items` into `output` (JSON lines). The lines go to `<output>.partial` and replace
+    `output` only when every item is done, so a run that is stopped keeps the previous output
+    and leaves its own progress beside it. `inputs` (captions or vocabulary file) and the
+    images themselves are refused as `output`."""
     summary = TagSummary()
+    refuse_input_as_output(output, items, inputs)
     output.parent.mkdir(parents=True, exist_ok=True)
     if vocabulary is not None:
         tagger.encode_tags(vocabulary, progress)  # once, before the first batch
-    with output.open("w", encoding="utf-8") as out, tqdm(total=len(items), disable=not progress, unit="img") as bar:
+    partial = partial_path(output)
+    with partial.open("w", encoding="utf-8") as out, tqdm(total=len(items), disable=not progress, unit="img") as bar:
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             prepared: dict[int, tuple[np.ndarray, list[str]]] = {}
@@ -113,8 +139,12 @@ def tag_items(
                 results = tagger.tag(np.stack([prepared[k][0] for k in keys]), [prepared[k][1] for k in keys])
                 for key, result in zip(keys, results):
                     item = chunk[key]
-                    masks = _write_masks(masks_dir, start + key, item, result, tagger.config.image_size) if masks_dir else {}
-                    records[key] = _record(item, result, vocabulary is not None, top_k, masks)
+                    try:
+                        masks = _write_masks(masks_dir, start + key, item, result, tagger.config.image_size) if masks_dir else {}
+                        records[key] = _record(item, result, vocabulary is not None, top_k, masks)
+                    except (OSError, ValueError) as error:  # e.g. a file where the mask folder should be
+                        records[key] = {**_record(item, result, vocabulary is not None, top_k, {}),
+                                        "error": f"cannot write masks: {error}"}
             for offset in range(len(chunk)):
                 record = records[offset]
                 summary.errors += "error" in record
@@ -122,4 +152,5 @@ def tag_items(
                 out.write(json.dumps(record) + "\n")
             out.flush()
             bar.update(len(chunk))
+    os.replace(partial, output)
     return summary

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -119,6 +120,20 @@ class TritonServer:
         self.stop()
 
 
+SERVER_STACK_BYTES = 1 << 30
+
+
+def _raise_stack_limit() -> None:
+    """Run in the child before exec: tritonserver 2.51 parses a form-encoded (curl's default)
+    HTTP body on the stack of its HTTP threads, about one byte of stack per byte of body, and
+    dies of SIGSEGV when that passes the stack limit (8 MiB by default: a 6 MB POST kills it).
+    Threads take their stack size from this limit, so 1 GiB moves the crash past 1 GB bodies
+    (address space only: stack pages are used on demand); `supervise` restarts it past that."""
+    hard = resource.getrlimit(resource.RLIMIT_STACK)[1]  # soft "unlimited" would give threads only 32 MiB
+    limit = SERVER_STACK_BYTES if hard == resource.RLIM_INFINITY else min(SERVER_STACK_BYTES, hard)
+    resource.setrlimit(resource.RLIMIT_STACK, (limit, hard))
+
+
 def _ready(http_url: str) -> bool:
     try:
         with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=2) as response:
@@ -141,7 +156,7 @@ def start_server(repo: Path, host: str = "127.0.0.1", http_port: int = 8000, grp
                f"--log-verbose={log_verbose}", "--exit-on-error=true", "--strict-readiness=true"]
     log = log_path.open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=server_environment(),
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=_raise_stack_limit)
     handle = TritonServer(process, f"{host}:{http_port}", f"{host}:{grpc_port}", log_path, workspace)
     deadline = time.monotonic() + timeout_s
     try:
