@@ -115,7 +115,7 @@ def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engi
             plans = export.manifest.get("tensorrt", {}).get("engines", {})
             if graph not in plans:
                 raise ValueError(f"{export_dir} has no TensorRT engine for {graph}; run `ttd export --tensorrt` on a GPU")
-            shutil.copy(export.root / plans[graph], version / "model.plan")
+            shutil.copy(export.file(plans[graph]), version / "model.plan")
             extra = ""
         extra = "\n".join(x for x in (extra, _warmup(inputs)) if x)
         (repo / model / "config.pbtxt").write_text(template.substitute(

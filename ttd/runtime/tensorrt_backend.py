@@ -32,7 +32,7 @@ class TensorRTBackend:
         self.torch, self.stream = torch, torch.cuda.Stream()
         self.contexts = {}
         for graph in GRAPH_NAMES:
-            engine = runtime.deserialize_cuda_engine((export.root / engines[graph]).read_bytes())
+            engine = runtime.deserialize_cuda_engine(export.file(engines[graph]).read_bytes())
             self.contexts[graph] = (engine, engine.create_execution_context())
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
