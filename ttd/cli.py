@@ -100,7 +100,7 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
         tagger = load_tagger(backend, model=model, pretrained=pretrained, checkpoint=checkpoint, dense_mode=dense_mode,
                              device=device, dtype=dtype, export_dir=export_dir, url=url, threshold=threshold,
                              flip_tta=flip_tta, score_method=score_method, threads=threads)
-    except (InputError, ValueError, RuntimeError, FileNotFoundError) as error:
+    except (InputError, ValueError, RuntimeError, OSError) as error:  # OSError: e.g. an unreachable --url
         fail(str(error))
     try:
         summary = tag_items(tagger, items, output, vocab, batch_size, masks_dir, max_pixels, top_k, progress=not quiet,
