@@ -105,7 +105,7 @@ def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engi
             engine_line = 'backend: "python"'
             shutil.copy(export.graph(graph), version / "model.onnx")
             shutil.copy(TEMPLATES / "onnx_model.py", version / "model.py")
-            extra = _parameters({"intra_op_threads": "1"})
+            extra = _parameters({"intra_op_threads": "1", "max_variable_dim": str(max_tags)})
         elif engine == "onnx":
             engine_line = 'platform: "onnxruntime_onnx"'
             shutil.copy(export.graph(graph), version / "model.onnx")

@@ -220,3 +220,32 @@ def test_a_crashed_tritonserver_is_restarted(repo, tmp_path):
         assert served.process.wait(timeout=60) == 0
     finally:
         served.close()
+
+
+def test_malformed_requests_get_4xx_with_a_reason_and_no_server_paths(repo, tmp_path):
+    """Item 12: a missing input, and an encoder called directly past the tagger's tag cap."""
+    import numpy as np
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    from ttd.runtime.triton_server import start_server
+
+    with start_server(repo, http_port=free_port(), grpc_port=free_port()) as server:
+        client = http.InferenceServerClient(server.http_url)
+        caption = http.InferInput("caption", [1, 1], "BYTES")
+        caption.set_data_from_numpy(np.array([[b"a red circle"]], dtype=np.object_))
+        with pytest.raises(InferenceServerException) as error:
+            client.infer("ttd_tagger", [caption])
+        assert error.value.status() == "400", (error.value.status(), error.value.message())
+        assert "input 'image' is missing" in error.value.message() and "/" not in error.value.message()
+        config = client.get_model_config("ttd_tag_head")
+        dims = {i["name"]: [int(d) for d in i["dims"]] for i in config["input"]}
+        patch = http.InferInput("patch_embeds", [1, *dims["patch_embeds"]], "FP32")
+        patch.set_data_from_numpy(np.zeros((1, *dims["patch_embeds"]), np.float32))
+        tags = http.InferInput("tag_embeds", [1, 2000, dims["tag_embeds"][1]], "FP32")
+        tags.set_data_from_numpy(np.zeros((1, 2000, dims["tag_embeds"][1]), np.float32))
+        with pytest.raises(InferenceServerException) as error:
+            client.infer("ttd_tag_head", [patch, tags])
+        assert error.value.status() == "400"
+        assert "input 'tag_embeds': dimension 1 is 2000, more than the limit of 1024" in error.value.message()
+        assert tag_one(int(server.http_url.split(":")[1]))["tags"]  # and the server still answers

@@ -124,7 +124,10 @@ def world_generate(out_dir, count, seed, start):
     """Write COUNT world samples in the evaluation format (annotations.jsonl, images/, masks/)."""
     from ttd.data.annotations import write_world_split
 
-    path = write_world_split(out_dir, seed, count, start)
+    try:
+        path = write_world_split(out_dir, seed, count, start)
+    except ValueError as error:
+        fail(str(error))
     click.echo(f"wrote {count} samples to {path}", err=True)
 
 

@@ -120,6 +120,9 @@ def read_vocabulary(path: Path) -> list[str]:
         except UnicodeDecodeError:
             raise InputError(f"{path}:{n}: not valid UTF-8; save the vocabulary as UTF-8") from None
     tags = [line.strip().lower() for line in lines]
+    for n, tag in enumerate(tags, start=1):
+        if tag and not tag.startswith("#") and not any(c.isalnum() for c in tag):
+            raise InputError(f"{path}:{n}: tag {tag!r} has no letter or digit (it would be an empty prompt)")
     tags = list(dict.fromkeys(t for t in tags if t and not t.startswith("#")))
     if not tags:
         raise InputError(f"vocabulary file {path} has no tags")

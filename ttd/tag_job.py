@@ -21,6 +21,7 @@ from ttd.runtime.tagger import Tagger, TagResult
 from ttd.tags import candidate_tags
 
 SAFE = re.compile(r"[^a-z0-9_-]+")
+MAX_CAPTION_TAGS = 1024  # as `ttd triton build --max-tags`: a 5,000-word caption is not a caption
 
 
 @dataclass
@@ -68,6 +69,9 @@ def _prepare(item: Item, tagger: Tagger, vocabulary: list[str] | None, max_pixel
         tags = candidate_tags(item.caption)
         if not tags:
             raise ValueError(f"caption {item.caption!r} has no candidate tags (only stopwords or punctuation)")
+        if len(tags) > MAX_CAPTION_TAGS:
+            raise ValueError(f"caption has {len(tags)} candidate tags, more than the limit of {MAX_CAPTION_TAGS} "
+                             "(the served tagger's cap); split it into shorter captions")
     image = decode_image(item.path, item.image, max_pixels)
     return resize_center_crop(image, tagger.config.image_size, tagger.config.interpolation), tags
 

@@ -36,9 +36,12 @@ def _save_mask(mask: np.ndarray, path: Path) -> None:
 
 
 def write_world_split(out: Path, seed: int, count: int, start: int = 0, progress: bool = True) -> Path:
-    """Write world samples start..start+count-1 of `seed` in the evaluation format."""
+    """Write world samples start..start+count-1 of `seed` in the evaluation format, into a new
+    or empty folder (files of an earlier split would stay behind as orphans)."""
     from ttd.data.world import make_sample
 
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not an empty folder; choose a new folder (or delete this one)")
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(exist_ok=True)
     lines = []
