@@ -149,7 +149,8 @@ def _make_variant(model: TTDModel, out_dir: Path, precision: str, int8_mode: str
 
 def _manifest(model: TTDModel, out_dir: Path, precision: str, opset: int) -> dict:
     config = model.config
-    files = sorted(p.name for p in out_dir.iterdir() if p.is_file() and p.name != MANIFEST and not p.name.startswith("."))
+    written = [CONFIG, "stopwords.txt", "bpe_simple_vocab_16e6.txt.gz", *(f"{g}.onnx{x}" for g in GRAPH_NAMES for x in ("", ".data"))]
+    files = sorted(name for name in written if (out_dir / name).is_file())  # what the export wrote, not what was there
     return {
         "format": "ttd-export/1",
         "model": config.name,

@@ -124,6 +124,15 @@ def _parameters(values: dict[str, str]) -> str:
     return "\n".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in values.items())
 
 
+def _engine_files(export, export_dir: Path) -> dict[str, Path]:
+    """The export's TensorRT engine files by graph: named in the manifest, hashed, inside the export."""
+    plans = export.manifest.get("tensorrt", {}).get("engines", {})
+    missing = [g for g in GRAPH_MODELS.values() if g not in plans]
+    if missing:
+        raise ValueError(f"{export_dir} has no TensorRT engine for {', '.join(missing)}; run `ttd export --tensorrt` on a GPU")
+    return {graph: export.file(plans[graph]) for graph in GRAPH_MODELS.values()}
+
+
 def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engine: str = "onnx",
                      batching: BatchingOptions = BatchingOptions(), threshold: float = 0.5,
                      max_tags: int = 1024, torch_dtype: str = "float32") -> Path:
@@ -138,6 +147,7 @@ def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engi
     kind = instance_kind(engine, batching.kind)
     export = read_export(export_dir)
     weights = export.torch_weights() if engine == "torch" else None
+    plans = _engine_files(export, export_dir) if engine == "tensorrt" else {}
     if engine == "tensorrt":
         problems = tensorrt_limit_problems(export.manifest, dict.fromkeys(GRAPH_MODELS, batching.max_batch_size), max_tags)
         if problems:
@@ -157,22 +167,19 @@ def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engi
             shutil.copy(weights, version / TORCH_WEIGHTS)
             shutil.copy(export.root / CONFIG, version / CONFIG)
             shutil.copy(TEMPLATES / "graph_model.py", version / "model.py")
-            extra = _parameters({"engine": "torch", "graph": graph, "dtype": torch_dtype})
+            extra = _parameters({"engine": "torch", "graph": graph, "dtype": torch_dtype, "max_variable_dim": str(max_tags)})
         elif flavour == "python":
             engine_line = 'backend: "python"'
             shutil.copy(export.graph(graph), version / "model.onnx")
             shutil.copy(TEMPLATES / "graph_model.py", version / "model.py")
-            extra = _parameters({"engine": "onnxruntime", "intra_op_threads": "1"})
+            extra = _parameters({"engine": "onnxruntime", "intra_op_threads": "1", "max_variable_dim": str(max_tags)})
         elif engine == "onnx":
             engine_line = 'platform: "onnxruntime_onnx"'
             shutil.copy(export.graph(graph), version / "model.onnx")
             extra = ""
         else:
             engine_line = 'platform: "tensorrt_plan"'
-            plans = export.manifest.get("tensorrt", {}).get("engines", {})
-            if graph not in plans:
-                raise ValueError(f"{export_dir} has no TensorRT engine for {graph}; run `ttd export --tensorrt` on a GPU")
-            shutil.copy(export.root / plans[graph], version / "model.plan")
+            shutil.copy(plans[graph], version / "model.plan")
             extra = ""
         extra = "\n".join(x for x in (extra, _warmup(inputs)) if x)
         (repo / model / "config.pbtxt").write_text(template.substitute(

@@ -17,6 +17,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 
+def _client_error(message):
+    """An error response the client caused (HTTP 400 where the server supports error codes)."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+    error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
+    return pb_utils.InferenceResponse(error=error)
+
+
 def _onnxruntime_engine(folder: Path, parameters: dict, inputs: list, outputs: list):
     import onnxruntime as ort
 
@@ -49,6 +56,21 @@ class TritonPythonModel:
             self.engine = _torch_engine(folder, parameters, self.inputs, args)
         else:
             self.engine = _onnxruntime_engine(folder, parameters, self.inputs, self.outputs)
+        # a request may not grow a variable dimension (the tag count) past the tagger's own cap:
+        # called directly with 200,000 tags, an engine would keep a GB-sized arena for good
+        self.max_variable_dim = int(parameters.get("max_variable_dim", "1024"))
+        self.variable = {i["name"]: [k for k, d in enumerate(i["dims"]) if int(d) == -1] for i in config["input"]}
+
+    def _check(self, request):
+        for name in self.inputs:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is None:
+                raise ValueError(f"input {name!r} is missing")
+            shape = tensor.as_numpy().shape[1:]
+            for k in self.variable[name]:
+                if k < len(shape) and shape[k] > self.max_variable_dim:
+                    raise ValueError(f"input {name!r}: dimension {k + 1} is {shape[k]}, more than the limit of "
+                                     f"{self.max_variable_dim}")
 
     def _run(self, requests):
         feeds = {name: [pb_utils.get_input_tensor_by_name(r, name).as_numpy() for r in requests] for name in self.inputs}
@@ -61,6 +83,14 @@ class TritonPythonModel:
         ]
 
     def execute(self, requests):
+        refused = {}
+        for i, request in enumerate(requests):
+            try:
+                self._check(request)
+            except ValueError as error:
+                refused[i] = _client_error(str(error))
+        if refused:
+            return [refused[i] if i in refused else self.execute([r])[0] for i, r in enumerate(requests)]
         try:
             return self._run(requests)
         except Exception:  # requests of different shapes (e.g. tag counts) or one bad request: run one by one

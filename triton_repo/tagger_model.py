@@ -77,7 +77,10 @@ class TritonPythonModel:
                              mask_weight=manifest["mask_weight"], mask_bias=manifest["mask_bias"])
 
     def _prepare(self, request):
-        images = pb_utils.get_input_tensor_by_name(request, "image").as_numpy().reshape(-1)
+        image_tensor = pb_utils.get_input_tensor_by_name(request, "image")
+        if image_tensor is None:
+            raise ValueError("input 'image' is missing: send the encoded image bytes")
+        images = image_tensor.as_numpy().reshape(-1)
         if len(images) != 1:
             raise ValueError(f"send exactly one image per request, got {len(images)}")
         data = bytes(images[0])
@@ -108,6 +111,9 @@ class TritonPythonModel:
                 prepared[i] = self._prepare(request)
             except (ImageError, ValueError, UnicodeDecodeError) as error:
                 responses[i] = _client_error(str(error))
+            except Exception as error:  # unexpected: answer with its type and message, never a traceback
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    f"request could not be prepared ({type(error).__name__}: {error})"))
         if prepared:
             keys = sorted(prepared)
             try:

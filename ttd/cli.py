@@ -108,10 +108,13 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
         tagger = load_tagger(backend, model=model, pretrained=pretrained, checkpoint=checkpoint, dense_mode=dense_mode,
                              device=device, dtype=dtype, export_dir=export_dir, url=url, threshold=threshold,
                              flip_tta=flip_tta, score_method=score_method, threads=threads, compile=compile_encoder)
-    except (InputError, ValueError, RuntimeError, FileNotFoundError) as error:
+    except (InputError, ValueError, RuntimeError, OSError) as error:  # OSError: e.g. an unreachable --url
         fail(str(error))
-    summary = tag_items(tagger, items, output, vocab, batch_size, masks_dir, max_pixels, top_k, progress=not quiet,
-                        decode_workers=decode_workers)
+    try:
+        summary = tag_items(tagger, items, output, vocab, batch_size, masks_dir, max_pixels, top_k, progress=not quiet,
+                            decode_workers=decode_workers, inputs=[p for p in (captions, vocabulary) if p is not None])
+    except ValueError as error:
+        fail(str(error))
     click.echo(f"wrote {summary.written} records to {output} ({summary.errors} errors)", err=True)
 
 
@@ -129,7 +132,10 @@ def world_generate(out_dir, count, seed, start):
     """Write COUNT world samples in the evaluation format (annotations.jsonl, images/, masks/)."""
     from ttd.data.annotations import write_world_split
 
-    path = write_world_split(out_dir, seed, count, start)
+    try:
+        path = write_world_split(out_dir, seed, count, start)
+    except ValueError as error:
+        fail(str(error))
     click.echo(f"wrote {count} samples to {path}", err=True)
 
 
@@ -238,10 +244,16 @@ def evaluate_command(model, pretrained, checkpoint, dense_mode, data_dir, count,
         annotations = data_dir / "annotations.jsonl" if data_dir.is_dir() else data_dir
         if not annotations.is_file():
             fail(f"{annotations} does not exist (expected an evaluation folder with annotations.jsonl)")
-        samples = read_eval_split(annotations, ttd_model.config.image_size, ttd_model.config.interpolation)
+        skipped: list[str] = []
+        samples = read_eval_split(annotations, ttd_model.config.image_size, ttd_model.config.interpolation, skipped)
+        for reason in skipped:
+            click.echo(f"skipped {reason}", err=True)
+        if not samples:
+            fail(f"{annotations}: no usable samples")
     else:
-        samples = world_eval_samples(seed, count)
+        samples, skipped = world_eval_samples(seed, count), []
     result = evaluate(ttd_model, samples, threshold, mask_threshold, batch_size, flip_tta)
+    result["skipped"] = skipped
     result["model"] = ttd_model.config.source
     click.echo(format_table(result))
     if json_path:
@@ -364,23 +376,26 @@ def triton_validate(repo):
 @click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
 @click.option("--timeout", "timeout_s", type=float, default=120, show_default=True, help="Seconds to wait for readiness.")
-def serve(repo, host, http_port, grpc_port, timeout_s):
-    """Serve a model repository with the tritonserver bundled by nvidia-pytriton (Ctrl-C stops it)."""
-    import time
+@click.option("--max-restarts", type=click.IntRange(0), default=5, show_default=True,
+              help="Restart tritonserver when it dies, at most this many times in 10 minutes.")
+def serve(repo, host, http_port, grpc_port, timeout_s, max_restarts):
+    """Serve a model repository with the tritonserver bundled by nvidia-pytriton (Ctrl-C or
+    SIGTERM stops it; a crashed tritonserver is restarted)."""
+    from ttd.runtime.triton_server import ServerError, start_server, stop_on_signals, supervise
 
-    from ttd.runtime.triton_server import ServerError, start_server
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: binding {host} exposes the server to the network, without authentication", err=True)
 
-    try:
-        server = start_server(repo, host, http_port, grpc_port, timeout_s)
-    except ServerError as error:
-        fail(str(error))
-    click.echo(f"serving {repo}: HTTP {server.http_url}, gRPC {server.grpc_url} (Ctrl-C to stop)", err=True)
-    try:
-        while server.process.poll() is None:
-            time.sleep(1)
-        click.echo(f"tritonserver exited with code {server.process.returncode}:\n{server.log_tail()}", err=True)
-        server.stop()
-        sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("stopping ...", err=True)
-        server.stop()
+    def start():
+        return start_server(repo, host, http_port, grpc_port, timeout_s)
+
+    with stop_on_signals():
+        try:
+            server = start()
+        except ServerError as error:
+            fail(str(error))
+        except KeyboardInterrupt:
+            sys.exit(0)
+        click.echo(f"serving {repo}: HTTP {server.http_url}, gRPC {server.grpc_url} (Ctrl-C to stop)", err=True)
+        code = supervise(server, start, lambda line: click.echo(line, err=True), max_restarts)
+    sys.exit(code)

@@ -4,11 +4,13 @@ need. Free of torch, so that runtimes (the Triton Python backend among them) can
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 SCORE_METHODS: tuple[str, ...] = ("softmax", "minmax", "sigmoid")
 DENSE_MODES: tuple[str, ...] = ("avg", "maskclip", "clearclip")
+MAX_IMAGE_SIZE = 4096  # a ViT input side far beyond any CLIP; larger values only exhaust memory
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -63,8 +65,44 @@ class ModelConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        missing = {"name", "model_cfg", "tokenizer"} - set(data)
+        if missing:
+            raise ValueError(f"model config lacks {', '.join(sorted(missing))}")
         data = dict(data)
         for key in ("mean", "std", "prompt_templates"):
             if key in data:
+                if not isinstance(data[key], (list, tuple)):
+                    raise ValueError(f"model config {key} must be a list, got {data[key]!r}")
                 data[key] = tuple(data[key])
-        return cls(**data)
+        config = cls(**data)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """ValueError naming the first setting that cannot work (a config file edited by hand or
+        damaged must fail here, not as a MemoryError or NaN scores deep inside a run)."""
+        cfg = self.model_cfg
+        if not isinstance(cfg, dict) or not all(isinstance(cfg.get(k), dict) for k in ("vision_cfg", "text_cfg")) \
+                or not isinstance(cfg.get("embed_dim"), int):
+            raise ValueError("model config model_cfg must hold embed_dim, vision_cfg and text_cfg")
+        vision_size = cfg["vision_cfg"].get("image_size", 224)
+        sides = [("image_size", self.image_size)] + [("model_cfg.vision_cfg.image_size", v) for v in
+                                                      (vision_size if isinstance(vision_size, (list, tuple)) else [vision_size])]
+        for name, size in sides:
+            if not isinstance(size, int) or not 8 <= size <= MAX_IMAGE_SIZE:
+                raise ValueError(f"model config {name} {size!r} must be an integer in 8..{MAX_IMAGE_SIZE}")
+        if not isinstance(self.tau, (int, float)) or not math.isfinite(self.tau) or self.tau <= 0:
+            raise ValueError(f"model config tau {self.tau!r} must be a finite number > 0")
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(isinstance(v, (int, float)) and v > 0 for v in self.std):
+            raise ValueError(f"model config mean/std must be 3 numbers each, std > 0; got {self.mean}, {self.std}")
+        if self.dense_mode not in DENSE_MODES:
+            raise ValueError(f"model config dense_mode {self.dense_mode!r} must be one of {', '.join(DENSE_MODES)}")
+        if not self.prompt_templates:
+            raise ValueError("model config prompt_templates is empty")
+        for template in self.prompt_templates:
+            try:
+                ok = isinstance(template, str) and template.format("x") != template.format("y")
+            except (IndexError, KeyError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"model config prompt template {template!r} must be text with one {{}} for the tag")

@@ -23,6 +23,10 @@ class ModelLoadError(RuntimeError):
     """A model could not be created or loaded; the message says what to do instead."""
 
 
+class ModelConfigError(ModelLoadError, ValueError):
+    """A checkpoint's config JSON is malformed or holds settings that cannot work."""
+
+
 def registered_configs() -> dict[str, ModelConfig]:
     """Configs this project defines (the world models of DESIGN §3.6)."""
     from ttd.data.world import world_model_config
@@ -158,11 +162,23 @@ def load_checkpoint(path: str | Path, dense_mode: str | None = None) -> TTDModel
     cfg_file = config_path(path)
     if not cfg_file.is_file():
         raise ModelLoadError(f"checkpoint {path} has no config {cfg_file.name} beside it")
-    config = ModelConfig.from_dict(json.loads(cfg_file.read_text()))
+    try:
+        config = ModelConfig.from_dict(json.loads(cfg_file.read_text(encoding="utf-8")))
+    except (ValueError, TypeError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise ModelConfigError(f"{cfg_file} is not a usable model config: {error}") from None
     if dense_mode:
         config.dense_mode = dense_mode
     model = TTDModel(config, _build_clip(config.model_cfg))
-    model.load_state_dict(load_file(str(path)))
+    try:
+        weights = load_file(str(path))
+    except Exception as error:  # safetensors raises its own SafetensorError for damaged files
+        raise ModelLoadError(f"checkpoint {path} cannot be read as safetensors ({error})") from None
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())[:300]
+        raise ModelLoadError(f"checkpoint {path} does not fit its config {cfg_file.name} (weights of another "
+                             f"model, or a renamed file?): {detail}") from None
     return model.eval()
 
 

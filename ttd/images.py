@@ -7,6 +7,7 @@ record it for that item and carry on with the rest of a batch.
 from __future__ import annotations
 
 import io
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -39,16 +40,42 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, P, CMYK, YCbCr, RGB
 
 
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest image file read: an uncompressed 4-channel image of `max_pixels` pixels plus
+    1 MiB of headers and metadata. Anything larger cannot be a usable image."""
+    return max_pixels * 4 + (1 << 20)
+
+
+def read_image_file(path: Path, label: str, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. FIFOs, devices (/dev/zero) and
+    sockets are refused before opening them: reading one would hang or exhaust memory."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise ImageError(f"{label}: file not found") from None
+    except OSError as error:
+        raise ImageError(f"{label}: cannot read ({error.strerror})") from error
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageError(f"{label}: is a directory, not an image")
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageError(f"{label}: not a regular file (a FIFO, device or socket); only image files are read")
+    if info.st_size > limit:
+        raise ImageError(f"{label}: {info.st_size:,} bytes exceeds the limit of {limit:,} for an image file")
+    try:
+        with path.open("rb") as f:
+            data = f.read(limit + 1)
+    except OSError as error:
+        raise ImageError(f"{label}: cannot read ({error.strerror})") from error
+    if len(data) > limit:  # grew after the check
+        raise ImageError(f"{label}: more than {limit:,} bytes, the limit for an image file")
+    return data
+
+
 def decode_image(data: bytes | Path | str, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode a file path or encoded bytes into an RGB image, applying EXIF orientation."""
     label = name or (str(data) if not isinstance(data, bytes) else "<bytes>")
     if not isinstance(data, bytes):
-        path = Path(data)
-        if not path.exists():
-            raise ImageError(f"{label}: file not found")
-        if path.is_dir():
-            raise ImageError(f"{label}: is a directory, not an image")
-        data = path.read_bytes()
+        data = read_image_file(Path(data), label, max_file_bytes(max_pixels))
     if not data:
         raise ImageError(f"{label}: empty file (0 bytes)")
     try:

@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from ttd.runtime.tagger import Tagger, TagResult
 from ttd.tags import candidate_tags
 
 SAFE = re.compile(r"[^a-z0-9_-]+")
+MAX_CAPTION_TAGS = 1024  # as `ttd triton build --max-tags`: a 5,000-word caption is not a caption
 
 
 @dataclass
@@ -43,6 +45,22 @@ def contained_path(root: Path, *parts: str) -> Path:
     return path
 
 
+def partial_path(output: Path) -> Path:
+    """Where a run writes before its output is complete."""
+    return output.with_name(output.name + ".partial")
+
+
+def refuse_input_as_output(output: Path, items: list[Item], inputs: Sequence[Path] = ()) -> None:
+    """ValueError when `output` (or its .partial) is one of the job's inputs: writing it would destroy it."""
+    for target in (output, partial_path(output)):
+        if not target.exists():
+            continue
+        candidates = [*inputs, *(item.path for item in items if item.path.name == target.name)]
+        for path in candidates:
+            if path.exists() and os.path.samefile(path, target):
+                raise ValueError(f"output {target} is an input of this job ({path}); choose another output file")
+
+
 def _prepare(item: Item, vocabulary_mode: bool, max_pixels: int, size: int,
              interpolation: str) -> tuple[np.ndarray, list[str] | None]:
     """(uint8 image at the model's size, candidate tags; None in vocabulary mode)."""
@@ -56,6 +74,9 @@ def _prepare(item: Item, vocabulary_mode: bool, max_pixels: int, size: int,
         tags = candidate_tags(item.caption)
         if not tags:
             raise ValueError(f"caption {item.caption!r} has no candidate tags (only stopwords or punctuation)")
+        if len(tags) > MAX_CAPTION_TAGS:
+            raise ValueError(f"caption has {len(tags)} candidate tags, more than the limit of {MAX_CAPTION_TAGS} "
+                             "(the served tagger's cap); split it into shorter captions")
     image = decode_image(item.path, item.image, max_pixels)
     return resize_center_crop(image, size, interpolation), tags
 
@@ -102,9 +123,10 @@ def _write_masks(masks_dir: Path, index: int, item: Item, result: TagResult, siz
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
     for tag in result.selected:
-        mask = result.masks[result.tags.index(tag)]
+        position = result.tags.index(tag)  # the tag's place among the candidates: unique in the item
+        mask = result.masks[position]
         png = Image.fromarray((np.clip(mask, 0, 1) * 255).astype(np.uint8), "L").resize((size, size), Image.BILINEAR)
-        path = contained_path(folder, f"{safe_name(tag)}.png")
+        path = contained_path(folder, f"{position:04d}_{safe_name(tag)}.png")
         png.save(path)
         paths[tag] = str(path)
     return paths
@@ -121,11 +143,18 @@ def tag_items(
     top_k: int = 10,
     progress: bool = True,
     decode_workers: int | None = None,
+    inputs: Sequence[Path] = (),
 ) -> TagSummary:
-    """Tag `items` into `output`. With `decode_workers` > 0 (default: see default_decode_workers)
-    worker processes decode and resize the next batch while the current one runs on the model,
-    so the device does not wait on decoding; 0 decodes in this process."""
+    """Tag `items` into `output` (JSON lines). The lines go to `<output>.partial` and replace
+    `output` only when every item is done, so a run that is stopped keeps the previous output
+    and leaves its own progress beside it. `inputs` (captions or vocabulary file) and the
+    images themselves are refused as `output`.
+
+    With `decode_workers` > 0 (default: see default_decode_workers) worker processes decode and
+    resize the next batch while the current one runs on the model, so the device does not wait
+    on decoding; 0 decodes in this process."""
     summary = TagSummary()
+    refuse_input_as_output(output, items, inputs)
     output.parent.mkdir(parents=True, exist_ok=True)
     if vocabulary is not None:
         tagger.encode_tags(vocabulary, progress)  # once, before the first batch
@@ -154,7 +183,8 @@ def tag_items(
             return prepare_items(chunk, *settings)
 
     try:
-        with output.open("w", encoding="utf-8") as out, tqdm(total=len(items), disable=not progress, unit="img") as bar:
+        partial = partial_path(output)
+        with partial.open("w", encoding="utf-8") as out, tqdm(total=len(items), disable=not progress, unit="img") as bar:
             pending = submit(0)
             for start in range(0, len(items), batch_size):
                 chunk = items[start : start + batch_size]
@@ -169,6 +199,7 @@ def tag_items(
                     out.write(json.dumps(record) + "\n")
                 out.flush()
                 bar.update(len(chunk))
+        os.replace(partial, output)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -196,5 +227,9 @@ def _tag_chunk(tagger: Tagger, chunk: list[Item], start: int, prepared: dict, re
         results = tagger.tag(np.stack([prepared[k][0] for k in keys]), [prepared[k][1] for k in keys])
         for key, result in zip(keys, results):
             item = chunk[key]
-            masks = _write_masks(masks_dir, start + key, item, result, tagger.config.image_size) if masks_dir else {}
-            records[key] = _record(item, result, vocabulary is not None, top_k, masks)
+            try:
+                masks = _write_masks(masks_dir, start + key, item, result, tagger.config.image_size) if masks_dir else {}
+                records[key] = _record(item, result, vocabulary is not None, top_k, masks)
+            except (OSError, ValueError) as error:  # e.g. a file where the mask folder should be
+                records[key] = {**_record(item, result, vocabulary is not None, top_k, {}),
+                                "error": f"cannot write masks: {error}"}

@@ -166,6 +166,36 @@ def _save_state(path: Path, model, optimizer, scheduler, step: int, config: Trai
     _atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+RESUMABLE_CHANGES = ("out_dir", "checkpoint_every", "max_bad_steps")  # settings a resumed run may change
+
+
+def _load_state(path: Path) -> dict:
+    """last.pt, loaded with weights_only=True; anything else is a clear error, never a hint to
+    load untrusted pickles."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise ValueError(f"{path} is not a training state written by `ttd train` ({reason}); "
+                         "delete it or pass --no-resume to start over") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "torch_rng", "step"} <= state.keys():
+        raise ValueError(f"{path} is not a training state written by `ttd train`; delete it or pass --no-resume")
+    return state
+
+
+def _refuse_changed_settings(path: Path, state: dict, config: TrainConfig) -> None:
+    """A resumed run must continue the run it resumes: its optimizer, learning-rate schedule and
+    batches were made with the saved settings, and mixing them silently records a run that
+    never happened."""
+    saved = json.loads(state.get("config", "{}"))
+    current = json.loads(json.dumps(config.to_dict()))  # tuples as lists, like the saved copy
+    changed = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in current
+               if k in saved and k not in RESUMABLE_CHANGES and saved[k] != current[k]]
+    if changed:
+        raise ValueError(f"{path} was written with other settings ({'; '.join(changed)}); resume with the saved "
+                         "settings, or pass --no-resume (or another --out) to start a new run")
+
+
 def train(model: TTDModel, config: TrainConfig, resume: bool = True, progress: bool = True,
           stop_after: int | None = None) -> TTDModel:
     """Train in place and return the model; writes `out_dir/last.pt` (resumable state) and, at the
@@ -188,7 +218,8 @@ def train(model: TTDModel, config: TrainConfig, resume: bool = True, progress: b
     start = 0
     state_path = out / "last.pt"
     if resume and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        state = _load_state(state_path)
+        _refuse_changed_settings(state_path, state, config)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,9 +36,12 @@ def _save_mask(mask: np.ndarray, path: Path) -> None:
 
 
 def write_world_split(out: Path, seed: int, count: int, start: int = 0, progress: bool = True) -> Path:
-    """Write world samples start..start+count-1 of `seed` in the evaluation format."""
+    """Write world samples start..start+count-1 of `seed` in the evaluation format, into a new
+    or empty folder (files of an earlier split would stay behind as orphans)."""
     from ttd.data.world import make_sample
 
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not an empty folder; choose a new folder (or delete this one)")
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(exist_ok=True)
     lines = []
@@ -58,20 +62,47 @@ def write_world_split(out: Path, seed: int, count: int, start: int = 0, progress
     return path
 
 
-def _load_mask(path: Path, size: int) -> np.ndarray:
-    mask = Image.open(path).convert("L")
-    return resize_center_crop(mask.convert("RGB"), size, "nearest")[..., 0] > 127
+def _load_mask(path: Path, size: int, image_size: tuple[int, int]) -> np.ndarray:
+    """A mask file as bool at the model's size: non-zero inside, whatever the stored values
+    (0/255, 0/1, 16-bit, palette indices). It must have its image's size (cropping or stretching
+    a mask of another size would score against the wrong pixels)."""
+    if not path.is_file():
+        raise ValueError(f"mask {path} does not exist")
+    try:
+        with Image.open(path) as mask:
+            mask.load()
+            values = np.asarray(mask)
+    except OSError as error:
+        raise ValueError(f"mask {path} cannot be read ({error})") from error
+    if values.ndim == 3:
+        values = values.any(axis=-1)
+    if (values.shape[1], values.shape[0]) != image_size:
+        raise ValueError(f"mask {path} is {values.shape[1]}x{values.shape[0]}, its image {image_size[0]}x{image_size[1]}")
+    inside = Image.fromarray((values != 0).astype(np.uint8) * 255, "L").convert("RGB")
+    return resize_center_crop(inside, size, "nearest")[..., 0] > 127
 
 
-def read_eval_split(annotations: Path, image_size: int, interpolation: str = "bicubic") -> list[EvalSample]:
-    """Samples of an evaluation folder, images and masks brought to the model's size."""
+def read_eval_split(annotations: Path, image_size: int, interpolation: str = "bicubic",
+                    errors: list[str] | None = None) -> list[EvalSample]:
+    """Samples of an evaluation folder, images and masks brought to the model's size. A sample
+    whose image or masks cannot be used is left out, its reason (file and line) appended to
+    `errors` (or warned about when no list is given); the others are still evaluated."""
     base = annotations.parent
     samples = []
-    for record in read_jsonl(annotations):
-        image = resize_center_crop(decode_image(base / record["image"]), image_size, interpolation)
-        masks = {t: _load_mask(base / p, image_size) for t, p in record.get("tag_masks", {}).items()}
-        caption_mask = _load_mask(base / record["caption_mask"], image_size) if record.get("caption_mask") else None
-        samples.append(EvalSample(image, record["caption"], list(record["relevant_tags"]), masks, caption_mask))
+    for number, record in enumerate(read_jsonl(annotations), start=1):
+        try:
+            decoded = decode_image(base / record["image"])
+            image = resize_center_crop(decoded, image_size, interpolation)
+            masks = {t: _load_mask(base / p, image_size, decoded.size) for t, p in record.get("tag_masks", {}).items()}
+            caption_mask = (_load_mask(base / record["caption_mask"], image_size, decoded.size)
+                            if record.get("caption_mask") else None)
+            samples.append(EvalSample(image, record["caption"], list(record["relevant_tags"]), masks, caption_mask))
+        except (ValueError, KeyError, TypeError) as error:
+            reason = f"{annotations}: record {number}: {error if not isinstance(error, KeyError) else f'no {error} field'}"
+            if errors is None:
+                warnings.warn(reason, stacklevel=2)
+            else:
+                errors.append(reason)
     return samples
 
 

@@ -39,9 +39,13 @@ def read_jsonl(path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from error
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: a JSON {type(record).__name__}, expected an object like "
+                             '{"image": ..., "caption": ...}')
+        records.append(record)
     return records
 
 

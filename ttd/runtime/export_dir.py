@@ -51,16 +51,38 @@ class ExportDir:
 
     def torch_weights(self) -> Path:
         """The exported model's fp32 weights, for the torch backend and the Triton torch engine."""
-        path = self.root / TORCH_WEIGHTS
-        if TORCH_WEIGHTS not in self.manifest.get("files", {}) or not path.is_file():
+        if TORCH_WEIGHTS not in self.manifest.get("files", {}) or not (self.root / TORCH_WEIGHTS).is_file():
             raise ExportError(f"{self.root} has no {TORCH_WEIGHTS} (exported without torch weights); "
                               "re-export with `ttd export` (weights are written unless --no-torch-weights)")
-        return path
+        return self.file(TORCH_WEIGHTS)
+
+    def file(self, name: str) -> Path:
+        """A file that the manifest names (e.g. a TensorRT engine): inside the export and hashed."""
+        if name not in self.manifest.get("files", {}):
+            raise ExportError(f"{self.root}: {name!r} has no sha256 in the manifest; refusing to use it")
+        return contained(self.root, name)
+
+
+def contained(root: Path, name: str) -> Path:
+    """root/name, refusing a name from a manifest that leads outside the export (absolute,
+    '..', or through a symlink)."""
+    path = root / name
+    if Path(name).is_absolute() or not path.resolve().is_relative_to(root.resolve()):
+        raise ExportError(f"{root}: manifest entry {name!r} points outside the export directory")
+    return path
 
 
 def verify_hashes(root: Path, manifest: dict) -> None:
-    for name, expected in manifest.get("files", {}).items():
-        path = root / name
+    """Every file the manifest lists matches its sha256; the hashes are mandatory and must
+    cover the model config and the three graphs."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ExportError(f"{root / MANIFEST} has no file hashes (\"files\"); re-export with `ttd export`")
+    unhashed = [n for n in (CONFIG, *(f"{g}.onnx" for g in GRAPH_NAMES)) if n not in files]
+    if unhashed:
+        raise ExportError(f"{root / MANIFEST}: no sha256 for {', '.join(unhashed)}; re-export with `ttd export`")
+    for name, expected in files.items():
+        path = contained(root, name)
         if not path.is_file():
             raise ExportError(f"{root}: {name} is listed in the manifest but missing")
         if sha256(path) != expected:
@@ -72,10 +94,17 @@ def read_export(root: str | Path, verify: bool = True) -> ExportDir:
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
         raise ExportError(f"{root} is not an export directory: no {MANIFEST} (create one with `ttd export`)")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != "ttd-export/1":
-        raise ExportError(f"{manifest_path}: unknown format {manifest.get('format')!r}")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ExportError(f"{manifest_path} is not valid JSON ({error}); re-export with `ttd export`") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "ttd-export/1":
+        raise ExportError(f"{manifest_path}: unknown format "
+                          f"{manifest.get('format') if isinstance(manifest, dict) else type(manifest).__name__!r}")
     if verify:
         verify_hashes(root, manifest)
-    config = ModelConfig.from_dict(json.loads((root / CONFIG).read_text()))
+    try:
+        config = ModelConfig.from_dict(json.loads((root / CONFIG).read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise ExportError(f"{root / CONFIG} is not a usable model config ({type(error).__name__}: {error})") from None
     return ExportDir(root, manifest, config)

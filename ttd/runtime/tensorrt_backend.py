@@ -181,7 +181,7 @@ def _load_engines(export: ExportDir) -> dict:
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engines = {}
     for graph in GRAPH_NAMES:
-        engine = runtime.deserialize_cuda_engine((export.root / names[graph]).read_bytes())
+        engine = runtime.deserialize_cuda_engine(export.file(names[graph]).read_bytes())
         if engine is None:  # TensorRT logs the details and returns None rather than raising
             raise RuntimeError(deserialisation_failure(names[graph], trt.__version__, torch.cuda.get_device_capability()))
         engines[graph] = engine

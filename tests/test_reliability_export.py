@@ -1,0 +1,77 @@
+"""Export integrity (issue #8, item 9): hashes are mandatory, manifest paths stay inside the
+export, an export into a used folder hashes only what it wrote; malformed files are clean errors."""
+
+import json
+import shutil
+
+import pytest
+
+from export.pipeline import run_export
+from export.triton import build_repository
+from ttd.factory import create_model
+from ttd.runtime.export_dir import MANIFEST, ExportError, read_export
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    (out / "notes.txt").write_text("the user's own file, here before the export")
+    run_export(create_model("world-tiny", seed=0), out, check_count=8)
+    return out
+
+
+def tampered(export_dir, tmp_path, change):
+    copy = tmp_path / "copy"
+    shutil.copytree(export_dir, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    change(manifest)
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    return copy
+
+
+def test_export_into_a_used_folder_hashes_only_its_own_files(export_dir):
+    files = json.loads((export_dir / MANIFEST).read_text())["files"]
+    assert "notes.txt" not in files
+    assert {"model.json", "image_encoder.onnx", "text_encoder.onnx", "tag_head.onnx"} <= set(files)
+    (export_dir / "notes.txt").write_text("edited later: not part of the export")
+    read_export(export_dir)  # still valid
+
+
+def test_a_manifest_without_hashes_is_refused(export_dir, tmp_path):
+    copy = tampered(export_dir, tmp_path, lambda m: m.pop("files"))
+    with pytest.raises(ExportError, match=r"manifest.json has no file hashes"):
+        read_export(copy)
+
+
+def test_a_manifest_without_a_graph_hash_is_refused(export_dir, tmp_path):
+    copy = tampered(export_dir, tmp_path, lambda m: m["files"].pop("text_encoder.onnx"))
+    (copy / "text_encoder.onnx").write_bytes(b"tampered")
+    with pytest.raises(ExportError, match=r"no sha256 for text_encoder.onnx"):
+        read_export(copy)
+
+
+def test_manifest_paths_cannot_leave_the_export(export_dir, tmp_path):
+    copy = tampered(export_dir, tmp_path, lambda m: m["files"].update({"../../../../etc/hostname": "0" * 64}))
+    with pytest.raises(ExportError, match=r"manifest entry '../../../../etc/hostname' points outside the export"):
+        read_export(copy)
+
+
+def test_tensorrt_engine_paths_are_checked(export_dir, tmp_path):
+    def engines(manifest):
+        manifest["tensorrt"] = {"engines": {g: "../../../../etc/hostname" for g in ("image_encoder", "text_encoder", "tag_head")}}
+
+    copy = tampered(export_dir, tmp_path, engines)
+    with pytest.raises(ExportError, match=r"'../../../../etc/hostname' has no sha256 in the manifest"):
+        build_repository(copy, tmp_path / "repo", "native", "tensorrt")
+    assert not (tmp_path / "repo" / "ttd_image_encoder" / "1" / "model.plan").exists()
+
+
+def test_malformed_manifest_and_config_are_named(export_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(export_dir, copy)
+    (copy / MANIFEST).write_text("{not json")
+    with pytest.raises(ExportError, match=rf"{copy / MANIFEST} is not valid JSON"):
+        read_export(copy)
+    (copy / MANIFEST).write_text("[]")
+    with pytest.raises(ExportError, match=r"unknown format"):
+        read_export(copy)

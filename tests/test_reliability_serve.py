@@ -1,0 +1,251 @@
+"""Reliability of `ttd serve` (issue #8, items 1-3): started by absolute path as a service
+manager starts it, stopped by SIGTERM without orphans, load errors shown, and a tritonserver
+crash survived by restarting it."""
+
+import io
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from export.pipeline import run_export
+from export.triton import BatchingOptions, build_repository
+from ttd.data.world import make_sample
+from ttd.factory import create_model
+
+pytest.importorskip("tritonclient")
+pytest.importorskip("pytriton")
+
+ROOT = Path(__file__).resolve().parents[1]
+TTD_SCRIPT = Path(sys.executable).parent / "ttd"  # the environment's console script, by absolute path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    export = tmp_path_factory.mktemp("export")
+    run_export(create_model("world-tiny", seed=0), export, check_count=8)
+    return build_repository(export, tmp_path_factory.mktemp("repo") / "repo", "python",
+                            batching=BatchingOptions(max_batch_size=4, preferred_batch_sizes=(2,)))
+
+
+def service_env(tmp_path: Path) -> dict[str, str]:
+    """What systemd or a container entrypoint gives: no activated environment (no VIRTUAL_ENV, the
+    environment's bin/ not on PATH). PYTHONPATH only points the script at the tree under test."""
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    return {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path / "tmp"), "PYTHONPATH": str(ROOT),
+            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "LANG": "C.UTF-8"}
+
+
+class Served:
+    """`ttd serve` as a child process, its stderr collected line by line."""
+
+    def __init__(self, repo: Path, tmp_path: Path, *extra: str) -> None:
+        if not TTD_SCRIPT.is_file():
+            pytest.skip(f"no console script at {TTD_SCRIPT}")
+        self.http_port, self.grpc_port = free_port(), free_port()
+        self.process = subprocess.Popen(
+            [str(TTD_SCRIPT), "serve", str(repo), "--http-port", str(self.http_port), "--grpc-port",
+             str(self.grpc_port), *extra], stderr=subprocess.PIPE, text=True, env=service_env(tmp_path))
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        self.children: set[int] = set()  # every tritonserver seen, killed at close even if orphaned
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stderr:
+            self.lines.put(line)
+
+    def wait_for(self, text: str, timeout_s: float = 120) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.5)
+            except queue.Empty:
+                if self.process.poll() is not None and self.lines.empty():
+                    break
+                continue
+            self.seen.append(line)
+            if text in line:
+                self.tritonserver_pids()
+                return line
+        raise AssertionError(f"{text!r} not printed; stderr so far:\n{''.join(self.seen)}")
+
+    def tritonserver_pids(self) -> list[int]:
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.process.pid:
+                pids.append(int(stat.parent.name))
+        self.children.update(pids)
+        return pids
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.tritonserver_pids()
+        for pid in self.children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def tag_one(port: int) -> dict:
+    import tritonclient.http as http
+
+    from ttd.runtime.triton_load import tagger_request
+
+    sample = make_sample(3, 0)
+    buffer = io.BytesIO()
+    Image.fromarray(sample.image).save(buffer, "PNG")
+    return tagger_request(http, http.InferenceServerClient(f"127.0.0.1:{port}"), buffer.getvalue(), sample.caption)
+
+
+def test_serve_started_by_absolute_path_without_an_activated_environment(repo, tmp_path):
+    from ttd.tags import candidate_tags
+
+    served = Served(repo, tmp_path)
+    try:
+        line = served.wait_for("serving")
+        assert f"HTTP 127.0.0.1:{served.http_port}" in line
+        answer = tag_one(served.http_port)
+        assert answer["tags"] == candidate_tags(make_sample(3, 0).caption)
+        assert answer["scores"].shape == (len(answer["tags"]),) and ((answer["scores"] >= 0) & (answer["scores"] <= 1)).all()
+        served.process.send_signal(signal.SIGINT)
+        assert served.process.wait(timeout=60) == 0
+    finally:
+        served.close()
+
+
+def test_load_errors_are_shown_not_the_status_table(repo, tmp_path):
+    import shutil
+
+    from ttd.runtime.triton_server import ServerError, start_server
+
+    broken = tmp_path / "broken"
+    shutil.copytree(repo, broken)
+    (broken / "ttd_text_encoder" / "1" / "model.py").write_text("import module_that_does_not_exist_xyz\n")
+    with pytest.raises(ServerError) as error:
+        start_server(broken, http_port=free_port(), grpc_port=free_port(), timeout_s=120)
+    message = str(error.value)
+    assert "ttd_text_encoder: " in message and "No module named 'module_that_does_not_exist_xyz'" in message
+    assert "ttd_text_encoder/1/model.py(1)" in message
+    assert "+----" not in message  # not the model status table
+
+
+def test_sigterm_stops_tritonserver_and_removes_its_workspace(repo, tmp_path):
+    served = Served(repo, tmp_path)
+    try:
+        served.wait_for("serving")
+        children = served.tritonserver_pids()
+        assert len(children) == 1, children
+        assert list((tmp_path / "tmp").glob("ttd-triton-*"))
+        served.process.send_signal(signal.SIGTERM)
+        assert served.process.wait(timeout=60) == 0
+        time.sleep(0.5)
+        assert not Path(f"/proc/{children[0]}").exists(), "tritonserver was orphaned"
+        assert not ready(served.http_port)
+        assert not list((tmp_path / "tmp").glob("ttd-triton-*")), "workspace left behind"
+    finally:
+        served.close()
+
+
+def form_post(port: int, size: int) -> int | str:
+    """A body of `size` NUL bytes with curl's default (form) content type: HTTP status or the error."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/ttd_tagger/infer", data=bytes(size),
+                                     method="POST", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError as error:
+        return type(error).__name__
+
+
+def test_large_form_posts_do_not_crash_tritonserver(repo, tmp_path):
+    """tritonserver 2.51 parses a form-encoded body on its HTTP threads' stack (~1 byte of stack
+    per byte): with the default 8 MiB stack limit a 6 MB POST kills it (SIGSEGV)."""
+    served = Served(repo, tmp_path, "--max-restarts", "0")
+    try:
+        served.wait_for("serving")
+        for size in (10_000_000, 50_000_000):
+            status = form_post(served.http_port, size)
+            assert status in (400, 500), f"{size:,} bytes: {status}"  # refused with the server's error
+            assert served.process.poll() is None and ready(served.http_port), f"died on {size:,} bytes"
+        assert tag_one(served.http_port)["tags"]
+    finally:
+        served.close()
+
+
+def test_a_crashed_tritonserver_is_restarted(repo, tmp_path):
+    served = Served(repo, tmp_path, "--max-restarts", "2")
+    try:
+        served.wait_for("serving")
+        (pid,) = served.tritonserver_pids()
+        os.kill(pid, signal.SIGSEGV)
+        served.wait_for("tritonserver exited with code -11")
+        line = served.wait_for("restarted tritonserver in")
+        assert "restart 1 of at most 2" in line
+        assert ready(served.http_port) and tag_one(served.http_port)["tags"]
+        assert served.process.poll() is None
+        served.process.send_signal(signal.SIGTERM)
+        assert served.process.wait(timeout=60) == 0
+    finally:
+        served.close()
+
+
+def test_malformed_requests_get_4xx_with_a_reason_and_no_server_paths(repo, tmp_path):
+    """Item 12: a missing input, and an encoder called directly past the tagger's tag cap."""
+    import numpy as np
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    from ttd.runtime.triton_server import start_server
+
+    with start_server(repo, http_port=free_port(), grpc_port=free_port()) as server:
+        client = http.InferenceServerClient(server.http_url)
+        caption = http.InferInput("caption", [1, 1], "BYTES")
+        caption.set_data_from_numpy(np.array([[b"a red circle"]], dtype=np.object_))
+        with pytest.raises(InferenceServerException) as error:
+            client.infer("ttd_tagger", [caption])
+        assert error.value.status() == "400", (error.value.status(), error.value.message())
+        assert "input 'image' is missing" in error.value.message() and "/" not in error.value.message()
+        config = client.get_model_config("ttd_tag_head")
+        dims = {i["name"]: [int(d) for d in i["dims"]] for i in config["input"]}
+        patch = http.InferInput("patch_embeds", [1, *dims["patch_embeds"]], "FP32")
+        patch.set_data_from_numpy(np.zeros((1, *dims["patch_embeds"]), np.float32))
+        tags = http.InferInput("tag_embeds", [1, 2000, dims["tag_embeds"][1]], "FP32")
+        tags.set_data_from_numpy(np.zeros((1, 2000, dims["tag_embeds"][1]), np.float32))
+        with pytest.raises(InferenceServerException) as error:
+            client.infer("ttd_tag_head", [patch, tags])
+        assert error.value.status() == "400"
+        assert "input 'tag_embeds': dimension 1 is 2000, more than the limit of 1024" in error.value.message()
+        assert tag_one(int(server.http_url.split(":")[1]))["tags"]  # and the server still answers
