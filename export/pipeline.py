@@ -20,7 +20,7 @@ import torch
 
 from export.checks import FP32_GATE, VARIANT_GATE, check_pairs, compare, enforce
 from export.onnx_graphs import DEFAULT_OPSET, export_graphs
-from export.precision import ENCODERS, PRECISIONS, to_fp16, to_int8
+from export.precision import ENCODERS, PORTABLE, PRECISIONS, Int8Settings, to_fp16, to_int8
 from ttd.images import normalize
 from ttd.lora import has_lora, merge_lora
 from ttd.model import TTDModel
@@ -65,7 +65,7 @@ def _write_side_files(model: TTDModel, out_dir: Path) -> None:
 
 def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mode: str = "dynamic",
                opset: int = DEFAULT_OPSET, check_count: int = 64, tensorrt: bool = False,
-               tensorrt_limits=None) -> dict:
+               tensorrt_limits=None, int8_settings: Int8Settings = PORTABLE) -> dict:
     """Export `model` to `out_dir` and return the manifest; raises GateError when a gate fails.
 
     The model is moved to the CPU in float32 and its LoRA adapters, if any, are merged in place."""
@@ -86,7 +86,8 @@ def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mod
     try:
         enforce(parity, FP32_GATE, "fp32 export (ONNX vs PyTorch)")
         if precision != "fp32":
-            manifest["quality"] = _make_variant(model, out_dir, precision, int8_mode, opset, images, captions, reference)
+            manifest["quality"] = _make_variant(model, out_dir, precision, int8_mode, opset, images, captions, reference,
+                                                int8_settings)
             variant = json.loads((out_dir / MANIFEST).read_text())  # written by _make_variant, hashes included
             manifest.update(files=variant["files"], precision=precision)
             if precision == "int8":
@@ -108,7 +109,8 @@ def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mod
 
 
 def _make_variant(model: TTDModel, out_dir: Path, precision: str, int8_mode: str, opset: int,
-                  images: np.ndarray, captions: list[str], reference: Tagger) -> dict:
+                  images: np.ndarray, captions: list[str], reference: Tagger,
+                  int8_settings: Int8Settings = PORTABLE) -> dict:
     if precision == "bf16":
         with tempfile.TemporaryDirectory() as tmp:
             # a copy: casting the reference model to bf16 and back would round its weights
@@ -121,7 +123,7 @@ def _make_variant(model: TTDModel, out_dir: Path, precision: str, int8_mode: str
     else:
         calibration = _calibration(model, images, captions) if int8_mode == "static" else {}
         for name in ENCODERS:
-            to_int8(out_dir / f"{name}.onnx", int8_mode, calibration.get(name))
+            to_int8(out_dir / f"{name}.onnx", int8_mode, calibration.get(name), int8_settings)
     manifest = _manifest(model, out_dir, precision, opset)
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     try:
