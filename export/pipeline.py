@@ -21,11 +21,14 @@ import torch
 from export.checks import FP32_GATE, VARIANT_GATE, check_pairs, compare, enforce
 from export.onnx_graphs import DEFAULT_OPSET, export_graphs
 from export.precision import ENCODERS, PORTABLE, PRECISIONS, Int8Settings, to_fp16, to_int8
+from export.int8_portability import INT16_MAX, worst_pair_sum
+from ttd.hardware import cpu_capabilities
 from ttd.images import normalize
 from ttd.lora import has_lora, merge_lora
 from ttd.model import TTDModel
 from ttd.runtime.export_dir import CONFIG, GRAPH_NAMES, MANIFEST, read_export, sha256
 from ttd.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from ttd.runtime.portability import write_reference_samples
 from ttd.runtime.tagger import Tagger
 from ttd.runtime.torch_backend import TorchBackend
 from ttd.tags import STOPWORDS
@@ -79,6 +82,8 @@ def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mod
     images, captions = check_pairs(model.config.image_size, check_count)
     _write_side_files(model, out_dir)
     export_graphs(model, out_dir, opset)
+    write_reference_samples(out_dir, reference.backend, normalize(images, model.config.mean, model.config.std),
+                            model.tokenizer(captions[:8]))
     manifest = _manifest(model, out_dir, "fp32", opset)  # hashes first: the runtime verifies them
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     parity = compare(reference, _tagger(OnnxRuntimeBackend(read_export(out_dir), "cpu"), model), images, captions)
@@ -92,6 +97,8 @@ def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mod
             manifest.update(files=variant["files"], precision=precision)
             if precision == "int8":
                 manifest["int8_mode"] = int8_mode
+                manifest["int8"] = {"mode": int8_mode, **int8_settings.to_dict(),
+                                    "worst_pair_sum": max(worst_pair_sum(out_dir / f"{n}.onnx") for n in ENCODERS)}
     except Exception:
         for name in GRAPH_NAMES:
             (out_dir / f"{name}.onnx").unlink(missing_ok=True)
@@ -124,6 +131,12 @@ def _make_variant(model: TTDModel, out_dir: Path, precision: str, int8_mode: str
         calibration = _calibration(model, images, captions) if int8_mode == "static" else {}
         for name in ENCODERS:
             to_int8(out_dir / f"{name}.onnx", int8_mode, calibration.get(name), int8_settings)
+            worst = worst_pair_sum(out_dir / f"{name}.onnx")
+            if worst > INT16_MAX:
+                from export.checks import GateError
+
+                raise GateError(f"int8 export refused: {name}'s u8s8 products can reach int16 pair sums of {worst} "
+                                f"> {INT16_MAX}, which saturate on CPUs without VNNI (AVX2); quantise with reduce_range")
     manifest = _manifest(model, out_dir, precision, opset)
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     try:
@@ -159,5 +172,6 @@ def _manifest(model: TTDModel, out_dir: Path, precision: str, opset: int) -> dic
         "opset": opset,
         "precision": precision,
         "versions": _versions(),
+        "gate_cpu": cpu_capabilities(with_gpu=False).to_dict(),  # where the gates ran (ttd/runtime/portability.py)
         "files": {name: sha256(out_dir / name) for name in files},
     }
