@@ -54,8 +54,9 @@ def main() -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="JSON lines written here, one per item, in input order.")
 @model_options
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt", "triton"]), default="torch",
-              show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt", "triton"]), default="torch",
+              show_default=True, help="auto: the fastest gated path for this hardware (onnxruntime with --export-dir, "
+                                      "torch otherwise); prints what it picked and why.")
 @click.option("--export-dir", type=click.Path(file_okay=False), default=None, help="Export directory (onnxruntime, tensorrt).")
 @click.option("--url", default=None, help="Triton server URL for --backend triton (host:port).")
 @click.option("--threshold", type=float, default=0.5, show_default=True, help="δ: a tag is selected when its score ≥ δ.")
@@ -68,8 +69,9 @@ def main() -> None:
               help="Also write a PNG mask per selected tag under this folder.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:1 ...")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
-              help="Torch backend weights; bfloat16 is ~5x faster on CPUs with AMX.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="Torch backend weights; bfloat16 is ~5x faster on CPUs with AMX (and slower without). "
+                   "auto: float16 on a GPU, bfloat16 with AMX, else float32.")
 @click.option("--max-pixels", type=click.IntRange(1), default=89_478_485, show_default=True,
               help="Refuse larger images (decompression bombs).")
 @click.option("--top-k", type=click.IntRange(1), default=10, show_default=True, help="Vocabulary mode: best tags listed per image.")
@@ -97,6 +99,12 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
     try:
         items = read_captions(captions) if captions else list_images(list(images))
         vocab = read_vocabulary(vocabulary) if vocabulary else None
+        if "auto" in (backend, dtype):
+            from ttd.fast_path import resolve_auto
+
+            path = resolve_auto(backend, dtype, device, export_dir)
+            click.echo(path.line(), err=True)
+            backend, dtype, device = path.backend, path.dtype if path.backend == "torch" else "float32", path.device
         tagger = load_tagger(backend, model=model, pretrained=pretrained, checkpoint=checkpoint, dense_mode=dense_mode,
                              device=device, dtype=dtype, export_dir=export_dir, url=url, threshold=threshold,
                              flip_tta=flip_tta, score_method=score_method, threads=threads)
