@@ -77,9 +77,14 @@ def main() -> None:
 @click.option("--top-k", type=click.IntRange(1), default=10, show_default=True, help="Vocabulary mode: best tags listed per image.")
 @click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
               help="CPU threads for the torch and onnxruntime backends (0: all cores).")
+@click.option("--vocab-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder of cached vocabulary tag embeddings, keyed by model/export and vocabulary "
+                   "(default: $TTD_CACHE_DIR/vocab or ~/.cache/ttd/vocab).")
+@click.option("--no-vocab-cache", is_flag=True, help="Encode the vocabulary afresh and cache nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, dense_mode, backend, export_dir, url,
-        threshold, score_method, flip_tta, masks_dir, batch_size, device, dtype, max_pixels, top_k, threads, quiet):
+        threshold, score_method, flip_tta, masks_dir, batch_size, device, dtype, max_pixels, top_k, threads,
+        vocab_cache, no_vocab_cache, quiet):
     """Tag images: with their captions (--captions) or against a vocabulary (--vocabulary IMAGES...).
 
     Each output line holds the candidate tags with their pixel-tag scores and the selected tags,
@@ -110,7 +115,17 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
                              flip_tta=flip_tta, score_method=score_method, threads=threads)
     except (InputError, ValueError, RuntimeError, FileNotFoundError) as error:
         fail(str(error))
-    summary = tag_items(tagger, items, output, vocab, batch_size, masks_dir, max_pixels, top_k, progress=not quiet)
+    vocab_embeds = None
+    if vocab and not no_vocab_cache:
+        from ttd.vocab_cache import load_or_encode, model_key_for
+
+        key = model_key_for(tagger, export_dir)
+        if key:
+            cached = load_or_encode(tagger, vocab, key, vocab_cache, progress=not quiet)
+            vocab_embeds = cached.embeds
+            click.echo(f"vocabulary cache {'hit' if cached.hit else 'miss (stored)'}: {cached.path}", err=True)
+    summary = tag_items(tagger, items, output, vocab, batch_size, masks_dir, max_pixels, top_k, progress=not quiet,
+                        vocabulary_embeds=vocab_embeds)
     click.echo(f"wrote {summary.written} records to {output} ({summary.errors} errors)", err=True)
 
 

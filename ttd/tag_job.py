@@ -17,6 +17,7 @@ from ttd.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, resize_cent
 from ttd.inputs import Item
 from ttd.runtime.tagger import Tagger, TagResult
 from ttd.tags import candidate_tags
+from ttd.vocab_tagging import tag_with_vocabulary
 
 SAFE = re.compile(r"[^a-z0-9_-]+")
 
@@ -93,11 +94,13 @@ def tag_items(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     top_k: int = 10,
     progress: bool = True,
+    vocabulary_embeds: np.ndarray | None = None,
 ) -> TagSummary:
+    """vocabulary_embeds: the vocabulary's tag embeddings if already known (ttd/vocab_cache.py)."""
     summary = TagSummary()
     output.parent.mkdir(parents=True, exist_ok=True)
-    if vocabulary is not None:
-        tagger.encode_tags(vocabulary, progress)  # once, before the first batch
+    if vocabulary is not None and vocabulary_embeds is None:
+        vocabulary_embeds = tagger.encode_tags(vocabulary, progress)  # once, before the first batch
     with output.open("w", encoding="utf-8") as out, tqdm(total=len(items), disable=not progress, unit="img") as bar:
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
@@ -110,7 +113,11 @@ def tag_items(
                     records[offset] = {"image": item.image, "caption": item.caption, "error": str(error)}
             if prepared:
                 keys = sorted(prepared)
-                results = tagger.tag(np.stack([prepared[k][0] for k in keys]), [prepared[k][1] for k in keys])
+                batch = np.stack([prepared[k][0] for k in keys])
+                if vocabulary is not None:  # one batched tag head for the shared vocabulary
+                    results = tag_with_vocabulary(tagger, batch, vocabulary, vocabulary_embeds, masks_dir is not None)
+                else:
+                    results = tagger.tag(batch, [prepared[k][1] for k in keys])
                 for key, result in zip(keys, results):
                     item = chunk[key]
                     masks = _write_masks(masks_dir, start + key, item, result, tagger.config.image_size) if masks_dir else {}
