@@ -299,6 +299,54 @@ def export_command(out_dir, model, pretrained, checkpoint, dense_mode, precision
                f"selected-tag agreement {figures['tag_agreement']:.1%}", err=True)
 
 
+@main.command("bench")
+@model_options
+@click.option("--batch-sizes", default="1,8", show_default=True, help="Image batch sizes, comma separated.")
+@click.option("--text-batch", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--tags", type=click.IntRange(1), default=1000, show_default=True,
+              help="K for the tag-head and vocabulary-tagging timings.")
+@click.option("--min-seconds", type=float, default=1.0, show_default=True, help="Per timing: repeat calls this long.")
+@click.option("--check-count", type=click.IntRange(4), default=32, show_default=True,
+              help="World image-caption pairs of each quality gate.")
+@click.option("--threads", type=click.IntRange(0), default=0, show_default=True, help="CPU threads (0: all cores).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the rows, CPU, versions and settings as JSON here.")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the table as Markdown here.")
+def bench_command(model, pretrained, checkpoint, dense_mode, batch_sizes, text_batch, tags, min_seconds, check_count,
+                  threads, json_path, markdown_path):
+    """Measure every backend x precision x batch size this machine can run: images/s, texts/s,
+    tag-head cost, vocabulary tagging cost, each with its quality against torch fp32.
+
+    Exports are made on the spot in a temporary folder, each through its quality gate (a refused
+    one is listed with why). Takes minutes for the world model, longer for ViT-B/16.
+    """
+    from export.bench import BenchSettings, run_bench, to_markdown
+    from ttd.factory import ModelLoadError, load_model
+
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(","))
+        if not sizes or min(sizes) < 1:
+            raise ValueError
+    except ValueError:
+        fail(f"--batch-sizes {batch_sizes!r}: give positive integers separated by commas, e.g. 1,8")
+    settings = BenchSettings(sizes, text_batch, tags, min_seconds, check_count, threads)
+    try:
+        load_model(model, pretrained, checkpoint, dense_mode)
+    except (ModelLoadError, ValueError) as error:
+        fail(str(error))
+    result = run_bench(lambda: load_model(model, pretrained, checkpoint, dense_mode), settings,
+                       progress=lambda line: click.echo(line, err=True))
+    table = to_markdown(result)
+    click.echo(table)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=1))
+    if markdown_path:
+        markdown_path.parent.mkdir(parents=True, exist_ok=True)
+        markdown_path.write_text(table)
+
+
 @main.group()
 def triton() -> None:
     """Triton model repositories: build one from an export, validate it."""
