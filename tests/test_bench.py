@@ -20,7 +20,8 @@ def test_bench_rows_quality_refusals_and_report():
         assert row["vocab_tagging_over_encoding"] > 0
     assert rows[("torch", "fp32", 1)]["images_speedup"] == 1.0 and rows[("torch", "fp32", 1)]["min_cosine"] == 1.0
     int8 = rows[("onnxruntime", "int8 dynamic", 2)]
-    assert 0.99 <= int8["min_cosine"] < 1.0 and int8["tag_agreement"] >= 0.95  # from its gate
+    # the int8 gate's figures (fp32 ONNX parity would be > 0.99999)
+    assert 0.99 <= int8["min_cosine"] < 0.99995 and int8["tag_agreement"] >= 0.95
     assert 0.99 <= rows[("torch", "bf16", 1)]["min_cosine"] < 1.0
     assert [r["precision"] for r in result["refused"]] == ["bf16"]
     assert "onnxruntime cannot run it here" in result["refused"][0]["why"]
