@@ -32,6 +32,8 @@ SETTINGS = {
     "reduce range": Int8Settings(reduce_range=True, per_channel=False),
     "reduce range, per channel (PORTABLE)": Int8Settings(),
     "reduce range, per channel, s8 activations": Int8Settings(unsigned_activations=False),
+    "u8 weights (u8u8), full range, per channel": Int8Settings(reduce_range=False, per_channel=True, unsigned_weights=True),
+    "u8 weights (u8u8), full range": Int8Settings(reduce_range=False, per_channel=False, unsigned_weights=True),
 }
 
 
@@ -46,6 +48,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=None, help="random-initialise the architecture with this seed")
     parser.add_argument("--check-count", type=int, default=32)
     parser.add_argument("--no-emulation", action="store_true", help="skip the (slow) pre-VNNI emulation")
+    parser.add_argument("--modes", default="dynamic,static", help="int8 modes to measure, comma separated")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     make = (lambda: create_model(args.model, seed=args.seed)) if args.seed is not None else (lambda: load_model(args.model))
@@ -56,7 +59,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "fp32"
         run_export(make(), base, check_count=4)
-        for mode in ("dynamic", "static"):
+        for mode in args.modes.split(","):
             calibration = _calibration(model, images, captions) if mode == "static" else {}
             for label, settings in SETTINGS.items():
                 if mode == "dynamic" and not settings.unsigned_activations:

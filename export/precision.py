@@ -38,6 +38,7 @@ class Int8Settings:
     reduce_range: bool = True  # 7-bit weights: no int16 saturation in pre-VNNI u8s8 kernels
     per_channel: bool = True  # one scale per output channel wins back the bit reduce_range costs
     unsigned_activations: bool = True  # u8 activations: the form MLAS's x86 kernels take natively
+    unsigned_weights: bool = False  # u8 weights: MLAS's u8u8 kernels widen to int16 first (no saturation, slower)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,11 +63,12 @@ def to_int8(path: Path, mode: str = "dynamic", calibration: list[dict[str, np.nd
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    weight_type = QuantType.QUInt8 if settings.unsigned_weights else QuantType.QInt8
     tmp = path.with_suffix(".fp32.onnx")
     path.rename(tmp)
     try:
         if mode == "dynamic":
-            quantize_dynamic(str(tmp), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+            quantize_dynamic(str(tmp), str(path), weight_type=weight_type, op_types_to_quantize=["MatMul", "Gemm"],
                              per_channel=settings.per_channel, reduce_range=settings.reduce_range)
         elif mode == "static":
             if not calibration:
@@ -76,7 +78,8 @@ def to_int8(path: Path, mode: str = "dynamic", calibration: list[dict[str, np.nd
             try:
                 quantize_static(str(prepared), str(path), _Calibration(calibration), quant_format=QuantFormat.QDQ,
                                 activation_type=QuantType.QUInt8 if settings.unsigned_activations else QuantType.QInt8,
-                                weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+                                weight_type=weight_type,
+                                op_types_to_quantize=["MatMul", "Gemm", "Conv"],
                                 per_channel=settings.per_channel, reduce_range=settings.reduce_range)
             finally:
                 prepared.unlink(missing_ok=True)

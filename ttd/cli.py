@@ -309,12 +309,14 @@ def export_command(out_dir, model, pretrained, checkpoint, dense_mode, precision
 @click.option("--check-count", type=click.IntRange(4), default=32, show_default=True,
               help="World image-caption pairs of each quality gate.")
 @click.option("--threads", type=click.IntRange(0), default=0, show_default=True, help="CPU threads (0: all cores).")
+@click.option("--clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
+              help="wall: elapsed time; cpu: this process's CPU time (with --threads 1, robust on a shared machine).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the rows, CPU, versions and settings as JSON here.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the table as Markdown here.")
 def bench_command(model, pretrained, checkpoint, dense_mode, batch_sizes, text_batch, tags, min_seconds, check_count,
-                  threads, json_path, markdown_path):
+                  threads, clock, json_path, markdown_path):
     """Measure every backend x precision x batch size this machine can run: images/s, texts/s,
     tag-head cost, vocabulary tagging cost, each with its quality against torch fp32.
 
@@ -330,7 +332,7 @@ def bench_command(model, pretrained, checkpoint, dense_mode, batch_sizes, text_b
             raise ValueError
     except ValueError:
         fail(f"--batch-sizes {batch_sizes!r}: give positive integers separated by commas, e.g. 1,8")
-    settings = BenchSettings(sizes, text_batch, tags, min_seconds, check_count, threads)
+    settings = BenchSettings(sizes, text_batch, tags, min_seconds, check_count, threads, clock=clock)
     try:
         load_model(model, pretrained, checkpoint, dense_mode)
     except (ModelLoadError, ValueError) as error:

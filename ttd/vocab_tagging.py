@@ -27,11 +27,12 @@ def vocabulary_scores(patch_embeds: np.ndarray, tag_embeds: np.ndarray, flipped:
         if flipped is not None:  # mirror the flipped view's maps back (DESIGN §3.3 flip TTA)
             views.append(torch.from_numpy(np.ascontiguousarray(flipped[..., ::-1], np.float32)))
         b, d, h, w = views[0].shape
-        cosines = [torch.matmul(tags, v.reshape(b, d, h * w)) for v in views]  # [B, K, hw] each
+        needs_cosines = with_masks or method != "softmax" or len(views) > 1
+        cosines = [torch.matmul(tags, v.reshape(b, d, h * w)) for v in views] if needs_cosines else []  # [B, K, hw]
         if method == "softmax":
             if len(views) == 1:  # max_i softmax_k = exp(max_i(τc - lse_i)): no [B, K, hw] probability map
-                logits = cosines[0] * tau
-                scores = (logits - torch.logsumexp(logits, dim=1, keepdim=True)).amax(dim=2).exp()
+                logits = torch.matmul(tags * tau, views[0].reshape(b, d, h * w))  # τ folded into the K×D side
+                scores = logits.sub_(torch.logsumexp(logits, dim=1, keepdim=True)).amax(dim=2).exp()
             else:
                 scores = torch.stack([torch.softmax(c * tau, dim=1) for c in cosines]).mean(0).amax(dim=2)
         elif len(views) == 1:  # a sigmoid mask is monotonic in the cosine: its peak is at the best pixel
@@ -64,5 +65,6 @@ def tag_with_vocabulary(tagger: Tagger, images: np.ndarray, tags: list[str], tag
     scores, masks = vocabulary_scores(patch_embeds, tag_embeds, flipped, tagger.config.tau, tagger.mask_weight,
                                       tagger.mask_bias, tagger.score_method, with_masks)
     empty = np.zeros((len(tags), 0, 0), np.float32)
-    return [TagResult(list(tags), s, [t for t, v in zip(tags, s) if v >= tagger.threshold],
+    chosen = scores >= tagger.threshold  # vectorised: a Python loop over K numpy scalars per image costs more than the head
+    return [TagResult(list(tags), s, [tags[k] for k in np.flatnonzero(chosen[i])],
                       masks[i] if masks is not None else empty) for i, s in enumerate(scores.astype(np.float32))]
