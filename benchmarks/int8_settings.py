@@ -33,7 +33,8 @@ SETTINGS = {
     "reduce range, per channel (PORTABLE)": Int8Settings(),
     "reduce range, per channel, s8 activations": Int8Settings(unsigned_activations=False),
     "u8 weights (u8u8), full range, per channel": Int8Settings(reduce_range=False, per_channel=True, unsigned_weights=True),
-    "u8 weights (u8u8), full range": Int8Settings(reduce_range=False, per_channel=False, unsigned_weights=True),
+    "u8 weights (u8u8), full range (PORTABLE_STATIC)": Int8Settings(reduce_range=False, per_channel=False,
+                                                                   unsigned_weights=True),
 }
 
 
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--check-count", type=int, default=32)
     parser.add_argument("--no-emulation", action="store_true", help="skip the (slow) pre-VNNI emulation")
     parser.add_argument("--modes", default="dynamic,static", help="int8 modes to measure, comma separated")
+    parser.add_argument("--only", default="", help="measure only the settings whose label contains this text")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     make = (lambda: create_model(args.model, seed=args.seed)) if args.seed is not None else (lambda: load_model(args.model))
@@ -62,7 +64,7 @@ def main() -> None:
         for mode in args.modes.split(","):
             calibration = _calibration(model, images, captions) if mode == "static" else {}
             for label, settings in SETTINGS.items():
-                if mode == "dynamic" and not settings.unsigned_activations:
+                if args.only not in label or mode == "dynamic" and not settings.unsigned_activations:
                     continue  # dynamic quantisation always makes u8 activations
                 work = Path(tmp) / "variant"
                 shutil.rmtree(work, ignore_errors=True)

@@ -26,7 +26,8 @@ INTEGER_GEMMS = {"MatMulInteger": 1, "ConvInteger": 1, "QLinearMatMul": 3, "QLin
 
 
 def _weights_of(graph) -> list[np.ndarray]:
-    """The int8 weight tensors of a graph that feed integer GEMMs (QOperator or QDQ form)."""
+    """The int8 weight tensors of a graph that feed integer GEMMs (QOperator or QDQ form); uint8 weights
+    go through MLAS's u8u8 kernels, which widen both sides to int16 (pmaddwd) and cannot saturate."""
     from onnx import TensorProto, numpy_helper
 
     initializers = {t.name: t for t in graph.initializer}

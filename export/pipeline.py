@@ -20,7 +20,7 @@ import torch
 
 from export.checks import FP32_GATE, VARIANT_GATE, check_pairs, compare, enforce
 from export.onnx_graphs import DEFAULT_OPSET, export_graphs
-from export.precision import ENCODERS, PORTABLE, PRECISIONS, Int8Settings, to_fp16, to_int8
+from export.precision import ENCODERS, PRECISIONS, Int8Settings, portable_settings, to_fp16, to_int8
 from export.int8_portability import INT16_MAX, worst_pair_sum
 from ttd.hardware import cpu_capabilities
 from ttd.images import normalize
@@ -68,12 +68,13 @@ def _write_side_files(model: TTDModel, out_dir: Path) -> None:
 
 def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mode: str = "dynamic",
                opset: int = DEFAULT_OPSET, check_count: int = 64, tensorrt: bool = False,
-               tensorrt_limits=None, int8_settings: Int8Settings = PORTABLE) -> dict:
+               tensorrt_limits=None, int8_settings: Int8Settings | None = None) -> dict:
     """Export `model` to `out_dir` and return the manifest; raises GateError when a gate fails.
 
     The model is moved to the CPU in float32 and its LoRA adapters, if any, are merged in place."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    int8_settings = int8_settings or portable_settings(int8_mode)
     model = model.float().cpu().eval()
     if has_lora(model):
         model = merge_lora(model)
@@ -117,7 +118,7 @@ def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mod
 
 def _make_variant(model: TTDModel, out_dir: Path, precision: str, int8_mode: str, opset: int,
                   images: np.ndarray, captions: list[str], reference: Tagger,
-                  int8_settings: Int8Settings = PORTABLE) -> dict:
+                  int8_settings: Int8Settings) -> dict:
     if precision == "bf16":
         with tempfile.TemporaryDirectory() as tmp:
             # a copy: casting the reference model to bf16 and back would round its weights

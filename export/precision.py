@@ -4,9 +4,12 @@ the quality gate of export/checks.py against it, or the export refuses it.
 - fp16: onnxruntime's converter, LayerNormalization and Softmax kept in fp32, float32 I/O;
 - bf16: the encoders exported from a bfloat16 PyTorch model (float32 I/O);
 - int8: onnxruntime dynamic quantisation of the weights (MatMul/Gemm), or static QDQ
-  quantisation calibrated on images and captions. Both use 7-bit per-channel weights
-  (`reduce_range`, `per_channel`) and uint8 activations: u8s8 GEMMs then cannot saturate on CPUs
-  without VNNI (export/int8_portability.py), so the gate measured here holds on every x86-64 CPU.
+  quantisation calibrated on images and captions, both with uint8 activations and settings under
+  which no integer GEMM can saturate on CPUs without VNNI (export/int8_portability.py), so the
+  gate measured here holds on every x86-64 CPU: dynamic uses 7-bit per-channel int8 weights
+  (`reduce_range`, `per_channel`); static uses uint8 weights (MLAS's u8u8 kernels widen to int16
+  before multiplying), because 7-bit per-channel weights cost static QDQ its gate on the world
+  model (patch cosine 0.988; benchmarks/int8_settings.py).
 The tag head has no weights and stays fp32.
 """
 
@@ -44,8 +47,14 @@ class Int8Settings:
         return asdict(self)
 
 
-PORTABLE = Int8Settings()
+PORTABLE = Int8Settings()  # dynamic
+PORTABLE_STATIC = Int8Settings(reduce_range=False, per_channel=False, unsigned_weights=True)
 FULL_RANGE = Int8Settings(reduce_range=False, per_channel=False)  # onnxruntime's defaults: saturates on AVX2
+
+
+def portable_settings(mode: str) -> Int8Settings:
+    """The settings `ttd export` uses for an int8 mode (measured: benchmarks/int8_settings.py)."""
+    return PORTABLE_STATIC if mode == "static" else PORTABLE
 
 
 class _Calibration:
@@ -59,10 +68,11 @@ class _Calibration:
 
 
 def to_int8(path: Path, mode: str = "dynamic", calibration: list[dict[str, np.ndarray]] | None = None,
-            settings: Int8Settings = PORTABLE) -> None:
+            settings: Int8Settings | None = None) -> None:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    settings = settings or portable_settings(mode)
     weight_type = QuantType.QUInt8 if settings.unsigned_weights else QuantType.QInt8
     tmp = path.with_suffix(".fp32.onnx")
     path.rename(tmp)

@@ -83,7 +83,7 @@ def test_int8_manifest_records_gate_cpu_settings_and_reference_samples(int8_expo
     here = cpu_capabilities(with_gpu=False)
     assert manifest["gate_cpu"]["isa_class"] == here.isa_class and manifest["gate_cpu"]["flags"] == list(here.flags)
     assert manifest["int8"] == {"mode": "dynamic", "reduce_range": True, "per_channel": True,
-                                "unsigned_activations": True, "worst_pair_sum": 32640}
+                                "unsigned_activations": True, "unsigned_weights": False, "worst_pair_sum": 32640}
     assert REFERENCE_SAMPLES in manifest["files"]  # hashed: a tampered sample file fails read_export
     samples = np.load(out / REFERENCE_SAMPLES)
     assert samples["pixel_values"].shape == (4, 3, 64, 64) and samples["patch_embeds"].shape == (4, 128, 8, 8)
@@ -138,7 +138,7 @@ if {mode!r} == "dynamic":  # also the int8 kernels as an AVX2 CPU runs them
     figures = compare(reference, _tagger(PreVnniEmulatedBackend(read_export(out)), model), *check_pairs(64, 8),
                       batch_sizes=(4,))
     enforce(figures, VARIANT_GATE, "int8 on an emulated AVX2 CPU")
-print(json.dumps({{"capability": torch.backends.cpu.get_cpu_capability(), "quality": figures}}))
+print(json.dumps({{"capability": torch.backends.cpu.get_cpu_capability(), "quality": figures, "int8": manifest["int8"]}}))
 """
 
 
@@ -152,6 +152,9 @@ def test_int8_gate_passes_with_the_isa_capped_to_avx2(tmp_path, mode):
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["capability"] == "AVX2"
+    # no integer GEMM can saturate without VNNI: 7-bit int8 weights (dynamic) or uint8 weights (static, u8u8)
+    assert (result["int8"]["worst_pair_sum"], result["int8"]["unsigned_weights"]) == (
+        (32640, False) if mode == "dynamic" else (0, True))
     quality = result["quality"]
     assert min(quality["min_cosine"][k] for k in ("image_embeds", "patch_embeds", "text_embeds")) >= 0.99
     assert quality["tag_agreement"] >= 0.95
