@@ -96,7 +96,8 @@ def measure_backend(tagger: Tagger, images: np.ndarray, settings: BenchSettings)
         encode_s = median_seconds(lambda: tagger.encode_images(chunk), settings.min_seconds, settings.clock)
         _, patch, _ = tagger.encode_images(chunk[:1])
         head_s = median_seconds(lambda: backend.score_tags(patch, tag_embeds[None]), settings.min_seconds, settings.clock)
-        vocab_s = median_seconds(lambda: tag_with_vocabulary(tagger, chunk, vocabulary, tag_embeds), settings.min_seconds, settings.clock)
+        vocab_s = median_seconds(lambda: tag_with_vocabulary(tagger, chunk, vocabulary, tag_embeds),
+                                 settings.min_seconds, settings.clock)
         rows.append({"batch": batch, "images_per_s": batch / encode_s, "texts_per_s": settings.text_batch / text_s,
                      "tag_head_ms_per_image": 1000 * head_s, "vocab_tagging_over_encoding": vocab_s / encode_s})
     return rows
@@ -162,7 +163,8 @@ def to_markdown(result: dict) -> str:
     lines = [f"`ttd bench` — model {result['model']}; CPU {cpu['model']} ({cpu['isa_class']}; flags: "
              f"{' '.join(cpu['flags']) or 'none detected'}); GPU {cpu['gpu'] or 'none'}; "
              + ", ".join(f"{k} {v}" for k, v in result["versions"].items())
-             + f"; {s.get('clock', 'wall')} clock, torch threads {s['torch_threads']}, text batch {s['text_batch']}, {s['tags']} tags, "
+             + f"; {s.get('clock', 'wall')} clock, torch threads {s['torch_threads']}, "
+               f"text batch {s['text_batch']}, {s['tags']} tags, "
                f"{s['check_count']} gate pairs.", "",
              "| backend | precision | batch | images/s | × torch fp32 | texts/s | × torch fp32 | tag head ms/img "
              f"({s['tags']} tags) | vocab tagging ÷ encoding | min cosine | tag agreement |",

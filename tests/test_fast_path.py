@@ -9,7 +9,8 @@ from ttd.fast_path import choose_fast_path, resolve_auto
 from ttd.hardware import Capabilities, parse_cpuinfo
 
 AVX2 = Capabilities("AMD EPYC 7B12", ("avx2", "fma", "f16c"))
-VNNI = Capabilities("AMD EPYC 9B14", ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"))
+VNNI = Capabilities("Intel Xeon Gold 6248", ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"))
+BF16 = Capabilities("AMD EPYC 9B14", ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"))
 AMX = Capabilities("Intel Xeon Platinum 8481C", ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
                                                  "amx_tile", "amx_bf16", "amx_int8"))
 GPU = Capabilities("AMD EPYC", ("avx2",), gpu="NVIDIA H100 80GB HBM3")
@@ -24,11 +25,12 @@ def test_cpuinfo_flags_decide_the_isa_class():
 
 
 def test_auto_without_export_picks_torch_dtype_by_hardware():
-    picks = {caps.model: choose_fast_path(caps) for caps in (AVX2, VNNI, AMX, GPU)}
+    picks = {caps.model: choose_fast_path(caps) for caps in (AVX2, VNNI, BF16, AMX, GPU)}
     assert [(p.backend, p.device, p.dtype) for p in picks.values()] == [
         ("torch", "cpu", "float32"), ("torch", "cpu", "float32"), ("torch", "cpu", "bfloat16"),
-        ("torch", "cuda", "float16")]
-    assert "no AMX on this avx2 CPU (AMD EPYC 7B12)" in picks[AVX2.model].line()
+        ("torch", "cpu", "bfloat16"), ("torch", "cuda", "float16")]
+    assert "no AMX or avx512_bf16 on this avx2 CPU (AMD EPYC 7B12)" in picks[AVX2.model].line()
+    assert "avx512_bf16 dot products" in picks[BF16.model].reason
     assert picks[AMX.model].line() == "auto: torch bfloat16 on cpu — AMX tiles run bfloat16 matmuls (3-5x float32)"
 
 

@@ -26,7 +26,8 @@ FORMAT = "ttd-vocab-cache/1"
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("TTD_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ttd") / "vocab"
+    root = os.environ.get("TTD_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ttd"
+    return Path(root) / "vocab"
 
 
 def vocabulary_hash(tags: list[str], templates: list[str] | tuple[str, ...]) -> str:
