@@ -20,13 +20,16 @@ import torch
 
 from export.checks import FP32_GATE, VARIANT_GATE, check_pairs, compare, enforce
 from export.onnx_graphs import DEFAULT_OPSET, export_graphs
-from export.precision import ENCODERS, PRECISIONS, to_fp16, to_int8
+from export.precision import ENCODERS, PRECISIONS, Int8Settings, portable_settings, to_fp16, to_int8
+from export.int8_portability import INT16_MAX, worst_pair_sum
+from ttd.hardware import cpu_capabilities
 from ttd.images import normalize
 from ttd.lora import has_lora, merge_lora
 from ttd.model import TTDModel
 from ttd.factory import save_checkpoint
 from ttd.runtime.export_dir import CONFIG, GRAPH_NAMES, MANIFEST, TORCH_WEIGHTS, read_export, sha256
 from ttd.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from ttd.runtime.portability import write_reference_samples
 from ttd.runtime.tagger import Tagger
 from ttd.runtime.torch_backend import TorchBackend
 from ttd.tags import STOPWORDS
@@ -56,7 +59,8 @@ def _calibration(model: TTDModel, images: np.ndarray, captions: list[str]) -> di
 def _write_side_files(model: TTDModel, out_dir: Path, torch_weights: bool) -> None:
     if torch_weights:  # writes CONFIG beside it
         save_checkpoint(model, out_dir / TORCH_WEIGHTS)
-    else:
+    else:  # and no stale weights of an earlier export in the same folder
+        (out_dir / TORCH_WEIGHTS).unlink(missing_ok=True)
         (out_dir / CONFIG).write_text(json.dumps(model.config.to_dict(), indent=1))
     (out_dir / "stopwords.txt").write_text("\n".join(sorted(STOPWORDS)) + "\n")
     if model.config.tokenizer.get("kind") == "open_clip":
@@ -69,7 +73,7 @@ def _write_side_files(model: TTDModel, out_dir: Path, torch_weights: bool) -> No
 
 def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mode: str = "dynamic",
                opset: int = DEFAULT_OPSET, check_count: int = 64, tensorrt: bool = False,
-               tensorrt_limits=None, torch_weights: bool = True) -> dict:
+               tensorrt_limits=None, torch_weights: bool = True, int8_settings: Int8Settings | None = None) -> dict:
     """Export `model` to `out_dir` and return the manifest; raises GateError when a gate fails.
 
     The model is moved to the CPU in float32 and its LoRA adapters, if any, are merged in place.
@@ -81,6 +85,7 @@ def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mod
         from export.tensorrt import preflight
 
         preflight(precision)
+    int8_settings = int8_settings or portable_settings(int8_mode)
     model = model.float().cpu().eval()
     if has_lora(model):
         model = merge_lora(model)
@@ -89,6 +94,8 @@ def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mod
     images, captions = check_pairs(model.config.image_size, check_count)
     _write_side_files(model, out_dir, torch_weights)
     export_graphs(model, out_dir, opset)
+    write_reference_samples(out_dir, reference.backend, normalize(images, model.config.mean, model.config.std),
+                            model.tokenizer(captions[:8]))
     manifest = _manifest(model, out_dir, "fp32", opset)  # hashes first: the runtime verifies them
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     parity = compare(reference, _tagger(OnnxRuntimeBackend(read_export(out_dir), "cpu"), model), images, captions)
@@ -96,11 +103,14 @@ def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mod
     try:
         enforce(parity, FP32_GATE, "fp32 export (ONNX vs PyTorch)")
         if precision != "fp32":
-            manifest["quality"] = _make_variant(model, out_dir, precision, int8_mode, opset, images, captions, reference)
+            manifest["quality"] = _make_variant(model, out_dir, precision, int8_mode, opset, images, captions, reference,
+                                                int8_settings)
             variant = json.loads((out_dir / MANIFEST).read_text())  # written by _make_variant, hashes included
             manifest.update(files=variant["files"], precision=precision)
             if precision == "int8":
                 manifest["int8_mode"] = int8_mode
+                manifest["int8"] = {"mode": int8_mode, **int8_settings.to_dict(),
+                                    "worst_pair_sum": max(worst_pair_sum(out_dir / f"{n}.onnx") for n in ENCODERS)}
     except Exception:
         for name in GRAPH_NAMES:
             (out_dir / f"{name}.onnx").unlink(missing_ok=True)
@@ -119,7 +129,8 @@ def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mod
 
 
 def _make_variant(model: TTDModel, out_dir: Path, precision: str, int8_mode: str, opset: int,
-                  images: np.ndarray, captions: list[str], reference: Tagger) -> dict:
+                  images: np.ndarray, captions: list[str], reference: Tagger,
+                  int8_settings: Int8Settings) -> dict:
     if precision == "bf16":
         with tempfile.TemporaryDirectory() as tmp:
             # a copy: casting the reference model to bf16 and back would round its weights
@@ -132,7 +143,13 @@ def _make_variant(model: TTDModel, out_dir: Path, precision: str, int8_mode: str
     else:
         calibration = _calibration(model, images, captions) if int8_mode == "static" else {}
         for name in ENCODERS:
-            to_int8(out_dir / f"{name}.onnx", int8_mode, calibration.get(name))
+            to_int8(out_dir / f"{name}.onnx", int8_mode, calibration.get(name), int8_settings)
+            worst = worst_pair_sum(out_dir / f"{name}.onnx")
+            if worst > INT16_MAX:
+                from export.checks import GateError
+
+                raise GateError(f"int8 export refused: {name}'s u8s8 products can reach int16 pair sums of {worst} "
+                                f"> {INT16_MAX}, which saturate on CPUs without VNNI (AVX2); quantise with reduce_range")
     manifest = _manifest(model, out_dir, precision, opset)
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     try:
@@ -149,7 +166,7 @@ def _make_variant(model: TTDModel, out_dir: Path, precision: str, int8_mode: str
 
 def _manifest(model: TTDModel, out_dir: Path, precision: str, opset: int) -> dict:
     config = model.config
-    written = [CONFIG, "stopwords.txt", "bpe_simple_vocab_16e6.txt.gz", *(f"{g}.onnx{x}" for g in GRAPH_NAMES for x in ("", ".data"))]
+    written = [CONFIG, TORCH_WEIGHTS, "stopwords.txt", "bpe_simple_vocab_16e6.txt.gz", *(f"{g}.onnx{x}" for g in GRAPH_NAMES for x in ("", ".data"))]
     files = sorted(name for name in written if (out_dir / name).is_file())  # what the export wrote, not what was there
     return {
         "format": "ttd-export/1",
@@ -169,5 +186,6 @@ def _manifest(model: TTDModel, out_dir: Path, precision: str, opset: int) -> dic
         "opset": opset,
         "precision": precision,
         "versions": _versions(),
+        "gate_cpu": cpu_capabilities(with_gpu=False).to_dict(),  # where the gates ran (ttd/runtime/portability.py)
         "files": {name: sha256(out_dir / name) for name in files},
     }

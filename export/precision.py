@@ -4,12 +4,18 @@ the quality gate of export/checks.py against it, or the export refuses it.
 - fp16: onnxruntime's converter, LayerNormalization and Softmax kept in fp32, float32 I/O;
 - bf16: the encoders exported from a bfloat16 PyTorch model (float32 I/O);
 - int8: onnxruntime dynamic quantisation of the weights (MatMul/Gemm), or static QDQ
-  quantisation calibrated on images and captions.
+  quantisation calibrated on images and captions, both with uint8 activations and settings under
+  which no integer GEMM can saturate on CPUs without VNNI (export/int8_portability.py), so the
+  gate measured here holds on every x86-64 CPU: dynamic uses 7-bit per-channel int8 weights
+  (`reduce_range`, `per_channel`); static uses uint8 weights (MLAS's u8u8 kernels widen to int16
+  before multiplying), because 7-bit per-channel weights cost static QDQ its gate on the world
+  model (patch cosine 0.988; benchmarks/int8_settings.py).
 The tag head has no weights and stays fp32.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +34,29 @@ def to_fp16(path: Path) -> None:
     onnx.save(model, str(path))
 
 
+@dataclass(frozen=True)
+class Int8Settings:
+    """onnxruntime quantisation options; PORTABLE is what `ttd export` uses (see the module doc)."""
+
+    reduce_range: bool = True  # 7-bit weights: no int16 saturation in pre-VNNI u8s8 kernels
+    per_channel: bool = True  # one scale per output channel wins back the bit reduce_range costs
+    unsigned_activations: bool = True  # u8 activations: the form MLAS's x86 kernels take natively
+    unsigned_weights: bool = False  # u8 weights: MLAS's u8u8 kernels widen to int16 first (no saturation, slower)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PORTABLE = Int8Settings()  # dynamic
+PORTABLE_STATIC = Int8Settings(reduce_range=False, per_channel=False, unsigned_weights=True)
+FULL_RANGE = Int8Settings(reduce_range=False, per_channel=False)  # onnxruntime's defaults: saturates on AVX2
+
+
+def portable_settings(mode: str) -> Int8Settings:
+    """The settings `ttd export` uses for an int8 mode (measured: benchmarks/int8_settings.py)."""
+    return PORTABLE_STATIC if mode == "static" else PORTABLE
+
+
 class _Calibration:
     """onnxruntime CalibrationDataReader over a list of feed dicts."""
 
@@ -38,15 +67,19 @@ class _Calibration:
         return next(self.feeds, None)
 
 
-def to_int8(path: Path, mode: str = "dynamic", calibration: list[dict[str, np.ndarray]] | None = None) -> None:
+def to_int8(path: Path, mode: str = "dynamic", calibration: list[dict[str, np.ndarray]] | None = None,
+            settings: Int8Settings | None = None) -> None:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    settings = settings or portable_settings(mode)
+    weight_type = QuantType.QUInt8 if settings.unsigned_weights else QuantType.QInt8
     tmp = path.with_suffix(".fp32.onnx")
     path.rename(tmp)
     try:
         if mode == "dynamic":
-            quantize_dynamic(str(tmp), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+            quantize_dynamic(str(tmp), str(path), weight_type=weight_type, op_types_to_quantize=["MatMul", "Gemm"],
+                             per_channel=settings.per_channel, reduce_range=settings.reduce_range)
         elif mode == "static":
             if not calibration:
                 raise ValueError("static int8 quantisation needs calibration inputs")
@@ -54,8 +87,10 @@ def to_int8(path: Path, mode: str = "dynamic", calibration: list[dict[str, np.nd
             quant_pre_process(str(tmp), str(prepared), skip_symbolic_shape=True)
             try:
                 quantize_static(str(prepared), str(path), _Calibration(calibration), quant_format=QuantFormat.QDQ,
-                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                                op_types_to_quantize=["MatMul", "Gemm", "Conv"])
+                                activation_type=QuantType.QUInt8 if settings.unsigned_activations else QuantType.QInt8,
+                                weight_type=weight_type,
+                                op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+                                per_channel=settings.per_channel, reduce_range=settings.reduce_range)
             finally:
                 prepared.unlink(missing_ok=True)
         else:

@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("TTD_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="ttd-test-cache-"))  # not ~/.cache
 
 import pytest
 import torch

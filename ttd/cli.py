@@ -54,8 +54,9 @@ def main() -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="JSON lines written here, one per item, in input order.")
 @model_options
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt", "triton"]), default="torch",
-              show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt", "triton"]), default="torch",
+              show_default=True, help="auto: the fastest gated path for this hardware (onnxruntime with --export-dir, "
+                                      "torch otherwise); prints what it picked and why.")
 @click.option("--export-dir", type=click.Path(file_okay=False), default=None,
               help="Export directory (onnxruntime, tensorrt, triton; with torch: run the export's own weights).")
 @click.option("--url", default=None, help="Triton server URL for --backend triton (host:port).")
@@ -69,8 +70,9 @@ def main() -> None:
               help="Also write a PNG mask per selected tag under this folder.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:1 ...")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
-              help="Torch backend weights; bfloat16 is ~5x faster on CPUs with AMX.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="Torch backend weights; bfloat16 is ~5x faster on CPUs with AMX (and slower without). "
+                   "auto: float16 on a GPU, bfloat16 with AMX, else float32.")
 @click.option("--max-pixels", type=click.IntRange(1), default=89_478_485, show_default=True,
               help="Refuse larger images (decompression bombs).")
 @click.option("--top-k", type=click.IntRange(1), default=10, show_default=True, help="Vocabulary mode: best tags listed per image.")
@@ -82,10 +84,14 @@ def main() -> None:
 @click.option("--decode-workers", type=click.IntRange(0), default=None,
               help="Processes that decode the next batch while the model runs the current one "
                    "(0: decode in the main process). Default: cores − 1 (at most 8), or 0 below 4 cores.")
+@click.option("--vocab-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder of cached vocabulary tag embeddings, keyed by model/export and vocabulary "
+                   "(default: $TTD_CACHE_DIR/vocab or ~/.cache/ttd/vocab).")
+@click.option("--no-vocab-cache", is_flag=True, help="Encode the vocabulary afresh and cache nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, dense_mode, backend, export_dir, url,
         threshold, score_method, flip_tta, masks_dir, batch_size, device, dtype, max_pixels, top_k, threads,
-        compile_encoder, decode_workers, quiet):
+        compile_encoder, decode_workers, vocab_cache, no_vocab_cache, quiet):
     """Tag images: with their captions (--captions) or against a vocabulary (--vocabulary IMAGES...).
 
     Each output line holds the candidate tags with their pixel-tag scores and the selected tags,
@@ -105,14 +111,30 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
     try:
         items = read_captions(captions) if captions else list_images(list(images))
         vocab = read_vocabulary(vocabulary) if vocabulary else None
+        if "auto" in (backend, dtype):
+            from ttd.fast_path import resolve_auto
+
+            path = resolve_auto(backend, dtype, device, export_dir)
+            click.echo(path.line(), err=True)
+            backend, dtype, device = path.backend, path.dtype if path.backend == "torch" else "float32", path.device
         tagger = load_tagger(backend, model=model, pretrained=pretrained, checkpoint=checkpoint, dense_mode=dense_mode,
                              device=device, dtype=dtype, export_dir=export_dir, url=url, threshold=threshold,
                              flip_tta=flip_tta, score_method=score_method, threads=threads, compile=compile_encoder)
     except (InputError, ValueError, RuntimeError, OSError) as error:  # OSError: e.g. an unreachable --url
         fail(str(error))
+    vocab_embeds = None
+    if vocab and not no_vocab_cache:
+        from ttd.vocab_cache import load_or_encode, model_key_for
+
+        key = model_key_for(tagger, export_dir)
+        if key:
+            cached = load_or_encode(tagger, vocab, key, vocab_cache, progress=not quiet)
+            vocab_embeds = cached.embeds
+            click.echo(f"vocabulary cache {'hit' if cached.hit else 'miss (stored)'}: {cached.path}", err=True)
     try:
         summary = tag_items(tagger, items, output, vocab, batch_size, masks_dir, max_pixels, top_k, progress=not quiet,
-                            decode_workers=decode_workers, inputs=[p for p in (captions, vocabulary) if p is not None])
+                            decode_workers=decode_workers, inputs=[p for p in (captions, vocabulary) if p is not None],
+                            vocabulary_embeds=vocab_embeds)
     except ValueError as error:
         fail(str(error))
     click.echo(f"wrote {summary.written} records to {output} ({summary.errors} errors)", err=True)
@@ -304,6 +326,56 @@ def export_command(out_dir, model, pretrained, checkpoint, dense_mode, precision
     click.echo(f"exported {precision} graphs to {out_dir}: min cosine "
                f"{min(figures['min_cosine'][k] for k in ('image_embeds', 'patch_embeds', 'text_embeds')):.6f}, "
                f"selected-tag agreement {figures['tag_agreement']:.1%}", err=True)
+
+
+@main.command("bench")
+@model_options
+@click.option("--batch-sizes", default="1,8", show_default=True, help="Image batch sizes, comma separated.")
+@click.option("--text-batch", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--tags", type=click.IntRange(1), default=1000, show_default=True,
+              help="K for the tag-head and vocabulary-tagging timings.")
+@click.option("--min-seconds", type=float, default=1.0, show_default=True, help="Per timing: repeat calls this long.")
+@click.option("--check-count", type=click.IntRange(4), default=32, show_default=True,
+              help="World image-caption pairs of each quality gate.")
+@click.option("--threads", type=click.IntRange(0), default=0, show_default=True, help="CPU threads (0: all cores).")
+@click.option("--clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
+              help="wall: elapsed time; cpu: this process's CPU time (with --threads 1, robust on a shared machine).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the rows, CPU, versions and settings as JSON here.")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the table as Markdown here.")
+def bench_command(model, pretrained, checkpoint, dense_mode, batch_sizes, text_batch, tags, min_seconds, check_count,
+                  threads, clock, json_path, markdown_path):
+    """Measure every backend x precision x batch size this machine can run: images/s, texts/s,
+    tag-head cost, vocabulary tagging cost, each with its quality against torch fp32.
+
+    Exports are made on the spot in a temporary folder, each through its quality gate (a refused
+    one is listed with why). Takes minutes for the world model, longer for ViT-B/16.
+    """
+    from export.bench import BenchSettings, run_bench, to_markdown
+    from ttd.factory import ModelLoadError, load_model
+
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(","))
+        if not sizes or min(sizes) < 1:
+            raise ValueError
+    except ValueError:
+        fail(f"--batch-sizes {batch_sizes!r}: give positive integers separated by commas, e.g. 1,8")
+    settings = BenchSettings(sizes, text_batch, tags, min_seconds, check_count, threads, clock=clock)
+    try:
+        load_model(model, pretrained, checkpoint, dense_mode)
+    except (ModelLoadError, ValueError) as error:
+        fail(str(error))
+    result = run_bench(lambda: load_model(model, pretrained, checkpoint, dense_mode), settings,
+                       progress=lambda line: click.echo(line, err=True))
+    table = to_markdown(result)
+    click.echo(table)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=1))
+    if markdown_path:
+        markdown_path.parent.mkdir(parents=True, exist_ok=True)
+        markdown_path.write_text(table)
 
 
 @main.group()

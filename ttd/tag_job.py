@@ -22,6 +22,7 @@ from ttd.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, resize_cent
 from ttd.inputs import Item
 from ttd.runtime.tagger import Tagger, TagResult
 from ttd.tags import candidate_tags
+from ttd.vocab_tagging import tag_with_vocabulary
 
 SAFE = re.compile(r"[^a-z0-9_-]+")
 MAX_CAPTION_TAGS = 1024  # as `ttd triton build --max-tags`: a 5,000-word caption is not a caption
@@ -144,6 +145,7 @@ def tag_items(
     progress: bool = True,
     decode_workers: int | None = None,
     inputs: Sequence[Path] = (),
+    vocabulary_embeds: np.ndarray | None = None,
 ) -> TagSummary:
     """Tag `items` into `output` (JSON lines). The lines go to `<output>.partial` and replace
     `output` only when every item is done, so a run that is stopped keeps the previous output
@@ -152,12 +154,13 @@ def tag_items(
 
     With `decode_workers` > 0 (default: see default_decode_workers) worker processes decode and
     resize the next batch while the current one runs on the model, so the device does not wait
-    on decoding; 0 decodes in this process."""
+    on decoding; 0 decodes in this process. `vocabulary_embeds`: the vocabulary's tag embeddings
+    if already known (ttd/vocab_cache.py)."""
     summary = TagSummary()
     refuse_input_as_output(output, items, inputs)
     output.parent.mkdir(parents=True, exist_ok=True)
-    if vocabulary is not None:
-        tagger.encode_tags(vocabulary, progress)  # once, before the first batch
+    if vocabulary is not None and vocabulary_embeds is None:
+        vocabulary_embeds = tagger.encode_tags(vocabulary, progress)  # once, before the first batch
     workers = default_decode_workers() if decode_workers is None else decode_workers
     settings = (vocabulary is not None, max_pixels, tagger.config.image_size, tagger.config.interpolation)
     # spawn: the parent may hold CUDA state, which a forked child must not inherit
@@ -191,7 +194,7 @@ def tag_items(
                 outcomes = outcomes_of(pending, chunk)
                 pending = submit(start + batch_size) if start + batch_size < len(items) else []
                 records, prepared = _split(chunk, outcomes, vocabulary)
-                _tag_chunk(tagger, chunk, start, prepared, records, vocabulary, masks_dir, top_k)
+                _tag_chunk(tagger, chunk, start, prepared, records, vocabulary, vocabulary_embeds, masks_dir, top_k)
                 for offset in range(len(chunk)):
                     record = records[offset]
                     summary.errors += "error" in record
@@ -220,11 +223,16 @@ def _split(chunk: list[Item], outcomes: list, vocabulary: list[str] | None) -> t
 
 
 def _tag_chunk(tagger: Tagger, chunk: list[Item], start: int, prepared: dict, records: dict[int, dict],
-               vocabulary: list[str] | None, masks_dir: Path | None, top_k: int) -> None:
+               vocabulary: list[str] | None, vocabulary_embeds: np.ndarray | None, masks_dir: Path | None,
+               top_k: int) -> None:
     """Tag the prepared images of a chunk into `records` (their masks written if asked)."""
     if prepared:
         keys = sorted(prepared)
-        results = tagger.tag(np.stack([prepared[k][0] for k in keys]), [prepared[k][1] for k in keys])
+        batch = np.stack([prepared[k][0] for k in keys])
+        if vocabulary is not None:  # one batched tag head for the shared vocabulary
+            results = tag_with_vocabulary(tagger, batch, vocabulary, vocabulary_embeds, masks_dir is not None)
+        else:
+            results = tagger.tag(batch, [prepared[k][1] for k in keys])
         for key, result in zip(keys, results):
             item = chunk[key]
             try:

@@ -10,6 +10,10 @@ from ttd.runtime.tagger import Backend, Tagger, TagResult
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "triton")
 
+
+class PortabilityNotice(UserWarning):
+    """Whether a reduced-precision export was re-checked on this CPU (ttd/runtime/portability.py)."""
+
 __all__ = ["BACKENDS", "Backend", "Tagger", "TagResult", "load_tagger"]
 
 
@@ -64,6 +68,12 @@ def load_tagger(
         from ttd.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
         runner = OnnxRuntimeBackend(export, device, threads)
+        if runner.providers[0] == "CPUExecutionProvider" and export.precision != "fp32":
+            import warnings
+
+            from ttd.runtime.portability import check_here
+
+            warnings.warn(check_here(export.root, export.manifest, runner).message, PortabilityNotice, stacklevel=2)
     elif backend == "tensorrt":
         from ttd.runtime.tensorrt_backend import TensorRTBackend
 
