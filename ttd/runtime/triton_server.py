@@ -201,18 +201,19 @@ def supervise(server: TritonServer, restart: Callable[[], TritonServer], say: Ca
             while server.process.poll() is None:
                 time.sleep(poll_s)
             died = time.monotonic()
-            code = server.process.returncode
-            say(f"tritonserver exited with code {code}:\n{server.log_tail()}")
+            say(f"tritonserver exited with code {server.process.returncode}:\n{server.log_tail()}")
             server.stop()
-            restarts = [t for t in restarts if died - t < window_s] + [died]
-            if len(restarts) > max_restarts:
-                say(f"giving up: {len(restarts) - 1} restarts in the last {window_s:.0f} s")
-                return 1
-            try:
-                server = restart()
-            except ServerError as error:
-                say(f"restart failed: {error}")
-                return 1
+            while True:  # a restart that itself fails counts as one more
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < window_s] + [now]
+                if len(restarts) > max_restarts:
+                    say(f"giving up: {len(restarts) - 1} restarts in the last {window_s:.0f} s")
+                    return 1
+                try:
+                    server = restart()
+                    break
+                except ServerError as error:
+                    say(f"restart failed: {error}")
             say(f"restarted tritonserver in {time.monotonic() - died:.1f} s "
                 f"(restart {len(restarts)} of at most {max_restarts} in {window_s:.0f} s)")
     except KeyboardInterrupt:
