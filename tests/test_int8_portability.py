@@ -158,3 +158,17 @@ def test_int8_gate_passes_with_the_isa_capped_to_avx2(tmp_path, mode):
     quality = result["quality"]
     assert min(quality["min_cosine"][k] for k in ("image_embeds", "patch_embeds", "text_embeds")) >= 0.99
     assert quality["tag_agreement"] >= 0.95
+
+
+def test_ttd_tag_prints_the_cpu_check_line(int8_export, tmp_path):
+    from click.testing import CliRunner
+
+    from ttd.cli import main
+    from ttd.data.annotations import write_world_split
+
+    out, _ = int8_export
+    annotations = write_world_split(tmp_path / "world", seed=2, count=2, progress=False)
+    result = CliRunner().invoke(main, ["tag", "--captions", str(annotations), "-o", str(tmp_path / "t.jsonl"), "--quiet",
+                                       "--backend", "onnxruntime", "--export-dir", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "int8 export gated on this CPU class" in result.output and "PortabilityNotice" not in result.output

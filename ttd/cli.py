@@ -99,7 +99,9 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
     never stops the others.
     """
     from ttd.inputs import InputError, list_images, read_captions, read_vocabulary
-    from ttd.runtime import load_tagger
+    import warnings
+
+    from ttd.runtime import PortabilityNotice, load_tagger
     from ttd.tag_job import tag_items
 
     if (captions is None) == (vocabulary is None):
@@ -117,9 +119,17 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
             path = resolve_auto(backend, dtype, device, export_dir)
             click.echo(path.line(), err=True)
             backend, dtype, device = path.backend, path.dtype if path.backend == "torch" else "float32", path.device
-        tagger = load_tagger(backend, model=model, pretrained=pretrained, checkpoint=checkpoint, dense_mode=dense_mode,
-                             device=device, dtype=dtype, export_dir=export_dir, url=url, threshold=threshold,
-                             flip_tta=flip_tta, score_method=score_method, threads=threads, compile=compile_encoder)
+        with warnings.catch_warnings(record=True) as notices:  # the CPU re-check's one line, shown plainly
+            warnings.simplefilter("always", PortabilityNotice)
+            tagger = load_tagger(backend, model=model, pretrained=pretrained, checkpoint=checkpoint,
+                                 dense_mode=dense_mode, device=device, dtype=dtype, export_dir=export_dir, url=url,
+                                 threshold=threshold, flip_tta=flip_tta, score_method=score_method, threads=threads,
+                                 compile=compile_encoder)
+        for notice in notices:
+            if issubclass(notice.category, PortabilityNotice):
+                click.echo(str(notice.message), err=True)
+            else:
+                warnings.showwarning(notice.message, notice.category, notice.filename, notice.lineno)
     except (InputError, ValueError, RuntimeError, OSError) as error:  # OSError: e.g. an unreachable --url
         fail(str(error))
     vocab_embeds = None
