@@ -1,7 +1,7 @@
 import numpy as np
 
 from ttd.data.annotations import read_eval_split, world_eval_samples, write_world_split
-from ttd.data.world import SHAPES, make_sample
+from ttd.data.world import BACKGROUNDS, COLOURS, SHAPES, make_sample
 from ttd.tags import candidate_tags
 
 
@@ -28,6 +28,31 @@ def test_ground_truth_is_consistent():
             assert obj.shape in SHAPES and np.array_equal(obj.mask & ~sample.tag_masks[obj.shape], np.zeros_like(obj.mask))
 
 
+def test_ground_truth_masks_agree_with_the_pixels():
+    """Each colour tag's mask covers pixels of that colour, each object's pixels have its colour,
+    and a background tag's pixels average to that background -- read from the image, not from
+    the generator's bookkeeping."""
+    names = list(COLOURS)
+    chromaticity = np.array([COLOURS[c] for c in names], np.float64)
+    chromaticity /= chromaticity.sum(axis=1, keepdims=True)
+    for index in range(60):
+        sample = make_sample(0, index)
+        pixels = sample.image.astype(np.float64)
+        chroma = pixels / np.maximum(pixels.sum(axis=-1, keepdims=True), 1)
+        nearest = np.array(names)[np.argmin(((chroma[:, :, None] - chromaticity[None, None]) ** 2).sum(-1), axis=-1)]
+        for tag, mask in sample.tag_masks.items():
+            if tag in COLOURS:
+                assert (nearest[mask] == tag).mean() > 0.98, (index, tag)
+            elif tag in BACKGROUNDS:
+                assert np.abs(pixels[mask].mean(axis=0) - BACKGROUNDS[tag]).max() < 15, (index, tag)
+                assert tag == sample.background
+            else:
+                assert tag in SHAPES
+        for obj in sample.objects:
+            assert (nearest[obj.mask] == obj.colour).mean() > 0.98, (index, obj.shape)
+            assert not (obj.mask & sample.tag_masks[sample.background]).any()
+
+
 def test_the_world_shows_distractors_and_partial_naming():
     samples = [make_sample(0, i) for i in range(300)]
     candidates = sum(len(candidate_tags(s.caption)) for s in samples)
@@ -41,6 +66,7 @@ def test_written_split_reads_back_identically(tmp_path):
     write_world_split(tmp_path, seed=2, count=6, progress=False)
     on_disk = read_eval_split(tmp_path / "annotations.jsonl", 64)
     in_memory = world_eval_samples(2, 6)
+    assert len(on_disk) == len(in_memory) == 6
     for a, b in zip(on_disk, in_memory):
         assert np.array_equal(a.image, b.image) and a.caption == b.caption and a.relevant_tags == b.relevant_tags
         assert np.array_equal(a.caption_mask, b.caption_mask)

@@ -1,0 +1,112 @@
+"""The method itself (DESIGN §3.4): Stage-2 targets, the stop-gradient, the selection they follow,
+and a short TTD run on the world that must improve the base where the paper says it should."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ttd.distill import distill_targets, ttd_losses
+
+
+def logit(p):
+    return math.log(p / (1 - p))
+
+
+def unit(*values):
+    t = torch.tensor(values, dtype=torch.float64)
+    return t / t.norm()
+
+
+def test_targets_by_hand_selected_minmax_rejected_zero_and_their_union():
+    # one image, 3 tags, 1x3 pixels; mask probabilities chosen so the min-max maps are round numbers
+    probs = torch.tensor([[0.2, 0.5, 0.8],     # selected -> (0, 0.5, 1)
+                          [0.99, 0.98, 0.97],  # rejected, however strong its mask -> 0
+                          [0.9, 0.1, 0.3]])    # selected -> (1, 0, 0.25)
+    logits = torch.tensor([[[logit(p) for p in row] for row in probs.tolist()]], dtype=torch.float64)[:, :, None, :]
+    selected = torch.tensor([[True, False, True]])
+    tag_targets, union = distill_targets(logits, selected)
+    expected = torch.tensor([[0.0, 0.5, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.25]], dtype=torch.float64)
+    torch.testing.assert_close(tag_targets[0, :, 0, :], expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(union[0, 0], torch.tensor([1.0, 0.5, 1.0], dtype=torch.float64), rtol=0, atol=1e-6)
+    # nothing selected: every target and the union are zero
+    none = distill_targets(logits, torch.zeros(1, 3, dtype=torch.bool))
+    assert none[0].abs().max() == 0 and none[1].abs().max() == 0
+
+
+def test_targets_carry_no_gradient():
+    logits = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    tag_targets, union = distill_targets(logits, torch.ones(2, 3, dtype=torch.bool))
+    assert not tag_targets.requires_grad and not union.requires_grad
+
+
+@pytest.fixture()
+def hand_batch():
+    """Image 0: tags 0 and 1 each win a pixel (selected at δ = 0.6), tag 2 wins none (rejected).
+    Image 1: two identical tags tie at 0.5 everywhere (nothing selected at δ = 0.6) + one padding slot."""
+    f = [unit(1, 0, 0), unit(0.8, 0.6, 0), unit(0, 1, 0), unit(0.6, 0.5, 0.4)]
+    image0 = torch.stack(f, dim=1).reshape(3, 1, 4)
+    image1 = torch.stack([unit(1, 0.2, 0.1), unit(0.3, 1, 0), unit(0, 0, 1), unit(1, 1, 1)], dim=1).reshape(3, 1, 4)
+    patch = torch.stack([image0, image1])
+    e = torch.eye(3, dtype=torch.float64)
+    tags = torch.stack([e, torch.stack([e[0], e[0], torch.zeros(3, dtype=torch.float64)])])
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    captions = torch.stack([unit(1, 1, 0), unit(1, 0, 0)])
+    return patch, captions, tags, valid
+
+
+def reference_losses(patch, captions, tags, valid, selected, w, b):
+    """L_tag and L_distill written out from DESIGN §3.4 with the selection given, targets as constants."""
+    with torch.no_grad():
+        probs = torch.sigmoid(w * torch.einsum("bdhw,bkd->bkhw", patch, tags) + b)
+        low, high = probs.amin(dim=(2, 3), keepdim=True), probs.amax(dim=(2, 3), keepdim=True)
+        targets = (probs - low) / (high - low).clamp_min(1e-12) * selected[:, :, None, None]
+        union = targets.amax(dim=1)
+    tag_logits = w * torch.einsum("bdhw,bkd->bkhw", patch, tags) + b
+    per_tag = F.binary_cross_entropy_with_logits(tag_logits, targets, reduction="none").mean(dim=(2, 3))
+    tag_loss = per_tag[valid].mean()
+    caption_logits = w * torch.einsum("bdhw,bd->bhw", patch, captions) + b
+    per_caption = F.binary_cross_entropy_with_logits(caption_logits, union, reduction="none").mean(dim=(1, 2))
+    has = selected.any(dim=1)
+    return tag_loss, per_caption[has].mean()
+
+
+def test_losses_follow_the_selection_with_stop_gradient(hand_batch):
+    patch, captions, tags, valid = hand_batch
+    patch = patch.clone().requires_grad_(True)
+    w, b = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-2.5, dtype=torch.float64)
+    clip_term = torch.tensor(0.7, dtype=torch.float64)
+    losses = ttd_losses(patch, captions, tags, valid, w, b, clip_term, tau=100.0, threshold=0.6,
+                        lambda_tag=2.0, lambda_clip=0.5)
+    # the selection the construction implies: tags 0 and 1 of image 0, nothing in image 1 (2 of 5 valid tags)
+    assert losses.selected_fraction == pytest.approx(2 / 5)
+    selected = torch.tensor([[True, True, False], [False, False, False]])
+    expected_tag, expected_distill = reference_losses(patch, captions, tags, valid, selected, w, b)
+    torch.testing.assert_close(losses.tag, expected_tag)
+    torch.testing.assert_close(losses.distill, expected_distill)  # image 1 (no selection) is skipped
+    torch.testing.assert_close(losses.total, expected_distill + 2.0 * expected_tag + 0.5 * clip_term)
+    # the online teacher is the same tensor as the student: the gradient must be that of constant targets
+    (grad,) = torch.autograd.grad(losses.tag + losses.distill, patch)
+    (expected_grad,) = torch.autograd.grad(expected_tag + expected_distill, patch)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+def test_a_frozen_teacher_decides_the_selection(hand_batch):
+    patch, captions, tags, valid = hand_batch
+    w, b = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-2.5, dtype=torch.float64)
+    # a teacher whose pixels all point at tag 2 of image 0: only tag 2 is selected there
+    teacher_patch = patch.clone()
+    teacher_patch[0] = unit(0.1, 0.1, 1)[:, None, None].expand(3, 1, 4)
+    losses = ttd_losses(patch, captions, tags, valid, w, b, torch.tensor(0.0, dtype=torch.float64), 100.0, 0.6,
+                        1.0, 0.0, teacher=(teacher_patch, tags))
+    assert losses.selected_fraction == pytest.approx(1 / 5)
+    # the targets are min-max maps of the teacher's masks; the loss is of the student's masks
+    with torch.no_grad():
+        teacher_probs = torch.sigmoid(w * torch.einsum("bdhw,bkd->bkhw", teacher_patch, tags) + b)
+        span = teacher_probs.amax(dim=(2, 3), keepdim=True) - teacher_probs.amin(dim=(2, 3), keepdim=True)
+        targets = (teacher_probs - teacher_probs.amin(dim=(2, 3), keepdim=True)) / span.clamp_min(1e-6)
+        targets = targets * torch.tensor([[False, False, True], [False, False, False]])[:, :, None, None]
+    student_logits = w * torch.einsum("bdhw,bkd->bkhw", patch, tags) + b
+    per_tag = F.binary_cross_entropy_with_logits(student_logits, targets, reduction="none").mean(dim=(2, 3))
+    torch.testing.assert_close(losses.tag, per_tag[valid].mean())
