@@ -91,12 +91,9 @@ def vit(args):
 
 
 def tagger_for(model, device: str, dtype: str, compile: bool = False):
-    from ttd.runtime.tagger import Tagger
-    from ttd.runtime.torch_backend import TorchBackend
+    from ttd.runtime import torch_tagger
 
-    model = copy.deepcopy(model)
-    return Tagger(TorchBackend(model, device, dtype, compile=compile), model.config,
-                  mask_weight=model.mask_weight.item(), mask_bias=model.mask_bias.item())
+    return torch_tagger(copy.deepcopy(model), device, dtype, compile)
 
 
 def run_cli(args: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
@@ -288,8 +285,6 @@ def step_tag_end_to_end(args, state) -> dict:
 
     from ttd.data.annotations import write_world_split
     from ttd.inputs import read_captions
-    from ttd.runtime.tagger import Tagger
-    from ttd.runtime.torch_backend import TorchBackend
     from ttd.tag_job import tag_items
 
     batch = max(args.batches)
@@ -299,8 +294,7 @@ def step_tag_end_to_end(args, state) -> dict:
     items = read_captions(annotations)
     items = (items * (args.e2e_images // len(items) + 1))[: args.e2e_images]
     model = vit(args)
-    tagger = Tagger(TorchBackend(model, args.device, "bfloat16", compile=use_compile), model.config,
-                    mask_weight=model.mask_weight.item(), mask_bias=model.mask_bias.item())
+    tagger = tagger_for(model, args.device, "bfloat16", use_compile)
     encoder_only = (state.get("compile", {}).get(f"bfloat16 compiled b{batch}", {}).get("images_per_s")
                     if use_compile else state.get("throughput", {}).get(f"bfloat16 b{batch}", {}).get("images_per_s"))
     from ttd.data.world import vocabulary

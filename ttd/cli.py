@@ -260,33 +260,42 @@ def train(model, pretrained, checkpoint, dense_mode, objective, data, out_dir, s
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the metrics here as JSON.")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt", "triton"]), default="torch",
+              show_default=True, help="Evaluate through this runtime backend (an export's with --export-dir).")
+@click.option("--export-dir", type=click.Path(file_okay=False), default=None,
+              help="Export directory for onnxruntime / tensorrt / triton (with torch: its own weights).")
+@click.option("--url", default=None, help="Triton server URL for --backend triton.")
 def evaluate_command(model, pretrained, checkpoint, dense_mode, data_dir, count, seed, threshold, mask_threshold,
-                     flip_tta, batch_size, json_path, device):
-    """Tag and caption-mask metrics of a model (the embedded default when none is given)."""
+                     flip_tta, batch_size, json_path, device, backend, export_dir, url):
+    """Tag and caption-mask metrics of a model (the embedded default when none is given), measured
+    through the same runtime as `ttd tag` (so an export can be evaluated: --backend onnxruntime --export-dir)."""
     from ttd.data.annotations import read_eval_split, world_eval_samples
     from ttd.evaluate import evaluate, format_table
-    from ttd.factory import ModelLoadError, load_model
-    from ttd.runtime.torch_backend import pick_device
+    from ttd.factory import ModelLoadError
+    from ttd.runtime import load_tagger
 
     try:
-        ttd_model = load_model(model, pretrained, checkpoint, dense_mode).to(pick_device(device))
-    except (ModelLoadError, ValueError) as error:
+        tagger = load_tagger(backend, model=model, pretrained=pretrained, checkpoint=checkpoint, dense_mode=dense_mode,
+                             device=device, export_dir=export_dir, url=url, threshold=threshold, flip_tta=flip_tta)
+    except (ModelLoadError, ValueError, RuntimeError, OSError) as error:
         fail(str(error))
+    config = tagger.config
     if data_dir is not None:
         annotations = data_dir / "annotations.jsonl" if data_dir.is_dir() else data_dir
         if not annotations.is_file():
             fail(f"{annotations} does not exist (expected an evaluation folder with annotations.jsonl)")
         skipped: list[str] = []
-        samples = read_eval_split(annotations, ttd_model.config.image_size, ttd_model.config.interpolation, skipped)
+        samples = read_eval_split(annotations, config.image_size, config.interpolation, skipped)
         for reason in skipped:
             click.echo(f"skipped {reason}", err=True)
         if not samples:
             fail(f"{annotations}: no usable samples")
     else:
         samples, skipped = world_eval_samples(seed, count), []
-    result = evaluate(ttd_model, samples, threshold, mask_threshold, batch_size, flip_tta)
+    result = evaluate(tagger, samples, threshold, mask_threshold, batch_size)
     result["skipped"] = skipped
-    result["model"] = ttd_model.config.source
+    result["model"] = config.source
+    result["backend"] = backend
     click.echo(format_table(result))
     if json_path:
         json_path.write_text(json.dumps(result, indent=1))

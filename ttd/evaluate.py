@@ -1,5 +1,6 @@
 """Evaluation of a TTD model on samples with ground truth (DESIGN §3.5): tag metrics for each
-scorer, caption-mask metrics. Runs the torch model directly, batch by batch."""
+scorer, caption-mask metrics. Runs through the runtime Tagger, so what is measured is what
+`ttd tag` runs, on any backend (`ttd eval --backend onnxruntime --export-dir DIR`)."""
 
 from __future__ import annotations
 
@@ -11,18 +12,34 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ttd.data.annotations import EvalSample
-from ttd.images import normalize
 from ttd.metrics import MaskCounts, TagCounts
 from ttd.model import TTDModel
-from ttd.scoring import global_tag_scores, pad_tags, pixel_tag_scores
+from ttd.runtime.tagger import Tagger
 from ttd.tags import candidate_tags
 
 SCORERS = ("image-tag", "text-tag", "pixel-tag", "pixel-tag-minmax", "pixel-tag-sigmoid")
+PIXEL_SCORERS = {"pixel-tag": "softmax", "pixel-tag-minmax": "minmax", "pixel-tag-sigmoid": "sigmoid"}
 
 
-@torch.inference_mode()
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(logits)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _caption_masks(tagger: Tagger, patch_embeds: np.ndarray, text_embeds: np.ndarray, size: int,
+                   mask_threshold: float) -> np.ndarray:
+    """Binary caption masks M_c ≥ θ at the image size: the tag head with the caption as the one
+    tag, its logits w·cos + b upsampled bilinearly."""
+    masks = tagger.backend.score_tags(patch_embeds, text_embeds[:, None, :])[1][:, 0]
+    logits = tagger.mask_weight * tagger.mask_cosines(masks) + tagger.mask_bias
+    upsampled = F.interpolate(torch.from_numpy(logits[:, None]).float(), size=(size, size), mode="bilinear",
+                              align_corners=False)
+    return (torch.sigmoid(upsampled[:, 0]) >= mask_threshold).numpy()
+
+
 def evaluate(
-    model: TTDModel,
+    model: TTDModel | Tagger,
     samples: Sequence[EvalSample],
     threshold: float = 0.5,
     mask_threshold: float = 0.5,
@@ -33,47 +50,45 @@ def evaluate(
 ) -> dict:
     """{"tags": {scorer: metrics}, "caption_mask": {...}, "samples": n, "candidates": n}.
 
-    `tag_groups` (tag -> group name) adds "pixel-tag by group": the pixel-tag metrics of each
-    group of tags, to see which kinds of tags a model misses."""
-    model.eval()
+    `model`: a Tagger on any backend (its own flip TTA setting applies), or a TTDModel, run by
+    the torch backend on its device with `flip_tta`. `tag_groups` (tag -> group name) adds
+    "pixel-tag by group": the pixel-tag metrics of each group of tags."""
+    if isinstance(model, TTDModel):
+        from ttd.runtime import torch_tagger
+
+        model = torch_tagger(model, device=str(model.device), flip_tta=flip_tta)
+    tagger = model
     counts = {name: TagCounts() for name in SCORERS}
     by_group: dict[str, TagCounts] = {}
     masks = MaskCounts()
-    tau, weight, bias = model.config.tau, model.mask_weight, model.mask_bias
+    tau = tagger.config.tau
     n_candidates = 0
     for start in tqdm(range(0, len(samples), batch_size), disable=not progress, desc="eval"):
         batch = samples[start : start + batch_size]
         tag_lists = [candidate_tags(s.caption) for s in batch]
-        images = np.stack([s.image for s in batch])
-        pixels = torch.from_numpy(normalize(images, model.config.mean, model.config.std)).to(model.device)
-        image_embeds, patch_embeds = model.encode_image(pixels)
-        flipped = model.encode_image(pixels.flip(-1))[1] if flip_tta else None
-        text_embeds = model.encode_texts([s.caption for s in batch])
-        unique, index, valid = pad_tags(tag_lists)
-        tag_embeds = model.encode_tags(unique)[index.to(model.device)] if unique else None
-        if tag_embeds is not None:
-            valid = valid.to(model.device)
-            scores = {
-                "image-tag": global_tag_scores(image_embeds, tag_embeds, tau, valid),
-                "text-tag": global_tag_scores(text_embeds, tag_embeds, tau, valid),
-            }
-            for name, method in (("pixel-tag", "softmax"), ("pixel-tag-minmax", "minmax"), ("pixel-tag-sigmoid", "sigmoid")):
-                scores[name] = pixel_tag_scores(patch_embeds, tag_embeds, tau, valid, method, weight, bias, flipped)
-            for row, (sample, tags) in enumerate(zip(batch, tag_lists)):
-                if not tags:
-                    continue
-                relevant = np.array([t in sample.relevant_tags for t in tags])
+        image_embeds, patch_embeds, flipped = tagger.encode_images(np.stack([s.image for s in batch]))
+        text_embeds = tagger.encode_texts([s.caption for s in batch])
+        by_count: dict[int, list[int]] = {}
+        for i, tags in enumerate(tag_lists):
+            if tags:
+                by_count.setdefault(len(tags), []).append(i)
+        for members in by_count.values():
+            tag_embeds = np.stack([tagger.encode_tags(tag_lists[i]) for i in members])
+            scores, _ = tagger.score_batch(patch_embeds[members], tag_embeds,
+                                           None if flipped is None else flipped[members], tuple(PIXEL_SCORERS.values()))
+            scores = {name: scores[method] for name, method in PIXEL_SCORERS.items()}
+            scores["image-tag"] = _softmax(tau * np.einsum("bd,bkd->bk", image_embeds[members], tag_embeds))
+            scores["text-tag"] = _softmax(tau * np.einsum("bd,bkd->bk", text_embeds[members], tag_embeds))
+            for row, i in enumerate(members):
+                tags = tag_lists[i]
+                relevant = np.array([t in batch[i].relevant_tags for t in tags])
                 n_candidates += len(tags)
                 for name in SCORERS:
-                    counts[name].add(scores[name][row, : len(tags)].float().cpu().numpy(), relevant, threshold)
-                pixel = scores["pixel-tag"][row, : len(tags)].float().cpu().numpy()
+                    counts[name].add(scores[name][row], relevant, threshold)
                 for k, tag in enumerate(tags if tag_groups else []):
                     group = by_group.setdefault(tag_groups.get(tag, "other"), TagCounts())
-                    group.add(pixel[k : k + 1], relevant[k : k + 1], threshold)
-        caption_logits = weight * torch.einsum("bdhw,bd->bhw", patch_embeds, text_embeds) + bias
-        size = model.config.image_size
-        upsampled = F.interpolate(caption_logits[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)
-        predicted = (torch.sigmoid(upsampled[:, 0]) >= mask_threshold).cpu().numpy()
+                    group.add(scores["pixel-tag"][row, k : k + 1], relevant[k : k + 1], threshold)
+        predicted = _caption_masks(tagger, patch_embeds, text_embeds, tagger.config.image_size, mask_threshold)
         for row, sample in enumerate(batch):
             if sample.caption_mask is not None:
                 masks.add(predicted[row], sample.caption_mask)

@@ -14,7 +14,16 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt", "triton")
 class PortabilityNotice(UserWarning):
     """Whether a reduced-precision export was re-checked on this CPU (ttd/runtime/portability.py)."""
 
-__all__ = ["BACKENDS", "Backend", "Tagger", "TagResult", "load_tagger"]
+__all__ = ["BACKENDS", "Backend", "Tagger", "TagResult", "load_tagger", "torch_tagger"]
+
+
+def torch_tagger(model, device: str | None = None, dtype: str = "float32", compile: bool = False,
+                 **options) -> Tagger:
+    """A Tagger running `model` (a TTDModel, moved to `device`) with the torch backend."""
+    from ttd.runtime.torch_backend import TorchBackend
+
+    return Tagger(TorchBackend(model, device, dtype, compile=compile), model.config,
+                  mask_weight=model.mask_weight.item(), mask_bias=model.mask_bias.item(), **options)
 
 
 def load_tagger(
@@ -42,7 +51,6 @@ def load_tagger(
     options = {"threshold": threshold, "flip_tta": flip_tta, "score_method": score_method}
     if backend == "torch":
         from ttd.factory import load_model
-        from ttd.runtime.torch_backend import TorchBackend
 
         if threads:
             import torch
@@ -52,10 +60,7 @@ def load_tagger(
             from ttd.runtime.export_dir import read_export
 
             checkpoint = str(read_export(export_dir).torch_weights())
-        ttd_model = load_model(model, pretrained, checkpoint, dense_mode)
-        runner = TorchBackend(ttd_model, device, dtype, compile=compile)
-        return Tagger(runner, ttd_model.config, mask_weight=ttd_model.mask_weight.item(),
-                      mask_bias=ttd_model.mask_bias.item(), **options)
+        return torch_tagger(load_model(model, pretrained, checkpoint, dense_mode), device, dtype, compile, **options)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if not export_dir:

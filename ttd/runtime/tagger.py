@@ -99,32 +99,45 @@ class Tagger:
         scores, masks = self.score_batch(patch_embeds[None], tag_embeds[None], None if flipped is None else flipped[None])
         return scores[0], masks[0]
 
-    def score_batch(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray,
-                    flipped: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def score_batch(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray, flipped: np.ndarray | None,
+                    methods: tuple[str, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores [B, K], masks [B, K, h, w]) of B images with K tags each, in head calls of at
-        most HEAD_ELEMENTS map elements (one call per batch is what keeps a GPU busy)."""
+        most HEAD_ELEMENTS map elements (one call per batch is what keeps a GPU busy).
+
+        With `methods`, scores is a dict method -> [B, K] of every named score method, all from
+        the same head calls (evaluation compares them)."""
         batch, tags = tag_embeds.shape[:2]
         per_image = max(1, tags * patch_embeds.shape[2] * patch_embeds.shape[3])
         step = max(1, HEAD_ELEMENTS // per_image)
+        wanted = methods or (self.score_method,)
         parts = [self._score_chunk(patch_embeds[i : i + step], tag_embeds[i : i + step],
-                                   None if flipped is None else flipped[i : i + step]) for i in range(0, batch, step)]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+                                   None if flipped is None else flipped[i : i + step], wanted)
+                 for i in range(0, batch, step)]
+        scores = {m: np.concatenate([p[0][m] for p in parts]) for m in wanted}
+        return (scores if methods else scores[self.score_method]), np.concatenate([p[1] for p in parts])
 
-    def _score_chunk(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray,
-                     flipped: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def _score_chunk(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray, flipped: np.ndarray | None,
+                     methods: tuple[str, ...]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         views = [patch_embeds] + ([np.ascontiguousarray(flipped[..., ::-1])] if flipped is not None else [])
         outputs = [self.backend.score_tags(v, tag_embeds) for v in views]
         masks = np.mean([o[1] for o in outputs], axis=0) if len(views) > 1 else outputs[0][1]
-        if self.score_method == "softmax":
-            scores = np.mean([o[2] for o in outputs], axis=0).max(axis=(2, 3)) if len(views) > 1 else outputs[0][0]
-        elif self.score_method == "sigmoid":
-            scores = masks.max(axis=(2, 3))
-        else:  # minmax of the best-pixel cosine, recovered from the monotonic mask
-            peak = np.clip(masks.max(axis=(2, 3)).astype(np.float64), 1e-7, 1 - 1e-7)
-            cos = (np.log(peak / (1 - peak)) - self.mask_bias) / self.mask_weight
-            low, span = cos.min(axis=1, keepdims=True), np.ptp(cos, axis=1, keepdims=True)
-            scores = np.where(span > 0, (cos - low) / np.where(span > 0, span, 1), 1.0)
-        return scores.astype(np.float32), masks
+        scores = {}
+        for method in methods:
+            if method == "softmax":
+                scores[method] = np.mean([o[2] for o in outputs], axis=0).max(axis=(2, 3)) if len(views) > 1 else outputs[0][0]
+            elif method == "sigmoid":
+                scores[method] = masks.max(axis=(2, 3))
+            else:  # minmax of the best-pixel cosine, recovered from the monotonic mask
+                cos = self.mask_cosines(masks.max(axis=(2, 3)))
+                low, span = cos.min(axis=1, keepdims=True), np.ptp(cos, axis=1, keepdims=True)
+                scores[method] = np.where(span > 0, (cos - low) / np.where(span > 0, span, 1), 1.0)
+            scores[method] = scores[method].astype(np.float32)
+        return scores, masks
+
+    def mask_cosines(self, masks: np.ndarray) -> np.ndarray:
+        """cos(f_i, e) from M = sigmoid(w·cos + b): the inverse of the monotonic mask (float64)."""
+        peak = np.clip(masks.astype(np.float64), 1e-7, 1 - 1e-7)
+        return (np.log(peak / (1 - peak)) - self.mask_bias) / self.mask_weight
 
     def tag(self, images: np.ndarray, tag_lists: list[list[str]]) -> list[TagResult]:
         """Tag a batch: images uint8 [B, S, S, 3] (already at the model's size), one tag list each.
