@@ -29,7 +29,7 @@ from ttd.model import TTDModel
 from ttd.factory import save_checkpoint
 from ttd.runtime.export_dir import CONFIG, GRAPH_NAMES, MANIFEST, TORCH_WEIGHTS, read_export, sha256
 from ttd.runtime.onnxruntime_backend import OnnxRuntimeBackend
-from ttd.runtime.portability import write_reference_samples
+from ttd.runtime.portability import REFERENCE_SAMPLES, write_reference_samples
 from ttd.runtime.tagger import Tagger
 from ttd.runtime.torch_backend import TorchBackend
 from ttd.tags import STOPWORDS
@@ -166,7 +166,7 @@ def _make_variant(model: TTDModel, out_dir: Path, precision: str, int8_mode: str
 
 def _manifest(model: TTDModel, out_dir: Path, precision: str, opset: int) -> dict:
     config = model.config
-    written = [CONFIG, TORCH_WEIGHTS, "stopwords.txt", "bpe_simple_vocab_16e6.txt.gz", *(f"{g}.onnx{x}" for g in GRAPH_NAMES for x in ("", ".data"))]
+    written = [CONFIG, TORCH_WEIGHTS, REFERENCE_SAMPLES, "stopwords.txt", "bpe_simple_vocab_16e6.txt.gz", *(f"{g}.onnx{x}" for g in GRAPH_NAMES for x in ("", ".data"))]
     files = sorted(name for name in written if (out_dir / name).is_file())  # what the export wrote, not what was there
     return {
         "format": "ttd-export/1",
