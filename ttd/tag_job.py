@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,19 @@ def contained_path(root: Path, *parts: str) -> Path:
     if not path.is_relative_to(root.resolve()):
         raise ValueError(f"refusing to write {path}: outside {root}")
     return path
+
+
+def warn_indistinct_tags(tagger: Tagger, tags: list[str]) -> None:
+    """Warn when tags are the same token sequence for this model's tokenizer (e.g. non-ASCII or
+    unknown words under a word tokenizer): they get one embedding and the same scores."""
+    groups: dict[bytes, list[str]] = {}
+    for tag, row in zip(tags, tagger.tokenizer(tags)):
+        groups.setdefault(row.tobytes(), []).append(tag)
+    same = [group for group in groups.values() if len(group) > 1]
+    if same:
+        shown = "; ".join(", ".join(repr(t) for t in group[:5]) + (" ..." if len(group) > 5 else "") for group in same[:5])
+        warnings.warn(f"{sum(len(g) for g in same)} vocabulary tags are indistinguishable to this model's tokenizer "
+                      f"(words it does not know) and will get identical scores: {shown}", stacklevel=2)
 
 
 def partial_path(output: Path) -> Path:
@@ -126,6 +140,7 @@ def tag_items(
     refuse_input_as_output(output, items, inputs)
     output.parent.mkdir(parents=True, exist_ok=True)
     if vocabulary is not None:
+        warn_indistinct_tags(tagger, vocabulary)
         tagger.encode_tags(vocabulary, progress)  # once, before the first batch
     partial = partial_path(output)
     with partial.open("w", encoding="utf-8") as out, tqdm(total=len(items), disable=not progress, unit="img") as bar:
