@@ -47,3 +47,17 @@ def test_world_generate_refuses_a_used_folder(tmp_path):
     result = invoke("world", "generate", tmp_path / "w", "--count", "2")
     assert result.exit_code == 2 and "exists and is not an empty folder" in result.output
     assert len(list((tmp_path / "w" / "images").iterdir())) == 3
+
+
+def test_vocabulary_tags_the_tokenizer_cannot_tell_apart_are_warned_about(tmp_path):
+    from ttd.runtime import load_tagger
+    from ttd.tag_job import warn_indistinct_tags
+
+    tagger = load_tagger("torch", model="world-tiny", device="cpu")
+    with pytest.warns(UserWarning, match=r"4 vocabulary tags are indistinguishable .*: 'звезда', '星'; 'xyzzy', 'qwerty'$"):
+        warn_indistinct_tags(tagger, ["circle", "звезда", "square", "星", "xyzzy", "qwerty"])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_indistinct_tags(tagger, ["circle", "square", "red circle"])

@@ -249,3 +249,26 @@ def test_malformed_requests_get_4xx_with_a_reason_and_no_server_paths(repo, tmp_
         assert error.value.status() == "400"
         assert "input 'tag_embeds': dimension 1 is 2000, more than the limit of 1024" in error.value.message()
         assert tag_one(int(server.http_url.split(":")[1]))["tags"]  # and the server still answers
+
+
+def test_a_triton_client_rides_out_a_server_restart(repo, tmp_path):
+    """`ttd tag --backend triton` keeps going when tritonserver crashes and `ttd serve` restarts it."""
+    import numpy as np
+
+    from ttd.runtime.triton_backend import TritonBackend
+
+    served = Served(repo, tmp_path, "--max-restarts", "2")
+    try:
+        served.wait_for("serving")
+        backend = TritonBackend(f"127.0.0.1:{served.http_port}", retry_s=90)
+        ids = np.zeros((3, 32), np.int64)
+        ids[:, 0] = 1
+        before = backend.encode_texts(ids)
+        (pid,) = served.tritonserver_pids()
+        os.kill(pid, signal.SIGSEGV)
+        served.wait_for("tritonserver exited with code -11")
+        after = backend.encode_texts(ids)  # sent while the server is down or restarting
+        np.testing.assert_allclose(after, before, atol=1e-6)
+        assert "restarted tritonserver in" in "".join(served.seen) or served.wait_for("restarted tritonserver in")
+    finally:
+        served.close()

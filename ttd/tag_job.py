@@ -46,6 +46,19 @@ def contained_path(root: Path, *parts: str) -> Path:
     return path
 
 
+def warn_indistinct_tags(tagger: Tagger, tags: list[str]) -> None:
+    """Warn when tags are the same token sequence for this model's tokenizer (e.g. non-ASCII or
+    unknown words under a word tokenizer): they get one embedding and the same scores."""
+    groups: dict[bytes, list[str]] = {}
+    for tag, row in zip(tags, tagger.tokenizer(tags)):
+        groups.setdefault(row.tobytes(), []).append(tag)
+    same = [group for group in groups.values() if len(group) > 1]
+    if same:
+        shown = "; ".join(", ".join(repr(t) for t in group[:5]) + (" ..." if len(group) > 5 else "") for group in same[:5])
+        warnings.warn(f"{sum(len(g) for g in same)} vocabulary tags are indistinguishable to this model's tokenizer "
+                      f"(words it does not know) and will get identical scores: {shown}", stacklevel=2)
+
+
 def partial_path(output: Path) -> Path:
     """Where a run writes before its output is complete."""
     return output.with_name(output.name + ".partial")
@@ -159,6 +172,8 @@ def tag_items(
     summary = TagSummary()
     refuse_input_as_output(output, items, inputs)
     output.parent.mkdir(parents=True, exist_ok=True)
+    if vocabulary is not None:
+        warn_indistinct_tags(tagger, vocabulary)
     if vocabulary is not None and vocabulary_embeds is None:
         vocabulary_embeds = tagger.encode_tags(vocabulary, progress)  # once, before the first batch
     workers = default_decode_workers() if decode_workers is None else decode_workers

@@ -4,6 +4,7 @@ served max batch size and sent with bounded concurrency."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -25,7 +26,8 @@ def parse_url(url: str) -> tuple[str, str]:
 class TritonBackend:
     name = "triton"
 
-    def __init__(self, url: str, concurrency: int = 4, timeout_s: float = 60.0) -> None:
+    def __init__(self, url: str, concurrency: int = 4, timeout_s: float = 60.0, retry_s: float = 60.0) -> None:
+        self.retry_s = retry_s
         self.protocol, self.address = parse_url(url)
         if self.protocol == "http":
             import tritonclient.http as client_module
@@ -58,7 +60,26 @@ class TritonBackend:
             tensors.append(tensor)
         return tensors, [self.module.InferRequestedOutput(n) for n in outputs]
 
+    def _server_ready(self) -> bool:
+        try:
+            return bool(self.client.is_server_ready())
+        except Exception:
+            return False
+
     def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> tuple[np.ndarray, ...]:
+        """One call, retried while the server is down (`ttd serve` restarts a crashed tritonserver
+        in seconds) for at most `retry_s`; an error from a server that is up is raised at once."""
+        deadline = time.monotonic() + self.retry_s
+        while True:
+            try:
+                return self._infer_once(model, inputs, outputs)
+            except Exception:
+                if time.monotonic() > deadline or self._server_ready():
+                    raise
+            while time.monotonic() < deadline and not self._server_ready():
+                time.sleep(0.25)
+
+    def _infer_once(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> tuple[np.ndarray, ...]:
         total = len(next(iter(inputs.values())))
         step = self.max_batch[model]
         chunks = [self._tensors({k: v[i : i + step] for k, v in inputs.items()}, outputs) for i in range(0, total, step)]
