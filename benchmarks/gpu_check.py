@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
     parser.add_argument("--compile-batches", type=int, nargs="*", default=[1, 256],
                         help="batches timed with torch.compile (CUDA graphs); none to skip")
+    parser.add_argument("--parity-pairs", type=int, default=64, help="world pairs of the parity gates (ViT: a quarter)")
     parser.add_argument("--world-images", type=int, default=256, help="world images for `ttd tag` agreement")
     parser.add_argument("--e2e-images", type=int, default=4096, help="images for the end-to-end `ttd tag` timing")
     parser.add_argument("--train-steps", type=int, default=20)
@@ -151,8 +152,8 @@ def step_parity(args, state) -> dict:
     from export.checks import FP32_GATE, VARIANT_GATE, GateError, check_pairs, compare, enforce
 
     results, failed = {}, []
-    for label, model, count, gate_tags in (("world-base", world_default(), 64, True),
-                                           (args.vit_model, vit(args), 16, False)):
+    for label, model, count, gate_tags in (("world-base", world_default(), args.parity_pairs, True),
+                                           (args.vit_model, vit(args), max(2, args.parity_pairs // 4), False)):
         images, captions = check_pairs(model.config.image_size, count)
         reference = tagger_for(model, "cpu", "float32")
         for dtype in DTYPES:

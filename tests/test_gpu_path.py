@@ -268,7 +268,7 @@ def test_gpu_check_runs_end_to_end_on_the_cpu_with_small_settings(tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
     done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--vit-model", "world-tiny",
-                           "--batches", "2", "--compile-batches", "--world-images", "4", "--e2e-images", "8",
+                           "--batches", "2", "--compile-batches", "--world-images", "4", "--e2e-images", "8", "--parity-pairs", "8",
                            "--steps", "environment", "matmul_peak", "parity", "tag_cli", "throughput", "tag_end_to_end",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "2"})
