@@ -127,8 +127,9 @@ class Tagger:
                 scores[method] = np.mean([o[2] for o in outputs], axis=0).max(axis=(2, 3)) if len(views) > 1 else outputs[0][0]
             elif method == "sigmoid":
                 scores[method] = masks.max(axis=(2, 3))
-            else:  # minmax of the best-pixel cosine, recovered from the monotonic mask
-                cos = self.mask_cosines(masks.max(axis=(2, 3)))
+            else:  # minmax of the best-pixel cosine, recovered from the monotonic masks; with flip TTA
+                # the views' cosine maps are averaged (as ttd.scoring does), not their sigmoid masks
+                cos = np.mean([self.mask_cosines(o[1]) for o in outputs], axis=0).max(axis=(2, 3))
                 low, span = cos.min(axis=1, keepdims=True), np.ptp(cos, axis=1, keepdims=True)
                 scores[method] = np.where(span > 0, (cos - low) / np.where(span > 0, span, 1), 1.0)
             scores[method] = scores[method].astype(np.float32)
