@@ -38,9 +38,10 @@ def vocabulary_scores(patch_embeds: np.ndarray, tag_embeds: np.ndarray, flipped:
         elif len(views) == 1:  # a sigmoid mask is monotonic in the cosine: its peak is at the best pixel
             peak = torch.sigmoid(mask_weight * cosines[0].amax(dim=2) + mask_bias)
             scores = peak if method == "sigmoid" else _minmax_from_peak(peak, mask_weight, mask_bias)
-        else:
-            peak = torch.stack([torch.sigmoid(mask_weight * c + mask_bias) for c in cosines]).mean(0).amax(dim=2)
-            scores = peak if method == "sigmoid" else _minmax_from_peak(peak, mask_weight, mask_bias)
+        elif method == "sigmoid":
+            scores = torch.stack([torch.sigmoid(mask_weight * c + mask_bias) for c in cosines]).mean(0).amax(dim=2)
+        else:  # flip TTA averages the views' cosine maps (as ttd.scoring and the Tagger do)
+            scores = _minmax(torch.stack(cosines).mean(0).amax(dim=2).double())
         masks = None
         if with_masks:
             masks = torch.stack([torch.sigmoid(mask_weight * c + mask_bias) for c in cosines]).mean(0)
@@ -50,7 +51,10 @@ def vocabulary_scores(patch_embeds: np.ndarray, tag_embeds: np.ndarray, flipped:
 
 def _minmax_from_peak(peak: torch.Tensor, weight: float, bias: float) -> torch.Tensor:
     peak = peak.double().clamp(1e-7, 1 - 1e-7)
-    cos = (torch.log(peak / (1 - peak)) - bias) / weight
+    return _minmax((torch.log(peak / (1 - peak)) - bias) / weight)
+
+
+def _minmax(cos: torch.Tensor) -> torch.Tensor:
     low, high = cos.amin(dim=1, keepdim=True), cos.amax(dim=1, keepdim=True)
     span = high - low
     return torch.where(span > 0, (cos - low) / torch.where(span > 0, span, 1), torch.ones_like(cos))
