@@ -362,3 +362,7 @@ def serve(repo, host, http_port, grpc_port, timeout_s):
     except KeyboardInterrupt:
         click.echo("stopping ...", err=True)
         server.stop()
+
+
+if __name__ == "__main__":
+    main()
