@@ -129,7 +129,13 @@ def test_a_short_ttd_run_improves_ranking_and_caption_masks_over_the_base(tmp_pa
     config = TrainConfig(out_dir=str(tmp_path), steps=40, batch_size=32, lr=5e-3, warmup_steps=4, checkpoint_every=1000)
     tuned = evaluate(train(load_model(), config, resume=False, progress=False), samples, progress=False)
     before, after = base["tags"]["pixel-tag"], tuned["tags"]["pixel-tag"]
-    assert after["r_precision"] > before["r_precision"] + 0.03 and after["r_precision"] > 0.99
-    assert after["map"] > before["map"] + 0.01
-    assert tuned["caption_mask"]["iou"] > base["caption_mask"]["iou"] + 0.015
-    assert tuned["caption_mask"]["fpr"] < base["caption_mask"]["fpr"] - 0.15
+    figures = {"R-precision": (before["r_precision"], after["r_precision"]), "mAP": (before["map"], after["map"]),
+               "caption IoU": (base["caption_mask"]["iou"], tuned["caption_mask"]["iou"]),
+               "caption FPR": (base["caption_mask"]["fpr"], tuned["caption_mask"]["fpr"])}
+    missed = [name for name, passed in {
+        "R-precision": after["r_precision"] > max(before["r_precision"] + 0.03, 0.99),
+        "mAP": after["map"] > before["map"] + 0.01,
+        "caption IoU": tuned["caption_mask"]["iou"] > base["caption_mask"]["iou"] + 0.015,
+        "caption FPR": tuned["caption_mask"]["fpr"] < base["caption_mask"]["fpr"] - 0.15,
+    }.items() if not passed]
+    assert not missed, f"missed {missed}; (base, TTD): {figures}"

@@ -96,9 +96,13 @@ class Tagger:
             scores = probs.max(axis=(1, 2)) if len(views) > 1 else outputs[0][0][0]
         elif self.score_method == "sigmoid":
             scores = masks.max(axis=(1, 2))
-        else:  # minmax of the best-pixel cosine, recovered from the monotonic mask
-            peak = np.clip(masks.max(axis=(1, 2)).astype(np.float64), 1e-7, 1 - 1e-7)
-            cos = (np.log(peak / (1 - peak)) - self.mask_bias) / self.mask_weight
+        else:  # minmax of the best-pixel cosine, recovered from the monotonic masks; with flip TTA the two
+            # views' cosine maps are averaged (as ttd.scoring does), not their sigmoid masks
+            cosine_maps = []
+            for output in outputs:
+                view = np.clip(output[1][0].astype(np.float64), 1e-7, 1 - 1e-7)
+                cosine_maps.append((np.log(view / (1 - view)) - self.mask_bias) / self.mask_weight)
+            cos = np.mean(cosine_maps, axis=0).max(axis=(1, 2))
             span = cos.max() - cos.min()
             scores = (cos - cos.min()) / span if span > 0 else np.ones_like(cos)
         return scores.astype(np.float32), masks
