@@ -215,3 +215,39 @@ def test_trained_model_stays_usable_after_its_outputs_are_written(tmp_path):
     pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(pixels)[1], merged.encode_image(pixels)[1], rtol=1e-5, atol=1e-5)
+
+
+def test_train_options_reach_the_training(tmp_path, monkeypatch):
+    """--lora-targets, --score and --frozen-teacher change what `ttd train` does, not only its log."""
+    from click.testing import CliRunner
+
+    import ttd.train as train_module
+    from ttd.cli import main
+
+    calls = []
+    real_losses = train_module.ttd_losses
+
+    def recording_losses(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real_losses(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "ttd_losses", recording_losses)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--model", "world-tiny", "--steps", "2", "--batch-size", "4", "--warmup",
+                                       "1", "--lr", "5e-3", "--lora-targets", "attn", "--score", "minmax",
+                                       "--frozen-teacher", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    adapter = load_file(str(out / "adapter.safetensors"))
+    lora_keys = [k for k in adapter if "lora_" in k]
+    assert len(lora_keys) == 2 * 4 * 2 * 2  # towers x blocks x (in_proj, out_proj) x (A, B): no MLP adapters
+    assert all(".attn." in k for k in lora_keys), lora_keys
+    assert len(calls) == 2
+    for args, _ in calls:
+        score_method, teacher = args[11], args[12]
+        assert score_method == "minmax"
+        assert teacher is not None  # a separate frozen teacher, not the online student
+    # after one update the student has moved, the frozen teacher has not: their features differ
+    student_patch, (teacher_patch, _) = calls[1][0][0], calls[1][0][12]
+    assert (student_patch - teacher_patch.float()).abs().max() > 1e-5
+    logged = json.loads((out / "train_config.json").read_text())
+    assert logged["score_method"] == "minmax" and logged["frozen_teacher"] and logged["lora"]["targets"] == ["attn"]
