@@ -83,6 +83,46 @@ def test_precision_variants_pass_their_quality_gate(tmp_path, precision, mode):
     assert min(quality["min_cosine"][k] for k in ("image_embeds", "patch_embeds", "text_embeds")) >= 0.99
     assert quality["tag_agreement"] >= 0.95
     assert read_export(tmp_path).precision == precision
+    # the graphs really are of the new precision (a step that returned the fp32 graph fails here) ...
+    for name in ("image_encoder", "text_encoder"):
+        graph = onnx.load(str(tmp_path / f"{name}.onnx"))
+        ops = {node.op_type for node in graph.graph.node}
+        weight_bytes = {}
+        for tensor in graph.graph.initializer:
+            weight_bytes[tensor.data_type] = weight_bytes.get(tensor.data_type, 0) + len(tensor.raw_data)
+        if precision == "fp16":
+            assert weight_bytes.get(onnx.TensorProto.FLOAT16, 0) > 4 * weight_bytes.get(onnx.TensorProto.FLOAT, 0), name
+        else:
+            expected_ops = {"MatMulInteger", "DynamicQuantizeLinear"} if mode == "dynamic" else {"QuantizeLinear", "DequantizeLinear"}
+            assert expected_ops <= ops, (name, sorted(ops))
+            assert weight_bytes.get(onnx.TensorProto.INT8, 0) > weight_bytes.get(onnx.TensorProto.FLOAT, 0), name
+    # ... and their quality, recomputed here with a plain onnxruntime session against the torch model on
+    # world pairs the exporter never saw, passes the same bar
+    import onnxruntime as ort
+
+    from ttd.data.world import make_sample
+    from ttd.images import normalize
+
+    model = create_model("world-tiny", seed=0)
+    samples = [make_sample(11, i) for i in range(12)]
+    pixels = normalize(np.stack([s.image for s in samples]), model.config.mean, model.config.std)
+    tokens = model.tokenizer([s.caption for s in samples])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # ALL segfaults on fp16 (DESIGN §5)
+    image = ort.InferenceSession(str(tmp_path / "image_encoder.onnx"), options, providers=["CPUExecutionProvider"])
+    text = ort.InferenceSession(str(tmp_path / "text_encoder.onnx"), options, providers=["CPUExecutionProvider"])
+    got_image, got_patch = image.run(None, {"pixel_values": pixels})
+    (got_text,) = text.run(None, {"input_ids": tokens.astype(np.int64)})
+    import torch
+
+    with torch.no_grad():
+        want_image, want_patch = (t.numpy() for t in model.encode_image(torch.from_numpy(pixels)))
+        want_text = model.encode_texts([s.caption for s in samples]).numpy()
+    cosines = {"image": (got_image * want_image).sum(-1), "patch": (got_patch * want_patch).sum(1),
+               "text": (got_text * want_text).sum(-1)}
+    for key, values in cosines.items():
+        assert values.min() >= 0.99, (key, values.min())
+    assert max(np.abs(got_image - want_image).max(), np.abs(got_text - want_text).max()) > 1e-5  # not the fp32 graph
 
 
 def test_bf16_is_refused_where_onnxruntime_cannot_run_it(tmp_path):
@@ -121,7 +161,10 @@ def test_ttd_tag_through_onnxruntime_matches_torch(tiny_export, tmp_path):
         args += ["--model", "world-tiny"] if backend == "torch" else ["--export-dir", str(out)]
         assert CliRunner().invoke(main, args).exit_code == 0
         results[backend] = [json.loads(line) for line in target.read_text().splitlines()]
+    assert len(results["torch"]) == len(results["onnxruntime"]) == 24
     for a, b in zip(results["torch"], results["onnxruntime"]):
+        assert "error" not in a and "error" not in b and a["image"] == b["image"]
+        assert [c["tag"] for c in a["candidates"]] == [c["tag"] for c in b["candidates"]] != []
         assert a["selected"] == b["selected"]
         np.testing.assert_allclose([c["score"] for c in a["candidates"]], [c["score"] for c in b["candidates"]], atol=1e-4)
 
@@ -151,3 +194,32 @@ def test_tensorrt_missing_gives_a_clear_error(tiny_export):
     _, out, _ = tiny_export
     with pytest.raises(RuntimeError, match="the tensorrt backend needs the tensorrt package"):
         load_tagger("tensorrt", export_dir=str(out))
+
+
+def test_onnxruntime_never_falls_back_to_the_cpu_silently(tiny_export, monkeypatch):
+    """This CPU build of onnxruntime cannot run CUDA; make it *claim* CUDA (the only fake: no GPU
+    here) and ask for it: onnxruntime then quietly activates the CPU provider, and the backend's
+    post-creation check must refuse that."""
+    import onnxruntime as ort
+
+    _, out, _ = tiny_export
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(RuntimeError, match=r"asked for CUDAExecutionProvider but onnxruntime activated \['CPUExecutionProvider'\]"):
+        OnnxRuntimeBackend(read_export(out), "cuda")
+    assert OnnxRuntimeBackend(read_export(out), "cpu").providers == ["CPUExecutionProvider"]
+
+
+def test_triton_build_and_validate_commands(tiny_export, tmp_path):
+    _, out, _ = tiny_export
+    repo = tmp_path / "repo"
+    runner = CliRunner()
+    built = runner.invoke(main, ["triton", "build", str(out), str(repo)])
+    assert built.exit_code == 0, built.output
+    valid = runner.invoke(main, ["triton", "validate", str(repo)])
+    assert valid.exit_code == 0, valid.output
+    assert "valid" in valid.output and "ttd_tagger" in valid.output
+    config = next(repo.glob("ttd_image_encoder/config.pbtxt"))
+    config.write_text(config.read_text().replace('name: "ttd_image_encoder"', 'name: "someone_else"'))
+    broken = runner.invoke(main, ["triton", "validate", str(repo)])
+    assert broken.exit_code == 2
+    assert "ttd_image_encoder: config name 'someone_else' differs from its folder" in broken.output

@@ -42,14 +42,45 @@ def test_bad_files_raise_image_errors_naming_the_file(tmp_path):
 
 
 def test_decompression_bomb_is_refused_before_decoding():
-    huge = png_bytes(Image.new("L", (3000, 3000)))
-    with pytest.raises(ImageError, match="9,000,000 pixels exceeds the limit of 1,000,000"):
-        decode_image(huge, "bomb.png", max_pixels=1_000_000)
+    """A PNG whose header claims 9000 x 9000 pixels but carries almost no data: only a check made on
+    the header, before any decoding, can name the size (decoding would fail as truncated)."""
+    import struct
+    import zlib
+
+    def forged(width: int, height: int) -> bytes:
+        small = png_bytes(Image.new("L", (4, 4)))
+        at = small.index(b"IHDR")
+        header = bytearray(small[at : at + 17])
+        header[4:12] = struct.pack(">II", width, height)
+        return small[:at] + bytes(header) + struct.pack(">I", zlib.crc32(bytes(header))) + small[at + 21 :]
+
+    assert len(forged(9_000, 9_000)) < 200
+    with pytest.raises(ImageError, match="9000x9000 = 81,000,000 pixels exceeds the limit of 1,000,000"):
+        decode_image(forged(9_000, 9_000), "bomb.png", max_pixels=1_000_000)
+    # beyond twice PIL's own limit, PIL refuses at open: still before decoding, still an ImageError
+    with pytest.raises(ImageError, match="bomb.png: decompression bomb refused"):
+        decode_image(forged(30_000, 30_000), "bomb.png")
 
 
-def test_resize_center_crop_and_normalize():
-    image = Image.fromarray(np.arange(200 * 100 * 3, dtype=np.uint32).reshape(100, 200, 3).astype(np.uint8))
-    crop = resize_center_crop(image, 50)
+def test_resize_center_crop_takes_the_centre_and_keeps_channels():
+    # a horizontal ramp (red = column) with constant green and blue: a corner crop, a transposed
+    # array or swapped channels all give other numbers
+    width, height = 200, 100
+    ramp = np.tile(np.arange(width, dtype=np.uint8)[None, :], (height, 1))
+    rgb = np.stack([ramp, np.full_like(ramp, 100), np.full_like(ramp, 200)], axis=-1)
+    crop = resize_center_crop(Image.fromarray(rgb), 50, "bilinear")
     assert crop.shape == (50, 50, 3) and crop.dtype == np.uint8
-    x = normalize(np.full((1, 2, 2, 3), 255, np.uint8), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    assert x.shape == (1, 3, 2, 2) and np.allclose(x, 2.0)
+    # resized to 100 x 50 (every column ~2 source columns), the centre crop keeps columns 25..74 -> ~50..149
+    assert abs(int(crop[:, 0, 0].mean()) - 51) <= 2 and abs(int(crop[:, -1, 0].mean()) - 149) <= 2
+    assert (crop[:, :, 1] == 100).all() and (crop[:, :, 2] == 200).all()
+    assert (np.diff(crop[25, :, 0].astype(int)) > 0).all()  # still a left-to-right ramp: not transposed
+
+
+def test_normalize_applies_each_channels_mean_and_std():
+    pixels = np.zeros((2, 2, 3, 3), np.uint8)
+    pixels[..., 0], pixels[..., 1], pixels[..., 2] = 51, 102, 204  # 0.2, 0.4, 0.8
+    pixels[1] = 255
+    x = normalize(pixels, (0.1, 0.2, 0.3), (0.5, 0.25, 0.125))
+    assert x.shape == (2, 3, 2, 3) and x.dtype == np.float32
+    np.testing.assert_allclose(x[0, :, 0, 0], [(0.2 - 0.1) / 0.5, (0.4 - 0.2) / 0.25, (0.8 - 0.3) / 0.125], rtol=1e-6)
+    np.testing.assert_allclose(x[1, :, 1, 2], [(1 - 0.1) / 0.5, (1 - 0.2) / 0.25, (1 - 0.3) / 0.125], rtol=1e-6)

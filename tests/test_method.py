@@ -110,3 +110,32 @@ def test_a_frozen_teacher_decides_the_selection(hand_batch):
     student_logits = w * torch.einsum("bdhw,bkd->bkhw", patch, tags) + b
     per_tag = F.binary_cross_entropy_with_logits(student_logits, targets, reduction="none").mean(dim=(2, 3))
     torch.testing.assert_close(losses.tag, per_tag[valid].mean())
+
+
+def test_a_short_ttd_run_improves_ranking_and_caption_masks_over_the_base(tmp_path):
+    """40 steps of TTD (batch 32) on the embedded world-base, judged on 200 held-out pairs.
+
+    Measured (seed 0): pixel-tag R-precision 0.958 -> 0.997, mAP 0.984 -> 0.999, caption IoU
+    0.560 -> 0.584, caption FPR 0.63 -> 0.35. Broken losses, same run: targets that ignore the
+    selection, all-zero targets, or L_tag dropped each miss at least one bound (see the closing
+    note of issue 14)."""
+    from ttd.data.annotations import world_eval_samples
+    from ttd.evaluate import evaluate
+    from ttd.factory import load_model
+    from ttd.train import TrainConfig, train
+
+    samples = world_eval_samples(2, 200)
+    base = evaluate(load_model(), samples, progress=False)
+    config = TrainConfig(out_dir=str(tmp_path), steps=40, batch_size=32, lr=5e-3, warmup_steps=4, checkpoint_every=1000)
+    tuned = evaluate(train(load_model(), config, resume=False, progress=False), samples, progress=False)
+    before, after = base["tags"]["pixel-tag"], tuned["tags"]["pixel-tag"]
+    figures = {"R-precision": (before["r_precision"], after["r_precision"]), "mAP": (before["map"], after["map"]),
+               "caption IoU": (base["caption_mask"]["iou"], tuned["caption_mask"]["iou"]),
+               "caption FPR": (base["caption_mask"]["fpr"], tuned["caption_mask"]["fpr"])}
+    missed = [name for name, passed in {
+        "R-precision": after["r_precision"] > max(before["r_precision"] + 0.03, 0.99),
+        "mAP": after["map"] > before["map"] + 0.01,
+        "caption IoU": tuned["caption_mask"]["iou"] > base["caption_mask"]["iou"] + 0.015,
+        "caption FPR": tuned["caption_mask"]["fpr"] < base["caption_mask"]["fpr"] - 0.15,
+    }.items() if not passed]
+    assert not missed, f"missed {missed}; (base, TTD): {figures}"

@@ -34,3 +34,18 @@ def test_mask_counts():
     assert summary["iou"] == pytest.approx((1 / 3 + 1) / 2)
     assert summary["fpr"] == pytest.approx((1 / 2 + 0) / 2)
     assert summary["fnr"] == pytest.approx((1 / 2 + 0) / 2)
+
+
+def test_tied_scores_are_ranked_pessimistically():
+    """A tie earns no credit: a constant scorer must not look perfect because the relevant tags came first."""
+    relevant = np.array([True, False, True, False])
+    flat = np.full(4, 0.5)
+    assert average_precision(flat, relevant) == pytest.approx((1 / 3 + 2 / 4) / 2)  # hits at ranks 3 and 4
+    assert r_precision(flat, relevant) == 0.0
+    # a partial tie: 0.9 first (relevant), then a 3-way tie at 0.4 of which one is relevant -> rank 4
+    scores = np.array([0.4, 0.9, 0.4, 0.4])
+    relevant = np.array([True, True, False, False])
+    assert average_precision(scores, relevant) == pytest.approx((1 + 2 / 4) / 2)
+    assert r_precision(scores, relevant) == pytest.approx(0.5)
+    # the order of the input does not matter
+    assert average_precision(scores[::-1], relevant[::-1]) == pytest.approx((1 + 2 / 4) / 2)

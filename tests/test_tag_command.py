@@ -7,6 +7,7 @@ from PIL import Image
 
 from ttd.cli import main
 from ttd.data.world import make_sample
+from ttd.tags import candidate_tags
 
 
 def run(*args):
@@ -92,7 +93,11 @@ def test_csv_input_and_vocabulary_mode(tmp_path):
     (tmp_path / "c.csv").write_text(f"image,caption\na.png,{caption}\n")
     out = tmp_path / "t.jsonl"
     assert run("tag", "--model", "world-tiny", "--captions", tmp_path / "c.csv", "-o", out, "--quiet").exit_code == 0
-    assert json.loads(out.read_text())["caption"] == caption
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "error" not in record, record  # an error record echoes the caption too
+    assert record["image"] == "a.png" and record["caption"] == caption
+    assert [c["tag"] for c in record["candidates"]] == candidate_tags(caption) and len(record["candidates"]) >= 2
+    assert all(0.0 <= c["score"] <= 1.0 for c in record["candidates"])
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("# shapes\nred\ncircle\n\nsquare\nred\n")
     result = run("tag", "--model", "world-tiny", "--vocabulary", vocab, tmp_path, "-o", out, "--quiet", "--top-k", 2)
@@ -103,15 +108,28 @@ def test_csv_input_and_vocabulary_mode(tmp_path):
 
 
 def test_ten_thousand_tag_vocabulary(tmp_path):
-    world_png(tmp_path / "a.png", 1)
+    """10,000 filler words the world tokenizer does not know, with the world's real words mixed in:
+    the real words that name the image must come out on top (embedded default model, sigmoid score,
+    which does not depend on the size of the vocabulary)."""
+    from ttd.data.world import ABSENT_THINGS, BACKGROUNDS, COLOURS, SHAPES
+
+    sample = make_sample(3, 5)  # a big blue cross on grass
+    Image.fromarray(sample.image).save(tmp_path / "a.png")
+    real = [*SHAPES, *COLOURS, *BACKGROUNDS, *ABSENT_THINGS]
+    vocabulary = [f"tag{i}" for i in range(10_000)]
+    for k, word in enumerate(real):  # spread through the list, not appended at the end
+        vocabulary.insert(1 + k * 9_000 // len(real), word)
     vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(f"tag{i}" for i in range(10_000)) + "\n")
+    vocab.write_text("\n".join(vocabulary) + "\n")
     out = tmp_path / "t.jsonl"
-    result = run("tag", "--model", "world-tiny", "--vocabulary", vocab, tmp_path / "a.png", "-o", out, "--quiet",
-                 "--score", "sigmoid")
+    result = run("tag", "--vocabulary", vocab, tmp_path / "a.png", "-o", out, "--quiet", "--score", "sigmoid",
+                 "--top-k", 10)
     assert result.exit_code == 0, result.output
     record = json.loads(out.read_text())
-    assert len(record["top"]) == 10 and "error" not in record
+    assert "error" not in record
+    top = [t["tag"] for t in record["top"]]
+    assert len(top) == 10 and not any(t.startswith("tag") for t in top), top  # no filler word in the top 10
+    assert set(top[:2]) == {"blue", "grass"} and set(top[:2]) <= set(sample.tag_masks), top
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,10 @@
 import json
 import os
-import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from ttd.factory import create_model, load_checkpoint, save_checkpoint
-from ttd.lora import LoRAConfig, inject_lora, merge_lora
+from ttd.lora import LoRAConfig, inject_lora, merge_lora, merged_state_dict
 from ttd.train import TrainConfig, train
 
 SMALL = dict(steps=4, batch_size=8, warmup_steps=1, checkpoint_every=2, lr=5e-3)
@@ -45,6 +47,14 @@ def test_ttd_training_writes_adapter_and_merged_model(tmp_path):
     merged = load_checkpoint(tmp_path / "run" / "model.safetensors")
     assert merged.config.source == "ttd:registered:world-tiny"
     assert merged.mask_weight.item() != 10.0  # the calibration was trained
+    # the adapters were trained too: every adapted weight of both towers moved, nothing else did
+    base_weights, merged_weights = load_checkpoint(base_path).state_dict(), merged.state_dict()
+    adapted = {k for k in base_weights if ("resblocks" in k and k.endswith(("in_proj_weight", "out_proj.weight",
+                                                                          "c_fc.weight", "c_proj.weight")))}
+    assert len(adapted) == 2 * 4 * 4  # 2 towers x 4 blocks x 4 weights
+    moved = {k for k in base_weights if k not in ("mask_weight", "mask_bias")
+             and (merged_weights[k] - base_weights[k]).abs().max() > 1e-6}
+    assert moved == adapted
     # the adapter alone, applied to the base, reproduces the merged model
     rebuilt = load_checkpoint(base_path)
     inject_lora(rebuilt, LoRAConfig())
@@ -58,14 +68,49 @@ def test_ttd_training_writes_adapter_and_merged_model(tmp_path):
     assert logged["objective"] == "ttd" and logged["skipped_samples"] == 0
 
 
+def ttd_command(*args):
+    """The `ttd` console script of this tree, whatever is on PATH."""
+    return [sys.executable, "-m", "ttd.cli", *map(str, args)]
+
+
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
-    straight = train(create_model("world-tiny", seed=0), TrainConfig(out_dir=str(tmp_path / "a"), **SMALL), progress=False)
-    partial_dir = str(tmp_path / "b")
-    train(create_model("world-tiny", seed=0), TrainConfig(out_dir=partial_dir, **SMALL), progress=False, stop_after=2)
-    assert torch.load(Path(partial_dir) / "last.pt", weights_only=True)["step"] == 2
-    resumed = train(create_model("world-tiny", seed=0), TrainConfig(out_dir=partial_dir, **SMALL), progress=False)
-    for key, value in weights(straight).items():
-        assert torch.equal(value, weights(resumed)[key]), key
+    """A real `ttd train` process is SIGKILLed mid-run; the rerun must continue from last.pt.
+
+    The rerun gets a different --seed (another LoRA initialisation and RNG stream), so only
+    resuming from the saved state -- not a seeded restart from step 0 -- can match the
+    uninterrupted run."""
+    steps = 30
+    common = ["train", "--model", "world-tiny", "--steps", steps, "--batch-size", 8, "--warmup", 2, "--lr", 5e-3,
+              "--checkpoint-every", 1]
+    run_dir = tmp_path / "killed"
+    process = subprocess.Popen(ttd_command(*common, "--out", run_dir), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    state_path = run_dir / "last.pt"
+    deadline = time.monotonic() + 600  # a hang guard, not a timing
+    try:
+        while not (state_path.is_file() and torch.load(state_path, weights_only=True)["step"] >= 3):
+            assert process.poll() is None, f"ttd train ended before it could be killed: {process.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "ttd train wrote no checkpoint of step 3 in 10 minutes"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stderr.close()
+    killed_at = torch.load(state_path, weights_only=True)["step"]
+    assert 3 <= killed_at < steps and not (run_dir / "model.safetensors").exists()
+
+    resumed = subprocess.run(ttd_command(*common, "--seed", 1, "--out", run_dir), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    config = TrainConfig(out_dir=str(tmp_path / "straight"), steps=steps, batch_size=8, warmup_steps=2, lr=5e-3,
+                         checkpoint_every=steps)
+    straight = train(create_model("world-tiny", seed=0), config, progress=False)
+    expected = merged_state_dict(straight)
+    actual = load_file(str(run_dir / "model.safetensors"))
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, rtol=0, atol=1e-6, msg=key)
 
 
 def test_clip_objective_lowers_the_contrastive_loss(tmp_path):
@@ -143,12 +188,16 @@ def test_distributed_training_matches_a_single_process(tmp_path):
     base = save_checkpoint(create_model("world-tiny", seed=0), tmp_path / "base.safetensors")
     common = ["train", "--checkpoint", str(base), "--steps", "3", "--warmup", "1", "--lr", "5e-3", "--no-resume"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ttd = shutil.which("ttd")
-    subprocess.run([ttd, *common, "--batch-size", "8", "--out", str(tmp_path / "single")], check=True, env=env,
-                   capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                    ttd, *common, "--batch-size", "4", "--out", str(tmp_path / "ddp")], check=True, env=env,
-                   capture_output=True)
+    single = subprocess.run(ttd_command(*common, "--batch-size", "8", "--out", tmp_path / "single"), env=env,
+                            capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-3000:]
+    with socket.socket() as probe:  # a free port now, rather than a fixed one another run may hold
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "ttd.cli", *common,
+                          "--batch-size", "4", "--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
     single = load_file(str(tmp_path / "single" / "model.safetensors"))
     ddp = load_file(str(tmp_path / "ddp" / "model.safetensors"))
     base_weights = load_file(str(base))
@@ -166,3 +215,39 @@ def test_trained_model_stays_usable_after_its_outputs_are_written(tmp_path):
     pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(pixels)[1], merged.encode_image(pixels)[1], rtol=1e-5, atol=1e-5)
+
+
+def test_train_options_reach_the_training(tmp_path, monkeypatch):
+    """--lora-targets, --score and --frozen-teacher change what `ttd train` does, not only its log."""
+    from click.testing import CliRunner
+
+    import ttd.train as train_module
+    from ttd.cli import main
+
+    calls = []
+    real_losses = train_module.ttd_losses
+
+    def recording_losses(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real_losses(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "ttd_losses", recording_losses)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--model", "world-tiny", "--steps", "2", "--batch-size", "4", "--warmup",
+                                       "1", "--lr", "5e-3", "--lora-targets", "attn", "--score", "minmax",
+                                       "--frozen-teacher", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    adapter = load_file(str(out / "adapter.safetensors"))
+    lora_keys = [k for k in adapter if "lora_" in k]
+    assert len(lora_keys) == 2 * 4 * 2 * 2  # towers x blocks x (in_proj, out_proj) x (A, B): no MLP adapters
+    assert all(".attn." in k for k in lora_keys), lora_keys
+    assert len(calls) == 2
+    for args, _ in calls:
+        score_method, teacher = args[11], args[12]
+        assert score_method == "minmax"
+        assert teacher is not None  # a separate frozen teacher, not the online student
+    # after one update the student has moved, the frozen teacher has not: their features differ
+    student_patch, (teacher_patch, _) = calls[1][0][0], calls[1][0][12]
+    assert (student_patch - teacher_patch.float()).abs().max() > 1e-5
+    logged = json.loads((out / "train_config.json").read_text())
+    assert logged["score_method"] == "minmax" and logged["frozen_teacher"] and logged["lora"]["targets"] == ["attn"]

@@ -490,3 +490,7 @@ def serve(repo, host, http_port, grpc_port, timeout_s, max_restarts):
         click.echo(f"serving {repo}: HTTP {server.http_url}, gRPC {server.grpc_url} (Ctrl-C to stop)", err=True)
         code = supervise(server, start, lambda line: click.echo(line, err=True), max_restarts)
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

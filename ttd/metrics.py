@@ -48,13 +48,14 @@ class TagCounts:
         }
 
 
-def _rank(scores: np.ndarray) -> np.ndarray:
-    """Order by descending score; ties broken against the relevant ones (pessimistic) by stable sort."""
-    return np.argsort(-scores, kind="stable")
+def _rank(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+    """Order by descending score; ties broken against the relevant ones (pessimistic): among equal
+    scores the irrelevant candidates come first, so a tie never earns credit."""
+    return np.lexsort((np.asarray(relevant, bool), -np.asarray(scores, np.float64)))
 
 
 def average_precision(scores: np.ndarray, relevant: np.ndarray) -> float:
-    order = _rank(scores)
+    order = _rank(scores, relevant)
     hits = relevant[order]
     precision_at = np.cumsum(hits) / np.arange(1, len(hits) + 1)
     return float((precision_at * hits).sum() / max(hits.sum(), 1))
@@ -62,7 +63,7 @@ def average_precision(scores: np.ndarray, relevant: np.ndarray) -> float:
 
 def r_precision(scores: np.ndarray, relevant: np.ndarray) -> float:
     r = int(relevant.sum())
-    return float(relevant[_rank(scores)[:r]].mean()) if r else 0.0
+    return float(relevant[_rank(scores, relevant)[:r]].mean()) if r else 0.0
 
 
 @dataclass
