@@ -248,6 +248,27 @@ def test_malformed_requests_get_4xx_with_a_reason_and_no_server_paths(repo, tmp_
             client.infer("ttd_tag_head", [patch, tags])
         assert error.value.status() == "400"
         assert "input 'tag_embeds': dimension 1 is 2000, more than the limit of 1024" in error.value.message()
+        # the tagger's own refusals (issue 14): each a 400 with the reason, nothing else disturbed
+        from ttd.runtime.triton_load import tagger_request
+
+        png = io.BytesIO()
+        Image.fromarray(make_sample(3, 0).image).save(png, "PNG")
+        refusals = [(b"not an image", "a red circle", None, "cannot decode image"),
+                    (png.getvalue(), "the of and a", None, "no candidate tags"),
+                    (png.getvalue(), "  ", None, "empty caption"),
+                    (b"\0" * (21 << 20), "a red circle", None, "exceeds the limit of 20,971,520")]
+        for image, text, tag_list, reason in refusals:
+            with pytest.raises(InferenceServerException) as error:
+                tagger_request(http, client, image, text, tag_list)
+            assert error.value.status() == "400", (reason, error.value.status(), error.value.message())
+            assert reason in error.value.message(), error.value.message()
+        image = http.InferInput("image", [1, 1], "BYTES")
+        image.set_data_from_numpy(np.array([[png.getvalue()]], dtype=np.object_))
+        wrong = http.InferInput("return_masks", [1, 1], "INT32")  # declared BOOL
+        wrong.set_data_from_numpy(np.array([[1]], dtype=np.int32))
+        with pytest.raises(InferenceServerException) as error:
+            client.infer("ttd_tagger", [image, caption, wrong])
+        assert error.value.status() == "400" and "return_masks" in error.value.message(), error.value.message()
         assert tag_one(int(server.http_url.split(":")[1]))["tags"]  # and the server still answers
 
 
