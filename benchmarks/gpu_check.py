@@ -282,8 +282,6 @@ def step_compile(args, state) -> dict:
 def step_tag_end_to_end(args, state) -> dict:
     """`ttd tag`'s job (decode, resize, encode, tag head, JSON lines) on world PNGs with the ViT,
     at the largest batch, bf16, compiled if a compile batch equals it; against encoder-only."""
-    import torch
-
     from ttd.data.annotations import write_world_split
     from ttd.inputs import read_captions
     from ttd.tag_job import tag_items

@@ -129,7 +129,6 @@ def test_precision_variants_pass_their_quality_gate(tmp_path, precision, mode):
 
 def _onnxruntime_runs_bf16_matmul() -> bool:
     """Whether this onnxruntime build's CPU provider has a bf16 MatMul kernel (most have none)."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 

@@ -5,10 +5,10 @@ torch engine (python flavour) against the onnxruntime engine on a real tritonser
 import json
 import os
 import re
-import socket
 
 import numpy as np
 import pytest
+from ports import free_port
 import torch
 from click.testing import CliRunner
 
@@ -104,12 +104,6 @@ def test_cuda_requests_fail_clearly_without_a_gpu(tmp_path):
         assert "CUDA is not available on this machine" in result.output, (args, result.output)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
     from export.pipeline import run_export
@@ -183,7 +177,7 @@ def test_triton_torch_engine_answers_as_the_onnxruntime_engine(export_dir, tmp_p
                             batching=BatchingOptions(max_batch_size=8, preferred_batch_sizes=(4,)))
     annotations = write_world_split(tmp_path / "world", seed=2, count=10, progress=False)
     outputs = {}
-    with start_server(repo, http_port=_free_port(), grpc_port=_free_port()) as server:
+    with start_server(repo, http_port=free_port(), grpc_port=free_port()) as server:
         for name, extra in (("onnxruntime", []), ("triton", ["--url", f"http://{server.http_url}"])):
             target = tmp_path / f"{name}.jsonl"
             result = CliRunner().invoke(main, ["tag", "--captions", str(annotations), "-o", str(target), "--quiet",

@@ -6,7 +6,6 @@ import io
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from ports import free_port
 from PIL import Image
 
 from export.pipeline import run_export
@@ -27,12 +27,6 @@ pytest.importorskip("pytriton")
 
 ROOT = Path(__file__).resolve().parents[1]
 TTD_SCRIPT = Path(sys.executable).parent / "ttd"  # the environment's console script, by absolute path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

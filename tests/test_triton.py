@@ -1,8 +1,8 @@
 import json
-import socket
 
 import numpy as np
 import pytest
+from ports import free_port
 from click.testing import CliRunner
 
 from export.pipeline import run_export
@@ -11,12 +11,6 @@ from ttd.cli import main
 from ttd.factory import create_model
 
 pytest.importorskip("tritonclient")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

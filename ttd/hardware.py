@@ -11,7 +11,7 @@ ISA classes, slowest first (each implies the ones before it on x86-64):
 from __future__ import annotations
 
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ISA_CLASSES = ("other", "avx2", "avx512", "avx512_vnni", "amx")
