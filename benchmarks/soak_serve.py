@@ -13,7 +13,6 @@ Resident memory of tritonserver and its Python stubs is read after warm-up and a
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import random
@@ -28,26 +27,15 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from export.triton import BatchingOptions, build_repository
-from ttd.data.world import make_sample
 from ttd.runtime import load_tagger
 from ttd.runtime.triton_load import tagger_request
 from ttd.tags import candidate_tags
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def world_pairs(count: int, size: int) -> tuple[np.ndarray, list[tuple[bytes, str]]]:
-    images, pairs = [], []
-    for i in range(count):
-        sample = make_sample(2, i)
-        buffer = io.BytesIO()
-        Image.fromarray(sample.image).save(buffer, "PNG")
-        images.append(np.asarray(Image.fromarray(sample.image).resize((size, size), Image.BICUBIC)))
-        pairs.append((buffer.getvalue(), sample.caption))
-    return np.stack(images), pairs
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_load import world_pairs  # noqa: E402  (the sibling benchmark's world pairs)
 
 
 def raw_post(url: str, body: bytes, content_type: str) -> tuple[int, str]:
