@@ -74,8 +74,8 @@ def evaluate(
                 by_count.setdefault(len(tags), []).append(i)
         for members in by_count.values():
             tag_embeds = np.stack([tagger.encode_tags(tag_lists[i]) for i in members])
-            scores, _ = tagger.score_batch(patch_embeds[members], tag_embeds,
-                                           None if flipped is None else flipped[members], tuple(PIXEL_SCORERS.values()))
+            scores, _ = tagger.score_methods(patch_embeds[members], tag_embeds,
+                                             None if flipped is None else flipped[members], tuple(PIXEL_SCORERS.values()))
             scores = {name: scores[method] for name, method in PIXEL_SCORERS.items()}
             scores["image-tag"] = _softmax(tau * np.einsum("bd,bkd->bk", image_embeds[members], tag_embeds))
             scores["text-tag"] = _softmax(tau * np.einsum("bd,bkd->bk", text_embeds[members], tag_embeds))

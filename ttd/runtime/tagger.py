@@ -99,22 +99,24 @@ class Tagger:
         scores, masks = self.score_batch(patch_embeds[None], tag_embeds[None], None if flipped is None else flipped[None])
         return scores[0], masks[0]
 
-    def score_batch(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray, flipped: np.ndarray | None,
-                    methods: tuple[str, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(scores [B, K], masks [B, K, h, w]) of B images with K tags each, in head calls of at
-        most HEAD_ELEMENTS map elements (one call per batch is what keeps a GPU busy).
+    def score_batch(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray,
+                    flipped: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores [B, K], masks [B, K, h, w]) of B images with K tags each, with the chosen score."""
+        scores, masks = self.score_methods(patch_embeds, tag_embeds, flipped, (self.score_method,))
+        return scores[self.score_method], masks
 
-        With `methods`, scores is a dict method -> [B, K] of every named score method, all from
-        the same head calls (evaluation compares them)."""
+    def score_methods(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray, flipped: np.ndarray | None,
+                      methods: tuple[str, ...]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """({method: scores [B, K]}, masks [B, K, h, w]): every named score from the same tag-head
+        calls (evaluation compares them), each call at most HEAD_ELEMENTS map elements (one call
+        per batch is what keeps a GPU busy)."""
         batch, tags = tag_embeds.shape[:2]
         per_image = max(1, tags * patch_embeds.shape[2] * patch_embeds.shape[3])
         step = max(1, HEAD_ELEMENTS // per_image)
-        wanted = methods or (self.score_method,)
         parts = [self._score_chunk(patch_embeds[i : i + step], tag_embeds[i : i + step],
-                                   None if flipped is None else flipped[i : i + step], wanted)
+                                   None if flipped is None else flipped[i : i + step], methods)
                  for i in range(0, batch, step)]
-        scores = {m: np.concatenate([p[0][m] for p in parts]) for m in wanted}
-        return (scores if methods else scores[self.score_method]), np.concatenate([p[1] for p in parts])
+        return {m: np.concatenate([p[0][m] for p in parts]) for m in methods}, np.concatenate([p[1] for p in parts])
 
     def _score_chunk(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray, flipped: np.ndarray | None,
                      methods: tuple[str, ...]) -> tuple[dict[str, np.ndarray], np.ndarray]:
