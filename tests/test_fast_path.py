@@ -42,8 +42,14 @@ def test_auto_with_an_export_runs_it_in_onnxruntime():
     assert "7-bit weights keep it exact on this avx2 CPU" in avx2.reason
     fp32 = choose_fast_path(AVX2, export_precision="fp32")
     assert fp32.backend == "onnxruntime" and "re-export with --precision int8" in fp32.reason
-    gpu = choose_fast_path(GPU, export_precision="int8")  # an export has no torch weights: never torch
+    gpu = choose_fast_path(GPU, export_precision="int8")  # an export without torch weights: never torch
     assert (gpu.backend, gpu.device) == ("onnxruntime", "auto") and "GPU NVIDIA H100" in gpu.reason
+    with_gpu_provider = choose_fast_path(GPU, export_precision="fp16", export_torch_weights=True, onnxruntime_gpu=True)
+    assert with_gpu_provider.backend == "onnxruntime"
+    # a GPU, the export's torch weights and no onnxruntime GPU provider: torch on CUDA, not the CPU
+    torch_gpu = choose_fast_path(GPU, export_precision="int8", export_torch_weights=True)
+    assert (torch_gpu.backend, torch_gpu.device, torch_gpu.dtype) == ("torch", "cuda", "float16")
+    assert choose_fast_path(VNNI, export_precision="int8", export_torch_weights=True).backend == "onnxruntime"
 
 
 def test_explicit_choices_are_kept():

@@ -1,7 +1,9 @@
 """`--backend auto` / `--dtype auto`: the fastest gated path for the hardware at hand, and why.
 
 Measured facts behind the rules (DESIGN §5, benchmarks/results, README "ttd bench"):
-- a CUDA GPU beats every CPU path: torch on CUDA in float16 (an export on onnxruntime's GPU provider);
+- a CUDA GPU beats every CPU path: torch on CUDA in float16 (an export on onnxruntime's GPU provider
+  where the build has one, else the export's own torch weights on CUDA: 9.4k img/s for ViT-B/16
+  in float16 at batch 256 on an H200, benchmarks/results/gpu_h200);
 - an export directory runs in onnxruntime at the precision it was gated at; int8 exports are
   7-bit/per-channel (export/precision.py), exact on every x86-64 class, fastest with VNNI or AMX
   and still ahead of fp32 on AVX2 (1.7× on ViT-B/16 in the issue's probe);
@@ -41,10 +43,16 @@ def _torch_dtype(caps: Capabilities, device: str) -> tuple[str, str]:
 
 
 def choose_fast_path(caps: Capabilities, backend: str = "auto", dtype: str = "auto", device: str | None = "auto",
-                     export_precision: str | None = None) -> FastPath:
-    """Resolve 'auto' in backend / dtype / device; explicit choices are kept as they are."""
-    if backend == "auto":  # an export carries no torch weights: it always runs in onnxruntime
-        backend = "onnxruntime" if export_precision else "torch"
+                     export_precision: str | None = None, export_torch_weights: bool = False,
+                     onnxruntime_gpu: bool = False) -> FastPath:
+    """Resolve 'auto' in backend / dtype / device; explicit choices are kept as they are.
+
+    `export_torch_weights`: the export carries its torch weights (model.safetensors);
+    `onnxruntime_gpu`: this onnxruntime build has a GPU provider."""
+    if backend == "auto":
+        # on a GPU without onnxruntime's GPU provider, the export's own weights run in torch on CUDA
+        gpu_torch = caps.gpu and export_torch_weights and not onnxruntime_gpu and device in (None, "auto", "cuda")
+        backend = "onnxruntime" if export_precision and not gpu_torch else "torch"
     if backend == "torch":
         device = ("cuda" if caps.gpu else "cpu") if device in (None, "auto") else device
         if dtype != "auto":
@@ -67,7 +75,14 @@ def choose_fast_path(caps: Capabilities, backend: str = "auto", dtype: str = "au
 def resolve_auto(backend: str, dtype: str, device: str | None, export_dir: str | None,
                  caps: Capabilities | None = None) -> FastPath:
     """choose_fast_path for this machine and the export directory given (if any)."""
-    precision = None
+    precision, weights = None, False
     if export_dir and (Path(export_dir) / "manifest.json").is_file():
-        precision = json.loads((Path(export_dir) / "manifest.json").read_text()).get("precision")
-    return choose_fast_path(caps or cpu_capabilities(), backend, dtype, device, precision)
+        manifest = json.loads((Path(export_dir) / "manifest.json").read_text())
+        precision, weights = manifest.get("precision"), "model.safetensors" in manifest.get("files", {})
+    try:
+        import onnxruntime
+
+        ort_gpu = bool({"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(onnxruntime.get_available_providers()))
+    except ImportError:
+        ort_gpu = False
+    return choose_fast_path(caps or cpu_capabilities(), backend, dtype, device, precision, weights, ort_gpu)
