@@ -17,18 +17,15 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+from ttd.runtime.triton_server import server_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1) as response:
-            return response.status == 200
-    except OSError:
-        return False
+    return server_ready(f"127.0.0.1:{port}")
 
 
 def child_of(pid: int) -> int | None:

@@ -19,18 +19,17 @@ the neighbours).
 from __future__ import annotations
 
 import copy
-import platform
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from export.checks import GateError, check_pairs, compare
+from export.pipeline import tool_versions
 from ttd.hardware import cpu_capabilities
 from ttd.runtime.tagger import Tagger
 
@@ -62,16 +61,6 @@ def median_seconds(fn: Callable[[], object], min_seconds: float, clock: str = "w
         fn()
         times.append(now() - t0)
     return statistics.median(times)
-
-
-def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for package in ("ttd-toolkit", "torch", "onnxruntime", "onnx", "numpy"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
 
 
 def _quality(figures: dict) -> dict:
@@ -121,7 +110,7 @@ def run_bench(make_model: Callable[[], object], settings: BenchSettings = BenchS
     caps = cpu_capabilities()
     images, captions = check_pairs(model.config.image_size, settings.check_count)
     reference = _tagger(TorchBackend(copy.deepcopy(model), "cpu", "float32"), model)
-    result = {"model": model.config.name, "cpu": caps.to_dict(), "versions": _versions(),
+    result = {"model": model.config.name, "cpu": caps.to_dict(), "versions": tool_versions(("ttd-toolkit", "torch", "onnxruntime", "onnx", "numpy")),
               "settings": settings.__dict__ | {"batch_sizes": list(settings.batch_sizes),
                                                "variants": [list(v) for v in settings.variants],
                                                "torch_threads": torch.get_num_threads()},

@@ -35,9 +35,11 @@ from ttd.runtime.torch_backend import TorchBackend
 from ttd.tags import STOPWORDS
 
 
-def _versions() -> dict[str, str]:
+def tool_versions(packages: tuple[str, ...] = ("torch", "open_clip_torch", "onnx", "onnxruntime", "ttd-toolkit")
+                  ) -> dict[str, str]:
+    """Python and the installed versions of `packages` (for manifests and benchmark reports)."""
     versions = {"python": platform.python_version()}
-    for package in ("torch", "open_clip_torch", "onnx", "onnxruntime", "ttd-toolkit"):
+    for package in packages:
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -185,7 +187,7 @@ def _manifest(model: TTDModel, out_dir: Path, precision: str, opset: int) -> dic
         "mask_bias": model.mask_bias.item(),
         "opset": opset,
         "precision": precision,
-        "versions": _versions(),
+        "versions": tool_versions(),
         "gate_cpu": cpu_capabilities(with_gpu=False).to_dict(),  # where the gates ran (ttd/runtime/portability.py)
         "files": {name: sha256(out_dir / name) for name in files},
     }

@@ -21,6 +21,7 @@ from export.pipeline import run_export
 from export.triton import BatchingOptions, build_repository
 from ttd.data.world import make_sample
 from ttd.factory import create_model
+from ttd.runtime.triton_server import server_ready
 
 pytest.importorskip("tritonclient")
 pytest.importorskip("pytriton")
@@ -104,11 +105,7 @@ class Served:
 
 
 def ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
+    return server_ready(f"127.0.0.1:{port}")
 
 
 def tag_one(port: int) -> dict:

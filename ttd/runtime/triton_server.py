@@ -134,7 +134,8 @@ def _raise_stack_limit() -> None:
     resource.setrlimit(resource.RLIMIT_STACK, (limit, hard))
 
 
-def _ready(http_url: str) -> bool:
+def server_ready(http_url: str) -> bool:
+    """Whether the server at host:port answers its readiness endpoint."""
     try:
         with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=2) as response:
             return response.status == 200
@@ -164,7 +165,7 @@ def start_server(repo: Path, host: str = "127.0.0.1", http_port: int = 8000, grp
             if process.poll() is not None:
                 tail = handle.log_tail()
                 raise ServerError(f"tritonserver exited with code {process.returncode} while starting:\n{tail}")
-            if _ready(handle.http_url):
+            if server_ready(handle.http_url):
                 return handle
             time.sleep(0.5)
         raise ServerError(f"tritonserver was not ready after {timeout_s:.0f} s:\n{handle.log_tail()}")
