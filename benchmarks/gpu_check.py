@@ -150,11 +150,12 @@ def step_matmul_peak(args, state) -> dict:
 def step_parity(args, state) -> dict:
     """The export gates, for torch on the device in each precision against torch fp32 on the CPU."""
     from export.checks import FP32_GATE, VARIANT_GATE, GateError, check_pairs, compare, enforce
+    from ttd.images import Preprocess
 
     results, failed = {}, []
     for label, model, count, gate_tags in (("world-base", world_default(), args.parity_pairs, True),
                                            (args.vit_model, vit(args), max(2, args.parity_pairs // 4), False)):
-        images, captions = check_pairs(model.config.image_size, count)
+        images, captions = check_pairs(Preprocess.for_model(model.config), count)
         reference = tagger_for(model, "cpu", "float32")
         for dtype in DTYPES:
             figures = compare(reference, tagger_for(model, args.device, dtype), images, captions)
@@ -312,11 +313,11 @@ def step_tag_end_to_end(args, state) -> dict:
         if summary.errors:
             failed.append(f"end-to-end {mode}: {summary.errors} error records")
     # where the time goes: decoding + resizing alone, on one core, as each decode thread does it
-    from ttd.images import decode_image, resize_center_crop
+    from ttd.images import Preprocess
 
-    start = time.perf_counter()
+    preprocess, start = Preprocess.for_model(model.config), time.perf_counter()
     for item in items[:512]:
-        resize_center_crop(decode_image(item.path, item.image), model.config.image_size, model.config.interpolation)
+        preprocess(item.path, item.image)
     rows["decode + resize only, one thread"] = {"images_per_s": round(512 / (time.perf_counter() - start), 1)}
     return {"rows": rows, "failed": failed}
 

@@ -18,10 +18,12 @@ from pathlib import Path
 
 from export.checks import check_pairs, compare
 from export.int8_portability import PreVnniEmulatedBackend, worst_pair_sum
-from export.pipeline import _calibration, _tagger, run_export
+from export.pipeline import calibration_feeds, run_export
 from export.precision import ENCODERS, Int8Settings, to_int8
 from ttd.factory import create_model, load_model
 from ttd.hardware import cpu_capabilities
+from ttd.images import Preprocess
+from ttd.runtime import model_tagger
 from ttd.runtime.export_dir import read_export
 from ttd.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from ttd.runtime.torch_backend import TorchBackend
@@ -55,14 +57,14 @@ def main() -> None:
     args = parser.parse_args()
     make = (lambda: create_model(args.model, seed=args.seed)) if args.seed is not None else (lambda: load_model(args.model))
     model = make()
-    reference = _tagger(TorchBackend(model, "cpu", "float32"), model)
-    images, captions = check_pairs(model.config.image_size, args.check_count)
+    reference = model_tagger(TorchBackend(model, "cpu", "float32"), model)
+    images, captions = check_pairs(Preprocess.for_model(model.config), args.check_count)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "fp32"
         run_export(make(), base, check_count=4)
         for mode in args.modes.split(","):
-            calibration = _calibration(model, images, captions) if mode == "static" else {}
+            calibration = calibration_feeds(model, images, captions) if mode == "static" else {}
             for label, settings in SETTINGS.items():
                 if args.only not in label or mode == "dynamic" and not settings.unsigned_activations:
                     continue  # dynamic quantisation always makes u8 activations
@@ -73,9 +75,9 @@ def main() -> None:
                     to_int8(work / f"{name}.onnx", mode, calibration.get(name), settings)
                 export = read_export(work, verify=False)
                 row = {"mode": mode, "settings": label, "worst_pair_sum": max(worst_pair_sum(export.graph(n)) for n in ENCODERS),
-                       "native": summary(compare(reference, _tagger(OnnxRuntimeBackend(export, "cpu"), model), images, captions))}
+                       "native": summary(compare(reference, model_tagger(OnnxRuntimeBackend(export, "cpu"), model), images, captions))}
                 if mode == "dynamic" and not args.no_emulation:
-                    row["pre_vnni_emulated"] = summary(compare(reference, _tagger(PreVnniEmulatedBackend(export), model),
+                    row["pre_vnni_emulated"] = summary(compare(reference, model_tagger(PreVnniEmulatedBackend(export), model),
                                                                images, captions))
                 rows.append(row)
                 print(json.dumps(row), flush=True)

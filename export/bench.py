@@ -31,6 +31,7 @@ import numpy as np
 from export.checks import GateError, check_pairs, compare
 from export.pipeline import tool_versions
 from ttd.hardware import cpu_capabilities
+from ttd.images import Preprocess
 from ttd.runtime.tagger import Tagger
 
 VARIANTS = (("fp32", "dynamic"), ("fp16", "dynamic"), ("int8", "dynamic"), ("int8", "static"))
@@ -97,7 +98,8 @@ def run_bench(make_model: Callable[[], object], settings: BenchSettings = BenchS
     """Every runnable path of the model `make_model()` builds (fresh each call), timed and gated."""
     import torch
 
-    from export.pipeline import _tagger, run_export
+    from export.pipeline import run_export
+    from ttd.runtime import model_tagger
     from ttd.runtime.export_dir import read_export
     from ttd.runtime.onnxruntime_backend import OnnxRuntimeBackend
     from ttd.runtime.torch_backend import TorchBackend
@@ -108,8 +110,8 @@ def run_bench(make_model: Callable[[], object], settings: BenchSettings = BenchS
         torch.set_num_threads(settings.threads)
     model = make_model().float().eval()
     caps = cpu_capabilities()
-    images, captions = check_pairs(model.config.image_size, settings.check_count)
-    reference = _tagger(TorchBackend(copy.deepcopy(model), "cpu", "float32"), model)
+    images, captions = check_pairs(Preprocess.for_model(model.config), settings.check_count)
+    reference = model_tagger(TorchBackend(copy.deepcopy(model), "cpu", "fp32"), model)
     result = {"model": model.config.name, "cpu": caps.to_dict(), "versions": tool_versions(("ttd-toolkit", "torch", "onnxruntime", "onnx", "numpy")),
               "settings": settings.__dict__ | {"batch_sizes": list(settings.batch_sizes),
                                                "variants": [list(v) for v in settings.variants],
@@ -122,9 +124,9 @@ def run_bench(make_model: Callable[[], object], settings: BenchSettings = BenchS
             result["rows"].append({"backend": backend, "precision": precision, **row, **quality})
 
     add("torch", "fp32", reference, {"min_cosine": 1.0, "tag_agreement": 1.0})
-    torch_paths = [("cpu", "bfloat16", "bf16")] + ([("cuda", "float16", "fp16")] if caps.gpu else [])
-    for device, dtype, label in torch_paths:
-        candidate = _tagger(TorchBackend(copy.deepcopy(model), device, dtype), model)
+    torch_paths = [("cpu", "bf16")] + ([("cuda", "fp16")] if caps.gpu else [])
+    for device, label in torch_paths:
+        candidate = model_tagger(TorchBackend(copy.deepcopy(model), device, label), model)
         add(f"torch ({device})" if device != "cpu" else "torch", label, candidate,
             _quality(compare(reference, candidate, images, captions)))
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,7 +140,7 @@ def run_bench(make_model: Callable[[], object], settings: BenchSettings = BenchS
                 result["refused"].append({"backend": "onnxruntime", "precision": label, "why": str(error)})
                 continue
             backend = OnnxRuntimeBackend(read_export(out), "cpu", settings.threads)
-            add("onnxruntime", label, _tagger(backend, model), _quality(manifest.get("quality", manifest["parity"])))
+            add("onnxruntime", label, model_tagger(backend, model), _quality(manifest.get("quality", manifest["parity"])))
     base = {r["batch"]: r for r in result["rows"] if r["backend"] == "torch" and r["precision"] == "fp32"}
     for row in result["rows"]:
         row["images_speedup"] = row["images_per_s"] / base[row["batch"]]["images_per_s"]

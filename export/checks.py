@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ttd.contract import EMBEDDING_NAMES
 from ttd.data.world import make_sample
-from ttd.images import normalize, resize_center_crop
+from ttd.images import Preprocess, normalize
 from ttd.runtime.tagger import Tagger
 from ttd.tags import candidate_tags
 
@@ -31,12 +32,10 @@ FP32_GATE = Thresholds(max_abs=1e-3, min_cosine=0.9999, min_agreement=0.99)
 VARIANT_GATE = Thresholds(max_abs=None, min_cosine=0.99, min_agreement=0.95)
 
 
-def check_pairs(image_size: int, count: int = 64) -> tuple[np.ndarray, list[str]]:
-    """World images (at the model's size) and captions used by every gate."""
-    from PIL import Image
-
+def check_pairs(preprocess: Preprocess, count: int = 64) -> tuple[np.ndarray, list[str]]:
+    """World images (through the model's preprocessing) and captions used by every gate."""
     samples = [make_sample(CHECK_SEED, i) for i in range(count)]
-    images = np.stack([resize_center_crop(Image.fromarray(s.image), image_size, "bicubic") for s in samples])
+    images = np.stack([preprocess(s.image) for s in samples])
     return images, [s.caption for s in samples]
 
 
@@ -72,8 +71,8 @@ def compare(reference: Tagger, candidate: Tagger, images: np.ndarray, captions: 
         tag_batch = np.repeat(tags[None], len(ref_patch), axis=0)
         ref_head = reference.backend.score_tags(ref_patch, tag_batch)
         out_head = candidate.backend.score_tags(ref_patch, tag_batch)
-        record("tag_scores", ref_head[0], out_head[0], -1)
-        record("tag_masks", ref_head[1], out_head[1], 1)
+        record("tag_scores", ref_head.tag_scores, out_head.tag_scores, -1)
+        record("tag_masks", ref_head.tag_masks, out_head.tag_masks, 1)
     tag_lists = [candidate_tags(c) for c in captions]
     same = total = 0
     for start in range(0, len(images), 16):
@@ -94,7 +93,7 @@ def enforce(figures: dict, gate: Thresholds, what: str) -> None:
         for name, value in figures["max_abs"].items():
             if name.endswith("embeds") and value > gate.max_abs:
                 misses.append(f"{name} max abs error {value:.2e} > {gate.max_abs:.0e} (by {value - gate.max_abs:.2e})")
-    for name in ("image_embeds", "patch_embeds", "text_embeds"):
+    for name in EMBEDDING_NAMES:
         value = figures["min_cosine"][name]
         if value < gate.min_cosine:
             misses.append(f"{name} cosine {value:.5f} < {gate.min_cosine} (by {gate.min_cosine - value:.5f})")

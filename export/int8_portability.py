@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ttd.contract import IMAGE_ENCODER, TEXT_ENCODER, ImageEmbeddings, TagHeadOutputs
+
 INT16_MAX = 32767
 UINT8_MAX = 255
 # ops whose integer weights go through MLAS's u8s8 kernels, with the index of the weight input
@@ -100,13 +102,12 @@ class PreVnniEmulatedBackend:
 
         self.export, self.head = export, OnnxRuntimeBackend(export, "cpu")
 
-    def encode_images(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        image_embeds, patch_embeds = run_as_pre_vnni(self.export.graph("image_encoder"),
-                                                     {"pixel_values": pixel_values.astype(np.float32)})
-        return image_embeds, patch_embeds
+    def encode_images(self, pixel_values: np.ndarray) -> ImageEmbeddings:
+        return ImageEmbeddings(*run_as_pre_vnni(self.export.graph(IMAGE_ENCODER.name),
+                                                {IMAGE_ENCODER.inputs[0]: pixel_values.astype(np.float32)}))
 
     def encode_texts(self, input_ids: np.ndarray) -> np.ndarray:
-        return run_as_pre_vnni(self.export.graph("text_encoder"), {"input_ids": input_ids.astype(np.int64)})[0]
+        return run_as_pre_vnni(self.export.graph(TEXT_ENCODER.name), {TEXT_ENCODER.inputs[0]: input_ids.astype(np.int64)})[0]
 
-    def score_tags(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray) -> tuple[np.ndarray, ...]:
+    def score_tags(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray) -> TagHeadOutputs:
         return self.head.score_tags(patch_embeds, tag_embeds)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ttd.contract import IMAGE_ENCODER, TAG_HEAD, TEXT_ENCODER, Graph
 from ttd.graphs import ImageEncoderGraph, TagHeadGraph, TextEncoderGraph
 from ttd.model import TTDModel
 
@@ -19,15 +20,20 @@ DEFAULT_OPSET = 18
 EXAMPLE_BATCH = 2  # never 1: a batch of 1 invites the exporter to specialise it
 
 
-def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: dict[str, dict[int, str]],
-            outputs: dict[str, dict[int, str]], opset: int) -> Path:
+def _export(module: torch.nn.Module, args: tuple, out_dir: Path, graph: Graph, axes: list[dict[int, str]],
+            opset: int) -> Path:
+    """`graph` (a ttd.contract.Graph) to `out_dir/<name>.onnx`; `axes`: the dynamic axes of its
+    inputs then its outputs, in the contract's order."""
+    path = out_dir / f"{graph.name}.onnx"
+    names = [*graph.inputs, *graph.outputs]
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about python scalars are expected here
-            torch.onnx.export(module, args, str(path), input_names=list(inputs), output_names=list(outputs),
-                              dynamic_axes={**inputs, **outputs}, opset_version=opset, dynamo=False,
+            torch.onnx.export(module, args, str(path), input_names=list(graph.inputs),
+                              output_names=list(graph.outputs), dynamic_axes=dict(zip(names, axes, strict=True)),
+                              opset_version=opset, dynamo=False,
                               do_constant_folding=True)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
@@ -45,20 +51,17 @@ def export_graphs(model: TTDModel, out_dir: Path, opset: int = DEFAULT_OPSET,
     config = model.config
     size, dim = config.image_size, config.embed_dim
     grid_h, grid_w = config.grid_size
-    batch = {0: "batch"}
+    batch, tags = {0: "batch"}, {0: "batch", 1: "tags"}
     pixels = torch.randn(EXAMPLE_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
     input_ids = torch.from_numpy(model.tokenizer(["a photo", "two words here"]))
     patch = torch.nn.functional.normalize(torch.randn(EXAMPLE_BATCH, dim, grid_h, grid_w), dim=1)
-    tags = torch.nn.functional.normalize(torch.randn(EXAMPLE_BATCH, 3, dim), dim=-1)
+    tag_embeds = torch.nn.functional.normalize(torch.randn(EXAMPLE_BATCH, 3, dim), dim=-1)
     head = TagHeadGraph(config.tau, model.mask_weight.item(), model.mask_bias.item())
     with torch.no_grad():
         return {
-            "image_encoder": _export(ImageEncoderGraph(model), (pixels,), out_dir / "image_encoder.onnx",
-                                     {"pixel_values": batch}, {"image_embeds": batch, "patch_embeds": batch}, opset),
-            "text_encoder": _export(TextEncoderGraph(model), (input_ids,), out_dir / "text_encoder.onnx",
-                                    {"input_ids": batch}, {"text_embeds": batch}, opset),
-            "tag_head": _export(head, (patch, tags), out_dir / "tag_head.onnx",
-                                {"patch_embeds": batch, "tag_embeds": {0: "batch", 1: "tags"}},
-                                {"tag_scores": {0: "batch", 1: "tags"}, "tag_masks": {0: "batch", 1: "tags"},
-                                 "tag_probs": {0: "batch", 1: "tags"}}, opset),
+            IMAGE_ENCODER.name: _export(ImageEncoderGraph(model), (pixels,), out_dir, IMAGE_ENCODER,
+                                        [batch, batch, batch], opset),
+            TEXT_ENCODER.name: _export(TextEncoderGraph(model), (input_ids,), out_dir, TEXT_ENCODER,
+                                       [batch, batch], opset),
+            TAG_HEAD.name: _export(head, (patch, tag_embeds), out_dir, TAG_HEAD, [batch, tags, tags, tags, tags], opset),
         }

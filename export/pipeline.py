@@ -7,27 +7,26 @@ directory is left without graphs and the error says by how much it missed.
 
 from __future__ import annotations
 
-import copy
 import json
 import platform
 import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from export.checks import FP32_GATE, VARIANT_GATE, check_pairs, compare, enforce
+from export.checks import FP32_GATE, VARIANT_GATE, GateError, check_pairs, compare, enforce
+from export.int8_portability import worst_pair_sum
 from export.onnx_graphs import DEFAULT_OPSET, export_graphs
-from export.precision import ENCODERS, PRECISIONS, Int8Settings, portable_settings, to_fp16, to_int8
-from export.int8_portability import INT16_MAX, worst_pair_sum
+from export.precision import CONVERTERS, ENCODERS, PRECISIONS, Int8Settings, VariantJob, portable_settings
+from ttd.contract import GRAPH_NAMES, IMAGE_ENCODER, TEXT_ENCODER
+from ttd.factory import save_checkpoint
 from ttd.hardware import cpu_capabilities
-from ttd.images import normalize
+from ttd.images import Preprocess, normalize
 from ttd.lora import has_lora, merge_lora
 from ttd.model import TTDModel
-from ttd.factory import save_checkpoint
-from ttd.runtime.export_dir import CONFIG, GRAPH_NAMES, MANIFEST, TORCH_WEIGHTS, read_export, sha256
+from ttd.runtime import model_tagger
+from ttd.runtime.export_dir import CONFIG, MANIFEST, TORCH_WEIGHTS, ExportDir, sha256
 from ttd.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from ttd.runtime.portability import REFERENCE_SAMPLES, write_reference_samples
 from ttd.runtime.tagger import Tagger
@@ -47,15 +46,13 @@ def tool_versions(packages: tuple[str, ...] = ("torch", "open_clip_torch", "onnx
     return versions
 
 
-def _tagger(backend, model: TTDModel) -> Tagger:
-    return Tagger(backend, model.config, mask_weight=model.mask_weight.item(), mask_bias=model.mask_bias.item())
-
-
-def _calibration(model: TTDModel, images: np.ndarray, captions: list[str]) -> dict[str, list[dict[str, np.ndarray]]]:
+def calibration_feeds(model: TTDModel, images: np.ndarray, captions: list[str]
+                      ) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Static int8 calibration inputs of each encoder: the gate's images and captions, 8 at a time."""
     pixels = normalize(images, model.config.mean, model.config.std)
     tokens = model.tokenizer(captions)
-    return {"image_encoder": [{"pixel_values": pixels[i : i + 8]} for i in range(0, len(pixels), 8)],
-            "text_encoder": [{"input_ids": tokens[i : i + 8]} for i in range(0, len(tokens), 8)]}
+    return {graph.name: [{graph.inputs[0]: values[i : i + 8]} for i in range(0, len(values), 8)]
+            for graph, values in ((IMAGE_ENCODER, pixels), (TEXT_ENCODER, tokens))}
 
 
 def _write_side_files(model: TTDModel, out_dir: Path, torch_weights: bool) -> None:
@@ -73,14 +70,28 @@ def _write_side_files(model: TTDModel, out_dir: Path, torch_weights: bool) -> No
             shutil.copy(vocab, out_dir / vocab.name)
 
 
+def _gate(model: TTDModel, out_dir: Path, manifest: dict, reference: Tagger, images: np.ndarray,
+          captions: list[str], gate, what: str) -> dict:
+    """Run the export as it stands (graphs in `out_dir`, `manifest` in memory) against `reference`."""
+    try:
+        backend = OnnxRuntimeBackend(ExportDir(out_dir, manifest, model.config), "cpu")
+    except Exception as error:  # onnxruntime lacks kernels for this precision on this device
+        raise GateError(f"{what} refused: onnxruntime cannot run it here "
+                        f"({type(error).__name__}: {str(error).splitlines()[0][:300]})") from error
+    figures = compare(reference, model_tagger(backend, model), images, captions)
+    enforce(figures, gate, what)
+    return figures
+
+
 def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mode: str = "dynamic",
                opset: int = DEFAULT_OPSET, check_count: int = 64, tensorrt: bool = False,
                tensorrt_limits=None, torch_weights: bool = True, int8_settings: Int8Settings | None = None) -> dict:
     """Export `model` to `out_dir` and return the manifest; raises GateError when a gate fails.
 
-    The model is moved to the CPU in float32 and its LoRA adapters, if any, are merged in place.
-    `torch_weights` also writes those weights (model.safetensors), for the torch backend and the
-    Triton torch engine (GPU serving without TensorRT or onnxruntime-gpu)."""
+    The manifest is built in memory and written once, at the end: an export that fails its gate
+    leaves no manifest (and no graphs), so nothing can load it. The model is moved to the CPU in
+    float32 and its LoRA adapters, if any, are merged in place. `torch_weights` also writes those
+    weights (model.safetensors), for the torch backend and the Triton torch engine."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if tensorrt:  # before any work: an export that cannot become engines should not take minutes to say so
@@ -92,97 +103,51 @@ def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mod
     if has_lora(model):
         model = merge_lora(model)
     out_dir.mkdir(parents=True, exist_ok=True)
-    reference = _tagger(TorchBackend(model, "cpu", "float32"), model)
-    images, captions = check_pairs(model.config.image_size, check_count)
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # an earlier export's manifest must not vouch for these files
+    reference = model_tagger(TorchBackend(model, "cpu", "fp32"), model)
+    images, captions = check_pairs(Preprocess.for_model(model.config), check_count)
     _write_side_files(model, out_dir, torch_weights)
     export_graphs(model, out_dir, opset)
     write_reference_samples(out_dir, reference.backend, normalize(images, model.config.mean, model.config.std),
                             model.tokenizer(captions[:8]))
-    manifest = _manifest(model, out_dir, "fp32", opset)  # hashes first: the runtime verifies them
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    parity = compare(reference, _tagger(OnnxRuntimeBackend(read_export(out_dir), "cpu"), model), images, captions)
-    manifest["parity"] = parity
+    manifest = _manifest(model, out_dir, "fp32", opset)
     try:
-        enforce(parity, FP32_GATE, "fp32 export (ONNX vs PyTorch)")
+        manifest["parity"] = _gate(model, out_dir, manifest, reference, images, captions, FP32_GATE,
+                                   "fp32 export (ONNX vs PyTorch)")
         if precision != "fp32":
-            manifest["quality"] = _make_variant(model, out_dir, precision, int8_mode, opset, images, captions, reference,
-                                                int8_settings)
-            variant = json.loads((out_dir / MANIFEST).read_text())  # written by _make_variant, hashes included
-            manifest.update(files=variant["files"], precision=precision)
+            CONVERTERS[precision](VariantJob(model, out_dir, opset, int8_mode, int8_settings,
+                                             lambda: calibration_feeds(model, images, captions)))
+            manifest.update(_manifest(model, out_dir, precision, opset))  # the variant's hashes
+            manifest["quality"] = _gate(model, out_dir, manifest, reference, images, captions, VARIANT_GATE,
+                                        f"{precision} export (vs PyTorch fp32)")
             if precision == "int8":
-                manifest["int8_mode"] = int8_mode
                 manifest["int8"] = {"mode": int8_mode, **int8_settings.to_dict(),
                                     "worst_pair_sum": max(worst_pair_sum(out_dir / f"{n}.onnx") for n in ENCODERS)}
     except Exception:
         for name in GRAPH_NAMES:
             (out_dir / f"{name}.onnx").unlink(missing_ok=True)
-        (out_dir / MANIFEST).unlink(missing_ok=True)
         raise
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if tensorrt:
-        from export.tensorrt import BatchLimits, build_engines, engines_manifest
+    try:
+        if tensorrt:
+            from export.tensorrt import BatchLimits, build_engines, engines_manifest
 
-        limits = tensorrt_limits or BatchLimits()
-        engines = build_engines(out_dir, model.config, precision, limits)
-        manifest["tensorrt"] = engines_manifest(engines, model.config, limits)
-        manifest["files"].update({p.name: sha256(p) for p in engines.values()})
+            limits = tensorrt_limits or BatchLimits()
+            engines = build_engines(out_dir, model.config, precision, limits)
+            manifest["tensorrt"] = engines_manifest(engines, model.config, limits)
+            manifest["files"].update({p.name: sha256(p) for p in engines.values()})
+    finally:  # the gated ONNX export stays usable even when the engines fail to build
         (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 
 
-def _make_variant(model: TTDModel, out_dir: Path, precision: str, int8_mode: str, opset: int,
-                  images: np.ndarray, captions: list[str], reference: Tagger,
-                  int8_settings: Int8Settings) -> dict:
-    if precision == "bf16":
-        with tempfile.TemporaryDirectory() as tmp:
-            # a copy: casting the reference model to bf16 and back would round its weights
-            graphs = export_graphs(copy.deepcopy(model), Path(tmp), opset, torch.bfloat16)
-            for name in ENCODERS:
-                shutil.move(graphs[name], out_dir / f"{name}.onnx")
-    elif precision == "fp16":
-        for name in ENCODERS:
-            to_fp16(out_dir / f"{name}.onnx")
-    else:
-        calibration = _calibration(model, images, captions) if int8_mode == "static" else {}
-        for name in ENCODERS:
-            to_int8(out_dir / f"{name}.onnx", int8_mode, calibration.get(name), int8_settings)
-            worst = worst_pair_sum(out_dir / f"{name}.onnx")
-            if worst > INT16_MAX:
-                from export.checks import GateError
-
-                raise GateError(f"int8 export refused: {name}'s u8s8 products can reach int16 pair sums of {worst} "
-                                f"> {INT16_MAX}, which saturate on CPUs without VNNI (AVX2); quantise with reduce_range")
-    manifest = _manifest(model, out_dir, precision, opset)
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    try:
-        candidate = _tagger(OnnxRuntimeBackend(read_export(out_dir), "cpu"), model)
-    except Exception as error:  # onnxruntime lacks kernels for this precision on this device
-        from export.checks import GateError
-
-        raise GateError(f"{precision} export refused: onnxruntime cannot run it here "
-                        f"({type(error).__name__}: {str(error).splitlines()[0][:300]})") from error
-    quality = compare(reference, candidate, images, captions)
-    enforce(quality, VARIANT_GATE, f"{precision} export (vs PyTorch fp32)")
-    return quality
-
-
 def _manifest(model: TTDModel, out_dir: Path, precision: str, opset: int) -> dict:
-    config = model.config
-    written = [CONFIG, TORCH_WEIGHTS, REFERENCE_SAMPLES, "stopwords.txt", "bpe_simple_vocab_16e6.txt.gz", *(f"{g}.onnx{x}" for g in GRAPH_NAMES for x in ("", ".data"))]
+    """What an export is beyond its model config (CONFIG, the one source of that): the head's
+    fitted mask weight and bias, precision, versions, where the gates ran, and file hashes."""
+    written = [CONFIG, TORCH_WEIGHTS, REFERENCE_SAMPLES, "stopwords.txt", "bpe_simple_vocab_16e6.txt.gz",
+               *(f"{g}.onnx{x}" for g in GRAPH_NAMES for x in ("", ".data"))]
     files = sorted(name for name in written if (out_dir / name).is_file())  # what the export wrote, not what was there
     return {
         "format": "ttd-export/1",
-        "model": config.name,
-        "source": config.source,
-        "dense_mode": config.dense_mode,
-        "image_size": config.image_size,
-        "mean": list(config.mean),
-        "std": list(config.std),
-        "interpolation": config.interpolation,
-        "context_length": config.context_length,
-        "embed_dim": config.embed_dim,
-        "grid": list(config.grid_size),
-        "tau": config.tau,
         "mask_weight": model.mask_weight.item(),
         "mask_bias": model.mask_bias.item(),
         "opset": opset,

@@ -15,14 +15,19 @@ The tag head has no weights and stays fp32.
 
 from __future__ import annotations
 
+import copy
+import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-INT8_MODES = ("dynamic", "static")
-ENCODERS = ("image_encoder", "text_encoder")
+from ttd.config import INT8_MODES, PRECISIONS
+from ttd.contract import IMAGE_ENCODER, TEXT_ENCODER
+
+ENCODERS = (IMAGE_ENCODER.name, TEXT_ENCODER.name)
 
 
 def to_fp16(path: Path) -> None:
@@ -100,3 +105,52 @@ def to_int8(path: Path, mode: str = "dynamic", calibration: list[dict[str, np.nd
             tmp.replace(path)
         raise
     tmp.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class VariantJob:
+    """What a converter may use to turn the gated fp32 encoder graphs in `out_dir` into a variant."""
+
+    model: object  # the fp32 TTDModel the graphs came from
+    out_dir: Path
+    opset: int
+    int8_mode: str = "dynamic"
+    int8_settings: Int8Settings | None = None
+    calibration: Callable[[], dict[str, list[dict[str, np.ndarray]]]] = dict  # static int8: feeds per encoder
+
+
+def _fp16(job: VariantJob) -> None:
+    for name in ENCODERS:
+        to_fp16(job.out_dir / f"{name}.onnx")
+
+
+def _bf16(job: VariantJob) -> None:
+    import torch
+
+    from export.onnx_graphs import export_graphs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # a copy: casting the reference model to bf16 and back would round its weights
+        graphs = export_graphs(copy.deepcopy(job.model), Path(tmp), job.opset, torch.bfloat16)
+        for name in ENCODERS:
+            shutil.move(graphs[name], job.out_dir / f"{name}.onnx")
+
+
+def _int8(job: VariantJob) -> None:
+    from export.checks import GateError
+    from export.int8_portability import INT16_MAX, worst_pair_sum
+
+    calibration = job.calibration() if job.int8_mode == "static" else {}
+    for name in ENCODERS:
+        path = job.out_dir / f"{name}.onnx"
+        to_int8(path, job.int8_mode, calibration.get(name), job.int8_settings or portable_settings(job.int8_mode))
+        worst = worst_pair_sum(path)
+        if worst > INT16_MAX:
+            raise GateError(f"int8 export refused: {name}'s u8s8 products can reach int16 pair sums of {worst} "
+                            f"> {INT16_MAX}, which saturate on CPUs without VNNI (AVX2); quantise with reduce_range")
+
+
+# precision name -> converter of the encoder graphs (fp32 is the reference and needs none);
+# a new precision is one function and one entry here
+CONVERTERS: dict[str, Callable[[VariantJob], None]] = {"fp16": _fp16, "bf16": _bf16, "int8": _int8}
+assert set(CONVERTERS) == set(PRECISIONS) - {"fp32"}, "every precision of ttd.config.PRECISIONS needs a converter"

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ttd.config import ModelConfig
-from ttd.runtime.export_dir import GRAPH_NAMES
+from ttd.contract import GRAPH_NAMES, GRAPHS
 from ttd.runtime.tensorrt_backend import engine_name
 
 MIN_TENSORRT_MAJOR = 10
@@ -99,16 +99,16 @@ def profiles(graph: str, config: ModelConfig, limits: BatchLimits) -> dict[str, 
     size, dim, ctx = config.image_size, config.embed_dim, config.context_length
     h, w = config.grid_size
     b = (1, limits.opt_batch, limits.max_batch)
-    if graph == "image_encoder":
-        return {"pixel_values": tuple((n, 3, size, size) for n in b)}
-    if graph == "text_encoder":
+    k = (1, min(limits.opt_tags, limits.max_tags), limits.max_tags)
+    shapes = {
+        "image_encoder": [tuple((n, 3, size, size) for n in b)],
         # tag prompts arrive in large batches: allow 8x the image batch
-        return {"input_ids": tuple((n, ctx) for n in (1, limits.opt_batch * 8, limits.max_batch * 8))}
-    if graph == "tag_head":
-        k = (1, min(limits.opt_tags, limits.max_tags), limits.max_tags)
-        return {"patch_embeds": tuple((n, dim, h, w) for n in b),
-                "tag_embeds": tuple((n, t, dim) for n, t in zip(b, k))}
-    raise ValueError(f"unknown graph {graph!r}")
+        "text_encoder": [tuple((n, ctx) for n in (1, limits.opt_batch * 8, limits.max_batch * 8))],
+        "tag_head": [tuple((n, dim, h, w) for n in b), tuple((n, t, dim) for n, t in zip(b, k))],
+    }
+    if graph not in shapes:
+        raise ValueError(f"unknown graph {graph!r}")
+    return dict(zip(GRAPHS[graph].inputs, shapes[graph]))
 
 
 def profile_record(config: ModelConfig, limits: BatchLimits) -> dict[str, dict[str, dict[str, list[int]]]]:

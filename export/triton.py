@@ -18,13 +18,21 @@ from string import Template
 import onnx
 
 import triton_repo
+from ttd.config import DEFAULT_THRESHOLD, canonical_precision
+from ttd.contract import (
+    INSTANCE_KINDS,
+    SERVED_GRAPHS,
+    TAG_HEAD,
+    TAGGER_INPUTS,
+    TAGGER_MODEL,
+    TAGGER_OUTPUTS,
+    TRITON_ENGINES,
+)
 from ttd.runtime.export_dir import CONFIG, MANIFEST, TORCH_WEIGHTS, read_export, sha256
 
 TEMPLATES = Path(triton_repo.__file__).parent
-GRAPH_MODELS = {"ttd_image_encoder": "image_encoder", "ttd_text_encoder": "text_encoder", "ttd_tag_head": "tag_head"}
-TAGGER = "ttd_tagger"
-ENGINES = {"python": ("onnx", "torch"), "native": ("onnx", "tensorrt")}
-TORCH_DTYPES = ("float32", "bfloat16", "float16")
+ENGINES = TRITON_ENGINES
+TORCH_DTYPES = ("fp32", "bf16", "fp16")  # the torch engine's weight precisions (ttd.config names)
 ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.INT64: "TYPE_INT64",
                   onnx.TensorProto.FLOAT16: "TYPE_FP16", onnx.TensorProto.INT32: "TYPE_INT32",
                   onnx.TensorProto.BOOL: "TYPE_BOOL"}
@@ -45,7 +53,7 @@ class BatchingOptions:
     def check(self) -> None:
         if any(p > self.max_batch_size or p < 1 for p in self.preferred_batch_sizes):
             raise ValueError(f"preferred batch sizes {self.preferred_batch_sizes} must lie in 1..{self.max_batch_size}")
-        if self.kind not in (None, "KIND_CPU", "KIND_GPU", "KIND_AUTO"):
+        if self.kind is not None and self.kind not in INSTANCE_KINDS:
             raise ValueError(f"instance kind {self.kind!r} must be KIND_CPU, KIND_GPU or KIND_AUTO")
 
 
@@ -76,14 +84,14 @@ def tensorrt_limit_problems(manifest: dict, batch_sizes: dict[str, int], max_tag
                 "recorded): rebuild it with `ttd export --tensorrt`"]
     problems = []
     for model, size in batch_sizes.items():
-        graph = GRAPH_MODELS[model]
+        graph = SERVED_GRAPHS[model]
         limit = min(_profile_max(profiles, graph, name, 0) for name in profiles[graph])
         if size > limit:
             problems.append(f"{model}: max_batch_size {size} exceeds its TensorRT engine's profile maximum {limit} "
                             "(lower --max-batch-size, or re-export with a larger --max-batch)")
-    tag_limit = _profile_max(profiles, "tag_head", "tag_embeds", 1)
+    tag_limit = _profile_max(profiles, TAG_HEAD.name, TAG_HEAD.inputs[1], 1)
     if max_tags is not None and max_tags > tag_limit:
-        problems.append(f"{TAGGER}: max_tags {max_tags} exceeds the tag head engine's profile maximum {tag_limit} "
+        problems.append(f"{TAGGER_MODEL}: max_tags {max_tags} exceeds the tag head engine's profile maximum {tag_limit} "
                         f"(pass --max-tags {tag_limit} or less)")
     return problems
 
@@ -127,29 +135,28 @@ def _parameters(values: dict[str, str]) -> str:
 def _engine_files(export, export_dir: Path) -> dict[str, Path]:
     """The export's TensorRT engine files by graph: named in the manifest, hashed, inside the export."""
     plans = export.manifest.get("tensorrt", {}).get("engines", {})
-    missing = [g for g in GRAPH_MODELS.values() if g not in plans]
+    missing = [g for g in SERVED_GRAPHS.values() if g not in plans]
     if missing:
         raise ValueError(f"{export_dir} has no TensorRT engine for {', '.join(missing)}; run `ttd export --tensorrt` on a GPU")
-    return {graph: export.file(plans[graph]) for graph in GRAPH_MODELS.values()}
+    return {graph: export.file(plans[graph]) for graph in SERVED_GRAPHS.values()}
 
 
 def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engine: str = "onnx",
-                     batching: BatchingOptions = BatchingOptions(), threshold: float = 0.5,
-                     max_tags: int = 1024, torch_dtype: str = "float32") -> Path:
+                     batching: BatchingOptions = BatchingOptions(), threshold: float = DEFAULT_THRESHOLD,
+                     max_tags: int = 1024, torch_dtype: str = "fp32") -> Path:
     """Write a model repository for `export_dir` into `repo` (which must not exist or be empty)."""
     if flavour not in ENGINES:
         raise ValueError(f"unknown flavour {flavour!r}; choose python or native")
     if engine not in ENGINES[flavour]:
         raise ValueError(f"the {flavour} flavour serves engines {' or '.join(ENGINES[flavour])}, not {engine!r}")
-    if torch_dtype not in TORCH_DTYPES:
-        raise ValueError(f"unknown torch dtype {torch_dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
+    torch_dtype = canonical_precision(torch_dtype, TORCH_DTYPES)
     batching.check()
     kind = instance_kind(engine, batching.kind)
     export = read_export(export_dir)
     weights = export.torch_weights() if engine == "torch" else None
     plans = _engine_files(export, export_dir) if engine == "tensorrt" else {}
     if engine == "tensorrt":
-        problems = tensorrt_limit_problems(export.manifest, dict.fromkeys(GRAPH_MODELS, batching.max_batch_size), max_tags)
+        problems = tensorrt_limit_problems(export.manifest, dict.fromkeys(SERVED_GRAPHS, batching.max_batch_size), max_tags)
         if problems:
             raise ValueError(f"{export_dir}: " + "; ".join(problems))
     if repo.exists() and any(repo.iterdir()):
@@ -158,7 +165,7 @@ def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engi
     common = {"source": str(export_dir), "max_batch_size": batching.max_batch_size,
               "preferred_batch_sizes": ", ".join(map(str, batching.preferred_batch_sizes)),
               "queue_delay_us": batching.queue_delay_us, "instances": batching.instances, "kind": kind}
-    for model, graph in GRAPH_MODELS.items():
+    for model, graph in SERVED_GRAPHS.items():
         version = repo / model / "1"
         version.mkdir(parents=True)
         inputs, outputs = graph_io(export.graph(graph))
@@ -185,21 +192,21 @@ def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engi
         (repo / model / "config.pbtxt").write_text(template.substitute(
             common, name=model, engine=engine_line, inputs=_tensor_block(inputs), outputs=_tensor_block(outputs),
             extra=extra))
-    version = repo / TAGGER / "1"
+    version = repo / TAGGER_MODEL / "1"
     version.mkdir(parents=True)
     shutil.copy(TEMPLATES / "tagger_model.py", version / "model.py")
     for name in (CONFIG, MANIFEST):
         shutil.copy(export.root / name, version / name)
     h, w = export.config.grid_size
-    tagger_inputs = [("image", "TYPE_STRING", [1]), ("caption", "TYPE_STRING", [1]), ("tags", "TYPE_STRING", [-1]),
-                     ("return_masks", "TYPE_BOOL", [1])]
-    tagger_outputs = [("tags", "TYPE_STRING", [-1]), ("scores", "TYPE_FP32", [-1]), ("selected", "TYPE_BOOL", [-1]),
-                      ("masks", "TYPE_FP32", [-1, h, w])]
+    tagger_inputs = [(n, *t) for n, t in zip(TAGGER_INPUTS, [("TYPE_STRING", [1]), ("TYPE_STRING", [1]),
+                                                               ("TYPE_STRING", [-1]), ("TYPE_BOOL", [1])], strict=True)]
+    tagger_outputs = [(n, *t) for n, t in zip(TAGGER_OUTPUTS, [("TYPE_STRING", [-1]), ("TYPE_FP32", [-1]),
+                                                                ("TYPE_BOOL", [-1]), ("TYPE_FP32", [-1, h, w])], strict=True)]
     parameters = {"threshold": str(threshold), "max_tags": str(max_tags),
                   "encoder_max_batch_size": str(batching.max_batch_size)}
-    (repo / TAGGER / "config.pbtxt").write_text(template.substitute(
-        common, name=TAGGER, kind="KIND_CPU",  # decoding, tokenising and BLS calls: CPU work whatever the graphs run on
-        engine='backend: "python"', inputs=_tensor_block(tagger_inputs, {"caption", "tags", "return_masks"}),
+    (repo / TAGGER_MODEL / "config.pbtxt").write_text(template.substitute(
+        common, name=TAGGER_MODEL, kind="KIND_CPU",  # decoding, tokenising and BLS calls: CPU work whatever the graphs run on
+        engine='backend: "python"', inputs=_tensor_block(tagger_inputs, set(TAGGER_INPUTS[1:])),  # only the image is required
         outputs=_tensor_block(tagger_outputs), extra=_parameters(parameters)))
     (repo / "ttd_repository.json").write_text(json.dumps({"flavour": flavour, "engine": engine, "export": str(export_dir)}))
     return repo
@@ -222,7 +229,7 @@ def validate_repository(repo: Path) -> list[str]:
         raise RepositoryError(f"{repo} is not a folder")
     models = sorted(p for p in repo.iterdir() if p.is_dir())
     names = {p.name for p in models}
-    for expected in [*GRAPH_MODELS, TAGGER]:
+    for expected in [*SERVED_GRAPHS, TAGGER_MODEL]:
         if expected not in names:
             problems.append(f"model {expected} is missing")
     batch_sizes, engines, tagger = {}, {}, None
@@ -259,10 +266,10 @@ def validate_repository(repo: Path) -> list[str]:
             for size in config.dynamic_batching.preferred_batch_size:
                 if size > config.max_batch_size:
                     problems.append(f"{folder.name}: preferred batch size {size} > max_batch_size {config.max_batch_size}")
-        elif folder.name in GRAPH_MODELS:
+        elif folder.name in SERVED_GRAPHS:
             problems.append(f"{folder.name}: no dynamic_batching")
         graph = version / "model.onnx"
-        if folder.name in GRAPH_MODELS and graph.is_file():
+        if folder.name in SERVED_GRAPHS and graph.is_file():
             inputs, outputs = graph_io(graph)
             for kind, declared, actual in (("input", config.input, inputs), ("output", config.output, outputs)):
                 declared_io = [(t.name, model_config_pb2.DataType.Name(t.data_type), list(t.dims)) for t in declared]
@@ -270,7 +277,7 @@ def validate_repository(repo: Path) -> list[str]:
                     problems.append(f"{folder.name}: {kind}s {declared_io} do not match the ONNX graph's {actual}")
         if config.platform == "tensorrt_plan":
             engines[folder.name] = (config, version)
-        if folder.name == TAGGER:
+        if folder.name == TAGGER_MODEL:
             tagger = (config, version)
         summary.append(f"{folder.name}: {config.platform or config.backend}, max_batch_size {config.max_batch_size}, "
                        f"version {version.name}")
@@ -297,17 +304,17 @@ def _tensorrt_problems(engines: dict, tagger) -> list[str]:
                                 "GPU instances (use KIND_GPU)")
     manifest_path = tagger[1] / MANIFEST if tagger else None
     if manifest_path is None or not manifest_path.is_file():
-        return problems + [f"{TAGGER}: no {MANIFEST} beside it, so the TensorRT engines' limits cannot be checked"]
+        return problems + [f"{TAGGER_MODEL}: no {MANIFEST} beside it, so the TensorRT engines' limits cannot be checked"]
     manifest = json.loads(manifest_path.read_text())
     names = manifest.get("tensorrt", {}).get("engines", {})
     for model, (_, version) in engines.items():
-        name = names.get(GRAPH_MODELS.get(model, ""))
+        name = names.get(SERVED_GRAPHS.get(model, ""))
         plan = version / "model.plan"
-        if model not in GRAPH_MODELS or name is None:
+        if model not in SERVED_GRAPHS or name is None:
             problems.append(f"{model}: the export manifest names no TensorRT engine for it")
         elif plan.is_file() and sha256(plan) != manifest.get("files", {}).get(name):
             problems.append(f"{model}: {version.name}/model.plan is not {name} of the export (sha256 differs)")
-    known = {m: config.max_batch_size for m, (config, _) in engines.items() if m in GRAPH_MODELS}
+    known = {m: config.max_batch_size for m, (config, _) in engines.items() if m in SERVED_GRAPHS}
     parameters = tagger[0].parameters
     max_tags = int(parameters["max_tags"].string_value) if "ttd_tag_head" in known and "max_tags" in parameters else None
     return problems + tensorrt_limit_problems(manifest, known, max_tags)

@@ -11,6 +11,7 @@ from export.pipeline import run_export
 from export.tensorrt import BatchLimits, engine_name, profiles
 from ttd.cli import main
 from ttd.factory import create_model
+from ttd.images import Preprocess
 from ttd.runtime import load_tagger
 from ttd.runtime.export_dir import ExportError, read_export
 from ttd.runtime.onnxruntime_backend import OnnxRuntimeBackend, choose_providers
@@ -43,7 +44,7 @@ def test_fp32_export_passes_parity_at_batch_sizes_1_3_7(tiny_export):
 def test_manifest_hashes_verify_and_detect_tampering(tiny_export, tmp_path):
     _, out, manifest = tiny_export
     export = read_export(out)
-    assert export.config.name == "world-tiny" and manifest["grid"] == [8, 8] and manifest["tau"] == 100.0
+    assert export.config.name == "world-tiny" and export.config.grid_size == (8, 8) and export.config.tau == 100.0
     assert set(manifest["files"]) >= {"image_encoder.onnx", "text_encoder.onnx", "tag_head.onnx", "model.json",
                                       "stopwords.txt"}
     copy = tmp_path / "copy"
@@ -70,7 +71,7 @@ def test_gate_fails_on_a_corrupted_graph(tiny_export, tmp_path):
     onnx.save(graph, str(bad / "image_encoder.onnx"))
     reference = load_tagger("torch", model="world-tiny")
     candidate = Tagger(OnnxRuntimeBackend(read_export(bad, verify=False), "cpu"), model.config)
-    figures = compare(reference, candidate, *check_pairs(64, 16))
+    figures = compare(reference, candidate, *check_pairs(Preprocess(64), 16))
     with pytest.raises(GateError, match=r"image_embeds max abs error .* > 1e-03"):
         enforce(figures, FP32_GATE, "corrupted export")
 
@@ -159,13 +160,14 @@ def test_bf16_export_is_gated_or_refused_by_what_onnxruntime_can_run(tmp_path):
 @pytest.mark.parametrize("dense_mode", ["avg", "maskclip", "clearclip"])
 def test_tiny_export_each_dense_mode(tmp_path, dense_mode):
     manifest = run_export(create_model("world-tiny", dense_mode=dense_mode, seed=0), tmp_path, check_count=8)
-    assert manifest["dense_mode"] == dense_mode
+    assert read_export(tmp_path).config.dense_mode == dense_mode
     assert manifest["parity"]["min_cosine"]["patch_embeds"] > 0.99999
 
 
 def test_vit_b_16_export_has_real_shapes(tmp_path):
     manifest = run_export(create_model("ViT-B-16", seed=0), tmp_path, check_count=4)
-    assert manifest["grid"] == [14, 14] and manifest["embed_dim"] == 512 and manifest["dense_mode"] == "clearclip"
+    config = read_export(tmp_path).config
+    assert config.grid_size == (14, 14) and config.embed_dim == 512 and config.dense_mode == "clearclip"
     assert manifest["parity"]["max_abs"]["patch_embeds"] < 1e-3
     backend = OnnxRuntimeBackend(read_export(tmp_path), "cpu")
     image_embeds, patch_embeds = backend.encode_images(np.zeros((3, 3, 224, 224), np.float32))

@@ -15,6 +15,7 @@ from PIL import Image
 
 from ttd.cli import main
 from ttd.data.world import make_sample
+from ttd.images import Preprocess
 
 
 def add(tar, name, data: bytes):
@@ -48,7 +49,7 @@ def shards(tmp_path):
 def test_webdataset_brace_pattern_png_webp_and_json_captions(shards):
     from ttd.data.sources import open_source
 
-    source = open_source(str(shards / "{000..001}.tar"), 64, seed=0)
+    source = open_source(str(shards / "{000..001}.tar"), Preprocess(64), seed=0)
     assert len(source) == 6
     for index in range(6):
         image, caption = source.get(index)

@@ -17,7 +17,7 @@ from export.pipeline import run_export
 from export.precision import FULL_RANGE, PORTABLE, to_int8
 from ttd.factory import create_model
 from ttd.hardware import Capabilities, cpu_capabilities
-from ttd.images import normalize
+from ttd.images import Preprocess, normalize
 from ttd.runtime import PortabilityNotice, load_tagger
 from ttd.runtime.export_dir import read_export
 from ttd.runtime.onnxruntime_backend import OnnxRuntimeBackend
@@ -47,7 +47,7 @@ def _image_encoder(tmp_path, fp32_export, settings):
     shutil.copy(fp32_export / "image_encoder.onnx", path)
     to_int8(path, "dynamic", None, settings)
     config = read_export(fp32_export).config
-    images, _ = check_pairs(config.image_size, 8)
+    images, _ = check_pairs(Preprocess(config.image_size), 8)
     return path, {"pixel_values": normalize(images, config.mean, config.std).astype(np.float32)}
 
 
@@ -124,7 +124,8 @@ CAPPED = """
 import json, torch
 from export.checks import VARIANT_GATE, check_pairs, compare, enforce
 from export.int8_portability import PreVnniEmulatedBackend
-from export.pipeline import _tagger, run_export
+from export.pipeline import run_export
+from ttd.runtime import model_tagger
 from ttd.factory import create_model
 from ttd.runtime.export_dir import read_export
 from ttd.runtime.torch_backend import TorchBackend
@@ -134,8 +135,8 @@ model = create_model("world-tiny", seed=0)
 manifest = run_export(create_model("world-tiny", seed=0), __import__("pathlib").Path(out), "int8", {mode!r}, check_count=8)
 figures = manifest["quality"]
 if {mode!r} == "dynamic":  # also the int8 kernels as an AVX2 CPU runs them
-    reference = _tagger(TorchBackend(model, "cpu", "float32"), model)
-    figures = compare(reference, _tagger(PreVnniEmulatedBackend(read_export(out)), model), *check_pairs(64, 8),
+    reference = model_tagger(TorchBackend(model, "cpu", "float32"), model)
+    figures = compare(reference, model_tagger(PreVnniEmulatedBackend(read_export(out)), model), *check_pairs(Preprocess(64), 8),
                       batch_sizes=(4,))
     enforce(figures, VARIANT_GATE, "int8 on an emulated AVX2 CPU")
 print(json.dumps({{"capability": torch.backends.cpu.get_cpu_capability(), "quality": figures, "int8": manifest["int8"]}}))

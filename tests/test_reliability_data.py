@@ -11,6 +11,7 @@ from PIL import Image
 
 from ttd.data.annotations import read_eval_split, write_world_split
 from ttd.factory import create_model
+from ttd.images import Preprocess
 from ttd.train import TrainConfig, train
 
 
@@ -21,13 +22,13 @@ def eval_folder(tmp_path):
 
 
 def test_zero_one_masks_are_read_as_non_zero_inside(eval_folder):
-    reference = read_eval_split(eval_folder / "annotations.jsonl", 64)
+    reference = read_eval_split(eval_folder / "annotations.jsonl", Preprocess(64))
     for line in (eval_folder / "annotations.jsonl").read_text().splitlines():
         record = json.loads(line)
         for rel in [record["caption_mask"], *record["tag_masks"].values()]:
             values = np.asarray(Image.open(eval_folder / rel))
             Image.fromarray((values > 0).astype(np.uint8), "L").save(eval_folder / rel)  # 0/1, not 0/255
-    again = read_eval_split(eval_folder / "annotations.jsonl", 64)
+    again = read_eval_split(eval_folder / "annotations.jsonl", Preprocess(64))
     assert len(again) == 3
     for a, b in zip(reference, again):
         assert a.caption_mask.sum() > 0
@@ -40,7 +41,7 @@ def test_wrong_size_and_missing_masks_skip_their_sample_only(eval_folder):
     Image.new("L", (32, 48), 255).save(eval_folder / records[0]["caption_mask"])
     (eval_folder / records[1]["caption_mask"]).unlink()
     errors: list[str] = []
-    samples = read_eval_split(eval_folder / "annotations.jsonl", 64, errors=errors)
+    samples = read_eval_split(eval_folder / "annotations.jsonl", Preprocess(64), errors=errors)
     assert [s.caption for s in samples] == [records[2]["caption"]]
     assert len(errors) == 2
     assert errors[0].endswith(f"record 1: mask {eval_folder / records[0]['caption_mask']} is 32x48, its image 64x64")

@@ -2,6 +2,7 @@ import numpy as np
 
 from ttd.data.annotations import read_eval_split, world_eval_samples, write_world_split
 from ttd.data.world import BACKGROUNDS, COLOURS, SHAPES, make_sample
+from ttd.images import Preprocess
 from ttd.tags import candidate_tags
 
 
@@ -64,7 +65,7 @@ def test_the_world_shows_distractors_and_partial_naming():
 
 def test_written_split_reads_back_identically(tmp_path):
     write_world_split(tmp_path, seed=2, count=6, progress=False)
-    on_disk = read_eval_split(tmp_path / "annotations.jsonl", 64)
+    on_disk = read_eval_split(tmp_path / "annotations.jsonl", Preprocess(64))
     in_memory = world_eval_samples(2, 6)
     assert len(on_disk) == len(in_memory) == 6
     for a, b in zip(on_disk, in_memory):
@@ -96,7 +97,7 @@ def test_tagmask_layout_converts_to_the_evaluation_format(tmp_path):
                                                  "caption_mask": "img_caption.png"}))
     result = CliRunner().invoke(main, ["world", "convert-tagmask", str(tmp_path / "tagmask"), str(tmp_path / "eval")])
     assert result.exit_code == 0, result.output
-    (read,) = read_eval_split(tmp_path / "eval" / "annotations.jsonl", 64)
+    (read,) = read_eval_split(tmp_path / "eval" / "annotations.jsonl", Preprocess(64))
     assert read.caption == sample.caption and read.relevant_tags == sample.relevant_tags
     assert np.array_equal(read.caption_mask, sample.caption_mask())
     assert np.abs(read.image.astype(int) - sample.image.astype(int)).mean() < 10  # JPEG noise; another image differs by ~60

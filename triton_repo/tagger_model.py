@@ -6,14 +6,16 @@ library's own Tagger around a backend whose graphs are BLS calls, and its tag-em
 makes repeated vocabularies cheap.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ttd.config import ModelConfig
-from ttd.images import ImageError, decode_image, resize_center_crop
+from ttd.config import DEFAULT_THRESHOLD, ModelConfig
+from ttd.contract import IMAGE_ENCODER, TAG_HEAD, TEXT_ENCODER, ImageEmbeddings, TagHeadOutputs
+from ttd.images import ImageError
 from ttd.runtime.tagger import Tagger
 from ttd.tags import candidate_tags
 
@@ -26,26 +28,27 @@ class BlsBackend:
     def __init__(self, max_batch_size: int) -> None:
         self.max_batch_size = max_batch_size
 
-    def _call(self, model, inputs, outputs):
+    def _call(self, graph, *arrays):
+        """Run `graph` (a ttd.contract.Graph) on the model that serves it, max_batch_size at a time."""
         chunks = []
-        total = len(next(iter(inputs.values())))
-        for start in range(0, total, self.max_batch_size):
-            tensors = [pb_utils.Tensor(k, np.ascontiguousarray(v[start : start + self.max_batch_size])) for k, v in inputs.items()]
-            response = pb_utils.InferenceRequest(model_name=model, requested_output_names=outputs, inputs=tensors).exec()
+        for start in range(0, len(arrays[0]), self.max_batch_size):
+            tensors = [pb_utils.Tensor(name, np.ascontiguousarray(a[start : start + self.max_batch_size]))
+                       for name, a in zip(graph.inputs, arrays)]
+            response = pb_utils.InferenceRequest(model_name=graph.served_as, requested_output_names=list(graph.outputs),
+                                                 inputs=tensors).exec()
             if response.has_error():
-                raise RuntimeError(f"{model}: {response.error().message()}")
-            chunks.append([pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in outputs])
+                raise RuntimeError(f"{graph.served_as}: {response.error().message()}")
+            chunks.append([pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in graph.outputs])
         return tuple(np.concatenate(parts) for parts in zip(*chunks))
 
     def encode_images(self, pixel_values):
-        return self._call("ttd_image_encoder", {"pixel_values": pixel_values}, ["image_embeds", "patch_embeds"])
+        return ImageEmbeddings(*self._call(IMAGE_ENCODER, pixel_values))
 
     def encode_texts(self, input_ids):
-        return self._call("ttd_text_encoder", {"input_ids": input_ids}, ["text_embeds"])[0]
+        return self._call(TEXT_ENCODER, input_ids)[0]
 
     def score_tags(self, patch_embeds, tag_embeds):
-        return self._call("ttd_tag_head", {"patch_embeds": patch_embeds, "tag_embeds": tag_embeds},
-                          ["tag_scores", "tag_masks", "tag_probs"])
+        return TagHeadOutputs(*self._call(TAG_HEAD, patch_embeds, tag_embeds))
 
 
 def _client_error(message):
@@ -71,10 +74,11 @@ class TritonPythonModel:
         model_config = ModelConfig.from_dict(json.loads((folder / "model.json").read_text()))
         self.max_tags = int(parameters.get("max_tags", "1024"))
         self.max_image_bytes = int(parameters.get("max_image_bytes", str(20 << 20)))
-        self.max_pixels = int(parameters.get("max_pixels", "89478485"))
         self.tagger = Tagger(BlsBackend(int(parameters["encoder_max_batch_size"])), model_config,
-                             threshold=float(parameters.get("threshold", "0.5")),
+                             threshold=float(parameters.get("threshold", DEFAULT_THRESHOLD)),
                              mask_weight=manifest["mask_weight"], mask_bias=manifest["mask_bias"])
+        self.preprocess = dataclasses.replace(self.tagger.preprocess,
+                                              max_pixels=int(parameters.get("max_pixels", "89478485")))
 
     def _prepare(self, request):
         image_tensor = pb_utils.get_input_tensor_by_name(request, "image")
@@ -99,9 +103,7 @@ class TritonPythonModel:
             raise ValueError("send a caption or a list of tags")
         if len(tags) > self.max_tags:
             raise ValueError(f"{len(tags)} tags exceed the limit of {self.max_tags} per request")
-        image = decode_image(data, "image", self.max_pixels)
-        size = self.tagger.config.image_size
-        return resize_center_crop(image, size, self.tagger.config.interpolation), tags
+        return self.preprocess(data, "image"), tags
 
     def execute(self, requests):
         responses = [None] * len(requests)

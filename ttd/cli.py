@@ -9,7 +9,19 @@ from pathlib import Path
 
 import click
 
-from ttd.config import DENSE_MODES, SCORE_METHODS
+from ttd.config import (
+    DEFAULT_MASK_THRESHOLD,
+    DEFAULT_THRESHOLD,
+    DENSE_MODES,
+    INT8_MODES,
+    OBJECTIVES,
+    PRECISION_ALIASES,
+    PRECISIONS,
+    SCORE_METHODS,
+    canonical_precision,
+)
+from ttd.contract import INSTANCE_KINDS, TRITON_ENGINES
+from ttd.runtime import BACKENDS
 
 
 def model_options(f):
@@ -25,6 +37,28 @@ def model_options(f):
                      help="open_clip architecture (e.g. ViT-B-16) or a registered config (world-tiny). "
                           "Without --model or --checkpoint, the embedded default world model is used.")(f)
     return f
+
+
+class Precision(click.ParamType):
+    """One of `choices` (ttd.config.PRECISIONS names, plus "auto" where offered); the torch names
+    float32, bfloat16 and float16 are accepted for the short ones."""
+
+    name = "precision"
+
+    def __init__(self, choices: tuple[str, ...]) -> None:
+        self.choices = choices
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return "[" + "|".join(self.choices) + "]"
+
+    def convert(self, value, param, ctx):
+        if value in self.choices:
+            return value
+        try:
+            return canonical_precision(value, tuple(c for c in self.choices if c != "auto"))
+        except ValueError:
+            self.fail(f"{value!r} is not one of {', '.join(self.choices)} "
+                      f"(or {', '.join(a for a, c in PRECISION_ALIASES.items() if c in self.choices)})", param, ctx)
 
 
 def fail(message: str) -> None:
@@ -54,13 +88,14 @@ def main() -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="JSON lines written here, one per item, in input order.")
 @model_options
-@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt", "triton"]), default="torch",
+@click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="torch",
               show_default=True, help="auto: the fastest gated path for this hardware (onnxruntime with --export-dir, "
                                       "torch otherwise); prints what it picked and why.")
 @click.option("--export-dir", type=click.Path(file_okay=False), default=None,
               help="Export directory (onnxruntime, tensorrt, triton; with torch: run the export's own weights).")
 @click.option("--url", default=None, help="Triton server URL for --backend triton (host:port).")
-@click.option("--threshold", type=float, default=0.5, show_default=True, help="δ: a tag is selected when its score ≥ δ.")
+@click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True,
+              help="δ: a tag is selected when its score ≥ δ.")
 @click.option("--score", "score_method", type=click.Choice(SCORE_METHODS), default="softmax", show_default=True,
               help="Pixel-tag score: softmax over tags at the best pixel (the method), minmax of the best-pixel "
                    "cosine, or sigmoid mask peak (suits large vocabularies, where a softmax over thousands of "
@@ -70,9 +105,9 @@ def main() -> None:
               help="Also write a PNG mask per selected tag under this folder.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:1 ...")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="float32", show_default=True,
-              help="Torch backend weights; bfloat16 is ~5x faster on CPUs with AMX (and slower without). "
-                   "auto: float16 on a GPU, bfloat16 with AMX, else float32.")
+@click.option("--dtype", type=Precision(("auto", "fp32", "bf16", "fp16")), default="fp32", show_default=True,
+              help="Torch backend weights; bf16 is ~5x faster on CPUs with AMX (and slower without). "
+                   "auto: fp16 on a GPU, bf16 with AMX or avx512_bf16, else fp32.")
 @click.option("--max-pixels", type=click.IntRange(1), default=89_478_485, show_default=True,
               help="Refuse larger images (decompression bombs).")
 @click.option("--top-k", type=click.IntRange(1), default=10, show_default=True, help="Vocabulary mode: best tags listed per image.")
@@ -98,9 +133,9 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
     or an "error" that names the problem (unreadable image, empty caption, ...); one bad item
     never stops the others.
     """
-    from ttd.inputs import InputError, list_images, read_captions, read_vocabulary
     import warnings
 
+    from ttd.inputs import InputError, list_images, read_captions, read_vocabulary
     from ttd.runtime import PortabilityNotice, load_tagger
     from ttd.tag_job import tag_items
 
@@ -118,7 +153,7 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
 
             path = resolve_auto(backend, dtype, device, export_dir)
             click.echo(path.line(), err=True)
-            backend, dtype, device = path.backend, path.dtype if path.backend == "torch" else "float32", path.device
+            backend, dtype, device = path.backend, path.dtype if path.backend == "torch" else "fp32", path.device
         with warnings.catch_warnings(record=True) as notices:  # the CPU re-check's one line, shown plainly
             warnings.simplefilter("always", PortabilityNotice)
             tagger = load_tagger(backend, model=model, pretrained=pretrained, checkpoint=checkpoint,
@@ -188,7 +223,7 @@ def convert_tagmask_command(source, out_dir):
 
 @main.command()
 @model_options
-@click.option("--objective", type=click.Choice(["ttd", "clip"]), default="ttd", show_default=True,
+@click.option("--objective", type=click.Choice(OBJECTIVES), default="ttd", show_default=True,
               help="ttd: LoRA fine-tuning with text-tag self-distillation; clip: contrastive pre-training of all weights.")
 @click.option("--data", default="world", show_default=True,
               help="'world', a captions .jsonl (image + caption per line), or webdataset shards ('shards/{000..009}.tar').")
@@ -199,13 +234,14 @@ def convert_tagmask_command(source, out_dir):
 @click.option("--warmup", "warmup_steps", type=click.IntRange(0), default=None)
 @click.option("--lambda-tag", type=float, default=2.0, show_default=True, help="Weight of L_tag (2 won the ablation).")
 @click.option("--lambda-clip", type=float, default=1.0, show_default=True)
-@click.option("--threshold", type=float, default=0.5, show_default=True, help="δ of the Stage 1 selection.")
+@click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True, help="δ of the Stage 1 selection.")
 @click.option("--score", "score_method", type=click.Choice(SCORE_METHODS), default="softmax", show_default=True)
 @click.option("--lora-rank", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--lora-alpha", type=float, default=16.0, show_default=True)
 @click.option("--lora-targets", default="attn,mlp", show_default=True, help="Comma list of attn, mlp.")
 @click.option("--frozen-teacher", is_flag=True, help="Select tags and build targets with the frozen base model.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--precision", type=Precision(("fp32", "bf16")), default="fp32", show_default=True,
+              help="bf16: autocast of the forward passes (weights and optimiser stay fp32).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--data-seed", type=int, default=1, show_default=True)
 @click.option("--checkpoint-every", type=click.IntRange(1), default=100, show_default=True)
@@ -230,12 +266,9 @@ def train(model, pretrained, checkpoint, dense_mode, objective, data, out_dir, s
         base = load_model(model, pretrained, checkpoint, dense_mode).to(training_device(device))
     except (ModelLoadError, ValueError) as error:
         fail(str(error))
-    clip = objective == "clip"
-    config = TrainConfig(
-        objective=objective, data=data, out_dir=out_dir, steps=steps or (1500 if clip else 300),
-        batch_size=batch_size or (128 if clip else 64), lr=lr or 1e-3,
-        warmup_steps=warmup_steps if warmup_steps is not None else (100 if clip else 30),
-        weight_decay=0.1 if clip else 0.05, lambda_tag=lambda_tag, lambda_clip=lambda_clip, threshold=threshold,
+    config = TrainConfig.for_objective(
+        objective, data=data, out_dir=out_dir, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+        lambda_tag=lambda_tag, lambda_clip=lambda_clip, threshold=threshold,
         score_method=score_method, frozen_teacher=frozen_teacher, precision=precision, seed=seed, data_seed=data_seed,
         checkpoint_every=checkpoint_every,
         lora=LoRAConfig(rank=lora_rank, alpha=lora_alpha, targets=tuple(t for t in lora_targets.split(",") if t)),
@@ -253,14 +286,15 @@ def train(model, pretrained, checkpoint, dense_mode, objective, data, out_dir, s
               help="An evaluation folder (annotations.jsonl). Default: the held-out world split in memory.")
 @click.option("--count", type=click.IntRange(1), default=500, show_default=True, help="World samples when --data is not given.")
 @click.option("--seed", type=int, default=2, show_default=True, help="World seed when --data is not given.")
-@click.option("--threshold", type=float, default=0.5, show_default=True)
-@click.option("--mask-threshold", type=float, default=0.5, show_default=True, help="θ for the binary caption mask.")
+@click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True)
+@click.option("--mask-threshold", type=float, default=DEFAULT_MASK_THRESHOLD, show_default=True,
+              help="θ for the binary caption mask.")
 @click.option("--flip-tta", is_flag=True)
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the metrics here as JSON.")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:1 ...")
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt", "triton"]), default="torch",
+@click.option("--backend", type=click.Choice(BACKENDS), default="torch",
               show_default=True, help="Evaluate through this runtime backend (an export's with --export-dir).")
 @click.option("--export-dir", type=click.Path(file_okay=False), default=None,
               help="Export directory for onnxruntime / tensorrt / triton (with torch: its own weights).")
@@ -285,7 +319,7 @@ def evaluate_command(model, pretrained, checkpoint, dense_mode, data_dir, count,
         if not annotations.is_file():
             fail(f"{annotations} does not exist (expected an evaluation folder with annotations.jsonl)")
         skipped: list[str] = []
-        samples = read_eval_split(annotations, config.image_size, config.interpolation, skipped)
+        samples = read_eval_split(annotations, tagger.preprocess, skipped)
         for reason in skipped:
             click.echo(f"skipped {reason}", err=True)
         if not samples:
@@ -304,10 +338,10 @@ def evaluate_command(model, pretrained, checkpoint, dense_mode, data_dir, count,
 @main.command("export")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @model_options
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default="fp32", show_default=True,
+@click.option("--precision", type=Precision(PRECISIONS), default="fp32", show_default=True,
               help="Encoder precision. Variants must pass a quality gate against fp32 (cosine ≥ 0.99, "
                    "selected-tag agreement ≥ 95%) or the export is refused.")
-@click.option("--int8-mode", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True,
+@click.option("--int8-mode", type=click.Choice(INT8_MODES), default="dynamic", show_default=True,
               help="int8: dynamic weight quantisation, or static QDQ calibrated on world images and captions.")
 @click.option("--opset", type=click.IntRange(17), default=18, show_default=True)
 @click.option("--tensorrt", is_flag=True,
@@ -403,7 +437,7 @@ def triton() -> None:
 
 
 def _batching_options(f):
-    f = click.option("--kind", type=click.Choice(["KIND_CPU", "KIND_GPU", "KIND_AUTO"]), default=None,
+    f = click.option("--kind", type=click.Choice(INSTANCE_KINDS), default=None,
                      help="instance_group kind of the graph models [default: KIND_GPU for TensorRT engines, "
                           "which run only on GPUs; KIND_CPU otherwise].")(f)
     f = click.option("--instances", type=click.IntRange(1), default=1, show_default=True, help="instance_group count.")(f)
@@ -418,16 +452,17 @@ def _batching_options(f):
 @triton.command("build")
 @click.argument("export_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.argument("repo", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--flavour", type=click.Choice(["python", "native"]), default="python", show_default=True,
+@click.option("--flavour", type=click.Choice(tuple(TRITON_ENGINES)), default="python", show_default=True,
               help="python: Python-backend models (any tritonserver, e.g. nvidia-pytriton's); "
                    "native: onnxruntime_onnx / tensorrt_plan platforms (NVIDIA's container).")
-@click.option("--engine", type=click.Choice(["onnx", "torch", "tensorrt"]), default="onnx", show_default=True,
+@click.option("--engine", type=click.Choice(sorted({e for engines in TRITON_ENGINES.values() for e in engines})),
+              default="onnx", show_default=True,
               help="What the graph models run. python flavour: onnx (onnxruntime, CPU) or torch (the export's "
                    "weights; GPU with --kind KIND_GPU); native flavour: onnx or tensorrt (the export's engines).")
-@click.option("--torch-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+@click.option("--torch-dtype", type=Precision(("fp32", "bf16", "fp16")), default="fp32",
               show_default=True, help="Torch engine: weight precision of the encoders (the tag head stays float32).")
 @_batching_options
-@click.option("--threshold", type=float, default=0.5, show_default=True, help="δ used by ttd_tagger.")
+@click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True, help="δ used by ttd_tagger.")
 @click.option("--max-tags", type=click.IntRange(1), default=1024, show_default=True, help="ttd_tagger: tags per request.")
 def triton_build(export_dir, repo, flavour, engine, torch_dtype, max_batch_size, preferred_batch_sizes, queue_delay_us,
                  instances, kind, threshold, max_tags):

@@ -9,6 +9,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SCORE_METHODS: tuple[str, ...] = ("softmax", "minmax", "sigmoid")
+OBJECTIVES: tuple[str, ...] = ("ttd", "clip")  # ttd.train.OBJECTIVE_DEFAULTS holds their defaults
+DEFAULT_THRESHOLD = 0.5  # δ: a tag is selected when its score ≥ δ (tagging, Stage 1 of training, evaluation, serving)
+DEFAULT_MASK_THRESHOLD = 0.5  # θ: a binary mask is a sigmoid mask ≥ θ
+# one precision vocabulary for `ttd tag`, `train`, `export` and `triton build`; the long torch
+# names are accepted as aliases where a command used to take them
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
+PRECISION_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+INT8_MODES: tuple[str, ...] = ("dynamic", "static")  # int8: weight-only dynamic, or calibrated static QDQ
 DENSE_MODES: tuple[str, ...] = ("avg", "maskclip", "clearclip")
 MAX_IMAGE_SIZE = 4096  # a ViT input side far beyond any CLIP; larger values only exhaust memory
 
@@ -22,6 +30,14 @@ DEFAULT_TEMPLATES = (
     "a photo of many {}.",
     "{}",
 )
+
+
+def canonical_precision(name: str, allowed: tuple[str, ...] = PRECISIONS) -> str:
+    """`name` (or its torch alias: float32, bfloat16, float16) as one of `allowed`; ValueError otherwise."""
+    canonical = PRECISION_ALIASES.get(name, name)
+    if canonical not in allowed:
+        raise ValueError(f"unknown precision {name!r}; choose one of {', '.join(allowed)}")
+    return canonical
 
 
 @dataclass

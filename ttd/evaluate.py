@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ttd.config import DEFAULT_MASK_THRESHOLD, DEFAULT_THRESHOLD
 from ttd.data.annotations import EvalSample
 from ttd.metrics import MaskCounts, TagCounts
 from ttd.model import TTDModel
@@ -31,7 +32,7 @@ def _caption_masks(tagger: Tagger, patch_embeds: np.ndarray, text_embeds: np.nda
                    mask_threshold: float) -> np.ndarray:
     """Binary caption masks M_c ≥ θ at the image size: the tag head with the caption as the one
     tag, its logits w·cos + b upsampled bilinearly."""
-    masks = tagger.backend.score_tags(patch_embeds, text_embeds[:, None, :])[1][:, 0]
+    masks = tagger.backend.score_tags(patch_embeds, text_embeds[:, None, :]).tag_masks[:, 0]
     logits = tagger.mask_weight * tagger.mask_cosines(masks) + tagger.mask_bias
     upsampled = F.interpolate(torch.from_numpy(logits[:, None]).float(), size=(size, size), mode="bilinear",
                               align_corners=False)
@@ -41,8 +42,8 @@ def _caption_masks(tagger: Tagger, patch_embeds: np.ndarray, text_embeds: np.nda
 def evaluate(
     model: TTDModel | Tagger,
     samples: Sequence[EvalSample],
-    threshold: float = 0.5,
-    mask_threshold: float = 0.5,
+    threshold: float = DEFAULT_THRESHOLD,
+    mask_threshold: float = DEFAULT_MASK_THRESHOLD,
     batch_size: int = 64,
     flip_tta: bool = False,
     progress: bool = True,

@@ -4,6 +4,7 @@ nothing is ever unpickled."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -73,7 +74,7 @@ def create_model(
             raise ModelLoadError(f"{name!r} is a TTD config with no pretrained tags; pass --checkpoint FILE instead")
         config = registered[name]
         if dense_mode:
-            config.dense_mode = dense_mode
+            config = dataclasses.replace(config, dense_mode=dense_mode)
     else:
         config = open_clip_config(name, dense_mode, pretrained)
     if seed is not None:
@@ -126,7 +127,7 @@ def config_path(checkpoint: Path) -> Path:
     return checkpoint.with_suffix(".json")
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -138,15 +139,16 @@ def _atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
-def save_checkpoint(model: TTDModel, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write `path` (.safetensors) and its config JSON beside it, each atomically."""
+def save_checkpoint(model: TTDModel, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
+                    config: ModelConfig | None = None) -> Path:
+    """Write `path` (.safetensors) and its config JSON (`config`, default the model's) beside it, each atomically."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"checkpoint path must end in .safetensors, got {path}")
     tensors = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "ttd-checkpoint/1"}))
-    text = json.dumps(model.config.to_dict(), indent=1)
-    _atomic_write(config_path(path), lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "ttd-checkpoint/1"}))
+    text = json.dumps((config or model.config).to_dict(), indent=1)
+    atomic_write(config_path(path), lambda tmp: Path(tmp).write_text(text))
     return path
 
 
@@ -167,7 +169,7 @@ def load_checkpoint(path: str | Path, dense_mode: str | None = None) -> TTDModel
     except (ValueError, TypeError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
         raise ModelConfigError(f"{cfg_file} is not a usable model config: {error}") from None
     if dense_mode:
-        config.dense_mode = dense_mode
+        config = dataclasses.replace(config, dense_mode=dense_mode)
     model = TTDModel(config, _build_clip(config.model_cfg))
     try:
         weights = load_file(str(path))

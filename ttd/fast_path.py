@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ttd.config import canonical_precision
 from ttd.hardware import Capabilities, cpu_capabilities
 
 
@@ -25,7 +26,7 @@ from ttd.hardware import Capabilities, cpu_capabilities
 class FastPath:
     backend: str
     device: str
-    dtype: str  # torch dtype for the torch backend; the export's precision otherwise
+    dtype: str  # a ttd.config.PRECISIONS name: the torch weights' or the export's precision
     reason: str
 
     def line(self) -> str:
@@ -34,12 +35,12 @@ class FastPath:
 
 def _torch_dtype(caps: Capabilities, device: str) -> tuple[str, str]:
     if device.startswith("cuda"):
-        return "float16", f"GPU {caps.gpu}: float16 on its tensor cores"
+        return "fp16", f"GPU {caps.gpu}: float16 on its tensor cores"
     if caps.isa_class == "amx":
-        return "bfloat16", "AMX tiles run bfloat16 matmuls (3-5x float32)"
+        return "bf16", "AMX tiles run bfloat16 matmuls (3-5x float32)"
     if "avx512_bf16" in caps.flags:
-        return "bfloat16", "avx512_bf16 dot products (1.8x float32 on world-base; no AMX here)"
-    return "float32", f"no AMX or avx512_bf16 on this {caps.isa_class} CPU ({caps.model}): bfloat16 would be emulated and slower"
+        return "bf16", "avx512_bf16 dot products (1.8x float32 on world-base; no AMX here)"
+    return "fp32", f"no AMX or avx512_bf16 on this {caps.isa_class} CPU ({caps.model}): bfloat16 would be emulated and slower"
 
 
 def choose_fast_path(caps: Capabilities, backend: str = "auto", dtype: str = "auto", device: str | None = "auto",
@@ -56,6 +57,7 @@ def choose_fast_path(caps: Capabilities, backend: str = "auto", dtype: str = "au
     if backend == "torch":
         device = ("cuda" if caps.gpu else "cpu") if device in (None, "auto") else device
         if dtype != "auto":
+            dtype = canonical_precision(dtype)
             return FastPath("torch", device, dtype, f"{dtype} as asked")
         chosen, why = _torch_dtype(caps, device)
         return FastPath("torch", device, chosen, why)

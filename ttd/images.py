@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,34 @@ def resize_center_crop(image: Image.Image, size: int, interpolation: str = "bicu
         image = image.resize((new_w, new_h), RESAMPLING[interpolation])
     left, top = (new_w - size) // 2, (new_h - size) // 2
     return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The one preprocessing of every caller (`ttd tag`, the served tagger, training sources,
+    evaluation, export gates): decode safely → shorter side to `size` → centre crop → uint8
+    [size, size, 3]. A Tagger builds it from its model config (`Tagger.preprocess`), so the
+    interpolation is always the model's own; it is picklable, so decoding workers get it whole."""
+
+    size: int
+    interpolation: str = "bicubic"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in RESAMPLING:
+            raise ValueError(f"unknown interpolation {self.interpolation!r}; choose one of {', '.join(RESAMPLING)}")
+
+    @classmethod
+    def for_model(cls, config) -> Preprocess:
+        """The preprocessing of a ModelConfig (its image size and interpolation)."""
+        return cls(config.image_size, config.interpolation)
+
+    def __call__(self, source: bytes | Path | str | Image.Image | np.ndarray, name: str | None = None) -> np.ndarray:
+        """A file path, encoded bytes, a PIL image or an RGB uint8 array -> uint8 [size, size, 3]."""
+        if isinstance(source, np.ndarray):
+            source = Image.fromarray(source)
+        image = source if isinstance(source, Image.Image) else decode_image(source, name, self.max_pixels)
+        return resize_center_crop(image, self.size, self.interpolation)
 
 
 def normalize(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:

@@ -4,6 +4,7 @@ are still tagged and written."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -18,7 +19,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ttd.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, resize_center_crop
+from ttd.images import DEFAULT_MAX_PIXELS, ImageError, Preprocess
 from ttd.inputs import Item
 from ttd.runtime.tagger import Tagger, TagResult
 from ttd.tags import candidate_tags
@@ -75,8 +76,7 @@ def refuse_input_as_output(output: Path, items: list[Item], inputs: Sequence[Pat
                 raise ValueError(f"output {target} is an input of this job ({path}); choose another output file")
 
 
-def _prepare(item: Item, vocabulary_mode: bool, max_pixels: int, size: int,
-             interpolation: str) -> tuple[np.ndarray, list[str] | None]:
+def _prepare(item: Item, vocabulary_mode: bool, preprocess: Preprocess) -> tuple[np.ndarray, list[str] | None]:
     """(uint8 image at the model's size, candidate tags; None in vocabulary mode)."""
     if item.error:
         raise ValueError(item.error)
@@ -91,17 +91,16 @@ def _prepare(item: Item, vocabulary_mode: bool, max_pixels: int, size: int,
         if len(tags) > MAX_CAPTION_TAGS:
             raise ValueError(f"caption has {len(tags)} candidate tags, more than the limit of {MAX_CAPTION_TAGS} "
                              "(the served tagger's cap); split it into shorter captions")
-    image = decode_image(item.path, item.image, max_pixels)
-    return resize_center_crop(image, size, interpolation), tags
+    return preprocess(item.path, item.image), tags
 
 
-def prepare_items(items: list[Item], vocabulary_mode: bool, max_pixels: int, size: int,
-                  interpolation: str) -> list[tuple[np.ndarray, list[str] | None] | str]:
+def prepare_items(items: list[Item], vocabulary_mode: bool,
+                  preprocess: Preprocess) -> list[tuple[np.ndarray, list[str] | None] | str]:
     """Each item decoded and resized, or the error that names its problem (runs in a worker)."""
     outcomes = []
     for item in items:
         try:
-            outcomes.append(_prepare(item, vocabulary_mode, max_pixels, size, interpolation))
+            outcomes.append(_prepare(item, vocabulary_mode, preprocess))
         except (ImageError, ValueError, OSError) as error:
             outcomes.append(str(error))
     return outcomes
@@ -177,7 +176,7 @@ def tag_items(
     if vocabulary is not None and vocabulary_embeds is None:
         vocabulary_embeds = tagger.encode_tags(vocabulary, progress)  # once, before the first batch
     workers = default_decode_workers() if decode_workers is None else decode_workers
-    settings = (vocabulary is not None, max_pixels, tagger.config.image_size, tagger.config.interpolation)
+    settings = (vocabulary is not None, dataclasses.replace(tagger.preprocess, max_pixels=max_pixels))
     # spawn: the parent may hold CUDA state, which a forked child must not inherit
     pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn")) if workers > 0 and len(items) > batch_size else None
 

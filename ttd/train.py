@@ -9,6 +9,7 @@ with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -23,10 +24,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ttd.config import DEFAULT_THRESHOLD, OBJECTIVES
 from ttd.data.sources import open_source
 from ttd.distill import clip_loss, ttd_losses
-from ttd.factory import _atomic_write, save_checkpoint
-from ttd.images import ImageError, normalize
+from ttd.factory import atomic_write, save_checkpoint
+from ttd.images import ImageError, Preprocess, normalize
 from ttd.lora import LoRAConfig, adapter_state_dict, inject_lora, merged_state_dict
 from ttd.model import TTDModel
 from ttd.scoring import pad_tags
@@ -50,7 +52,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     lambda_tag: float = 2.0  # chosen by ablation: see README "Ablations"
     lambda_clip: float = 1.0
-    threshold: float = 0.5
+    threshold: float = DEFAULT_THRESHOLD
     score_method: str = "softmax"
     frozen_teacher: bool = False
     calibration_lr_scale: float = 10.0  # w and b are two scalars: AdamW at the base lr barely moves them
@@ -59,6 +61,23 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def for_objective(cls, objective: str = "ttd", **settings) -> TrainConfig:
+        """The config of `objective` with its own defaults (OBJECTIVE_DEFAULTS) under the
+        settings given; a setting given as None keeps the default."""
+        if objective not in OBJECTIVE_DEFAULTS:
+            raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVE_DEFAULTS)}")
+        given = {k: v for k, v in settings.items() if v is not None}
+        return cls(objective=objective, **{**OBJECTIVE_DEFAULTS[objective], **given})
+
+
+# contrastive pre-training trains every weight from scratch: longer, larger batches, more warm-up
+OBJECTIVE_DEFAULTS: dict[str, dict] = {
+    "ttd": {"steps": 300, "batch_size": 64, "lr": 1e-3, "warmup_steps": 30, "weight_decay": 0.05},
+    "clip": {"steps": 1500, "batch_size": 128, "lr": 1e-3, "warmup_steps": 100, "weight_decay": 0.1},
+}
+assert tuple(OBJECTIVE_DEFAULTS) == OBJECTIVES, "ttd.config.OBJECTIVES names the objectives defined here"
 
 
 def _lr_factor(step: int, warmup: int, total: int) -> float:
@@ -163,7 +182,7 @@ def _step_losses(model: TTDModel, teacher: TTDModel | None, pixels: torch.Tensor
 def _save_state(path: Path, model, optimizer, scheduler, step: int, config: TrainConfig) -> None:
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "torch_rng": torch.get_rng_state(), "step": step, "config": json.dumps(config.to_dict())}
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 RESUMABLE_CHANGES = ("out_dir", "checkpoint_every", "max_bad_steps")  # settings a resumed run may change
@@ -196,14 +215,28 @@ def _refuse_changed_settings(path: Path, state: dict, config: TrainConfig) -> No
                          "settings, or pass --no-resume (or another --out) to start a new run")
 
 
-def train(model: TTDModel, config: TrainConfig, resume: bool = True, progress: bool = True,
-          stop_after: int | None = None) -> TTDModel:
-    """Train in place and return the model; writes `out_dir/last.pt` (resumable state) and, at the
-    end, `out_dir/model.safetensors` (LoRA merged) plus `adapter.safetensors` for TTD.
+@dataclass
+class TrainingRun:
+    """What a run holds between steps: built by `setup`, advanced by `train_step`, closed by `finish`."""
 
-    `stop_after` ends the run early after that many steps (to test kill-and-resume)."""
+    model: TTDModel
+    teacher: TTDModel | None
+    config: TrainConfig
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: BatchLoader
+    state_path: Path
+    start: int
+    rank: int
+    world: int
+    bad_steps: int = 0
+
+
+def setup(model: TTDModel, config: TrainConfig, resume: bool = True) -> TrainingRun:
+    """Seeds, optimiser (w and b at their own learning rate), schedule, data, and the state of
+    `out_dir/last.pt` when resuming (refused if it was trained with other settings)."""
     rank, world = _rank_world()
-    out = Path(config.out_dir)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if config.frozen_teacher else None
@@ -216,7 +249,7 @@ def train(model: TTDModel, config: TrainConfig, resume: bool = True, progress: b
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _lr_factor(s, config.warmup_steps, config.steps))
     start = 0
-    state_path = out / "last.pt"
+    state_path = Path(config.out_dir) / "last.pt"
     if resume and state_path.is_file():
         state = _load_state(state_path)
         _refuse_changed_settings(state_path, state, config)
@@ -225,59 +258,79 @@ def train(model: TTDModel, config: TrainConfig, resume: bool = True, progress: b
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start = int(state["step"])
-    source = open_source(config.data, model.config.image_size, config.data_seed, model.config.interpolation)
+    source = open_source(config.data, Preprocess.for_model(model.config), config.data_seed)
     loader = BatchLoader(source, config.batch_size, config.data_seed, rank, world)
     model.train()
-    bad_steps = 0
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress or rank != 0,
-               desc=f"train {config.objective}")
-    autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
-    prefetch = ThreadPoolExecutor(max_workers=1)  # build batch step+1 while step trains
-    pending = prefetch.submit(loader.batch, start)
-    for step in bar:
-        images, captions = pending.result()
-        if step + 1 < config.steps:
-            pending = prefetch.submit(loader.batch, step + 1)
-        pixels = torch.from_numpy(normalize(images, model.config.mean, model.config.std)).to(model.device)
-        with autocast:
-            loss, logs = _step_losses(model, teacher, pixels, captions, config)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if world > 1:
-            for p in params:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
-        grads_finite = all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
-        if not (math.isfinite(loss.item()) and grads_finite):
-            bad_steps += 1
-            if bad_steps > config.max_bad_steps:
-                raise FloatingPointError(f"{bad_steps} non-finite steps; last at step {step}; lower --lr")
-            tqdm.write(f"step {step}: non-finite loss or gradient, update skipped")
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-        with warnings.catch_warnings():  # a skipped update still advances the schedule, on purpose
-            warnings.filterwarnings("ignore", message="Detected call of")
-            scheduler.step()
-        if config.objective == "clip":
-            with torch.no_grad():
-                model.clip.logit_scale.clamp_(0, math.log(100))
-        bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()})
-        done = step + 1
-        if rank == 0 and (done % config.checkpoint_every == 0 or done == config.steps):
-            _save_state(state_path, model, optimizer, scheduler, done, config)
-        if stop_after is not None and done - start >= stop_after:
-            prefetch.shutdown(cancel_futures=True)
-            return model.eval()
-    prefetch.shutdown()
-    model.eval()
-    if loader.skipped and rank == 0:
-        tqdm.write(f"skipped {len(loader.skipped)} unreadable samples; first: {loader.skipped[0]}")
-    if rank == 0:
-        _write_outputs(model, config, out, loader.skipped)
-    return model
+    return TrainingRun(model, teacher, config, params, optimizer, scheduler, loader, state_path, start, rank, world)
+
+
+def train_step(run: TrainingRun, step: int, images: np.ndarray, captions: list[str]) -> dict[str, float]:
+    """One optimisation step (gradients averaged across processes; a non-finite step is skipped,
+    too many of them stop the run); saves `last.pt` on schedule. Returns the step's logged losses."""
+    model, config = run.model, run.config
+    pixels = torch.from_numpy(normalize(images, model.config.mean, model.config.std)).to(model.device)
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+        loss, logs = _step_losses(model, run.teacher, pixels, captions, config)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if run.world > 1:
+        for p in run.params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= run.world
+    grads_finite = all(torch.isfinite(p.grad).all() for p in run.params if p.grad is not None)
+    if not (math.isfinite(loss.item()) and grads_finite):
+        run.bad_steps += 1
+        if run.bad_steps > config.max_bad_steps:
+            raise FloatingPointError(f"{run.bad_steps} non-finite steps; last at step {step}; lower --lr")
+        tqdm.write(f"step {step}: non-finite loss or gradient, update skipped")
+        run.optimizer.zero_grad(set_to_none=True)
+    else:
+        torch.nn.utils.clip_grad_norm_(run.params, config.grad_clip)
+        run.optimizer.step()
+    with warnings.catch_warnings():  # a skipped update still advances the schedule, on purpose
+        warnings.filterwarnings("ignore", message="Detected call of")
+        run.scheduler.step()
+    if config.objective == "clip":
+        with torch.no_grad():
+            model.clip.logit_scale.clamp_(0, math.log(100))
+    done = step + 1
+    if run.rank == 0 and (done % config.checkpoint_every == 0 or done == config.steps):
+        _save_state(run.state_path, model, run.optimizer, run.scheduler, done, config)
+    return logs
+
+
+def finish(run: TrainingRun) -> TTDModel:
+    """The trained model in eval mode; rank 0 writes model.safetensors (+ adapter, train_config.json)."""
+    run.model.eval()
+    if run.rank == 0:
+        if run.loader.skipped:
+            tqdm.write(f"skipped {len(run.loader.skipped)} unreadable samples; first: {run.loader.skipped[0]}")
+        _write_outputs(run.model, run.config, Path(run.config.out_dir), run.loader.skipped)
+    return run.model
+
+
+def train(model: TTDModel, config: TrainConfig, resume: bool = True, progress: bool = True,
+          stop_after: int | None = None) -> TTDModel:
+    """Train in place and return the model; writes `out_dir/last.pt` (resumable state) and, at the
+    end, `out_dir/model.safetensors` (LoRA merged) plus `adapter.safetensors` for TTD.
+
+    `stop_after` ends the run early after that many steps (to test kill-and-resume)."""
+    run = setup(model, config, resume)
+    bar = tqdm(range(run.start, config.steps), initial=run.start, total=config.steps,
+               disable=not progress or run.rank != 0, desc=f"train {config.objective}")
+    with ThreadPoolExecutor(max_workers=1) as prefetch:  # build batch step+1 while step trains
+        pending = prefetch.submit(run.loader.batch, run.start)
+        for step in bar:
+            images, captions = pending.result()
+            if step + 1 < config.steps:
+                pending = prefetch.submit(run.loader.batch, step + 1)
+            logs = train_step(run, step, images, captions)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()})
+            if stop_after is not None and step + 1 - run.start >= stop_after:
+                pending.cancel()
+                return model.eval()
+    return finish(run)
 
 
 def _write_outputs(model: TTDModel, config: TrainConfig, out: Path, skipped: list[str]) -> None:
@@ -287,10 +340,8 @@ def _write_outputs(model: TTDModel, config: TrainConfig, out: Path, skipped: lis
         adapter = adapter_state_dict(model)
         save_file(adapter, str(out / "adapter.safetensors"),
                   metadata={"lora": json.dumps(config.lora.to_dict()), "base": model.config.source})
-        source = model.config.source
-        model.config.source = f"ttd:{source}"
-        save_checkpoint(model, out / "model.safetensors", merged_state_dict(model))
-        model.config.source = source
+        save_checkpoint(model, out / "model.safetensors", merged_state_dict(model),
+                        dataclasses.replace(model.config, source=f"ttd:{model.config.source}"))
     else:
         save_checkpoint(model, out / "model.safetensors")
     (out / "train_config.json").write_text(json.dumps({**config.to_dict(), "skipped_samples": len(skipped)}, indent=1))

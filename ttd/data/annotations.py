@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ttd.data.sources import read_jsonl
-from ttd.images import decode_image, resize_center_crop
+from ttd.images import Preprocess, decode_image, resize_center_crop
 
 
 @dataclass
@@ -82,17 +82,16 @@ def _load_mask(path: Path, size: int, image_size: tuple[int, int]) -> np.ndarray
     return resize_center_crop(inside, size, "nearest")[..., 0] > 127
 
 
-def read_eval_split(annotations: Path, image_size: int, interpolation: str = "bicubic",
-                    errors: list[str] | None = None) -> list[EvalSample]:
+def read_eval_split(annotations: Path, preprocess: Preprocess, errors: list[str] | None = None) -> list[EvalSample]:
     """Samples of an evaluation folder, images and masks brought to the model's size. A sample
     whose image or masks cannot be used is left out, its reason (file and line) appended to
     `errors` (or warned about when no list is given); the others are still evaluated."""
-    base = annotations.parent
+    base, image_size = annotations.parent, preprocess.size
     samples = []
     for number, record in enumerate(read_jsonl(annotations), start=1):
         try:
-            decoded = decode_image(base / record["image"])
-            image = resize_center_crop(decoded, image_size, interpolation)
+            decoded = decode_image(base / record["image"], max_pixels=preprocess.max_pixels)
+            image = preprocess(decoded)
             masks = {t: _load_mask(base / p, image_size, decoded.size) for t, p in record.get("tag_masks", {}).items()}
             caption_mask = (_load_mask(base / record["caption_mask"], image_size, decoded.size)
                             if record.get("caption_mask") else None)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ttd.images import ImageError, decode_image, resize_center_crop
+from ttd.images import ImageError, Preprocess
 
 
 @dataclass
@@ -54,8 +54,7 @@ class JsonlSource:
     """`captions.jsonl` lines {"image": relative path, "caption": text}, images beside it."""
 
     path: Path
-    image_size: int
-    interpolation: str = "bicubic"
+    preprocess: Preprocess
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
@@ -68,8 +67,7 @@ class JsonlSource:
 
     def get(self, index: int) -> tuple[np.ndarray, str]:
         record = self.records[index]
-        image = decode_image(self.path.parent / record["image"], record["image"])
-        return resize_center_crop(image, self.image_size, self.interpolation), str(record["caption"])
+        return self.preprocess(self.path.parent / record["image"], record["image"]), str(record["caption"])
 
 
 class ShardSource:
@@ -78,10 +76,10 @@ class ShardSource:
     Shards are scanned once; undecodable samples are counted in `skipped` when read.
     """
 
-    def __init__(self, pattern: str, image_size: int, interpolation: str = "bicubic") -> None:
+    def __init__(self, pattern: str, preprocess: Preprocess) -> None:
         import webdataset as wds
 
-        self.image_size, self.interpolation = image_size, interpolation
+        self.preprocess = preprocess
         self.samples: list[tuple[str, bytes, str]] = []
         for sample in wds.WebDataset(pattern, shardshuffle=False, empty_check=False):
             key = sample.get("__key__", "?")
@@ -103,16 +101,16 @@ class ShardSource:
         key, data, caption = self.samples[index]
         if not caption.strip():
             raise ImageError(f"sample {key}: empty caption")
-        image = decode_image(data, f"sample {key}")
-        return resize_center_crop(image, self.image_size, self.interpolation), caption
+        return self.preprocess(data, f"sample {key}"), caption
 
 
-def open_source(spec: str, image_size: int, seed: int, interpolation: str = "bicubic"):
-    """`world` (the synthetic world), a .jsonl file, or a webdataset shard pattern (.tar)."""
+def open_source(spec: str, preprocess: Preprocess, seed: int):
+    """`world` (the synthetic world), a .jsonl file, or a webdataset shard pattern (.tar); images
+    come out through `preprocess` (the model's own: `Preprocess.for_model(config)`)."""
     if spec == "world":
-        return WorldSource(seed, image_size)
+        return WorldSource(seed, preprocess.size)
     if spec.endswith(".jsonl"):
-        return JsonlSource(Path(spec), image_size, interpolation)
+        return JsonlSource(Path(spec), preprocess)
     if ".tar" in spec:
-        return ShardSource(spec, image_size, interpolation)
+        return ShardSource(spec, preprocess)
     raise ValueError(f"unknown data {spec!r}: use 'world', a captions .jsonl file, or shards like 'data/{{000..009}}.tar'")

@@ -6,6 +6,7 @@ the three contract graphs of DESIGN §4.
 
 from __future__ import annotations
 
+from ttd.config import DEFAULT_THRESHOLD
 from ttd.runtime.tagger import Backend, Tagger, TagResult
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "triton")
@@ -14,16 +15,22 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt", "triton")
 class PortabilityNotice(UserWarning):
     """Whether a reduced-precision export was re-checked on this CPU (ttd/runtime/portability.py)."""
 
-__all__ = ["BACKENDS", "Backend", "Tagger", "TagResult", "load_tagger", "torch_tagger"]
+__all__ = ["BACKENDS", "Backend", "Tagger", "TagResult", "load_tagger", "model_tagger", "torch_tagger"]
 
 
-def torch_tagger(model, device: str | None = None, dtype: str = "float32", compile: bool = False,
+def model_tagger(backend: Backend, model, **options) -> Tagger:
+    """A Tagger around `backend` with the config and fitted mask weight and bias of `model` (a
+    TTDModel the backend's graphs come from: its own weights, or an export of them)."""
+    return Tagger(backend, model.config, mask_weight=model.mask_weight.item(), mask_bias=model.mask_bias.item(),
+                  **options)
+
+
+def torch_tagger(model, device: str | None = None, dtype: str = "fp32", compile: bool = False,
                  **options) -> Tagger:
     """A Tagger running `model` (a TTDModel, moved to `device`) with the torch backend."""
     from ttd.runtime.torch_backend import TorchBackend
 
-    return Tagger(TorchBackend(model, device, dtype, compile=compile), model.config,
-                  mask_weight=model.mask_weight.item(), mask_bias=model.mask_bias.item(), **options)
+    return model_tagger(TorchBackend(model, device, dtype, compile=compile), model, **options)
 
 
 def load_tagger(
@@ -34,10 +41,10 @@ def load_tagger(
     checkpoint: str | None = None,
     dense_mode: str | None = None,
     device: str | None = None,
-    dtype: str = "float32",
+    dtype: str = "fp32",
     export_dir: str | None = None,
     url: str | None = None,
-    threshold: float = 0.5,
+    threshold: float = DEFAULT_THRESHOLD,
     flip_tta: bool = False,
     score_method: str = "softmax",
     threads: int = 0,

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ttd.config import ModelConfig
+from ttd.contract import GRAPH_NAMES
 
-GRAPH_NAMES = ("image_encoder", "text_encoder", "tag_head")
 MANIFEST = "manifest.json"
 CONFIG = "model.json"
 TORCH_WEIGHTS = "model.safetensors"  # a TTD checkpoint with CONFIG as its config: the torch engine's weights

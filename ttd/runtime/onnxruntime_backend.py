@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ttd.runtime.export_dir import GRAPH_NAMES, ExportDir
+from ttd.contract import GRAPH_NAMES, IMAGE_ENCODER, TAG_HEAD, TEXT_ENCODER, ImageEmbeddings, TagHeadOutputs
+from ttd.runtime.export_dir import ExportDir
 
 PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -51,13 +52,14 @@ class OnnxRuntimeBackend:
             self.sessions[name] = session
         self.precision = export.precision
 
-    def encode_images(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        image_embeds, patch_embeds = self.sessions["image_encoder"].run(None, {"pixel_values": pixel_values.astype(np.float32)})
-        return image_embeds, patch_embeds
+    def _run(self, graph, *arrays: np.ndarray) -> list[np.ndarray]:
+        return self.sessions[graph.name].run(list(graph.outputs), dict(zip(graph.inputs, arrays)))
+
+    def encode_images(self, pixel_values: np.ndarray) -> ImageEmbeddings:
+        return ImageEmbeddings(*self._run(IMAGE_ENCODER, pixel_values.astype(np.float32)))
 
     def encode_texts(self, input_ids: np.ndarray) -> np.ndarray:
-        return self.sessions["text_encoder"].run(None, {"input_ids": input_ids.astype(np.int64)})[0]
+        return self._run(TEXT_ENCODER, input_ids.astype(np.int64))[0]
 
-    def score_tags(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray) -> tuple[np.ndarray, ...]:
-        feeds = {"patch_embeds": patch_embeds.astype(np.float32), "tag_embeds": tag_embeds.astype(np.float32)}
-        return tuple(self.sessions["tag_head"].run(None, feeds))
+    def score_tags(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray) -> TagHeadOutputs:
+        return TagHeadOutputs(*self._run(TAG_HEAD, patch_embeds.astype(np.float32), tag_embeds.astype(np.float32)))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ttd.contract import EMBEDDING_NAMES, IMAGE_ENCODER, TEXT_ENCODER
 from ttd.hardware import Capabilities, cpu_capabilities
 
 REFERENCE_SAMPLES = "reference_samples.npz"
@@ -34,13 +35,12 @@ class PortabilityCheck:
 
 def write_reference_samples(out_dir: Path, backend, pixel_values: np.ndarray, input_ids: np.ndarray) -> Path:
     """Store a few preprocessed inputs and `backend`'s (PyTorch fp32) outputs for them."""
-    image_embeds, patch_embeds = backend.encode_images(pixel_values[:SAMPLE_COUNT])
-    text_embeds = backend.encode_texts(input_ids[:SAMPLE_COUNT])
+    pixel_values, input_ids = pixel_values[:SAMPLE_COUNT].astype(np.float32), input_ids[:SAMPLE_COUNT].astype(np.int64)
+    arrays = {IMAGE_ENCODER.inputs[0]: pixel_values, TEXT_ENCODER.inputs[0]: input_ids,
+              **backend.encode_images(pixel_values)._asdict(), TEXT_ENCODER.outputs[0]: backend.encode_texts(input_ids)}
     path = out_dir / REFERENCE_SAMPLES
     with path.open("wb") as f:  # np.savez on a file object: no second name, hashes stay stable
-        np.savez_compressed(f, pixel_values=pixel_values[:SAMPLE_COUNT].astype(np.float32),
-                            input_ids=input_ids[:SAMPLE_COUNT].astype(np.int64), image_embeds=image_embeds,
-                            patch_embeds=patch_embeds, text_embeds=text_embeds)
+        np.savez_compressed(f, **arrays)
     return path
 
 
@@ -67,11 +67,11 @@ def check_here(root: Path, manifest: dict, backend, here: Capabilities | None = 
         return PortabilityCheck(False, f"{precision} export {origin}; NOT checked on this {here.isa_class} CPU "
                                        f"(the export has no {REFERENCE_SAMPLES}: re-export with this ttd to add them)")
     samples = np.load(path)
-    image_embeds, patch_embeds = backend.encode_images(samples["pixel_values"])
-    text_embeds = backend.encode_texts(samples["input_ids"])
-    cosines = {"image_embeds": _min_cosine(samples["image_embeds"], image_embeds, -1),
-               "patch_embeds": _min_cosine(samples["patch_embeds"], patch_embeds, 1),
-               "text_embeds": _min_cosine(samples["text_embeds"], text_embeds, -1)}
+    outputs = {**backend.encode_images(samples[IMAGE_ENCODER.inputs[0]])._asdict(),
+               TEXT_ENCODER.outputs[0]: backend.encode_texts(samples[TEXT_ENCODER.inputs[0]])}
+    # patch embeddings are unit vectors along the channel axis (1); the others along the last
+    cosines = {name: _min_cosine(samples[name], outputs[name], 1 if name == "patch_embeds" else -1)
+               for name in EMBEDDING_NAMES}
     misses = [f"{name} cosine {value:.4f} < {MIN_COSINE}" for name, value in cosines.items() if value < MIN_COSINE]
     if misses:
         raise PortabilityError(f"{root}: {precision} export {origin} loses quality on this {here.isa_class} CPU "

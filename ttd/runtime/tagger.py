@@ -12,8 +12,9 @@ from typing import Protocol
 
 import numpy as np
 
-from ttd.images import normalize
-from ttd.config import SCORE_METHODS, ModelConfig
+from ttd.config import DEFAULT_THRESHOLD, SCORE_METHODS, ModelConfig
+from ttd.contract import ImageEmbeddings, TagHeadOutputs
+from ttd.images import Preprocess, normalize
 from ttd.tokenizer import build_tokenizer
 
 TEXT_BATCH = 256
@@ -24,11 +25,11 @@ MAX_CACHED_TAGS = 200_000  # ~400 MB at D = 512; the cache restarts when a corpu
 class Backend(Protocol):
     name: str
 
-    def encode_images(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+    def encode_images(self, pixel_values: np.ndarray) -> ImageEmbeddings: ...
 
     def encode_texts(self, input_ids: np.ndarray) -> np.ndarray: ...
 
-    def score_tags(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray) -> tuple[np.ndarray, ...]: ...
+    def score_tags(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray) -> TagHeadOutputs: ...
 
 
 @dataclass
@@ -44,7 +45,7 @@ def _unit(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 class Tagger:
-    def __init__(self, backend: Backend, config: ModelConfig, threshold: float = 0.5, flip_tta: bool = False,
+    def __init__(self, backend: Backend, config: ModelConfig, threshold: float = DEFAULT_THRESHOLD, flip_tta: bool = False,
                  score_method: str = "softmax", mask_weight: float | None = None,
                  mask_bias: float | None = None) -> None:
         if score_method not in SCORE_METHODS:
@@ -54,7 +55,16 @@ class Tagger:
         self.mask_weight = config.mask_weight_init if mask_weight is None else mask_weight
         self.mask_bias = config.mask_bias_init if mask_bias is None else mask_bias
         self.tokenizer = build_tokenizer(config.tokenizer, config.context_length)
+        self.preprocess = Preprocess.for_model(config)
         self._tag_cache: dict[str, np.ndarray] = {}
+
+    def prepare(self, sources: list, names: list[str] | None = None) -> np.ndarray:
+        """Files, encoded bytes, PIL images or RGB arrays -> the uint8 batch [B, S, S, 3] that
+        `tag` takes, with this model's preprocessing (ImageError names a source that fails)."""
+        names = names or [None] * len(sources)
+        if not sources:
+            return np.zeros((0, self.preprocess.size, self.preprocess.size, 3), np.uint8)
+        return np.stack([self.preprocess(s, n) for s, n in zip(sources, names, strict=True)])
 
     def encode_texts(self, texts: list[str], progress: bool = False) -> np.ndarray:
         starts = range(0, len(texts), TEXT_BATCH)
@@ -122,16 +132,17 @@ class Tagger:
                      methods: tuple[str, ...]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         views = [patch_embeds] + ([np.ascontiguousarray(flipped[..., ::-1])] if flipped is not None else [])
         outputs = [self.backend.score_tags(v, tag_embeds) for v in views]
-        masks = np.mean([o[1] for o in outputs], axis=0) if len(views) > 1 else outputs[0][1]
+        masks = np.mean([o.tag_masks for o in outputs], axis=0) if len(views) > 1 else outputs[0].tag_masks
         scores = {}
         for method in methods:
             if method == "softmax":
-                scores[method] = np.mean([o[2] for o in outputs], axis=0).max(axis=(2, 3)) if len(views) > 1 else outputs[0][0]
+                scores[method] = (np.mean([o.tag_probs for o in outputs], axis=0).max(axis=(2, 3)) if len(views) > 1
+                                  else outputs[0].tag_scores)
             elif method == "sigmoid":
                 scores[method] = masks.max(axis=(2, 3))
             else:  # minmax of the best-pixel cosine, recovered from the monotonic masks; with flip TTA
                 # the views' cosine maps are averaged (as ttd.scoring does), not their sigmoid masks
-                cos = np.mean([self.mask_cosines(o[1]) for o in outputs], axis=0).max(axis=(2, 3))
+                cos = np.mean([self.mask_cosines(o.tag_masks) for o in outputs], axis=0).max(axis=(2, 3))
                 low, span = cos.min(axis=1, keepdims=True), np.ptp(cos, axis=1, keepdims=True)
                 scores[method] = np.where(span > 0, (cos - low) / np.where(span > 0, span, 1), 1.0)
             scores[method] = scores[method].astype(np.float32)

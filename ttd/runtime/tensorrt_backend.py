@@ -20,12 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ttd.runtime.export_dir import GRAPH_NAMES, ExportDir
+from ttd.contract import GRAPH_NAMES, GRAPHS, ImageEmbeddings, TagHeadOutputs
+from ttd.runtime.export_dir import ExportDir
 
-INPUTS = {"image_encoder": ("pixel_values",), "text_encoder": ("input_ids",),
-          "tag_head": ("patch_embeds", "tag_embeds")}
-OUTPUTS = {"image_encoder": ("image_embeds", "patch_embeds"), "text_encoder": ("text_embeds",),
-           "tag_head": ("tag_scores", "tag_masks", "tag_probs")}
 # tensorrt.DataType member names -> torch dtype names (TensorRT's own nptype() has no bfloat16)
 TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "UINT8": "uint8",
                 "INT32": "int32", "INT64": "int64", "BOOL": "bool"}
@@ -74,12 +71,12 @@ class EngineRunner:
 
         self.graph, self.engine, self.torch, self.device, self.stream = graph, engine, torch, device, stream
         names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
-        expected = set(INPUTS[graph]) | set(OUTPUTS[graph])
+        expected = set(GRAPHS[graph].inputs) | set(GRAPHS[graph].outputs)
         if names != expected:
             raise RuntimeError(f"the {graph} engine has tensors {sorted(names)}, expected {sorted(expected)}: "
                                "it was not built from this export's graph")
         self.profiles = {}
-        for name in INPUTS[graph]:
+        for name in GRAPHS[graph].inputs:
             low, _, high = engine.get_tensor_profile_shape(name, 0)
             self.profiles[name] = Profile(tuple(int(d) for d in low), tuple(int(d) for d in high))
         self.dtypes = {name: self._torch_dtype(name) for name in expected}
@@ -128,7 +125,7 @@ class EngineRunner:
 
     def _empty(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
         outputs = []
-        for name in OUTPUTS[self.graph]:
+        for name in GRAPHS[self.graph].outputs:
             shape = [0] + [int(d) for d in self.engine.get_tensor_shape(name)][1:]
             if any(d < 0 for d in shape):
                 raise ValueError(f"{self.graph}: an empty batch has no defined {name} shape")
@@ -147,7 +144,7 @@ class EngineRunner:
             if not context.set_tensor_address(name, tensor.data_ptr()):
                 raise RuntimeError(f"TensorRT refused the buffer of {self.graph} input {name}")
         outputs = []
-        for name in OUTPUTS[self.graph]:
+        for name in GRAPHS[self.graph].outputs:
             shape = tuple(int(d) for d in context.get_tensor_shape(name))
             if any(d < 0 for d in shape):
                 raise RuntimeError(f"TensorRT could not infer the shape of {self.graph} output {name} ({shape})")
@@ -202,25 +199,26 @@ class TensorRTBackend:
         self.runners = {g: EngineRunner(g, engines[g], device, stream) for g in GRAPH_NAMES}
         self.tau, self.mask_weight, self.mask_bias = float(export.config.tau), export.mask_weight, export.mask_bias
 
-    def encode_images(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self._run("image_encoder", {"pixel_values": pixel_values})
+    def encode_images(self, pixel_values: np.ndarray) -> ImageEmbeddings:
+        return ImageEmbeddings(*self._run("image_encoder", pixel_values))
 
     def encode_texts(self, input_ids: np.ndarray) -> np.ndarray:
-        return self._run("text_encoder", {"input_ids": input_ids})[0]
+        return self._run("text_encoder", input_ids)[0]
 
-    def score_tags(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray) -> tuple[np.ndarray, ...]:
+    def score_tags(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray) -> TagHeadOutputs:
         if self.runners["tag_head"].accepts("tag_embeds", 1, tag_embeds.shape[1]):
-            return self._run("tag_head", {"patch_embeds": patch_embeds, "tag_embeds": tag_embeds})
+            return TagHeadOutputs(*self._run("tag_head", patch_embeds, tag_embeds))
         return self._tag_head_in_torch(patch_embeds, tag_embeds)
 
-    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+    def _run(self, graph: str, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
         runner = self.runners[graph]
+        feeds = dict(zip(GRAPHS[graph].inputs, arrays))
         if runner.stream is None:
             return runner.run(feeds)
         with self.torch.cuda.stream(runner.stream):  # copies in, execution and copies out on one stream
             return runner.run(feeds)
 
-    def _tag_head_in_torch(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray) -> tuple[np.ndarray, ...]:
+    def _tag_head_in_torch(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray) -> TagHeadOutputs:
         from ttd.scoring import pixel_cosines, pixel_tag_probs, tag_masks
 
         torch = self.torch
@@ -229,5 +227,5 @@ class TensorRTBackend:
             tags = torch.from_numpy(np.ascontiguousarray(tag_embeds, np.float32)).to(self.device)
             probs = pixel_tag_probs(patches, tags, self.tau)
             masks = tag_masks(pixel_cosines(patches, tags), self.mask_weight, self.mask_bias)
-            return tuple(t.cpu().numpy() for t in (probs.amax(dim=(2, 3)), masks, probs))
+            return TagHeadOutputs(*(t.cpu().numpy() for t in (probs.amax(dim=(2, 3)), masks, probs)))
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ttd.config import canonical_precision
+from ttd.contract import ImageEmbeddings, TagHeadOutputs
 from ttd.graphs import ImageEncoderGraph, TagHeadGraph, TextEncoderGraph
 from ttd.model import TTDModel
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # ttd.config.PRECISIONS names
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -34,12 +36,10 @@ def padded_batch(n: int) -> int:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model: TTDModel, device: str | None = None, dtype: str = "float32",
+    def __init__(self, model: TTDModel, device: str | None = None, dtype: str = "fp32",
                  compile: bool = False) -> None:
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         self.device = pick_device(device)
-        self.dtype = DTYPES[dtype]
+        self.dtype = DTYPES[canonical_precision(dtype, tuple(DTYPES))]
         self.compiled = compile
         model = model.to(self.device, self.dtype).eval()
         self.image_encoder = ImageEncoderGraph(model)
@@ -82,11 +82,11 @@ class TorchBackend:
             return array
         return np.concatenate([array, np.zeros((padded_batch(n) - n, *array.shape[1:]), array.dtype)])
 
-    def encode_images(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self._run(self.image_encoder, self._pad(pixel_values), rows=len(pixel_values))
+    def encode_images(self, pixel_values: np.ndarray) -> ImageEmbeddings:
+        return ImageEmbeddings(*self._run(self.image_encoder, self._pad(pixel_values), rows=len(pixel_values)))
 
     def encode_uint8_images(self, images: np.ndarray, mean: tuple[float, ...],
-                            std: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+                            std: tuple[float, ...]) -> ImageEmbeddings:
         """uint8 [B, H, W, 3] -> encode_images(normalize(images)), normalised on the device
         (same float32 arithmetic as ttd.images.normalize)."""
         with torch.inference_mode():
@@ -94,11 +94,11 @@ class TorchBackend:
             pixels = pixels.div_(255.0).sub_(torch.tensor(mean, device=self.device)[:, None, None])
             pixels = pixels.div_(torch.tensor(std, device=self.device)[:, None, None])
             outputs = self.image_encoder(pixels.to(self.dtype).contiguous())
-            return self._to_host(outputs, len(images))
+            return ImageEmbeddings(*self._to_host(outputs, len(images)))
 
     def encode_texts(self, input_ids: np.ndarray) -> np.ndarray:
         return self._run(self.text_encoder, input_ids)[0]
 
-    def score_tags(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray) -> tuple[np.ndarray, ...]:
+    def score_tags(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray) -> TagHeadOutputs:
         # the head is a softmax at τ = 100: always float32, whatever the encoders run in
-        return self._run(self.tag_head, patch_embeds, tag_embeds, dtype=torch.float32)
+        return TagHeadOutputs(*self._run(self.tag_head, patch_embeds, tag_embeds, dtype=torch.float32))

@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-MODELS = {"image": "ttd_image_encoder", "text": "ttd_text_encoder", "head": "ttd_tag_head"}
+from ttd.contract import GRAPHS, IMAGE_ENCODER, TAG_HEAD, TEXT_ENCODER, ImageEmbeddings, TagHeadOutputs
+
 NUMPY_TO_TRITON = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
 
 
@@ -47,7 +48,7 @@ class TritonBackend:
             raise ConnectionError(f"the Triton server at {url} is not ready")
         self.concurrency = concurrency
         self.max_batch = {}
-        for model in MODELS.values():
+        for model in (g.served_as for g in GRAPHS.values()):
             config = self.client.get_model_config(model)  # HTTP: a dict; gRPC: a ModelConfigResponse
             self.max_batch[model] = int(config["max_batch_size"] if isinstance(config, dict) else config.config.max_batch_size)
 
@@ -65,6 +66,9 @@ class TritonBackend:
             return bool(self.client.is_server_ready())
         except Exception:
             return False
+
+    def _graph(self, graph, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+        return self._infer(graph.served_as, dict(zip(graph.inputs, arrays)), list(graph.outputs))
 
     def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> tuple[np.ndarray, ...]:
         """One call, retried while the server is down (`ttd serve` restarts a crashed tritonserver
@@ -92,14 +96,11 @@ class TritonBackend:
                 results = list(pool.map(lambda chunk: self.client.infer(model, chunk[0], outputs=chunk[1]), chunks))
         return tuple(np.concatenate([r.as_numpy(n) for r in results]) for n in outputs)
 
-    def encode_images(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self._infer(MODELS["image"], {"pixel_values": pixel_values.astype(np.float32)},
-                           ["image_embeds", "patch_embeds"])
+    def encode_images(self, pixel_values: np.ndarray) -> ImageEmbeddings:
+        return ImageEmbeddings(*self._graph(IMAGE_ENCODER, pixel_values.astype(np.float32)))
 
     def encode_texts(self, input_ids: np.ndarray) -> np.ndarray:
-        return self._infer(MODELS["text"], {"input_ids": input_ids.astype(np.int64)}, ["text_embeds"])[0]
+        return self._graph(TEXT_ENCODER, input_ids.astype(np.int64))[0]
 
-    def score_tags(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray) -> tuple[np.ndarray, ...]:
-        return self._infer(MODELS["head"], {"patch_embeds": patch_embeds.astype(np.float32),
-                                            "tag_embeds": tag_embeds.astype(np.float32)},
-                           ["tag_scores", "tag_masks", "tag_probs"])
+    def score_tags(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray) -> TagHeadOutputs:
+        return TagHeadOutputs(*self._graph(TAG_HEAD, patch_embeds.astype(np.float32), tag_embeds.astype(np.float32)))

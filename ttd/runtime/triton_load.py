@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ttd.contract import TAGGER_MODEL
+
 
 def tagger_request(client_module, client, image: bytes, caption: str | None = None, tags: list[str] | None = None,
                    return_masks: bool = False) -> dict:
@@ -27,7 +29,7 @@ def tagger_request(client_module, client, image: bytes, caption: str | None = No
         add("tags", np.array([[t.encode() for t in tags]], dtype=np.object_), "BYTES")
     if return_masks:
         add("return_masks", np.array([[True]]), "BOOL")
-    result = client.infer("ttd_tagger", inputs)
+    result = client.infer(TAGGER_MODEL, inputs)
     out = {"tags": [t.decode() for t in result.as_numpy("tags")[0]], "scores": result.as_numpy("scores")[0],
            "selected": result.as_numpy("selected")[0].astype(bool)}
     if return_masks:

@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ttd.contract import TAGGER_MODEL
+
 
 class ServerError(RuntimeError):
     """tritonserver could not be started; the message says why (with its log's tail)."""
@@ -146,7 +148,7 @@ def server_ready(http_url: str) -> bool:
 def start_server(repo: Path, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
                  timeout_s: float = 120, log_verbose: int = 0) -> TritonServer:
     """Start tritonserver on `repo` and wait until it is ready; raises ServerError with its log."""
-    if not (repo / "ttd_tagger" / "config.pbtxt").is_file():
+    if not (repo / TAGGER_MODEL / "config.pbtxt").is_file():
         raise ServerError(f"{repo} is not a TTD model repository (create one with `ttd triton build`)")
     workspace = tempfile.TemporaryDirectory(prefix="ttd-triton-")
     server = prepare_workspace(Path(workspace.name))

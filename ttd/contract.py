@@ -1,0 +1,55 @@
+"""The export contract of DESIGN §4, named once: the three graphs, their input and output names,
+the Triton models that serve them, and the named results every backend returns.
+
+The exporter, the backends, the Triton templates and the validator import these names; none of
+them retypes a name, so a renamed or added output changes here and everywhere follows. Free of
+torch, so that the Triton Python-backend stubs can import it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:  # numpy only names the field types: the Triton stubs and the CLI import this cheaply
+    import numpy as np
+
+
+class ImageEmbeddings(NamedTuple):
+    """What the image encoder returns (unit vectors)."""
+
+    image_embeds: np.ndarray  # [B, D]
+    patch_embeds: np.ndarray  # [B, D, h, w]
+
+
+class TagHeadOutputs(NamedTuple):
+    """What the tag head returns for B images with K tags each (DESIGN §3.3)."""
+
+    tag_scores: np.ndarray  # [B, K]: peak over pixels of the per-pixel softmax over tags
+    tag_masks: np.ndarray  # [B, K, h, w]: sigmoid masks M_k = σ(w·cos + b)
+    tag_probs: np.ndarray  # [B, K, h, w]: the per-pixel softmax itself (flip TTA averages it)
+
+
+class Graph(NamedTuple):
+    """One exported graph: its file stem, its input and output names, and its Triton model."""
+
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    served_as: str
+
+
+IMAGE_ENCODER = Graph("image_encoder", ("pixel_values",), ImageEmbeddings._fields, "ttd_image_encoder")
+TEXT_ENCODER = Graph("text_encoder", ("input_ids",), ("text_embeds",), "ttd_text_encoder")
+TAG_HEAD = Graph("tag_head", ("patch_embeds", "tag_embeds"), TagHeadOutputs._fields, "ttd_tag_head")
+GRAPHS: dict[str, Graph] = {g.name: g for g in (IMAGE_ENCODER, TEXT_ENCODER, TAG_HEAD)}
+GRAPH_NAMES: tuple[str, ...] = tuple(GRAPHS)
+SERVED_GRAPHS: dict[str, str] = {g.served_as: g.name for g in GRAPHS.values()}  # Triton model -> graph
+
+TAGGER_MODEL = "ttd_tagger"  # the BLS model: encoded image and caption (or tags) in, tags out
+TAGGER_INPUTS: tuple[str, ...] = ("image", "caption", "tags", "return_masks")  # the image first: the one required
+TAGGER_OUTPUTS: tuple[str, ...] = ("tags", "scores", "selected", "masks")
+EMBEDDING_NAMES: tuple[str, ...] = (*ImageEmbeddings._fields, *TEXT_ENCODER.outputs)  # what gates compare
+
+# Triton model repositories: flavour -> the engines its graph models can run, and instance kinds
+TRITON_ENGINES: dict[str, tuple[str, ...]] = {"python": ("onnx", "torch"), "native": ("onnx", "tensorrt")}
+INSTANCE_KINDS: tuple[str, ...] = ("KIND_CPU", "KIND_GPU", "KIND_AUTO")
