@@ -71,7 +71,7 @@ def _write_side_files(model: TTDModel, out_dir: Path, torch_weights: bool) -> No
 
 
 def _gate(model: TTDModel, out_dir: Path, manifest: dict, reference: Tagger, images: np.ndarray,
-          captions: list[str], gate, what: str) -> dict:
+          captions: list[str], gate, what: str, versus: str) -> dict:
     """Run the export as it stands (graphs in `out_dir`, `manifest` in memory) against `reference`."""
     try:
         backend = OnnxRuntimeBackend(ExportDir(out_dir, manifest, model.config), "cpu")
@@ -79,7 +79,7 @@ def _gate(model: TTDModel, out_dir: Path, manifest: dict, reference: Tagger, ima
         raise GateError(f"{what} refused: onnxruntime cannot run it here "
                         f"({type(error).__name__}: {str(error).splitlines()[0][:300]})") from error
     figures = compare(reference, model_tagger(backend, model), images, captions)
-    enforce(figures, gate, what)
+    enforce(figures, gate, f"{what} ({versus})")
     return figures
 
 
@@ -113,13 +113,13 @@ def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mod
     manifest = _manifest(model, out_dir, "fp32", opset)
     try:
         manifest["parity"] = _gate(model, out_dir, manifest, reference, images, captions, FP32_GATE,
-                                   "fp32 export (ONNX vs PyTorch)")
+                                   "fp32 export", "ONNX vs PyTorch")
         if precision != "fp32":
             CONVERTERS[precision](VariantJob(model, out_dir, opset, int8_mode, int8_settings,
                                              lambda: calibration_feeds(model, images, captions)))
             manifest.update(_manifest(model, out_dir, precision, opset))  # the variant's hashes
             manifest["quality"] = _gate(model, out_dir, manifest, reference, images, captions, VARIANT_GATE,
-                                        f"{precision} export (vs PyTorch fp32)")
+                                        f"{precision} export", "vs PyTorch fp32")
             if precision == "int8":
                 manifest["int8"] = {"mode": int8_mode, **int8_settings.to_dict(),
                                     "worst_pair_sum": max(worst_pair_sum(out_dir / f"{n}.onnx") for n in ENCODERS)}

@@ -27,11 +27,11 @@ def test_cpuinfo_flags_decide_the_isa_class():
 def test_auto_without_export_picks_torch_dtype_by_hardware():
     picks = {caps.model: choose_fast_path(caps) for caps in (AVX2, VNNI, BF16, AMX, GPU)}
     assert [(p.backend, p.device, p.dtype) for p in picks.values()] == [
-        ("torch", "cpu", "float32"), ("torch", "cpu", "float32"), ("torch", "cpu", "bfloat16"),
-        ("torch", "cpu", "bfloat16"), ("torch", "cuda", "float16")]
+        ("torch", "cpu", "fp32"), ("torch", "cpu", "fp32"), ("torch", "cpu", "bf16"),
+        ("torch", "cpu", "bf16"), ("torch", "cuda", "fp16")]
     assert "no AMX or avx512_bf16 on this avx2 CPU (AMD EPYC 7B12)" in picks[AVX2.model].line()
     assert "avx512_bf16 dot products" in picks[BF16.model].reason
-    assert picks[AMX.model].line() == "auto: torch bfloat16 on cpu — AMX tiles run bfloat16 matmuls (3-5x float32)"
+    assert picks[AMX.model].line() == "auto: torch bf16 on cpu — AMX tiles run bfloat16 matmuls (3-5x float32)"
 
 
 def test_auto_with_an_export_runs_it_in_onnxruntime():
@@ -48,14 +48,14 @@ def test_auto_with_an_export_runs_it_in_onnxruntime():
     assert with_gpu_provider.backend == "onnxruntime"
     # a GPU, the export's torch weights and no onnxruntime GPU provider: torch on CUDA, not the CPU
     torch_gpu = choose_fast_path(GPU, export_precision="int8", export_torch_weights=True)
-    assert (torch_gpu.backend, torch_gpu.device, torch_gpu.dtype) == ("torch", "cuda", "float16")
+    assert (torch_gpu.backend, torch_gpu.device, torch_gpu.dtype) == ("torch", "cuda", "fp16")
     assert choose_fast_path(VNNI, export_precision="int8", export_torch_weights=True).backend == "onnxruntime"
 
 
 def test_explicit_choices_are_kept():
-    assert choose_fast_path(AMX, backend="torch", dtype="float32").dtype == "float32"
-    assert choose_fast_path(AVX2, backend="torch", dtype="auto", device="cpu").dtype == "float32"
-    assert choose_fast_path(AMX, backend="torch", dtype="auto", device="cpu").dtype == "bfloat16"
+    assert choose_fast_path(AMX, backend="torch", dtype="float32").dtype == "fp32"  # the torch alias, canonical
+    assert choose_fast_path(AVX2, backend="torch", dtype="auto", device="cpu").dtype == "fp32"
+    assert choose_fast_path(AMX, backend="torch", dtype="auto", device="cpu").dtype == "bf16"
 
 
 def test_resolve_auto_reads_the_export_precision(tmp_path):

@@ -154,7 +154,7 @@ def test_torch_engine_repository_validates_and_keeps_the_tagger_on_the_cpu(expor
     for model in ("ttd_image_encoder", "ttd_text_encoder", "ttd_tag_head"):
         config = (repo / model / "config.pbtxt").read_text()
         assert "kind: KIND_GPU" in config and 'key: "engine" value: { string_value: "torch" }' in config
-        assert 'key: "dtype" value: { string_value: "bfloat16" }' in config
+        assert 'key: "dtype" value: { string_value: "bf16" }' in config
         assert (repo / model / "1" / "model.safetensors").is_file() and not (repo / model / "1" / "model.onnx").exists()
     assert "kind: KIND_CPU" in (repo / "ttd_tagger" / "config.pbtxt").read_text()
     (repo / "ttd_tag_head" / "1" / "model.safetensors").unlink()

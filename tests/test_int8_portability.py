@@ -123,6 +123,7 @@ def test_loading_an_int8_export_says_whether_it_was_checked_here(int8_export):
 CAPPED = """
 import json, torch
 from export.checks import VARIANT_GATE, check_pairs, compare, enforce
+from ttd.images import Preprocess
 from export.int8_portability import PreVnniEmulatedBackend
 from export.pipeline import run_export
 from ttd.runtime import model_tagger
