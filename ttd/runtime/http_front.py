@@ -56,8 +56,11 @@ def refusal_response(refusal: Refusal) -> web.Response:
 # load/unload) is refused: those are operator actions, not for whoever can reach the port.
 READ_PATHS = re.compile(r"^/v2(/health/(live|ready)|/models(/[^/]+(/versions/[^/]+)?(/ready|/config|/stats)?|/stats)?)?/?$")
 INFER_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$")
-JSON_TYPES = {"", "application/json"}
-BINARY_TYPES = {"", "application/json", "application/octet-stream"}
+# Bodies may come with curl's and urllib's default form type (Triton's own examples POST with
+# `curl -d`); they are checked as JSON (or binary framing) and passed on as application/json (or
+# application/octet-stream), so a form type never reaches tritonserver's form parser. multipart
+# and any other type are refused.
+ACCEPTED_TYPES = {"", "application/json", "application/octet-stream", "application/x-www-form-urlencoded", "text/plain"}
 DECOMPRESSORS = {"gzip": 31, "deflate": 15}  # zlib window bits: gzip wrapper, zlib wrapper (what Triton's deflate means)
 
 
@@ -80,14 +83,11 @@ def check_headers(content_type: str, header_length: str | None, content_encoding
         raise Refusal(413, f"body of {declared:,} bytes exceeds the limit of {limits.max_body_bytes:,}")
     if content_encoding not in ("", "identity", *DECOMPRESSORS):
         raise Refusal(415, f"Content-Encoding {content_encoding!r} is not accepted (use gzip, deflate or none)")
+    if content_type not in ACCEPTED_TYPES:
+        raise Refusal(415, f"Content-Type {content_type!r} is not accepted: send JSON (application/json), or "
+                           "binary tensors (application/octet-stream) with an Inference-Header-Content-Length header")
     if header_length is None:
-        if content_type not in JSON_TYPES:
-            raise Refusal(415, f"Content-Type {content_type!r} is not accepted: send application/json, or binary "
-                               "tensors with an Inference-Header-Content-Length header")
         return None
-    if content_type not in BINARY_TYPES:
-        raise Refusal(415, f"Content-Type {content_type!r} is not accepted for binary tensors "
-                           "(use application/octet-stream)")
     if not header_length.isdigit() or int(header_length) == 0:
         raise Refusal(400, f"Inference-Header-Content-Length {header_length!r} is not a positive integer")
     return int(header_length)
@@ -195,7 +195,8 @@ def check_infer_body(body: bytes, header_length: int | None) -> None:
 
 
 # Headers passed on each way; hop-by-hop ones (Connection, Transfer-Encoding, ...) never are.
-REQUEST_HEADERS = ("Content-Type", "Inference-Header-Content-Length", "Accept", "Accept-Encoding")
+# The client's Content-Type is replaced by what the front checked the body to be.
+REQUEST_HEADERS = ("Inference-Header-Content-Length", "Accept", "Accept-Encoding")
 RESPONSE_HEADERS = ("Content-Type", "Inference-Header-Content-Length", "Content-Encoding")
 BACKEND: web.AppKey = web.AppKey("backend", object)
 
@@ -242,6 +243,9 @@ class Backend:
 
 async def forward(request: web.BaseRequest, backend: Backend, body: bytes | None) -> web.StreamResponse:
     headers = {name: request.headers[name] for name in REQUEST_HEADERS if name in request.headers}
+    if body is not None:
+        binary = "Inference-Header-Content-Length" in headers
+        headers["Content-Type"] = "application/octet-stream" if binary else "application/json"
     path = request.rel_url.raw_path_qs
     response: web.StreamResponse | None = None
     for attempt in (1, 2):
@@ -276,14 +280,13 @@ async def forward(request: web.BaseRequest, backend: Backend, body: bytes | None
 
 
 async def refuse(request: web.BaseRequest, refusal: Refusal) -> web.Response:
-    """The JSON refusal; after a 413 the connection is closed instead of draining a body that
-    will not be read (a small refused body is drained by aiohttp, keeping the connection)."""
+    """The JSON refusal. After a 413 the connection is not kept alive: aiohttp writes the answer,
+    then reads and discards what the client is still sending for at most its lingering time
+    (10 s; never buffered), so a client that sends the whole body before reading still gets the
+    413 rather than a reset connection."""
     response = refusal_response(refusal)
     if refusal.status == 413:
         response.force_close()
-        await response.prepare(request)
-        await response.write_eof()
-        request.protocol.force_close()
     return response
 
 
@@ -337,7 +340,7 @@ class Front:
     runner: web.AppRunner
     thread: threading.Thread
 
-    def stop(self, timeout_s: float = 10) -> None:
+    def stop(self, timeout_s: float = 20) -> None:
         if not self.thread.is_alive():
             return
         try:
@@ -353,7 +356,8 @@ def start_front(host: str, port: int, backend_url: str, limits: FrontLimits = Fr
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="ttd-http-front", daemon=True)
     thread.start()
-    runner = web.AppRunner(create_front(backend_url, limits, say), access_log=None, handle_signals=False)
+    runner = web.AppRunner(create_front(backend_url, limits, say), access_log=None, handle_signals=False,
+                           shutdown_timeout=10)  # requests in flight at a stop get this long to finish
 
     async def open_site() -> None:
         await runner.setup()

@@ -45,6 +45,6 @@ def serve_repository(repo: Path, host: str = "127.0.0.1", http_port: int = 8000,
         say(f"serving {repo}: HTTP {front.url} (front, bodies up to {limits.max_body_bytes:,} bytes; tritonserver "
             f"on {server.http_url}){grpc} (Ctrl-C to stop)")
         try:
-            return supervise(server, start, say, max_restarts)
+            return supervise(server, start, say, max_restarts, before_stop=front.stop)
         finally:
             front.stop()

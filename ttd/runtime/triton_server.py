@@ -194,10 +194,13 @@ def stop_on_signals() -> Iterator[None]:
 
 
 def supervise(server: TritonServer, restart: Callable[[], TritonServer], say: Callable[[str], None],
-              max_restarts: int = 5, window_s: float = 600, poll_s: float = 0.2) -> int:
+              max_restarts: int = 5, window_s: float = 600, poll_s: float = 0.2,
+              before_stop: Callable[[], None] = lambda: None) -> int:
     """Keep a server up: when tritonserver dies (it was seen to crash on one malformed request),
     report why and start a new one on the same ports, at most `max_restarts` times in `window_s`
-    seconds; stop cleanly on Ctrl-C / SIGTERM. Returns the exit code for `ttd serve`."""
+    seconds; stop cleanly on Ctrl-C / SIGTERM, calling `before_stop` first (tritonserver waits up
+    to 30 s for open HTTP connections, so whoever holds some closes them there). Returns the exit
+    code for `ttd serve`."""
     restarts: list[float] = []
     try:
         while True:
@@ -221,5 +224,6 @@ def supervise(server: TritonServer, restart: Callable[[], TritonServer], say: Ca
                 f"(restart {len(restarts)} of at most {max_restarts} in {window_s:.0f} s)")
     except KeyboardInterrupt:
         say("stopping ...")
+        before_stop()
         server.stop()
         return 0
