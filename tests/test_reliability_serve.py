@@ -219,6 +219,7 @@ def raw_request(port: int, head: str, body_parts: list[bytes]) -> tuple[int, str
                     break
         except OSError:
             pass
+    assert answer.startswith(b"HTTP/1.1 "), f"no answer after {sent:,} bytes of body: {answer[:200]!r}"
     status = int(answer.split(b" ", 2)[1])
     return status, json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"], sent
 
