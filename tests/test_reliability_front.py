@@ -97,3 +97,25 @@ def test_operator_endpoints_are_not_exposed(method, path, status):
     for method, path in (("GET", "/v2/health/ready"), ("GET", "/v2"), ("GET", "/v2/models/ttd_tagger/config"),
                          ("GET", "/v2/models/ttd_tagger/versions/1/stats"), ("POST", "/v2/models/ttd_tagger/infer")):
         check_route(method, path)
+
+
+def test_a_batch_or_tag_count_past_the_models_bounds_is_refused_from_the_header():
+    """Item 12: the tag head called directly with a huge tag list is refused by the front from the
+    request's shape, before the tensor reaches tritonserver (the model's own cap came after it was
+    copied there)."""
+    from ttd.runtime.http_front import ModelShapes, shape_problem
+
+    config = {"max_batch_size": 32, "parameters": {"max_variable_dim": {"string_value": "1024"}},
+              "input": [{"name": "patch_embeds", "dims": ["128", "8", "8"]}, {"name": "tag_embeds", "dims": [-1, 128]}]}
+    shapes = ModelShapes.from_config(config)
+
+    def request(batch: int, tags: int) -> dict:
+        return {"inputs": [{"name": "patch_embeds", "shape": [batch, 128, 8, 8], "datatype": "FP32"},
+                           {"name": "tag_embeds", "shape": [batch, tags, 128], "datatype": "FP32"}]}
+
+    assert shape_problem(request(32, 1024), shapes) is None
+    assert shape_problem(request(1, 200_000), shapes) == (
+        "input 'tag_embeds': dimension 1 is 200000, more than the limit of 1024")  # the model's own words
+    assert shape_problem(request(33, 2), shapes) == "input 'patch_embeds': batch of 33 is more than the model's max_batch_size 32"
+    no_bound = ModelShapes.from_config({"max_batch_size": 0, "input": [{"name": "tag_embeds", "dims": [-1, 128]}]})
+    assert shape_problem({"inputs": [{"name": "tag_embeds", "shape": [5000, 128]}]}, no_bound) is None

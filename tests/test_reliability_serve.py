@@ -264,6 +264,22 @@ def test_the_front_answers_every_malformed_request_4xx_with_a_reason(repo, tmp_p
                                            [chunk] * 64)
         assert (status, reason) == (413, "body exceeds the limit of 1,048,576 bytes")
         assert post(b"{}", **{"Content-Encoding": "br"})[0] == 415
+        # item 12: a huge tag list for the tag head is refused from its shape; the model never sees it
+        import numpy as np
+        import tritonclient.http as http
+        from tritonclient.utils import InferenceServerException
+
+        client = http.InferenceServerClient(f"127.0.0.1:{served.http_port}")
+        patch = http.InferInput("patch_embeds", [1, 128, 8, 8], "FP32")
+        patch.set_data_from_numpy(np.zeros((1, 128, 8, 8), np.float32))
+        tags = http.InferInput("tag_embeds", [1, 1500, 128], "FP32")
+        tags.set_data_from_numpy(np.zeros((1, 1500, 128), np.float32))
+        with pytest.raises(InferenceServerException) as error:
+            client.infer("ttd_tag_head", [patch, tags])
+        assert error.value.status() == "400"
+        assert error.value.message() == "input 'tag_embeds': dimension 1 is 1500, more than the limit of 1024"
+        stats = client.get_inference_statistics("ttd_tag_head")["model_stats"][0]["inference_stats"]
+        assert stats["fail"]["count"] == 0, stats  # refused by the front, not by the model
         assert tag_one(served.http_port)["tags"]  # and a good request is answered, by the same tritonserver
         assert served.tritonserver_pids() == [pid]
         assert served.process.poll() is None

@@ -55,7 +55,7 @@ def refusal_response(refusal: Refusal) -> web.Response:
 # inference. Everything else (shared-memory registration, logging and trace settings, model
 # load/unload) is refused: those are operator actions, not for whoever can reach the port.
 READ_PATHS = re.compile(r"^/v2(/health/(live|ready)|/models(/[^/]+(/versions/[^/]+)?(/ready|/config|/stats)?|/stats)?)?/?$")
-INFER_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$")
+INFER_PATH = re.compile(r"^/v2/models/(?P<model>[^/]+)(/versions/[^/]+)?/infer$")
 # Bodies may come with curl's and urllib's default form type (Triton's own examples POST with
 # `curl -d`); they are checked as JSON (or binary framing) and passed on as application/json (or
 # application/octet-stream), so a form type never reaches tritonserver's form parser. multipart
@@ -180,8 +180,9 @@ def infer_request_problem(request: object, binary_bytes: int | None) -> str | No
     return None
 
 
-def check_infer_body(body: bytes, header_length: int | None) -> None:
-    """A whole inference body: JSON (or a JSON header and tensor data whose sizes agree)."""
+def check_infer_body(body: bytes, header_length: int | None) -> dict:
+    """A whole inference body: JSON (or a JSON header and tensor data whose sizes agree); returns
+    the parsed request (the header of a binary-framed one)."""
     if not body:
         raise Refusal(400, "empty body: an inference request is a JSON object")
     if header_length is not None and header_length > len(body):
@@ -192,6 +193,43 @@ def check_infer_body(body: bytes, header_length: int | None) -> None:
     problem = infer_request_problem(request, None if header_length is None else len(body) - header_length)
     if problem:
         raise Refusal(400, problem)
+    return request
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    """What a model's config allows: the batch bound and, per input, its dims (-1: variable) and the
+    bound of a variable dimension (the `max_variable_dim` parameter of the ttd graph models)."""
+
+    max_batch_size: int
+    dims: dict[str, list[int]]
+    max_variable_dim: int | None
+
+    @classmethod
+    def from_config(cls, config: dict) -> ModelShapes:
+        bound = config.get("parameters", {}).get("max_variable_dim", {}).get("string_value")
+        return cls(int(config.get("max_batch_size", 0)),
+                   {i["name"]: [int(d) for d in i.get("dims", [])] for i in config.get("input", [])},
+                   int(bound) if bound else None)
+
+
+def shape_problem(request: dict, shapes: ModelShapes) -> str | None:
+    """A batch or a variable dimension past the model's bounds, seen in the request's header: the
+    tensor is refused here instead of being copied into tritonserver and the model's stub (a 60 MB
+    tag list refused by the model itself left the service about 130 MiB larger for good)."""
+    for tensor in request["inputs"]:
+        dims, shape = shapes.dims.get(tensor["name"]), tensor["shape"]
+        if dims is None or len(shape) != len(dims) + bool(shapes.max_batch_size):
+            continue  # unknown input or wrong rank: tritonserver's own 400 says so
+        if shapes.max_batch_size and shape[0] > shapes.max_batch_size:
+            return (f"input {tensor['name']!r}: batch of {shape[0]:,} is more than the model's max_batch_size "
+                    f"{shapes.max_batch_size}")
+        offset = 1 if shapes.max_batch_size else 0
+        for k, (size, dim) in enumerate(zip(shape[offset:], dims)):
+            if dim == -1 and shapes.max_variable_dim is not None and size > shapes.max_variable_dim:
+                return (f"input {tensor['name']!r}: dimension {k + offset} is {size}, more than the limit of "
+                        f"{shapes.max_variable_dim}")
+    return None
 
 
 # Headers passed on each way; hop-by-hop ones (Connection, Transfer-Encoding, ...) never are.
@@ -208,6 +246,20 @@ class Backend:
     def __init__(self, url: str, limits: FrontLimits, say: Callable[[str], None]) -> None:
         self.url, self.limits, self.say = url, limits, say
         self.session: ClientSession | None = None
+        self.shapes: dict[str, ModelShapes | None] = {}  # per model, read once from its config
+
+    async def model_shapes(self, model: str) -> ModelShapes | None:
+        """The model's bounds from tritonserver's config endpoint (None: unknown model, or the
+        server cannot say now; the request then goes on and tritonserver answers it)."""
+        if model not in self.shapes:
+            try:
+                async with self.open().get(f"/v2/models/{model}/config") as answer:
+                    if answer.status != 200:
+                        return None
+                    self.shapes[model] = ModelShapes.from_config(await answer.json(content_type=None))
+            except (ClientConnectionError, asyncio.TimeoutError, ValueError, KeyError, TypeError):
+                return None
+        return self.shapes[model]
 
     def open(self) -> ClientSession:
         if self.session is None or self.session.closed:
@@ -305,9 +357,12 @@ async def handle(request: web.BaseRequest) -> web.StreamResponse:
         if encoding in DECOMPRESSORS:
             body = decompress(body, encoding, limits)
         if len(body) > 1 << 20:  # parsing a large JSON body must not stall every other connection
-            await asyncio.get_running_loop().run_in_executor(None, check_infer_body, body, header_length)
+            parsed = await asyncio.get_running_loop().run_in_executor(None, check_infer_body, body, header_length)
         else:
-            check_infer_body(body, header_length)
+            parsed = check_infer_body(body, header_length)
+        shapes = await backend.model_shapes(INFER_PATH.match(request.path)["model"])
+        if shapes is not None and (problem := shape_problem(parsed, shapes)):
+            raise Refusal(400, problem)
         return await forward(request, backend, body)
     except Refusal as refusal:
         return await refuse(request, refusal)
