@@ -7,7 +7,9 @@ Starts `ttd serve` by absolute path with a bare environment on 127.0.0.1. Two lo
 front / direct in alternation `--rounds` times (so drift on a shared machine hits both alike):
 `tagger` (a ttd_tagger call on a world image and caption: what clients do) and `light` (a one-row
 ttd_text_encoder call: little model time, so the front's own cost shows). Reports throughput and
-p50 / p99 latency per path, summed over rounds.
+p50 / p99 latency per path, summed over rounds, and the CPU time the front process (`ttd serve`)
+spent per request: on a machine shared with other work the wall-clock figures are noisy, the CPU
+time is not.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ from ttd.runtime.triton_load import tagger_request
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import world_pairs  # noqa: E402
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def load(url: str, requests: int, clients: int, call) -> tuple[float, list[float]]:
@@ -106,9 +114,13 @@ def main() -> None:
             for name, call in (("tagger", tagger), ("light", light)):
                 seconds = {path: 0.0 for path in paths}
                 latencies = {path: [] for path in paths}
+                front_cpu = 0.0
                 for _ in range(args.rounds):
                     for path, url in paths.items():
+                        cpu = cpu_seconds(serve.pid)
                         took, lat = load(url, args.requests, args.clients, call)
+                        if path == "front":
+                            front_cpu += cpu_seconds(serve.pid) - cpu
                         seconds[path] += took
                         latencies[path] += lat
                         print(f"{name} {path}: {args.requests / took:.0f} req/s", flush=True)
@@ -116,6 +128,7 @@ def main() -> None:
                                         "p50_ms": round(float(np.percentile(latencies[path], 50)), 2),
                                         "p99_ms": round(float(np.percentile(latencies[path], 99)), 2)}
                                  for path in paths}
+                results[name]["front_cpu_ms_per_request"] = round(front_cpu * 1000 / (args.requests * args.rounds), 3)
             serve.send_signal(signal.SIGTERM)
             serve.wait(60)
         finally:
