@@ -295,8 +295,8 @@ def test_the_front_answers_every_malformed_request_4xx_with_a_reason(repo, tmp_p
 
 def test_a_request_in_flight_when_tritonserver_dies_is_retried(repo, tmp_path):
     """The front sends a request once more when its backend connection breaks and `ttd serve`
-    has restarted tritonserver: tritonserver is frozen (SIGSTOP) so the request is certainly in
-    flight, then killed; the client gets its answer, not an error."""
+    has restarted tritonserver: tritonserver is frozen (SIGSTOP) so four requests are certainly in
+    flight, then killed; every client gets its answer, not an error."""
     import concurrent.futures
 
     served = Served(repo, tmp_path, "--max-restarts", "2")
@@ -305,12 +305,13 @@ def test_a_request_in_flight_when_tritonserver_dies_is_retried(repo, tmp_path):
         expected = tag_one(served.http_port)
         (pid,) = served.tritonserver_pids()
         os.kill(pid, signal.SIGSTOP)
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            answer = pool.submit(tag_one, served.http_port)
-            time.sleep(1.0)  # the front has passed the request on to the frozen server
-            assert not answer.done()
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = [pool.submit(tag_one, served.http_port) for _ in range(4)]
+            time.sleep(1.0)  # the front has passed the requests on to the frozen server
+            assert not any(answer.done() for answer in answers)
             os.kill(pid, signal.SIGKILL)
-            got = answer.result(timeout=120)
+            got, *others = [answer.result(timeout=120) for answer in answers]
+        assert all(other["tags"] == expected["tags"] for other in others)
         served.wait_for("front: backend connection lost during POST /v2/models/ttd_tagger/infer")
         served.wait_for("restarted tritonserver in")
         assert got["tags"] == expected["tags"] and (got["selected"] == expected["selected"]).all()

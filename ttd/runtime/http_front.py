@@ -246,6 +246,7 @@ class Backend:
     def __init__(self, url: str, limits: FrontLimits, say: Callable[[str], None]) -> None:
         self.url, self.limits, self.say = url, limits, say
         self.session: ClientSession | None = None
+        self.retired: list[ClientSession] = []
         self.shapes: dict[str, ModelShapes | None] = {}  # per model, read once from its config
 
     async def model_shapes(self, model: str) -> ModelShapes | None:
@@ -268,10 +269,13 @@ class Backend:
                 timeout=ClientTimeout(total=None, sock_connect=5, sock_read=self.limits.backend_timeout_s))
         return self.session
 
-    async def renew(self) -> None:
-        old, self.session = self.session, None
-        if old is not None:
-            await old.close()
+    def retire(self, session: ClientSession) -> None:
+        """After `session` broke, later requests get a new pool. The old one is closed only at the
+        end: other requests may still be failing out of it, and closing it under them would turn
+        their retry into an error."""
+        if self.session is session:
+            self.retired.append(session)
+            self.session = None
 
     async def ready(self) -> bool:
         try:
@@ -290,7 +294,9 @@ class Backend:
         return False
 
     async def close(self) -> None:
-        await self.renew()
+        for session in [self.session, *self.retired]:
+            if session is not None:
+                await session.close()
 
 
 async def forward(request: web.BaseRequest, backend: Backend, body: bytes | None) -> web.StreamResponse:
@@ -301,9 +307,10 @@ async def forward(request: web.BaseRequest, backend: Backend, body: bytes | None
     path = request.rel_url.raw_path_qs
     response: web.StreamResponse | None = None
     for attempt in (1, 2):
+        session = backend.open()
         try:
-            async with backend.open().request(request.method, path, data=body, headers=headers,
-                                              allow_redirects=False) as answer:
+            async with session.request(request.method, path, data=body, headers=headers,
+                                       allow_redirects=False) as answer:
                 out_headers = {name: answer.headers[name] for name in RESPONSE_HEADERS if name in answer.headers}
                 if answer.content_length is not None and answer.content_length <= backend.limits.stream_above_bytes:
                     return web.Response(status=answer.status, body=await answer.read(), headers=out_headers)
@@ -319,8 +326,10 @@ async def forward(request: web.BaseRequest, backend: Backend, body: bytes | None
             # a response already begun cannot be taken back: the client sees the connection drop
             if response is not None and response.prepared:
                 raise
-            await backend.renew()
+            backend.retire(session)
             reason = f"{type(error).__name__}: {error}".rstrip(": ")
+            if request.path.startswith("/v2/health/"):  # a probe wants the state now, not after a wait
+                raise Refusal(503, f"the inference server is not reachable ({reason}); restarting?") from error
             if attempt == 2:
                 raise Refusal(502, f"the inference server failed this request twice ({reason})") from error
             backend.say(f"front: backend connection lost during {request.method} {request.path} ({reason}); "
