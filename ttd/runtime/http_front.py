@@ -22,6 +22,7 @@ import re
 import threading
 import zlib
 from collections.abc import Callable
+from urllib.parse import quote
 from dataclasses import dataclass
 
 from aiohttp import ClientConnectionError, ClientSession, ClientTimeout, TCPConnector, web
@@ -254,7 +255,7 @@ class Backend:
         server cannot say now; the request then goes on and tritonserver answers it)."""
         if model not in self.shapes:
             try:
-                async with self.open().get(f"/v2/models/{model}/config") as answer:
+                async with self.open().get(f"/v2/models/{quote(model, safe='')}/config") as answer:
                     if answer.status != 200:
                         return None
                     self.shapes[model] = ModelShapes.from_config(await answer.json(content_type=None))
