@@ -93,10 +93,14 @@ class Served:
         return pids
 
     def close(self) -> None:
+        self.tritonserver_pids()  # the current one too (a restarted server not yet seen by a wait_for)
         if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self.tritonserver_pids()
+            self.process.terminate()  # `ttd serve` stops its tritonserver on SIGTERM
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
         for pid in self.children:
             try:
                 os.kill(pid, signal.SIGKILL)
