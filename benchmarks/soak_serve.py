@@ -6,8 +6,9 @@ Starts `ttd serve` by the absolute path of this environment's console script wit
 environment (no activated venv), on 127.0.0.1 only. N client threads send the requests; each is
 malformed with the given probability (a rotating set of bad requests). Every good answer is
 checked against direct onnxruntime; every malformed one must be answered 4xx with a reason.
-Resident memory of tritonserver and its Python stubs is read after warm-up and at the end, and
-`ttd serve`'s log is scanned for crashes and restarts.
+Resident memory of the whole service (`ttd serve` with its HTTP front, tritonserver and its
+Python stubs) is read after warm-up and at the end, and `ttd serve`'s log is scanned for crashes
+and restarts.
 """
 
 from __future__ import annotations
@@ -48,6 +49,36 @@ def raw_post(url: str, body: bytes, content_type: str) -> tuple[int, str]:
         return error.code, error.read(300).decode(errors="replace")
 
 
+def raw_oversized(url: str, declared: int = 2_000_000_000) -> tuple[int, str]:
+    """A request that declares a 2 GB body and sends 64 KiB of it, then reads the answer (the front
+    refuses it on its headers; a 2 GB body is never sent)."""
+    import socket
+
+    host, port = url.split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as connection:
+        connection.sendall(f"POST /v2/models/ttd_tagger/infer HTTP/1.1\r\nHost: {url}\r\nContent-Type: "
+                           f"application/json\r\nContent-Length: {declared}\r\n\r\n".encode() + bytes(65536))
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]) if head else 0, body[:300].decode(errors="replace")
+
+
+def raw_post_binary(url: str, body: bytes, header_length: int) -> tuple[int, str]:
+    request = urllib.request.Request(f"http://{url}/v2/models/ttd_tagger/infer", data=body, method="POST",
+                                     headers={"Content-Type": "application/octet-stream",
+                                              "Inference-Header-Content-Length": str(header_length)})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read(300).decode(errors="replace")
+    except urllib.error.HTTPError as error:
+        return error.code, error.read(300).decode(errors="replace")
+
+
 def malformed(kind: int, http, client, url: str, image: bytes) -> tuple[int, str]:
     """(HTTP status, reason) of one malformed request of the given kind."""
     from tritonclient.utils import InferenceServerException
@@ -68,12 +99,16 @@ def malformed(kind: int, http, client, url: str, image: bytes) -> tuple[int, str
                          "application/json"),
         lambda: raw_post(url, b"{not json", "application/json"),
         lambda: raw_post(url, bytes(6_000_000), "application/x-www-form-urlencoded"),  # killed 2.51 before the fix
+        lambda: raw_post(url, b'{"inputs": "not a list"}', "application/json"),  # 2.51 answers 500
+        lambda: raw_post(url, bytes(100_000), "multipart/form-data"),
+        lambda: raw_post_binary(url, b'{"inputs": []}abc', 1000),  # a binary header length that lies
+        lambda: raw_oversized(url),
     ]
     return cases[kind % len(cases)]()
 
 
 def rss_kib(pid: int) -> int:
-    """Resident memory of `pid` and all its descendants (tritonserver + Python-backend stubs)."""
+    """Resident memory of `pid` and all its descendants (`ttd serve` + tritonserver + stubs)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -92,6 +127,14 @@ def rss_kib(pid: int) -> int:
             pass
         todo.extend(children.get(p, []))
     return total
+
+
+def own_rss_kib(pid: int) -> int:
+    """Resident memory of `pid` alone (`ttd serve`: the HTTP front and the supervisor)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
 
 
 def tritonserver_pid(parent: int) -> int | None:
@@ -121,8 +164,8 @@ def run(export_dir: Path, requests: int, clients: int, malformed_share: float, p
         env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "PYTHONPATH": str(ROOT), "LANG": "C.UTF-8",
                "HF_HUB_OFFLINE": "1"}
         log_path = Path(tmp) / "serve.log"
-        serve = subprocess.Popen([str(script), "serve", str(repo), "--http-port", str(port), "--grpc-port",
-                                  str(port + 1)], stderr=log_path.open("w"), env=env)
+        serve = subprocess.Popen([str(script), "serve", str(repo), "--http-port", str(port)],
+                                 stderr=log_path.open("w"), env=env)
         try:
             url = f"127.0.0.1:{port}"
             deadline = time.monotonic() + 180
@@ -132,7 +175,7 @@ def run(export_dir: Path, requests: int, clients: int, malformed_share: float, p
             lock = threading.Lock()
             counter = iter(range(requests))
             stats = {"good": 0, "good_ok": 0, "lost": [], "mismatched": [], "bad": 0, "bad_4xx_with_reason": 0,
-                     "bad_other": [], "latencies_ms": []}
+                     "bad_other": [], "latencies_ms": [], "bad_statuses": {}}
             rss = {}
 
             def worker() -> None:
@@ -141,7 +184,8 @@ def run(export_dir: Path, requests: int, clients: int, malformed_share: float, p
                     with lock:
                         index = next(counter, None)
                         if index == warmup and "after_warmup_kib" not in rss:
-                            rss["after_warmup_kib"] = rss_kib(server_pid)
+                            rss["after_warmup_kib"] = rss_kib(serve.pid)
+                            rss["front_after_warmup_kib"] = own_rss_kib(serve.pid)
                     if index is None:
                         return
                     image, caption = pairs[index % len(pairs)]
@@ -149,6 +193,7 @@ def run(export_dir: Path, requests: int, clients: int, malformed_share: float, p
                         status, reason = malformed(index, http, client, url, image)
                         with lock:
                             stats["bad"] += 1
+                            stats["bad_statuses"][status] = stats["bad_statuses"].get(status, 0) + 1
                             if 400 <= status < 500 and reason.strip():
                                 stats["bad_4xx_with_reason"] += 1
                             else:
@@ -179,7 +224,8 @@ def run(export_dir: Path, requests: int, clients: int, malformed_share: float, p
             for t in threads:
                 t.join()
             seconds = time.perf_counter() - began
-            rss["end_kib"] = rss_kib(server_pid)
+            rss["end_kib"] = rss_kib(serve.pid)
+            rss["front_end_kib"] = own_rss_kib(serve.pid)
             log = log_path.read_text()
             still_same_server = tritonserver_pid(serve.pid) == server_pid
             serve.send_signal(signal.SIGTERM)
@@ -194,12 +240,17 @@ def run(export_dir: Path, requests: int, clients: int, malformed_share: float, p
         "p99_ms": round(float(np.percentile(lat, 99)), 1),
         "good": stats["good"], "good_correct": stats["good_ok"], "lost": len(stats["lost"]),
         "mismatched": len(stats["mismatched"]), "malformed": stats["bad"],
-        "malformed_4xx_with_reason": stats["bad_4xx_with_reason"], "malformed_other": stats["bad_other"][:10],
+        "malformed_4xx_with_reason": stats["bad_4xx_with_reason"],
+        "malformed_statuses": {str(k): v for k, v in sorted(stats["bad_statuses"].items())},
+        "malformed_other": stats["bad_other"][:10],
         "crashes": log.count("tritonserver exited with code"), "restarts": log.count("restarted tritonserver"),
         "same_tritonserver_throughout": still_same_server, "serve_exit_code_on_sigterm": exit_code,
         "rss_after_warmup_mib": round(rss.get("after_warmup_kib", 0) / 1024, 1),
         "rss_end_mib": round(rss["end_kib"] / 1024, 1),
         "rss_growth": round(rss["end_kib"] / max(rss.get("after_warmup_kib", 1), 1) - 1, 3),
+        "front_rss_after_warmup_mib": round(rss.get("front_after_warmup_kib", 0) / 1024, 1),
+        "front_rss_end_mib": round(rss["front_end_kib"] / 1024, 1),
+        "rss_measured": "ttd serve (front + supervisor) + tritonserver + Python-backend stubs",
         "lost_examples": stats["lost"][:5], "mismatch_examples": stats["mismatched"][:5],
         "cpu": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                      if line.startswith("model name")), "unknown"),

@@ -1,6 +1,6 @@
 """Reliability of `ttd serve` (issue #8, items 1-3): started by absolute path as a service
-manager starts it, stopped by SIGTERM without orphans, load errors shown, and a tritonserver
-crash survived by restarting it."""
+manager starts it, stopped by SIGTERM without orphans, load errors shown, a tritonserver
+crash survived by restarting it, and malformed requests refused by its HTTP front."""
 
 import io
 import os
@@ -93,10 +93,14 @@ class Served:
         return pids
 
     def close(self) -> None:
+        self.tritonserver_pids()  # the current one too (a restarted server not yet seen by a wait_for)
         if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self.tritonserver_pids()
+            self.process.terminate()  # `ttd serve` stops its tritonserver on SIGTERM
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
         for pid in self.children:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -183,15 +187,139 @@ def form_post(port: int, size: int) -> int | str:
 
 def test_large_form_posts_do_not_crash_tritonserver(repo, tmp_path):
     """tritonserver 2.51 parses a form-encoded body on its HTTP threads' stack (~1 byte of stack
-    per byte): with the default 8 MiB stack limit a 6 MB POST kills it (SIGSEGV)."""
-    served = Served(repo, tmp_path, "--max-restarts", "0")
+    per byte): with the default 8 MiB stack limit a 6 MB POST kills it (SIGSEGV). `ttd serve`'s
+    front refuses such bodies (below); this is the server as the library starts it, no front."""
+    from ttd.runtime.triton_server import start_server
+
+    with start_server(repo, http_port=free_port(), grpc_port=None) as server:
+        port = int(server.http_url.split(":")[1])
+        for size in (10_000_000, 50_000_000):
+            status = form_post(port, size)
+            assert status in (400, 500), f"{size:,} bytes: {status}"  # refused with the server's error
+            assert server.process.poll() is None and ready(port), f"died on {size:,} bytes"
+        assert tag_one(port)["tags"]
+
+
+def raw_request(port: int, head: str, body_parts: list[bytes]) -> tuple[int, str, int]:
+    """Send a request head and body parts on a bare socket (stopping when the server stops
+    reading), then read the answer: (status, reason from the JSON error, bytes of body sent)."""
+    import json
+    import socket
+
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(head.replace("\n", "\r\n").encode() + b"\r\n")
+        try:
+            for part in body_parts:
+                connection.sendall(part)
+                sent += len(part)
+        except OSError:
+            pass  # the front answered and closed without reading the rest
+        answer = b""
+        try:
+            while chunk := connection.recv(65536):
+                answer += chunk
+                if b"\r\n\r\n" in answer and answer.endswith(b"}"):
+                    break
+        except OSError:
+            pass
+    assert answer.startswith(b"HTTP/1.1 "), f"no answer after {sent:,} bytes of body: {answer[:200]!r}"
+    status = int(answer.split(b" ", 2)[1])
+    return status, json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"], sent
+
+
+def test_the_front_answers_every_malformed_request_4xx_with_a_reason(repo, tmp_path):
+    """Item 1: what tritonserver answered 500 (or died on) is refused by `ttd serve`'s front with a
+    4xx and a JSON reason, before tritonserver sees it; the server then answers a good request."""
+    served = Served(repo, tmp_path, "--max-body-mb", "1")
     try:
         served.wait_for("serving")
-        for size in (10_000_000, 50_000_000):
-            status = form_post(served.http_port, size)
-            assert status in (400, 500), f"{size:,} bytes: {status}"  # refused with the server's error
-            assert served.process.poll() is None and ready(served.http_port), f"died on {size:,} bytes"
-        assert tag_one(served.http_port)["tags"]
+        (pid,) = served.tritonserver_pids()
+        infer = f"http://127.0.0.1:{served.http_port}/v2/models/ttd_tagger/infer"
+
+        def post(body: bytes, **headers: str) -> tuple[int, str]:
+            import json
+
+            request = urllib.request.Request(infer, data=body, method="POST", headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    return response.status, ""
+            except urllib.error.HTTPError as error:
+                return error.code, json.loads(error.read())["error"]
+
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        status, reason = post(bytes(100_000), **form)  # curl's default content type, not JSON
+        assert status == 400 and reason.startswith("the inference request is not valid JSON"), reason
+        assert post(bytes(100_000), **{"Content-Type": "multipart/form-data"})[0] == 415
+        assert post(b"{not json", **{"Content-Type": "application/json"})[0] == 400
+        assert post(b'{"inputs": "x"}', **form) == (400, "'inputs' must be a list of input tensors")
+        lying = b'{"inputs": []}abc'
+        assert post(lying, **{"Inference-Header-Content-Length": "1000"}) == (
+            400, f"Inference-Header-Content-Length is 1,000 but the body has only {len(lying)} bytes")
+        assert post(bytes(10_000_000), **form) == (413, "body of 10,000,000 bytes exceeds the limit of 1,048,576")
+        path = "/v2/models/ttd_tagger/infer HTTP/1.1\nHost: x\nContent-Type: application/json\n"
+        # declared too large: refused on the headers, after 64 KiB of a 2 GB body
+        status, reason, sent = raw_request(served.http_port, f"POST {path}Content-Length: 2000000000\n",
+                                           [bytes(65536)])
+        assert (status, reason, sent) == (413, "body of 2,000,000,000 bytes exceeds the limit of 1,048,576", 65536)
+        # undeclared (chunked): refused once it passes the bound, not read to its end
+        chunk = b"10000\r\n" + bytes(65536) + b"\r\n"
+        status, reason, sent = raw_request(served.http_port, f"POST {path}Transfer-Encoding: chunked\n",
+                                           [chunk] * 64)
+        assert (status, reason) == (413, "body exceeds the limit of 1,048,576 bytes")
+        assert post(b"{}", **{"Content-Encoding": "br"})[0] == 415
+        # item 12: a huge tag list for the tag head is refused from its shape; the model never sees it
+        import numpy as np
+        import tritonclient.http as http
+        from tritonclient.utils import InferenceServerException
+
+        client = http.InferenceServerClient(f"127.0.0.1:{served.http_port}")
+        patch = http.InferInput("patch_embeds", [1, 128, 8, 8], "FP32")
+        patch.set_data_from_numpy(np.zeros((1, 128, 8, 8), np.float32))
+        tags = http.InferInput("tag_embeds", [1, 1500, 128], "FP32")
+        tags.set_data_from_numpy(np.zeros((1, 1500, 128), np.float32))
+
+        def requests_seen() -> int:  # a refusal by the model itself counts as one more (success or fail)
+            stats = client.get_inference_statistics("ttd_tag_head")["model_stats"][0]["inference_stats"]
+            return stats["success"]["count"] + stats["fail"]["count"]
+
+        before = requests_seen()
+        with pytest.raises(InferenceServerException) as error:
+            client.infer("ttd_tag_head", [patch, tags])
+        assert error.value.status() == "400"
+        assert error.value.message() == "input 'tag_embeds': dimension 1 is 1500, more than the limit of 1024"
+        assert requests_seen() == before  # refused by the front: tritonserver never got the tensor
+        assert tag_one(served.http_port)["tags"]  # and a good request is answered, by the same tritonserver
+        assert served.tritonserver_pids() == [pid]
+        assert served.process.poll() is None
+    finally:
+        served.close()
+    assert "tritonserver exited" not in "".join(served.seen)
+
+
+def test_a_request_in_flight_when_tritonserver_dies_is_retried(repo, tmp_path):
+    """The front sends a request once more when its backend connection breaks and `ttd serve`
+    has restarted tritonserver: tritonserver is frozen (SIGSTOP) so four requests are certainly in
+    flight, then killed; every client gets its answer, not an error."""
+    import concurrent.futures
+
+    served = Served(repo, tmp_path, "--max-restarts", "2")
+    try:
+        served.wait_for("serving")
+        expected = tag_one(served.http_port)
+        (pid,) = served.tritonserver_pids()
+        os.kill(pid, signal.SIGSTOP)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = [pool.submit(tag_one, served.http_port) for _ in range(4)]
+            time.sleep(1.0)  # the front has passed the requests on to the frozen server
+            assert not any(answer.done() for answer in answers)
+            os.kill(pid, signal.SIGKILL)
+            got, *others = [answer.result(timeout=120) for answer in answers]
+        assert all(other["tags"] == expected["tags"] for other in others)
+        served.wait_for("front: backend connection lost during POST /v2/models/ttd_tagger/infer")
+        served.wait_for("restarted tritonserver in")
+        assert got["tags"] == expected["tags"] and (got["selected"] == expected["selected"]).all()
+        assert abs(got["scores"] - expected["scores"]).max() < 1e-6
     finally:
         served.close()
 

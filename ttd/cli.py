@@ -500,30 +500,32 @@ def triton_validate(repo):
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind; 0.0.0.0 exposes the server to the network.")
 @click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=None,
+              help="Also serve gRPC on this port, on 127.0.0.1 only (gRPC has no front). Off by default.")
 @click.option("--timeout", "timeout_s", type=float, default=120, show_default=True, help="Seconds to wait for readiness.")
 @click.option("--max-restarts", type=click.IntRange(0), default=5, show_default=True,
               help="Restart tritonserver when it dies, at most this many times in 10 minutes.")
-def serve(repo, host, http_port, grpc_port, timeout_s, max_restarts):
-    """Serve a model repository with the tritonserver bundled by nvidia-pytriton (Ctrl-C or
-    SIGTERM stops it; a crashed tritonserver is restarted)."""
-    from ttd.runtime.triton_server import ServerError, start_server, stop_on_signals, supervise
+@click.option("--max-body-mb", type=click.FloatRange(0.001), default=64, show_default=True,
+              help="Largest HTTP request body the front accepts (MiB); larger ones get 413 before they are read.")
+def serve(repo, host, http_port, grpc_port, timeout_s, max_restarts, max_body_mb):
+    """Serve a model repository with the tritonserver bundled by nvidia-pytriton, behind an HTTP
+    front on --host:--http-port that refuses malformed requests (4xx with a JSON reason) and
+    retries a request once when tritonserver dies under it; tritonserver itself listens on a
+    loopback port. Ctrl-C or SIGTERM stops it; a crashed tritonserver is restarted."""
+    from ttd.runtime.http_front import FrontError, FrontLimits
+    from ttd.runtime.service import serve_repository
+    from ttd.runtime.triton_server import ServerError
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: binding {host} exposes the server to the network, without authentication", err=True)
-
-    def start():
-        return start_server(repo, host, http_port, grpc_port, timeout_s)
-
-    with stop_on_signals():
-        try:
-            server = start()
-        except ServerError as error:
-            fail(str(error))
-        except KeyboardInterrupt:
-            sys.exit(0)
-        click.echo(f"serving {repo}: HTTP {server.http_url}, gRPC {server.grpc_url} (Ctrl-C to stop)", err=True)
-        code = supervise(server, start, lambda line: click.echo(line, err=True), max_restarts)
+    try:
+        code = serve_repository(repo, host, http_port, grpc_port, timeout_s, max_restarts,
+                                FrontLimits(max_body_bytes=int(max_body_mb * (1 << 20))),
+                                lambda line: click.echo(line, err=True))
+    except (ServerError, FrontError) as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        code = 0
     sys.exit(code)
 
 

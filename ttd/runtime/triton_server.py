@@ -145,22 +145,24 @@ def server_ready(http_url: str) -> bool:
         return False
 
 
-def start_server(repo: Path, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
+def start_server(repo: Path, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int | None = 8001,
                  timeout_s: float = 120, log_verbose: int = 0) -> TritonServer:
-    """Start tritonserver on `repo` and wait until it is ready; raises ServerError with its log."""
+    """Start tritonserver on `repo` and wait until it is ready; raises ServerError with its log.
+    `grpc_port` None: no gRPC endpoint at all."""
     if not (repo / TAGGER_MODEL / "config.pbtxt").is_file():
         raise ServerError(f"{repo} is not a TTD model repository (create one with `ttd triton build`)")
     workspace = tempfile.TemporaryDirectory(prefix="ttd-triton-")
     server = prepare_workspace(Path(workspace.name))
     log_path = Path(workspace.name) / "tritonserver.log"
     command = [str(server / "bin" / "tritonserver"), f"--model-repository={repo.resolve()}",
-               f"--backend-directory={server / 'backends'}", f"--http-address={host}", f"--grpc-address={host}",
-               f"--http-port={http_port}", f"--grpc-port={grpc_port}", "--allow-metrics=false",
+               f"--backend-directory={server / 'backends'}", f"--http-address={host}", f"--http-port={http_port}",
+               *([f"--grpc-address={host}", f"--grpc-port={grpc_port}"] if grpc_port else ["--allow-grpc=false"]),
+               "--allow-metrics=false",
                f"--log-verbose={log_verbose}", "--exit-on-error=true", "--strict-readiness=true"]
     log = log_path.open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=server_environment(),
                                start_new_session=True, preexec_fn=_raise_stack_limit)
-    handle = TritonServer(process, f"{host}:{http_port}", f"{host}:{grpc_port}", log_path, workspace)
+    handle = TritonServer(process, f"{host}:{http_port}", f"{host}:{grpc_port}" if grpc_port else "", log_path, workspace)
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
@@ -194,10 +196,13 @@ def stop_on_signals() -> Iterator[None]:
 
 
 def supervise(server: TritonServer, restart: Callable[[], TritonServer], say: Callable[[str], None],
-              max_restarts: int = 5, window_s: float = 600, poll_s: float = 0.2) -> int:
+              max_restarts: int = 5, window_s: float = 600, poll_s: float = 0.2,
+              before_stop: Callable[[], None] = lambda: None) -> int:
     """Keep a server up: when tritonserver dies (it was seen to crash on one malformed request),
     report why and start a new one on the same ports, at most `max_restarts` times in `window_s`
-    seconds; stop cleanly on Ctrl-C / SIGTERM. Returns the exit code for `ttd serve`."""
+    seconds; stop cleanly on Ctrl-C / SIGTERM, calling `before_stop` first (tritonserver waits up
+    to 30 s for open HTTP connections, so whoever holds some closes them there). Returns the exit
+    code for `ttd serve`."""
     restarts: list[float] = []
     try:
         while True:
@@ -221,5 +226,6 @@ def supervise(server: TritonServer, restart: Callable[[], TritonServer], say: Ca
                 f"(restart {len(restarts)} of at most {max_restarts} in {window_s:.0f} s)")
     except KeyboardInterrupt:
         say("stopping ...")
+        before_stop()
         server.stop()
         return 0
