@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from export.pipeline import run_export
 from export.tensorrt import BatchLimits, TensorRTUnsupported, default_timing_cache, network_flags, profiles
 from export.triton import BatchingOptions, RepositoryError, build_repository, validate_repository
+from ttd.contract import ImageEmbeddings, TagHeadOutputs
 from ttd.cli import main
 from ttd.factory import create_model
 from ttd.runtime.export_dir import ExportDir, read_export
@@ -336,13 +337,13 @@ class NumpyBackend:
         self.graphs = graphs
 
     def encode_images(self, pixel_values):
-        return self.graphs["image_encoder"](pixel_values.astype(np.float32))
+        return ImageEmbeddings(*self.graphs["image_encoder"](pixel_values.astype(np.float32)))
 
     def encode_texts(self, input_ids):
         return self.graphs["text_encoder"](input_ids)[0]
 
     def score_tags(self, patch_embeds, tag_embeds):
-        return self.graphs["tag_head"](patch_embeds, tag_embeds)
+        return TagHeadOutputs(*self.graphs["tag_head"](patch_embeds, tag_embeds))
 
 
 def _array_at(address, shape, dtype):

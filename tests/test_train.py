@@ -163,6 +163,7 @@ def test_webdataset_shards_with_a_corrupt_sample(tmp_path):
     from PIL import Image
 
     from ttd.data.sources import ShardSource
+    from ttd.images import Preprocess
     from ttd.data.world import make_sample
 
     with tarfile.open(tmp_path / "000.tar", "w") as tar:
@@ -175,7 +176,7 @@ def test_webdataset_shards_with_a_corrupt_sample(tmp_path):
                 info = tarfile.TarInfo(f"{i:04d}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    source = ShardSource(str(tmp_path / "000.tar"), 64)
+    source = ShardSource(str(tmp_path / "000.tar"), Preprocess(64))
     assert len(source) == 4
     image, caption = source.get(0)
     assert image.shape == (64, 64, 3) and caption == make_sample(3, 0).caption
