@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ttd.config import DEFAULT_SCORE_METHOD
 from ttd.data.sources import open_source
 from ttd.distill import clip_loss, ttd_losses
 from ttd.factory import _atomic_write, save_checkpoint
@@ -51,7 +52,7 @@ class TrainConfig:
     lambda_tag: float = 2.0  # chosen by ablation: see README "Ablations"
     lambda_clip: float = 1.0
     threshold: float = 0.5
-    score_method: str = "softmax"
+    score_method: str = DEFAULT_SCORE_METHOD  # Stage-1 selection score (DESIGN §3.3)
     frozen_teacher: bool = False
     calibration_lr_scale: float = 10.0  # w and b are two scalars: AdamW at the base lr barely moves them
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -154,9 +155,14 @@ def _step_losses(model: TTDModel, teacher: TTDModel | None, pixels: torch.Tensor
     if teacher is not None:
         with torch.no_grad():
             teacher_out = (teacher.encode_image(pixels)[1], teacher.encode_tags(unique)[index])
+    negative_embeds = None
+    if config.score_method == "negatives":
+        with torch.no_grad():
+            negative_embeds = (teacher if teacher is not None else model).encode_tags(list(model.config.negative_prompts)).float()
     losses = ttd_losses(patch_embeds.float(), text_embeds.float(), tag_embeds.float(), valid, model.mask_weight,
                         model.mask_bias, contrastive, model.config.tau, config.threshold, config.lambda_tag,
-                        config.lambda_clip, config.score_method, teacher_out, _global_share)
+                        config.lambda_clip, config.score_method, teacher_out, _global_share,
+                        negative_embeds, model.config.negative_margin)
     return losses.total, losses.as_floats()
 
 
