@@ -18,6 +18,7 @@ from string import Template
 import onnx
 
 import triton_repo
+from ttd.config import DEFAULT_SCORE_METHOD, SCORE_METHODS
 from ttd.runtime.export_dir import CONFIG, MANIFEST, TORCH_WEIGHTS, read_export, sha256
 
 TEMPLATES = Path(triton_repo.__file__).parent
@@ -135,8 +136,14 @@ def _engine_files(export, export_dir: Path) -> dict[str, Path]:
 
 def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engine: str = "onnx",
                      batching: BatchingOptions = BatchingOptions(), threshold: float = 0.5,
-                     max_tags: int = 1024, torch_dtype: str = "float32") -> Path:
-    """Write a model repository for `export_dir` into `repo` (which must not exist or be empty)."""
+                     max_tags: int = 1024, torch_dtype: str = "float32",
+                     score_method: str = DEFAULT_SCORE_METHOD) -> Path:
+    """Write a model repository for `export_dir` into `repo` (which must not exist or be empty).
+
+    With the `negatives` score the tagger calls the tag head with a request's tags followed by
+    the model's negative prompts, so the graph models accept max_tags + that many tags."""
+    if score_method not in SCORE_METHODS:
+        raise ValueError(f"unknown score method {score_method!r}; choose one of {', '.join(SCORE_METHODS)}")
     if flavour not in ENGINES:
         raise ValueError(f"unknown flavour {flavour!r}; choose python or native")
     if engine not in ENGINES[flavour]:
@@ -146,10 +153,11 @@ def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engi
     batching.check()
     kind = instance_kind(engine, batching.kind)
     export = read_export(export_dir)
+    head_tags = max_tags + (len(export.config.negative_prompts) if score_method == "negatives" else 0)
     weights = export.torch_weights() if engine == "torch" else None
     plans = _engine_files(export, export_dir) if engine == "tensorrt" else {}
     if engine == "tensorrt":
-        problems = tensorrt_limit_problems(export.manifest, dict.fromkeys(GRAPH_MODELS, batching.max_batch_size), max_tags)
+        problems = tensorrt_limit_problems(export.manifest, dict.fromkeys(GRAPH_MODELS, batching.max_batch_size), head_tags)
         if problems:
             raise ValueError(f"{export_dir}: " + "; ".join(problems))
     if repo.exists() and any(repo.iterdir()):
@@ -167,12 +175,12 @@ def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engi
             shutil.copy(weights, version / TORCH_WEIGHTS)
             shutil.copy(export.root / CONFIG, version / CONFIG)
             shutil.copy(TEMPLATES / "graph_model.py", version / "model.py")
-            extra = _parameters({"engine": "torch", "graph": graph, "dtype": torch_dtype, "max_variable_dim": str(max_tags)})
+            extra = _parameters({"engine": "torch", "graph": graph, "dtype": torch_dtype, "max_variable_dim": str(head_tags)})
         elif flavour == "python":
             engine_line = 'backend: "python"'
             shutil.copy(export.graph(graph), version / "model.onnx")
             shutil.copy(TEMPLATES / "graph_model.py", version / "model.py")
-            extra = _parameters({"engine": "onnxruntime", "intra_op_threads": "1", "max_variable_dim": str(max_tags)})
+            extra = _parameters({"engine": "onnxruntime", "intra_op_threads": "1", "max_variable_dim": str(head_tags)})
         elif engine == "onnx":
             engine_line = 'platform: "onnxruntime_onnx"'
             shutil.copy(export.graph(graph), version / "model.onnx")
@@ -195,7 +203,8 @@ def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engi
                      ("return_masks", "TYPE_BOOL", [1])]
     tagger_outputs = [("tags", "TYPE_STRING", [-1]), ("scores", "TYPE_FP32", [-1]), ("selected", "TYPE_BOOL", [-1]),
                       ("masks", "TYPE_FP32", [-1, h, w])]
-    parameters = {"threshold": str(threshold), "max_tags": str(max_tags),
+    parameters = {"threshold": str(threshold), "max_tags": str(max_tags), "score_method": score_method,
+                  "head_tags": str(head_tags),
                   "encoder_max_batch_size": str(batching.max_batch_size)}
     (repo / TAGGER / "config.pbtxt").write_text(template.substitute(
         common, name=TAGGER, kind="KIND_CPU",  # decoding, tokenising and BLS calls: CPU work whatever the graphs run on
@@ -310,4 +319,6 @@ def _tensorrt_problems(engines: dict, tagger) -> list[str]:
     known = {m: config.max_batch_size for m, (config, _) in engines.items() if m in GRAPH_MODELS}
     parameters = tagger[0].parameters
     max_tags = int(parameters["max_tags"].string_value) if "ttd_tag_head" in known and "max_tags" in parameters else None
+    if max_tags is not None and "head_tags" in parameters:  # the negatives score adds the negative prompts
+        max_tags = int(parameters["head_tags"].string_value)
     return problems + tensorrt_limit_problems(manifest, known, max_tags)

@@ -74,6 +74,8 @@ class TritonPythonModel:
         self.max_pixels = int(parameters.get("max_pixels", "89478485"))
         self.tagger = Tagger(BlsBackend(int(parameters["encoder_max_batch_size"])), model_config,
                              threshold=float(parameters.get("threshold", "0.5")),
+                             # a repository built before the parameter existed sized its graphs for softmax
+                             score_method=parameters.get("score_method", "softmax"),
                              mask_weight=manifest["mask_weight"], mask_bias=manifest["mask_bias"])
 
     def _prepare(self, request):

@@ -6,6 +6,7 @@ the three contract graphs of DESIGN §4.
 
 from __future__ import annotations
 
+from ttd.config import DEFAULT_SCORE_METHOD
 from ttd.runtime.tagger import Backend, Tagger, TagResult
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "triton")
@@ -39,7 +40,7 @@ def load_tagger(
     url: str | None = None,
     threshold: float = 0.5,
     flip_tta: bool = False,
-    score_method: str = "softmax",
+    score_method: str = DEFAULT_SCORE_METHOD,
     threads: int = 0,
     compile: bool = False,
 ) -> Tagger:
