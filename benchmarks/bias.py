@@ -73,7 +73,12 @@ def main() -> None:
     parser.add_argument("--ablations", action="store_true")
     parser.add_argument("--runs", type=Path, default=Path("runs/bias"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bias.json"))
+    parser.add_argument("--combine", type=Path, nargs="+", default=None,
+                        help="merge these reports into --out and print the tables (no training)")
     args = parser.parse_args()
+    if args.combine:
+        print(markdown(combine(args.combine, args.out)))
+        return
     torch.set_num_threads(2)
     samples = world_eval_samples(2, args.count)
     groups = world_tag_groups()
@@ -111,29 +116,72 @@ def _mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
 
 
+def _stage1_runs(report: dict) -> dict[str, list[dict]]:
+    """Stage-1 score -> its TTD runs (a report from before `ttd_by_stage1` had softmax runs only)."""
+    by_stage1 = report.get("ttd_by_stage1") or {"softmax": report["ttd"]}
+    return {stage1: list(runs.values()) for stage1, runs in by_stage1.items() if runs}
+
+
 def markdown(report: dict) -> str:
-    """The README tables."""
+    """The README tables: each TTD model is scored with the Stage-1 score it was trained with."""
     cols = ("precision", "recall", "f1", "accuracy", "map", "r_precision")
     base = report["base"]
-    runs = list(report["ttd"].values())
+    by_stage1 = _stage1_runs(report)
     lines = ["| scorer | P | R | F1 | Acc | mAP | R-prec |", "|---|---|---|---|---|---|---|"]
-    for scorer in ("image-tag", "text-tag", "pixel-tag"):
-        lines.append(f"| {scorer} (base) | " + " | ".join(f"{100 * base['tags'][scorer][c]:.1f}" for c in cols) + " |")
-    for scorer in ("text-tag", "pixel-tag"):
-        lines.append(f"| {scorer} + TTD | " + " | ".join(
-            _mean_std([100 * r["tags"][scorer][c] for r in runs]) for c in cols) + " |")
+    for scorer in ("image-tag", "text-tag", "pixel-tag", "pixel-tag-negatives"):
+        if scorer in base["tags"]:
+            lines.append(f"| {scorer} (base) | " + " | ".join(f"{100 * base['tags'][scorer][c]:.1f}" for c in cols) + " |")
+    for stage1, runs in by_stage1.items():
+        for scorer in ("text-tag", EVAL_SCORER[stage1]):
+            lines.append(f"| {scorer} + TTD (Stage 1: {stage1}) | " + " | ".join(
+                _mean_std([100 * r["tags"][scorer][c] for r in runs]) for c in cols) + " |")
     lines += ["", "| caption mask | IoU | FPR | FNR |", "|---|---|---|---|"]
     lines.append("| base | " + " | ".join(f"{100 * base['caption_mask'][k]:.1f}" for k in ("iou", "fpr", "fnr")) + " |")
-    lines.append("| TTD | " + " | ".join(_mean_std([100 * r["caption_mask"][k] for r in runs]) for k in ("iou", "fpr", "fnr")) + " |")
+    for stage1, runs in by_stage1.items():
+        lines.append(f"| TTD (Stage 1: {stage1}) | " + " | ".join(
+            _mean_std([100 * r["caption_mask"][k] for r in runs]) for k in ("iou", "fpr", "fnr")) + " |")
+    if "by kind" in base:
+        kinds = ("colour", "shape", "texture", "background", "absent")
+        lines += ["", "| recall by kind (absent: share selected) | " + " | ".join(kinds) + " |", "|---" * 6 + "|"]
+
+        def cells(results: list[dict], scorer: str) -> str:
+            out = []
+            for kind in kinds:
+                values = [r["by kind"][scorer][kind].get("recall", r["by kind"][scorer][kind].get("selected"))
+                          for r in results]
+                out.append("n/a" if values[0] is None else _mean_std([100 * v for v in values]))
+            return " | ".join(out)
+
+        for scorer in ("pixel-tag", "pixel-tag-negatives"):
+            lines.append(f"| {scorer} (base) | {cells([base], scorer)} |")
+        for stage1, runs in by_stage1.items():
+            lines.append(f"| {EVAL_SCORER[stage1]} + TTD (Stage 1: {stage1}) | {cells(runs, EVAL_SCORER[stage1])} |")
     if report["ablations"]:
-        lines += ["", "| ablation (seed 0) | pixel-tag F1 | text-tag R | caption IoU |", "|---|---|---|---|"]
-        first = runs[0]
-        lines.append(f"| default | {100 * first['tags']['pixel-tag']['f1']:.1f} | {100 * first['tags']['text-tag']['recall']:.1f} "
+        default = EVAL_SCORER[next(iter(by_stage1))]
+        lines += ["", f"| ablation (seed 0) | {default} F1 | text-tag R | caption IoU |", "|---|---|---|---|"]
+        first = next(iter(by_stage1.values()))[0]
+        lines.append(f"| default | {100 * first['tags'][default]['f1']:.1f} | {100 * first['tags']['text-tag']['recall']:.1f} "
                      f"| {100 * first['caption_mask']['iou']:.1f} |")
         for name, r in report["ablations"].items():
-            lines.append(f"| {name} | {100 * r['tags']['pixel-tag']['f1']:.1f} | {100 * r['tags']['text-tag']['recall']:.1f} "
+            lines.append(f"| {name} | {100 * r['tags'][default]['f1']:.1f} | {100 * r['tags']['text-tag']['recall']:.1f} "
                          f"| {100 * r['caption_mask']['iou']:.1f} |")
     return "\n".join(lines)
+
+
+def combine(paths: list[Path], out: Path) -> dict:
+    """One report from several runs of this script over the same base (e.g. one per Stage-1 score,
+    run side by side): the first report's base and settings, every report's TTD runs."""
+    reports = [json.loads(p.read_text()) for p in paths]
+    merged = reports[0]
+    merged["combined_from"] = [str(p) for p in paths]
+    for other in reports[1:]:
+        if other["base"]["tags"] != merged["base"]["tags"]:
+            raise ValueError(f"{other['settings']['out']} was measured on another base or split")
+        for stage1, runs in other.get("ttd_by_stage1", {}).items():
+            merged.setdefault("ttd_by_stage1", {}).setdefault(stage1, {}).update(runs)
+        merged["ablations"].update(other.get("ablations", {}))
+    out.write_text(json.dumps(merged, indent=1))
+    return merged
 
 
 if __name__ == "__main__":
