@@ -168,10 +168,11 @@ def test_recall_by_kind_of_tag():
     counts = KindCounts()
     counts.add(["orange", "heart", "grass", "dog", "photo"], [True, False, True, True, False],
                [True, True, True, False, False])
-    counts.add(["red", "circle", "snow"], [True, True, False], [True, True, True])
+    counts.add(["red", "circle", "snow", "blue"], [True, True, False, False], [True, True, True, False])
     summary = counts.summary()
     assert summary["colour"] == {"recall": 1.0, "count": 2}
     assert summary["shape"] == {"recall": 0.5, "count": 2}
     assert summary["background"] == {"recall": 0.5, "count": 2}
-    assert summary["absent"] == {"selected": 0.5, "count": 2}  # "dog" chosen, "photo" not
+    # absent = named nothing in the image, whatever the word: "dog" chosen, "photo" and "blue" not
+    assert summary["absent"] == {"selected": pytest.approx(1 / 3), "count": 3}
     assert summary["texture"] == {"recall": None, "count": 0}
