@@ -105,7 +105,8 @@ def profiles(graph: str, config: ModelConfig, limits: BatchLimits) -> dict[str, 
         # tag prompts arrive in large batches: allow 8x the image batch
         return {"input_ids": tuple((n, ctx) for n in (1, limits.opt_batch * 8, limits.max_batch * 8))}
     if graph == "tag_head":
-        k = (1, min(limits.opt_tags, limits.max_tags), limits.max_tags)
+        # a request's tags followed by the model's negative prompts (the `negatives` score's head call)
+        k = (1, min(limits.opt_tags, limits.max_tags), limits.max_tags + len(config.negative_prompts))
         return {"patch_embeds": tuple((n, dim, h, w) for n in b),
                 "tag_embeds": tuple((n, t, dim) for n, t in zip(b, k))}
     raise ValueError(f"unknown graph {graph!r}")

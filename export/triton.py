@@ -18,7 +18,7 @@ from string import Template
 import onnx
 
 import triton_repo
-from ttd.config import DEFAULT_SCORE_METHOD, SCORE_METHODS
+from ttd.config import DEFAULT_SCORE_METHOD, SCORE_METHODS, ModelConfig
 from ttd.runtime.export_dir import CONFIG, MANIFEST, TORCH_WEIGHTS, read_export, sha256
 
 TEMPLATES = Path(triton_repo.__file__).parent
@@ -66,11 +66,13 @@ def _profile_max(profiles: dict, graph: str, name: str, axis: int) -> int:
     return int(profiles[graph][name]["max"][axis])
 
 
-def tensorrt_limit_problems(manifest: dict, batch_sizes: dict[str, int], max_tags: int | None) -> list[str]:
+def tensorrt_limit_problems(manifest: dict, batch_sizes: dict[str, int], max_tags: int | None,
+                            negative_tags: int = 0) -> list[str]:
     """Where a repository's limits exceed the engines' optimisation profiles (recorded in the
     export manifest): Triton refuses to load a tensorrt_plan model whose max_batch_size exceeds its
     engine's, and a tag head call with more tags than its profile fails at run time.
-    `batch_sizes` maps model name -> max_batch_size."""
+    `batch_sizes` maps model name -> max_batch_size; `negative_tags`: the negative prompts that the
+    `negatives` score sends with every request's tags."""
     profiles = manifest.get("tensorrt", {}).get("profiles")
     if not profiles:
         return ["the export manifest records no TensorRT profile limits (an export made before they were "
@@ -82,10 +84,12 @@ def tensorrt_limit_problems(manifest: dict, batch_sizes: dict[str, int], max_tag
         if size > limit:
             problems.append(f"{model}: max_batch_size {size} exceeds its TensorRT engine's profile maximum {limit} "
                             "(lower --max-batch-size, or re-export with a larger --max-batch)")
-    tag_limit = _profile_max(profiles, "tag_head", "tag_embeds", 1)
+    profile_tags = _profile_max(profiles, "tag_head", "tag_embeds", 1)
+    tag_limit = profile_tags - negative_tags
     if max_tags is not None and max_tags > tag_limit:
         problems.append(f"{TAGGER}: max_tags {max_tags} exceeds the tag head engine's profile maximum {tag_limit} "
-                        f"(pass --max-tags {tag_limit} or less)")
+                        f"(pass --max-tags {tag_limit} or less)"
+                        + (f"; its {profile_tags} tags include the {negative_tags} negative prompts" if negative_tags else ""))
     return problems
 
 
@@ -153,11 +157,13 @@ def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engi
     batching.check()
     kind = instance_kind(engine, batching.kind)
     export = read_export(export_dir)
-    head_tags = max_tags + (len(export.config.negative_prompts) if score_method == "negatives" else 0)
+    negative_tags = len(export.config.negative_prompts) if score_method == "negatives" else 0
+    head_tags = max_tags + negative_tags
     weights = export.torch_weights() if engine == "torch" else None
     plans = _engine_files(export, export_dir) if engine == "tensorrt" else {}
     if engine == "tensorrt":
-        problems = tensorrt_limit_problems(export.manifest, dict.fromkeys(GRAPH_MODELS, batching.max_batch_size), head_tags)
+        problems = tensorrt_limit_problems(export.manifest, dict.fromkeys(GRAPH_MODELS, batching.max_batch_size), max_tags,
+                                           negative_tags)
         if problems:
             raise ValueError(f"{export_dir}: " + "; ".join(problems))
     if repo.exists() and any(repo.iterdir()):
@@ -204,7 +210,6 @@ def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engi
     tagger_outputs = [("tags", "TYPE_STRING", [-1]), ("scores", "TYPE_FP32", [-1]), ("selected", "TYPE_BOOL", [-1]),
                       ("masks", "TYPE_FP32", [-1, h, w])]
     parameters = {"threshold": str(threshold), "max_tags": str(max_tags), "score_method": score_method,
-                  "head_tags": str(head_tags),
                   "encoder_max_batch_size": str(batching.max_batch_size)}
     (repo / TAGGER / "config.pbtxt").write_text(template.substitute(
         common, name=TAGGER, kind="KIND_CPU",  # decoding, tokenising and BLS calls: CPU work whatever the graphs run on
@@ -319,6 +324,12 @@ def _tensorrt_problems(engines: dict, tagger) -> list[str]:
     known = {m: config.max_batch_size for m, (config, _) in engines.items() if m in GRAPH_MODELS}
     parameters = tagger[0].parameters
     max_tags = int(parameters["max_tags"].string_value) if "ttd_tag_head" in known and "max_tags" in parameters else None
-    if max_tags is not None and "head_tags" in parameters:  # the negatives score adds the negative prompts
-        max_tags = int(parameters["head_tags"].string_value)
-    return problems + tensorrt_limit_problems(manifest, known, max_tags)
+    return problems + tensorrt_limit_problems(manifest, known, max_tags, _negative_tags(tagger[1], parameters))
+
+
+def _negative_tags(tagger_version: Path, parameters) -> int:
+    """How many negative prompts the tagger adds to each head call (0 unless it serves `negatives`)."""
+    method = parameters["score_method"].string_value if "score_method" in parameters else "softmax"
+    if method != "negatives" or not (tagger_version / CONFIG).is_file():
+        return 0
+    return len(ModelConfig.from_dict(json.loads((tagger_version / CONFIG).read_text())).negative_prompts)
