@@ -68,6 +68,9 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=500, help="held-out world samples (seed 2)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=None, help="default: TrainConfig's")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps; default: TrainConfig's")
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--stage1", nargs="+", default=["negatives", "softmax"], choices=list(EVAL_SCORER),
                         help="Stage-1 selection scores to fine-tune with (the first is the default)")
     parser.add_argument("--ablations", action="store_true")
@@ -79,7 +82,8 @@ def main() -> None:
     if args.combine:
         print(markdown(combine(args.combine, args.out)))
         return
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    schedule = {k: v for k, v in (("lr", args.lr), ("warmup_steps", args.warmup)) if v is not None}
     samples = world_eval_samples(2, args.count)
     groups = world_tag_groups()
     base = evaluate(load_checkpoint(args.base), samples, progress=False, tag_groups=groups)
@@ -90,7 +94,7 @@ def main() -> None:
         runs = report["ttd_by_stage1"].setdefault(stage1, {})
         for seed in args.seeds:
             run = fine_tune(args.base, args.runs / stage1 / f"seed{seed}", seed, args.steps, args.batch_size,
-                            score_method=stage1)
+                            score_method=stage1, **schedule)
             result = evaluate(run["model"], samples, progress=False, tag_groups=groups)
             result["train_seconds"] = run["seconds"]
             result["mask_weight"], result["mask_bias"] = float(run["model"].mask_weight), float(run["model"].mask_bias)
@@ -103,7 +107,7 @@ def main() -> None:
     if args.ablations:
         for name, overrides in ABLATIONS.items():
             run = fine_tune(args.base, args.runs / name.replace(" ", "_").replace("=", "_"), args.seeds[0], args.steps,
-                            args.batch_size, **overrides)
+                            args.batch_size, **{**schedule, **overrides})
             result = evaluate(run["model"], samples, progress=False)
             report["ablations"][name] = result
             print(f"ablation {name}", json.dumps(row(result, EVAL_SCORER[args.stage1[0]])), result["caption_mask"], flush=True)

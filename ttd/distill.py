@@ -59,7 +59,7 @@ def ttd_losses(
     threshold: float,
     lambda_tag: float,
     lambda_clip: float,
-    score_method: ScoreMethod = "negatives",
+    score_method: ScoreMethod = "softmax",
     teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
     normaliser: Callable[[torch.Tensor], torch.Tensor] | None = None,
     negative_embeds: torch.Tensor | None = None,
@@ -72,8 +72,9 @@ def ttd_losses(
     the local sum; distributed training passes global count / world size, so that averaging the
     ranks' gradients gives exactly the gradient of one process over the whole batch.
 
-    `negative_embeds` [N, D]: the teacher's embeddings of the negative prompts (the `negatives`
-    Stage-1 score, ttd/negatives.py)."""
+    `negative_embeds` [N, D]: the teacher's embeddings of the negative prompts, needed by the
+    `negatives` Stage-1 score (ttd/negatives.py; the default of TrainConfig). Called directly,
+    the function keeps the paper's softmax unless told otherwise."""
     normaliser = normaliser or (lambda count: count)
     teacher_patch, teacher_tags = teacher if teacher is not None else (patch_embeds, tag_embeds)
     with torch.no_grad():
