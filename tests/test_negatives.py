@@ -176,3 +176,26 @@ def test_recall_by_kind_of_tag():
     # absent = named nothing in the image, whatever the word: "dog" chosen, "photo" and "blue" not
     assert summary["absent"] == {"selected": pytest.approx(1 / 3), "count": 3}
     assert summary["texture"] == {"recall": None, "count": 0}
+
+
+@pytest.mark.parametrize("score_method, tags_per_caption", [("negatives", [2, 0]), ("softmax", [3, 1])])
+def test_stage1_keeps_the_negative_prompts_out_of_the_tag_loss(tiny_model, monkeypatch, score_method,
+                                                               tags_per_caption):
+    """Taught as absent caption tags, the negative prompts drift and every tag clears the margin."""
+    import ttd.train as train_module
+
+    seen = {}
+
+    def capture(*args):
+        seen["valid"], seen["negatives"] = args[3], args[14]
+        raise StopIteration
+
+    monkeypatch.setattr(train_module, "ttd_losses", capture)
+    config = train_module.TrainConfig(score_method=score_method)
+    with pytest.raises(StopIteration):
+        train_module._step_losses(tiny_model, None, torch.zeros(2, 3, 64, 64), ["photo of a red circle", "a scene"],
+                                  config)
+    assert seen["valid"].sum(dim=1).tolist() == tags_per_caption  # "photo" and "scene" are negative prompts
+    assert (seen["negatives"] is None) == (score_method == "softmax")
+    if seen["negatives"] is not None:
+        assert seen["negatives"].shape == (5, tiny_model.config.embed_dim)
