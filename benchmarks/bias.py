@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="default: TrainConfig's")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps; default: TrainConfig's")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--stage1", nargs="+", default=["negatives", "softmax"], choices=list(EVAL_SCORER),
+    parser.add_argument("--stage1", nargs="+", default=["softmax", "negatives"], choices=list(EVAL_SCORER),
                         help="Stage-1 selection scores to fine-tune with (the first is the default)")
     parser.add_argument("--ablations", action="store_true")
     parser.add_argument("--runs", type=Path, default=Path("runs/bias"))

@@ -203,8 +203,9 @@ def convert_tagmask_command(source, out_dir):
 @click.option("--lambda-tag", type=float, default=2.0, show_default=True, help="Weight of L_tag (2 won the ablation).")
 @click.option("--lambda-clip", type=float, default=1.0, show_default=True)
 @click.option("--threshold", type=float, default=0.5, show_default=True, help="δ of the Stage 1 selection.")
-@click.option("--score", "score_method", type=click.Choice(SCORE_METHODS), default=DEFAULT_SCORE_METHOD,
-              show_default=True, help="Stage-1 selection score (softmax: the paper's).")
+@click.option("--score", "score_method", type=click.Choice(SCORE_METHODS), default="softmax",
+              show_default=True, help="Stage-1 selection score: softmax (the paper's; measured best for caption "
+                                      "masks) or negatives (selects co-located tags; see README).")
 @click.option("--lora-rank", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--lora-alpha", type=float, default=16.0, show_default=True)
 @click.option("--lora-targets", default="attn,mlp", show_default=True, help="Comma list of attn, mlp.")
