@@ -99,7 +99,8 @@ def profiles(graph: str, config: ModelConfig, limits: BatchLimits) -> dict[str, 
     size, dim, ctx = config.image_size, config.embed_dim, config.context_length
     h, w = config.grid_size
     b = (1, limits.opt_batch, limits.max_batch)
-    k = (1, min(limits.opt_tags, limits.max_tags), limits.max_tags)
+    # a request's tags followed by the model's negative prompts (the `negatives` score's head call)
+    k = (1, min(limits.opt_tags, limits.max_tags), limits.max_tags + len(config.negative_prompts))
     shapes = {
         "image_encoder": [tuple((n, 3, size, size) for n in b)],
         # tag prompts arrive in large batches: allow 8x the image batch

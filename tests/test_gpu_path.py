@@ -33,7 +33,7 @@ def _tagger(model, **options) -> Tagger:
                   mask_bias=model.mask_bias.item(), **options)
 
 
-@pytest.mark.parametrize("score_method", ["softmax", "sigmoid", "minmax"])
+@pytest.mark.parametrize("score_method", ["negatives", "softmax", "sigmoid", "minmax"])
 @pytest.mark.parametrize("flip_tta", [False, True])
 def test_batched_tag_head_equals_one_image_at_a_time(tiny_model, score_method, flip_tta):
     """Images grouped by tag count into one head call score exactly as one call per image."""

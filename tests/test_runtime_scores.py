@@ -35,10 +35,11 @@ def evaluation_scores(model, images, tag_lists, method, flip):
         unique, index, valid = pad_tags(tag_lists)
         tag_embeds = model.encode_tags(unique)[index]
         return pixel_tag_scores(patch, tag_embeds, model.config.tau, valid, method, model.mask_weight,
-                                model.mask_bias, flipped).numpy()
+                                model.mask_bias, flipped, model.encode_tags(list(model.config.negative_prompts)),
+                                model.config.negative_margin).numpy()
 
 
-@pytest.mark.parametrize("method", ["softmax", "minmax", "sigmoid"])
+@pytest.mark.parametrize("method", ["negatives", "softmax", "minmax", "sigmoid"])
 def test_tagger_scores_equal_the_evaluations_with_and_without_flip_tta(world_batch, method):
     images, tag_lists = world_batch
     model = load_model()  # the embedded world-base: trained, so the scores are far from flat
@@ -73,7 +74,7 @@ def test_ttd_tag_flip_tta_reaches_the_tagger(tmp_path, world_batch):
         records = [json.loads(line) for line in out.read_text().splitlines()]
         assert len(records) == len(images) and all("error" not in r for r in records)
         scores[bool(flag)] = [[c["score"] for c in r["candidates"]] for r in records]
-    expected = evaluation_scores(load_model(), images, tag_lists, "softmax", True)
+    expected = evaluation_scores(load_model(), images, tag_lists, "negatives", True)  # the default score
     for row, row_scores in enumerate(scores[True]):
         np.testing.assert_allclose(row_scores, expected[row, : len(tag_lists[row])], atol=2e-4)
     assert max(abs(a - b) for r1, r2 in zip(scores[True], scores[False]) for a, b in zip(r1, r2)) > 1e-2
@@ -89,6 +90,6 @@ def test_ttd_eval_flip_tta_reaches_the_evaluation(tmp_path):
     model, samples = load_model(), world_eval_samples(2, 24)
     for flip in (True, False):
         expected = evaluate(model, samples, flip_tta=flip, progress=False)
-        for scorer in ("pixel-tag", "pixel-tag-minmax", "pixel-tag-sigmoid"):
+        for scorer in ("pixel-tag", "pixel-tag-minmax", "pixel-tag-sigmoid", "pixel-tag-negatives"):
             assert metrics[flip]["tags"][scorer] == pytest.approx(expected["tags"][scorer], abs=1e-9), (flip, scorer)
     assert metrics[True]["tags"] != metrics[False]["tags"]  # the flag made a difference

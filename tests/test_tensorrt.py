@@ -211,7 +211,8 @@ def test_manifest_records_each_engine_and_its_profile(trt_export):
     _, out, manifest = trt_export
     section = manifest["tensorrt"]
     assert section["engines"] == {g: f"{g}.trt10.13.sm90.fp32.plan" for g in ("image_encoder", "text_encoder", "tag_head")}
-    assert section["profiles"]["tag_head"]["tag_embeds"] == {"min": [1, 1, 128], "opt": [4, 8, 128], "max": [16, 64, 128]}
+    # max_tags 64 plus the 5 negative prompts of the default score
+    assert section["profiles"]["tag_head"]["tag_embeds"] == {"min": [1, 1, 128], "opt": [4, 8, 128], "max": [16, 69, 128]}
     assert section["profiles"]["text_encoder"]["input_ids"]["max"] == [128, 32]
     built = json.loads((out / section["engines"]["image_encoder"]).read_bytes())  # what the builder was given
     assert built["profile"]["pixel_values"] == [[1, 3, 64, 64], [4, 3, 64, 64], [16, 3, 64, 64]]
@@ -220,7 +221,7 @@ def test_manifest_records_each_engine_and_its_profile(trt_export):
 
 def test_profile_limits_are_checked_when_given():
     config = create_model("world-tiny").config
-    assert profiles("tag_head", config, BatchLimits(max_tags=4))["tag_embeds"] == ((1, 1, 128), (8, 4, 128), (32, 4, 128))
+    assert profiles("tag_head", config, BatchLimits(max_tags=4))["tag_embeds"] == ((1, 1, 128), (8, 4, 128), (32, 9, 128))
     with pytest.raises(ValueError, match="--opt-batch 64 must lie in 1..--max-batch 32"):
         BatchLimits(opt_batch=64, max_batch=32)
     result = CliRunner().invoke(main, ["export", "--opt-batch", "64", "--max-batch", "32", "--tensorrt", "unused"])
@@ -442,15 +443,17 @@ def _world_images(config, count):
     return np.random.default_rng(1).integers(0, 256, size=(count, config.image_size, config.image_size, 3), dtype=np.uint8)
 
 
-def test_calls_are_split_to_the_profile_and_agree_with_an_unchunked_reference():
+@pytest.mark.parametrize("score_method", ["softmax", "negatives"])
+def test_calls_are_split_to_the_profile_and_agree_with_an_unchunked_reference(score_method):
     config = create_model("world-tiny").config
     graphs = reference_graphs(config)
     limits = BatchLimits(opt_batch=2, max_batch=4, opt_tags=4, max_tags=6)  # text: 32 prompts a call at most
     engines = fake_engines(config, limits, graphs)
     tags = [f"word{i}" for i in range(15)]  # 15 tags x 3 templates = 45 prompts > 32; 15 tags > 6
     tag_lists = [tags[:3], tags, tags[5:11]]
-    reference = Tagger(NumpyBackend(graphs), config, flip_tta=True, mask_weight=MASK_WEIGHT, mask_bias=MASK_BIAS)
-    candidate = Tagger(_backend(config, engines), config, flip_tta=True, mask_weight=MASK_WEIGHT, mask_bias=MASK_BIAS)
+    options = {"flip_tta": True, "mask_weight": MASK_WEIGHT, "mask_bias": MASK_BIAS, "score_method": score_method}
+    reference = Tagger(NumpyBackend(graphs), config, **options)
+    candidate = Tagger(_backend(config, engines), config, **options)
     images = _world_images(config, 3)  # flip TTA: 6 images for an engine that takes 4
     expected, got = reference.tag(images, tag_lists), candidate.tag(images, tag_lists)
     for a, b in zip(expected, got):
@@ -460,9 +463,14 @@ def test_calls_are_split_to_the_profile_and_agree_with_an_unchunked_reference():
     assert [len(a.tags) for a in got] == [3, 15, 6]
     image_calls = [c["pixel_values"][0] for c in engines["image_encoder"].contexts[0].executed]
     assert image_calls == [4, 2]
-    assert [c["input_ids"][0] for c in engines["text_encoder"].contexts[0].executed] == [9, 32, 4]
+    text_calls = [c["input_ids"][0] for c in engines["text_encoder"].contexts[0].executed]
     head_calls = [c["tag_embeds"][1] for c in engines["tag_head"].contexts[0].executed]
-    assert head_calls == [3, 3, 6, 6]  # two views each; the 15 tags ran beside the engine, not in slices of it
+    if score_method == "softmax":
+        assert text_calls == [9, 32, 4]
+        assert head_calls == [3, 3, 6, 6]  # two views each; the 15 tags ran beside the engine, not in slices of it
+    else:  # the 5 negative prompts (15 prompts, encoded once) follow each call's tags; the profile allows 6 + 5
+        assert text_calls == [9, 15, 32, 4]
+        assert head_calls == [8, 8, 11, 11]
 
     # the batch axis of every graph, directly against the reference
     backend = _backend(config, engines)

@@ -37,7 +37,7 @@ class CountingBackend:
         return self.inner.score_tags(patch, tags)
 
 
-@pytest.mark.parametrize("method", ["softmax", "sigmoid", "minmax"])
+@pytest.mark.parametrize("method", ["negatives", "softmax", "sigmoid", "minmax"])
 @pytest.mark.parametrize("flip", [False, True])
 def test_batched_vocabulary_head_matches_tagger(tiny_model, images, method, flip):
     from PIL import Image

@@ -76,6 +76,8 @@ class TritonPythonModel:
         self.max_image_bytes = int(parameters.get("max_image_bytes", str(20 << 20)))
         self.tagger = Tagger(BlsBackend(int(parameters["encoder_max_batch_size"])), model_config,
                              threshold=float(parameters.get("threshold", DEFAULT_THRESHOLD)),
+                             # a repository built before the parameter existed sized its graphs for softmax
+                             score_method=parameters.get("score_method", "softmax"),
                              mask_weight=manifest["mask_weight"], mask_bias=manifest["mask_bias"])
         self.preprocess = dataclasses.replace(self.tagger.preprocess,
                                               max_pixels=int(parameters.get("max_pixels", "89478485")))

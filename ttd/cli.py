@@ -11,6 +11,7 @@ import click
 
 from ttd.config import (
     DEFAULT_MASK_THRESHOLD,
+    DEFAULT_SCORE_METHOD,
     DEFAULT_THRESHOLD,
     DENSE_MODES,
     INT8_MODES,
@@ -96,8 +97,11 @@ def main() -> None:
 @click.option("--url", default=None, help="Triton server URL for --backend triton (host:port).")
 @click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True,
               help="δ: a tag is selected when its score ≥ δ.")
-@click.option("--score", "score_method", type=click.Choice(SCORE_METHODS), default="softmax", show_default=True,
-              help="Pixel-tag score: softmax over tags at the best pixel (the method), minmax of the best-pixel "
+@click.option("--score", "score_method", type=click.Choice(SCORE_METHODS), default=DEFAULT_SCORE_METHOD,
+              show_default=True,
+              help="Pixel-tag score: negatives = each tag against the model's negative prompts at its best pixel "
+                   "(tags naming the same pixels, 'orange heart', both pass); softmax over the caption's tags "
+                   "(the paper's: co-located tags exclude each other), minmax of the best-pixel "
                    "cosine, or sigmoid mask peak (suits large vocabularies, where a softmax over thousands of "
                    "tags is flat).")
 @click.option("--flip-tta", is_flag=True, help="Average the maps of the image and its mirror image.")
@@ -235,7 +239,9 @@ def convert_tagmask_command(source, out_dir):
 @click.option("--lambda-tag", type=float, default=2.0, show_default=True, help="Weight of L_tag (2 won the ablation).")
 @click.option("--lambda-clip", type=float, default=1.0, show_default=True)
 @click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True, help="δ of the Stage 1 selection.")
-@click.option("--score", "score_method", type=click.Choice(SCORE_METHODS), default="softmax", show_default=True)
+@click.option("--score", "score_method", type=click.Choice(SCORE_METHODS), default="softmax",
+              show_default=True, help="Stage-1 selection score: softmax (the paper's; measured best for caption "
+                                      "masks) or negatives (selects co-located tags; see README).")
 @click.option("--lora-rank", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--lora-alpha", type=float, default=16.0, show_default=True)
 @click.option("--lora-targets", default="attn,mlp", show_default=True, help="Comma list of attn, mlp.")
@@ -464,8 +470,10 @@ def _batching_options(f):
 @_batching_options
 @click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True, help="δ used by ttd_tagger.")
 @click.option("--max-tags", type=click.IntRange(1), default=1024, show_default=True, help="ttd_tagger: tags per request.")
+@click.option("--score", "score_method", type=click.Choice(SCORE_METHODS), default=DEFAULT_SCORE_METHOD,
+              show_default=True, help="Pixel-tag score served by ttd_tagger (see `ttd tag --help`).")
 def triton_build(export_dir, repo, flavour, engine, torch_dtype, max_batch_size, preferred_batch_sizes, queue_delay_us,
-                 instances, kind, threshold, max_tags):
+                 instances, kind, threshold, max_tags, score_method):
     """Write a Triton model repository REPO for the export EXPORT_DIR, then validate it."""
     from export.triton import BatchingOptions, RepositoryError, build_repository, validate_repository
     from ttd.runtime.export_dir import ExportError
@@ -473,7 +481,8 @@ def triton_build(export_dir, repo, flavour, engine, torch_dtype, max_batch_size,
     try:
         sizes = tuple(int(s) for s in preferred_batch_sizes.split(",") if s.strip())
         options = BatchingOptions(max_batch_size, sizes, queue_delay_us, instances, kind)
-        build_repository(export_dir, repo, flavour, engine, options, threshold, max_tags, torch_dtype)
+        build_repository(export_dir, repo, flavour, engine, options, threshold, max_tags, torch_dtype,
+                         score_method=score_method)
         summary = validate_repository(repo)
     except (ValueError, ExportError, RepositoryError) as error:
         fail(str(error))

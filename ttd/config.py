@@ -8,7 +8,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-SCORE_METHODS: tuple[str, ...] = ("softmax", "minmax", "sigmoid")
+SCORE_METHODS: tuple[str, ...] = ("negatives", "softmax", "minmax", "sigmoid")
+DEFAULT_SCORE_METHOD = "negatives"  # won held-out F1 at precision ≥ 97 %: README "Choosing the pixel-tag score"
 OBJECTIVES: tuple[str, ...] = ("ttd", "clip")  # ttd.train.OBJECTIVE_DEFAULTS holds their defaults
 DEFAULT_THRESHOLD = 0.5  # δ: a tag is selected when its score ≥ δ (tagging, Stage 1 of training, evaluation, serving)
 DEFAULT_MASK_THRESHOLD = 0.5  # θ: a binary mask is a sigmoid mask ≥ θ
@@ -30,6 +31,9 @@ DEFAULT_TEMPLATES = (
     "a photo of many {}.",
     "{}",
 )
+# the `negatives` score (ttd/negatives.py): generic words that match every image and no region
+DEFAULT_NEGATIVE_PROMPTS = ("photo", "picture", "image", "scene", "view")
+DEFAULT_NEGATIVE_MARGIN = 2.2  # logit; fitted on the world's calibration split (benchmarks/scorers.py)
 
 
 def canonical_precision(name: str, allowed: tuple[str, ...] = PRECISIONS) -> str:
@@ -57,6 +61,8 @@ class ModelConfig:
     tau: float = 100.0
     mask_weight_init: float = 10.0
     mask_bias_init: float = -2.5
+    negative_prompts: tuple[str, ...] = DEFAULT_NEGATIVE_PROMPTS
+    negative_margin: float = DEFAULT_NEGATIVE_MARGIN
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -85,7 +91,7 @@ class ModelConfig:
         if missing:
             raise ValueError(f"model config lacks {', '.join(sorted(missing))}")
         data = dict(data)
-        for key in ("mean", "std", "prompt_templates"):
+        for key in ("mean", "std", "prompt_templates", "negative_prompts"):
             if key in data:
                 if not isinstance(data[key], (list, tuple)):
                     raise ValueError(f"model config {key} must be a list, got {data[key]!r}")
@@ -113,6 +119,10 @@ class ModelConfig:
             raise ValueError(f"model config mean/std must be 3 numbers each, std > 0; got {self.mean}, {self.std}")
         if self.dense_mode not in DENSE_MODES:
             raise ValueError(f"model config dense_mode {self.dense_mode!r} must be one of {', '.join(DENSE_MODES)}")
+        if not self.negative_prompts or not all(isinstance(p, str) and p.strip() for p in self.negative_prompts):
+            raise ValueError(f"model config negative_prompts {self.negative_prompts!r} must be a non-empty list of words")
+        if not isinstance(self.negative_margin, (int, float)) or not math.isfinite(self.negative_margin):
+            raise ValueError(f"model config negative_margin {self.negative_margin!r} must be a finite number")
         if not self.prompt_templates:
             raise ValueError("model config prompt_templates is empty")
         for template in self.prompt_templates:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ttd.config import DEFAULT_NEGATIVE_MARGIN
 from ttd.scoring import ScoreMethod, minmax_over_pixels, pixel_cosines, pixel_tag_scores, select_tags
 
 
@@ -61,18 +62,26 @@ def ttd_losses(
     score_method: ScoreMethod = "softmax",
     teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
     normaliser: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    negative_embeds: torch.Tensor | None = None,
+    negative_margin: float = DEFAULT_NEGATIVE_MARGIN,
 ) -> DistillLosses:
     """The TTD loss of a batch. `teacher` = (patch_embeds, tag_embeds) of a frozen teacher; the
     default online teacher is the current model without gradient.
 
     `normaliser` turns a local count (candidates, captions with a selection) into the divisor of
     the local sum; distributed training passes global count / world size, so that averaging the
-    ranks' gradients gives exactly the gradient of one process over the whole batch."""
+    ranks' gradients gives exactly the gradient of one process over the whole batch.
+
+    `negative_embeds` [N, D]: the teacher's embeddings of the negative prompts, needed by the
+    `negatives` Stage-1 score (ttd/negatives.py; the default of TrainConfig). Called directly,
+    the function keeps the paper's softmax unless told otherwise."""
     normaliser = normaliser or (lambda count: count)
     teacher_patch, teacher_tags = teacher if teacher is not None else (patch_embeds, tag_embeds)
     with torch.no_grad():
         scores = pixel_tag_scores(teacher_patch.detach(), teacher_tags.detach(), tau, valid, score_method,
-                                  mask_weight.detach(), mask_bias.detach())
+                                  mask_weight.detach(), mask_bias.detach(),
+                                  negative_embeds=None if negative_embeds is None else negative_embeds.detach(),
+                                  negative_margin=negative_margin)
         selected = select_tags(scores, threshold, valid)
         teacher_logits = mask_weight.detach() * pixel_cosines(teacher_patch.detach(), teacher_tags.detach()) + mask_bias.detach()
     tag_targets, union = distill_targets(teacher_logits, selected)

@@ -16,10 +16,12 @@ from ttd.data.annotations import EvalSample
 from ttd.metrics import MaskCounts, TagCounts
 from ttd.model import TTDModel
 from ttd.runtime.tagger import Tagger
+from ttd.tag_kinds import KINDS, KindCounts
 from ttd.tags import candidate_tags
 
-SCORERS = ("image-tag", "text-tag", "pixel-tag", "pixel-tag-minmax", "pixel-tag-sigmoid")
-PIXEL_SCORERS = {"pixel-tag": "softmax", "pixel-tag-minmax": "minmax", "pixel-tag-sigmoid": "sigmoid"}
+SCORERS = ("image-tag", "text-tag", "pixel-tag", "pixel-tag-minmax", "pixel-tag-sigmoid", "pixel-tag-negatives")
+PIXEL_SCORERS = {"pixel-tag": "softmax", "pixel-tag-minmax": "minmax", "pixel-tag-sigmoid": "sigmoid",
+                 "pixel-tag-negatives": "negatives"}
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -60,6 +62,7 @@ def evaluate(
         model = torch_tagger(model, device=str(model.device), flip_tta=flip_tta)
     tagger = model
     counts = {name: TagCounts() for name in SCORERS}
+    kinds = {name: KindCounts() for name in SCORERS}
     by_group: dict[str, TagCounts] = {}
     masks = MaskCounts()
     tau = tagger.config.tau
@@ -86,6 +89,7 @@ def evaluate(
                 n_candidates += len(tags)
                 for name in SCORERS:
                     counts[name].add(scores[name][row], relevant, threshold)
+                    kinds[name].add(tags, scores[name][row] >= threshold, relevant)
                 for k, tag in enumerate(tags if tag_groups else []):
                     group = by_group.setdefault(tag_groups.get(tag, "other"), TagCounts())
                     group.add(scores["pixel-tag"][row, k : k + 1], relevant[k : k + 1], threshold)
@@ -99,6 +103,7 @@ def evaluate(
         "threshold": threshold,
         "tags": {name: c.summary() for name, c in counts.items()},
         "caption_mask": masks.summary(),
+        "by kind": {name: k.summary() for name, k in kinds.items()},
         **({"pixel-tag by group": {g: c.summary() for g, c in sorted(by_group.items())}} if tag_groups else {}),
     }
 
@@ -109,6 +114,12 @@ def format_table(result: dict) -> str:
     for name, m in result["tags"].items():
         lines.append(f"{name:<20}" + "".join(f"{100 * m[k]:>7.1f}" for k in
                                               ("precision", "recall", "f1", "accuracy", "map", "r_precision")))
+    if "by kind" in result:
+        lines.append("recall by kind of tag (absent: share selected, lower is better)")
+        lines.append(f"{'scorer':<20}" + "".join(f"{k:>11}" for k in KINDS))
+        for name, by_kind in result["by kind"].items():
+            cells = [by_kind[k].get("recall", by_kind[k].get("selected")) for k in KINDS]
+            lines.append(f"{name:<20}" + "".join(f"{'n/a' if v is None else f'{100 * v:.1f}':>11}" for v in cells))
     cm = result["caption_mask"]
     lines.append(f"caption mask: IoU {100 * cm['iou']:.1f}  FPR {100 * cm['fpr']:.1f}  FNR {100 * cm['fnr']:.1f}"
                  f"   ({result['samples']} samples, {result['candidates']} candidate tags, δ={result['threshold']})")

@@ -10,9 +10,10 @@ from typing import Literal
 
 import torch
 
-from ttd.config import SCORE_METHODS
+from ttd.config import DEFAULT_NEGATIVE_MARGIN, SCORE_METHODS
+from ttd.negatives import negative_contrast_scores
 
-ScoreMethod = Literal["softmax", "minmax", "sigmoid"]
+ScoreMethod = Literal["negatives", "softmax", "minmax", "sigmoid"]
 NEG_INF = float("-inf")
 
 
@@ -58,8 +59,13 @@ def pixel_tag_scores(
     mask_weight: torch.Tensor | float = 10.0,
     mask_bias: torch.Tensor | float = -2.5,
     flipped_patch_embeds: torch.Tensor | None = None,
+    negative_embeds: torch.Tensor | None = None,
+    negative_margin: float = DEFAULT_NEGATIVE_MARGIN,
 ) -> torch.Tensor:
     """s_k for each tag [B, K] by one of the normalisations of DESIGN §3.3.
+
+    `negative_embeds` [N, D] (the model's negative prompts) and `negative_margin` serve the
+    `negatives` score only (ttd/negatives.py).
 
     `flipped_patch_embeds`: the dense features of the horizontally flipped image (flip TTA);
     they are flipped back and the two per-pixel maps averaged before the max over pixels.
@@ -67,7 +73,11 @@ def pixel_tag_scores(
     views = [patch_embeds]
     if flipped_patch_embeds is not None:
         views.append(flipped_patch_embeds.flip(-1))
-    if method == "softmax":
+    if method == "negatives":
+        if negative_embeds is None:
+            raise ValueError("score method 'negatives' needs negative_embeds (the model's negative prompts, encoded)")
+        scores = negative_contrast_scores(views, tag_embeds, negative_embeds, tau, float(negative_margin))
+    elif method == "softmax":
         maps = torch.stack([pixel_tag_probs(v, tag_embeds, tau, valid) for v in views]).mean(0)
         scores = maps.amax(dim=(2, 3))
     elif method == "sigmoid":

@@ -14,13 +14,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ttd.negatives import negative_contrast_maps
 from ttd.runtime.tagger import Tagger, TagResult
 
 
 def vocabulary_scores(patch_embeds: np.ndarray, tag_embeds: np.ndarray, flipped: np.ndarray | None, tau: float,
-                      mask_weight: float, mask_bias: float, method: str, with_masks: bool
+                      mask_weight: float, mask_bias: float, method: str, with_masks: bool,
+                      negative_embeds: np.ndarray | None = None, negative_margin: float = 0.0,
                       ) -> tuple[np.ndarray, np.ndarray | None]:
-    """scores [B, K] (and masks [B, K, h, w] if with_masks) of every image against every tag."""
+    """scores [B, K] (and masks [B, K, h, w] if with_masks) of every image against every tag.
+
+    `negative_embeds` [N, D] and `negative_margin`: the `negatives` score (ttd/negatives.py)."""
+    if method == "negatives" and negative_embeds is None:
+        raise ValueError("score method 'negatives' needs negative_embeds (the model's negative prompts, encoded)")
     with torch.inference_mode():
         tags = torch.from_numpy(np.ascontiguousarray(tag_embeds, np.float32))  # [K, D]
         views = [torch.from_numpy(np.ascontiguousarray(patch_embeds, np.float32))]
@@ -29,7 +35,12 @@ def vocabulary_scores(patch_embeds: np.ndarray, tag_embeds: np.ndarray, flipped:
         b, d, h, w = views[0].shape
         needs_cosines = with_masks or method != "softmax" or len(views) > 1
         cosines = [torch.matmul(tags, v.reshape(b, d, h * w)) for v in views] if needs_cosines else []  # [B, K, hw]
-        if method == "softmax":
+        if method == "negatives":
+            negatives = torch.from_numpy(np.ascontiguousarray(negative_embeds, np.float32))
+            scores = torch.stack([negative_contrast_maps(c, torch.matmul(negatives, v.reshape(b, d, h * w)), tau,
+                                                         negative_margin)
+                                  for c, v in zip(cosines, views)]).mean(0).amax(dim=2)
+        elif method == "softmax":
             if len(views) == 1:  # max_i softmax_k = exp(max_i(τc - lse_i)): no [B, K, hw] probability map
                 logits = torch.matmul(tags * tau, views[0].reshape(b, d, h * w))  # τ folded into the K×D side
                 scores = logits.sub_(torch.logsumexp(logits, dim=1, keepdim=True)).amax(dim=2).exp()
@@ -66,8 +77,10 @@ def tag_with_vocabulary(tagger: Tagger, images: np.ndarray, tags: list[str], tag
 
     Results as `Tagger.tag` gives them; their masks are [K, 0, 0] unless with_masks."""
     _, patch_embeds, flipped = tagger.encode_images(images)
+    negatives = tagger.encode_tags(list(tagger.config.negative_prompts)) if tagger.score_method == "negatives" else None
     scores, masks = vocabulary_scores(patch_embeds, tag_embeds, flipped, tagger.config.tau, tagger.mask_weight,
-                                      tagger.mask_bias, tagger.score_method, with_masks)
+                                      tagger.mask_bias, tagger.score_method, with_masks, negatives,
+                                      tagger.config.negative_margin)
     empty = np.zeros((len(tags), 0, 0), np.float32)
     chosen = scores >= tagger.threshold  # vectorised: a Python loop over K numpy scalars per image costs more than the head
     return [TagResult(list(tags), s, [tags[k] for k in np.flatnonzero(chosen[i])],

@@ -6,7 +6,7 @@ the three contract graphs of DESIGN §4.
 
 from __future__ import annotations
 
-from ttd.config import DEFAULT_THRESHOLD
+from ttd.config import DEFAULT_SCORE_METHOD, DEFAULT_THRESHOLD
 from ttd.runtime.tagger import Backend, Tagger, TagResult
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "triton")
@@ -46,7 +46,7 @@ def load_tagger(
     url: str | None = None,
     threshold: float = DEFAULT_THRESHOLD,
     flip_tta: bool = False,
-    score_method: str = "softmax",
+    score_method: str = DEFAULT_SCORE_METHOD,
     threads: int = 0,
     compile: bool = False,
 ) -> Tagger:

@@ -12,9 +12,10 @@ from typing import Protocol
 
 import numpy as np
 
-from ttd.config import DEFAULT_THRESHOLD, SCORE_METHODS, ModelConfig
+from ttd.config import DEFAULT_SCORE_METHOD, DEFAULT_THRESHOLD, SCORE_METHODS, ModelConfig
 from ttd.contract import ImageEmbeddings, TagHeadOutputs
 from ttd.images import Preprocess, normalize
+from ttd.negatives import negative_contrast_from_probs
 from ttd.tokenizer import build_tokenizer
 
 TEXT_BATCH = 256
@@ -46,7 +47,7 @@ def _unit(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 class Tagger:
     def __init__(self, backend: Backend, config: ModelConfig, threshold: float = DEFAULT_THRESHOLD, flip_tta: bool = False,
-                 score_method: str = "softmax", mask_weight: float | None = None,
+                 score_method: str = DEFAULT_SCORE_METHOD, mask_weight: float | None = None,
                  mask_bias: float | None = None) -> None:
         if score_method not in SCORE_METHODS:
             raise ValueError(f"unknown score method {score_method!r}; choose one of {', '.join(SCORE_METHODS)}")
@@ -131,10 +132,16 @@ class Tagger:
     def _score_chunk(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray, flipped: np.ndarray | None,
                      methods: tuple[str, ...]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         views = [patch_embeds] + ([np.ascontiguousarray(flipped[..., ::-1])] if flipped is not None else [])
-        outputs = [self.backend.score_tags(v, tag_embeds) for v in views]
-        masks = np.mean([o.tag_masks for o in outputs], axis=0) if len(views) > 1 else outputs[0].tag_masks
         scores = {}
+        if "negatives" in methods:
+            scores["negatives"], masks = self._negatives_chunk(views, tag_embeds)
+            if methods == ("negatives",):
+                return scores, masks
+        outputs = [self._head(v, tag_embeds) for v in views]
+        masks = np.mean([o.tag_masks for o in outputs], axis=0) if len(views) > 1 else outputs[0].tag_masks
         for method in methods:
+            if method == "negatives":
+                continue
             if method == "softmax":
                 scores[method] = (np.mean([o.tag_probs for o in outputs], axis=0).max(axis=(2, 3)) if len(views) > 1
                                   else outputs[0].tag_scores)
@@ -147,6 +154,24 @@ class Tagger:
                 scores[method] = np.where(span > 0, (cos - low) / np.where(span > 0, span, 1), 1.0)
             scores[method] = scores[method].astype(np.float32)
         return scores, masks
+
+    def _negatives_chunk(self, views: list[np.ndarray], tag_embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(`negatives` scores [B, K], masks [B, K, h, w]): one head call per view over the tags
+        followed by the model's negative prompts; the score comes from its `tag_probs`
+        (ttd/negatives.py), so every backend serves it through the existing graph."""
+        batch, tags = tag_embeds.shape[:2]
+        negatives = self.encode_tags(list(self.config.negative_prompts))
+        extended = np.concatenate([tag_embeds, np.broadcast_to(negatives, (batch, *negatives.shape))], axis=1)
+        outputs = [self._head(v, np.ascontiguousarray(extended, tag_embeds.dtype)) for v in views]
+        maps = np.mean([negative_contrast_from_probs(o.tag_probs, tags, self.config.negative_margin) for o in outputs],
+                       axis=0)
+        masks = np.mean([o.tag_masks[:, :tags] for o in outputs], axis=0)
+        return maps.max(axis=(2, 3)).astype(np.float32), masks
+
+    def _head(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray) -> TagHeadOutputs:
+        """The backend's tag head, its result named (a backend that returns a plain tuple in the
+        contract's order works too)."""
+        return TagHeadOutputs(*self.backend.score_tags(patch_embeds, tag_embeds))
 
     def mask_cosines(self, masks: np.ndarray) -> np.ndarray:
         """cos(f_i, e) from M = sigmoid(w·cos + b): the inverse of the monotonic mask (float64)."""
