@@ -57,6 +57,15 @@ def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return max(short_side, round(width * ratio)), max(short_side, round(height * ratio))
 
 
+def center_crop_box(width: int, height: int, size: int) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) in the original image of the centre crop a model of input `size`
+    sees (ttd.images.resize_center_crop)."""
+    new_w, new_h = resized_size(width, height, size)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    sx, sy = width / new_w, height / new_h
+    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
+
+
 def plan_scale(width: int, height: int, size: int, scale: float, stride: int, crop: str = "whole") -> ScalePlan:
     """The windows of one scale of a width×height image for a model of input size `size`."""
     if crop not in CROPS:
