@@ -222,8 +222,7 @@ def score_maps(tagger: Tagger, features: WindowFeatures, tags: list[str], tag_em
     total = np.zeros((len(tags), canvas_h, canvas_w), np.float32)
     best = np.full(len(tags), -np.inf)
     for plan, embeds, flipped in zip(features.plans, features.patch_embeds, features.flipped):
-        batch_tags = np.ascontiguousarray(np.broadcast_to(tag_embeds[None], (len(embeds), *tag_embeds.shape)),
-                                          dtype=np.float32)
+        batch_tags = np.repeat(np.asarray(tag_embeds, np.float32)[None], len(embeds), axis=0)  # writable copy
         asked = "sigmoid" if method == "minmax" else method
         scores, masks = tagger.score_methods(embeds, batch_tags, flipped, (asked,))
         window_best = scores[asked].max(axis=0).astype(np.float64)
