@@ -16,7 +16,7 @@ def _mask_api():
     try:
         from pycocotools import mask as mask_api
     except ImportError as error:  # an optional extra of the package
-        raise RuntimeError("COCO output needs pycocotools: pip install 'ttd-toolkit[onnx]' "
+        raise RuntimeError("COCO RLE masks need pycocotools: pip install 'ttd-toolkit[segment]' "
                            "(or pip install pycocotools)") from error
     return mask_api
 
