@@ -227,3 +227,26 @@ def test_prompt_templates_change_the_class_embeddings(default_tagger):
     assert other.backend is default_tagger.backend
     mine, theirs = other.encode_tags(["circle"]), default_tagger.encode_tags(["circle"])
     assert 0.5 < float(mine[0] @ theirs[0]) < 1 - 1e-4
+
+
+def test_onnxruntime_export_segments_like_torch(tmp_path_factory):
+    """The same whole-image maps through an export in onnxruntime: segmentation runs on the
+    backends' tag-head maps, not on a second implementation."""
+    from export.pipeline import run_export
+    from ttd.factory import load_model
+
+    export = tmp_path_factory.mktemp("export")
+    run_export(load_model(), export, check_count=8)
+    image = world_image(150, 90, index=2)
+    options = SegmentOptions(scales=(1.0, 1.5), stride=40)
+    results = {}
+    for backend in ("torch", "onnxruntime"):
+        tagger = load_tagger(backend, export_dir=str(export), device="cpu", flip_tta=True)
+        results[backend] = (segment_classes(tagger, image, ["circle", "square", "red", "grass"], options),
+                            segment_caption(tagger, image, "a red circle on grass", options))
+    (torch_classes, torch_caption), (ort_classes, ort_caption) = results["torch"], results["onnxruntime"]
+    assert ort_classes.label_map.shape == (90, 150)
+    assert (ort_classes.label_map == torch_classes.label_map).mean() > 0.999
+    assert (ort_caption.segments[0].mask == torch_caption.segments[0].mask).mean() > 0.999
+    np.testing.assert_allclose([s for _, s in ort_caption.candidates], [s for _, s in torch_caption.candidates],
+                               atol=1e-3)
