@@ -250,3 +250,33 @@ def test_onnxruntime_export_segments_like_torch(tmp_path_factory):
     assert (ort_caption.segments[0].mask == torch_caption.segments[0].mask).mean() > 0.999
     np.testing.assert_allclose([s for _, s in ort_caption.candidates], [s for _, s in torch_caption.candidates],
                                atol=1e-3)
+
+
+def test_tag_crop_whole_finds_tags_outside_the_centre_crop(tmp_path):
+    """`ttd tag --crop whole`: an object at the left edge of a wide image, outside the centre
+    crop, is tagged, and its mask comes back in the image's geometry; `--crop center` misses it."""
+    from ttd.coco import decode_rle
+
+    sample = make_sample(2, 10)
+    obj = max(sample.objects, key=lambda o: o.mask.sum())
+    canvas = np.zeros((64, 256, 3), np.uint8)
+    canvas[:] = sample.image[:8, :8].mean(axis=(0, 1)).astype(np.uint8)
+    canvas[:, :64] = sample.image
+    Image.fromarray(canvas).save(tmp_path / "wide.png")
+    caption = f"a {obj.colour} {obj.shape} near a tree"
+    (tmp_path / "c.jsonl").write_text(json.dumps({"image": "wide.png", "caption": caption}) + "\n")
+    records = {}
+    for crop in ("center", "whole"):
+        out = tmp_path / f"{crop}.jsonl"
+        result = CliRunner().invoke(main, ["tag", "--captions", str(tmp_path / "c.jsonl"), "-o", str(out), "--crop",
+                                           crop, "--device", "cpu", "--quiet"])
+        assert result.exit_code == 0, result.output
+        records[crop] = json.loads(out.read_text())
+    assert obj.colour not in records["center"]["selected"]
+    whole = records["whole"]
+    assert obj.colour in whole["selected"] and (whole["width"], whole["height"]) == (256, 64)
+    mask = decode_rle(next(s for s in whole["segments"] if s["label"] == obj.colour)["rle"])
+    assert mask.shape == (64, 256)  # (where the base model's sigmoid masks fire is its calibration, not tested here)
+    result = CliRunner().invoke(main, ["tag", "--vocabulary", str(tmp_path / "c.jsonl"), str(tmp_path / "wide.png"),
+                                       "-o", str(tmp_path / "v.jsonl"), "--crop", "whole"])
+    assert result.exit_code == 2 and "ttd segment --classes" in result.output

@@ -89,9 +89,13 @@ def main() -> None:
                    "(default: $TTD_CACHE_DIR/vocab or ~/.cache/ttd/vocab).")
 @click.option("--no-vocab-cache", is_flag=True, help="Encode the vocabulary afresh and cache nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--crop", type=click.Choice(["center", "whole"]), default="center", show_default=True,
+              help="center: the model sees the centre crop (fast). whole: sliding windows cover the whole image, "
+                   "so tags outside the crop are found too, and each line also holds the caption's and the "
+                   "selected tags' masks in the image's own geometry (as `ttd segment --captions`).")
 def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, dense_mode, backend, export_dir, url,
         threshold, score_method, flip_tta, masks_dir, batch_size, device, dtype, max_pixels, top_k, threads,
-        compile_encoder, decode_workers, vocab_cache, no_vocab_cache, quiet):
+        compile_encoder, decode_workers, vocab_cache, no_vocab_cache, quiet, crop="center"):
     """Tag images: with their captions (--captions) or against a vocabulary (--vocabulary IMAGES...).
 
     Each output line holds the candidate tags with their pixel-tag scores and the selected tags,
@@ -132,6 +136,20 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
                 warnings.showwarning(notice.message, notice.category, notice.filename, notice.lineno)
     except (InputError, ValueError, RuntimeError, OSError) as error:  # OSError: e.g. an unreachable --url
         fail(str(error))
+    if crop == "whole":  # whole-image caption tagging is `ttd segment --captions` (ttd/segment_job.py)
+        if vocab is not None:
+            fail("--crop whole tags with --captions; for a vocabulary over whole images use "
+                 "`ttd segment --classes FILE IMAGES...`")
+        from ttd.segment import SegmentOptions
+        from ttd.segment_job import segment_items
+
+        try:
+            summary = segment_items(tagger, items, output, None, SegmentOptions(), None, masks_dir, max_pixels,
+                                    progress=not quiet, inputs=[captions])
+        except (ValueError, RuntimeError, OSError) as error:
+            fail(str(error))
+        click.echo(f"wrote {summary.written} records to {output} ({summary.errors} errors)", err=True)
+        return
     vocab_embeds = None
     if vocab and not no_vocab_cache:
         from ttd.vocab_cache import load_or_encode, model_key_for
