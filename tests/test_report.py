@@ -52,8 +52,12 @@ def grey_job(tmp_path, with_mask: bool = True):
 
 
 def tinted_and_grey(shot: np.ndarray) -> tuple[int, int]:
+    """(pixels of the overlay colour over the grey image, pixels of plain grey); an overlay that
+    spills beyond its image (tinting the page) fails here."""
     colour = np.asarray(COLOURS[0], float)
     blend = GREY + (colour - GREY) * OVERLAY_ALPHA / 255
+    spilled = 255 + (colour - 255) * OVERLAY_ALPHA / 255  # the overlay over the white page
+    assert (np.abs(shot[..., :3] - spilled).max(axis=-1) <= 3).sum() == 0, "overlay outside its image"
     tinted = (np.abs(shot[..., :3] - blend).max(axis=-1) <= 3).sum()
     grey = (np.abs(shot[..., :3].astype(float) - GREY).max(axis=-1) <= 3).sum()
     return int(tinted), int(grey)

@@ -46,6 +46,21 @@ def test_a_known_shift_scores_what_it_must():
     assert summary["pixel_accuracy"] == pytest.approx(360 / 400)
 
 
+def test_a_known_shrink_separates_false_positives_from_false_negatives():
+    """Predicted: only columns 7..12 of the true square (60 of its 100 pixels), nothing outside.
+    Square: IoU 0.6, FPR 0, FNR 0.4; background: IoU 300/340, FPR 40/100 (40 of the 100
+    non-background pixels called background), FNR 0."""
+    truth = square(5, 5)
+    prediction = np.zeros_like(truth)
+    prediction[5:15, 7:13] = 1
+    counts = SegmentationCounts(2)
+    counts.add(prediction, truth)
+    per = counts.per_class()
+    np.testing.assert_allclose(per["iou"], [300 / 340, 0.6])
+    np.testing.assert_allclose(per["fpr"], [0.4, 0.0])
+    np.testing.assert_allclose(per["fnr"], [0.0, 0.4])
+
+
 def test_metrics_pool_pixels_over_images_ignore_255_and_skip_absent_classes():
     counts = SegmentationCounts(4)
     counts.add(square(5, 7), square(5, 5))  # as above
