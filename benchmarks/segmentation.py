@@ -35,16 +35,17 @@ SETTINGS = (  # (name, world image side, options)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", type=Path, default=DEFAULT_CHECKPOINT)
-    parser.add_argument("--ttd", type=Path, required=True, help="a TTD checkpoint (ttd train --objective ttd)")
+    parser.add_argument("--ttd", type=Path, default=None, help="a TTD checkpoint (ttd train --objective ttd)")
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--seed", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/segmentation.json"))
     args = parser.parse_args()
+    models = [("base", args.base)] + ([("ttd", args.ttd)] if args.ttd else [])
     rows = []
     for name, size, options in SETTINGS:
         dataset = world_segmentation_samples(args.seed, args.count, size)
         row = {"setting": name}
-        for label, checkpoint in (("base", args.base), ("ttd", args.ttd)):
+        for label, checkpoint in models:
             tagger = load_tagger("torch", checkpoint=str(checkpoint), device="cpu", flip_tta="flip" in name)
             start = time.time()
             result = evaluate_segmentation(tagger, dataset, options, progress=False)
@@ -52,11 +53,11 @@ def main() -> None:
             row[label]["seconds"] = round(time.time() - start, 1)
             row[label]["classes"] = result["classes"]
         rows.append(row)
-        print(f"| {name} | {row['base']['miou']} | {row['ttd']['miou']} | {row['base']['mfpr']} | {row['ttd']['mfpr']} "
-              f"| {row['base']['mfnr']} | {row['ttd']['mfnr']} |", flush=True)
+        print(f"| {name} | " + " | ".join(f"{row[label]['miou']} / {row[label]['mfpr']} / {row[label]['mfnr']}"
+                                         for label, _ in models) + " |", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"count": args.count, "seed": args.seed, "base": str(args.base),
-                                    "ttd": str(args.ttd), "rows": rows}, indent=1))
+    args.out.write_text(json.dumps({"count": args.count, "seed": args.seed,
+                                    "models": {label: str(path) for label, path in models}, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
