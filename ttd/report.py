@@ -91,7 +91,11 @@ def _tag_png_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
     return full
 
 
-def _entry(number: int, record: dict, images_root: Path, max_side: int) -> Entry:
+def _entry(number: int, record: dict, images_root: Path, max_side: int,
+           colours: dict[str, tuple[int, int, int]] | None = None) -> Entry:
+    """One item of the report; `colours` (label -> colour, filled as labels appear) keeps a
+    label's colour the same across the items of a report."""
+    colours = {} if colours is None else colours
     from ttd.coco import decode_rle
 
     title = str(record.get("image", f"line {number}"))
@@ -105,7 +109,8 @@ def _entry(number: int, record: dict, images_root: Path, max_side: int) -> Entry
         try:
             image = decode_image(path if path.is_absolute() else images_root / path, title)
         except ImageError as error:
-            entry.errors.append(f"report: {error}")
+            if not entry.errors:  # an error record already says why its image is unusable
+                entry.errors.append(f"report: {error}")
     if image is not None:
         entry.size = image.size
         display = _display_size(*image.size, max_side)
@@ -123,8 +128,8 @@ def _entry(number: int, record: dict, images_root: Path, max_side: int) -> Entry
                 masks.append((str(label), "tag", None, _tag_png_mask(png_path, image.size)))
         except (ValueError, KeyError, TypeError, OSError) as error:
             entry.errors.append(f"report: cannot show masks ({error})")
-        for index, (label, kind, score, mask) in enumerate(masks):
-            colour = COLOURS[index % len(COLOURS)]
+        for label, kind, score, mask in masks:
+            colour = colours.setdefault(label, COLOURS[len(colours) % len(COLOURS)])
             entry.overlays.append(Overlay(label, kind, score, colour, _overlay_uri(mask, colour, display)))
     selected = {s.get("tag") if isinstance(s, dict) else s for s in record.get("selected") or []}
     rows = record.get("candidates") or record.get("top") or []
@@ -264,9 +269,10 @@ def write_report(records_path: Path, html_path: Path, per_page: int = 50, max_si
     pages = max(1, -(-len(records) // per_page))
     totals = {"items": len(records), "errors": sum(1 for _, r in records if r.get("error"))}
     written = []
+    colours: dict[str, tuple[int, int, int]] = {}
     for page in range(1, pages + 1):
         chunk = records[(page - 1) * per_page : page * per_page]
-        entries = [_entry(number, record, root, max_side) for number, record in chunk]
+        entries = [_entry(number, record, root, max_side, colours) for number, record in chunk]
         path = page_name(html_path, page)
         path.write_text(render_page(f"ttd report: {records_path.name}", entries, page, pages, html_path, totals),
                         encoding="utf-8")
