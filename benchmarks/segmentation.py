@@ -25,7 +25,6 @@ from ttd.segment import SegmentOptions
 SETTINGS = (  # (name, world image side, options)
     ("64 px, θ 0.5", 64, SegmentOptions(mask_threshold=0.5)),
     ("64 px, θ 0.9", 64, SegmentOptions(mask_threshold=0.9)),
-    ("64 px, θ 0.9, flip TTA", 64, SegmentOptions(mask_threshold=0.9)),
     ("64 px, θ 0.9, PAMR", 64, SegmentOptions(mask_threshold=0.9, pamr=True)),
     ("128 px, θ 0.9, centre crop", 128, SegmentOptions(crop="center", mask_threshold=0.9)),
     ("128 px, θ 0.9, whole, scale 2, stride 32", 128, SegmentOptions(scales=(2.0,), stride=32, mask_threshold=0.9)),
@@ -55,6 +54,10 @@ def main() -> None:
         rows.append(row)
         print(f"| {name} | " + " | ".join(f"{row[label]['miou']} / {row[label]['mfpr']} / {row[label]['mfnr']}"
                                          for label, _ in models) + " |", flush=True)
+        write(args, models, rows)  # after every row: a stopped run keeps what it measured
+
+
+def write(args: argparse.Namespace, models: list, rows: list) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"count": args.count, "seed": args.seed,
                                     "models": {label: str(path) for label, path in models}, "rows": rows}, indent=1))

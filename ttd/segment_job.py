@@ -25,7 +25,8 @@ from ttd.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from ttd.inputs import Item
 from ttd.runtime.tagger import Tagger
 from ttd.segment import SegmentOptions, Segmentation, segment_caption, segment_classes
-from ttd.tag_job import contained_path, partial_path, refuse_input_as_output, safe_name
+from ttd.tag_job import MAX_CAPTION_TAGS, contained_path, partial_path, refuse_input_as_output, safe_name
+from ttd.tags import candidate_tags
 
 
 
@@ -77,6 +78,8 @@ def segment_one(tagger: Tagger, item: Item, classes: list[str] | None, class_emb
         raise ValueError(item.error)
     if classes is None and (item.caption is None or not item.caption.strip()):
         raise ValueError("empty caption")
+    if classes is None and len(candidate_tags(item.caption)) > MAX_CAPTION_TAGS:
+        raise ValueError(f"caption has more than {MAX_CAPTION_TAGS} candidate tags; split it into shorter captions")
     image = decode_image(item.path, item.image, max_pixels)
     if classes is not None:
         return segment_classes(tagger, image, classes, options, class_embeds)
