@@ -2,11 +2,12 @@
 mFPR / mFNR (ttd eval-segmentation's numbers), for the background threshold θ and for whole-image
 inference vs the centre crop on larger images.
 
-    python benchmarks/segmentation.py --ttd runs/ttd/model.safetensors --out benchmarks/results/segmentation.json
+    python benchmarks/segmentation.py --ttd runs/ttd/model.safetensors --count 100 \
+        --labelling shapes --out benchmarks/results/segmentation_shapes.json
 
 Each row is one `ttd eval-segmentation` run, e.g.
-    ttd eval-segmentation --count 200 --mask-threshold 0.9 --checkpoint runs/ttd/model.safetensors
-    ttd eval-segmentation --count 200 --size 128 --scales 2 --stride 32 --mask-threshold 0.9
+    ttd eval-segmentation --count 100 --mask-threshold 0.9 --checkpoint runs/ttd/model.safetensors
+    ttd eval-segmentation --count 100 --size 128 --scales 2 --stride 32 --mask-threshold 0.9 --world-classes colours
 """
 
 from __future__ import annotations
@@ -37,12 +38,14 @@ def main() -> None:
     parser.add_argument("--ttd", type=Path, default=None, help="a TTD checkpoint (ttd train --objective ttd)")
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--seed", type=int, default=2)
+    parser.add_argument("--labelling", choices=("shapes", "colours"), default="shapes",
+                        help="world classes: the objects' shapes (8) or colours (6)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/segmentation.json"))
     args = parser.parse_args()
     models = [("base", args.base)] + ([("ttd", args.ttd)] if args.ttd else [])
     rows = []
     for name, size, options in SETTINGS:
-        dataset = world_segmentation_samples(args.seed, args.count, size)
+        dataset = world_segmentation_samples(args.seed, args.count, size, labelling=args.labelling)
         row = {"setting": name}
         for label, checkpoint in models:
             tagger = load_tagger("torch", checkpoint=str(checkpoint), device="cpu", flip_tta="flip" in name)
@@ -59,7 +62,7 @@ def main() -> None:
 
 def write(args: argparse.Namespace, models: list, rows: list) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"count": args.count, "seed": args.seed,
+    args.out.write_text(json.dumps({"count": args.count, "seed": args.seed, "labelling": args.labelling,
                                     "models": {label: str(path) for label, path in models}, "rows": rows}, indent=1))
 
 

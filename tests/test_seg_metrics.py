@@ -166,3 +166,16 @@ def test_eval_segmentation_of_the_written_split_equals_the_world_in_memory(tmp_p
     assert results[0]["miou"] == results[1]["miou"] and 0 < results[0]["miou"] < 1
     assert set(results[0]["classes"]) == {"background", *SHAPES}
     assert "mean" in result.output and "background" in result.output
+
+
+def test_world_split_labelled_by_colour():
+    from ttd.data.world import COLOURS
+
+    dataset = world_segmentation_samples(2, 3, 64, labelling="colours")
+    assert dataset.classes == ["background", *COLOURS]
+    for index in range(3):
+        labels = dataset.load(index)[1]
+        for obj in make_sample(2, index).objects:
+            assert (labels[obj.mask] == 1 + list(COLOURS).index(obj.colour)).all()
+    with pytest.raises(ValueError, match="unknown world labelling 'sizes'"):
+        world_segmentation_samples(2, 1, 64, labelling="sizes")

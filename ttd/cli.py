@@ -651,6 +651,8 @@ def report(records, html_path, per_page, max_side):
 @click.option("--count", type=click.IntRange(1), default=200, show_default=True, help="World samples without DATA_DIR.")
 @click.option("--seed", type=int, default=2, show_default=True, help="World seed without DATA_DIR.")
 @click.option("--size", type=click.IntRange(16), default=64, show_default=True, help="World image side without DATA_DIR.")
+@click.option("--world-classes", type=click.Choice(["shapes", "colours"]), default="shapes", show_default=True,
+              help="Without DATA_DIR: label the world's objects by shape (8 classes) or colour (6).")
 @model_options
 @click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt", "triton"]), default="torch",
               show_default=True)
@@ -660,9 +662,9 @@ def report(records, html_path, per_page, max_side):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the per-class metrics here as JSON.")
-def eval_segmentation(data_dir, split, classes_file, count, seed, size, model, pretrained, checkpoint, dense_mode,
-                      backend, export_dir, url, crop, scales, stride, flip_tta, mask_threshold, templates_path, pamr,
-                      device, json_path):
+def eval_segmentation(data_dir, split, classes_file, count, seed, size, world_classes, model, pretrained, checkpoint,
+                      dense_mode, backend, export_dir, url, crop, scales, stride, flip_tta, mask_threshold,
+                      templates_path, pamr, device, json_path):
     """mIoU / mFPR / mFNR per class of open-vocabulary segmentation on a VOC-style folder
     (JPEGImages/, SegmentationClass/ palette PNGs, ImageSets/Segmentation/SPLIT.txt, classes.txt;
     label 0 is the background, 255 ignored) or, without DATA_DIR, on the world segmentation split
@@ -678,7 +680,8 @@ def eval_segmentation(data_dir, split, classes_file, count, seed, size, model, p
                              device=device, export_dir=export_dir, url=url, flip_tta=flip_tta)
         if templates_path is not None:
             tagger = with_templates(tagger, read_templates(templates_path.read_text(encoding="utf-8")))
-        dataset = read_voc(data_dir, split, classes_file) if data_dir else world_segmentation_samples(seed, count, size)
+        dataset = (read_voc(data_dir, split, classes_file) if data_dir
+                   else world_segmentation_samples(seed, count, size, labelling=world_classes))
         result = evaluate_segmentation(tagger, dataset, options)
     except (VOCError, ValueError, RuntimeError, OSError) as error:
         fail(str(error))
@@ -694,12 +697,14 @@ def eval_segmentation(data_dir, split, classes_file, count, seed, size, model, p
 @click.option("--count", type=click.IntRange(1), default=200, show_default=True)
 @click.option("--seed", type=int, default=2, show_default=True)
 @click.option("--size", type=click.IntRange(16), default=64, show_default=True, help="Image side in pixels.")
-def world_segmentation(out_dir, count, seed, size):
-    """Write COUNT world samples as a VOC-style segmentation folder (shape classes, exact masks)."""
+@click.option("--classes", "labelling", type=click.Choice(["shapes", "colours"]), default="shapes", show_default=True,
+              help="Label objects by shape (8 classes) or colour (6); 0 is the background.")
+def world_segmentation(out_dir, count, seed, size, labelling):
+    """Write COUNT world samples as a VOC-style segmentation folder (exact masks)."""
     from ttd.data.voc import write_world_segmentation
 
     try:
-        path = write_world_segmentation(out_dir, seed, count, size)
+        path = write_world_segmentation(out_dir, seed, count, size, labelling=labelling)
     except ValueError as error:
         fail(str(error))
     click.echo(f"wrote {count} samples to {path}", err=True)

@@ -9,7 +9,8 @@
 
 PASCAL Context, COCO-Object, ADE20K or Cityscapes converted to this layout (with a background
 class 0) evaluate the same way. The world split has exact ground truth: label 0 is the
-background, label 1 + i the shape SHAPES[i] wherever an object of that shape is visible.
+background, label 1 + i the shape SHAPES[i] (or the colour, labelling "colours") wherever an
+object of that shape (colour) is visible.
 """
 
 from __future__ import annotations
@@ -131,40 +132,53 @@ def palette() -> list[int]:
     return colours
 
 
-def world_label_map(sample) -> np.ndarray:
-    """uint8 labels of a world sample: 0 background, 1 + SHAPES.index(shape) on each visible object."""
-    from ttd.data.world import SHAPES
+WORLD_LABELLINGS = ("shapes", "colours")
 
+
+def _world_names(labelling: str) -> tuple[str, ...]:
+    from ttd.data.world import COLOURS, SHAPES
+
+    if labelling not in WORLD_LABELLINGS:
+        raise ValueError(f"unknown world labelling {labelling!r}; choose one of {', '.join(WORLD_LABELLINGS)}")
+    return SHAPES if labelling == "shapes" else tuple(COLOURS)
+
+
+def world_label_map(sample, labelling: str = "shapes") -> np.ndarray:
+    """uint8 labels of a world sample: 0 background, 1 + the index of each visible object's shape
+    (or colour) in SHAPES (or COLOURS) on its pixels."""
+    names = _world_names(labelling)
     labels = np.zeros(sample.image.shape[:2], np.uint8)
     for obj in sample.objects:
-        labels[obj.mask] = 1 + SHAPES.index(obj.shape)
+        labels[obj.mask] = 1 + names.index(obj.shape if labelling == "shapes" else obj.colour)
     return labels
 
 
-def world_classes() -> list[str]:
-    from ttd.data.world import SHAPES
-
-    return ["background", *SHAPES]
+def world_classes(labelling: str = "shapes") -> list[str]:
+    return ["background", *_world_names(labelling)]
 
 
-def world_segmentation_samples(seed: int = 2, count: int = 200, size: int = 64, start: int = 0) -> SegmentationSet:
-    """The world's segmentation split in memory (the same samples `write_world_segmentation` writes)."""
+def world_segmentation_samples(seed: int = 2, count: int = 200, size: int = 64, start: int = 0,
+                               labelling: str = "shapes") -> SegmentationSet:
+    """The world's segmentation split in memory (the same samples `write_world_segmentation` writes),
+    labelled by shape (8 classes) or colour (6 classes), 0 the background."""
     from ttd.data.world import make_sample
 
+    classes = world_classes(labelling)
     samples = [make_sample(seed, index, size) for index in range(start, start + count)]
-    return SegmentationSet(world_classes(), [f"{i:06d}" for i in range(start, start + count)],
-                           f"world seed {seed}, {count} samples of {size} px", [s.image for s in samples],
-                           [world_label_map(s) for s in samples])
+    return SegmentationSet(classes, [f"{i:06d}" for i in range(start, start + count)],
+                           f"world seed {seed}, {count} samples of {size} px, {labelling}", [s.image for s in samples],
+                           [world_label_map(s, labelling) for s in samples])
 
 
-def write_world_segmentation(out: Path, seed: int = 2, count: int = 200, size: int = 64, start: int = 0) -> Path:
+def write_world_segmentation(out: Path, seed: int = 2, count: int = 200, size: int = 64, start: int = 0,
+                             labelling: str = "shapes") -> Path:
     """Write the world's segmentation split as a VOC-style folder (into a new or empty folder)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty folder; choose a new folder (or delete this one)")
     for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (out / folder).mkdir(parents=True, exist_ok=True)
-    dataset = world_segmentation_samples(seed, count, size, start)
+    dataset = world_segmentation_samples(seed, count, size, start, labelling)
     for name, image, labels in zip(dataset.names, dataset._images, dataset._labels):
         Image.fromarray(image).save(out / "JPEGImages" / f"{name}.png")  # lossless: exact pixels
         png = Image.fromarray(labels, "P")
