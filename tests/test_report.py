@@ -102,14 +102,18 @@ def test_report_lists_errors_escapes_text_and_paginates(tmp_path):
         for i in range(3):
             f.write(json.dumps({"image": "grey.png", "candidates": [{"tag": f"t{i}", "score": 0.5}],
                                 "selected": [f"t{i}"]}) + "\n")
-    result = CliRunner().invoke(main, ["report", str(records), "--html", str(tmp_path / "r.html"), "--per-page", "2"])
+    elsewhere = tmp_path / "outputs" / "out.jsonl"  # records away from the images: --images-root finds them
+    elsewhere.parent.mkdir()
+    records = records.rename(elsewhere)
+    result = CliRunner().invoke(main, ["report", str(records), "--html", str(tmp_path / "r.html"), "--per-page", "2",
+                                       "--images-root", str(tmp_path)])
     assert result.exit_code == 0, result.output
     pages = [tmp_path / "r.html", tmp_path / "r-2.html", tmp_path / "r-3.html"]
     assert [p.exists() for p in pages] == [True, True, True] and not (tmp_path / "r-4.html").exists()
     first, second = pages[0].read_text(), pages[1].read_text()
     assert "6 items, 2 with errors" in first and 'href="r-2.html"' in first and 'href="r.html"' in second
     assert "missing.png: file not found" in first and "&lt;script&gt;alert(1)&lt;/script&gt;" in first
-    assert "<script>alert" not in first
+    assert "<script>alert" not in first and "grey.png: file not found" not in first + second  # images found
     assert "out.jsonl line 3: not a record" in second
     assert 'class="overlay"' in first and first.count("data:image/png;base64,") == 1  # one mask overlay
     assert "http://" not in first and "https://" not in first  # self-contained: nothing to fetch

@@ -630,14 +630,17 @@ def segment(captions, classes, images, output, coco, masks_dir, model, pretraine
 @click.option("--per-page", type=click.IntRange(1), default=50, show_default=True, help="Items per page.")
 @click.option("--max-side", type=click.IntRange(64), default=480, show_default=True,
               help="Images are embedded at most this many pixels on their longer side.")
-def report(records, html_path, per_page, max_side):
+@click.option("--images-root", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="Folder that relative image paths in RECORDS start from (default: RECORDS' folder; "
+                   "for `ttd tag --captions F` outputs, F's folder).")
+def report(records, html_path, per_page, max_side, images_root):
     """A static, self-contained HTML report of a `ttd tag` or `ttd segment` output (RECORDS):
     each image with its coloured mask overlays and legend, the candidate tags with scores
     (selected or rejected), and the errors; paginated."""
     from ttd.report import write_report
 
     try:
-        pages = write_report(records, html_path, per_page, max_side)
+        pages = write_report(records, html_path, per_page, max_side, images_root)
     except (ValueError, OSError) as error:
         fail(str(error))
     click.echo(f"wrote {len(pages)} page(s): {pages[0]}", err=True)
