@@ -128,9 +128,13 @@ def main() -> None:
                    "(default: $TTD_CACHE_DIR/vocab or ~/.cache/ttd/vocab).")
 @click.option("--no-vocab-cache", is_flag=True, help="Encode the vocabulary afresh and cache nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--crop", type=click.Choice(["center", "whole"]), default="center", show_default=True,
+              help="center: the model sees the centre crop (fast). whole: sliding windows cover the whole image, "
+                   "so tags outside the crop are found too, and each line also holds the caption's and the "
+                   "selected tags' masks in the image's own geometry (as `ttd segment --captions`).")
 def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, dense_mode, backend, export_dir, url,
         threshold, score_method, flip_tta, masks_dir, batch_size, device, dtype, max_pixels, top_k, threads,
-        compile_encoder, decode_workers, vocab_cache, no_vocab_cache, quiet):
+        compile_encoder, decode_workers, vocab_cache, no_vocab_cache, quiet, crop="center"):
     """Tag images: with their captions (--captions) or against a vocabulary (--vocabulary IMAGES...).
 
     Each output line holds the candidate tags with their pixel-tag scores and the selected tags,
@@ -171,6 +175,20 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
                 warnings.showwarning(notice.message, notice.category, notice.filename, notice.lineno)
     except (InputError, ValueError, RuntimeError, OSError) as error:  # OSError: e.g. an unreachable --url
         fail(str(error))
+    if crop == "whole":  # whole-image caption tagging is `ttd segment --captions` (ttd/segment_job.py)
+        if vocab is not None:
+            fail("--crop whole tags with --captions; for a vocabulary over whole images use "
+                 "`ttd segment --classes FILE IMAGES...`")
+        from ttd.segment import SegmentOptions
+        from ttd.segment_job import segment_items
+
+        try:
+            summary = segment_items(tagger, items, output, None, SegmentOptions(), None, masks_dir, max_pixels,
+                                    progress=not quiet, inputs=[captions])
+        except (ValueError, RuntimeError, OSError) as error:
+            fail(str(error))
+        click.echo(f"wrote {summary.written} records to {output} ({summary.errors} errors)", err=True)
+        return
     vocab_embeds = None
     if vocab and not no_vocab_cache:
         from ttd.vocab_cache import load_or_encode, model_key_for
@@ -536,6 +554,209 @@ def serve(repo, host, http_port, grpc_port, timeout_s, max_restarts, max_body_mb
     except KeyboardInterrupt:
         code = 0
     sys.exit(code)
+
+
+def _floats(text: str, name: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) <= 0:
+        fail(f"{name} {text!r}: give positive numbers separated by commas, e.g. 1,1.5")
+    return values
+
+
+def _segment_options(f):
+    """Options of whole-image inference and masks, shared by `ttd segment` and `ttd eval-segmentation`."""
+    f = click.option("--pamr", is_flag=True, help="Refine class maps with PAMR (pixel-adaptive mask refinement).")(f)
+    f = click.option("--templates", "templates_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+                     default=None, help="Prompt templates for the tags/classes, one a line with {} for the name "
+                                        "(their embeddings are averaged); default: the model's.")(f)
+    f = click.option("--mask-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
+                     show_default=True, help="θ: a pixel is in a mask when M ≥ θ; below θ for every class it "
+                                             "is background.")(f)
+    f = click.option("--flip-tta", is_flag=True, help="Average every window's maps with its mirror image's.")(f)
+    f = click.option("--stride", type=click.IntRange(1), default=None,
+                     help="Sliding-window stride in pixels of the resized image [default: 2/3 of the model's input].")(f)
+    f = click.option("--scales", default="1", show_default=True,
+                     help="Comma list: the image is resized to shorter side scale × the model's input and "
+                          "windows slide over it; the scales' maps are averaged (e.g. 1,1.5,2 for large images).")(f)
+    f = click.option("--crop", type=click.Choice(["whole", "center"]), default="whole", show_default=True,
+                     help="whole: sliding windows cover the whole image; center: one centre crop (fast, "
+                          "as `ttd tag`; pixels outside it are background).")(f)
+    return f
+
+
+def _make_segment_options(crop, scales, stride, mask_threshold, pamr):
+    from ttd.segment import SegmentOptions
+
+    return SegmentOptions(crop=crop, scales=_floats(scales, "--scales"), stride=stride, mask_threshold=mask_threshold,
+                          pamr=pamr)
+
+
+def _read_classes(classes: str) -> list[str]:
+    """--classes: a file (one name a line) or a comma list."""
+    from ttd.inputs import read_vocabulary
+
+    path = Path(classes)
+    names = read_vocabulary(path) if path.is_file() else [c.strip() for c in classes.split(",") if c.strip()]
+    if not names:
+        fail(f"--classes {classes!r}: no class names (give a comma list or a file with one name a line)")
+    return names
+
+
+@main.command()
+@click.option("--captions", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Caption masks: JSONL or CSV with an image path and a caption per item.")
+@click.option("--classes", default=None,
+              help="Semantic segmentation of the IMAGES into these classes: a comma list or a file with one "
+                   "name a line.")
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="JSON lines, one per item in input order, masks as COCO RLE (view with `ttd report`).")
+@click.option("--coco", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write COCO-style JSON (images, categories, RLE annotations) here.")
+@click.option("--masks-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write PNG masks (and palette PNG label maps) under this folder.")
+@model_options
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt", "triton"]), default="torch",
+              show_default=True)
+@click.option("--export-dir", type=click.Path(file_okay=False), default=None,
+              help="Export directory (onnxruntime, tensorrt, triton; with torch: run the export's own weights).")
+@click.option("--url", default=None, help="Triton server URL for --backend triton (host:port).")
+@click.option("--threshold", type=float, default=0.5, show_default=True, help="δ: a tag is selected when its score ≥ δ.")
+@click.option("--score", "score_method", type=click.Choice(SCORE_METHODS), default="softmax", show_default=True)
+@_segment_options
+@click.option("--device", default="auto", show_default=True)
+@click.option("--max-pixels", type=click.IntRange(1), default=89_478_485, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def segment(captions, classes, images, output, coco, masks_dir, model, pretrained, checkpoint, dense_mode, backend,
+            export_dir, url, threshold, score_method, crop, scales, stride, flip_tta, mask_threshold, templates_path,
+            pamr, device, max_pixels, quiet):
+    """Masks in each image's own geometry: caption masks (--captions) or open-vocabulary semantic
+    segmentation (--classes NAMES IMAGES...).
+
+    \b
+    ttd segment --captions captions.jsonl -o masks.jsonl --coco masks.json
+    ttd segment --classes cat,dog,grass photos/ -o seg.jsonl --masks-dir seg/ --flip-tta --pamr
+    ttd report masks.jsonl --html report.html
+    """
+    from ttd.inputs import InputError, list_images, read_captions
+    from ttd.runtime import load_tagger
+    from ttd.segment import read_templates, with_templates
+    from ttd.segment_job import segment_items
+
+    if (captions is None) == (classes is None):
+        fail("give exactly one of --captions FILE or --classes NAMES")
+    if classes is not None and not images:
+        fail("--classes needs image files or folders as arguments")
+    if captions is not None and images:
+        fail("with --captions, images come from the captions file; do not also pass image arguments")
+    options = _make_segment_options(crop, scales, stride, mask_threshold, pamr)
+    try:
+        items = read_captions(captions) if captions else list_images(list(images))
+        names = _read_classes(classes) if classes is not None else None
+        tagger = load_tagger(backend, model=model, pretrained=pretrained, checkpoint=checkpoint, dense_mode=dense_mode,
+                             device=device, export_dir=export_dir, url=url, threshold=threshold, flip_tta=flip_tta,
+                             score_method=score_method)
+        if templates_path is not None:
+            tagger = with_templates(tagger, read_templates(templates_path.read_text(encoding="utf-8")))
+        summary = segment_items(tagger, items, output, names, options, coco, masks_dir, max_pixels,
+                                progress=not quiet, inputs=[p for p in (captions,) if p is not None])
+    except (InputError, ValueError, RuntimeError, OSError) as error:
+        fail(str(error))
+    click.echo(f"wrote {summary.written} records to {output} ({summary.errors} errors)"
+               + (f"; COCO annotations in {coco}" if coco else ""), err=True)
+
+
+@main.command()
+@click.argument("records", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The report's first page; further pages go beside it (NAME-2.html, ...).")
+@click.option("--per-page", type=click.IntRange(1), default=50, show_default=True, help="Items per page.")
+@click.option("--max-side", type=click.IntRange(64), default=480, show_default=True,
+              help="Images are embedded at most this many pixels on their longer side.")
+@click.option("--images-root", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="Folder that relative image paths in RECORDS start from (default: RECORDS' folder; "
+                   "for `ttd tag --captions F` outputs, F's folder).")
+def report(records, html_path, per_page, max_side, images_root):
+    """A static, self-contained HTML report of a `ttd tag` or `ttd segment` output (RECORDS):
+    each image with its coloured mask overlays and legend, the candidate tags with scores
+    (selected or rejected), and the errors; paginated."""
+    from ttd.report import write_report
+
+    try:
+        pages = write_report(records, html_path, per_page, max_side, images_root)
+    except (ValueError, OSError) as error:
+        fail(str(error))
+    click.echo(f"wrote {len(pages)} page(s): {pages[0]}", err=True)
+
+
+@main.command("eval-segmentation")
+@click.argument("data_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), required=False)
+@click.option("--split", default="val", show_default=True, help="ImageSets/Segmentation/SPLIT.txt of a VOC-style folder.")
+@click.option("--classes-file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Class names, one a line, line i = label i (default: DATA_DIR/classes.txt, else PASCAL VOC's 21).")
+@click.option("--count", type=click.IntRange(1), default=200, show_default=True, help="World samples without DATA_DIR.")
+@click.option("--seed", type=int, default=2, show_default=True, help="World seed without DATA_DIR.")
+@click.option("--size", type=click.IntRange(16), default=64, show_default=True, help="World image side without DATA_DIR.")
+@click.option("--world-classes", type=click.Choice(["shapes", "colours"]), default="shapes", show_default=True,
+              help="Without DATA_DIR: label the world's objects by shape (8 classes) or colour (6).")
+@model_options
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt", "triton"]), default="torch",
+              show_default=True)
+@click.option("--export-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--url", default=None, help="Triton server URL for --backend triton.")
+@_segment_options
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the per-class metrics here as JSON.")
+def eval_segmentation(data_dir, split, classes_file, count, seed, size, world_classes, model, pretrained, checkpoint,
+                      dense_mode, backend, export_dir, url, crop, scales, stride, flip_tta, mask_threshold,
+                      templates_path, pamr, device, json_path):
+    """mIoU / mFPR / mFNR per class of open-vocabulary segmentation on a VOC-style folder
+    (JPEGImages/, SegmentationClass/ palette PNGs, ImageSets/Segmentation/SPLIT.txt, classes.txt;
+    label 0 is the background, 255 ignored) or, without DATA_DIR, on the world segmentation split
+    (exact ground truth)."""
+    from ttd.data.voc import VOCError, read_voc, world_segmentation_samples
+    from ttd.runtime import load_tagger
+    from ttd.seg_eval import evaluate_segmentation, format_segmentation_table
+    from ttd.segment import read_templates, with_templates
+
+    options = _make_segment_options(crop, scales, stride, mask_threshold, pamr)
+    try:
+        tagger = load_tagger(backend, model=model, pretrained=pretrained, checkpoint=checkpoint, dense_mode=dense_mode,
+                             device=device, export_dir=export_dir, url=url, flip_tta=flip_tta)
+        if templates_path is not None:
+            tagger = with_templates(tagger, read_templates(templates_path.read_text(encoding="utf-8")))
+        dataset = (read_voc(data_dir, split, classes_file) if data_dir
+                   else world_segmentation_samples(seed, count, size, labelling=world_classes))
+        result = evaluate_segmentation(tagger, dataset, options)
+    except (VOCError, ValueError, RuntimeError, OSError) as error:
+        fail(str(error))
+    result["model"] = tagger.config.source
+    click.echo(format_segmentation_table(result))
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=1))
+
+
+@world.command("segmentation")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--count", type=click.IntRange(1), default=200, show_default=True)
+@click.option("--seed", type=int, default=2, show_default=True)
+@click.option("--size", type=click.IntRange(16), default=64, show_default=True, help="Image side in pixels.")
+@click.option("--classes", "labelling", type=click.Choice(["shapes", "colours"]), default="shapes", show_default=True,
+              help="Label objects by shape (8 classes) or colour (6); 0 is the background.")
+def world_segmentation(out_dir, count, seed, size, labelling):
+    """Write COUNT world samples as a VOC-style segmentation folder (exact masks)."""
+    from ttd.data.voc import write_world_segmentation
+
+    try:
+        path = write_world_segmentation(out_dir, seed, count, size, labelling=labelling)
+    except ValueError as error:
+        fail(str(error))
+    click.echo(f"wrote {count} samples to {path}", err=True)
 
 
 if __name__ == "__main__":

@@ -85,3 +85,53 @@ class MaskCounts:
     def summary(self) -> dict[str, float]:
         mean = lambda values: float(np.mean(values)) if values else 0.0  # noqa: E731
         return {"iou": mean(self.ious), "fpr": mean(self.fprs), "fnr": mean(self.fnrs)}
+
+
+@dataclass
+class SegmentationCounts:
+    """A confusion matrix of label maps over a dataset (DESIGN §3.5): per-class IoU, FPR and FNR
+    over all pixels of all images, and their means over the classes.
+
+    A class's IoU = TP / (TP + FP + FN) counts when the class is in the ground truth or the
+    prediction (absent from both: no IoU, no FPR); FPR = FP / (FP + TN); FNR = FN / (FN + TP)
+    needs ground-truth pixels. Pixels labelled `ignore_index` in the ground truth are left out."""
+
+    num_classes: int
+    ignore_index: int = 255
+    confusion: np.ndarray = field(init=False)  # [truth, predicted], int64
+
+    def __post_init__(self) -> None:
+        self.confusion = np.zeros((self.num_classes, self.num_classes), np.int64)
+
+    def add(self, predicted: np.ndarray, truth: np.ndarray) -> None:
+        if predicted.shape != truth.shape:
+            raise ValueError(f"prediction {predicted.shape} and ground truth {truth.shape} differ in size")
+        keep = truth != self.ignore_index
+        truth, predicted = truth[keep].astype(np.int64), predicted[keep].astype(np.int64)
+        if truth.size and (truth.max() >= self.num_classes or truth.min() < 0):
+            raise ValueError(f"ground-truth label {int(truth.max())} outside 0..{self.num_classes - 1} "
+                             f"(and not the ignore label {self.ignore_index})")
+        if predicted.size and (predicted.max() >= self.num_classes or predicted.min() < 0):
+            raise ValueError(f"predicted label {int(predicted.max())} outside 0..{self.num_classes - 1}")
+        self.confusion += np.bincount(truth * self.num_classes + predicted,
+                                      minlength=self.num_classes ** 2).reshape(self.num_classes, self.num_classes)
+
+    def per_class(self) -> dict[str, np.ndarray]:
+        """{"iou", "fpr", "fnr", "pixels"}: arrays over classes (NaN where undefined)."""
+        c = self.confusion.astype(np.float64)
+        tp = np.diag(c)
+        fp, fn = c.sum(axis=0) - tp, c.sum(axis=1) - tp
+        tn = c.sum() - tp - fp - fn
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iou = np.where(tp + fp + fn > 0, tp / (tp + fp + fn), np.nan)
+            fnr = np.where(tp + fn > 0, fn / (tp + fn), np.nan)
+            fpr = np.where((tp + fp + fn > 0) & (fp + tn > 0), fp / (fp + tn), np.nan)
+        return {"iou": iou, "fpr": fpr, "fnr": fnr, "pixels": c.sum(axis=1)}
+
+    def summary(self) -> dict[str, float]:
+        """{"miou", "mfpr", "mfnr", "pixel_accuracy"}: means over the classes where defined."""
+        per = self.per_class()
+        mean = lambda values: float(np.nanmean(values)) if np.isfinite(values).any() else 0.0  # noqa: E731
+        total = self.confusion.sum()
+        return {"miou": mean(per["iou"]), "mfpr": mean(per["fpr"]), "mfnr": mean(per["fnr"]),
+                "pixel_accuracy": float(np.trace(self.confusion) / total) if total else 0.0}
