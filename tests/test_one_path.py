@@ -53,9 +53,10 @@ def test_eval_of_an_export_measures_that_export(tmp_path):
     assert random_run["model"] == "registered:world-tiny" and random_run["tags"]["pixel-tag"]["map"] < 0.85
 
 
-def test_evaluation_scores_are_the_taggers(tiny_model):
+@pytest.mark.parametrize(("score_method", "scorer"), [("softmax", "pixel-tag"), ("negatives", "pixel-tag-negatives")])
+def test_evaluation_scores_are_the_taggers(tiny_model, score_method, scorer):
     """What `ttd eval` counts is what `ttd tag` selects: the evaluation's pixel-tag decisions
-    equal Tagger.tag's selections on the same samples."""
+    equal Tagger.tag's selections on the same samples, for each pixel-tag score."""
     import numpy as np
 
     from ttd.data.annotations import world_eval_samples
@@ -64,12 +65,12 @@ def test_evaluation_scores_are_the_taggers(tiny_model):
     from ttd.tags import candidate_tags
 
     samples = world_eval_samples(2, 24)
-    tagger = torch_tagger(tiny_model, "cpu", threshold=0.3)
+    tagger = torch_tagger(tiny_model, "cpu", threshold=0.3, score_method=score_method)
     result = evaluate(tagger, samples, threshold=0.3, progress=False)
     tagged = tagger.tag(np.stack([s.image for s in samples]), [candidate_tags(s.caption) for s in samples])
     tp = sum(t in s.relevant_tags for r, s in zip(tagged, samples, strict=True) for t in r.selected)
     fp = sum(t not in s.relevant_tags for r, s in zip(tagged, samples, strict=True) for t in r.selected)
-    precision = result["tags"]["pixel-tag"]["precision"]
+    precision = result["tags"][scorer]["precision"]
     assert precision == pytest.approx(tp / max(tp + fp, 1))
 
 
@@ -224,13 +225,15 @@ def test_training_defaults_per_objective():
 
 
 def test_one_precision_vocabulary_with_torch_aliases(tmp_path, tiny_model):
+    import copy
+
     from ttd.config import canonical_precision
     from ttd.runtime.torch_backend import TorchBackend
 
     assert canonical_precision("bfloat16") == "bf16" and canonical_precision("fp16") == "fp16"
     with pytest.raises(ValueError, match="unknown precision 'float64'"):
         canonical_precision("float64")
-    assert str(TorchBackend(tiny_model, "cpu", "bfloat16").dtype) == "torch.bfloat16"
+    assert str(TorchBackend(copy.deepcopy(tiny_model), "cpu", "bfloat16").dtype) == "torch.bfloat16"  # a copy: it casts in place
     result = CliRunner().invoke(main, ["tag", "--vocabulary", str(tmp_path / "v.txt"), str(tmp_path), "-o",
                                        str(tmp_path / "o.jsonl"), "--dtype", "float64"])
     assert result.exit_code == 2 and "'float64' is not one of auto, fp32, bf16, fp16" in result.output
