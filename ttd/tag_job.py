@@ -91,7 +91,8 @@ def _prepare(item: Item, vocabulary_mode: bool, max_pixels: int, size: int,
         if len(tags) > MAX_CAPTION_TAGS:
             raise ValueError(f"caption has {len(tags)} candidate tags, more than the limit of {MAX_CAPTION_TAGS} "
                              "(the served tagger's cap); split it into shorter captions")
-    image = decode_image(item.path, item.image, max_pixels)
+    data = getattr(item, "data", None)  # a webdataset sample's bytes (ttd.item_stream.ShardItem)
+    image = decode_image(item.path if data is None else data, item.image, max_pixels)
     return resize_center_crop(image, size, interpolation), tags
 
 
