@@ -99,8 +99,7 @@ def main() -> None:
                    "(each record has its input position in \"index\").")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: this process (+ decoding workers); ray: Ray Data with a pool of Tagger actors "
-                   "(local Ray, or the cluster at --ray-address / $RAY_ADDRESS); OUTPUT is then a folder of "
-                   "JSON-lines shards.")
+                   "(local Ray, or the cluster at --ray-address); the same records, --resume and --shard.")
 @click.option("--ray-address", default=None, help="Ray cluster address for --engine ray (default: a local Ray).")
 @click.option("--actors", type=click.IntRange(1), default=None,
               help="--engine ray: Tagger actors (default: one per GPU, else CPUs / 2).")
@@ -139,6 +138,7 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
         vocab = read_vocabulary(vocabulary) if vocabulary else None
         if engine == "ray":
             from ttd.ray_engine import RayJob, run_ray_job
+            from ttd.stream_job import tag_job_description
 
             summary = run_ray_job(RayJob(
                 captions=None if captions is None else str(captions), images=[str(i) for i in images],
@@ -147,7 +147,10 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
                                     dense_mode=dense_mode, device=device, dtype=dtype, export_dir=export_dir,
                                     url=url, threshold=threshold, flip_tta=flip_tta, score_method=score_method,
                                     threads=threads),
-                actors=actors, address=ray_address, shard=shard, num_shards=num_shards, progress=not quiet))
+                actors=actors, address=ray_address, shard=shard, num_shards=num_shards, progress=not quiet,
+                masks_dir=None if masks_dir is None else str(masks_dir), resume=resume),
+                tag_job_description(captions, images, backend, model, pretrained, checkpoint, export_dir,
+                                    dense_mode, dtype, threshold, score_method, flip_tta))
             click.echo(summary.line(), err=True)
             return
         if "auto" in (backend, dtype):
