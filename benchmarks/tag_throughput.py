@@ -8,7 +8,8 @@ JSONL, decode the JPEGs, tokenise and encode the tags, run the image encoder and
 write the JSON lines) with a loaded model (model loading is excluded and reported apart).
 Encoder-only is `Tagger.encode_images` on the same images already decoded, at the same batch.
 The two are measured alternately `--repeats` times in one process; the machine may be shared,
-so each figure comes with CPU seconds (this process + its decoding workers) and the spread.
+so each figure comes with CPU seconds (this process + its decoding workers), the ratio by CPU
+time (encoder CPU s ÷ job CPU s: the share of the job's work that is the encoder) and the spread.
 """
 
 from __future__ import annotations
@@ -92,18 +93,21 @@ def main() -> None:
             assert summary.items == args.count and not summary.errors, summary.line()
             runs.append({"encoder_img_s": args.count / encoder[0], "encoder_cpu_s": encoder[1],
                          "job_img_s": args.count / job[0], "job_cpu_s": job[1],
-                         "p5": encoder[0] / job[0]})
+                         "p5": encoder[0] / job[0], "p5_cpu": encoder[1] / job[1]})
     cpu_name = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout
-    p5 = [r["p5"] for r in runs]
+    p5, p5_cpu = [r["p5"] for r in runs], [r["p5_cpu"] for r in runs]
     report = {"model": args.model, "backend": args.backend, "dtype": args.dtype, "batch": args.batch_size,
               "count": args.count, "decode_workers": workers, "threads": args.threads, "load_s": load_seconds,
               "cpu": cpu_name.split(":", 1)[-1].strip(), "runs": runs, "p5_median": statistics.median(p5),
-              "p5_min": min(p5), "p5_max": max(p5)}
+              "p5_min": min(p5), "p5_max": max(p5),
+              "p5_cpu_median": statistics.median(p5_cpu), "p5_cpu_min": min(p5_cpu), "p5_cpu_max": max(p5_cpu)}
     for r in runs:
         print(f"encoder {r['encoder_img_s']:7.1f} img/s ({r['encoder_cpu_s']:.2f} CPU s)   "
-              f"ttd tag {r['job_img_s']:7.1f} img/s ({r['job_cpu_s']:.2f} CPU s)   P5 {r['p5']:.3f}")
+              f"ttd tag {r['job_img_s']:7.1f} img/s ({r['job_cpu_s']:.2f} CPU s)   P5 {r['p5']:.3f} "
+              f"(by CPU time {r['p5_cpu']:.3f})")
     print(f"P5 {args.model} {args.backend} {args.dtype} batch {args.batch_size}: median {report['p5_median']:.3f} "
-          f"(min {report['p5_min']:.3f}, max {report['p5_max']:.3f}); model load {load_seconds:.1f} s; {report['cpu']}")
+          f"(min {report['p5_min']:.3f}, max {report['p5_max']:.3f}); by CPU time: median {report['p5_cpu_median']:.3f} "
+          f"(min {report['p5_cpu_min']:.3f}, max {report['p5_cpu_max']:.3f}); model load {load_seconds:.1f} s; {report['cpu']}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
 

@@ -9,6 +9,8 @@ back into input order by it.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -86,20 +88,52 @@ def tag_job_description(captions, images, backend, model, pretrained, checkpoint
             "threshold": threshold, "score": score_method, "flip_tta": flip_tta}
 
 
-def tag_batch(tagger: Tagger, batch: list[tuple[int, Item]], outcomes: list, vocabulary: list[str] | None,
-              vocabulary_embeds: np.ndarray | None, masks_dir: Path | None, top_k: int) -> list[dict]:
-    """The records of one decoded batch, in order (error records for items that failed)."""
-    chunk = [item for _, item in batch]
-    records, prepared = _split(chunk, outcomes, vocabulary)
+class _Encoded:
+    """The tagger with one batch's image encodings already computed by the encoder stage, so that
+    `Tagger.tag` and `tag_with_vocabulary` run only their tag-head part (their own code, unchanged)."""
+
+    def __init__(self, tagger: Tagger, encodings: tuple) -> None:
+        self._tagger, self._encodings = tagger, encodings
+
+    def encode_images(self, images: np.ndarray) -> tuple:
+        return self._encodings
+
+    def __getattr__(self, name: str):
+        return getattr(self._tagger, name)
+
+
+@dataclass
+class EncodedBatch:
+    """A batch after the image encoder: error records, prepared (image, tags) and the encodings."""
+
+    batch: list[tuple[int, Item]]
+    records: dict[int, dict]
+    prepared: dict
+    encodings: tuple | None
+
+
+def encode_batch(tagger: Tagger, batch: list[tuple[int, Item]], outcomes: list,
+                 vocabulary: list[str] | None) -> EncodedBatch:
+    """Stage 1: run the image encoder on the items that decoded (error records for the others)."""
+    records, prepared = _split([item for _, item in batch], outcomes, vocabulary)
+    encodings = tagger.encode_images(np.stack([prepared[k][0] for k in sorted(prepared)])) if prepared else None
+    return EncodedBatch(batch, records, prepared, encodings)
+
+
+def head_batch(tagger: Tagger, encoded: EncodedBatch, vocabulary: list[str] | None,
+               vocabulary_embeds: np.ndarray | None, masks_dir: Path | None, top_k: int) -> list[dict]:
+    """Stage 2: tag embeddings, tag head, selection, masks: the records of the batch, in order."""
+    batch, records, prepared = encoded.batch, encoded.records, encoded.prepared
     if prepared:
         keys = sorted(prepared)
         images = np.stack([prepared[k][0] for k in keys])
+        encoded_tagger = _Encoded(tagger, encoded.encodings)
         if vocabulary is not None:
-            results = tag_with_vocabulary(tagger, images, vocabulary, vocabulary_embeds, masks_dir is not None)
+            results = tag_with_vocabulary(encoded_tagger, images, vocabulary, vocabulary_embeds, masks_dir is not None)
         else:
-            results = tagger.tag(images, [prepared[k][1] for k in keys])
+            results = Tagger.tag(encoded_tagger, images, [prepared[k][1] for k in keys])
         for key, result in zip(keys, results):
-            item, position = chunk[key], batch[key][0]
+            (position, item) = batch[key]
             record = _record(item, result, vocabulary is not None, top_k, {})
             if masks_dir is not None:
                 try:  # folders named by global position: shards writing one masks folder never collide
@@ -109,6 +143,47 @@ def tag_batch(tagger: Tagger, batch: list[tuple[int, Item]], outcomes: list, voc
                     record["error"] = f"cannot write masks: {error}"
             records[key] = record
     return [{"index": position, **records[offset]} for offset, (position, _) in enumerate(batch)]
+
+
+def tag_batch(tagger: Tagger, batch: list[tuple[int, Item]], outcomes: list, vocabulary: list[str] | None,
+              vocabulary_embeds: np.ndarray | None, masks_dir: Path | None, top_k: int) -> list[dict]:
+    """The records of one decoded batch, in order (error records for items that failed)."""
+    return head_batch(tagger, encode_batch(tagger, batch, outcomes, vocabulary), vocabulary, vocabulary_embeds,
+                      masks_dir, top_k)
+
+
+class _HeadStage:
+    """A thread that runs stage 2 and writes the records while this thread encodes the next batch
+    (native kernels release the GIL, so both cores work); a bounded queue between the two."""
+
+    def __init__(self, work, depth: int = 2) -> None:
+        self.queue: queue.Queue = queue.Queue(depth)
+        self.error: BaseException | None = None
+        self.work = work
+        self.thread = threading.Thread(target=self._run, name="ttd-tag-head", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (encoded := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.work(encoded)
+                except BaseException as error:  # noqa: BLE001 - handed to the main thread
+                    self.error = error
+
+    def put(self, encoded: EncodedBatch) -> None:
+        self._raise()
+        self.queue.put(encoded)
+
+    def close(self) -> None:
+        """Wait for the queued batches, then raise what stage 2 raised, if anything."""
+        self.queue.put(None)
+        self.thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
 
 
 def tag_stream(
@@ -165,12 +240,20 @@ def tag_stream(
         with tqdm(total=mine, initial=summary.resumed, disable=not progress, unit="img", smoothing=0.1) as bar:
             batches = decoded_batches(select_shard(items, shard, num_shards, skip=summary.resumed), batch_size,
                                       workers, settings, prefetch)
-            for batch, outcomes in batches:
-                records = tag_batch(tagger, batch, outcomes, vocabulary, vocabulary_embeds, masks_dir, top_k)
+
+            def write(encoded: EncodedBatch) -> None:
+                records = head_batch(tagger, encoded, vocabulary, vocabulary_embeds, masks_dir, top_k)
                 writer.write(records)
                 summary.items += len(records)
                 summary.errors.update(error_kind(str(r["error"])) for r in records if "error" in r)
                 bar.update(len(records))
+
+            head = _HeadStage(write)
+            try:
+                for batch, outcomes in batches:
+                    head.put(encode_batch(tagger, batch, outcomes, vocabulary))
+            finally:
+                head.close()
         writer.finish()
     finally:
         writer.close()
