@@ -248,3 +248,28 @@ def test_folders_and_globs_stream_in_sorted_order(tmp_path):
     assert folder == ["a.png", "b/1.jpg", "b/2.png", "c/d/3.PNG"]
     globbed = [Path(i.image).relative_to(tmp_path).as_posix() for i in stream_images([f"{tmp_path}/b/*.png"])]
     assert globbed == ["b/2.png"]
+
+
+# training on streamed shards --------------------------------------------------------------------
+
+def test_training_batches_stream_from_shards_and_resume_at_their_sample_position(tmp_path):
+    from ttd.data.shard_stream import ShardStreamLoader
+
+    pattern = write_shards(tmp_path, 3, 4, _png_of(make_sample(4, 0).image))  # 12 samples an epoch
+    loader = ShardStreamLoader(pattern, 32, "bicubic", 4, seed=5)
+    steps = [loader.batch(step)[1] for step in range(5)]  # 20 samples: an epoch and two thirds
+    epoch = [c for batch in steps[:3] for c in batch]
+    assert sorted(epoch) == sorted(f"{'red circle' if i % 2 else 'blue square'} {s} {i}" for s in range(3) for i in range(4))
+    assert [c for batch in steps[3:] for c in batch] != epoch[:8]  # the next epoch reads the shards in another order
+    resumed = ShardStreamLoader(pattern, 32, "bicubic", 4, seed=5)
+    assert [resumed.batch(step)[1] for step in (3, 4)] == steps[3:]  # a resume at step 3: the same batches
+    ranks = [ShardStreamLoader(pattern, 32, "bicubic", 2, seed=5, rank=r, world=2) for r in (0, 1)]
+    assert [c for step in (3, 4) for r in ranks for c in r.batch(step)[1]] == steps[3:][0] + steps[3:][1]
+    images, _ = loader.batch(5)
+    assert images.shape == (4, 32, 32, 3) and loader.skipped == []
+
+
+def _png_of(pixels) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()

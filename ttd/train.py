@@ -23,10 +23,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ttd.data.shard_stream import ShardStreamLoader
 from ttd.data.sources import open_source
 from ttd.distill import clip_loss, ttd_losses
 from ttd.factory import _atomic_write, save_checkpoint
 from ttd.images import ImageError, normalize
+from ttd.item_stream import is_shard_pattern
 from ttd.lora import LoRAConfig, adapter_state_dict, inject_lora, merged_state_dict
 from ttd.model import TTDModel
 from ttd.scoring import pad_tags
@@ -225,8 +227,12 @@ def train(model: TTDModel, config: TrainConfig, resume: bool = True, progress: b
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start = int(state["step"])
-    source = open_source(config.data, model.config.image_size, config.data_seed, model.config.interpolation)
-    loader = BatchLoader(source, config.batch_size, config.data_seed, rank, world)
+    if is_shard_pattern(config.data):  # streamed: no index of CC3M-scale shards in memory
+        loader = ShardStreamLoader(config.data, model.config.image_size, model.config.interpolation,
+                                   config.batch_size, config.data_seed, rank, world)
+    else:
+        source = open_source(config.data, model.config.image_size, config.data_seed, model.config.interpolation)
+        loader = BatchLoader(source, config.batch_size, config.data_seed, rank, world)
     model.train()
     bad_steps = 0
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress or rank != 0,
