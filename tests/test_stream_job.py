@@ -146,6 +146,25 @@ def test_resume_refuses_another_job_and_reports_a_finished_one(tmp_path, tagger)
     assert again.already_complete and again.items == 4 and "already complete" in again.line()
 
 
+def test_an_error_in_the_head_stage_stops_the_job_and_keeps_the_written_prefix(tmp_path, tagger, monkeypatch):
+    import ttd.stream_job as stream_job
+
+    captions = world_job(tmp_path, 9)
+    original, calls = stream_job._record, {"n": 0}
+
+    def fails_at_the_fifth_item(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("disk on fire")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(stream_job, "_record", fails_at_the_fifth_item)
+    out = tmp_path / "tags.jsonl"
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        tag(tagger, captions, out)
+    assert not out.exists() and [r["index"] for r in lines(partial_path(out))] == [0, 1, 2]
+
+
 # sharding ---------------------------------------------------------------------------------------
 
 def test_shards_are_disjoint_complete_and_concatenate_into_the_whole_job(tmp_path, tagger):
