@@ -292,3 +292,16 @@ def _png_of(pixels) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_a_shard_outside_the_shard_count_is_refused_before_anything_is_written(tmp_path):
+    from click.testing import CliRunner
+
+    from ttd.cli import main
+
+    captions = world_job(tmp_path, 2)
+    out = tmp_path / "tags.jsonl"
+    result = CliRunner().invoke(main, ["tag", "--model", "world-tiny", "--device", "cpu", "--captions", str(captions),
+                                       "-o", str(out), "--shard", "3", "--num-shards", "3", "--quiet"])
+    assert result.exit_code == 2 and "error: --shard 3 is not in 0..2 (--num-shards 3)" in result.output
+    assert not partial_path(out).exists() and not out.exists()

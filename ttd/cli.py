@@ -47,7 +47,8 @@ def main() -> None:
 
 @main.command()
 @click.option("--captions", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="JSONL or CSV with an image path (relative to the file) and a caption per item.")
+              help="JSONL or CSV with an image path (relative to the file) and a caption per item, "
+                   "or webdataset shards ('shards/{000..099}.tar').")
 @click.option("--vocabulary", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Tag every image against this list of tags (one per line) instead of captions.")
 @click.argument("images", nargs=-1, type=click.Path(path_type=Path))
@@ -93,7 +94,7 @@ def main() -> None:
               help="Continue OUTPUT.partial of an interrupted run (even one killed with SIGKILL): every item "
                    "ends up in OUTPUT exactly once. Refused if the job's inputs or settings changed.")
 @click.option("--shard", type=click.IntRange(0), default=0, show_default=True,
-              help="Tag only the items at positions p with p %% NUM_SHARDS == SHARD (e.g. $SLURM_ARRAY_TASK_ID).")
+              help="Tag only the items at positions p with p mod NUM_SHARDS = SHARD (e.g. $SLURM_ARRAY_TASK_ID).")
 @click.option("--num-shards", type=click.IntRange(1), default=1, show_default=True,
               help="Number of --shard jobs; their outputs concatenate into the whole job's output "
                    "(each record has its input position in \"index\").")

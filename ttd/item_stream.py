@@ -194,13 +194,17 @@ def open_items(captions: str | Path | None, images: Iterable[Path | str] = ()) -
     return stream_images(images)
 
 
+def check_shard(shard: int, num_shards: int) -> None:
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"--shard {shard} is not in 0..{num_shards - 1} (--num-shards {num_shards})")
+
+
 def select_shard(items: Iterable[Item], shard: int, num_shards: int, skip: int = 0) -> Iterator[tuple[int, Item]]:
     """(position, item) of the items of shard `shard` of `num_shards` (position p with
     p % num_shards == shard), after the first `skip` of them (already done: resume).
 
     Disjoint and complete across shards; the positions are global, so shard outputs merge by
     concatenation and sort back into input order by position."""
-    if not 0 <= shard < num_shards:
-        raise ValueError(f"--shard {shard} is not in 0..{num_shards - 1} (--num-shards {num_shards})")
+    check_shard(shard, num_shards)
     mine = ((p, item) for p, item in enumerate(items) if p % num_shards == shard)
     return islice(mine, skip, None)

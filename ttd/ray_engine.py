@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ttd.item_stream import check_shard
 from ttd.resumable_output import ResumableJsonl, error_kind
 
 @dataclass
@@ -115,6 +116,7 @@ def run_ray_job(job: RayJob, description: dict | None = None):
     description = {**(description or {}), "engine": "ray", "shard": job.shard, "num_shards": job.num_shards,
                    "vocabulary": job.vocabulary, "masks_dir": job.masks_dir, "max_pixels": job.max_pixels,
                    "top_k": job.top_k, "tagger": job.tagger_options}
+    check_shard(job.shard, job.num_shards)
     writer = ResumableJsonl(job.output, description, job.resume)
     summary = JobSummary(Path(job.output), writer.done.lines, writer.done.lines, Counter(writer.done.errors))
     if writer.complete:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ttd.decode_pipeline import decoded_batches
 from ttd.images import DEFAULT_MAX_PIXELS
 from ttd.inputs import Item
-from ttd.item_stream import select_shard
+from ttd.item_stream import check_shard, select_shard
 from ttd.resumable_output import ResumableJsonl, error_kind, partial_path
 from ttd.runtime.tagger import Tagger
 from ttd.tag_job import (_record, _split, _write_masks, default_decode_workers, refuse_input_as_output,
@@ -216,6 +216,7 @@ def tag_stream(
     vocabulary) and the images are refused as `output`: writing it would destroy them.
     """
     output = Path(output)
+    check_shard(shard, num_shards)
     refuse_input_as_output(output, [Item(str(p), Path(p), None) for p in explicit_images if Path(p).is_file()], inputs)
     items = _refusing_output(items, output)
     if total is None:
