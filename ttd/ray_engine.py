@@ -102,9 +102,10 @@ def _default_actors(resources: dict) -> int:
     return gpus if gpus else max(1, int(resources.get("CPU", 1)) // 2)
 
 
-def run_ray_job(job: RayJob, description: dict | None = None):
+def run_ray_job(job: RayJob, description: dict | None = None, actor: type = TaggerActor):
     """Run `job` on Ray Data (starting a local Ray unless one is running or `job.address` names a
-    cluster) and return the local engine's JobSummary."""
+    cluster) and return the local engine's JobSummary. `actor`: the actor class (TaggerActor or a
+    subclass of it)."""
     import ray
     from ray.data import ActorPoolStrategy
     from ray.data.block import BlockMetadata
@@ -150,7 +151,7 @@ def run_ray_job(job: RayJob, description: dict | None = None):
         # the read is light (lines or tar bytes): it must not wait for a CPU that the actors hold
         dataset = ray.data.read_datasource(ItemDatasource(), override_num_blocks=1, ray_remote_args={"num_cpus": 0})
         tagged = dataset.map_batches(
-            TaggerActor, batch_size=job.batch_size, batch_format="pyarrow",
+            actor, batch_size=job.batch_size, batch_format="pyarrow",
             fn_constructor_kwargs=dict(tagger_options=options, vocabulary=job.vocabulary, max_pixels=job.max_pixels,
                                        top_k=job.top_k, masks_dir=job.masks_dir),
             compute=ActorPoolStrategy(size=actors), num_gpus=gpus, num_cpus=0 if gpus else options["threads"],
