@@ -152,16 +152,23 @@ def tag_batch(tagger: Tagger, batch: list[tuple[int, Item]], outcomes: list, voc
                       masks_dir, top_k)
 
 
+# backends whose graphs may run from two threads at once (the triton client's gevent connection
+# and a TensorRT execution context may not)
+THREAD_SAFE_BACKENDS = ("torch", "onnxruntime")
+
+
 class _HeadStage:
     """A thread that runs stage 2 and writes the records while this thread encodes the next batch
-    (native kernels release the GIL, so both cores work); a bounded queue between the two."""
+    (native kernels release the GIL, so both cores work); a bounded queue between the two.
+    `threaded=False` runs stage 2 in the caller's thread instead."""
 
-    def __init__(self, work, depth: int = 2) -> None:
+    def __init__(self, work, threaded: bool = True, depth: int = 2) -> None:
         self.queue: queue.Queue = queue.Queue(depth)
         self.error: BaseException | None = None
         self.work = work
-        self.thread = threading.Thread(target=self._run, name="ttd-tag-head", daemon=True)
-        self.thread.start()
+        self.thread = threading.Thread(target=self._run, name="ttd-tag-head", daemon=True) if threaded else None
+        if self.thread is not None:
+            self.thread.start()
 
     def _run(self) -> None:
         while (encoded := self.queue.get()) is not None:
@@ -172,11 +179,16 @@ class _HeadStage:
                     self.error = error
 
     def put(self, encoded: EncodedBatch) -> None:
+        if self.thread is None:
+            self.work(encoded)
+            return
         self._raise()
         self.queue.put(encoded)
 
     def close(self) -> None:
         """Wait for the queued batches, then raise what stage 2 raised, if anything."""
+        if self.thread is None:
+            return
         self.queue.put(None)
         self.thread.join()
         self._raise()
@@ -249,7 +261,7 @@ def tag_stream(
                 summary.errors.update(error_kind(str(r["error"])) for r in records if "error" in r)
                 bar.update(len(records))
 
-            head = _HeadStage(write)
+            head = _HeadStage(write, threaded=getattr(tagger.backend, "name", None) in THREAD_SAFE_BACKENDS)
             try:
                 for batch, outcomes in batches:
                     head.put(encode_batch(tagger, batch, outcomes, vocabulary))
