@@ -9,6 +9,7 @@ as with `--engine local`: the records are the same (the Ray equality test holds 
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -135,12 +136,13 @@ def run_ray_job(job: RayJob, description: dict | None = None, actor: type = Tagg
             meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
             return [ReadTask(lambda: _item_blocks(*args), meta)]
 
+    started = time.perf_counter()
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(address=job.address, num_cpus=None if job.address else job.num_cpus, include_dashboard=False,
                  log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
-    started = time.perf_counter()
     try:
+        started = time.perf_counter()  # the job's time: actors starting included, Ray's own start not
         actors = job.actors or _default_actors(ray.cluster_resources())
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= actors else 0
         options = dict(job.tagger_options)
@@ -149,7 +151,9 @@ def run_ray_job(job: RayJob, description: dict | None = None, actor: type = Tagg
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # records reach the writer in input order
         # the read is light (lines or tar bytes): it must not wait for a CPU that the actors hold
-        dataset = ray.data.read_datasource(ItemDatasource(), override_num_blocks=1, ray_remote_args={"num_cpus": 0})
+        no_cpu = ({"num_cpus": 0} if "num_cpus" in inspect.signature(ray.data.read_datasource).parameters
+                  else {"ray_remote_args": {"num_cpus": 0}})  # Ray < 2.5x knows only ray_remote_args
+        dataset = ray.data.read_datasource(ItemDatasource(), override_num_blocks=1, **no_cpu)
         tagged = dataset.map_batches(
             actor, batch_size=job.batch_size, batch_format="pyarrow",
             fn_constructor_kwargs=dict(tagger_options=options, vocabulary=job.vocabulary, max_pixels=job.max_pixels,
