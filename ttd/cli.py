@@ -138,6 +138,9 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
         items = open_items(captions, images)
         vocab = read_vocabulary(vocabulary) if vocabulary else None
         if engine == "ray":
+            if "auto" in (backend, dtype):
+                fail("--engine ray needs an explicit --backend and --dtype: auto would choose for this machine, "
+                     "not for the Ray workers")
             from ttd.ray_engine import RayJob, run_ray_job
             from ttd.stream_job import tag_job_description
 

@@ -107,7 +107,10 @@ def run_ray_job(job: RayJob, description: dict | None = None, actor: type = Tagg
     """Run `job` on Ray Data (starting a local Ray unless one is running or `job.address` names a
     cluster) and return the local engine's JobSummary. `actor`: the actor class (TaggerActor or a
     subclass of it)."""
-    import ray
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("--engine ray needs Ray Data: pip install 'ttd-toolkit[ray]'") from None
     from ray.data import ActorPoolStrategy
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
