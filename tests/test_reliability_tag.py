@@ -15,7 +15,7 @@ from ttd.data.world import make_sample
 from ttd.images import ImageError, decode_image
 from ttd.inputs import read_captions
 from ttd.runtime.tagger import TagResult
-from ttd.tag_job import _write_masks, tag_items
+from ttd.tag_job import write_masks, tag_items
 
 
 def run(*args):
@@ -165,7 +165,7 @@ def test_mask_files_of_similar_tags_do_not_collide(tmp_path):
     tags = ["red/star", "red_star", "red star", "étoile", "звезда", "a" * 80, "a" * 80 + "b"]
     masks = np.random.default_rng(0).random((len(tags), 4, 4)).astype(np.float32)
     result = TagResult(tags, np.ones(len(tags), np.float32), list(tags), masks)
-    paths = _write_masks(tmp_path / "masks", 0, Item("x.png", tmp_path / "x.png", "c"), result, 8)
+    paths = write_masks(tmp_path / "masks", 0, Item("x.png", tmp_path / "x.png", "c"), result, 8)
     assert sorted(paths) == sorted(tags)
     assert len(set(paths.values())) == len(tags)
     for k, tag in enumerate(tags):

@@ -82,7 +82,8 @@ def main() -> None:
 
 @main.command()
 @click.option("--captions", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="JSONL or CSV with an image path (relative to the file) and a caption per item.")
+              help="JSONL or CSV with an image path (relative to the file) and a caption per item, "
+                   "or webdataset shards ('shards/{000..099}.tar').")
 @click.option("--vocabulary", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Tag every image against this list of tags (one per line) instead of captions.")
 @click.argument("images", nargs=-1, type=click.Path(path_type=Path))
@@ -132,20 +133,41 @@ def main() -> None:
               help="center: the model sees the centre crop (fast). whole: sliding windows cover the whole image, "
                    "so tags outside the crop are found too, and each line also holds the caption's and the "
                    "selected tags' masks in the image's own geometry (as `ttd segment --captions`).")
+@click.option("--resume", is_flag=True,
+              help="Continue OUTPUT.partial of an interrupted run (even one killed with SIGKILL): every item "
+                   "ends up in OUTPUT exactly once. Refused if the job's inputs or settings changed.")
+@click.option("--shard", type=click.IntRange(0), default=0, show_default=True,
+              help="Tag only the items at positions p with p mod NUM_SHARDS = SHARD (e.g. $SLURM_ARRAY_TASK_ID).")
+@click.option("--num-shards", type=click.IntRange(1), default=1, show_default=True,
+              help="Number of --shard jobs; their outputs concatenate into the whole job's output "
+                   "(each record has its input position in \"index\").")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process (+ decoding workers); ray: Ray Data with a pool of Tagger actors "
+                   "(local Ray, or the cluster at --ray-address); the same records, --resume and --shard.")
+@click.option("--ray-address", default=None, help="Ray cluster address for --engine ray (default: a local Ray).")
+@click.option("--actors", type=click.IntRange(1), default=None,
+              help="--engine ray: Tagger actors (default: one per GPU, else CPUs / 2).")
 def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, dense_mode, backend, export_dir, url,
         threshold, score_method, flip_tta, masks_dir, batch_size, device, dtype, max_pixels, top_k, threads,
-        compile_encoder, decode_workers, vocab_cache, no_vocab_cache, quiet, crop="center"):
+        compile_encoder, decode_workers, vocab_cache, no_vocab_cache, quiet, crop="center", resume=False, shard=0,
+        num_shards=1, engine="local", ray_address=None, actors=None):
     """Tag images: with their captions (--captions) or against a vocabulary (--vocabulary IMAGES...).
 
     Each output line holds the candidate tags with their pixel-tag scores and the selected tags,
     or an "error" that names the problem (unreadable image, empty caption, ...); one bad item
     never stops the others.
+
+    \b
+    Inputs are streamed (no index in memory): --captions takes a JSONL/CSV file or webdataset
+    shards ('shards/{000..099}.tar': caption from each sample's txt or json); IMAGES may be
+    files, folders or quoted globs ('photos/**/*.jpg').
+    Long jobs: --resume after any interruption; --shard/--num-shards for job arrays;
+    --engine ray for a Ray cluster.
     """
     import warnings
 
-    from ttd.inputs import InputError, list_images, read_captions, read_vocabulary
+    from ttd.inputs import InputError, read_vocabulary
     from ttd.runtime import PortabilityNotice, load_tagger
-    from ttd.tag_job import tag_items
 
     if (captions is None) == (vocabulary is None):
         fail("give exactly one of --captions FILE or --vocabulary FILE")
@@ -153,9 +175,31 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
         fail("--vocabulary needs image files or folders as arguments")
     if captions is not None and images:
         fail("with --captions, images come from the captions file; do not also pass image arguments")
+    from ttd.item_stream import open_items
+
     try:
-        items = read_captions(captions) if captions else list_images(list(images))
+        items = open_items(captions, images)
         vocab = read_vocabulary(vocabulary) if vocabulary else None
+        if engine == "ray":
+            if "auto" in (backend, dtype):
+                fail("--engine ray needs an explicit --backend and --dtype: auto would choose for this machine, "
+                     "not for the Ray workers")
+            from ttd.ray_engine import RayJob, run_ray_job
+            from ttd.stream_job import tag_job_description
+
+            summary = run_ray_job(RayJob(
+                captions=None if captions is None else str(captions), images=[str(i) for i in images],
+                output=output, vocabulary=vocab, batch_size=batch_size, max_pixels=max_pixels, top_k=top_k,
+                tagger_options=dict(backend=backend, model=model, pretrained=pretrained, checkpoint=checkpoint,
+                                    dense_mode=dense_mode, device=device, dtype=dtype, export_dir=export_dir,
+                                    url=url, threshold=threshold, flip_tta=flip_tta, score_method=score_method,
+                                    threads=threads),
+                actors=actors, address=ray_address, shard=shard, num_shards=num_shards, progress=not quiet,
+                masks_dir=None if masks_dir is None else str(masks_dir), resume=resume),
+                tag_job_description(captions, images, backend, model, pretrained, checkpoint, export_dir,
+                                    dense_mode, dtype, threshold, score_method, flip_tta))
+            click.echo(summary.line(), err=True)
+            return
         if "auto" in (backend, dtype):
             from ttd.fast_path import resolve_auto
 
@@ -198,13 +242,18 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
             cached = load_or_encode(tagger, vocab, key, vocab_cache, progress=not quiet)
             vocab_embeds = cached.embeds
             click.echo(f"vocabulary cache {'hit' if cached.hit else 'miss (stored)'}: {cached.path}", err=True)
+    from ttd.stream_job import tag_job_description, tag_stream
+
     try:
-        summary = tag_items(tagger, items, output, vocab, batch_size, masks_dir, max_pixels, top_k, progress=not quiet,
-                            decode_workers=decode_workers, inputs=[p for p in (captions, vocabulary) if p is not None],
-                            vocabulary_embeds=vocab_embeds)
-    except ValueError as error:
+        summary = tag_stream(tagger, items, output, vocab, batch_size, masks_dir, max_pixels, top_k,
+                             progress=not quiet, decode_workers=decode_workers, vocabulary_embeds=vocab_embeds,
+                             resume=resume, shard=shard, num_shards=num_shards,
+                             inputs=[p for p in (captions, vocabulary) if p is not None], explicit_images=images,
+                             job=tag_job_description(captions, images, backend, model, pretrained, checkpoint,
+                                                     export_dir, dense_mode, dtype, threshold, score_method, flip_tta))
+    except (InputError, ValueError) as error:
         fail(str(error))
-    click.echo(f"wrote {summary.written} records to {output} ({summary.errors} errors)", err=True)
+    click.echo(summary.line(), err=True)
 
 
 @main.group()

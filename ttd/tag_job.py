@@ -91,7 +91,8 @@ def _prepare(item: Item, vocabulary_mode: bool, preprocess: Preprocess) -> tuple
         if len(tags) > MAX_CAPTION_TAGS:
             raise ValueError(f"caption has {len(tags)} candidate tags, more than the limit of {MAX_CAPTION_TAGS} "
                              "(the served tagger's cap); split it into shorter captions")
-    return preprocess(item.path, item.image), tags
+    data = getattr(item, "data", None)  # a webdataset sample's bytes (ttd.item_stream.ShardItem)
+    return preprocess(item.path if data is None else data, item.image), tags
 
 
 def prepare_items(items: list[Item], vocabulary_mode: bool,
@@ -115,7 +116,7 @@ def default_decode_workers() -> int:
     return 0 if cores < 4 else min(8, cores - 1)
 
 
-def _record(item: Item, result: TagResult, vocabulary_mode: bool, top_k: int, mask_paths: dict[str, str]) -> dict:
+def item_record(item: Item, result: TagResult, vocabulary_mode: bool, top_k: int, mask_paths: dict[str, str]) -> dict:
     scored = [{"tag": t, "score": round(float(s), 6)} for t, s in zip(result.tags, result.scores)]
     record: dict = {"image": item.image}
     if vocabulary_mode:
@@ -131,7 +132,7 @@ def _record(item: Item, result: TagResult, vocabulary_mode: bool, top_k: int, ma
     return record
 
 
-def _write_masks(masks_dir: Path, index: int, item: Item, result: TagResult, size: int) -> dict[str, str]:
+def write_masks(masks_dir: Path, index: int, item: Item, result: TagResult, size: int) -> dict[str, str]:
     folder = contained_path(masks_dir, f"{index:06d}_{safe_name(Path(item.image).stem)}")
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -207,7 +208,7 @@ def tag_items(
                 chunk = items[start : start + batch_size]
                 outcomes = outcomes_of(pending, chunk)
                 pending = submit(start + batch_size) if start + batch_size < len(items) else []
-                records, prepared = _split(chunk, outcomes, vocabulary)
+                records, prepared = split_outcomes(chunk, outcomes, vocabulary)
                 _tag_chunk(tagger, chunk, start, prepared, records, vocabulary, vocabulary_embeds, masks_dir, top_k)
                 for offset in range(len(chunk)):
                     record = records[offset]
@@ -223,7 +224,7 @@ def tag_items(
     return summary
 
 
-def _split(chunk: list[Item], outcomes: list, vocabulary: list[str] | None) -> tuple[dict[int, dict], dict]:
+def split_outcomes(chunk: list[Item], outcomes: list, vocabulary: list[str] | None) -> tuple[dict[int, dict], dict]:
     """Error records and prepared (image, tags) by offset in the chunk."""
     records: dict[int, dict] = {}
     prepared: dict[int, tuple[np.ndarray, list[str]]] = {}
@@ -250,8 +251,8 @@ def _tag_chunk(tagger: Tagger, chunk: list[Item], start: int, prepared: dict, re
         for key, result in zip(keys, results):
             item = chunk[key]
             try:
-                masks = _write_masks(masks_dir, start + key, item, result, tagger.config.image_size) if masks_dir else {}
-                records[key] = _record(item, result, vocabulary is not None, top_k, masks)
+                masks = write_masks(masks_dir, start + key, item, result, tagger.config.image_size) if masks_dir else {}
+                records[key] = item_record(item, result, vocabulary is not None, top_k, masks)
             except (OSError, ValueError) as error:  # e.g. a file where the mask folder should be
-                records[key] = {**_record(item, result, vocabulary is not None, top_k, {}),
+                records[key] = {**item_record(item, result, vocabulary is not None, top_k, {}),
                                 "error": f"cannot write masks: {error}"}

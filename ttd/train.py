@@ -25,10 +25,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ttd.config import DEFAULT_THRESHOLD, OBJECTIVES
+from ttd.data.shard_stream import ShardStreamLoader
 from ttd.data.sources import open_source
 from ttd.distill import clip_loss, ttd_losses
 from ttd.factory import atomic_write, save_checkpoint
 from ttd.images import ImageError, Preprocess, normalize
+from ttd.item_stream import is_shard_pattern
 from ttd.lora import LoRAConfig, adapter_state_dict, inject_lora, merged_state_dict
 from ttd.model import TTDModel
 from ttd.scoring import pad_tags
@@ -271,8 +273,12 @@ def setup(model: TTDModel, config: TrainConfig, resume: bool = True) -> Training
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start = int(state["step"])
-    source = open_source(config.data, Preprocess.for_model(model.config), config.data_seed)
-    loader = BatchLoader(source, config.batch_size, config.data_seed, rank, world)
+    if is_shard_pattern(config.data):  # streamed: no index of CC3M-scale shards in memory
+        loader = ShardStreamLoader(config.data, Preprocess.for_model(model.config), config.batch_size,
+                                   config.data_seed, rank, world)
+    else:
+        source = open_source(config.data, Preprocess.for_model(model.config), config.data_seed)
+        loader = BatchLoader(source, config.batch_size, config.data_seed, rank, world)
     model.train()
     return TrainingRun(model, teacher, config, params, optimizer, scheduler, loader, state_path, start, rank, world)
 

@@ -1,0 +1,74 @@
+"""Decoding ahead of the model with a bounded queue: worker processes decode and resize the next
+batches while the runtime runs the current one, and at most `prefetch` batches are in flight,
+so memory stays bounded however long the input stream is.
+
+Batches come out full (batch_size items, the last one excepted) and in input order.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import warnings
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from itertools import islice
+
+from ttd.inputs import Item
+from ttd.tag_job import prepare_items
+
+Positioned = list[tuple[int, Item]]
+
+
+def _done(value) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+def decoded_batches(items: Iterable[tuple[int, Item]], batch_size: int, workers: int, settings: tuple,
+                    prefetch: int = 2) -> Iterator[tuple[Positioned, list]]:
+    """(batch of (position, item), outcomes): each outcome is (uint8 image, tags or None) or the
+    error message of that item (see ttd.tag_job.prepare_items; `settings` are its arguments
+    after the items).
+
+    workers = 0 decodes in this process when a batch is asked for. Otherwise each batch is
+    split over `workers` spawned processes (spawn: the parent may hold CUDA state) and up to
+    `prefetch` batches are decoded ahead. A worker that dies (e.g. killed for memory) costs no
+    item: the pool is dropped and the batches in flight are decoded here."""
+    stream = iter(items)
+    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn")) if workers > 0 else None
+    pending: deque[tuple[Positioned, list[Future]]] = deque()
+
+    def submit(batch: Positioned) -> list[Future]:
+        chunk = [item for _, item in batch]
+        if pool is None:
+            return []
+        step = max(1, -(-len(chunk) // workers))
+        return [pool.submit(prepare_items, chunk[i : i + step], *settings) for i in range(0, len(chunk), step)]
+
+    try:
+        while True:
+            while len(pending) < (prefetch if pool is not None else 1):
+                batch = list(islice(stream, batch_size))
+                if not batch:
+                    break
+                pending.append((batch, submit(batch)))
+            if not pending:
+                return
+            batch, futures = pending.popleft()
+            chunk = [item for _, item in batch]
+            if pool is None or not futures:
+                yield batch, prepare_items(chunk, *settings)
+                continue
+            try:
+                outcomes = [outcome for future in futures for outcome in future.result()]
+            except Exception as error:  # noqa: BLE001 - a dead worker: decode here from now on
+                warnings.warn(f"decoding workers failed ({type(error).__name__}: {error}); decoding in this process")
+                pool.shutdown(wait=False, cancel_futures=True)
+                pool = None
+                outcomes = prepare_items(chunk, *settings)
+            yield batch, outcomes
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
