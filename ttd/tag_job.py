@@ -4,26 +4,20 @@ are still tagged and written."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import multiprocessing
 import os
 import re
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from ttd.images import DEFAULT_MAX_PIXELS, ImageError, Preprocess
 from ttd.inputs import Item
 from ttd.runtime.tagger import Tagger, TagResult
 from ttd.tags import candidate_tags
-from ttd.vocab_tagging import tag_with_vocabulary
 
 SAFE = re.compile(r"[^a-z0-9_-]+")
 MAX_CAPTION_TAGS = 1024  # as `ttd triton build --max-tags`: a 5,000-word caption is not a caption
@@ -160,68 +154,20 @@ def tag_items(
     inputs: Sequence[Path] = (),
     vocabulary_embeds: np.ndarray | None = None,
 ) -> TagSummary:
-    """Tag `items` into `output` (JSON lines). The lines go to `<output>.partial` and replace
-    `output` only when every item is done, so a run that is stopped keeps the previous output
-    and leaves its own progress beside it. `inputs` (captions or vocabulary file) and the
-    images themselves are refused as `output`.
+    """Tag a list of `items` into `output` (JSON lines): `ttd tag`'s own job
+    (ttd.stream_job.tag_stream, which this calls), for library callers that hold a list.
 
-    With `decode_workers` > 0 (default: see default_decode_workers) worker processes decode and
-    resize the next batch while the current one runs on the model, so the device does not wait
-    on decoding; 0 decodes in this process. `vocabulary_embeds`: the vocabulary's tag embeddings
-    if already known (ttd/vocab_cache.py)."""
-    summary = TagSummary()
+    The lines go to `<output>.partial` and replace `output` only when every item is done, so a
+    run that is stopped keeps the previous output. `inputs` (captions or vocabulary file) and
+    the images themselves are refused as `output`. `decode_workers`: processes that decode the
+    next batches while the model runs (default: default_decode_workers). `vocabulary_embeds`:
+    the vocabulary's tag embeddings if already known (ttd/vocab_cache.py)."""
+    from ttd.stream_job import tag_stream
+
     refuse_input_as_output(output, items, inputs)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if vocabulary is not None:
-        warn_indistinct_tags(tagger, vocabulary)
-    if vocabulary is not None and vocabulary_embeds is None:
-        vocabulary_embeds = tagger.encode_tags(vocabulary, progress)  # once, before the first batch
-    workers = default_decode_workers() if decode_workers is None else decode_workers
-    settings = (vocabulary is not None, dataclasses.replace(tagger.preprocess, max_pixels=max_pixels))
-    # spawn: the parent may hold CUDA state, which a forked child must not inherit
-    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn")) if workers > 0 and len(items) > batch_size else None
-
-    def submit(start: int) -> list[Future]:
-        chunk = items[start : start + batch_size]
-        if pool is None:
-            done: Future = Future()
-            done.set_result(prepare_items(chunk, *settings))
-            return [done]
-        step = max(1, -(-len(chunk) // workers))
-        return [pool.submit(prepare_items, chunk[i : i + step], *settings) for i in range(0, len(chunk), step)]
-
-    def outcomes_of(pending: list[Future], chunk: list[Item]) -> list:
-        nonlocal pool
-        try:
-            return [outcome for future in pending for outcome in future.result()]
-        except Exception as error:  # a worker died (e.g. killed for memory): decode here from now on
-            warnings.warn(f"decoding workers failed ({type(error).__name__}: {error}); decoding in this process")
-            pool.shutdown(wait=False, cancel_futures=True)
-            pool = None
-            return prepare_items(chunk, *settings)
-
-    try:
-        partial = partial_path(output)
-        with partial.open("w", encoding="utf-8") as out, tqdm(total=len(items), disable=not progress, unit="img") as bar:
-            pending = submit(0)
-            for start in range(0, len(items), batch_size):
-                chunk = items[start : start + batch_size]
-                outcomes = outcomes_of(pending, chunk)
-                pending = submit(start + batch_size) if start + batch_size < len(items) else []
-                records, prepared = split_outcomes(chunk, outcomes, vocabulary)
-                _tag_chunk(tagger, chunk, start, prepared, records, vocabulary, vocabulary_embeds, masks_dir, top_k)
-                for offset in range(len(chunk)):
-                    record = records[offset]
-                    summary.errors += "error" in record
-                    summary.written += 1
-                    out.write(json.dumps(record) + "\n")
-                out.flush()
-                bar.update(len(chunk))
-        os.replace(partial, output)
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    return summary
+    summary = tag_stream(tagger, items, output, vocabulary, batch_size, masks_dir, max_pixels, top_k, progress,
+                         decode_workers, vocabulary_embeds, total=len(items), inputs=inputs)
+    return TagSummary(written=summary.items, errors=sum(summary.errors.values()))
 
 
 def split_outcomes(chunk: list[Item], outcomes: list, vocabulary: list[str] | None) -> tuple[dict[int, dict], dict]:
@@ -235,24 +181,3 @@ def split_outcomes(chunk: list[Item], outcomes: list, vocabulary: list[str] | No
             image, tags = outcome
             prepared[offset] = (image, vocabulary if tags is None else tags)
     return records, prepared
-
-
-def _tag_chunk(tagger: Tagger, chunk: list[Item], start: int, prepared: dict, records: dict[int, dict],
-               vocabulary: list[str] | None, vocabulary_embeds: np.ndarray | None, masks_dir: Path | None,
-               top_k: int) -> None:
-    """Tag the prepared images of a chunk into `records` (their masks written if asked)."""
-    if prepared:
-        keys = sorted(prepared)
-        batch = np.stack([prepared[k][0] for k in keys])
-        if vocabulary is not None:  # one batched tag head for the shared vocabulary
-            results = tag_with_vocabulary(tagger, batch, vocabulary, vocabulary_embeds, masks_dir is not None)
-        else:
-            results = tagger.tag(batch, [prepared[k][1] for k in keys])
-        for key, result in zip(keys, results):
-            item = chunk[key]
-            try:
-                masks = write_masks(masks_dir, start + key, item, result, tagger.config.image_size) if masks_dir else {}
-                records[key] = item_record(item, result, vocabulary is not None, top_k, masks)
-            except (OSError, ValueError) as error:  # e.g. a file where the mask folder should be
-                records[key] = {**item_record(item, result, vocabulary is not None, top_k, {}),
-                                "error": f"cannot write masks: {error}"}
