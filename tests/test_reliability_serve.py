@@ -287,7 +287,8 @@ def test_the_front_answers_every_malformed_request_4xx_with_a_reason(repo, tmp_p
         with pytest.raises(InferenceServerException) as error:
             client.infer("ttd_tag_head", [patch, tags])
         assert error.value.status() == "400"
-        assert error.value.message() == "input 'tag_embeds': dimension 1 is 1500, more than the limit of 1024"
+        # the head takes the tagger's 1,024 tags + the 5 negative prompts of the `negatives` score
+        assert error.value.message() == "input 'tag_embeds': dimension 1 is 1500, more than the limit of 1029"
         assert requests_seen() == before  # refused by the front: tritonserver never got the tensor
         assert tag_one(served.http_port)["tags"]  # and a good request is answered, by the same tritonserver
         assert served.tritonserver_pids() == [pid]
@@ -366,7 +367,7 @@ def test_malformed_requests_get_4xx_with_a_reason_and_no_server_paths(repo, tmp_
         with pytest.raises(InferenceServerException) as error:
             client.infer("ttd_tag_head", [patch, tags])
         assert error.value.status() == "400"
-        assert "input 'tag_embeds': dimension 1 is 2000, more than the limit of 1024" in error.value.message()
+        assert "input 'tag_embeds': dimension 1 is 2000, more than the limit of 1029" in error.value.message()
         # the tagger's own refusals (issue 14): each a 400 with the reason, nothing else disturbed
         from ttd.runtime.triton_load import tagger_request
 

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from ttd.data.world import make_sample
+from ttd.images import Preprocess
 from ttd.inputs import read_captions
 from ttd.item_stream import open_items, select_shard, stream_captions, stream_images, stream_shards
 from ttd.resumable_output import partial_path
@@ -224,7 +225,7 @@ def test_streamed_shards_are_read_with_bounded_memory(tmp_path):
     tracemalloc.start()
     try:
         seen, captions = 0, []
-        batches = decoded_batches(enumerate(stream_shards(pattern)), 4, 0, (False, 10**8, 32, "bicubic"))
+        batches = decoded_batches(enumerate(stream_shards(pattern)), 4, 0, (False, Preprocess(32, "bicubic", 10**8)))
         for batch, outcomes in batches:
             seen += len(batch)
             captions += [item.caption for _, item in batch]
@@ -275,14 +276,14 @@ def test_training_batches_stream_from_shards_and_resume_at_their_sample_position
     from ttd.data.shard_stream import ShardStreamLoader
 
     pattern = write_shards(tmp_path, 3, 4, _png_of(make_sample(4, 0).image))  # 12 samples an epoch
-    loader = ShardStreamLoader(pattern, 32, "bicubic", 4, seed=5)
+    loader = ShardStreamLoader(pattern, Preprocess(32), 4, seed=5)
     steps = [loader.batch(step)[1] for step in range(5)]  # 20 samples: an epoch and two thirds
     epoch = [c for batch in steps[:3] for c in batch]
     assert sorted(epoch) == sorted(f"{'red circle' if i % 2 else 'blue square'} {s} {i}" for s in range(3) for i in range(4))
     assert [c for batch in steps[3:] for c in batch] != epoch[:8]  # the next epoch reads the shards in another order
-    resumed = ShardStreamLoader(pattern, 32, "bicubic", 4, seed=5)
+    resumed = ShardStreamLoader(pattern, Preprocess(32), 4, seed=5)
     assert [resumed.batch(step)[1] for step in (3, 4)] == steps[3:]  # a resume at step 3: the same batches
-    ranks = [ShardStreamLoader(pattern, 32, "bicubic", 2, seed=5, rank=r, world=2) for r in (0, 1)]
+    ranks = [ShardStreamLoader(pattern, Preprocess(32), 2, seed=5, rank=r, world=2) for r in (0, 1)]
     assert [c for step in (3, 4) for r in ranks for c in r.batch(step)[1]] == steps[3:][0] + steps[3:][1]
     images, _ = loader.batch(5)
     assert images.shape == (4, 32, 32, 3) and loader.skipped == []
