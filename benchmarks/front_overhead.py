@@ -17,9 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,9 +28,9 @@ import numpy as np
 from export.triton import BatchingOptions, build_repository
 from ttd.runtime.triton_load import tagger_request
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import world_pairs  # noqa: E402
+from service import cpu_model, served  # noqa: E402
 
 
 def cpu_seconds(pid: int) -> float:
@@ -96,18 +93,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         repo = build_repository(args.export_dir, Path(tmp) / "repo", "python",
                                 batching=BatchingOptions(max_batch_size=32, preferred_batch_sizes=(8,)))
-        env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "PYTHONPATH": str(ROOT), "LANG": "C.UTF-8",
-               "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-        log = Path(tmp) / "serve.log"
-        serve = subprocess.Popen([str(Path(sys.executable).parent / "ttd"), "serve", str(repo), "--http-port",
-                                  str(args.port)], stderr=log.open("w"), env=env)
-        try:
-            deadline = time.monotonic() + 180
-            while not (found := re.search(r"tritonserver on (127\.0\.0\.1:\d+)", log.read_text())):
-                if time.monotonic() > deadline or serve.poll() is not None:
-                    raise SystemExit(f"ttd serve did not start:\n{log.read_text()[-2000:]}")
-                time.sleep(0.5)
-            paths = {"front": f"127.0.0.1:{args.port}", "direct": found.group(1)}
+        with served(repo, args.port, Path(tmp)) as (serve, direct):
+            paths = {"front": f"127.0.0.1:{args.port}", "direct": direct}
             for url in paths.values():  # warm-up
                 load(url, 64, args.clients, tagger)
             results = {}
@@ -129,14 +116,8 @@ def main() -> None:
                                         "p99_ms": round(float(np.percentile(latencies[path], 99)), 2)}
                                  for path in paths}
                 results[name]["front_cpu_ms_per_request"] = round(front_cpu * 1000 / (args.requests * args.rounds), 3)
-            serve.send_signal(signal.SIGTERM)
-            serve.wait(60)
-        finally:
-            if serve.poll() is None:
-                serve.kill()
     report = {"requests_per_path": args.requests * args.rounds, "clients": args.clients, "rounds": args.rounds,
-              **results, "cpu": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
-                                      .splitlines() if line.startswith("model name")), "unknown"),
+              **results, "cpu": cpu_model(),
               "cores": os.cpu_count()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))

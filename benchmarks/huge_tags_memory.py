@@ -16,9 +16,6 @@ import argparse
 import io
 import json
 import os
-import re
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +27,8 @@ from PIL import Image
 from export.triton import build_repository
 from ttd.data.world import make_sample
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from service import cpu_model, served  # noqa: E402
 
 
 def tree(pid: int) -> list[int]:
@@ -88,18 +86,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         repo = build_repository(args.export_dir, Path(tmp) / "repo", "python")
-        env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "PYTHONPATH": str(ROOT), "LANG": "C.UTF-8",
-               "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-        log = Path(tmp) / "serve.log"
-        serve = subprocess.Popen([str(Path(sys.executable).parent / "ttd"), "serve", str(repo), "--http-port",
-                                  str(args.port)], stderr=log.open("w"), env=env)
-        try:
-            deadline = time.monotonic() + 180
-            while not (found := re.search(r"tritonserver on (127\.0\.0\.1:\d+)", log.read_text())):
-                if time.monotonic() > deadline or serve.poll() is not None:
-                    raise SystemExit(f"ttd serve did not start:\n{log.read_text()[-2000:]}")
-                time.sleep(0.5)
-            front, direct = f"127.0.0.1:{args.port}", found.group(1)
+        with served(repo, args.port, Path(tmp)) as (serve, direct):
+            front = f"127.0.0.1:{args.port}"
             config = http.InferenceServerClient(front).get_model_config("ttd_tag_head")
             dims = {i["name"]: [int(d) for d in i["dims"]] for i in config["input"]}
             width, context = dims["tag_embeds"][1], 32
@@ -133,14 +121,8 @@ def main() -> None:
                 rows.append({"case": name, "answer": answer, "peak_mib": round(memory_kib(pids, "VmHWM") / 1024, 1),
                              "resident_after_mib": round(memory_kib(pids, "VmRSS") / 1024, 1)})
                 print(json.dumps(rows[-1]), flush=True)
-            serve.send_signal(signal.SIGTERM)
-            serve.wait(60)
-        finally:
-            if serve.poll() is None:
-                serve.kill()
     report = {"tags": n, "peak": "sum over the service's processes of VmHWM, reset before each case", "cases": rows,
-              "cpu": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                           if line.startswith("model name")), "unknown")}
+              "cpu": cpu_model()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
 
