@@ -192,7 +192,8 @@ def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engi
             engine_line = 'backend: "python"'
             shutil.copy(export.graph(graph), version / "model.onnx")
             shutil.copy(TEMPLATES / "graph_model.py", version / "model.py")
-            extra = _parameters({"engine": "onnxruntime", "intra_op_threads": "1", "max_variable_dim": str(head_tags)})
+            extra = _parameters({"engine": "onnxruntime", "intra_op_threads": "1", "max_variable_dim": str(head_tags),
+                                 "precision": export.precision})
         elif engine == "onnx":
             engine_line = 'platform: "onnxruntime_onnx"'
             shutil.copy(export.graph(graph), version / "model.onnx")

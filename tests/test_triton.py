@@ -130,3 +130,20 @@ def test_ttd_serve_stops_cleanly_on_ctrl_c(export_dir, tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_python_graph_models_of_an_fp16_export_avoid_the_crashing_optimisations(tmp_path):
+    """The Triton graph models open their onnxruntime sessions with the backend's own options:
+    for an fp16 export EXTENDED, not ALL (whose CPU layout passes crash the stub on fp16 graphs)."""
+    import onnxruntime as ort
+
+    from export.pipeline import run_export
+    from export.triton import build_repository
+    from ttd.factory import create_model
+    from ttd.runtime.onnxruntime_backend import session_options
+
+    run_export(create_model("world-tiny", seed=0), tmp_path / "fp16", "fp16", check_count=4)
+    repo = build_repository(tmp_path / "fp16", tmp_path / "repo")
+    assert 'key: "precision" value: { string_value: "fp16" }' in (repo / "ttd_image_encoder" / "config.pbtxt").read_text()
+    assert session_options("fp16", True).graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    assert session_options("fp32", True).graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL

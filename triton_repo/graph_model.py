@@ -27,8 +27,9 @@ def _client_error(message):
 def _onnxruntime_engine(folder: Path, parameters: dict, inputs: list, outputs: list):
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = int(parameters.get("intra_op_threads", "1"))
+    from ttd.runtime.onnxruntime_backend import session_options
+
+    options = session_options(parameters.get("precision", "fp32"), True, int(parameters.get("intra_op_threads", "1")))
     session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
     return lambda feeds: session.run(outputs, feeds)
 

@@ -30,6 +30,19 @@ def choose_providers(device: str | None, available: list[str]) -> list[str]:
     return providers
 
 
+def session_options(precision: str, on_cpu: bool, threads: int = 0):
+    """onnxruntime SessionOptions for a graph of `precision` (the backend and the Triton graph
+    models share them): every optimisation, except that onnxruntime 1.32's CPU layout
+    optimisations crash (SIGSEGV) on fp16 graphs, where EXTENDED is safe."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if precision == "fp16" and on_cpu
+                                        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    return options
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
@@ -37,12 +50,7 @@ class OnnxRuntimeBackend:
         import onnxruntime as ort
 
         self.providers = choose_providers(device, ort.get_available_providers())
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if export.precision == "fp16" and self.providers[0] == "CPUExecutionProvider":
-            # onnxruntime 1.32's CPU layout optimisations crash (SIGSEGV) on fp16 graphs; EXTENDED is safe
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options = session_options(export.precision, self.providers[0] == "CPUExecutionProvider", threads)
         self.sessions = {}
         for name in GRAPH_NAMES:
             session = ort.InferenceSession(str(export.graph(name)), options, providers=self.providers)
