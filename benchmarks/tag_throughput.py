@@ -63,7 +63,7 @@ def main() -> None:
     from ttd.item_stream import open_items
     from ttd.runtime import load_tagger
     from ttd.stream_job import tag_stream
-    from ttd.tag_job import default_decode_workers, prepare_items
+    from ttd.tag_job import default_decode_workers
 
     started = time.perf_counter()
     tagger = load_tagger(args.backend, model=None if args.model == "world" else args.model, device="cpu",
@@ -75,7 +75,7 @@ def main() -> None:
         folder = Path(tmp)
         captions = write_images(folder, args.count, max(size, 256))
         items = list(open_items(captions))
-        decoded = np.stack([o[0] for o in prepare_items(items, False, 10**9, size, tagger.config.interpolation)])
+        decoded = tagger.prepare([item.path for item in items])
         for start in range(0, min(len(decoded), 2 * args.batch_size), args.batch_size):  # warm-up
             tagger.encode_images(decoded[start : start + args.batch_size])
         tag_stream(tagger, open_items(captions), folder / "warm.jsonl", batch_size=args.batch_size, progress=False,

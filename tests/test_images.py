@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ttd.images import ImageError, decode_image, normalize, resize_center_crop
+from ttd.images import ImageError, Preprocess, decode_image, normalize, resize_center_crop
 
 
 def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
@@ -84,3 +84,18 @@ def test_normalize_applies_each_channels_mean_and_std():
     assert x.shape == (2, 3, 2, 3) and x.dtype == np.float32
     np.testing.assert_allclose(x[0, :, 0, 0], [(0.2 - 0.1) / 0.5, (0.4 - 0.2) / 0.25, (0.8 - 0.3) / 0.125], rtol=1e-6)
     np.testing.assert_allclose(x[1, :, 1, 2], [(1 - 0.1) / 0.5, (1 - 0.2) / 0.25, (1 - 0.3) / 0.125], rtol=1e-6)
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_that_keeps_twice_the_side_needed():
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (960, 1280, 3), dtype=np.uint8))
+    photo = photo.resize((160, 120)).resize((1280, 960))  # smooth content, like a photo
+    jpeg = png_bytes(photo, "JPEG")
+    assert decode_image(jpeg).size == (1280, 960)
+    assert decode_image(jpeg, min_side=112).size == (320, 240)  # 1/4: shorter side 240 >= 2 x 112
+    assert decode_image(jpeg, min_side=60).size == (160, 120)  # 1/8: 120 >= 2 x 60
+    assert decode_image(jpeg, min_side=64).size == (320, 240)  # 1/8 would leave 120 < 2 x 64
+    assert decode_image(png_bytes(photo), min_side=64).size == (1280, 960)  # PNG has no reduced decoding
+    # what the model sees is the full decode's picture: within a few grey levels
+    full = Preprocess(64, "bicubic")(decode_image(jpeg))
+    reduced = Preprocess(64, "bicubic")(jpeg)
+    assert np.abs(full.astype(int) - reduced.astype(int)).mean() < 2.0

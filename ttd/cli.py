@@ -376,7 +376,7 @@ def evaluate_command(model, pretrained, checkpoint, dense_mode, data_dir, count,
                      flip_tta, batch_size, json_path, device, backend, export_dir, url):
     """Tag and caption-mask metrics of a model (the embedded default when none is given), measured
     through the same runtime as `ttd tag` (so an export can be evaluated: --backend onnxruntime --export-dir)."""
-    from ttd.data.annotations import read_eval_split, world_eval_samples
+    from ttd.data.annotations import labelled_samples
     from ttd.evaluate import evaluate, format_table
     from ttd.factory import ModelLoadError
     from ttd.runtime import load_tagger
@@ -387,18 +387,13 @@ def evaluate_command(model, pretrained, checkpoint, dense_mode, data_dir, count,
     except (ModelLoadError, ValueError, RuntimeError, OSError) as error:
         fail(str(error))
     config = tagger.config
-    if data_dir is not None:
-        annotations = data_dir / "annotations.jsonl" if data_dir.is_dir() else data_dir
-        if not annotations.is_file():
-            fail(f"{annotations} does not exist (expected an evaluation folder with annotations.jsonl)")
-        skipped: list[str] = []
-        samples = read_eval_split(annotations, tagger.preprocess, skipped)
-        for reason in skipped:
-            click.echo(f"skipped {reason}", err=True)
-        if not samples:
-            fail(f"{annotations}: no usable samples")
-    else:
-        samples, skipped = world_eval_samples(seed, count), []
+    skipped: list[str] = []
+    try:
+        samples = labelled_samples(data_dir, tagger.preprocess, seed, count, skipped)
+    except ValueError as error:
+        fail(str(error))
+    for reason in skipped:
+        click.echo(f"skipped {reason}", err=True)
     result = evaluate(tagger, samples, threshold, mask_threshold, batch_size)
     result["skipped"] = skipped
     result["model"] = config.source
@@ -406,6 +401,61 @@ def evaluate_command(model, pretrained, checkpoint, dense_mode, data_dir, count,
     click.echo(format_table(result))
     if json_path:
         json_path.write_text(json.dumps(result, indent=1))
+
+
+@main.command()
+@model_options
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
+              help="A labelled evaluation folder (annotations.jsonl with relevant_tags). Default: the world's "
+                   "calibration split (seed 7: never trained or evaluated on).")
+@click.option("--count", type=click.IntRange(1), default=500, show_default=True, help="World samples when --data is not given.")
+@click.option("--seed", type=int, default=7, show_default=True, help="World seed when --data is not given.")
+@click.option("--min-precision", type=click.FloatRange(0, 1), default=0.97, show_default=True,
+              help="The margin of best F1 among those with at least this precision.")
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=DEFAULT_THRESHOLD,
+              show_default=True, help="δ the margin is fitted for (the one you tag with).")
+@click.option("--flip-tta", is_flag=True, help="Fit for tagging with flip TTA.")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--dry-run", is_flag=True, help="Report the fitted margin without writing it.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the fit here as JSON.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+def calibrate(model, pretrained, checkpoint, dense_mode, data_dir, count, seed, min_precision, threshold, flip_tta,
+              batch_size, dry_run, json_path, device):
+    """Fit the default score's margin (negative_margin) to a model on labelled pairs, and write it
+    into the checkpoint's config.
+
+    \b
+    The `negatives` score selects a tag when it beats the negative prompts by the margin; the
+    margin belongs to the model: a TTD fine-tuned model needs a larger one than its base, or it
+    selects absent tags. `ttd train` calibrates on the world by itself; after training on your
+    own data, calibrate on a labelled folder and export again:
+        ttd calibrate --checkpoint runs/ttd/model.safetensors --data labelled/
+    """
+    from ttd.calibrate import calibrate_checkpoint, fit_negative_margin
+    from ttd.data.annotations import labelled_samples
+    from ttd.factory import ModelLoadError
+    from ttd.runtime import load_tagger
+
+    if checkpoint is None and not dry_run:
+        fail("calibration writes into a checkpoint's config: pass --checkpoint FILE (or --dry-run to only report)")
+    try:
+        tagger = load_tagger("torch", model=model, pretrained=pretrained, checkpoint=checkpoint, dense_mode=dense_mode,
+                             device=device, threshold=threshold, flip_tta=flip_tta, score_method="negatives")
+        skipped: list[str] = []
+        samples = labelled_samples(data_dir, tagger.preprocess, seed, count, skipped)
+        for reason in skipped:
+            click.echo(f"skipped {reason}", err=True)
+        fit = fit_negative_margin(tagger, samples, min_precision, batch_size)
+        click.echo(fit.line())
+        if json_path:
+            json_path.write_text(json.dumps(fit.as_dict(), indent=1))
+        if not dry_run:
+            old = calibrate_checkpoint(Path(checkpoint), fit)
+            click.echo(f"wrote negative_margin {old:g} -> {fit.margin:.4g} into {Path(checkpoint).with_suffix('.json')}; "
+                       "export again if this checkpoint was exported", err=True)
+    except (ModelLoadError, ValueError, OSError) as error:
+        fail(str(error))
 
 
 @main.command("export")

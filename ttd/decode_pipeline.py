@@ -1,6 +1,6 @@
-"""Decoding ahead of the model with a bounded queue: worker processes decode and resize the next
-batches while the runtime runs the current one, and at most `prefetch` batches are in flight,
-so memory stays bounded however long the input stream is.
+"""Decoding ahead of the model with a bounded queue: worker processes (or, with none, one thread
+of this process) decode and resize the next batches while the runtime runs the current one, and
+at most `prefetch` batches are in flight, so memory stays bounded however long the input stream is.
 
 Batches come out full (batch_size items, the last one excepted) and in input order.
 """
@@ -11,7 +11,7 @@ import multiprocessing
 import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from itertools import islice
 
 from ttd.inputs import Item
@@ -32,29 +32,46 @@ def decoded_batches(items: Iterable[tuple[int, Item]], batch_size: int, workers:
     error message of that item (see ttd.tag_job.prepare_items; `settings` are its arguments
     after the items).
 
-    workers = 0 decodes in this process when a batch is asked for. Otherwise each batch is
-    split over `workers` spawned processes (spawn: the parent may hold CUDA state) and up to
+    Each batch is split over `workers` spawned processes (spawn: the parent may hold CUDA state);
+    workers = 0 decodes in one thread of this process instead (Pillow releases the GIL while it
+    decodes and resizes, so the thread overlaps the model's native kernels; on a 2-core machine
+    it is what the second core does; spawned processes would cost seconds of start-up). Up to
     `prefetch` batches are decoded ahead. A worker that dies (e.g. killed for memory) costs no
     item: the pool is dropped and the batches in flight are decoded here."""
     stream = iter(items)
-    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn")) if workers > 0 else None
+    pool: Executor | None = (ProcessPoolExecutor(workers, multiprocessing.get_context("spawn")) if workers > 0
+                             else ThreadPoolExecutor(1, thread_name_prefix="ttd-decode"))
     pending: deque[tuple[Positioned, list[Future]]] = deque()
 
     def submit(batch: Positioned) -> list[Future]:
         chunk = [item for _, item in batch]
         if pool is None:
             return []
-        step = max(1, -(-len(chunk) // workers))
+        step = max(1, -(-len(chunk) // max(workers, 1)))
         return [pool.submit(prepare_items, chunk[i : i + step], *settings) for i in range(0, len(chunk), step)]
+
+    failure: Exception | None = None  # the input stream's error: raised after the batches read before it
+
+    def read_batch() -> Positioned:
+        nonlocal failure
+        batch: Positioned = []
+        try:
+            for entry in islice(stream, batch_size):
+                batch.append(entry)
+        except Exception as error:  # noqa: BLE001 - re-raised once the batches before it are out
+            failure = error
+        return batch
 
     try:
         while True:
-            while len(pending) < (prefetch if pool is not None else 1):
-                batch = list(islice(stream, batch_size))
+            while failure is None and len(pending) < (prefetch if pool is not None else 1):
+                batch = read_batch()
                 if not batch:
                     break
                 pending.append((batch, submit(batch)))
             if not pending:
+                if failure is not None:
+                    raise failure
                 return
             batch, futures = pending.popleft()
             chunk = [item for _, item in batch]

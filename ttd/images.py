@@ -7,6 +7,7 @@ record it for that item and carry on with the rest of a batch.
 from __future__ import annotations
 
 import io
+import math
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,8 +73,14 @@ def read_image_file(path: Path, label: str, limit: int) -> bytes:
     return data
 
 
-def decode_image(data: bytes | Path | str, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode a file path or encoded bytes into an RGB image, applying EXIF orientation."""
+def decode_image(data: bytes | Path | str, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 min_side: int | None = None) -> Image.Image:
+    """Decode a file path or encoded bytes into an RGB image, applying EXIF orientation.
+
+    `min_side`: the caller only needs the shorter side at this size, so a JPEG is decoded
+    straight to a 1/2, 1/4 or 1/8 scale that keeps the shorter side ≥ 2 × min_side (libjpeg's
+    DCT scaling, as Pillow's `thumbnail` does): a 4000-pixel photo for a 224-pixel model
+    decodes ~10x faster, and the resize that follows still reduces by ≥ 2x."""
     label = name or (str(data) if not isinstance(data, bytes) else "<bytes>")
     if not isinstance(data, bytes):
         data = read_image_file(Path(data), label, max_file_bytes(max_pixels))
@@ -87,6 +94,9 @@ def decode_image(data: bytes | Path | str, name: str | None = None, max_pixels: 
                     f"{label}: {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,} "
                     "(possible decompression bomb; raise --max-pixels if the image is genuine)"
                 )
+            if min_side is not None and min(width, height) >= 4 * min_side:
+                scale = 2 * min_side / min(width, height)
+                image.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
             image.load()
             return _to_rgb(ImageOps.exif_transpose(image))
     except ImageError:
@@ -132,7 +142,7 @@ class Preprocess:
         """A file path, encoded bytes, a PIL image or an RGB uint8 array -> uint8 [size, size, 3]."""
         if isinstance(source, np.ndarray):
             source = Image.fromarray(source)
-        image = source if isinstance(source, Image.Image) else decode_image(source, name, self.max_pixels)
+        image = source if isinstance(source, Image.Image) else decode_image(source, name, self.max_pixels, self.size)
         return resize_center_crop(image, self.size, self.interpolation)
 
 

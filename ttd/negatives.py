@@ -47,9 +47,20 @@ def negative_contrast_scores(patch_views: list[torch.Tensor], tag_embeds: torch.
     return torch.stack(maps).mean(0).amax(dim=(2, 3))
 
 
+def negative_logits_from_probs(probs: np.ndarray, tags: int) -> np.ndarray:
+    """The margin-free logits ℓ_k(i) = log P_k − log Σ_n P_n [B, K, h, w] (float64: a difference
+    of logs) from a tag head's per-pixel softmax [B, K + N, h, w] over the K tags followed by the
+    N negatives; N_k = sigmoid(ℓ_k − m). Calibration (ttd/calibrate.py) fits m on them."""
+    probs = np.maximum(probs.astype(np.float64), TINY)
+    return np.log(probs[:, :tags]) - np.log(probs[:, tags:].sum(axis=1, keepdims=True))
+
+
 def negative_contrast_from_probs(probs: np.ndarray, tags: int, margin: float) -> np.ndarray:
     """N_k(i) [B, K, h, w] from a tag head's per-pixel softmax [B, K + N, h, w] over the K tags
-    followed by the N negatives (float64: the logit is a difference of logs)."""
-    probs = np.maximum(probs.astype(np.float64), TINY)
-    logits = np.log(probs[:, :tags]) - np.log(probs[:, tags:].sum(axis=1, keepdims=True)) - margin
-    return 1.0 / (1.0 + np.exp(-logits))
+    followed by the N negatives."""
+    return sigmoid(negative_logits_from_probs(probs, tags) - margin)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """The logistic function without overflow warnings for large negative logits."""
+    return 0.5 * (1.0 + np.tanh(0.5 * logits))

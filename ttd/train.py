@@ -60,6 +60,9 @@ class TrainConfig:
     score_method: str = "softmax"
     frozen_teacher: bool = False
     calibration_lr_scale: float = 10.0  # w and b are two scalars: AdamW at the base lr barely moves them
+    # fit the negatives score's margin to the trained model on the world's calibration split
+    # (ttd/calibrate.py) when training on the world; other data: `ttd calibrate --data LABELLED`
+    calibrate_margin: bool = True
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     max_bad_steps: int = 20
 
@@ -355,15 +358,35 @@ def train(model: TTDModel, config: TrainConfig, resume: bool = True, progress: b
 def _write_outputs(model: TTDModel, config: TrainConfig, out: Path, skipped: list[str]) -> None:
     from safetensors.torch import save_file
 
+    model_config, calibration = _calibrated_config(model, config)
     if config.objective == "ttd":
         adapter = adapter_state_dict(model)
         save_file(adapter, str(out / "adapter.safetensors"),
                   metadata={"lora": json.dumps(config.lora.to_dict()), "base": model.config.source})
         save_checkpoint(model, out / "model.safetensors", merged_state_dict(model),
-                        dataclasses.replace(model.config, source=f"ttd:{model.config.source}"))
+                        dataclasses.replace(model_config, source=f"ttd:{model.config.source}"))
     else:
-        save_checkpoint(model, out / "model.safetensors")
-    (out / "train_config.json").write_text(json.dumps({**config.to_dict(), "skipped_samples": len(skipped)}, indent=1))
+        save_checkpoint(model, out / "model.safetensors", config=model_config)
+    (out / "train_config.json").write_text(json.dumps({**config.to_dict(), "skipped_samples": len(skipped),
+                                                       "margin_calibration": calibration}, indent=1))
+
+
+def _calibrated_config(model: TTDModel, config: TrainConfig) -> tuple:
+    """(the model's config with its negatives margin fitted, the fit) on the world's calibration
+    split when training on the world; the model's config unchanged (and None) otherwise."""
+    if not (config.calibrate_margin and config.data == "world"):
+        if config.data != "world":
+            tqdm.write(f"negative_margin stays {model.config.negative_margin:g} (the base model's); fit it to the trained "
+                       f"model with `ttd calibrate --checkpoint {Path(config.out_dir) / 'model.safetensors'} --data LABELLED`")
+        return model.config, None
+    from ttd.calibrate import CALIBRATION_COUNT, CALIBRATION_SEED, fit_negative_margin
+    from ttd.data.annotations import world_eval_samples
+    from ttd.runtime import torch_tagger
+
+    tagger = torch_tagger(model, device=str(next(model.parameters()).device), score_method="negatives")
+    fit = fit_negative_margin(tagger, world_eval_samples(CALIBRATION_SEED, CALIBRATION_COUNT), progress=False)
+    tqdm.write(f"calibrated on the world (seed {CALIBRATION_SEED}): {fit.line()}")
+    return dataclasses.replace(model.config, negative_margin=round(fit.margin, 4)), fit.as_dict()
 
 
 def training_device(device: str | None = "auto") -> torch.device:

@@ -138,3 +138,20 @@ def convert_tagmask(source: Path, out: Path) -> Path:
     path = out / "annotations.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
+
+
+def labelled_samples(data: Path | None, preprocess: Preprocess, seed: int, count: int,
+                     skipped: list[str] | None = None) -> list[EvalSample]:
+    """The samples of an evaluation folder (or its annotations.jsonl), or world samples 0..count-1
+    of `seed` when `data` is None. ValueError when the folder has no annotations or no usable
+    sample; a sample that cannot be used is reported in `skipped` (see read_eval_split)."""
+    if data is None:
+        return world_eval_samples(seed, count)
+    data = Path(data)
+    annotations = data / "annotations.jsonl" if data.is_dir() else data
+    if not annotations.is_file():
+        raise ValueError(f"{annotations} does not exist (expected an evaluation folder with annotations.jsonl)")
+    samples = read_eval_split(annotations, preprocess, skipped)
+    if not samples:
+        raise ValueError(f"{annotations}: no usable samples")
+    return samples

@@ -15,7 +15,7 @@ import numpy as np
 from ttd.config import DEFAULT_SCORE_METHOD, DEFAULT_THRESHOLD, SCORE_METHODS, ModelConfig
 from ttd.contract import ImageEmbeddings, TagHeadOutputs
 from ttd.images import Preprocess, normalize
-from ttd.negatives import negative_contrast_from_probs
+from ttd.negatives import negative_logits_from_probs, sigmoid
 from ttd.tokenizer import build_tokenizer
 
 TEXT_BATCH = 256
@@ -156,17 +156,28 @@ class Tagger:
         return scores, masks
 
     def _negatives_chunk(self, views: list[np.ndarray], tag_embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(`negatives` scores [B, K], masks [B, K, h, w]): one head call per view over the tags
-        followed by the model's negative prompts; the score comes from its `tag_probs`
-        (ttd/negatives.py), so every backend serves it through the existing graph."""
+        """(`negatives` scores [B, K], masks [B, K, h, w]); flip TTA averages the views' N maps."""
+        logits, masks = self._negative_logit_views(views, tag_embeds)
+        maps = np.mean([sigmoid(view - self.config.negative_margin) for view in logits], axis=0)
+        return maps.max(axis=(2, 3)).astype(np.float32), masks
+
+    def negative_logits(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray,
+                        flipped: np.ndarray | None) -> np.ndarray:
+        """The margin-free logits ℓ [V, B, K, h, w] of the `negatives` score, one map per view
+        (flipped ones mirrored back): N = sigmoid(ℓ − negative_margin). What calibration fits."""
+        views = [patch_embeds] + ([np.ascontiguousarray(flipped[..., ::-1])] if flipped is not None else [])
+        return np.stack(self._negative_logit_views(views, tag_embeds)[0])
+
+    def _negative_logit_views(self, views: list[np.ndarray], tag_embeds: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        """(ℓ of each view [B, K, h, w], masks [B, K, h, w]): one head call per view over the tags
+        followed by the model's negative prompts; ℓ comes from its `tag_probs` (ttd/negatives.py),
+        so every backend serves the score through the existing graph."""
         batch, tags = tag_embeds.shape[:2]
         negatives = self.encode_tags(list(self.config.negative_prompts))
         extended = np.concatenate([tag_embeds, np.broadcast_to(negatives, (batch, *negatives.shape))], axis=1)
         outputs = [self._head(v, np.ascontiguousarray(extended, tag_embeds.dtype)) for v in views]
-        maps = np.mean([negative_contrast_from_probs(o.tag_probs, tags, self.config.negative_margin) for o in outputs],
-                       axis=0)
         masks = np.mean([o.tag_masks[:, :tags] for o in outputs], axis=0)
-        return maps.max(axis=(2, 3)).astype(np.float32), masks
+        return [negative_logits_from_probs(o.tag_probs, tags) for o in outputs], masks
 
     def _head(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray) -> TagHeadOutputs:
         """The backend's tag head, its result named (a backend that returns a plain tuple in the
@@ -181,20 +192,30 @@ class Tagger:
     def tag(self, images: np.ndarray, tag_lists: list[list[str]]) -> list[TagResult]:
         """Tag a batch: images uint8 [B, S, S, 3] (already at the model's size), one tag list each.
 
-        Images with the same number of tags share one tag-head call (all of them, in vocabulary
-        mode), which is exact: the head scores each image against its own tags."""
+        One tag-head call for the batch: each list is padded to the longest with copies of its
+        own first tag, which is exact for every score but the softmax (a copy changes no other
+        tag's negatives or sigmoid score, nor a row's min or max). Under the softmax, which
+        compares a caption's tags with each other, images with the same number of tags share a
+        call instead."""
         _, patch_embeds, flipped = self.encode_images(images)
-        by_count: dict[int, list[int]] = {}
+        groups: dict[int, list[int]] = {}
         for i, tags in enumerate(tag_lists):
-            by_count.setdefault(len(tags), []).append(i)
+            groups.setdefault(len(tags) if self.score_method == "softmax" or not tags else -1, []).append(i)
         results: list[TagResult | None] = [None] * len(tag_lists)
-        for members in by_count.values():
-            tag_embeds = np.stack([self.encode_tags(tag_lists[i]) for i in members])
-            # one group of every image (vocabulary mode): no copy of the patch embeddings
+        for members in groups.values():
+            width = max(len(tag_lists[i]) for i in members)
+            tag_embeds = np.stack([self.padded_tag_embeds(tag_lists[i], width) for i in members])
+            # one group of every image (vocabulary mode, or a padded batch): no copy of the patch embeddings
             rows = slice(None) if len(members) == len(tag_lists) else members
             scores, masks = self.score_batch(patch_embeds[rows], tag_embeds, None if flipped is None else flipped[rows])
             for row, i in enumerate(members):
                 tags = tag_lists[i]
-                selected = [t for t, s in zip(tags, scores[row]) if s >= self.threshold]
-                results[i] = TagResult(list(tags), scores[row], selected, masks[row])
+                row_scores = scores[row, : len(tags)]
+                selected = [t for t, s in zip(tags, row_scores) if s >= self.threshold]
+                results[i] = TagResult(list(tags), row_scores, selected, masks[row, : len(tags)])
         return results
+
+    def padded_tag_embeds(self, tags: list[str], width: int) -> np.ndarray:
+        """[width, D]: the tags' embeddings followed by copies of the first one."""
+        embeds = self.encode_tags(tags)
+        return embeds if len(tags) == width else np.concatenate([embeds, np.repeat(embeds[:1], width - len(tags), 0)])
