@@ -48,6 +48,15 @@ def parquet_records(folder: Path) -> list[dict]:
     return list(read_records(folder))
 
 
+def overlay_mask(overlay) -> np.ndarray:
+    """The pixels an overlay of `ttd report` colours (its PNG data URI's alpha)."""
+    import base64
+    import io
+
+    png = base64.b64decode(overlay.data_uri.split(",", 1)[1])
+    return np.asarray(Image.open(io.BytesIO(png)))[..., 3] > 0
+
+
 # masks as COCO RLE ------------------------------------------------------------------------------
 
 def test_rle_masks_in_the_records_are_the_thresholded_png_masks_and_the_report_shows_them(tmp_path):
@@ -77,7 +86,9 @@ def test_rle_masks_in_the_records_are_the_thresholded_png_masks_and_the_report_s
         from_rle = _entry(1, {k: v for k, v in record.items() if k != "masks"}, tmp_path, 200)
         from_png = _entry(1, {k: v for k, v in record.items() if k != "rle_masks"}, tmp_path, 200)
         assert not from_rle.errors and [o.label for o in from_rle.overlays] == record["selected"]
-        assert [o.data_uri for o in from_rle.overlays] == [o.data_uri for o in from_png.overlays]
+        for rle_overlay, png_overlay in zip(from_rle.overlays, from_png.overlays, strict=True):
+            inside_rle, inside_png = overlay_mask(rle_overlay), overlay_mask(png_overlay)
+            assert inside_png.any() and (inside_rle != inside_png).mean() <= 0.02  # only edge pixels differ
     # vocabulary mode asks the tag head for masks when only --rle-masks wants them
     vocab_out = tmp_path / "vocab.jsonl"
     from ttd.stream_job import tag_stream
@@ -123,7 +134,7 @@ def test_parquet_output_holds_the_jsonl_records_in_typed_columns_and_shards_conc
 
 
 def test_parquet_job_killed_with_sigkill_and_resumed_writes_every_item_exactly_once(tmp_path, tiny):
-    captions = world_job(tmp_path, 16, bad_every=5)
+    captions = world_job(tmp_path, 30, bad_every=7)
     reference = tmp_path / "reference.jsonl"
     tag(tiny, captions, reference)
     out = tmp_path / "tags.parquet"
@@ -137,24 +148,24 @@ def test_parquet_job_killed_with_sigkill_and_resumed_writes_every_item_exactly_o
         return len(list(out.glob("part-*.parquet"))) if out.exists() else 0
 
     kills = 0
-    for _ in range(4):
+    for _ in range(5):
         job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         before, deadline = shards(), time.monotonic() + 120
         while job.poll() is None and time.monotonic() < deadline and shards() == before:  # this run's first shard
             time.sleep(0.002)
-        time.sleep(rng.uniform(0.0, 0.08))  # then kill it at a random point: mid-batch, mid-shard, mid-write
+        time.sleep(rng.uniform(0.0, 0.05))  # then kill it at a random point: mid-batch, mid-shard, mid-write
         if job.poll() is not None:
             break
         job.send_signal(signal.SIGKILL)
         job.wait()
         kills += 1
-    assert kills >= 2, "the job finished before it could be killed twice"
-    assert not (out / "_SUCCESS").exists()
+    assert kills >= 3, "the job finished before it could be killed three times"
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "wrote 16 records" in done.stderr and "(3 errors)" in done.stderr, done.stderr
+    assert ("wrote 30 records" in done.stderr and "(4 errors)" in done.stderr
+            or "already complete (30 records)" in done.stderr), done.stderr  # (if the last killed run got to finish)
     records = parquet_records(out)
-    assert [r["index"] for r in records] == list(range(16))  # no loss, no duplicate
+    assert [r["index"] for r in records] == list(range(30))  # no loss, no duplicate
     same_records(records, without_nulls(lines(reference)))
     assert (out / "_SUCCESS").exists() and not list(out.glob(".*.tmp"))
 
@@ -175,7 +186,7 @@ def test_resume_of_a_finished_job_with_other_settings_is_refused(tmp_path, tiny,
     again = tag(tiny, captions, out, resume=True, job={"threshold": 0.5})
     assert again.already_complete and again.items == 3
     described.unlink()  # an output nobody can vouch for is not taken as this job's
-    with pytest.raises(ValueError, match=r"no readable job description"):
+    with pytest.raises(ValueError, match=r"no readable job description|did not write \(no _ttd_job.json\)"):
         tag(tiny, captions, out, resume=True, job={"threshold": 0.5})
 
 
