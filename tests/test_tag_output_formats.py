@@ -96,8 +96,9 @@ def test_rle_masks_in_the_records_are_the_thresholded_png_masks_and_the_report_s
     tag_stream(trained, open_items(None, [tmp_path / "img0.png"]), vocab_out, vocabulary=["star", "cross", "red"],
                progress=False, decode_workers=0, rle_masks=True)
     (record,) = lines(vocab_out)
-    assert list(record["rle_masks"]) == [s["tag"] for s in record["selected"]] != []
-    assert all(decode_rle(r).shape == (64, 64) for r in record["rle_masks"].values())
+    assert list(record["rle_masks"]) == [s["tag"] for s in record["selected"]]
+    both = set(record["rle_masks"]) & set(records[0]["rle_masks"])  # a tag's mask does not depend on the others
+    assert both and all(record["rle_masks"][t] == records[0]["rle_masks"][t] for t in both)
 
 
 # Parquet ----------------------------------------------------------------------------------------
