@@ -117,6 +117,10 @@ def test_parquet_output_holds_the_jsonl_records_in_typed_columns_and_shards_conc
     assert table.num_rows == 8 and table.column("index").to_pylist() == list(range(8))
     assert str(table.schema.field("candidates").type) == "list<element: struct<tag: string, score: double>>"
     assert str(table.schema.field("rle_masks").type).startswith("map<string, struct<size: list<element: int64>")
+    from ttd.report import write_report
+
+    (page,) = write_report(out, tmp_path / "report.html")  # `ttd report` reads the folder too
+    assert "8 items, 2 with errors" in page.read_text()
     # vocabulary mode: selected tags carry scores; shards of a --shard job array concatenate
     images = [tmp_path / f"img{i}.png" for i in (0, 1, 3, 4)]
     from ttd.stream_job import tag_stream
