@@ -87,8 +87,15 @@ def main() -> None:
 @click.option("--vocabulary", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Tag every image against this list of tags (one per line) instead of captions.")
 @click.argument("images", nargs=-1, type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="JSON lines written here, one per item, in input order.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="JSON lines written here, one per item, in input order (Parquet: a folder of shard files).")
+@click.option("--format", "output_format", type=click.Choice(["auto", "jsonl", "parquet"]), default="auto",
+              show_default=True,
+              help="auto: Parquet when OUTPUT ends in .parquet, else JSON lines. parquet: OUTPUT is a folder of "
+                   "part-NNNNN.parquet files (typed nested columns; pandas, duckdb and Spark read the folder) "
+                   "and _SUCCESS when complete; needs pyarrow (pip install 'ttd-toolkit[parquet]').")
+@click.option("--rows-per-file", type=click.IntRange(1), default=10_000, show_default=True,
+              help="Parquet: records per shard file (a killed job redoes at most this many on --resume).")
 @model_options
 @click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="torch",
               show_default=True, help="auto: the fastest gated path for this hardware (onnxruntime with --export-dir, "
@@ -108,6 +115,10 @@ def main() -> None:
 @click.option("--flip-tta", is_flag=True, help="Average the maps of the image and its mirror image.")
 @click.option("--masks-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write a PNG mask per selected tag under this folder.")
+@click.option("--rle-masks", is_flag=True,
+              help="Also put each selected tag's mask in its record, as COCO RLE (\"rle_masks\": tag -> "
+                   "{size, counts}; pycocotools): the --masks-dir PNG (the centre crop at the model's input size) "
+                   "thresholded at the default mask threshold. Needs pip install 'ttd-toolkit[segment]'.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:1 ...")
 @click.option("--dtype", type=Precision(("auto", "fp32", "bf16", "fp16")), default="fp32", show_default=True,
@@ -150,7 +161,8 @@ def main() -> None:
 def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, dense_mode, backend, export_dir, url,
         threshold, score_method, flip_tta, masks_dir, batch_size, device, dtype, max_pixels, top_k, threads,
         compile_encoder, decode_workers, vocab_cache, no_vocab_cache, quiet, crop="center", resume=False, shard=0,
-        num_shards=1, engine="local", ray_address=None, actors=None):
+        num_shards=1, engine="local", ray_address=None, actors=None, output_format="auto", rows_per_file=10_000,
+        rle_masks=False):
     """Tag images: with their captions (--captions) or against a vocabulary (--vocabulary IMAGES...).
 
     Each output line holds the candidate tags with their pixel-tag scores and the selected tags,
@@ -176,6 +188,7 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
     if captions is not None and images:
         fail("with --captions, images come from the captions file; do not also pass image arguments")
     from ttd.item_stream import open_items
+    from ttd.resumable_output import output_format_of
 
     try:
         items = open_items(captions, images)
@@ -195,7 +208,8 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
                                     url=url, threshold=threshold, flip_tta=flip_tta, score_method=score_method,
                                     threads=threads),
                 actors=actors, address=ray_address, shard=shard, num_shards=num_shards, progress=not quiet,
-                masks_dir=None if masks_dir is None else str(masks_dir), resume=resume),
+                masks_dir=None if masks_dir is None else str(masks_dir), resume=resume, rle_masks=rle_masks,
+                output_format=output_format, rows_per_file=rows_per_file),
                 tag_job_description(captions, images, backend, model, pretrained, checkpoint, export_dir,
                                     dense_mode, dtype, threshold, score_method, flip_tta))
             click.echo(summary.line(), err=True)
@@ -223,6 +237,9 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
         if vocab is not None:
             fail("--crop whole tags with --captions; for a vocabulary over whole images use "
                  "`ttd segment --classes FILE IMAGES...`")
+        if rle_masks or output_format_of(output, output_format) == "parquet":
+            fail("--crop whole writes JSON lines with the masks as RLE already (\"segments\"); "
+                 "--rle-masks and Parquet output are for --crop center")
         from ttd.segment import SegmentOptions
         from ttd.segment_job import segment_items
 
@@ -249,9 +266,10 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
                              progress=not quiet, decode_workers=decode_workers, vocabulary_embeds=vocab_embeds,
                              resume=resume, shard=shard, num_shards=num_shards,
                              inputs=[p for p in (captions, vocabulary) if p is not None], explicit_images=images,
+                             rle_masks=rle_masks, output_format=output_format, rows_per_file=rows_per_file,
                              job=tag_job_description(captions, images, backend, model, pretrained, checkpoint,
                                                      export_dir, dense_mode, dtype, threshold, score_method, flip_tta))
-    except (InputError, ValueError) as error:
+    except (InputError, ValueError, RuntimeError) as error:  # RuntimeError: pyarrow / pycocotools missing
         fail(str(error))
     click.echo(summary.line(), err=True)
 
@@ -769,7 +787,7 @@ def segment(captions, classes, images, output, coco, masks_dir, model, pretraine
 
 
 @main.command()
-@click.argument("records", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.argument("records", type=click.Path(exists=True, path_type=Path))
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The report's first page; further pages go beside it (NAME-2.html, ...).")
 @click.option("--per-page", type=click.IntRange(1), default=50, show_default=True, help="Items per page.")
@@ -786,7 +804,7 @@ def report(records, html_path, per_page, max_side, images_root):
 
     try:
         pages = write_report(records, html_path, per_page, max_side, images_root)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, RuntimeError) as error:  # RuntimeError: a Parquet folder without pyarrow
         fail(str(error))
     click.echo(f"wrote {len(pages)} page(s): {pages[0]}", err=True)
 

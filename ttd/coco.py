@@ -21,6 +21,11 @@ def _mask_api():
     return mask_api
 
 
+def check_available() -> None:
+    """Raise the install hint now (before a long job writes anything) if pycocotools is missing."""
+    _mask_api()
+
+
 def encode_rle(mask: np.ndarray) -> dict:
     """bool [H, W] -> {"size": [H, W], "counts": str} (compressed RLE, JSON-ready)."""
     if mask.ndim != 2:

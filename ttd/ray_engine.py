@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ttd.item_stream import check_shard
-from ttd.resumable_output import ResumableJsonl, error_kind
+from ttd.resumable_output import error_kind, open_output
 
 @dataclass
 class RayJob:
@@ -39,6 +39,9 @@ class RayJob:
     resume: bool = False
     progress: bool = True
     num_cpus: int | None = None  # a local Ray's CPUs (default: all)
+    rle_masks: bool = False  # records hold the selected tags' masks as COCO RLE
+    output_format: str = "auto"  # jsonl, parquet, or auto (parquet for a name ending in .parquet)
+    rows_per_file: int = 10_000  # Parquet: records per shard file
 
 
 def _item_blocks(captions: str | None, images: list[str], shard: int, num_shards: int, skip: int, rows_per_block: int):
@@ -74,12 +77,12 @@ class TaggerActor:
     """One Tagger per actor: decodes and tags the batches Ray Data hands it."""
 
     def __init__(self, tagger_options: dict, vocabulary: list[str] | None, max_pixels: int, top_k: int,
-                 masks_dir: str | None) -> None:
+                 masks_dir: str | None, rle_masks: bool = False) -> None:
         from ttd.runtime import load_tagger
 
         self.tagger = load_tagger(**tagger_options)
         self.vocabulary, self.max_pixels, self.top_k = vocabulary, max_pixels, top_k
-        self.masks_dir = Path(masks_dir) if masks_dir else None
+        self.masks_dir, self.rle_masks = (Path(masks_dir) if masks_dir else None), rle_masks
         self.vocabulary_embeds = self.tagger.encode_tags(vocabulary) if vocabulary else None
 
     def __call__(self, batch):
@@ -94,7 +97,7 @@ class TaggerActor:
                                  dataclasses.replace(self.tagger.preprocess, max_pixels=self.max_pixels))
         positioned = [(row["index"], item) for row, item in zip(rows, items)]
         records = tag_batch(self.tagger, positioned, outcomes, self.vocabulary, self.vocabulary_embeds,
-                            self.masks_dir, self.top_k)
+                            self.masks_dir, self.top_k, self.rle_masks)
         return pa.table({"index": [r["index"] for r in records], "record": [json.dumps(r) for r in records]})
 
 
@@ -120,9 +123,13 @@ def run_ray_job(job: RayJob, description: dict | None = None, actor: type = Tagg
 
     description = {**(description or {}), "engine": "ray", "shard": job.shard, "num_shards": job.num_shards,
                    "vocabulary": job.vocabulary, "masks_dir": job.masks_dir, "max_pixels": job.max_pixels,
-                   "top_k": job.top_k, "tagger": job.tagger_options}
+                   "top_k": job.top_k, "tagger": job.tagger_options, **({"rle_masks": True} if job.rle_masks else {})}
     check_shard(job.shard, job.num_shards)
-    writer = ResumableJsonl(job.output, description, job.resume)
+    if job.rle_masks:
+        from ttd.coco import check_available
+
+        check_available()  # the install hint now, not from every actor
+    writer = open_output(job.output, description, job.resume, job.output_format, job.rows_per_file)
     summary = JobSummary(Path(job.output), writer.done.lines, writer.done.lines, Counter(writer.done.errors))
     if writer.complete:
         summary.already_complete = True
@@ -160,7 +167,7 @@ def run_ray_job(job: RayJob, description: dict | None = None, actor: type = Tagg
         tagged = dataset.map_batches(
             actor, batch_size=job.batch_size, batch_format="pyarrow",
             fn_constructor_kwargs=dict(tagger_options=options, vocabulary=job.vocabulary, max_pixels=job.max_pixels,
-                                       top_k=job.top_k, masks_dir=job.masks_dir),
+                                       top_k=job.top_k, masks_dir=job.masks_dir, rle_masks=job.rle_masks),
             compute=ActorPoolStrategy(size=actors), num_gpus=gpus, num_cpus=0 if gpus else options["threads"],
             max_restarts=3, max_task_retries=3)
         with tqdm(initial=summary.resumed, disable=not job.progress, unit="img", smoothing=0.1) as bar:

@@ -6,9 +6,11 @@ listed at the top of each page. Images and masks are embedded as data URIs, so a
 file that opens anywhere, offline; large jobs are split into pages of `per_page` items
 (report.html, report-2.html, ...), linked to each other.
 
-Masks come from a record's "segments" (RLE, in the image's geometry: `ttd segment`) or its
-"masks" (PNG files of `ttd tag --masks-dir`, which cover the centre crop the model saw; they are
-placed over that crop). Every text from a record is HTML-escaped.
+Masks come from a record's "segments" (RLE, in the image's geometry: `ttd segment`), its
+"rle_masks" (RLE of `ttd tag --rle-masks`) or its "masks" (PNG files of `ttd tag --masks-dir`);
+the last two cover the centre crop the model saw and are placed over that crop. RECORDS is a
+JSON-lines file or the Parquet folder of `ttd tag --format parquet`. Every text from a record is
+HTML-escaped.
 """
 
 from __future__ import annotations
@@ -81,7 +83,11 @@ def _overlay_uri(mask: np.ndarray, colour: tuple[int, int, int], display: tuple[
 def _tag_png_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
     """A `ttd tag` mask PNG (the centre crop, at the model's input size) placed in the image's geometry."""
     with Image.open(path) as png:
-        crop = np.asarray(png.convert("L"))
+        return _crop_mask_in_image(np.asarray(png.convert("L")), size)
+
+
+def _crop_mask_in_image(crop: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A `ttd tag` mask over the centre crop (uint8 M x 255 [S, S]) as a bool mask in the image's geometry."""
     width, height = size
     left, top, right, bottom = center_crop_box(width, height, crop.shape[0])
     full = np.zeros((height, width), bool)
@@ -123,7 +129,11 @@ def _entry(number: int, record: dict, images_root: Path, max_side: int,
                     raise ValueError(f"mask {segment['label']!r} is {mask.shape[1]}x{mask.shape[0]}, "
                                      f"the image {image.size[0]}x{image.size[1]}")
                 masks.append((str(segment["label"]), str(segment.get("kind", "")), segment.get("score"), mask))
-            for label, png in (record.get("masks") or {}).items() if not record.get("segments") else ():
+            tag_rles = (record.get("rle_masks") or {}) if not record.get("segments") else {}
+            for label, rle in tag_rles.items():  # self-contained: shown instead of the PNG files
+                masks.append((str(label), "tag", None, _crop_mask_in_image(decode_rle(rle).astype(np.uint8) * 255,
+                                                                           image.size)))
+            for label, png in (record.get("masks") or {}).items() if not (record.get("segments") or tag_rles) else ():
                 png_path = Path(png) if Path(png).is_absolute() else images_root / png
                 masks.append((str(label), "tag", None, _tag_png_mask(png_path, image.size)))
         except (ValueError, KeyError, TypeError, OSError) as error:
@@ -140,7 +150,12 @@ def _entry(number: int, record: dict, images_root: Path, max_side: int,
 
 
 def read_records(path: Path) -> list[tuple[int, dict]]:
-    """(line number, record) of a JSONL output; an unreadable line becomes an error record."""
+    """(line number, record) of a JSONL output (an unreadable line becomes an error record), or
+    (row number, record) of a Parquet output folder."""
+    if path.is_dir():
+        from ttd.parquet_output import read_records as read_parquet
+
+        return list(enumerate(read_parquet(path), start=1))
     out = []
     with path.open(encoding="utf-8", errors="replace") as lines:
         for number, line in enumerate(lines, start=1):

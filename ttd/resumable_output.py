@@ -7,7 +7,13 @@ many items are done) and appends from the next item: every item ends up exactly 
 the last item is written does `OUT.partial` replace `OUT` (an atomic rename).
 
 Beside the partial file, `OUT.partial.job.json` records what the job is (inputs, shard, model,
-settings); a resume with other settings is refused instead of mixing two jobs in one file.
+settings); a resume with other settings is refused instead of mixing two jobs in one file. A
+finished job keeps it as `OUT.job.json`, so `--resume` on a finished `OUT` is checked the same
+way. A sidecar, not a header line: every line of `OUT` stays a record, so shard outputs still
+concatenate and JSON-lines readers (pandas, duckdb, jq) read `OUT` as it is.
+
+`open_output` picks the writer of a job (JSON lines here, Parquet shards in ttd.parquet_output);
+both have this module's interface: `done`, `complete`, `write(records)`, `finish()`, `close()`.
 """
 
 from __future__ import annotations
@@ -27,6 +33,59 @@ def partial_path(output: Path) -> Path:
 
 def job_path(output: Path) -> Path:
     return output.with_name(output.name + ".partial.job.json")
+
+
+def finished_job_path(output: Path) -> Path:
+    """Where a finished JSON-lines job keeps its description (beside OUT: see the module doc)."""
+    return output.with_name(output.name + ".job.json")
+
+
+OUTPUT_FORMATS = ("auto", "jsonl", "parquet")
+
+
+def output_format_of(output: Path, output_format: str = "auto") -> str:
+    """`auto`: Parquet shards when OUT's name ends in .parquet (a folder, as Spark and duckdb write
+    them), JSON lines otherwise."""
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output format {output_format!r}: use one of {', '.join(OUTPUT_FORMATS)}")
+    if output_format == "auto":
+        return "parquet" if Path(output).suffix.lower() == ".parquet" else "jsonl"
+    return output_format
+
+
+def open_output(output: Path, job: dict, resume: bool, output_format: str = "auto", rows_per_file: int = 10_000):
+    """The exactly-once writer of a tagging job: ResumableJsonl, or ParquetShards (a folder of
+    shard files; `rows_per_file` records each). `job` describes the job (a resume must match it)."""
+    output = Path(output)
+    if output_format_of(output, output_format) == "parquet":
+        from ttd.parquet_output import ParquetShards
+
+        return ParquetShards(output, job, resume, rows_per_file)
+    if output.is_dir():
+        raise ValueError(f"{output} is a folder; JSON lines go to a file (for Parquet shards in a folder use "
+                         "--format parquet or a name ending in .parquet)")
+    return ResumableJsonl(output, job, resume)
+
+
+def write_job(path: Path, job: dict) -> None:
+    """Write a job description atomically (a kill leaves the old one or the new one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(job, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def check_same_job(job_file: Path, job: dict, what: Path) -> None:
+    """Refuse to continue or accept `what` unless `job_file` describes the same job as `job`."""
+    try:
+        saved = json.loads(job_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ValueError(f"{what} has no readable job description ({job_file}), so it cannot be checked to come "
+                         "from this job; run without --resume to start over") from None
+    changed = [f"{k}: {saved.get(k)!r} -> {job.get(k)!r}" for k in sorted(set(saved) | set(job))
+               if saved.get(k) != job.get(k)]
+    if changed:
+        raise ValueError(f"{what} belongs to a job with other settings ({'; '.join(changed)}); resume "
+                         "with the same settings, or run without --resume to start over")
 
 
 def error_kind(message: str) -> str:
@@ -104,31 +163,18 @@ class ResumableJsonl:
         self.complete = False
         self.torn_bytes = 0
         if resume and self.partial.exists():
-            self._check_same_job()
+            check_same_job(self.job_file, self.job, self.partial)
             self.torn_bytes = _cut_torn_tail(self.partial)
             self.done = scan(self.partial)
         elif resume and self.output.exists():
+            check_same_job(finished_job_path(self.output), self.job, self.output)
             self.done, self.complete = scan(self.output), True
             self._file = None
             return
         else:
             self.partial.write_bytes(b"")
-            tmp = self.job_file.with_name(self.job_file.name + ".tmp")
-            tmp.write_text(json.dumps(self.job, indent=1, sort_keys=True), encoding="utf-8")
-            os.replace(tmp, self.job_file)
+            write_job(self.job_file, self.job)
         self._file = self.partial.open("ab")
-
-    def _check_same_job(self) -> None:
-        try:
-            saved = json.loads(self.job_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raise ValueError(f"{self.partial} has no readable job description ({self.job_file}); "
-                             "run without --resume to start over") from None
-        changed = [f"{k}: {saved.get(k)!r} -> {self.job.get(k)!r}" for k in sorted(set(saved) | set(self.job))
-                   if saved.get(k) != self.job.get(k)]
-        if changed:
-            raise ValueError(f"{self.partial} belongs to a job with other settings ({'; '.join(changed)}); resume "
-                             "with the same settings, or run without --resume to start over")
 
     def write(self, records: list[dict]) -> None:
         """Append whole lines and hand them to the OS: after this returns, a SIGKILL loses none of them."""
@@ -142,6 +188,7 @@ class ResumableJsonl:
         os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
+        write_job(finished_job_path(self.output), self.job)  # first: a kill before the rename leaves the partial
         os.replace(self.partial, self.output)
         self.job_file.unlink(missing_ok=True)
 

@@ -21,14 +21,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ttd.coco import check_available as check_rle_available
 from ttd.decode_pipeline import decoded_batches
 from ttd.images import DEFAULT_MAX_PIXELS
 from ttd.inputs import Item
 from ttd.item_stream import check_shard, select_shard
-from ttd.resumable_output import ResumableJsonl, error_kind, partial_path
+from ttd.resumable_output import error_kind, open_output, partial_path
 from ttd.runtime.tagger import Tagger
 from ttd.tag_job import (item_record, split_outcomes, write_masks, default_decode_workers, refuse_input_as_output,
                          warn_indistinct_tags)
+from ttd.tag_masks import rle_masks as tag_rle_masks
 from ttd.vocab_tagging import tag_with_vocabulary
 
 
@@ -122,15 +124,18 @@ def encode_batch(tagger: Tagger, batch: list[tuple[int, Item]], outcomes: list,
 
 
 def head_batch(tagger: Tagger, encoded: EncodedBatch, vocabulary: list[str] | None,
-               vocabulary_embeds: np.ndarray | None, masks_dir: Path | None, top_k: int) -> list[dict]:
-    """Stage 2: tag embeddings, tag head, selection, masks: the records of the batch, in order."""
+               vocabulary_embeds: np.ndarray | None, masks_dir: Path | None, top_k: int,
+               rle_masks: bool = False) -> list[dict]:
+    """Stage 2: tag embeddings, tag head, selection, masks: the records of the batch, in order.
+    `rle_masks`: each record also holds its selected tags' masks as COCO RLE ("rle_masks")."""
     batch, records, prepared = encoded.batch, encoded.records, encoded.prepared
     if prepared:
         keys = sorted(prepared)
         images = np.stack([prepared[k][0] for k in keys])
         encoded_tagger = _Encoded(tagger, encoded.encodings)
         if vocabulary is not None:
-            results = tag_with_vocabulary(encoded_tagger, images, vocabulary, vocabulary_embeds, masks_dir is not None)
+            results = tag_with_vocabulary(encoded_tagger, images, vocabulary, vocabulary_embeds,
+                                          masks_dir is not None or rle_masks)
         else:
             results = Tagger.tag(encoded_tagger, images, [prepared[k][1] for k in keys])
         for key, result in zip(keys, results):
@@ -142,15 +147,18 @@ def head_batch(tagger: Tagger, encoded: EncodedBatch, vocabulary: list[str] | No
                                      write_masks(masks_dir, position, item, result, tagger.config.image_size))
                 except (OSError, ValueError) as error:
                     record["error"] = f"cannot write masks: {error}"
+            if rle_masks:
+                record["rle_masks"] = tag_rle_masks(result, tagger.config.image_size)
             records[key] = record
     return [{"index": position, **records[offset]} for offset, (position, _) in enumerate(batch)]
 
 
 def tag_batch(tagger: Tagger, batch: list[tuple[int, Item]], outcomes: list, vocabulary: list[str] | None,
-              vocabulary_embeds: np.ndarray | None, masks_dir: Path | None, top_k: int) -> list[dict]:
+              vocabulary_embeds: np.ndarray | None, masks_dir: Path | None, top_k: int,
+              rle_masks: bool = False) -> list[dict]:
     """The records of one decoded batch, in order (error records for items that failed)."""
     return head_batch(tagger, encode_batch(tagger, batch, outcomes, vocabulary), vocabulary, vocabulary_embeds,
-                      masks_dir, top_k)
+                      masks_dir, top_k, rle_masks)
 
 
 # backends whose graphs may run from two threads at once (the triton client's gevent connection
@@ -219,6 +227,9 @@ def tag_stream(
     prefetch: int = 2,
     inputs: Sequence[Path] = (),
     explicit_images: Sequence[Path] = (),
+    rle_masks: bool = False,
+    output_format: str = "auto",
+    rows_per_file: int = 10_000,
 ) -> JobSummary:
     """Tag a stream of items into `output` (JSON lines), exactly once per item even across kills.
 
@@ -227,6 +238,8 @@ def tag_stream(
     p with p % num_shards == shard. `total`: items in the whole input, if known (progress ETA;
     default: the lines of a JSONL/CSV captions file among `inputs`). `inputs` (captions,
     vocabulary) and the images are refused as `output`: writing it would destroy them.
+    `rle_masks`: records hold their selected tags' masks as COCO RLE. `output_format`: jsonl,
+    parquet (a folder of shard files of `rows_per_file` records), or auto (by the name: .parquet).
     """
     output = Path(output)
     check_shard(shard, num_shards)
@@ -236,8 +249,11 @@ def tag_stream(
         total = next((count_lines(Path(p)) - (Path(p).suffix.lower() == ".csv") for p in inputs
                       if Path(p).suffix.lower() in (".jsonl", ".ndjson", ".json", ".csv") and Path(p).is_file()), None)
     description = {**(job or {}), "shard": shard, "num_shards": num_shards, "vocabulary": vocabulary,
-                   "masks_dir": str(masks_dir) if masks_dir else None, "max_pixels": max_pixels, "top_k": top_k}
-    writer = ResumableJsonl(output, description, resume)
+                   "masks_dir": str(masks_dir) if masks_dir else None, "max_pixels": max_pixels, "top_k": top_k,
+                   **({"rle_masks": True} if rle_masks else {})}  # only when set: older partial outputs still resume
+    if rle_masks:
+        check_rle_available()  # before anything is written
+    writer = open_output(output, description, resume, output_format, rows_per_file)
     summary = JobSummary(Path(output), writer.done.lines, writer.done.lines, Counter(writer.done.errors))
     if writer.complete:
         summary.already_complete = True
@@ -256,7 +272,7 @@ def tag_stream(
                                       workers, settings, prefetch)
 
             def write(encoded: EncodedBatch) -> None:
-                records = head_batch(tagger, encoded, vocabulary, vocabulary_embeds, masks_dir, top_k)
+                records = head_batch(tagger, encoded, vocabulary, vocabulary_embeds, masks_dir, top_k, rle_masks)
                 writer.write(records)
                 summary.items += len(records)
                 summary.errors.update(error_kind(str(r["error"])) for r in records if "error" in r)

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ttd.images import DEFAULT_MAX_PIXELS, ImageError, Preprocess
 from ttd.inputs import Item
 from ttd.runtime.tagger import Tagger, TagResult
+from ttd.tag_masks import mask_image
 from ttd.tags import candidate_tags
 
 SAFE = re.compile(r"[^a-z0-9_-]+")
@@ -133,7 +133,7 @@ def write_masks(masks_dir: Path, index: int, item: Item, result: TagResult, size
     for tag in result.selected:
         position = result.tags.index(tag)  # the tag's place among the candidates: unique in the item
         mask = result.masks[position]
-        png = Image.fromarray((np.clip(mask, 0, 1) * 255).astype(np.uint8), "L").resize((size, size), Image.BILINEAR)
+        png = mask_image(mask, size)
         path = contained_path(folder, f"{position:04d}_{safe_name(tag)}.png")
         png.save(path)
         paths[tag] = str(path)
