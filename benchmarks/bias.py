@@ -39,6 +39,7 @@ ABLATIONS = {
     "delta=0.7": {"threshold": 0.7},
     "score=minmax": {"score_method": "minmax"},
     "score=sigmoid": {"score_method": "sigmoid"},
+    "score=negatives, frozen teacher": {"score_method": "negatives", "frozen_teacher": True},
 }
 
 

@@ -42,9 +42,13 @@ def test_lora_starts_at_the_base_and_merges_exactly():
 def test_ttd_training_writes_adapter_and_merged_model(tmp_path):
     base = create_model("world-tiny", seed=0)
     base_path = save_checkpoint(base, tmp_path / "base.safetensors")
-    train(load_checkpoint(base_path), TrainConfig(out_dir=str(tmp_path / "run"), **SMALL), progress=False)
+    trained = train(load_checkpoint(base_path), TrainConfig(out_dir=str(tmp_path / "run"), **SMALL), progress=False)
     merged = load_checkpoint(tmp_path / "run" / "model.safetensors")
     assert merged.config.source == "ttd:registered:world-tiny"
+    # the negatives margin was fitted to the trained model (world calibration split), on disk and in memory
+    fit = json.loads((tmp_path / "run" / "train_config.json").read_text())["margin_calibration"]
+    assert merged.config.negative_margin == trained.config.negative_margin == round(fit["margin"], 4)
+    assert fit["candidates"] > 2000 and merged.config.negative_margin != base.config.negative_margin
     assert merged.mask_weight.item() != 10.0  # the calibration was trained
     # the adapters were trained too: every adapted weight of both towers moved, nothing else did
     base_weights, merged_weights = load_checkpoint(base_path).state_dict(), merged.state_dict()

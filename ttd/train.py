@@ -328,7 +328,8 @@ def finish(run: TrainingRun) -> TTDModel:
     if run.rank == 0:
         if run.loader.skipped:
             tqdm.write(f"skipped {len(run.loader.skipped)} unreadable samples; first: {run.loader.skipped[0]}")
-        _write_outputs(run.model, run.config, Path(run.config.out_dir), run.loader.skipped)
+        run.model.config, calibration = _calibrated_config(run.model, run.config)
+        _write_outputs(run.model, run.config, Path(run.config.out_dir), run.loader.skipped, calibration)
     return run.model
 
 
@@ -355,25 +356,25 @@ def train(model: TTDModel, config: TrainConfig, resume: bool = True, progress: b
     return finish(run)
 
 
-def _write_outputs(model: TTDModel, config: TrainConfig, out: Path, skipped: list[str]) -> None:
+def _write_outputs(model: TTDModel, config: TrainConfig, out: Path, skipped: list[str], calibration: dict | None) -> None:
     from safetensors.torch import save_file
 
-    model_config, calibration = _calibrated_config(model, config)
     if config.objective == "ttd":
         adapter = adapter_state_dict(model)
         save_file(adapter, str(out / "adapter.safetensors"),
                   metadata={"lora": json.dumps(config.lora.to_dict()), "base": model.config.source})
         save_checkpoint(model, out / "model.safetensors", merged_state_dict(model),
-                        dataclasses.replace(model_config, source=f"ttd:{model.config.source}"))
+                        dataclasses.replace(model.config, source=f"ttd:{model.config.source}"))
     else:
-        save_checkpoint(model, out / "model.safetensors", config=model_config)
+        save_checkpoint(model, out / "model.safetensors")
     (out / "train_config.json").write_text(json.dumps({**config.to_dict(), "skipped_samples": len(skipped),
                                                        "margin_calibration": calibration}, indent=1))
 
 
 def _calibrated_config(model: TTDModel, config: TrainConfig) -> tuple:
     """(the model's config with its negatives margin fitted, the fit) on the world's calibration
-    split when training on the world; the model's config unchanged (and None) otherwise."""
+    split when training on the world; the model's config unchanged (and None) otherwise. The
+    returned model carries it too, so it tags as its checkpoint will (rank 0 under DDP)."""
     if not (config.calibrate_margin and config.data == "world"):
         if config.data != "world":
             tqdm.write(f"negative_margin stays {model.config.negative_margin:g} (the base model's); fit it to the trained "
