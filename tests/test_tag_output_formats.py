@@ -15,26 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_stream_job import ROOT, lines, same_records, world_job
+from test_stream_job import ROOT, lines, same_records, tag, tagger, world_job  # noqa: F401 - tagger: a fixture
 from ttd.coco import decode_rle
 from ttd.item_stream import open_items
 from ttd.resumable_output import finished_job_path
 
 pq = pytest.importorskip("pyarrow.parquet")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    from ttd.runtime import load_tagger
-
-    return load_tagger("torch", model="world-tiny", device="cpu")
-
-
-def tag(tagger, captions: Path, out: Path, **options):
-    from ttd.stream_job import tag_stream
-
-    options = {"batch_size": 3, "progress": False, "decode_workers": 0, **options}
-    return tag_stream(tagger, open_items(captions), out, inputs=[captions], **options)
 
 
 def without_nulls(records: list[dict]) -> list[dict]:
@@ -103,12 +89,12 @@ def test_rle_masks_in_the_records_are_the_thresholded_png_masks_and_the_report_s
 
 # Parquet ----------------------------------------------------------------------------------------
 
-def test_parquet_output_holds_the_jsonl_records_in_typed_columns_and_shards_concatenate(tmp_path, tiny):
+def test_parquet_output_holds_the_jsonl_records_in_typed_columns_and_shards_concatenate(tmp_path, tagger):
     captions = world_job(tmp_path, 8, bad_every=3)
     reference = tmp_path / "tags.jsonl"
-    tag(tiny, captions, reference, masks_dir=tmp_path / "masks", rle_masks=True)
+    tag(tagger, captions, reference, masks_dir=tmp_path / "masks", rle_masks=True)
     out = tmp_path / "tags.parquet"  # a .parquet name picks Parquet (format "auto")
-    summary = tag(tiny, captions, out, masks_dir=tmp_path / "masks", rle_masks=True, rows_per_file=3)
+    summary = tag(tagger, captions, out, masks_dir=tmp_path / "masks", rle_masks=True, rows_per_file=3)
     assert "wrote 8 records" in summary.line() and "(2 errors)" in summary.line()
     assert sorted(p.name for p in out.iterdir()) == ["_SUCCESS", "_ttd_job.json", "part-00000.parquet",
                                                      "part-00001.parquet", "part-00002.parquet"]
@@ -126,7 +112,7 @@ def test_parquet_output_holds_the_jsonl_records_in_typed_columns_and_shards_conc
     from ttd.stream_job import tag_stream
 
     def vocab(output, **options):
-        return tag_stream(tiny, open_items(None, images), output, vocabulary=["star", "red", "cross"], batch_size=2,
+        return tag_stream(tagger, open_items(None, images), output, vocabulary=["star", "red", "cross"], batch_size=2,
                           progress=False, decode_workers=0, **options)
 
     vocab(tmp_path / "vocab.jsonl")
@@ -138,10 +124,10 @@ def test_parquet_output_holds_the_jsonl_records_in_typed_columns_and_shards_conc
     assert isinstance(merged[0]["selected"], list) and len(merged) == 4
 
 
-def test_parquet_job_killed_with_sigkill_and_resumed_writes_every_item_exactly_once(tmp_path, tiny):
+def test_parquet_job_killed_with_sigkill_and_resumed_writes_every_item_exactly_once(tmp_path, tagger):
     captions = world_job(tmp_path, 30, bad_every=7)
     reference = tmp_path / "reference.jsonl"
-    tag(tiny, captions, reference)
+    tag(tagger, captions, reference)
     out = tmp_path / "tags.parquet"
     command = [sys.executable, "-m", "ttd.cli", "tag", "--model", "world-tiny", "--device", "cpu", "--captions",
                str(captions), "-o", str(out), "--batch-size", "2", "--rows-per-file", "3", "--decode-workers", "0",
@@ -178,26 +164,26 @@ def test_parquet_job_killed_with_sigkill_and_resumed_writes_every_item_exactly_o
 # a finished job keeps its description -----------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["tags.jsonl", "tags.parquet"])
-def test_resume_of_a_finished_job_with_other_settings_is_refused(tmp_path, tiny, name):
+def test_resume_of_a_finished_job_with_other_settings_is_refused(tmp_path, tagger, name):
     captions = world_job(tmp_path, 3)
     out = tmp_path / name
-    tag(tiny, captions, out, job={"threshold": 0.5})
+    tag(tagger, captions, out, job={"threshold": 0.5})
     described = out / "_ttd_job.json" if out.is_dir() else finished_job_path(out)
     assert json.loads(described.read_text())["threshold"] == 0.5
     written = {p: p.read_bytes() for p in ([*out.iterdir()] if out.is_dir() else [out])}
     with pytest.raises(ValueError, match=r"belongs to a job with other settings \(threshold: 0.5 -> 0.7\)"):
-        tag(tiny, captions, out, resume=True, job={"threshold": 0.7})
+        tag(tagger, captions, out, resume=True, job={"threshold": 0.7})
     assert {p: p.read_bytes() for p in written} == written  # the refused resume touched nothing
-    again = tag(tiny, captions, out, resume=True, job={"threshold": 0.5})
+    again = tag(tagger, captions, out, resume=True, job={"threshold": 0.5})
     assert again.already_complete and again.items == 3
     described.unlink()  # an output nobody can vouch for is not taken as this job's
     with pytest.raises(ValueError, match=r"no readable job description|did not write \(no _ttd_job.json\)"):
-        tag(tiny, captions, out, resume=True, job={"threshold": 0.5})
+        tag(tagger, captions, out, resume=True, job={"threshold": 0.5})
 
 
 # clear errors -----------------------------------------------------------------------------------
 
-def test_parquet_without_pyarrow_and_a_foreign_folder_are_refused_before_anything_is_written(tmp_path, tiny,
+def test_parquet_without_pyarrow_and_a_foreign_folder_are_refused_before_anything_is_written(tmp_path, tagger,
                                                                                                monkeypatch):
     from ttd.parquet_output import ParquetShards
 
@@ -206,10 +192,10 @@ def test_parquet_without_pyarrow_and_a_foreign_folder_are_refused_before_anythin
     foreign.mkdir()
     (foreign / "holiday.jpg").write_bytes(b"precious")
     with pytest.raises(ValueError, match=r"photos.parquet is a folder that `ttd tag` did not write"):
-        tag(tiny, captions, foreign)
+        tag(tagger, captions, foreign)
     assert [p.name for p in foreign.iterdir()] == ["holiday.jpg"]
     with pytest.raises(ValueError, match=r"is a folder; JSON lines go to a file"):
-        tag(tiny, captions, foreign, output_format="jsonl")
+        tag(tagger, captions, foreign, output_format="jsonl")
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(RuntimeError, match=r"Parquet output needs pyarrow: pip install 'ttd-toolkit\[parquet\]'"):
