@@ -71,6 +71,19 @@ def test_real_tritonserver_serves_the_same_tags_as_onnxruntime(export_dir, tmp_p
             outputs[name] = [json.loads(line) for line in target.read_text().splitlines()]
         assert outputs["http"] == outputs["onnxruntime"]
         assert outputs["grpc"] == outputs["onnxruntime"]
+        # segmentation through the served graphs (whole image, two scales, sliding windows): the same label maps
+        images = [str(p) for p in sorted((annotations.parent / "images").glob("*.png"))[:3]]
+        segments = {}
+        for name, extra in (("onnxruntime", []), ("http", ["--url", f"http://{server.http_url}"])):
+            target = tmp_path / f"segment-{name}.jsonl"
+            result = CliRunner().invoke(main, ["segment", "--classes", "red,blue,circle,grass", *images, "-o", str(target),
+                                               "--scales", "1,2", "--stride", "32", "--mask-threshold", "0.01", "--quiet", "--backend",
+                                               "onnxruntime" if name == "onnxruntime" else "triton",
+                                               "--export-dir", str(export_dir), *extra])
+            assert result.exit_code == 0, result.output
+            segments[name] = [json.loads(line) for line in target.read_text().splitlines()]
+        assert len(segments["http"]) == 3 and any(r["segments"] for r in segments["http"])
+        assert segments["http"] == segments["onnxruntime"]
 
         import io
 
