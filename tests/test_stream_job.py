@@ -70,6 +70,26 @@ def tag(tagger, captions: Path, out: Path, **options):
 
 # exactly once -----------------------------------------------------------------------------------
 
+def kill_repeatedly(command: list[str], env: dict, progress, rng: random.Random, runs: int = 5) -> int:
+    """Start `command` up to `runs` times and SIGKILL each run at a random moment a few
+    milliseconds after its first progress (`progress()` grows: lines or files written). Tied to
+    progress, not to a fixed time, so that a fast machine kills as often as a slow one. Returns
+    how many runs were killed (a run that finishes first ends the series)."""
+    kills = 0
+    for _ in range(runs):
+        job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        before, deadline = progress(), time.monotonic() + 120
+        while job.poll() is None and time.monotonic() < deadline and progress() <= before:
+            time.sleep(0.001)
+        time.sleep(rng.uniform(0.0, 0.005))  # mid-batch, mid-write or between batches
+        if job.poll() is not None:
+            break
+        job.send_signal(signal.SIGKILL)
+        job.wait()
+        kills += 1
+    return kills
+
+
 def test_sigkill_at_random_points_then_resume_writes_every_item_exactly_once(tmp_path, tagger):
     captions = world_job(tmp_path, 30, bad_every=7)
     reference = tmp_path / "reference.jsonl"
@@ -78,23 +98,9 @@ def test_sigkill_at_random_points_then_resume_writes_every_item_exactly_once(tmp
     command = [sys.executable, "-m", "ttd.cli", "tag", "--model", "world-tiny", "--device", "cpu", "--captions",
                str(captions), "-o", str(out), "--batch-size", "2", "--decode-workers", "0", "--quiet", "--resume"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    rng = random.Random(12)
-    kills = 0
-    for _ in range(5):
-        job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 120
-        partial = partial_path(out)
-        before = len(partial.read_bytes().splitlines()) if partial.exists() else 0
-        while job.poll() is None and time.monotonic() < deadline:  # wait for this run's first writes
-            if partial.exists() and len(partial.read_bytes().splitlines()) > before:
-                break
-            time.sleep(0.002)
-        time.sleep(rng.uniform(0.0, 0.05))  # then kill it at a random point of its work
-        if job.poll() is not None:
-            break
-        job.send_signal(signal.SIGKILL)
-        job.wait()
-        kills += 1
+    partial = partial_path(out)
+    kills = kill_repeatedly(command, env, lambda: len(partial.read_bytes().splitlines()) if partial.exists() else 0,
+                            random.Random(12))
     assert kills >= 3, "the job finished before it could be killed three times"
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

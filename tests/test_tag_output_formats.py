@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_stream_job import ROOT, lines, same_records, tag, tagger, world_job  # noqa: F401 - tagger: a fixture
+from test_stream_job import ROOT, kill_repeatedly, lines, same_records, tag, tagger, world_job  # noqa: F401 - tagger: a fixture
 from ttd.coco import decode_rle
 from ttd.item_stream import open_items
 from ttd.resumable_output import finished_job_path
@@ -133,23 +133,8 @@ def test_parquet_job_killed_with_sigkill_and_resumed_writes_every_item_exactly_o
                str(captions), "-o", str(out), "--batch-size", "2", "--rows-per-file", "3", "--decode-workers", "0",
                "--quiet", "--resume"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    rng = random.Random(7)
-
-    def shards() -> int:
-        return len(list(out.glob("part-*.parquet"))) if out.exists() else 0
-
-    kills = 0
-    for _ in range(5):
-        job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        before, deadline = shards(), time.monotonic() + 120
-        while job.poll() is None and time.monotonic() < deadline and shards() == before:  # this run's first shard
-            time.sleep(0.002)
-        time.sleep(rng.uniform(0.0, 0.05))  # then kill it at a random point: mid-batch, mid-shard, mid-write
-        if job.poll() is not None:
-            break
-        job.send_signal(signal.SIGKILL)
-        job.wait()
-        kills += 1
+    kills = kill_repeatedly(command, env, lambda: len(list(out.glob("part-*.parquet"))) if out.exists() else 0,
+                            random.Random(7))
     assert kills >= 3, "the job finished before it could be killed three times"
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
