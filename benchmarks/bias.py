@@ -137,7 +137,7 @@ def markdown(report: dict) -> str:
         if scorer in base["tags"]:
             lines.append(f"| {scorer} (base) | " + " | ".join(f"{100 * base['tags'][scorer][c]:.1f}" for c in cols) + " |")
     for stage1, runs in by_stage1.items():
-        for scorer in ("text-tag", EVAL_SCORER[stage1]):
+        for scorer in dict.fromkeys(("text-tag", "pixel-tag", EVAL_SCORER[stage1], "pixel-tag-negatives")):
             lines.append(f"| {scorer} + TTD (Stage 1: {stage1}) | " + " | ".join(
                 _mean_std([100 * r["tags"][scorer][c] for r in runs]) for c in cols) + " |")
     lines += ["", "| caption mask | IoU | FPR | FNR |", "|---|---|---|---|"]
@@ -160,7 +160,8 @@ def markdown(report: dict) -> str:
         for scorer in ("pixel-tag", "pixel-tag-negatives"):
             lines.append(f"| {scorer} (base) | {cells([base], scorer)} |")
         for stage1, runs in by_stage1.items():
-            lines.append(f"| {EVAL_SCORER[stage1]} + TTD (Stage 1: {stage1}) | {cells(runs, EVAL_SCORER[stage1])} |")
+            for scorer in dict.fromkeys(("pixel-tag", EVAL_SCORER[stage1], "pixel-tag-negatives")):
+                lines.append(f"| {scorer} + TTD (Stage 1: {stage1}) | {cells(runs, scorer)} |")
     if report["ablations"]:
         default = EVAL_SCORER[next(iter(by_stage1))]
         lines += ["", f"| ablation (seed 0) | {default} F1 | text-tag R | caption IoU |", "|---|---|---|---|"]

@@ -468,9 +468,10 @@ def test_calls_are_split_to_the_profile_and_agree_with_an_unchunked_reference(sc
     if score_method == "softmax":
         assert text_calls == [9, 32, 4]
         assert head_calls == [3, 3, 6, 6]  # two views each; the 15 tags ran beside the engine, not in slices of it
-    else:  # the 5 negative prompts (15 prompts, encoded once) follow each call's tags; the profile allows 6 + 5
-        assert text_calls == [9, 15, 32, 4]
-        assert head_calls == [8, 8, 11, 11]
+    else:  # one padded call for the lists that fit the profile (3 and 6 tags, padded to 6) followed by the
+        # 5 negative prompts (15 prompts, encoded once): 6 + 5 = the profile's 11; the 15 tags run beside it
+        assert text_calls == [9, 18, 15, 18]
+        assert head_calls == [11, 11]
 
     # the batch axis of every graph, directly against the reference
     backend = _backend(config, engines)

@@ -196,11 +196,16 @@ class Tagger:
         own first tag, which is exact for every score but the softmax (a copy changes no other
         tag's negatives or sigmoid score, nor a row's min or max). Under the softmax, which
         compares a caption's tags with each other, images with the same number of tags share a
-        call instead."""
+        call instead, as do lists longer than a backend's head limit (`max_head_tags`: a TensorRT
+        profile), so that one long caption does not take the whole batch off the engine."""
         _, patch_embeds, flipped = self.encode_images(images)
+        limit = getattr(self.backend, "max_head_tags", None)
+        if limit is not None and self.score_method == "negatives":
+            limit -= len(self.config.negative_prompts)
         groups: dict[int, list[int]] = {}
         for i, tags in enumerate(tag_lists):
-            groups.setdefault(len(tags) if self.score_method == "softmax" or not tags else -1, []).append(i)
+            alone = self.score_method == "softmax" or not tags or (limit is not None and len(tags) > limit)
+            groups.setdefault(len(tags) if alone else -1, []).append(i)
         results: list[TagResult | None] = [None] * len(tag_lists)
         for members in groups.values():
             width = max(len(tag_lists[i]) for i in members)

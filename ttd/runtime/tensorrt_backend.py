@@ -205,6 +205,11 @@ class TensorRTBackend:
     def encode_texts(self, input_ids: np.ndarray) -> np.ndarray:
         return self._run("text_encoder", input_ids)[0]
 
+    @property
+    def max_head_tags(self) -> int:
+        """The most tags one tag-head call runs on the engine (its profile); more run in torch."""
+        return self.runners["tag_head"].profiles["tag_embeds"].max[1]
+
     def score_tags(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray) -> TagHeadOutputs:
         if self.runners["tag_head"].accepts("tag_embeds", 1, tag_embeds.shape[1]):
             return TagHeadOutputs(*self._run("tag_head", patch_embeds, tag_embeds))
