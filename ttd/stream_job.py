@@ -161,9 +161,9 @@ def tag_batch(tagger: Tagger, batch: list[tuple[int, Item]], outcomes: list, voc
                       masks_dir, top_k, rle_masks)
 
 
-# backends whose graphs may run from two threads at once (the triton client's gevent connection
-# and a TensorRT execution context may not)
-THREAD_SAFE_BACKENDS = ("torch", "onnxruntime")
+# backends whose graphs may run from two threads at once (a TensorRT execution context may not;
+# the triton backend gives each thread its own client)
+THREAD_SAFE_BACKENDS = ("torch", "onnxruntime", "triton")
 
 
 class _HeadStage:

@@ -4,6 +4,7 @@ served max batch size and sent with bounded concurrency."""
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,29 +29,38 @@ class TritonBackend:
     name = "triton"
 
     def __init__(self, url: str, concurrency: int = 4, timeout_s: float = 60.0, retry_s: float = 60.0) -> None:
-        self.retry_s = retry_s
+        self.retry_s, self.timeout_s, self.concurrency = retry_s, timeout_s, concurrency
         self.protocol, self.address = parse_url(url)
         if self.protocol == "http":
             import tritonclient.http as client_module
-
-            self.client = client_module.InferenceServerClient(self.address, concurrency=concurrency,
-                                                              network_timeout=timeout_s)
         else:
             import tritonclient.grpc as client_module
-
-            self.client = client_module.InferenceServerClient(self.address)
         self.module = client_module
+        self._clients = threading.local()
+        self._grpc_client = client_module.InferenceServerClient(self.address) if self.protocol == "grpc" else None
         try:
             ready = self.client.is_server_ready()
         except Exception as error:
             raise ConnectionError(f"no Triton server answers at {url}: {error}") from error
         if not ready:
             raise ConnectionError(f"the Triton server at {url} is not ready")
-        self.concurrency = concurrency
         self.max_batch = {}
         for model in (g.served_as for g in GRAPHS.values()):
             config = self.client.get_model_config(model)  # HTTP: a dict; gRPC: a ModelConfigResponse
             self.max_batch[model] = int(config["max_batch_size"] if isinstance(config, dict) else config.config.max_batch_size)
+
+    @property
+    def client(self):
+        """The gRPC client (thread-safe, shared), or this thread's HTTP client: that one runs on
+        gevent, whose connections belong to the thread that made them, and a backend is called
+        from several threads (the head stage of `ttd tag`, Ray's actor threads)."""
+        if self._grpc_client is not None:
+            return self._grpc_client
+        client = getattr(self._clients, "client", None)
+        if client is None:
+            client = self._clients.client = self.module.InferenceServerClient(
+                self.address, concurrency=self.concurrency, network_timeout=self.timeout_s)
+        return client
 
     def _tensors(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> tuple[list, list]:
         tensors = []
