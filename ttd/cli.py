@@ -133,8 +133,8 @@ def main() -> None:
               help="Torch backend: torch.compile the image encoder (CUDA graphs on a GPU); pays a one-off "
                    "compilation per power-of-two batch size, worth it for long jobs.")
 @click.option("--decode-workers", type=click.IntRange(0), default=None,
-              help="Processes that decode the next batch while the model runs the current one "
-                   "(0: decode in the main process). Default: cores − 1 (at most 8), or 0 below 4 cores.")
+              help="Processes that decode the next batches while the model runs the current one "
+                   "(0: one decoding thread in this process). Default: cores − 1 (at most 8), or 0 below 4 cores.")
 @click.option("--vocab-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder of cached vocabulary tag embeddings, keyed by model/export and vocabulary "
                    "(default: $TTD_CACHE_DIR/vocab or ~/.cache/ttd/vocab).")
