@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ttd.calibrate import best_margin
+from ttd.config import CALIBRATION_SEED, DEFAULT_MIN_PRECISION
 from ttd.data.annotations import world_eval_samples
 from ttd.data.world import COLOURS, SHAPES, vocabulary
 from ttd.factory import DEFAULT_CHECKPOINT, load_checkpoint
@@ -27,8 +29,7 @@ from ttd.images import normalize
 from ttd.tag_kinds import KindCounts
 from ttd.tags import candidate_tags
 
-CALIBRATION_SEED, HELD_OUT_SEED = 7, 2
-MIN_PRECISION = 0.97
+HELD_OUT_SEED = 2
 
 
 def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
@@ -93,16 +94,9 @@ def decisions(split, score, vocab_index) -> tuple[list[list[str]], list[np.ndarr
 
 
 def fit_threshold(scores: np.ndarray, relevant: np.ndarray) -> float:
-    """The threshold with the best F1 among those with precision ≥ MIN_PRECISION."""
-    best, best_f1 = float(scores.max()), -1.0
-    for threshold in np.unique(np.quantile(scores, np.linspace(0, 1, 4001))):
-        chosen = scores >= threshold
-        tp = int((chosen & relevant).sum())
-        precision, recall = tp / max(int(chosen.sum()), 1), tp / max(int(relevant.sum()), 1)
-        f1 = 2 * precision * recall / max(precision + recall, 1e-12)
-        if precision >= MIN_PRECISION and f1 > best_f1:
-            best, best_f1 = float(threshold), f1
-    return best
+    """The threshold of best F1 among those with precision ≥ DEFAULT_MIN_PRECISION: the exact cut
+    of `ttd calibrate` (a tag is selected when its score ≥ the threshold)."""
+    return best_margin(scores, relevant, DEFAULT_MIN_PRECISION).margin
 
 
 def measure(tags, scores, relevant, threshold: float) -> dict:
@@ -137,7 +131,7 @@ def main() -> None:
         splits[f"held-out {s}"] = world_eval_samples(HELD_OUT_SEED, args.count, start=s * args.count)
     cosines = {name: (samples, cosine_maps(model, samples, vocab_embeds)) for name, samples in splits.items()}
     report = {"checkpoint": str(args.checkpoint), "negative_prompts": list(model.config.negative_prompts),
-              "min_precision": MIN_PRECISION, "count": args.count, "scorers": {}}
+              "min_precision": DEFAULT_MIN_PRECISION, "count": args.count, "scorers": {}}
     for name, (score, fixed) in candidates(model.config.tau, float(model.mask_weight), float(model.mask_bias),
                                            negatives).items():
         threshold = fixed

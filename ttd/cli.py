@@ -10,7 +10,10 @@ from pathlib import Path
 import click
 
 from ttd.config import (
+    CALIBRATION_COUNT,
+    CALIBRATION_SEED,
     DEFAULT_MASK_THRESHOLD,
+    DEFAULT_MIN_PRECISION,
     DEFAULT_SCORE_METHOD,
     DEFAULT_THRESHOLD,
     DENSE_MODES,
@@ -426,9 +429,10 @@ def evaluate_command(model, pretrained, checkpoint, dense_mode, data_dir, count,
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
               help="A labelled evaluation folder (annotations.jsonl with relevant_tags). Default: the world's "
                    "calibration split (seed 7: never trained or evaluated on).")
-@click.option("--count", type=click.IntRange(1), default=500, show_default=True, help="World samples when --data is not given.")
-@click.option("--seed", type=int, default=7, show_default=True, help="World seed when --data is not given.")
-@click.option("--min-precision", type=click.FloatRange(0, 1), default=0.97, show_default=True,
+@click.option("--count", type=click.IntRange(1), default=CALIBRATION_COUNT, show_default=True,
+              help="World samples when --data is not given.")
+@click.option("--seed", type=int, default=CALIBRATION_SEED, show_default=True, help="World seed when --data is not given.")
+@click.option("--min-precision", type=click.FloatRange(0, 1), default=DEFAULT_MIN_PRECISION, show_default=True,
               help="The margin of best F1 among those with at least this precision.")
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=DEFAULT_THRESHOLD,
               show_default=True, help="δ the margin is fitted for (the one you tag with).")

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ttd.config import DEFAULT_THRESHOLD, OBJECTIVES
+from ttd.config import CALIBRATION_COUNT, CALIBRATION_SEED, DEFAULT_THRESHOLD, OBJECTIVES
 from ttd.data.shard_stream import ShardStreamLoader
 from ttd.data.sources import open_source
 from ttd.distill import clip_loss, ttd_losses
@@ -380,7 +380,7 @@ def _calibrated_config(model: TTDModel, config: TrainConfig) -> tuple:
             tqdm.write(f"negative_margin stays {model.config.negative_margin:g} (the base model's); fit it to the trained "
                        f"model with `ttd calibrate --checkpoint {Path(config.out_dir) / 'model.safetensors'} --data LABELLED`")
         return model.config, None
-    from ttd.calibrate import CALIBRATION_COUNT, CALIBRATION_SEED, fit_negative_margin
+    from ttd.calibrate import fit_negative_margin
     from ttd.data.annotations import world_eval_samples
     from ttd.runtime import torch_tagger
 
