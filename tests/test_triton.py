@@ -128,8 +128,11 @@ def test_ttd_serve_stops_cleanly_on_ctrl_c(export_dir, tmp_path):
 
     repo = build_repository(export_dir, tmp_path / "repo", "python")
     port = free_port()
+    # started with SIGINT ignored, as a background job of a non-interactive shell is (`nohup ttd serve &`):
+    # Ctrl-C / kill -INT must still stop it
     process = subprocess.Popen([shutil.which("ttd"), "serve", str(repo), "--http-port", str(port),
-                                "--grpc-port", str(free_port())], stderr=subprocess.PIPE, text=True)
+                                "--grpc-port", str(free_port())], stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         line = process.stderr.readline()  # printed once the server is ready
         assert f"HTTP 127.0.0.1:{port}" in line, line

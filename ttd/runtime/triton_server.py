@@ -182,12 +182,14 @@ def start_server(repo: Path, host: str = "127.0.0.1", http_port: int = 8000, grp
 def stop_on_signals() -> Iterator[None]:
     """Within it, SIGTERM and SIGHUP (timeout, systemd, docker stop, a closed terminal) stop
     `ttd serve` the way Ctrl-C does: tritonserver is stopped and its workspace removed, nothing
-    is orphaned. The previous handlers are restored on the way out."""
+    is orphaned. SIGINT is handled too, even when the process started with it ignored (a
+    background job of a non-interactive shell, e.g. `nohup ttd serve ... &`, inherits SIGINT
+    ignored, and `kill -INT` would then be lost). The previous handlers are restored on the way out."""
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
     try:
         yield
     finally:
