@@ -124,12 +124,11 @@ def sample_critical_margins(tagger: Tagger, samples: list[EvalSample], batch_siz
 def calibrate_checkpoint(checkpoint: Path, fit: MarginFit) -> float:
     """Write the fitted margin into the checkpoint's config (atomically); returns the old margin.
     An export made before this keeps its own config: export again after calibrating."""
-    from ttd.factory import atomic_write, config_path
+    from ttd.factory import config_path, save_config
 
     path = config_path(Path(checkpoint))
     if not path.is_file():
         raise ValueError(f"{path} does not exist: calibration writes into a checkpoint's config (.json beside it)")
     config = ModelConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    text = json.dumps(replace(config, negative_margin=round(fit.margin, 4)).to_dict(), indent=1)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    save_config(Path(checkpoint), replace(config, negative_margin=round(fit.margin, 4)))
     return config.negative_margin

@@ -147,9 +147,14 @@ def save_checkpoint(model: TTDModel, path: str | Path, state_dict: dict[str, tor
         raise ValueError(f"checkpoint path must end in .safetensors, got {path}")
     tensors = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "ttd-checkpoint/1"}))
-    text = json.dumps((config or model.config).to_dict(), indent=1)
-    atomic_write(config_path(path), lambda tmp: Path(tmp).write_text(text))
+    save_config(path, config or model.config)
     return path
+
+
+def save_config(checkpoint: Path, config: ModelConfig) -> None:
+    """Write a checkpoint's config JSON beside it, atomically."""
+    text = json.dumps(config.to_dict(), indent=1)
+    atomic_write(config_path(Path(checkpoint)), lambda tmp: Path(tmp).write_text(text))
 
 
 def load_checkpoint(path: str | Path, dense_mode: str | None = None) -> TTDModel:

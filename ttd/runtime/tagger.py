@@ -131,7 +131,7 @@ class Tagger:
 
     def _score_chunk(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray, flipped: np.ndarray | None,
                      methods: tuple[str, ...]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        views = [patch_embeds] + ([np.ascontiguousarray(flipped[..., ::-1])] if flipped is not None else [])
+        views = self._views(patch_embeds, flipped)
         scores = {}
         if "negatives" in methods:
             scores["negatives"], masks = self._negatives_chunk(views, tag_embeds)
@@ -155,6 +155,11 @@ class Tagger:
             scores[method] = scores[method].astype(np.float32)
         return scores, masks
 
+    @staticmethod
+    def _views(patch_embeds: np.ndarray, flipped: np.ndarray | None) -> list[np.ndarray]:
+        """The patch embeddings of each view, the flipped one mirrored back onto the image."""
+        return [patch_embeds] + ([np.ascontiguousarray(flipped[..., ::-1])] if flipped is not None else [])
+
     def _negatives_chunk(self, views: list[np.ndarray], tag_embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(`negatives` scores [B, K], masks [B, K, h, w]); flip TTA averages the views' N maps."""
         logits, masks = self._negative_logit_views(views, tag_embeds)
@@ -165,7 +170,7 @@ class Tagger:
                         flipped: np.ndarray | None) -> np.ndarray:
         """The margin-free logits ℓ [V, B, K, h, w] of the `negatives` score, one map per view
         (flipped ones mirrored back): N = sigmoid(ℓ − negative_margin). What calibration fits."""
-        views = [patch_embeds] + ([np.ascontiguousarray(flipped[..., ::-1])] if flipped is not None else [])
+        views = self._views(patch_embeds, flipped)
         return np.stack(self._negative_logit_views(views, tag_embeds)[0])
 
     def _negative_logit_views(self, views: list[np.ndarray], tag_embeds: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
