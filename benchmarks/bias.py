@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from ttd.data.annotations import world_eval_samples
-from ttd.evaluate import evaluate
-from ttd.factory import DEFAULT_CHECKPOINT, load_checkpoint
-from ttd.train import TrainConfig, train
+from ttd.evaluation.evaluate import evaluate
+from ttd.model.factory import DEFAULT_CHECKPOINT, load_checkpoint
+from ttd.train.loop import TrainConfig, train
 
 EVAL_SCORER = {"negatives": "pixel-tag-negatives", "softmax": "pixel-tag", "minmax": "pixel-tag-minmax",
                "sigmoid": "pixel-tag-sigmoid"}

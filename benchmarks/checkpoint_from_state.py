@@ -12,9 +12,9 @@ import argparse
 import json
 from pathlib import Path
 
-from ttd.factory import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
-from ttd.lora import LoRAConfig, inject_lora, merged_state_dict
-from ttd.train import _load_state
+from ttd.model.factory import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
+from ttd.model.lora import LoRAConfig, inject_lora, merged_state_dict
+from ttd.train.loop import _load_state
 
 
 def main() -> None:

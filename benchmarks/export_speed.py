@@ -20,7 +20,7 @@ import torch
 
 from export.checks import GateError
 from export.pipeline import run_export
-from ttd.factory import load_model
+from ttd.model.factory import load_model
 from ttd.runtime.export_dir import read_export
 from ttd.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from ttd.runtime.torch_backend import TorchBackend

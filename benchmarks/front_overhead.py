@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from export.triton import BatchingOptions, build_repository
-from ttd.runtime.triton_load import tagger_request
+from ttd.serve.load_client import tagger_request
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import world_pairs  # noqa: E402

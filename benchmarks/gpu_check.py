@@ -80,13 +80,13 @@ def timed(fn, device, min_iters: int = 5, min_seconds: float = 1.0, warmup: int 
 
 
 def world_default():
-    from ttd.factory import load_model
+    from ttd.model.factory import load_model
 
     return load_model()
 
 
 def vit(args):
-    from ttd.factory import create_model
+    from ttd.model.factory import create_model
 
     return create_model(args.vit_model, seed=0)
 
@@ -150,7 +150,7 @@ def step_matmul_peak(args, state) -> dict:
 def step_parity(args, state) -> dict:
     """The export gates, for torch on the device in each precision against torch fp32 on the CPU."""
     from export.checks import FP32_GATE, VARIANT_GATE, GateError, check_pairs, compare, enforce
-    from ttd.images import Preprocess
+    from ttd.runtime.images import Preprocess
 
     results, failed = {}, []
     for label, model, count, gate_tags in (("world-base", world_default(), args.parity_pairs, True),
@@ -212,7 +212,7 @@ def step_throughput(args, state) -> dict:
     """Dense image encoding (global + patch embeddings) on device-resident batches, per dtype and batch."""
     import torch
 
-    from ttd.graphs import ImageEncoderGraph
+    from ttd.model.graphs import ImageEncoderGraph
 
     device = torch.device(args.device)
     base = vit(args)
@@ -284,8 +284,8 @@ def step_tag_end_to_end(args, state) -> dict:
     """`ttd tag`'s job (decode, resize, encode, tag head, JSON lines) on world PNGs with the ViT,
     at the largest batch, bf16, compiled if a compile batch equals it; against encoder-only."""
     from ttd.data.annotations import write_world_split
-    from ttd.inputs import read_captions
-    from ttd.tag_job import tag_items
+    from ttd.data.inputs import read_captions
+    from ttd.jobs.tag_job import tag_items
 
     batch = max(args.batches)
     use_compile = batch in (args.compile_batches or [])
@@ -313,7 +313,7 @@ def step_tag_end_to_end(args, state) -> dict:
         if summary.errors:
             failed.append(f"end-to-end {mode}: {summary.errors} error records")
     # where the time goes: decoding + resizing alone, on one core, as each decode thread does it
-    from ttd.images import Preprocess
+    from ttd.runtime.images import Preprocess
 
     preprocess, start = Preprocess.for_model(model.config), time.perf_counter()
     for item in items[:512]:

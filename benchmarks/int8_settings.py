@@ -20,9 +20,9 @@ from export.checks import check_pairs, compare
 from export.int8_portability import PreVnniEmulatedBackend, worst_pair_sum
 from export.pipeline import calibration_feeds, run_export
 from export.precision import ENCODERS, Int8Settings, to_int8
-from ttd.factory import create_model, load_model
-from ttd.hardware import cpu_capabilities
-from ttd.images import Preprocess
+from ttd.model.factory import create_model, load_model
+from ttd.runtime.hardware import cpu_capabilities
+from ttd.runtime.images import Preprocess
 from ttd.runtime import model_tagger
 from ttd.runtime.export_dir import read_export
 from ttd.runtime.onnxruntime_backend import OnnxRuntimeBackend

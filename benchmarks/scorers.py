@@ -5,7 +5,7 @@ the whole world vocabulary. A candidate with a free threshold (peak cosine, marg
 the negatives score's margin) has it fitted on a calibration split (world seed 7, never trained
 on) for the best F1 at precision ≥ 97 %, then it is applied unchanged to three disjoint held-out
 slices of world seed 2 (mean ± std over the slices). Candidates with a fixed δ = 0.5 are scored
-as they are. Recall is reported by kind of tag (ttd/tag_kinds.py).
+as they are. Recall is reported by kind of tag (ttd/evaluation/tag_kinds.py).
 
     python benchmarks/scorers.py --out benchmarks/results/scorers.json
 """
@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ttd.calibrate import best_margin
-from ttd.config import CALIBRATION_SEED, DEFAULT_MIN_PRECISION
+from ttd.evaluation.calibrate import best_margin
+from ttd.model.config import CALIBRATION_SEED, DEFAULT_MIN_PRECISION
 from ttd.data.annotations import world_eval_samples
 from ttd.data.world import COLOURS, SHAPES, vocabulary
-from ttd.factory import DEFAULT_CHECKPOINT, load_checkpoint
-from ttd.images import normalize
-from ttd.tag_kinds import KindCounts
-from ttd.tags import candidate_tags
+from ttd.model.factory import DEFAULT_CHECKPOINT, load_checkpoint
+from ttd.runtime.images import normalize
+from ttd.evaluation.tag_kinds import KindCounts
+from ttd.model.tags import candidate_tags
 
 HELD_OUT_SEED = 2
 

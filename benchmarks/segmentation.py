@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 from ttd.data.voc import world_segmentation_samples
-from ttd.factory import DEFAULT_CHECKPOINT
+from ttd.model.factory import DEFAULT_CHECKPOINT
 from ttd.runtime import load_tagger
-from ttd.seg_eval import evaluate_segmentation
-from ttd.segment import SegmentOptions
+from ttd.evaluation.segmentation import evaluate_segmentation
+from ttd.segment.segmentation import SegmentOptions
 
 SETTINGS = (  # (name, world image side, options)
     ("64 px, θ 0.5", 64, SegmentOptions(mask_threshold=0.5)),

@@ -22,9 +22,9 @@ from PIL import Image
 from export.triton import BatchingOptions, build_repository
 from ttd.data.world import make_sample
 from ttd.runtime import load_tagger
-from ttd.runtime.triton_load import load_test, tagger_request
-from ttd.runtime.triton_server import start_server
-from ttd.tags import candidate_tags
+from ttd.serve.load_client import load_test, tagger_request
+from ttd.serve.triton_server import start_server
+from ttd.model.tags import candidate_tags
 
 
 def world_pairs(count: int, size: int) -> tuple[np.ndarray, list[tuple[bytes, str]]]:

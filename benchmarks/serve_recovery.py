@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ttd.runtime.triton_server import server_ready
+from ttd.serve.triton_server import server_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -31,8 +31,8 @@ import numpy as np
 
 from export.triton import BatchingOptions, build_repository
 from ttd.runtime import load_tagger
-from ttd.runtime.triton_load import tagger_request
-from ttd.tags import candidate_tags
+from ttd.serve.load_client import tagger_request
+from ttd.model.tags import candidate_tags
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/tag_output_formats.py --count 512 --repeats 2
 
-The same streaming job (ttd.stream_job.tag_stream, embedded world model, torch, one thread, no
+The same streaming job (ttd.jobs.stream_job.tag_stream, embedded world model, torch, one thread, no
 decoding workers) on `count` world PNGs, once per output; prints wall and CPU seconds, images/s
 and the bytes on disk. Model loading and writing the images are excluded.
 """
@@ -27,9 +27,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from ttd.data.world import make_sample
-    from ttd.item_stream import open_items
+    from ttd.data.items import open_items
     from ttd.runtime import load_tagger
-    from ttd.stream_job import tag_stream
+    from ttd.jobs.stream_job import tag_stream
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

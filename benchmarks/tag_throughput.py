@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/tag_throughput.py --model world --count 512 --repeats 3
     PYTHONPATH=. python benchmarks/tag_throughput.py --model ViT-B-16 --count 96 --repeats 3
 
-End-to-end is the streaming job behind `ttd tag` (ttd.stream_job.tag_stream: read the captions
+End-to-end is the streaming job behind `ttd tag` (ttd.jobs.stream_job.tag_stream: read the captions
 JSONL, decode the JPEGs, tokenise and encode the tags, run the image encoder and the tag head,
 write the JSON lines) with a loaded model (model loading is excluded and reported apart).
 Encoder-only is `Tagger.encode_images` on the same images already decoded, at the same batch.
@@ -60,10 +60,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
 
-    from ttd.item_stream import open_items
+    from ttd.data.items import open_items
     from ttd.runtime import load_tagger
-    from ttd.stream_job import tag_stream
-    from ttd.tag_job import default_decode_workers
+    from ttd.jobs.stream_job import tag_stream
+    from ttd.jobs.tag_job import default_decode_workers
 
     started = time.perf_counter()
     tagger = load_tagger(args.backend, model=None if args.model == "world" else args.model, device="cpu",

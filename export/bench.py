@@ -7,7 +7,7 @@ made on the spot (each through its quality gate; a refused one is listed with wh
 - images/s of the dense image encoder (global + patch embeddings),
 - texts/s of the text encoder,
 - the tag head: ms per image for one image against K tags through the backend's tag-head graph,
-- vocabulary tagging with K cached tags (ttd/vocab_tagging.py) as a ratio to image encoding alone,
+- vocabulary tagging with K cached tags (ttd/runtime/vocab_tagging.py) as a ratio to image encoding alone,
 and gives each row its quality against torch fp32 (min cosine of the embeddings, selected-tag
 agreement on world pairs). The CPU model and flags, GPU, versions and settings go with the rows.
 Timings are medians of repeated calls after a warm-up, in wall-clock seconds, or with
@@ -30,8 +30,8 @@ import numpy as np
 
 from export.checks import GateError, check_pairs, compare
 from export.pipeline import tool_versions
-from ttd.hardware import cpu_capabilities
-from ttd.images import Preprocess
+from ttd.runtime.hardware import cpu_capabilities
+from ttd.runtime.images import Preprocess
 from ttd.runtime.tagger import Tagger
 
 VARIANTS = (("fp32", "dynamic"), ("fp16", "dynamic"), ("int8", "dynamic"), ("int8", "static"))
@@ -71,7 +71,7 @@ def _quality(figures: dict) -> dict:
 
 def measure_backend(tagger: Tagger, images: np.ndarray, settings: BenchSettings) -> list[dict]:
     """Timing rows (one per image batch size) of one backend; images uint8 at the model's size."""
-    from ttd.vocab_tagging import tag_with_vocabulary
+    from ttd.runtime.vocab_tagging import tag_with_vocabulary
 
     config, backend = tagger.config, tagger.backend
     rng = np.random.default_rng(0)

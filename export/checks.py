@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ttd.contract import EMBEDDING_NAMES
+from ttd.model.contract import EMBEDDING_NAMES
 from ttd.data.world import make_sample
-from ttd.images import Preprocess, normalize
+from ttd.runtime.images import Preprocess, normalize
 from ttd.runtime.tagger import Tagger
-from ttd.tags import candidate_tags
+from ttd.model.tags import candidate_tags
 
 CHECK_SEED = 2  # the held-out world split
 

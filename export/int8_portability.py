@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ttd.contract import IMAGE_ENCODER, TEXT_ENCODER, ImageEmbeddings, TagHeadOutputs
+from ttd.model.contract import IMAGE_ENCODER, TEXT_ENCODER, ImageEmbeddings, TagHeadOutputs
 
 INT16_MAX = 32767
 UINT8_MAX = 255

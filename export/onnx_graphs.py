@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from ttd.contract import IMAGE_ENCODER, TAG_HEAD, TEXT_ENCODER, Graph
-from ttd.graphs import ImageEncoderGraph, TagHeadGraph, TextEncoderGraph
-from ttd.model import TTDModel
+from ttd.model.contract import IMAGE_ENCODER, TAG_HEAD, TEXT_ENCODER, Graph
+from ttd.model.graphs import ImageEncoderGraph, TagHeadGraph, TextEncoderGraph
+from ttd.model.clip import TTDModel
 
 DEFAULT_OPSET = 18
 EXAMPLE_BATCH = 2  # never 1: a batch of 1 invites the exporter to specialise it
@@ -22,7 +22,7 @@ EXAMPLE_BATCH = 2  # never 1: a batch of 1 invites the exporter to specialise it
 
 def _export(module: torch.nn.Module, args: tuple, out_dir: Path, graph: Graph, axes: list[dict[int, str]],
             opset: int) -> Path:
-    """`graph` (a ttd.contract.Graph) to `out_dir/<name>.onnx`; `axes`: the dynamic axes of its
+    """`graph` (a ttd.model.contract.Graph) to `out_dir/<name>.onnx`; `axes`: the dynamic axes of its
     inputs then its outputs, in the contract's order."""
     path = out_dir / f"{graph.name}.onnx"
     names = [*graph.inputs, *graph.outputs]

@@ -19,19 +19,19 @@ from export.checks import FP32_GATE, VARIANT_GATE, GateError, check_pairs, compa
 from export.int8_portability import worst_pair_sum
 from export.onnx_graphs import DEFAULT_OPSET, export_graphs
 from export.precision import CONVERTERS, ENCODERS, PRECISIONS, Int8Settings, VariantJob, portable_settings
-from ttd.contract import GRAPH_NAMES, IMAGE_ENCODER, TEXT_ENCODER
-from ttd.factory import save_checkpoint
-from ttd.hardware import cpu_capabilities
-from ttd.images import Preprocess, normalize
-from ttd.lora import has_lora, merge_lora
-from ttd.model import TTDModel
+from ttd.model.contract import GRAPH_NAMES, IMAGE_ENCODER, TEXT_ENCODER
+from ttd.model.factory import save_checkpoint
+from ttd.runtime.hardware import cpu_capabilities
+from ttd.runtime.images import Preprocess, normalize
+from ttd.model.lora import has_lora, merge_lora
+from ttd.model.clip import TTDModel
 from ttd.runtime import model_tagger
 from ttd.runtime.export_dir import CONFIG, MANIFEST, TORCH_WEIGHTS, ExportDir, sha256
 from ttd.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from ttd.runtime.portability import REFERENCE_SAMPLES, write_reference_samples
 from ttd.runtime.tagger import Tagger
 from ttd.runtime.torch_backend import TorchBackend
-from ttd.tags import STOPWORDS
+from ttd.model.tags import STOPWORDS
 
 
 def tool_versions(packages: tuple[str, ...] = ("torch", "open_clip_torch", "onnx", "onnxruntime", "ttd-toolkit")

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ttd.config import INT8_MODES, PRECISIONS
-from ttd.contract import IMAGE_ENCODER, TEXT_ENCODER
+from ttd.model.config import INT8_MODES, PRECISIONS
+from ttd.model.contract import IMAGE_ENCODER, TEXT_ENCODER
 
 ENCODERS = (IMAGE_ENCODER.name, TEXT_ENCODER.name)
 
@@ -153,4 +153,4 @@ def _int8(job: VariantJob) -> None:
 # precision name -> converter of the encoder graphs (fp32 is the reference and needs none);
 # a new precision is one function and one entry here
 CONVERTERS: dict[str, Callable[[VariantJob], None]] = {"fp16": _fp16, "bf16": _bf16, "int8": _int8}
-assert set(CONVERTERS) == set(PRECISIONS) - {"fp32"}, "every precision of ttd.config.PRECISIONS needs a converter"
+assert set(CONVERTERS) == set(PRECISIONS) - {"fp32"}, "every precision of ttd.model.config.PRECISIONS needs a converter"

@@ -27,8 +27,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ttd.config import ModelConfig
-from ttd.contract import GRAPH_NAMES, GRAPHS
+from ttd.model.config import ModelConfig
+from ttd.model.contract import GRAPH_NAMES, GRAPHS
 from ttd.runtime.tensorrt_backend import engine_name
 
 MIN_TENSORRT_MAJOR = 10

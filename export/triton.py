@@ -18,8 +18,8 @@ from string import Template
 import onnx
 
 import triton_repo
-from ttd.config import DEFAULT_SCORE_METHOD, DEFAULT_THRESHOLD, SCORE_METHODS, ModelConfig, canonical_precision
-from ttd.contract import (
+from ttd.model.config import DEFAULT_SCORE_METHOD, DEFAULT_THRESHOLD, SCORE_METHODS, ModelConfig, canonical_precision
+from ttd.model.contract import (
     INSTANCE_KINDS,
     SERVED_GRAPHS,
     TAG_HEAD,
@@ -32,7 +32,7 @@ from ttd.runtime.export_dir import CONFIG, MANIFEST, TORCH_WEIGHTS, read_export,
 
 TEMPLATES = Path(triton_repo.__file__).parent
 ENGINES = TRITON_ENGINES
-TORCH_DTYPES = ("fp32", "bf16", "fp16")  # the torch engine's weight precisions (ttd.config names)
+TORCH_DTYPES = ("fp32", "bf16", "fp16")  # the torch engine's weight precisions (ttd.model.config names)
 ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.INT64: "TYPE_INT64",
                   onnx.TensorProto.FLOAT16: "TYPE_FP16", onnx.TensorProto.INT32: "TYPE_INT32",
                   onnx.TensorProto.BOOL: "TYPE_BOOL"}

@@ -9,7 +9,7 @@ os.environ.setdefault("TTD_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="tt
 import pytest
 import torch
 
-from ttd.factory import create_model
+from ttd.model.factory import create_model
 
 torch.set_num_threads(2)
 

@@ -4,8 +4,8 @@ CPU and versions, and a Markdown table. Asserts structure and quality numbers, n
 import json
 
 from export.bench import BenchSettings, run_bench, to_markdown
-from ttd.factory import create_model
-from ttd.hardware import cpu_capabilities
+from ttd.model.factory import create_model
+from ttd.runtime.hardware import cpu_capabilities
 
 
 def test_bench_rows_quality_refusals_and_report():

@@ -1,4 +1,4 @@
-"""Calibration of the `negatives` margin (ttd/calibrate.py, `ttd calibrate`, the end of `ttd train`):
+"""Calibration of the `negatives` margin (ttd/evaluation/calibrate.py, `ttd calibrate`, the end of `ttd train`):
 the critical margins are where the Tagger's selection really flips, the fit is the exact best
 cut, and tagging with the fitted margin gives the fit's precision and recall."""
 
@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ttd.calibrate import best_margin, critical_margins, fit_negative_margin, sample_critical_margins
+from ttd.evaluation.calibrate import best_margin, critical_margins, fit_negative_margin, sample_critical_margins
 from ttd.cli import main
 from ttd.data.annotations import world_eval_samples
-from ttd.evaluate import evaluate
-from ttd.factory import DEFAULT_CHECKPOINT
-from ttd.negatives import sigmoid
+from ttd.evaluation.evaluate import evaluate
+from ttd.model.factory import DEFAULT_CHECKPOINT
+from ttd.model.negatives import sigmoid
 from ttd.runtime import load_tagger
 from ttd.runtime.tagger import Tagger
-from ttd.tags import candidate_tags
+from ttd.model.tags import candidate_tags
 
 
 def test_the_best_cut_is_exact_and_halfway_between_its_neighbours():

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from ttd.cli import main
-from ttd.factory import DEFAULT_CHECKPOINT, load_model
+from ttd.model.factory import DEFAULT_CHECKPOINT, load_model
 
 
 def test_embedded_default_loads_and_is_small():

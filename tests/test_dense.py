@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ttd.dense import clearclip_block, encode_image_dense, maskclip_block
-from ttd.factory import create_model
+from ttd.model.dense import clearclip_block, encode_image_dense, maskclip_block
+from ttd.model.factory import create_model
 
 
 @pytest.fixture(scope="module")

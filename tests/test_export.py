@@ -10,8 +10,8 @@ from export.checks import FP32_GATE, GateError, check_pairs, compare, enforce
 from export.pipeline import run_export
 from export.tensorrt import BatchLimits, engine_name, profiles
 from ttd.cli import main
-from ttd.factory import create_model
-from ttd.images import Preprocess
+from ttd.model.factory import create_model
+from ttd.runtime.images import Preprocess
 from ttd.runtime import load_tagger
 from ttd.runtime.export_dir import ExportError, read_export
 from ttd.runtime.onnxruntime_backend import OnnxRuntimeBackend, choose_providers
@@ -104,7 +104,7 @@ def test_precision_variants_pass_their_quality_gate(tmp_path, precision, mode):
     import onnxruntime as ort
 
     from ttd.data.world import make_sample
-    from ttd.images import normalize
+    from ttd.runtime.images import normalize
 
     model = create_model("world-tiny", seed=0)
     samples = [make_sample(11, i) for i in range(12)]

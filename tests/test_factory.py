@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from ttd.factory import ModelLoadError, create_model, load_checkpoint, load_model, save_checkpoint
+from ttd.model.factory import ModelLoadError, create_model, load_checkpoint, load_model, save_checkpoint
 
 
 def test_checkpoint_round_trip_is_bit_exact(tmp_path, fresh_tiny_model):

@@ -5,8 +5,8 @@ import json
 from click.testing import CliRunner
 
 from ttd.cli import main
-from ttd.fast_path import choose_fast_path, resolve_auto
-from ttd.hardware import Capabilities, parse_cpuinfo
+from ttd.runtime.auto_choice import choose_fast_path, resolve_auto
+from ttd.runtime.hardware import Capabilities, parse_cpuinfo
 
 AVX2 = Capabilities("AMD EPYC 7B12", ("avx2", "fma", "f16c"))
 VNNI = Capabilities("Intel Xeon Gold 6248", ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"))

@@ -107,7 +107,7 @@ def test_cuda_requests_fail_clearly_without_a_gpu(tmp_path):
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
     from export.pipeline import run_export
-    from ttd.factory import create_model
+    from ttd.model.factory import create_model
 
     out = tmp_path_factory.mktemp("export")
     run_export(create_model("world-tiny", seed=0), out, check_count=8)
@@ -116,7 +116,7 @@ def export_dir(tmp_path_factory):
 
 def test_torch_backend_runs_the_exports_own_weights(export_dir, world_images):
     """`--backend torch --export-dir` is the exported model: same answers as onnxruntime."""
-    from ttd.tags import candidate_tags
+    from ttd.model.tags import candidate_tags
 
     manifest = json.loads((export_dir / "manifest.json").read_text())
     assert "model.safetensors" in manifest["files"]
@@ -132,7 +132,7 @@ def test_torch_backend_runs_the_exports_own_weights(export_dir, world_images):
 def test_export_without_torch_weights_says_how_to_get_them(tmp_path):
     from export.pipeline import run_export
     from export.triton import build_repository
-    from ttd.factory import create_model
+    from ttd.model.factory import create_model
     from ttd.runtime.export_dir import ExportError
 
     out = tmp_path / "export"
@@ -170,7 +170,7 @@ def test_triton_torch_engine_answers_as_the_onnxruntime_engine(export_dir, tmp_p
     pytest.importorskip("tritonclient")
     from export.triton import BatchingOptions, build_repository
     from ttd.data.annotations import write_world_split
-    from ttd.runtime.triton_server import start_server
+    from ttd.serve.triton_server import start_server
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     repo = build_repository(export_dir, tmp_path / "repo", "python", "torch",
@@ -195,7 +195,7 @@ def test_triton_torch_engine_answers_as_the_onnxruntime_engine(export_dir, tmp_p
 def test_on_device_normalisation_equals_the_host_path(tiny_model, compiled):
     """Tagger hands uint8 images to a backend that normalises on its device: same embeddings as
     `encode_images(normalize(...))`, with and without flip TTA and compiled-batch padding."""
-    from ttd.images import normalize
+    from ttd.runtime.images import normalize
 
     backend = TorchBackend(tiny_model, "cpu")
     backend.compiled = compiled  # padding path only (no compilation on the CPU)
@@ -215,8 +215,8 @@ def test_decoding_worker_processes_write_what_the_main_process_writes(tiny_model
     """`ttd tag` with decoding processes (overlapping the model) gives the records, errors
     included and in input order, that decoding in the main process gives."""
     from ttd.data.annotations import write_world_split
-    from ttd.inputs import read_captions
-    from ttd.tag_job import tag_items
+    from ttd.data.inputs import read_captions
+    from ttd.jobs.tag_job import tag_items
 
     annotations = write_world_split(tmp_path / "world", seed=2, count=9, progress=False)
     (tmp_path / "world" / "images" / "broken.png").write_bytes(b"\x89PNG not really")

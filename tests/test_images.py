@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ttd.images import ImageError, Preprocess, decode_image, normalize, resize_center_crop
+from ttd.runtime.images import ImageError, Preprocess, decode_image, normalize, resize_center_crop
 
 
 def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from ttd.cli import main
 from ttd.data.world import make_sample
-from ttd.images import Preprocess
+from ttd.runtime.images import Preprocess
 
 
 def add(tar, name, data: bytes):
@@ -90,7 +90,7 @@ def test_world_generate_then_eval_data_equals_the_in_memory_split(tmp_path):
 def test_pretrained_local_open_clip_file_is_loaded(tmp_path):
     import open_clip
 
-    from ttd.factory import create_model
+    from ttd.model.factory import create_model
 
     torch.manual_seed(123)
     source = open_clip.create_model("ViT-S-32-alt")
@@ -104,7 +104,7 @@ def test_pretrained_local_open_clip_file_is_loaded(tmp_path):
 
 
 def test_unreachable_hub_fails_fast_with_instructions(monkeypatch):
-    from ttd.factory import ModelLoadError, create_model
+    from ttd.model.factory import ModelLoadError, create_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens, refused at once

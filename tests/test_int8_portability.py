@@ -15,9 +15,9 @@ from export.checks import GateError, check_pairs
 from export.int8_portability import INT16_MAX, run_as_pre_vnni, worst_pair_sum
 from export.pipeline import run_export
 from export.precision import FULL_RANGE, PORTABLE, to_int8
-from ttd.factory import create_model
-from ttd.hardware import Capabilities, cpu_capabilities
-from ttd.images import Preprocess, normalize
+from ttd.model.factory import create_model
+from ttd.runtime.hardware import Capabilities, cpu_capabilities
+from ttd.runtime.images import Preprocess, normalize
 from ttd.runtime import PortabilityNotice, load_tagger
 from ttd.runtime.export_dir import read_export
 from ttd.runtime.onnxruntime_backend import OnnxRuntimeBackend
@@ -123,11 +123,11 @@ def test_loading_an_int8_export_says_whether_it_was_checked_here(int8_export):
 CAPPED = """
 import json, torch
 from export.checks import VARIANT_GATE, check_pairs, compare, enforce
-from ttd.images import Preprocess
+from ttd.runtime.images import Preprocess
 from export.int8_portability import PreVnniEmulatedBackend
 from export.pipeline import run_export
 from ttd.runtime import model_tagger
-from ttd.factory import create_model
+from ttd.model.factory import create_model
 from ttd.runtime.export_dir import read_export
 from ttd.runtime.torch_backend import TorchBackend
 torch.set_num_threads(2)

@@ -1,4 +1,4 @@
-"""DESIGN §2: the library under ttd/ never imports export/; only the CLI (ttd/cli.py) does, lazily,
+"""DESIGN §2: the library under ttd/ never imports export/; only the CLI (ttd/cli/__init__.py) does, lazily,
 inside the commands that need it."""
 
 import ast
@@ -31,10 +31,10 @@ def export_imports(path: Path) -> list[tuple[int, bool]]:
 def test_only_the_cli_imports_export_and_only_lazily():
     files = sorted(PACKAGE.rglob("*.py"))
     assert len(files) > 20
-    offenders = {str(p.relative_to(PACKAGE)): lines for p in files if p.name != "cli.py"
+    offenders = {str(p.relative_to(PACKAGE)): lines for p in files if p.parent.name != "cli"
                  for lines in [export_imports(p)] if lines}
     assert offenders == {}
-    cli_imports = export_imports(PACKAGE / "cli.py")
+    cli_imports = [found for p in (PACKAGE / "cli").glob("*.py") for found in export_imports(p)]
     assert cli_imports, "the CLI's export and triton commands import export/ (lazily)"
     assert not any(module_level for _, module_level in cli_imports), cli_imports
 
@@ -50,3 +50,67 @@ def test_importing_the_whole_library_and_the_cli_loads_no_export_module():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "LOADED []" in result.stdout, result.stdout
+
+
+# docs/architecture.md: each package imports only from the packages after it in this list
+LAYERS = ("cli", "serve", "train", "evaluation", "jobs", "segment", "data", "runtime", "model")
+ENTRY_POINTS = {"__init__.py", "__main__.py"}
+
+
+def ttd_imports(path: Path) -> set[str]:
+    """The ttd modules a file imports (absolute imports; relative ones resolved)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("ttd."))
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.startswith("ttd."):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names
+                         if (PACKAGE.parent / node.module.replace(".", "/") / f"{a.name}.py").exists())
+    return found
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_packages_import_only_downward_and_no_module_sits_at_the_top():
+    top_level = sorted(p.name for p in PACKAGE.glob("*.py") if p.name not in ENTRY_POINTS)
+    assert top_level == []
+    assert sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()) == sorted(LAYERS)
+    upward = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent == PACKAGE:
+            continue
+        layer = LAYERS.index(path.relative_to(PACKAGE).parts[0])
+        for imported in ttd_imports(path):
+            other = imported.split(".")[1]
+            if other in LAYERS and LAYERS.index(other) < layer:
+                upward.append(f"{module_name(path)} imports {imported}")
+    assert upward == []
+
+
+def test_no_import_cycle_between_modules():
+    graph = {module_name(p): {m for m in ttd_imports(p)} for p in PACKAGE.rglob("*.py")}
+    modules = set(graph)
+    graph = {m: {i for i in deps if i in modules and i != m} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(stack[stack.index(nxt):] + [nxt] if nxt in stack else [node, nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    # a package's __init__ importing its own submodules is not a cycle of logic
+    cycles = [c for c in cycles if not any(m.count(".") == 1 and c[-1].startswith(m + ".") for m in c[:-1])]
+    assert cycles == []

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ttd.distill import distill_targets, ttd_losses
+from ttd.train.distill import distill_targets, ttd_losses
 
 
 def logit(p):
@@ -120,9 +120,9 @@ def test_a_short_ttd_run_improves_ranking_and_caption_masks_over_the_base(tmp_pa
     selection, all-zero targets, or L_tag dropped each miss at least one bound (see the closing
     note of issue 14)."""
     from ttd.data.annotations import world_eval_samples
-    from ttd.evaluate import evaluate
-    from ttd.factory import load_model
-    from ttd.train import TrainConfig, train
+    from ttd.evaluation.evaluate import evaluate
+    from ttd.model.factory import load_model
+    from ttd.train.loop import TrainConfig, train
 
     samples = world_eval_samples(2, 200)
     base = evaluate(load_model(), samples, progress=False)

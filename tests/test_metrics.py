@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ttd.metrics import MaskCounts, TagCounts, average_precision, r_precision
+from ttd.evaluation.metrics import MaskCounts, TagCounts, average_precision, r_precision
 
 
 def test_tag_counts_by_hand():

@@ -1,5 +1,5 @@
 """The `negatives` pixel-tag score (issue 11): tags that share pixels both pass, an absent tag does
-not, on every path that computes the score (ttd.scoring for Stage 1 and evaluation, the runtime
+not, on every path that computes the score (ttd.model.scoring for Stage 1 and evaluation, the runtime
 Tagger from the tag head's outputs, the vocabulary head), and the backends agree on it."""
 
 import json
@@ -9,17 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ttd.config import DEFAULT_NEGATIVE_MARGIN, ModelConfig
+from ttd.model.config import DEFAULT_NEGATIVE_MARGIN, ModelConfig
 from ttd.data.world import make_sample, world_model_config
-from ttd.distill import ttd_losses
-from ttd.factory import load_model
-from ttd.graphs import TagHeadGraph
-from ttd.negatives import negative_contrast_from_probs
+from ttd.train.distill import ttd_losses
+from ttd.model.factory import load_model
+from ttd.model.graphs import TagHeadGraph
+from ttd.model.negatives import negative_contrast_from_probs
 from ttd.runtime import load_tagger
-from ttd.scoring import pad_tags, pixel_tag_scores, select_tags
-from ttd.tag_kinds import KindCounts
-from ttd.tags import candidate_tags
-from ttd.vocab_tagging import vocabulary_scores
+from ttd.model.scoring import pad_tags, pixel_tag_scores, select_tags
+from ttd.evaluation.tag_kinds import KindCounts
+from ttd.model.tags import candidate_tags
+from ttd.runtime.vocab_tagging import vocabulary_scores
 
 TAU = 100.0
 
@@ -127,7 +127,7 @@ def test_negatives_score_is_the_same_on_torch_onnxruntime_and_the_evaluation_pat
 
 
 def test_vocabulary_mode_serves_the_negatives_score_like_the_caption_path(world_export):
-    from ttd.vocab_tagging import tag_with_vocabulary
+    from ttd.runtime.vocab_tagging import tag_with_vocabulary
 
     tagger = load_tagger("onnxruntime", export_dir=str(world_export), score_method="negatives")
     images = np.stack([make_sample(2, i).image for i in range(4)])
@@ -182,7 +182,7 @@ def test_recall_by_kind_of_tag():
 def test_stage1_keeps_the_negative_prompts_out_of_the_tag_loss(tiny_model, monkeypatch, score_method,
                                                                tags_per_caption):
     """Taught as absent caption tags, the negative prompts drift and every tag clears the margin."""
-    import ttd.train as train_module
+    import ttd.train.loop as train_module
 
     seen = {}
 

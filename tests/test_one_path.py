@@ -11,7 +11,7 @@ from ttd.cli import main
 @pytest.fixture(scope="module")
 def default_export(tmp_path_factory):
     from export.pipeline import run_export
-    from ttd.factory import load_model
+    from ttd.model.factory import load_model
 
     out = tmp_path_factory.mktemp("export")
     run_export(load_model(), out, check_count=8)
@@ -42,7 +42,7 @@ def test_eval_through_onnxruntime_export_equals_the_torch_model(default_export, 
 def test_eval_of_an_export_measures_that_export(tmp_path):
     """An export of another (random) model evaluates as that model, not as the default."""
     from export.pipeline import run_export
-    from ttd.factory import create_model
+    from ttd.model.factory import create_model
 
     run_export(create_model("world-tiny", seed=0), tmp_path / "random", check_count=4)
     target = tmp_path / "random.json"
@@ -60,9 +60,9 @@ def test_evaluation_scores_are_the_taggers(tiny_model, score_method, scorer):
     import numpy as np
 
     from ttd.data.annotations import world_eval_samples
-    from ttd.evaluate import evaluate
+    from ttd.evaluation.evaluate import evaluate
     from ttd.runtime import torch_tagger
-    from ttd.tags import candidate_tags
+    from ttd.model.tags import candidate_tags
 
     samples = world_eval_samples(2, 24)
     tagger = torch_tagger(tiny_model, "cpu", threshold=0.3, score_method=score_method)
@@ -83,7 +83,7 @@ def test_exported_graphs_and_backends_follow_the_contract(default_export, tiny_m
     import numpy as np
     import onnx
 
-    from ttd.contract import GRAPHS, ImageEmbeddings, TagHeadOutputs
+    from ttd.model.contract import GRAPHS, ImageEmbeddings, TagHeadOutputs
     from ttd.runtime import load_tagger, torch_tagger
 
     for graph in GRAPHS.values():
@@ -103,7 +103,7 @@ def test_exported_graphs_and_backends_follow_the_contract(default_export, tiny_m
 
 def test_triton_repository_names_come_from_the_contract(default_export, tmp_path):
     from export.triton import build_repository
-    from ttd.contract import GRAPHS, TAGGER_INPUTS, TAGGER_MODEL, TAGGER_OUTPUTS
+    from ttd.model.contract import GRAPHS, TAGGER_INPUTS, TAGGER_MODEL, TAGGER_OUTPUTS
 
     repo = build_repository(default_export, tmp_path / "repo")
     for graph in GRAPHS.values():
@@ -123,7 +123,7 @@ def test_the_tagger_owns_preprocessing_with_the_models_interpolation(tmp_path, t
 
     from export.checks import CHECK_SEED, check_pairs
     from ttd.data.world import make_sample
-    from ttd.images import Preprocess
+    from ttd.runtime.images import Preprocess
     from ttd.runtime import torch_tagger
 
     tagger = torch_tagger(tiny_model, "cpu")
@@ -145,9 +145,9 @@ def test_ttd_tag_scores_what_tagger_prepare_gives(tmp_path, tiny_model):
     from PIL import Image
 
     from ttd.data.world import make_sample
-    from ttd.inputs import read_captions
+    from ttd.data.inputs import read_captions
     from ttd.runtime import torch_tagger
-    from ttd.tag_job import tag_items
+    from ttd.jobs.tag_job import tag_items
 
     lines = []
     for i in range(3):
@@ -159,7 +159,7 @@ def test_ttd_tag_scores_what_tagger_prepare_gives(tmp_path, tiny_model):
     items = read_captions(tmp_path / "captions.jsonl")
     tag_items(tagger, items, tmp_path / "out.jsonl", progress=False, decode_workers=0)
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    from ttd.tags import candidate_tags
+    from ttd.model.tags import candidate_tags
 
     expected = tagger.tag(tagger.prepare([tmp_path / f"{i}.png" for i in range(3)]),
                           [candidate_tags(item.caption) for item in items])
@@ -171,7 +171,7 @@ def test_export_writes_its_manifest_once_and_keeps_the_model_config_in_one_place
     from pathlib import Path
 
     import export.pipeline as pipeline
-    from ttd.factory import create_model
+    from ttd.model.factory import create_model
     from ttd.runtime.export_dir import CONFIG, MANIFEST, read_export
 
     writes = []
@@ -197,8 +197,8 @@ def test_precision_variants_come_from_the_registry(tmp_path, monkeypatch):
     the registered converter (a swapped-in converter runs instead of the real one)."""
     import export.pipeline as pipeline
     from export.precision import CONVERTERS
-    from ttd.config import PRECISIONS
-    from ttd.factory import create_model
+    from ttd.model.config import PRECISIONS
+    from ttd.model.factory import create_model
 
     assert set(CONVERTERS) == set(PRECISIONS) - {"fp32"}
     calls = []
@@ -209,8 +209,8 @@ def test_precision_variants_come_from_the_registry(tmp_path, monkeypatch):
 
 
 def test_training_defaults_per_objective():
-    from ttd.factory import create_model
-    from ttd.train import OBJECTIVE_DEFAULTS, TrainConfig
+    from ttd.model.factory import create_model
+    from ttd.train.loop import OBJECTIVE_DEFAULTS, TrainConfig
 
     ttd, clip = TrainConfig.for_objective("ttd"), TrainConfig.for_objective("clip", steps=None, lr=5e-4)
     assert (ttd.steps, ttd.batch_size, ttd.warmup_steps) == (300, 64, 30)
@@ -218,7 +218,7 @@ def test_training_defaults_per_objective():
     assert set(OBJECTIVE_DEFAULTS) == {"ttd", "clip"}
     with pytest.raises(ValueError, match="unknown objective 'simclr'"):
         TrainConfig.for_objective("simclr")
-    from ttd.config import DENSE_MODES
+    from ttd.model.config import DENSE_MODES
 
     other = next(mode for mode in DENSE_MODES if mode != create_model("world-tiny").config.dense_mode)
     assert create_model("world-tiny", dense_mode=other).config.dense_mode == other
@@ -227,7 +227,7 @@ def test_training_defaults_per_objective():
 def test_one_precision_vocabulary_with_torch_aliases(tmp_path, tiny_model):
     import copy
 
-    from ttd.config import canonical_precision
+    from ttd.model.config import canonical_precision
     from ttd.runtime.torch_backend import TorchBackend
 
     assert canonical_precision("bfloat16") == "bf16" and canonical_precision("fp16") == "fp16"

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from ttd.data.annotations import read_eval_split, write_world_split
-from ttd.factory import create_model
-from ttd.images import Preprocess
-from ttd.train import TrainConfig, train
+from ttd.model.factory import create_model
+from ttd.runtime.images import Preprocess
+from ttd.train.loop import TrainConfig, train
 
 
 @pytest.fixture()

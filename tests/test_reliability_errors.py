@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from ttd.cli import main
-from ttd.factory import create_model, save_checkpoint
+from ttd.model.factory import create_model, save_checkpoint
 
 
 @pytest.fixture()

@@ -8,7 +8,7 @@ import pytest
 
 from export.pipeline import run_export
 from export.triton import build_repository
-from ttd.factory import create_model
+from ttd.model.factory import create_model
 from ttd.runtime.export_dir import MANIFEST, ExportError, read_export
 
 

@@ -8,7 +8,7 @@ import zlib
 
 import pytest
 
-from ttd.runtime.http_front import FrontLimits, Refusal, check_headers, check_infer_body, check_route, decompress
+from ttd.serve.http_front import FrontLimits, Refusal, check_headers, check_infer_body, check_route, decompress
 
 IMAGE = {"name": "image", "shape": [1, 1], "datatype": "BYTES"}
 
@@ -103,7 +103,7 @@ def test_a_batch_or_tag_count_past_the_models_bounds_is_refused_from_the_header(
     """Item 12: the tag head called directly with a huge tag list is refused by the front from the
     request's shape, before the tensor reaches tritonserver (the model's own cap came after it was
     copied there)."""
-    from ttd.runtime.http_front import ModelShapes, shape_problem
+    from ttd.serve.http_front import ModelShapes, shape_problem
 
     config = {"max_batch_size": 32, "parameters": {"max_variable_dim": {"string_value": "1024"}},
               "input": [{"name": "patch_embeds", "dims": ["128", "8", "8"]}, {"name": "tag_embeds", "dims": [-1, 128]}]}

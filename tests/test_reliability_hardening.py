@@ -9,7 +9,7 @@ from PIL import Image
 
 from ttd.cli import main
 from ttd.data.world import make_sample
-from ttd.inputs import InputError, read_vocabulary
+from ttd.data.inputs import InputError, read_vocabulary
 
 
 def invoke(*args):
@@ -51,7 +51,7 @@ def test_world_generate_refuses_a_used_folder(tmp_path):
 
 def test_vocabulary_tags_the_tokenizer_cannot_tell_apart_are_warned_about(tmp_path):
     from ttd.runtime import load_tagger
-    from ttd.tag_job import warn_indistinct_tags
+    from ttd.jobs.tag_job import warn_indistinct_tags
 
     tagger = load_tagger("torch", model="world-tiny", device="cpu")
     with pytest.warns(UserWarning, match=r"4 vocabulary tags are indistinguishable .*: 'звезда', '星'; 'xyzzy', 'qwerty'$"):

@@ -20,8 +20,8 @@ from PIL import Image
 from export.pipeline import run_export
 from export.triton import BatchingOptions, build_repository
 from ttd.data.world import make_sample
-from ttd.factory import create_model
-from ttd.runtime.triton_server import server_ready
+from ttd.model.factory import create_model
+from ttd.serve.triton_server import server_ready
 
 pytest.importorskip("tritonclient")
 pytest.importorskip("pytriton")
@@ -115,7 +115,7 @@ def ready(port: int) -> bool:
 def tag_one(port: int) -> dict:
     import tritonclient.http as http
 
-    from ttd.runtime.triton_load import tagger_request
+    from ttd.serve.load_client import tagger_request
 
     sample = make_sample(3, 0)
     buffer = io.BytesIO()
@@ -124,7 +124,7 @@ def tag_one(port: int) -> dict:
 
 
 def test_serve_started_by_absolute_path_without_an_activated_environment(repo, tmp_path):
-    from ttd.tags import candidate_tags
+    from ttd.model.tags import candidate_tags
 
     served = Served(repo, tmp_path)
     try:
@@ -142,7 +142,7 @@ def test_serve_started_by_absolute_path_without_an_activated_environment(repo, t
 def test_load_errors_are_shown_not_the_status_table(repo, tmp_path):
     import shutil
 
-    from ttd.runtime.triton_server import ServerError, start_server
+    from ttd.serve.triton_server import ServerError, start_server
 
     broken = tmp_path / "broken"
     shutil.copytree(repo, broken)
@@ -189,7 +189,7 @@ def test_large_form_posts_do_not_crash_tritonserver(repo, tmp_path):
     """tritonserver 2.51 parses a form-encoded body on its HTTP threads' stack (~1 byte of stack
     per byte): with the default 8 MiB stack limit a 6 MB POST kills it (SIGSEGV). `ttd serve`'s
     front refuses such bodies (below); this is the server as the library starts it, no front."""
-    from ttd.runtime.triton_server import start_server
+    from ttd.serve.triton_server import start_server
 
     with start_server(repo, http_port=free_port(), grpc_port=None) as server:
         port = int(server.http_url.split(":")[1])
@@ -348,7 +348,7 @@ def test_malformed_requests_get_4xx_with_a_reason_and_no_server_paths(repo, tmp_
     import tritonclient.http as http
     from tritonclient.utils import InferenceServerException
 
-    from ttd.runtime.triton_server import start_server
+    from ttd.serve.triton_server import start_server
 
     with start_server(repo, http_port=free_port(), grpc_port=free_port()) as server:
         client = http.InferenceServerClient(server.http_url)
@@ -369,7 +369,7 @@ def test_malformed_requests_get_4xx_with_a_reason_and_no_server_paths(repo, tmp_
         assert error.value.status() == "400"
         assert "input 'tag_embeds': dimension 1 is 2000, more than the limit of 1029" in error.value.message()
         # the tagger's own refusals (issue 14): each a 400 with the reason, nothing else disturbed
-        from ttd.runtime.triton_load import tagger_request
+        from ttd.serve.load_client import tagger_request
 
         png = io.BytesIO()
         Image.fromarray(make_sample(3, 0).image).save(png, "PNG")

@@ -12,10 +12,10 @@ from PIL import Image
 
 from ttd.cli import main
 from ttd.data.world import make_sample
-from ttd.images import ImageError, decode_image
-from ttd.inputs import read_captions
+from ttd.runtime.images import ImageError, decode_image
+from ttd.data.inputs import read_captions
 from ttd.runtime.tagger import TagResult
-from ttd.tag_job import write_masks, tag_items
+from ttd.jobs.tag_job import write_masks, tag_items
 
 
 def run(*args):
@@ -160,7 +160,7 @@ def test_captions_that_are_not_text_are_item_errors(tmp_path):
 # item 8 ---------------------------------------------------------------------------------------
 
 def test_mask_files_of_similar_tags_do_not_collide(tmp_path):
-    from ttd.inputs import Item
+    from ttd.data.inputs import Item
 
     tags = ["red/star", "red_star", "red star", "étoile", "звезда", "a" * 80, "a" * 80 + "b"]
     masks = np.random.default_rng(0).random((len(tags), 4, 4)).astype(np.float32)

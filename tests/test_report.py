@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from ttd.cli import main
-from ttd.coco import encode_rle
-from ttd.report import COLOURS, OVERLAY_ALPHA, write_report
+from ttd.jobs.coco import encode_rle
+from ttd.jobs.report import COLOURS, OVERLAY_ALPHA, write_report
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium (CI installs Debian's: apt-get install chromium)")
@@ -123,7 +123,7 @@ def test_report_lists_errors_escapes_text_and_paginates(tmp_path):
 def test_report_places_ttd_tag_png_masks_over_the_centre_crop(tmp_path):
     """`ttd tag --masks-dir` masks cover the centre crop at the model's size; the report puts
     them there in the image's geometry."""
-    from ttd.report import _tag_png_mask
+    from ttd.jobs.report import _tag_png_mask
 
     crop = np.zeros((64, 64), np.uint8)
     crop[:, :32] = 255  # the left half of the crop

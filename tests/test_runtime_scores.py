@@ -12,12 +12,12 @@ from PIL import Image
 from ttd.cli import main
 from ttd.data.annotations import world_eval_samples
 from ttd.data.world import make_sample
-from ttd.evaluate import evaluate
-from ttd.factory import load_model
-from ttd.images import normalize
+from ttd.evaluation.evaluate import evaluate
+from ttd.model.factory import load_model
+from ttd.runtime.images import normalize
 from ttd.runtime import load_tagger
-from ttd.scoring import pad_tags, pixel_tag_scores
-from ttd.tags import candidate_tags
+from ttd.model.scoring import pad_tags, pixel_tag_scores
+from ttd.model.tags import candidate_tags
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def world_batch():
 
 
 def evaluation_scores(model, images, tag_lists, method, flip):
-    """The scores of ttd/evaluate.py's path: the torch model and ttd.scoring directly."""
+    """The scores of ttd/evaluation/evaluate.py's path: the torch model and ttd.model.scoring directly."""
     pixels = torch.from_numpy(normalize(images, model.config.mean, model.config.std))
     with torch.no_grad():
         patch = model.encode_image(pixels)[1]

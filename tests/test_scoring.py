@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ttd.scoring import (global_tag_scores, minmax_over_tags, pad_tags, pixel_tag_probs, pixel_tag_scores, select_tags,
+from ttd.model.scoring import (global_tag_scores, minmax_over_tags, pad_tags, pixel_tag_probs, pixel_tag_scores, select_tags,
                          tag_masks)
 
 

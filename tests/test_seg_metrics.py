@@ -9,10 +9,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from ttd.cli import main
-from ttd.coco import coco_from_records, decode_rle, encode_rle
+from ttd.jobs.coco import coco_from_records, decode_rle, encode_rle
 from ttd.data.voc import VOCError, read_voc, world_label_map, world_segmentation_samples, write_world_segmentation
 from ttd.data.world import SHAPES, make_sample
-from ttd.metrics import SegmentationCounts
+from ttd.evaluation.metrics import SegmentationCounts
 
 
 def square(top: int, left: int, side: int = 10, size: int = 20, label: int = 1) -> np.ndarray:

@@ -11,12 +11,12 @@ from PIL import Image
 
 from ttd.cli import main
 from ttd.data.world import make_sample
-from ttd.evaluate import _caption_masks
-from ttd.pamr import pamr
+from ttd.evaluation.evaluate import _caption_masks
+from ttd.segment.pamr import pamr
 from ttd.runtime import load_tagger, torch_tagger
-from ttd.segment import SegmentOptions, segment_caption, segment_classes
-from ttd.tags import candidate_tags
-from ttd.whole_image import center_crop_box, encode_windows, plan_scale, score_maps, window_starts
+from ttd.segment.segmentation import SegmentOptions, segment_caption, segment_classes
+from ttd.model.tags import candidate_tags
+from ttd.segment.whole_image import center_crop_box, encode_windows, plan_scale, score_maps, window_starts
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_model_sized_image_gives_the_evaluations_masks_and_the_taggers_scores(de
 def test_center_crop_scores_the_crop_only(default_tagger):
     """--crop center: the scores are those of the centre crop `ttd tag` sees; outside the crop
     every pixel is background, and the crop box is where resize_center_crop takes it."""
-    from ttd.images import resize_center_crop
+    from ttd.runtime.images import resize_center_crop
 
     image = world_image(160, 64, index=5)
     left, top, right, bottom = center_crop_box(160, 64, 64)
@@ -220,7 +220,7 @@ def test_segment_command_refuses_unusable_options(tmp_path):
 
 
 def test_prompt_templates_change_the_class_embeddings(default_tagger):
-    from ttd.segment import read_templates, with_templates
+    from ttd.segment.segmentation import read_templates, with_templates
 
     other = with_templates(default_tagger, read_templates("# world prompts\nthe {}\n\na {}\n"))
     assert other.config.prompt_templates == ("the {}", "a {}")
@@ -233,7 +233,7 @@ def test_onnxruntime_export_segments_like_torch(tmp_path_factory):
     """The same whole-image maps through an export in onnxruntime: segmentation runs on the
     backends' tag-head maps, not on a second implementation."""
     from export.pipeline import run_export
-    from ttd.factory import load_model
+    from ttd.model.factory import load_model
 
     export = tmp_path_factory.mktemp("export")
     run_export(load_model(), export, check_count=8)
@@ -255,7 +255,7 @@ def test_onnxruntime_export_segments_like_torch(tmp_path_factory):
 def test_tag_crop_whole_finds_tags_outside_the_centre_crop(tmp_path):
     """`ttd tag --crop whole`: an object at the left edge of a wide image, outside the centre
     crop, is tagged, and its mask comes back in the image's geometry; `--crop center` misses it."""
-    from ttd.coco import decode_rle
+    from ttd.jobs.coco import decode_rle
 
     sample = make_sample(2, 10)
     obj = max(sample.objects, key=lambda o: o.mask.sum())

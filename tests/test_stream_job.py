@@ -17,10 +17,10 @@ import pytest
 from PIL import Image
 
 from ttd.data.world import make_sample
-from ttd.images import Preprocess
-from ttd.inputs import read_captions
-from ttd.item_stream import open_items, select_shard, stream_captions, stream_images, stream_shards
-from ttd.resumable_output import partial_path
+from ttd.runtime.images import Preprocess
+from ttd.data.inputs import read_captions
+from ttd.data.items import open_items, select_shard, stream_captions, stream_images, stream_shards
+from ttd.jobs.jsonl_output import partial_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,7 @@ def tagger():
 
 
 def tag(tagger, captions: Path, out: Path, **options):
-    from ttd.stream_job import tag_stream
+    from ttd.jobs.stream_job import tag_stream
 
     options = {"batch_size": 3, "progress": False, "decode_workers": 0, **options}
     return tag_stream(tagger, open_items(captions), out, inputs=[captions], **options)
@@ -121,7 +121,7 @@ def stopped_after(tagger, captions: Path, out: Path, count: int, **options) -> N
         yield from list(open_items(captions))[:count]
         raise Stop
 
-    from ttd.stream_job import tag_stream
+    from ttd.jobs.stream_job import tag_stream
 
     with pytest.raises(Stop):
         tag_stream(tagger, items(), out, batch_size=3, progress=False, decode_workers=0, **options)
@@ -154,7 +154,7 @@ def test_resume_refuses_another_job_and_reports_a_finished_one(tmp_path, tagger)
 
 
 def test_an_error_in_the_head_stage_stops_the_job_and_keeps_the_written_prefix(tmp_path, tagger, monkeypatch):
-    import ttd.stream_job as stream_job
+    import ttd.jobs.stream_job as stream_job
 
     captions = world_job(tmp_path, 9)
     original, calls = stream_job.item_record, {"n": 0}
@@ -224,7 +224,7 @@ def write_shards(folder: Path, shards: int, per_shard: int, image: bytes) -> str
 
 
 def test_streamed_shards_are_read_with_bounded_memory(tmp_path):
-    from ttd.decode_pipeline import decoded_batches
+    from ttd.jobs.decoding import decoded_batches
 
     image = _noise_png(256)  # ~197 kB a sample
     pattern = write_shards(tmp_path, 24, 4, image)  # 96 samples: ~19 MB in 24 shards

@@ -7,7 +7,7 @@ from PIL import Image
 
 from ttd.cli import main
 from ttd.data.world import make_sample
-from ttd.tags import candidate_tags
+from ttd.model.tags import candidate_tags
 
 
 def run(*args):

@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 from test_stream_job import ROOT, kill_repeatedly, lines, same_records, tag, tagger, world_job  # noqa: F401 - tagger: a fixture
-from ttd.coco import decode_rle
-from ttd.item_stream import open_items
-from ttd.resumable_output import finished_job_path
+from ttd.jobs.coco import decode_rle
+from ttd.data.items import open_items
+from ttd.jobs.jsonl_output import finished_job_path
 
 pq = pytest.importorskip("pyarrow.parquet")
 
@@ -29,7 +29,7 @@ def without_nulls(records: list[dict]) -> list[dict]:
 
 
 def parquet_records(folder: Path) -> list[dict]:
-    from ttd.parquet_output import read_records
+    from ttd.jobs.parquet_output import read_records
 
     return list(read_records(folder))
 
@@ -46,7 +46,7 @@ def overlay_mask(overlay) -> np.ndarray:
 # masks as COCO RLE ------------------------------------------------------------------------------
 
 def test_rle_masks_in_the_records_are_the_thresholded_png_masks_and_the_report_shows_them(tmp_path):
-    from ttd.report import _entry
+    from ttd.jobs.report import _entry
     from ttd.runtime import load_tagger
 
     trained = load_tagger("torch", device="cpu")  # the embedded world model: masks with shapes in them
@@ -77,7 +77,7 @@ def test_rle_masks_in_the_records_are_the_thresholded_png_masks_and_the_report_s
             assert inside_png.any() and (inside_rle != inside_png).mean() <= 0.02  # only edge pixels differ
     # vocabulary mode asks the tag head for masks when only --rle-masks wants them
     vocab_out = tmp_path / "vocab.jsonl"
-    from ttd.stream_job import tag_stream
+    from ttd.jobs.stream_job import tag_stream
 
     tag_stream(trained, open_items(None, [tmp_path / "img0.png"]), vocab_out, vocabulary=["star", "cross", "red"],
                progress=False, decode_workers=0, rle_masks=True)
@@ -103,13 +103,13 @@ def test_parquet_output_holds_the_jsonl_records_in_typed_columns_and_shards_conc
     assert table.num_rows == 8 and table.column("index").to_pylist() == list(range(8))
     assert str(table.schema.field("candidates").type) == "list<element: struct<tag: string, score: double>>"
     assert str(table.schema.field("rle_masks").type).startswith("map<string, struct<size: list<element: int64>")
-    from ttd.report import write_report
+    from ttd.jobs.report import write_report
 
     (page,) = write_report(out, tmp_path / "report.html")  # `ttd report` reads the folder too
     assert "8 items, 2 with errors" in page.read_text()
     # vocabulary mode: selected tags carry scores; shards of a --shard job array concatenate
     images = [tmp_path / f"img{i}.png" for i in (0, 1, 3, 4)]
-    from ttd.stream_job import tag_stream
+    from ttd.jobs.stream_job import tag_stream
 
     def vocab(output, **options):
         return tag_stream(tagger, open_items(None, images), output, vocabulary=["star", "red", "cross"], batch_size=2,
@@ -170,7 +170,7 @@ def test_resume_of_a_finished_job_with_other_settings_is_refused(tmp_path, tagge
 
 def test_parquet_without_pyarrow_and_a_foreign_folder_are_refused_before_anything_is_written(tmp_path, tagger,
                                                                                                monkeypatch):
-    from ttd.parquet_output import ParquetShards
+    from ttd.jobs.parquet_output import ParquetShards
 
     captions = world_job(tmp_path, 2)
     foreign = tmp_path / "photos.parquet"

@@ -3,8 +3,8 @@ import warnings
 import numpy as np
 import pytest
 
-from ttd.tags import candidate_tags
-from ttd.tokenizer import OpenClipTokenizer, TruncationWarning, WordTokenizer
+from ttd.model.tags import candidate_tags
+from ttd.model.tokenizer import OpenClipTokenizer, TruncationWarning, WordTokenizer
 
 
 def test_stopwords_punctuation_and_duplicates_are_removed():

@@ -20,9 +20,9 @@ from click.testing import CliRunner
 from export.pipeline import run_export
 from export.tensorrt import BatchLimits, TensorRTUnsupported, default_timing_cache, network_flags, profiles
 from export.triton import BatchingOptions, RepositoryError, build_repository, validate_repository
-from ttd.contract import ImageEmbeddings, TagHeadOutputs
+from ttd.model.contract import ImageEmbeddings, TagHeadOutputs
 from ttd.cli import main
-from ttd.factory import create_model
+from ttd.model.factory import create_model
 from ttd.runtime.export_dir import ExportDir, read_export
 from ttd.runtime.tagger import Tagger
 from ttd.runtime.tensorrt_backend import TensorRTBackend, deserialisation_failure

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ttd.factory import create_model, load_checkpoint, save_checkpoint
-from ttd.lora import LoRAConfig, inject_lora, merge_lora, merged_state_dict
-from ttd.train import TrainConfig, train
+from ttd.model.factory import create_model, load_checkpoint, save_checkpoint
+from ttd.model.lora import LoRAConfig, inject_lora, merge_lora, merged_state_dict
+from ttd.train.loop import TrainConfig, train
 
 SMALL = dict(steps=4, batch_size=8, warmup_steps=1, checkpoint_every=2, lr=5e-3)
 
@@ -119,8 +119,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
 
 def test_clip_objective_lowers_the_contrastive_loss(tmp_path):
     from ttd.data.sources import WorldSource
-    from ttd.distill import clip_loss
-    from ttd.images import normalize
+    from ttd.train.distill import clip_loss
+    from ttd.runtime.images import normalize
 
     model = create_model("world-tiny", seed=0)
     source = WorldSource(seed=9)
@@ -167,7 +167,7 @@ def test_webdataset_shards_with_a_corrupt_sample(tmp_path):
     from PIL import Image
 
     from ttd.data.sources import ShardSource
-    from ttd.images import Preprocess
+    from ttd.runtime.images import Preprocess
     from ttd.data.world import make_sample
 
     with tarfile.open(tmp_path / "000.tar", "w") as tar:
@@ -226,7 +226,7 @@ def test_train_options_reach_the_training(tmp_path, monkeypatch):
     """--lora-targets, --score and --frozen-teacher change what `ttd train` does, not only its log."""
     from click.testing import CliRunner
 
-    import ttd.train as train_module
+    import ttd.train.loop as train_module
     from ttd.cli import main
 
     calls = []

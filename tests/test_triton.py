@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from export.pipeline import run_export
 from export.triton import BatchingOptions, RepositoryError, build_repository, validate_repository
 from ttd.cli import main
-from ttd.factory import create_model
+from ttd.model.factory import create_model
 
 pytest.importorskip("tritonclient")
 
@@ -50,8 +50,8 @@ def test_invalid_repositories_are_rejected(export_dir, tmp_path):
 
 def test_real_tritonserver_serves_the_same_tags_as_onnxruntime(export_dir, tmp_path, monkeypatch):
     from ttd.data.annotations import write_world_split
-    from ttd.runtime.triton_load import load_test, tagger_request
-    from ttd.runtime.triton_server import start_server
+    from ttd.serve.load_client import load_test, tagger_request
+    from ttd.serve.triton_server import start_server
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     repo = build_repository(export_dir, tmp_path / "repo", "python",
@@ -155,7 +155,7 @@ def test_python_graph_models_of_an_fp16_export_avoid_the_crashing_optimisations(
 
     from export.pipeline import run_export
     from export.triton import build_repository
-    from ttd.factory import create_model
+    from ttd.model.factory import create_model
     from ttd.runtime.onnxruntime_backend import session_options
 
     run_export(create_model("world-tiny", seed=0), tmp_path / "fp16", "fp16", check_count=4)

@@ -9,8 +9,8 @@ import pytest
 from ttd.data.world import make_sample
 from ttd.runtime.tagger import Tagger
 from ttd.runtime.torch_backend import TorchBackend
-from ttd.vocab_cache import export_key, load_or_encode, torch_model_key, vocabulary_hash
-from ttd.vocab_tagging import tag_with_vocabulary
+from ttd.runtime.vocab_cache import export_key, load_or_encode, torch_model_key, vocabulary_hash
+from ttd.runtime.vocab_tagging import tag_with_vocabulary
 
 VOCAB = ["red", "green", "blue", "circle", "square", "triangle", "star", "stripes", "dots", "yellow", "cat"]
 
@@ -42,7 +42,7 @@ class CountingBackend:
 def test_batched_vocabulary_head_matches_tagger(tiny_model, images, method, flip):
     from PIL import Image
 
-    from ttd.images import resize_center_crop
+    from ttd.runtime.images import resize_center_crop
 
     size = tiny_model.config.image_size
     batch = np.stack([resize_center_crop(Image.fromarray(make_sample(2, i).image), size, "bicubic") for i in range(5)])

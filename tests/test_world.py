@@ -2,8 +2,8 @@ import numpy as np
 
 from ttd.data.annotations import read_eval_split, world_eval_samples, write_world_split
 from ttd.data.world import BACKGROUNDS, COLOURS, SHAPES, make_sample
-from ttd.images import Preprocess
-from ttd.tags import candidate_tags
+from ttd.runtime.images import Preprocess
+from ttd.model.tags import candidate_tags
 
 
 def test_samples_are_reproducible_and_differ_by_index():

@@ -35,8 +35,8 @@ def _onnxruntime_engine(folder: Path, parameters: dict, inputs: list, outputs: l
 
 
 def _torch_engine(folder: Path, parameters: dict, inputs: list, args: dict):
-    from ttd.contract import IMAGE_ENCODER, TAG_HEAD, TEXT_ENCODER
-    from ttd.factory import load_checkpoint
+    from ttd.model.contract import IMAGE_ENCODER, TAG_HEAD, TEXT_ENCODER
+    from ttd.model.factory import load_checkpoint
     from ttd.runtime.torch_backend import TorchBackend
 
     gpu = args.get("model_instance_kind") == "GPU"

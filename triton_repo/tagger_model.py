@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ttd.config import DEFAULT_THRESHOLD, ModelConfig
-from ttd.contract import IMAGE_ENCODER, TAG_HEAD, TEXT_ENCODER, ImageEmbeddings, TagHeadOutputs
-from ttd.images import ImageError
+from ttd.model.config import DEFAULT_THRESHOLD, ModelConfig
+from ttd.model.contract import IMAGE_ENCODER, TAG_HEAD, TEXT_ENCODER, ImageEmbeddings, TagHeadOutputs
+from ttd.runtime.images import ImageError
 from ttd.runtime.tagger import Tagger
-from ttd.tags import candidate_tags
+from ttd.model.tags import candidate_tags
 
 
 class BlsBackend:
@@ -29,7 +29,7 @@ class BlsBackend:
         self.max_batch_size = max_batch_size
 
     def _call(self, graph, *arrays):
-        """Run `graph` (a ttd.contract.Graph) on the model that serves it, max_batch_size at a time."""
+        """Run `graph` (a ttd.model.contract.Graph) on the model that serves it, max_batch_size at a time."""
         chunks = []
         for start in range(0, len(arrays[0]), self.max_batch_size):
             tensors = [pb_utils.Tensor(name, np.ascontiguousarray(a[start : start + self.max_batch_size]))

@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ttd.data.sources import read_jsonl
-from ttd.images import Preprocess, decode_image, resize_center_crop
+from ttd.runtime.images import Preprocess, decode_image, resize_center_crop
 
 
 @dataclass

@@ -15,9 +15,9 @@ from itertools import islice
 
 import numpy as np
 
-from ttd.images import ImageError, Preprocess
-from ttd.inputs import Item
-from ttd.item_stream import shard_urls, stream_shards
+from ttd.runtime.images import ImageError, Preprocess
+from ttd.data.inputs import Item
+from ttd.data.items import shard_urls, stream_shards
 
 
 class ShardStreamLoader:

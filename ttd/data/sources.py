@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ttd.images import ImageError, Preprocess
+from ttd.runtime.images import ImageError, Preprocess
 
 
 @dataclass

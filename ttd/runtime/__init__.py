@@ -6,7 +6,7 @@ the three contract graphs of DESIGN §4.
 
 from __future__ import annotations
 
-from ttd.config import DEFAULT_SCORE_METHOD, DEFAULT_THRESHOLD
+from ttd.model.config import DEFAULT_SCORE_METHOD, DEFAULT_THRESHOLD
 from ttd.runtime.tagger import Backend, Tagger, TagResult
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "triton")
@@ -57,7 +57,7 @@ def load_tagger(
     """
     options = {"threshold": threshold, "flip_tta": flip_tta, "score_method": score_method}
     if backend == "torch":
-        from ttd.factory import load_model
+        from ttd.model.factory import load_model
 
         if threads:
             import torch

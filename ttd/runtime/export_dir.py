@@ -8,8 +8,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ttd.config import ModelConfig
-from ttd.contract import GRAPH_NAMES
+from ttd.model.config import ModelConfig
+from ttd.model.contract import GRAPH_NAMES
 
 MANIFEST = "manifest.json"
 CONFIG = "model.json"

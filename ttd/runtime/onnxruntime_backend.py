@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ttd.contract import GRAPH_NAMES, IMAGE_ENCODER, TAG_HEAD, TEXT_ENCODER, ImageEmbeddings, TagHeadOutputs
+from ttd.model.contract import GRAPH_NAMES, IMAGE_ENCODER, TAG_HEAD, TEXT_ENCODER, ImageEmbeddings, TagHeadOutputs
 from ttd.runtime.export_dir import ExportDir
 
 PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ttd.contract import EMBEDDING_NAMES, IMAGE_ENCODER, TEXT_ENCODER
-from ttd.hardware import Capabilities, cpu_capabilities
+from ttd.model.contract import EMBEDDING_NAMES, IMAGE_ENCODER, TEXT_ENCODER
+from ttd.runtime.hardware import Capabilities, cpu_capabilities
 
 REFERENCE_SAMPLES = "reference_samples.npz"
 MIN_COSINE = 0.99  # the variant gate of export/checks.py

@@ -12,11 +12,11 @@ from typing import Protocol
 
 import numpy as np
 
-from ttd.config import DEFAULT_SCORE_METHOD, DEFAULT_THRESHOLD, SCORE_METHODS, ModelConfig
-from ttd.contract import ImageEmbeddings, TagHeadOutputs
-from ttd.images import Preprocess, normalize
-from ttd.negatives import negative_logits_from_probs, sigmoid
-from ttd.tokenizer import build_tokenizer
+from ttd.model.config import DEFAULT_SCORE_METHOD, DEFAULT_THRESHOLD, SCORE_METHODS, ModelConfig
+from ttd.model.contract import ImageEmbeddings, TagHeadOutputs
+from ttd.runtime.images import Preprocess, normalize
+from ttd.model.negatives import negative_logits_from_probs, sigmoid
+from ttd.model.tokenizer import build_tokenizer
 
 TEXT_BATCH = 256
 HEAD_ELEMENTS = 1 << 24  # map elements (B·K·h·w) per tag-head call: 64 MB per float32 output
@@ -148,7 +148,7 @@ class Tagger:
             elif method == "sigmoid":
                 scores[method] = masks.max(axis=(2, 3))
             else:  # minmax of the best-pixel cosine, recovered from the monotonic masks; with flip TTA
-                # the views' cosine maps are averaged (as ttd.scoring does), not their sigmoid masks
+                # the views' cosine maps are averaged (as ttd.model.scoring does), not their sigmoid masks
                 cos = np.mean([self.mask_cosines(o.tag_masks) for o in outputs], axis=0).max(axis=(2, 3))
                 low, span = cos.min(axis=1, keepdims=True), np.ptp(cos, axis=1, keepdims=True)
                 scores[method] = np.where(span > 0, (cos - low) / np.where(span > 0, span, 1), 1.0)
@@ -175,7 +175,7 @@ class Tagger:
 
     def _negative_logit_views(self, views: list[np.ndarray], tag_embeds: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
         """(ℓ of each view [B, K, h, w], masks [B, K, h, w]): one head call per view over the tags
-        followed by the model's negative prompts; ℓ comes from its `tag_probs` (ttd/negatives.py),
+        followed by the model's negative prompts; ℓ comes from its `tag_probs` (ttd/model/negatives.py),
         so every backend serves the score through the existing graph."""
         batch, tags = tag_embeds.shape[:2]
         negatives = self.encode_tags(list(self.config.negative_prompts))

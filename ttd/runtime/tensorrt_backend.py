@@ -10,7 +10,7 @@ The tag head's tag axis is the one axis that cannot be split: its per-pixel soft
 all of a call's tags, so scores computed on a slice of the tags are different numbers. A call
 with more tags than the head's profile allows runs the head (no weights: one product, a softmax
 and a sigmoid) in torch on the same device, with the functions the exported graph was traced
-from (ttd.scoring), so the answer is the same.
+from (ttd.model.scoring), so the answer is the same.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ttd.contract import GRAPH_NAMES, GRAPHS, ImageEmbeddings, TagHeadOutputs
+from ttd.model.contract import GRAPH_NAMES, GRAPHS, ImageEmbeddings, TagHeadOutputs
 from ttd.runtime.export_dir import ExportDir
 
 # tensorrt.DataType member names -> torch dtype names (TensorRT's own nptype() has no bfloat16)
@@ -224,7 +224,7 @@ class TensorRTBackend:
             return runner.run(feeds)
 
     def _tag_head_in_torch(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray) -> TagHeadOutputs:
-        from ttd.scoring import pixel_cosines, pixel_tag_probs, tag_masks
+        from ttd.model.scoring import pixel_cosines, pixel_tag_probs, tag_masks
 
         torch = self.torch
         with torch.no_grad():

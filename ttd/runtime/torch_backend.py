@@ -1,4 +1,4 @@
-"""The PyTorch backend: runs the contract graphs of ttd/graphs.py on cuda (if present) or CPU.
+"""The PyTorch backend: runs the contract graphs of ttd/model/graphs.py on cuda (if present) or CPU.
 
 On a GPU it takes the usual fast path: bf16/fp16 weights (the tag head stays fp32), attention
 through `scaled_dot_product_attention` (open_clip's MultiheadAttention dispatches to it at
@@ -12,12 +12,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ttd.config import canonical_precision
-from ttd.contract import ImageEmbeddings, TagHeadOutputs
-from ttd.graphs import ImageEncoderGraph, TagHeadGraph, TextEncoderGraph
-from ttd.model import TTDModel
+from ttd.model.config import canonical_precision
+from ttd.model.contract import ImageEmbeddings, TagHeadOutputs
+from ttd.model.graphs import ImageEncoderGraph, TagHeadGraph, TextEncoderGraph
+from ttd.model.clip import TTDModel
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # ttd.config.PRECISIONS names
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # ttd.model.config.PRECISIONS names
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -88,7 +88,7 @@ class TorchBackend:
     def encode_uint8_images(self, images: np.ndarray, mean: tuple[float, ...],
                             std: tuple[float, ...]) -> ImageEmbeddings:
         """uint8 [B, H, W, 3] -> encode_images(normalize(images)), normalised on the device
-        (same float32 arithmetic as ttd.images.normalize)."""
+        (same float32 arithmetic as ttd.runtime.images.normalize)."""
         with torch.inference_mode():
             pixels = self._to_device(self._pad(images), torch.uint8).permute(0, 3, 1, 2).float()
             pixels = pixels.div_(255.0).sub_(torch.tensor(mean, device=self.device)[:, None, None])

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ttd.contract import GRAPHS, IMAGE_ENCODER, TAG_HEAD, TEXT_ENCODER, ImageEmbeddings, TagHeadOutputs
+from ttd.model.contract import GRAPHS, IMAGE_ENCODER, TAG_HEAD, TEXT_ENCODER, ImageEmbeddings, TagHeadOutputs
 
 NUMPY_TO_TRITON = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
 

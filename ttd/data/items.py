@@ -1,0 +1,210 @@
+"""Streaming item readers for `ttd tag` at scale: captions files (JSONL/CSV), folders or globs of
+images, and webdataset tar shards, read lazily so that no full index of the job is ever held.
+
+Every reader yields `Item`s in one deterministic order, so an item's position in the stream is
+its identity: `--resume` skips the positions already written and `--shard i --num-shards n`
+keeps the positions p with p % n == i. A line or sample that cannot be used becomes an item
+with an error (as in ttd/data/inputs.py), so positions never shift because of bad input.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import fnmatch
+import glob
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice, takewhile
+from pathlib import Path
+
+from ttd.data.inputs import BAD_BYTES, CAPTION_KEYS, IMAGE_KEYS, IMAGE_SUFFIXES, InputError, Item, _pick
+
+SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass
+class ShardItem(Item):
+    """An item of a webdataset shard: the image is the sample's encoded bytes, not a file."""
+
+    data: bytes | None = None
+
+
+def is_shard_pattern(spec: str) -> bool:
+    """A webdataset shard spec: a .tar path, URL or brace pattern (`shards/{000..099}.tar`)."""
+    return ".tar" in spec and not Path(spec).is_dir()
+
+
+def _item_of(record: dict | str, line: int, base: Path, name: str) -> Item:
+    """The item of one parsed line (or the reason it is unusable); the rules of ttd.data.inputs.read_captions."""
+    where = f"{name}:{line}"
+    if isinstance(record, str):
+        return Item(f"<line {line}>", base, None, f"{where}: {record}")
+    image, caption = _pick(record, IMAGE_KEYS), _pick(record, CAPTION_KEYS)
+    if caption is not None and not isinstance(caption, str):
+        return Item(image if isinstance(image, str) else f"<line {line}>", base, None,
+                    f"{where}: caption is {type(caption).__name__} {caption!r}, not text")
+    if image is None:
+        return Item(f"<line {line}>", base, caption, f"{where}: no image field ({', '.join(IMAGE_KEYS)})")
+    if not isinstance(image, str) or not image.strip():
+        return Item(f"<line {line}>", base, caption, f"{where}: image is {image!r}, not a file name")
+    return Item(image, base / image, caption)
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, dict | str]]:
+    """(line, record or the reason it is unusable), one line in memory at a time; lines split on
+    newline bytes only (a JSON string may hold U+2028), so one bad byte costs one line."""
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if n == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                yield n, f"not valid UTF-8 (byte {raw[error.start]:#04x} at column {error.start + 1})"
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as error:
+                yield n, f"not a JSON object ({error})"
+                continue
+            yield n, record if isinstance(record, dict) else "not a JSON object"
+
+
+def _csv_records(path: Path) -> Iterator[tuple[int, dict | str]]:
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not any(k in reader.fieldnames for k in IMAGE_KEYS):
+            raise InputError(f"{path}: CSV header must name an image column ({', '.join(IMAGE_KEYS)}) and a caption column")
+        for row in reader:
+            bad = any(isinstance(v, str) and BAD_BYTES.search(v) for v in row.values())
+            yield reader.line_num, "not valid UTF-8" if bad else dict(row)
+
+
+def stream_captions(path: Path) -> Iterator[Item]:
+    """Items of a .jsonl or .csv captions file, read lazily (same items as ttd.data.inputs.read_captions)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"captions file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        records = _csv_records(path)
+    elif suffix in (".jsonl", ".json", ".ndjson"):
+        records = _jsonl_records(path)
+    else:
+        raise InputError(f"{path}: captions must be a .jsonl or .csv file (or webdataset shards: a .tar pattern)")
+    if suffix == ".csv":  # the header is checked now, not at the first item
+        first = next(records, None)
+        records = records if first is None else _chain_one(first, records)
+    return (_item_of(record, n, path.parent, path.name) for n, record in records)
+
+
+def _chain_one(first, rest: Iterator) -> Iterator:
+    yield first
+    yield from rest
+
+
+def _walk_sorted(root: Path) -> Iterator[Path]:
+    """Files under root in sorted order, one directory listing in memory at a time."""
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError:
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            yield from _walk_sorted(Path(entry.path))
+        else:
+            yield Path(entry.path)
+
+
+def _glob_root(pattern: str) -> Path:
+    """The longest leading folder of a glob pattern without wildcards."""
+    parts = Path(pattern).parts
+    fixed = list(takewhile(lambda part: not glob.has_magic(part), parts))
+    return Path(*fixed) if fixed else Path(".")
+
+
+def stream_images(paths: Iterable[Path | str]) -> Iterator[Item]:
+    """Vocabulary-mode items: image files named directly, found (sorted, recursively) in folders,
+    or matching a glob pattern (`photos/**/*.jpg`), listed lazily."""
+    for spec in paths:
+        path = Path(spec)
+        if glob.has_magic(str(spec)) and not path.exists():
+            pattern = str(spec)
+            for found in _walk_sorted(_glob_root(pattern)):
+                if fnmatch.fnmatch(str(found), pattern):
+                    yield Item(str(found), found, None)
+        elif path.is_dir():
+            for found in _walk_sorted(path):
+                if found.suffix.lower() in IMAGE_SUFFIXES:
+                    yield Item(str(found), found, None)
+        else:
+            yield Item(str(path), path, None)
+
+
+def shard_urls(pattern: str) -> list[str]:
+    """The shard URLs of a brace pattern (`shards/{000..099}.tar`), in order."""
+    import braceexpand
+
+    return [url for part in pattern.split("::") for url in braceexpand.braceexpand(part)]
+
+
+def _sample_item(sample: dict, url: str) -> Item:
+    key = sample.get("__key__", "?")
+    name = f"{url}#{key}"
+    data = next((sample[k] for k in SHARD_IMAGE_KEYS if k in sample), None)
+    caption = None
+    if "txt" in sample:
+        caption = sample["txt"].decode("utf-8", "replace")
+    elif "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+            caption = meta.get("caption") if isinstance(meta, dict) else None
+        except ValueError:
+            caption = None
+    if data is None:
+        found = sorted(k for k in sample if not k.startswith("__"))
+        return ShardItem(name, Path(url), caption, f"{name}: no image in the sample (found {', '.join(found) or 'nothing'})")
+    return ShardItem(name, Path(url), caption if isinstance(caption, str) else None, data=data)
+
+
+def stream_shards(pattern: str) -> Iterator[Item]:
+    """Items of webdataset tar shards (local paths or any URL webdataset opens), streamed one
+    sample at a time. A shard that cannot be opened or read to its end becomes one error item
+    naming it; the other shards are still read."""
+    import webdataset as wds
+
+    for url in shard_urls(pattern):
+        try:
+            for sample in wds.WebDataset(url, shardshuffle=False, empty_check=False):
+                yield _sample_item(sample, url)
+        except Exception as error:  # noqa: BLE001 - any failure of one shard is that shard's error item
+            yield ShardItem(f"{url}#<shard>", Path(url), None, f"{url}: cannot read the shard ({type(error).__name__}: {error})")
+
+
+def open_items(captions: str | Path | None, images: Iterable[Path | str] = ()) -> Iterator[Item]:
+    """The job's items: a captions file or shard pattern (caption mode), or images (vocabulary mode)."""
+    if captions is not None:
+        spec = str(captions)
+        return stream_shards(spec) if is_shard_pattern(spec) else stream_captions(Path(spec))
+    return stream_images(images)
+
+
+def check_shard(shard: int, num_shards: int) -> None:
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"--shard {shard} is not in 0..{num_shards - 1} (--num-shards {num_shards})")
+
+
+def select_shard(items: Iterable[Item], shard: int, num_shards: int, skip: int = 0) -> Iterator[tuple[int, Item]]:
+    """(position, item) of the items of shard `shard` of `num_shards` (position p with
+    p % num_shards == shard), after the first `skip` of them (already done: resume).
+
+    Disjoint and complete across shards; the positions are global, so shard outputs merge by
+    concatenation and sort back into input order by position."""
+    check_shard(shard, num_shards)
+    mine = ((p, item) for p, item in enumerate(items) if p % num_shards == shard)
+    return islice(mine, skip, None)

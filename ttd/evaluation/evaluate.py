@@ -1,0 +1,126 @@
+"""Evaluation of a TTD model on samples with ground truth (DESIGN §3.5): tag metrics for each
+scorer, caption-mask metrics. Runs through the runtime Tagger, so what is measured is what
+`ttd tag` runs, on any backend (`ttd eval --backend onnxruntime --export-dir DIR`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ttd.model.config import DEFAULT_MASK_THRESHOLD, DEFAULT_THRESHOLD
+from ttd.data.annotations import EvalSample
+from ttd.evaluation.metrics import MaskCounts, TagCounts
+from ttd.model.clip import TTDModel
+from ttd.runtime.tagger import Tagger
+from ttd.evaluation.tag_kinds import KINDS, KindCounts
+from ttd.model.tags import candidate_tags
+
+SCORERS = ("image-tag", "text-tag", "pixel-tag", "pixel-tag-minmax", "pixel-tag-sigmoid", "pixel-tag-negatives")
+PIXEL_SCORERS = {"pixel-tag": "softmax", "pixel-tag-minmax": "minmax", "pixel-tag-sigmoid": "sigmoid",
+                 "pixel-tag-negatives": "negatives"}
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(logits)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _caption_masks(tagger: Tagger, patch_embeds: np.ndarray, text_embeds: np.ndarray, size: int,
+                   mask_threshold: float) -> np.ndarray:
+    """Binary caption masks M_c ≥ θ at the image size: the tag head with the caption as the one
+    tag, its logits w·cos + b upsampled bilinearly."""
+    masks = tagger.backend.score_tags(patch_embeds, text_embeds[:, None, :]).tag_masks[:, 0]
+    logits = tagger.mask_weight * tagger.mask_cosines(masks) + tagger.mask_bias
+    upsampled = F.interpolate(torch.from_numpy(logits[:, None]).float(), size=(size, size), mode="bilinear",
+                              align_corners=False)
+    return (torch.sigmoid(upsampled[:, 0]) >= mask_threshold).numpy()
+
+
+def evaluate(
+    model: TTDModel | Tagger,
+    samples: Sequence[EvalSample],
+    threshold: float = DEFAULT_THRESHOLD,
+    mask_threshold: float = DEFAULT_MASK_THRESHOLD,
+    batch_size: int = 64,
+    flip_tta: bool = False,
+    progress: bool = True,
+    tag_groups: dict[str, str] | None = None,
+) -> dict:
+    """{"tags": {scorer: metrics}, "caption_mask": {...}, "samples": n, "candidates": n}.
+
+    `model`: a Tagger on any backend (its own flip TTA setting applies), or a TTDModel, run by
+    the torch backend on its device with `flip_tta`. `tag_groups` (tag -> group name) adds
+    "pixel-tag by group": the pixel-tag metrics of each group of tags."""
+    if isinstance(model, TTDModel):
+        from ttd.runtime import torch_tagger
+
+        model = torch_tagger(model, device=str(model.device), flip_tta=flip_tta)
+    tagger = model
+    counts = {name: TagCounts() for name in SCORERS}
+    kinds = {name: KindCounts() for name in SCORERS}
+    by_group: dict[str, TagCounts] = {}
+    masks = MaskCounts()
+    tau = tagger.config.tau
+    n_candidates = 0
+    for start in tqdm(range(0, len(samples), batch_size), disable=not progress, desc="eval"):
+        batch = samples[start : start + batch_size]
+        tag_lists = [candidate_tags(s.caption) for s in batch]
+        image_embeds, patch_embeds, flipped = tagger.encode_images(np.stack([s.image for s in batch]))
+        text_embeds = tagger.encode_texts([s.caption for s in batch])
+        by_count: dict[int, list[int]] = {}
+        for i, tags in enumerate(tag_lists):
+            if tags:
+                by_count.setdefault(len(tags), []).append(i)
+        for members in by_count.values():
+            tag_embeds = np.stack([tagger.encode_tags(tag_lists[i]) for i in members])
+            scores, _ = tagger.score_methods(patch_embeds[members], tag_embeds,
+                                             None if flipped is None else flipped[members], tuple(PIXEL_SCORERS.values()))
+            scores = {name: scores[method] for name, method in PIXEL_SCORERS.items()}
+            scores["image-tag"] = _softmax(tau * np.einsum("bd,bkd->bk", image_embeds[members], tag_embeds))
+            scores["text-tag"] = _softmax(tau * np.einsum("bd,bkd->bk", text_embeds[members], tag_embeds))
+            for row, i in enumerate(members):
+                tags = tag_lists[i]
+                relevant = np.array([t in batch[i].relevant_tags for t in tags])
+                n_candidates += len(tags)
+                for name in SCORERS:
+                    counts[name].add(scores[name][row], relevant, threshold)
+                    kinds[name].add(tags, scores[name][row] >= threshold, relevant)
+                for k, tag in enumerate(tags if tag_groups else []):
+                    group = by_group.setdefault(tag_groups.get(tag, "other"), TagCounts())
+                    group.add(scores["pixel-tag"][row, k : k + 1], relevant[k : k + 1], threshold)
+        predicted = _caption_masks(tagger, patch_embeds, text_embeds, tagger.config.image_size, mask_threshold)
+        for row, sample in enumerate(batch):
+            if sample.caption_mask is not None:
+                masks.add(predicted[row], sample.caption_mask)
+    return {
+        "samples": len(samples),
+        "candidates": n_candidates,
+        "threshold": threshold,
+        "tags": {name: c.summary() for name, c in counts.items()},
+        "caption_mask": masks.summary(),
+        "by kind": {name: k.summary() for name, k in kinds.items()},
+        **({"pixel-tag by group": {g: c.summary() for g, c in sorted(by_group.items())}} if tag_groups else {}),
+    }
+
+
+def format_table(result: dict) -> str:
+    """The evaluation as a terminal table (percentages)."""
+    lines = [f"{'scorer':<20}{'P':>7}{'R':>7}{'F1':>7}{'Acc':>7}{'mAP':>7}{'R-P':>7}"]
+    for name, m in result["tags"].items():
+        lines.append(f"{name:<20}" + "".join(f"{100 * m[k]:>7.1f}" for k in
+                                              ("precision", "recall", "f1", "accuracy", "map", "r_precision")))
+    if "by kind" in result:
+        lines.append("recall by kind of tag (absent: share selected, lower is better)")
+        lines.append(f"{'scorer':<20}" + "".join(f"{k:>11}" for k in KINDS))
+        for name, by_kind in result["by kind"].items():
+            cells = [by_kind[k].get("recall", by_kind[k].get("selected")) for k in KINDS]
+            lines.append(f"{name:<20}" + "".join(f"{'n/a' if v is None else f'{100 * v:.1f}':>11}" for v in cells))
+    cm = result["caption_mask"]
+    lines.append(f"caption mask: IoU {100 * cm['iou']:.1f}  FPR {100 * cm['fpr']:.1f}  FNR {100 * cm['fnr']:.1f}"
+                 f"   ({result['samples']} samples, {result['candidates']} candidate tags, δ={result['threshold']})")
+    return "\n".join(lines)

@@ -1,0 +1,199 @@
+"""Exactly-once JSON-lines output for long tagging jobs that may be killed at any moment.
+
+The job writes one line per input item, in input order, to `OUT.partial` (appending, flushed
+after every batch). So the lines on disk are always a prefix of the job's output plus, after a
+SIGKILL, at most one torn line. `--resume` cuts the torn tail, counts the complete lines (that
+many items are done) and appends from the next item: every item ends up exactly once. Only when
+the last item is written does `OUT.partial` replace `OUT` (an atomic rename).
+
+Beside the partial file, `OUT.partial.job.json` records what the job is (inputs, shard, model,
+settings); a resume with other settings is refused instead of mixing two jobs in one file. A
+finished job keeps it as `OUT.job.json`, so `--resume` on a finished `OUT` is checked the same
+way. A sidecar, not a header line: every line of `OUT` stays a record, so shard outputs still
+concatenate and JSON-lines readers (pandas, duckdb, jq) read `OUT` as it is.
+
+`open_output` picks the writer of a job (JSON lines here, Parquet shards in ttd.jobs.parquet_output);
+both have this module's interface: `done`, `complete`, `write(records)`, `finish()`, `close()`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CHUNK = 1 << 20
+
+
+def partial_path(output: Path) -> Path:
+    return output.with_name(output.name + ".partial")
+
+
+def job_path(output: Path) -> Path:
+    return output.with_name(output.name + ".partial.job.json")
+
+
+def finished_job_path(output: Path) -> Path:
+    """Where a finished JSON-lines job keeps its description (beside OUT: see the module doc)."""
+    return output.with_name(output.name + ".job.json")
+
+
+OUTPUT_FORMATS = ("auto", "jsonl", "parquet")
+
+
+def output_format_of(output: Path, output_format: str = "auto") -> str:
+    """`auto`: Parquet shards when OUT's name ends in .parquet (a folder, as Spark and duckdb write
+    them), JSON lines otherwise."""
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output format {output_format!r}: use one of {', '.join(OUTPUT_FORMATS)}")
+    if output_format == "auto":
+        return "parquet" if Path(output).suffix.lower() == ".parquet" else "jsonl"
+    return output_format
+
+
+def open_output(output: Path, job: dict, resume: bool, output_format: str = "auto", rows_per_file: int = 10_000):
+    """The exactly-once writer of a tagging job: ResumableJsonl, or ParquetShards (a folder of
+    shard files; `rows_per_file` records each). `job` describes the job (a resume must match it)."""
+    output = Path(output)
+    if output_format_of(output, output_format) == "parquet":
+        from ttd.jobs.parquet_output import ParquetShards
+
+        return ParquetShards(output, job, resume, rows_per_file)
+    if output.is_dir():
+        raise ValueError(f"{output} is a folder; JSON lines go to a file (for Parquet shards in a folder use "
+                         "--format parquet or a name ending in .parquet)")
+    return ResumableJsonl(output, job, resume)
+
+
+def write_job(path: Path, job: dict) -> None:
+    """Write a job description atomically (a kill leaves the old one or the new one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(job, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def check_same_job(job_file: Path, job: dict, what: Path) -> None:
+    """Refuse to continue or accept `what` unless `job_file` describes the same job as `job`."""
+    try:
+        saved = json.loads(job_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ValueError(f"{what} has no readable job description ({job_file}), so it cannot be checked to come "
+                         "from this job; run without --resume to start over") from None
+    changed = [f"{k}: {saved.get(k)!r} -> {job.get(k)!r}" for k in sorted(set(saved) | set(job))
+               if saved.get(k) != job.get(k)]
+    if changed:
+        raise ValueError(f"{what} belongs to a job with other settings ({'; '.join(changed)}); resume "
+                         "with the same settings, or run without --resume to start over")
+
+
+def error_kind(message: str) -> str:
+    """A short class of an item error, for the end-of-job summary."""
+    text = message.lower()
+    if "cannot write masks" in text:
+        return "masks"
+    if "file not found" in text or "does not exist" in text:
+        return "missing file"
+    if any(s in text for s in ("not valid utf-8", "not a json object", "no image field", "not a file name",
+                               "no image in the sample", "cannot read the shard")):
+        return "bad input line"
+    if "caption" in text:
+        return "caption"
+    return "image"
+
+
+@dataclass
+class Progress:
+    """What an output file already holds: complete lines, and the errors among them by kind."""
+
+    lines: int = 0
+    errors: Counter = field(default_factory=Counter)
+
+    def add(self, record: dict) -> None:
+        self.lines += 1
+        if "error" in record:
+            self.errors[error_kind(str(record["error"]))] += 1
+
+
+def _cut_torn_tail(path: Path) -> int:
+    """Truncate `path` after its last newline (a line cut short by a kill); returns the bytes cut."""
+    size = path.stat().st_size
+    with path.open("rb+") as f:
+        end = size
+        while end > 0:
+            start = max(0, end - CHUNK)
+            f.seek(start)
+            block = f.read(end - start)
+            newline = block.rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            end = start
+        else:
+            keep = 0
+        f.truncate(keep)
+    return size - keep
+
+
+def scan(path: Path) -> Progress:
+    """Count the complete lines of a JSON-lines file (one record each) and their errors."""
+    progress = Progress()
+    with path.open("rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                progress.add(json.loads(line))
+            except ValueError as error:
+                raise ValueError(f"{path}:{number}: not a record written by `ttd tag` ({error}); "
+                                 "delete the file to start over") from None
+    return progress
+
+
+class ResumableJsonl:
+    """Append-only JSON lines at `OUT.partial`, renamed to `OUT` by `finish()`.
+
+    `resume=False` starts over (an existing partial file is replaced); `resume=True` continues
+    the partial file of the same job, or reports a finished `OUT` as complete."""
+
+    def __init__(self, output: Path, job: dict, resume: bool) -> None:
+        self.output, self.job = Path(output), json.loads(json.dumps(job))
+        self.partial, self.job_file = partial_path(self.output), job_path(self.output)
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        self.done = Progress()
+        self.complete = False
+        self.torn_bytes = 0
+        if resume and self.partial.exists():
+            check_same_job(self.job_file, self.job, self.partial)
+            self.torn_bytes = _cut_torn_tail(self.partial)
+            self.done = scan(self.partial)
+        elif resume and self.output.exists():
+            check_same_job(finished_job_path(self.output), self.job, self.output)
+            self.done, self.complete = scan(self.output), True
+            self._file = None
+            return
+        else:
+            self.partial.write_bytes(b"")
+            write_job(self.job_file, self.job)
+        self._file = self.partial.open("ab")
+
+    def write(self, records: list[dict]) -> None:
+        """Append whole lines and hand them to the OS: after this returns, a SIGKILL loses none of them."""
+        self._file.write(b"".join(json.dumps(r).encode("utf-8") + b"\n" for r in records))
+        self._file.flush()
+
+    def finish(self) -> None:
+        """Make the output durable and visible under its final name."""
+        if self._file is None:
+            return
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        write_job(finished_job_path(self.output), self.job)  # first: a kill before the rename leaves the partial
+        os.replace(self.partial, self.output)
+        self.job_file.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Stop writing without finishing (the partial file stays for --resume)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,295 @@
+"""`ttd report`: a static, self-contained HTML report of a `ttd tag` or `ttd segment` output.
+
+Each item shows its image with coloured mask overlays (toggled from the legend), the candidate
+tags with their scores, selected or rejected, and its error if it has one; errors are also
+listed at the top of each page. Images and masks are embedded as data URIs, so a page is one
+file that opens anywhere, offline; large jobs are split into pages of `per_page` items
+(report.html, report-2.html, ...), linked to each other.
+
+Masks come from a record's "segments" (RLE, in the image's geometry: `ttd segment`), its
+"rle_masks" (RLE of `ttd tag --rle-masks`) or its "masks" (PNG files of `ttd tag --masks-dir`);
+the last two cover the centre crop the model saw and are placed over that crop. RECORDS is a
+JSON-lines file or the Parquet folder of `ttd tag --format parquet`. Every text from a record is
+HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ttd.runtime.images import ImageError, decode_image
+from ttd.segment.whole_image import center_crop_box
+
+COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+           (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40), (128, 0, 0))
+OVERLAY_ALPHA = 128  # of 255: the image stays visible under a mask
+MASK_LEVEL = 128  # a `ttd tag` PNG mask (M × 255) is inside where ≥ this, i.e. M ≥ 0.5
+
+
+@dataclass
+class Overlay:
+    label: str
+    kind: str
+    score: float | None
+    colour: tuple[int, int, int]
+    data_uri: str
+
+
+@dataclass
+class Entry:
+    number: int  # 1-based line of the records file
+    title: str
+    caption: str | None
+    image_uri: str | None
+    size: tuple[int, int] | None  # original width, height
+    overlays: list[Overlay] = field(default_factory=list)
+    candidates: list[tuple[str, float, bool]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def _data_uri(image: Image.Image, fmt: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **({"quality": 88} if fmt == "JPEG" else {"optimize": True}))
+    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
+
+
+MIN_SIDE = 256  # small images (a world sample is 64 px) are enlarged to this for the eye
+
+
+def _display_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    longer = max(width, height)
+    ratio = max_side / longer if longer > max_side else max(1.0, min(MIN_SIDE, max_side) / longer)
+    return max(1, round(width * ratio)), max(1, round(height * ratio))
+
+
+def _overlay_uri(mask: np.ndarray, colour: tuple[int, int, int], display: tuple[int, int]) -> str:
+    """A bool mask [H, W] as an RGBA PNG at the display size: the colour where inside, clear elsewhere."""
+    small = Image.fromarray(mask.astype(np.uint8) * 255, "L").resize(display, Image.Resampling.NEAREST)
+    alpha = (np.asarray(small) >= 128).astype(np.uint8) * OVERLAY_ALPHA
+    rgba = np.zeros((display[1], display[0], 4), np.uint8)
+    rgba[..., :3] = colour
+    rgba[..., 3] = alpha
+    return _data_uri(Image.fromarray(rgba, "RGBA"))
+
+
+def _tag_png_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """A `ttd tag` mask PNG (the centre crop, at the model's input size) placed in the image's geometry."""
+    with Image.open(path) as png:
+        return _crop_mask_in_image(np.asarray(png.convert("L")), size)
+
+
+def _crop_mask_in_image(crop: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A `ttd tag` mask over the centre crop (uint8 M x 255 [S, S]) as a bool mask in the image's geometry."""
+    width, height = size
+    left, top, right, bottom = center_crop_box(width, height, crop.shape[0])
+    full = np.zeros((height, width), bool)
+    box = (round(left), round(top), max(round(left) + 1, round(right)), max(round(top) + 1, round(bottom)))
+    placed = Image.fromarray(crop).resize((box[2] - box[0], box[3] - box[1]), Image.Resampling.BILINEAR)
+    full[box[1] : box[3], box[0] : box[2]] = np.asarray(placed) >= MASK_LEVEL
+    return full
+
+
+def _entry(number: int, record: dict, images_root: Path, max_side: int,
+           colours: dict[str, tuple[int, int, int]] | None = None) -> Entry:
+    """One item of the report; `colours` (label -> colour, filled as labels appear) keeps a
+    label's colour the same across the items of a report."""
+    colours = {} if colours is None else colours
+    from ttd.jobs.coco import decode_rle
+
+    title = str(record.get("image", f"line {number}"))
+    caption = record.get("caption")
+    entry = Entry(number, title, caption if isinstance(caption, str) else None, None, None)
+    if record.get("error"):
+        entry.errors.append(str(record["error"]))
+    image = None
+    if isinstance(record.get("image"), str):
+        path = Path(record["image"])
+        try:
+            image = decode_image(path if path.is_absolute() else images_root / path, title)
+        except ImageError as error:
+            if not entry.errors:  # an error record already says why its image is unusable
+                entry.errors.append(f"report: {error}")
+    if image is not None:
+        entry.size = image.size
+        display = _display_size(*image.size, max_side)
+        entry.image_uri = _data_uri(image.resize(display, Image.Resampling.BILINEAR), "JPEG")
+        masks: list[tuple[str, str, float | None, np.ndarray]] = []
+        try:
+            for segment in record.get("segments", []):
+                mask = decode_rle(segment["rle"])
+                if mask.shape != (image.size[1], image.size[0]):
+                    raise ValueError(f"mask {segment['label']!r} is {mask.shape[1]}x{mask.shape[0]}, "
+                                     f"the image {image.size[0]}x{image.size[1]}")
+                masks.append((str(segment["label"]), str(segment.get("kind", "")), segment.get("score"), mask))
+            tag_rles = (record.get("rle_masks") or {}) if not record.get("segments") else {}
+            for label, rle in tag_rles.items():  # self-contained: shown instead of the PNG files
+                masks.append((str(label), "tag", None, _crop_mask_in_image(decode_rle(rle).astype(np.uint8) * 255,
+                                                                           image.size)))
+            for label, png in (record.get("masks") or {}).items() if not (record.get("segments") or tag_rles) else ():
+                png_path = Path(png) if Path(png).is_absolute() else images_root / png
+                masks.append((str(label), "tag", None, _tag_png_mask(png_path, image.size)))
+        except (ValueError, KeyError, TypeError, OSError) as error:
+            entry.errors.append(f"report: cannot show masks ({error})")
+        for label, kind, score, mask in masks:
+            colour = colours.setdefault(label, COLOURS[len(colours) % len(COLOURS)])
+            entry.overlays.append(Overlay(label, kind, score, colour, _overlay_uri(mask, colour, display)))
+    selected = {s.get("tag") if isinstance(s, dict) else s for s in record.get("selected") or []}
+    rows = record.get("candidates") or record.get("top") or []
+    for row in rows:
+        if isinstance(row, dict) and "tag" in row:
+            entry.candidates.append((str(row["tag"]), float(row.get("score", 0.0)), row["tag"] in selected))
+    return entry
+
+
+def read_records(path: Path) -> list[tuple[int, dict]]:
+    """(line number, record) of a JSONL output (an unreadable line becomes an error record), or
+    (row number, record) of a Parquet output folder."""
+    if path.is_dir():
+        from ttd.jobs.parquet_output import read_records as read_parquet
+
+        return list(enumerate(read_parquet(path), start=1))
+    out = []
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as error:
+                record = {"image": f"line {number}", "error": f"{path.name} line {number}: not a record ({error})"}
+            out.append((number, record))
+    return out
+
+
+STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:16px;background:#fafafa;color:#222}
+h1{font-size:20px;margin:0 0 4px}.meta{color:#555;margin-bottom:12px}
+nav{margin:8px 0}nav a,nav span{margin-right:8px}
+.errors{background:#fff0f0;border:1px solid #e99;padding:8px 12px;margin:8px 0}
+.item{display:flex;align-items:flex-start;gap:16px;background:#fff;border:1px solid #ddd;padding:12px;margin:12px 0}
+.item.failed{border-color:#e99}
+.stage{position:relative;flex:none;line-height:0}.stage img{display:block}
+.stage img.overlay{position:absolute;left:0;top:0;width:100%;height:100%}
+.stage img.overlay.hidden{display:none}
+.info{min-width:240px}.info h2{font-size:15px;margin:0 0 4px;word-break:break-all}
+.caption{font-style:italic;margin:0 0 8px}
+.legend label{display:block;cursor:pointer}.swatch{display:inline-block;width:12px;height:12px;
+margin-right:6px;vertical-align:middle;border:1px solid #0003}
+table{border-collapse:collapse;margin-top:8px}td,th{padding:2px 8px;text-align:left}
+tr.rejected td{color:#999}tr.selected td:first-child{font-weight:600}
+.bar{display:inline-block;height:8px;background:#4a7}.error{color:#b00}
+"""
+
+SCRIPT = """
+document.querySelectorAll('input[data-overlay]').forEach(function (box) {
+  box.addEventListener('change', function () {
+    var overlay = document.getElementById(box.dataset.overlay);
+    if (overlay) { overlay.classList.toggle('hidden', !box.checked); }
+  });
+});
+document.body.dataset.ready = '1';
+"""
+
+
+def _render_entry(entry: Entry) -> str:
+    e = html.escape
+    parts = [f'<section class="item{" failed" if entry.errors else ""}" id="item-{entry.number}">']
+    if entry.image_uri:
+        parts.append('<div class="stage">')
+        parts.append(f'<img class="base" src="{entry.image_uri}" alt="{e(entry.title)}">')
+        for k, overlay in enumerate(entry.overlays):
+            parts.append(f'<img class="overlay" id="ov-{entry.number}-{k}" src="{overlay.data_uri}" '
+                         f'alt="mask {e(overlay.label)}">')
+        parts.append("</div>")
+    parts.append('<div class="info">')
+    size = f" ({entry.size[0]}×{entry.size[1]})" if entry.size else ""
+    parts.append(f"<h2>{e(entry.title)}{size}</h2>")
+    if entry.caption:
+        parts.append(f'<p class="caption">{e(entry.caption)}</p>')
+    for error in entry.errors:
+        parts.append(f'<p class="error">error: {e(error)}</p>')
+    if entry.overlays:
+        parts.append('<div class="legend">')
+        for k, overlay in enumerate(entry.overlays):
+            colour = "#%02x%02x%02x" % overlay.colour
+            score = f" {overlay.score:.3f}" if isinstance(overlay.score, (int, float)) else ""
+            parts.append(f'<label><input type="checkbox" checked data-overlay="ov-{entry.number}-{k}">'
+                         f'<span class="swatch" style="background:{colour}"></span>{e(overlay.label)} '
+                         f'<small>{e(overlay.kind)}{score}</small></label>')
+        parts.append("</div>")
+    if entry.candidates:
+        parts.append("<table><tr><th>tag</th><th>score</th><th></th><th></th></tr>")
+        for tag, score, chosen in entry.candidates:
+            width = max(0, min(100, round(100 * score)))
+            parts.append(f'<tr class="{"selected" if chosen else "rejected"}"><td>{e(tag)}</td>'
+                         f"<td>{score:.3f}</td><td>{'selected' if chosen else 'rejected'}</td>"
+                         f'<td><span class="bar" style="width:{width}px"></span></td></tr>')
+        parts.append("</table>")
+    parts.append("</div></section>")
+    return "\n".join(parts)
+
+
+def page_name(html_path: Path, page: int) -> Path:
+    return html_path if page == 1 else html_path.with_name(f"{html_path.stem}-{page}{html_path.suffix}")
+
+
+def _nav(html_path: Path, page: int, pages: int) -> str:
+    if pages == 1:
+        return ""
+    links = []
+    for p in range(1, pages + 1):
+        name = html.escape(page_name(html_path, p).name)
+        links.append(f"<span>{p}</span>" if p == page else f'<a href="{name}">{p}</a>')
+    return "<nav>page " + " ".join(links) + "</nav>"
+
+
+def render_page(title: str, entries: list[Entry], page: int, pages: int, html_path: Path, totals: dict) -> str:
+    e = html.escape
+    errors = [(entry, message) for entry in entries for message in entry.errors]
+    error_list = ""
+    if errors:
+        error_list = ('<div class="errors"><strong>errors on this page</strong><ul>' +
+                      "".join(f'<li><a href="#item-{entry.number}">{e(entry.title)}</a>: {e(message)}</li>'
+                              for entry, message in errors) + "</ul></div>")
+    nav = _nav(html_path, page, pages)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{e(title)} ({page}/{pages})</title>'
+            f'<link rel="icon" href="data:,"><style>{STYLE}</style></head><body>'
+            f"<h1>{e(title)}</h1><div class=\"meta\">{totals['items']} items, {totals['errors']} with errors · "
+            f"page {page} of {pages}</div>{nav}{error_list}"
+            + "\n".join(_render_entry(entry) for entry in entries)
+            + f"{nav}<script>{SCRIPT}</script></body></html>\n")
+
+
+def write_report(records_path: Path, html_path: Path, per_page: int = 50, max_side: int = 480,
+                 images_root: Path | None = None) -> list[Path]:
+    """Write the report of `records_path` (JSONL) to `html_path` (+ further pages); returns the pages.
+
+    Image and mask paths in the records are resolved against `images_root` (default: the records
+    file's folder) unless absolute."""
+    records = read_records(records_path)
+    if not records:
+        raise ValueError(f"{records_path}: no records to report")
+    root = images_root or records_path.parent
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    pages = max(1, -(-len(records) // per_page))
+    totals = {"items": len(records), "errors": sum(1 for _, r in records if r.get("error"))}
+    written = []
+    colours: dict[str, tuple[int, int, int]] = {}
+    for page in range(1, pages + 1):
+        chunk = records[(page - 1) * per_page : page * per_page]
+        entries = [_entry(number, record, root, max_side, colours) for number, record in chunk]
+        path = page_name(html_path, page)
+        path.write_text(render_page(f"ttd report: {records_path.name}", entries, page, pages, html_path, totals),
+                        encoding="utf-8")
+        written.append(path)
+    return written

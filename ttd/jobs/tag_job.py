@@ -1,0 +1,183 @@
+"""Batch tagging of many images (`ttd tag`): streams JSON lines, one per input item, in input
+order. A bad item (unreadable image, empty caption, ...) becomes an error record; the others
+are still tagged and written."""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ttd.runtime.images import DEFAULT_MAX_PIXELS, ImageError, Preprocess
+from ttd.data.inputs import Item
+from ttd.runtime.tagger import Tagger, TagResult
+from ttd.jobs.mask_files import mask_image
+from ttd.model.tags import candidate_tags
+
+SAFE = re.compile(r"[^a-z0-9_-]+")
+MAX_CAPTION_TAGS = 1024  # as `ttd triton build --max-tags`: a 5,000-word caption is not a caption
+
+
+@dataclass
+class TagSummary:
+    written: int = 0
+    errors: int = 0
+
+
+def safe_name(text: str, limit: int = 60) -> str:
+    return SAFE.sub("_", text.lower()).strip("_")[:limit] or "x"
+
+
+def contained_path(root: Path, *parts: str) -> Path:
+    """root/parts..., refusing anything that would resolve outside root."""
+    path = root.joinpath(*parts).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise ValueError(f"refusing to write {path}: outside {root}")
+    return path
+
+
+def warn_indistinct_tags(tagger: Tagger, tags: list[str]) -> None:
+    """Warn when tags are the same token sequence for this model's tokenizer (e.g. non-ASCII or
+    unknown words under a word tokenizer): they get one embedding and the same scores."""
+    groups: dict[bytes, list[str]] = {}
+    for tag, row in zip(tags, tagger.tokenizer(tags)):
+        groups.setdefault(row.tobytes(), []).append(tag)
+    same = [group for group in groups.values() if len(group) > 1]
+    if same:
+        shown = "; ".join(", ".join(repr(t) for t in group[:5]) + (" ..." if len(group) > 5 else "") for group in same[:5])
+        warnings.warn(f"{sum(len(g) for g in same)} vocabulary tags are indistinguishable to this model's tokenizer "
+                      f"(words it does not know) and will get identical scores: {shown}", stacklevel=2)
+
+
+def partial_path(output: Path) -> Path:
+    """Where a run writes before its output is complete."""
+    return output.with_name(output.name + ".partial")
+
+
+def refuse_input_as_output(output: Path, items: list[Item], inputs: Sequence[Path] = ()) -> None:
+    """ValueError when `output` (or its .partial) is one of the job's inputs: writing it would destroy it."""
+    for target in (output, partial_path(output)):
+        if not target.exists():
+            continue
+        candidates = [*inputs, *(item.path for item in items if item.path.name == target.name)]
+        for path in candidates:
+            if path.exists() and os.path.samefile(path, target):
+                raise ValueError(f"output {target} is an input of this job ({path}); choose another output file")
+
+
+def _prepare(item: Item, vocabulary_mode: bool, preprocess: Preprocess) -> tuple[np.ndarray, list[str] | None]:
+    """(uint8 image at the model's size, candidate tags; None in vocabulary mode)."""
+    if item.error:
+        raise ValueError(item.error)
+    if vocabulary_mode:
+        tags = None
+    else:
+        if item.caption is None or not item.caption.strip():
+            raise ValueError("empty caption")
+        tags = candidate_tags(item.caption)
+        if not tags:
+            raise ValueError(f"caption {item.caption!r} has no candidate tags (only stopwords or punctuation)")
+        if len(tags) > MAX_CAPTION_TAGS:
+            raise ValueError(f"caption has {len(tags)} candidate tags, more than the limit of {MAX_CAPTION_TAGS} "
+                             "(the served tagger's cap); split it into shorter captions")
+    data = getattr(item, "data", None)  # a webdataset sample's bytes (ttd.data.items.ShardItem)
+    return preprocess(item.path if data is None else data, item.image), tags
+
+
+def prepare_items(items: list[Item], vocabulary_mode: bool,
+                  preprocess: Preprocess) -> list[tuple[np.ndarray, list[str] | None] | str]:
+    """Each item decoded and resized, or the error that names its problem (runs in a worker)."""
+    outcomes = []
+    for item in items:
+        try:
+            outcomes.append(_prepare(item, vocabulary_mode, preprocess))
+        except (ImageError, ValueError, OSError) as error:
+            outcomes.append(str(error))
+    return outcomes
+
+
+def default_decode_workers() -> int:
+    """Decoding processes: none on small machines (the main process decodes), else cores − 1, at most 8.
+
+    Processes, not threads: with threads, Python-level decoding work holds the GIL and starves
+    the thread that feeds the GPU (measured on an H200 host: 8 threads ran no faster than one)."""
+    cores = os.cpu_count() or 1
+    return 0 if cores < 4 else min(8, cores - 1)
+
+
+def item_record(item: Item, result: TagResult, vocabulary_mode: bool, top_k: int, mask_paths: dict[str, str]) -> dict:
+    scored = [{"tag": t, "score": round(float(s), 6)} for t, s in zip(result.tags, result.scores)]
+    record: dict = {"image": item.image}
+    if vocabulary_mode:
+        chosen = set(result.selected)
+        record["selected"] = [c for c in scored if c["tag"] in chosen]
+        record["top"] = sorted(scored, key=lambda c: -c["score"])[:top_k]
+    else:
+        record["caption"] = item.caption
+        record["candidates"] = scored
+        record["selected"] = result.selected
+    if mask_paths:
+        record["masks"] = mask_paths
+    return record
+
+
+def write_masks(masks_dir: Path, index: int, item: Item, result: TagResult, size: int) -> dict[str, str]:
+    folder = contained_path(masks_dir, f"{index:06d}_{safe_name(Path(item.image).stem)}")
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for tag in result.selected:
+        position = result.tags.index(tag)  # the tag's place among the candidates: unique in the item
+        mask = result.masks[position]
+        png = mask_image(mask, size)
+        path = contained_path(folder, f"{position:04d}_{safe_name(tag)}.png")
+        png.save(path)
+        paths[tag] = str(path)
+    return paths
+
+
+def tag_items(
+    tagger: Tagger,
+    items: list[Item],
+    output: Path,
+    vocabulary: list[str] | None = None,
+    batch_size: int = 32,
+    masks_dir: Path | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    top_k: int = 10,
+    progress: bool = True,
+    decode_workers: int | None = None,
+    inputs: Sequence[Path] = (),
+    vocabulary_embeds: np.ndarray | None = None,
+) -> TagSummary:
+    """Tag a list of `items` into `output` (JSON lines): `ttd tag`'s own job
+    (ttd.jobs.stream_job.tag_stream, which this calls), for library callers that hold a list.
+
+    The lines go to `<output>.partial` and replace `output` only when every item is done, so a
+    run that is stopped keeps the previous output. `inputs` (captions or vocabulary file) and
+    the images themselves are refused as `output`. `decode_workers`: processes that decode the
+    next batches while the model runs (default: default_decode_workers). `vocabulary_embeds`:
+    the vocabulary's tag embeddings if already known (ttd/runtime/vocab_cache.py)."""
+    from ttd.jobs.stream_job import tag_stream
+
+    refuse_input_as_output(output, items, inputs)
+    summary = tag_stream(tagger, items, output, vocabulary, batch_size, masks_dir, max_pixels, top_k, progress,
+                         decode_workers, vocabulary_embeds, total=len(items), inputs=inputs)
+    return TagSummary(written=summary.items, errors=sum(summary.errors.values()))
+
+
+def split_outcomes(chunk: list[Item], outcomes: list, vocabulary: list[str] | None) -> tuple[dict[int, dict], dict]:
+    """Error records and prepared (image, tags) by offset in the chunk."""
+    records: dict[int, dict] = {}
+    prepared: dict[int, tuple[np.ndarray, list[str]]] = {}
+    for offset, (item, outcome) in enumerate(zip(chunk, outcomes, strict=True)):
+        if isinstance(outcome, str):
+            records[offset] = {"image": item.image, "caption": item.caption, "error": outcome}
+        else:
+            image, tags = outcome
+            prepared[offset] = (image, vocabulary if tags is None else tags)
+    return records, prepared

@@ -1,0 +1,1 @@
+"""Whole-image windows, caption masks and open-vocabulary segmentation, PAMR."""

@@ -1,0 +1,122 @@
+"""Caption masks and open-vocabulary semantic segmentation (DESIGN §3.5), in the image's own
+geometry, on any runtime backend.
+
+Both tasks are the runtime Tagger's tag-head maps over the whole image (ttd/segment/whole_image.py):
+- caption mask: (image, caption) -> the caption's candidate tags with their scores and selection
+  (as `ttd tag` gives them), a mask per selected tag, and the caption mask M_c ≥ θ, where M_c is
+  the tag head with the caption's own embedding as the one "tag";
+- semantic segmentation: (image, class names) -> a label map: a constant background channel θ
+  is prepended to the class masks and the argmax taken; classes are embedded through the
+  prompt-template ensemble (the model's templates, or the user's), optionally refined by PAMR.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from ttd.runtime.tagger import Tagger
+from ttd.model.tags import candidate_tags
+from ttd.segment.whole_image import ScoreMaps, WindowFeatures, encode_windows, refine_maps, score_maps
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """How an image is covered and masks are cut."""
+
+    crop: str = "whole"  # or "center": one centre window, the fast path of `ttd tag`
+    scales: tuple[float, ...] = (1.0,)  # shorter side = scale × the model's input size
+    stride: int | None = None  # window stride in pixels of the resized image (default: 2/3 of a window)
+    mask_threshold: float = 0.5  # θ: a pixel is in a mask when M ≥ θ (and background below θ)
+    pamr: bool = False  # refine semantic segmentation maps with PAMR
+    batch_size: int = 16  # windows per image-encoder call
+
+
+@dataclass
+class Segment:
+    """One binary mask in the image's geometry."""
+
+    label: str
+    kind: str  # "caption", "tag" or "class"
+    score: float  # the tag's pixel-tag score; for a caption mask its mean M_c inside the mask
+    mask: np.ndarray  # bool [H, W]
+
+
+@dataclass
+class Segmentation:
+    width: int
+    height: int
+    candidates: list[tuple[str, float]]  # (tag or class, score)
+    selected: list[str]
+    segments: list[Segment]
+    label_map: np.ndarray | None = None  # uint16 [H, W]: 0 background, i = classes[i - 1]
+    classes: list[str] | None = None
+
+
+def with_templates(tagger: Tagger, templates: tuple[str, ...] | None) -> Tagger:
+    """The tagger, or one on the same backend whose tags go through other prompt templates."""
+    if not templates:
+        return tagger
+    config = dataclasses.replace(tagger.config, prompt_templates=tuple(templates))
+    config.check()  # every template must hold one {} for the tag
+    return Tagger(tagger.backend, config, tagger.threshold, tagger.flip_tta, tagger.score_method,
+                  tagger.mask_weight, tagger.mask_bias)
+
+
+def read_templates(text: str) -> tuple[str, ...]:
+    """Prompt templates, one a line ('a photo of a {}.'); blank lines and # comments ignored."""
+    lines = [line.strip() for line in text.splitlines()]
+    return tuple(line for line in lines if line and not line.startswith("#"))
+
+
+def encode(tagger: Tagger, image: Image.Image, options: SegmentOptions) -> WindowFeatures:
+    return encode_windows(tagger, image, options.crop, options.scales, options.stride, options.batch_size)
+
+
+def segment_caption(tagger: Tagger, image: Image.Image, caption: str, options: SegmentOptions = SegmentOptions(),
+                    features: WindowFeatures | None = None) -> Segmentation:
+    """Caption tagging over the whole image with the masks of the selected tags and the caption."""
+    tags = candidate_tags(caption)
+    if not tags:
+        raise ValueError(f"caption {caption!r} has no candidate tags (only stopwords or punctuation)")
+    features = features or encode(tagger, image, options)
+    tag_maps = score_maps(tagger, features, tags, tagger.encode_tags(tags))
+    caption_maps = score_maps(tagger, features, ["caption"], tagger.encode_texts([caption]))
+    candidates = [(t, float(s)) for t, s in zip(tags, tag_maps.scores)]
+    selected = [t for t, s in candidates if s >= tagger.threshold]
+    segments = []
+    caption_probability = caption_maps.probabilities(0)
+    caption_mask = caption_probability >= options.mask_threshold
+    segments.append(Segment(caption, "caption",
+                            float(caption_probability[caption_mask].mean()) if caption_mask.any() else 0.0,
+                            caption_mask))
+    for k, (tag, score) in enumerate(candidates):
+        if tag in selected:
+            segments.append(Segment(tag, "tag", score, tag_maps.binary_mask(k, options.mask_threshold)))
+    return Segmentation(features.width, features.height, candidates, selected, segments)
+
+
+def class_maps(tagger: Tagger, features: WindowFeatures, classes: list[str], options: SegmentOptions,
+               class_embeds: np.ndarray | None = None) -> ScoreMaps:
+    """The class maps of semantic segmentation (PAMR-refined if asked)."""
+    if not classes:
+        raise ValueError("give at least one class name")
+    embeds = tagger.encode_tags(classes) if class_embeds is None else class_embeds
+    maps = score_maps(tagger, features, classes, embeds)
+    return refine_maps(maps, features.canvas_image) if options.pamr else maps
+
+
+def segment_classes(tagger: Tagger, image: Image.Image, classes: list[str], options: SegmentOptions = SegmentOptions(),
+                    class_embeds: np.ndarray | None = None, features: WindowFeatures | None = None) -> Segmentation:
+    """Open-vocabulary semantic segmentation: the label map and a mask per class it contains."""
+    features = features or encode(tagger, image, options)
+    maps = class_maps(tagger, features, classes, options, class_embeds)
+    labels = maps.label_map(options.mask_threshold)
+    candidates = [(c, float(s)) for c, s in zip(classes, maps.scores)]
+    present = np.unique(labels)
+    segments = [Segment(classes[i - 1], "class", candidates[i - 1][1], labels == i) for i in present if i > 0]
+    return Segmentation(features.width, features.height, candidates, [s.label for s in segments], segments,
+                        labels, list(classes))

@@ -1,0 +1,248 @@
+"""Whole-image inference (DESIGN §3.5): tag-head maps in the original image's geometry.
+
+A model sees S×S pixels. Two ways to cover an image of any size:
+
+- `crop="center"` (fast; what `ttd tag` feeds the model): one window, the centre crop of the
+  image resized to shorter side S. Pixels outside the crop are unscored (mask logit −30).
+- `crop="whole"`: for each scale the image is resized to shorter side scale·S and S×S windows
+  slide over it with `stride` (the last window of a row or column flush with the edge, so every
+  pixel is covered); smaller than S, the image is padded with the mean colour.
+
+Every window runs through the runtime Tagger (its backend's image encoder and tag head, its flip
+TTA): the tag head's masks are the one primitive, so every backend segments the same way. Each
+window's mask logits w·cos + b are upsampled bilinearly to its pixels, overlapping windows are
+averaged, scales are averaged on the finest scale's canvas, and `ScoreMaps` resizes the canvas
+back to the image's own width and height on demand (one class at a time, so a large image never
+holds K full-size float maps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ttd.runtime.images import RESAMPLING
+from ttd.runtime.tagger import Tagger
+
+UNSCORED_LOGIT = -30.0  # sigmoid ≈ 1e-13: a pixel no window saw is in no mask
+CROPS = ("whole", "center")
+MAX_WINDOWS = 4096  # per image and scale: beyond this a typo in --scales or --stride, not a request
+
+
+@dataclass(frozen=True)
+class ScalePlan:
+    """One scale of an image: its resized size and the top-left corners of its S×S windows."""
+
+    scale: float
+    width: int
+    height: int
+    windows: tuple[tuple[int, int], ...]  # (left, top) in the resized image
+
+
+def window_starts(length: int, size: int, stride: int) -> list[int]:
+    """Window offsets along one axis: every `stride` pixels, the last one flush with the end."""
+    if length <= size:
+        return [0]
+    starts = list(range(0, length - size, stride))
+    return starts + [length - size]
+
+
+def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) with the shorter side `short_side` — the rounding of ttd.runtime.images.resize_center_crop."""
+    ratio = short_side / min(width, height)
+    return max(short_side, round(width * ratio)), max(short_side, round(height * ratio))
+
+
+def center_crop_box(width: int, height: int, size: int) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) in the original image of the centre crop a model of input `size`
+    sees (ttd.runtime.images.resize_center_crop)."""
+    new_w, new_h = resized_size(width, height, size)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    sx, sy = width / new_w, height / new_h
+    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
+
+
+def plan_scale(width: int, height: int, size: int, scale: float, stride: int, crop: str = "whole") -> ScalePlan:
+    """The windows of one scale of a width×height image for a model of input size `size`."""
+    if crop not in CROPS:
+        raise ValueError(f"unknown crop {crop!r}; choose one of {', '.join(CROPS)}")
+    if not (scale > 0 and np.isfinite(scale)):
+        raise ValueError(f"scale {scale!r} must be a finite number > 0")
+    if stride < 1:
+        raise ValueError(f"stride {stride} must be at least 1 pixel")
+    new_w, new_h = resized_size(width, height, max(1, round(size * scale)))
+    if crop == "center":
+        return ScalePlan(scale, new_w, new_h, (((new_w - size) // 2 if new_w > size else 0,
+                                                (new_h - size) // 2 if new_h > size else 0),))
+    xs, ys = window_starts(new_w, size, stride), window_starts(new_h, size, stride)
+    if len(xs) * len(ys) > MAX_WINDOWS:
+        raise ValueError(f"{width}x{height} at scale {scale} needs {len(xs) * len(ys)} windows of {size} px at "
+                         f"stride {stride}, more than {MAX_WINDOWS}; use a larger stride or smaller scale")
+    return ScalePlan(scale, new_w, new_h, tuple((x, y) for y in ys for x in xs))
+
+
+def crop_windows(resized: np.ndarray, plan: ScalePlan, size: int, fill: tuple[int, int, int]) -> np.ndarray:
+    """uint8 [N, S, S, 3] windows of a resized image (padded with `fill` where it is smaller than S)."""
+    windows = np.empty((len(plan.windows), size, size, 3), np.uint8)
+    windows[:] = np.asarray(fill, np.uint8)
+    for n, (left, top) in enumerate(plan.windows):
+        part = resized[top : top + size, left : left + size]
+        windows[n, : part.shape[0], : part.shape[1]] = part
+    return windows
+
+
+@dataclass
+class WindowFeatures:
+    """An image encoded window by window: what every tag set of that image is scored against."""
+
+    width: int  # the original image's
+    height: int
+    plans: list[ScalePlan]
+    patch_embeds: list[np.ndarray]  # per scale: [N, D, h, w]
+    flipped: list[np.ndarray | None]  # per scale: the mirrored windows' patch embeddings (flip TTA)
+    canvas_image: np.ndarray  # uint8 [Hc, Wc, 3]: the image on the finest scale's canvas (for PAMR)
+    crop: str
+
+
+def default_stride(size: int) -> int:
+    """Two thirds of the window: every pixel away from the edges is seen by at least two windows."""
+    return max(1, (2 * size) // 3)
+
+
+def encode_windows(tagger: Tagger, image: Image.Image, crop: str = "whole", scales: tuple[float, ...] = (1.0,),
+                   stride: int | None = None, batch_size: int = 16) -> WindowFeatures:
+    """Encode an RGB image window by window with the Tagger's backend (and its flip TTA)."""
+    config = tagger.config
+    size = config.image_size
+    if not scales:
+        raise ValueError("give at least one scale")
+    if crop == "center" and len(scales) > 1:
+        raise ValueError("--crop center sees one window; multi-scale needs --crop whole")
+    stride = default_stride(size) if stride is None else stride
+    width, height = image.size
+    fill = tuple(int(round(255 * m)) for m in config.mean)
+    plans, embeds, flipped, canvas = [], [], [], None
+    for scale in scales:
+        plan = plan_scale(width, height, size, scale, stride, crop)
+        resized = image if (plan.width, plan.height) == (width, height) else \
+            image.resize((plan.width, plan.height), RESAMPLING[config.interpolation])
+        pixels = np.asarray(resized, dtype=np.uint8)
+        if canvas is None or plan.width * plan.height > canvas.shape[0] * canvas.shape[1]:
+            canvas = pixels
+        windows = crop_windows(pixels, plan, size, fill)
+        parts = [tagger.encode_images(windows[i : i + batch_size]) for i in range(0, len(windows), batch_size)]
+        plans.append(plan)
+        embeds.append(np.concatenate([p[1] for p in parts]))
+        flipped.append(np.concatenate([p[2] for p in parts]) if tagger.flip_tta else None)
+    return WindowFeatures(width, height, plans, embeds, flipped, canvas, crop)
+
+
+def _logits_from_masks(tagger: Tagger, masks: np.ndarray) -> np.ndarray:
+    return (tagger.mask_weight * tagger.mask_cosines(masks) + tagger.mask_bias).astype(np.float32)
+
+
+def _stitch(plan: ScalePlan, logits: np.ndarray, size: int) -> np.ndarray:
+    """Window logits [N, K, h, w] -> canvas logits [K, H', W'] of the scale (overlaps averaged)."""
+    k = logits.shape[1]
+    total = torch.zeros((k, plan.height, plan.width), dtype=torch.float32)
+    count = torch.zeros((plan.height, plan.width), dtype=torch.float32)
+    with torch.inference_mode():
+        for n, (left, top) in enumerate(plan.windows):
+            up = F.interpolate(torch.from_numpy(logits[n : n + 1]), size=(size, size), mode="bilinear",
+                               align_corners=False)[0]
+            h, w = min(size, plan.height - top), min(size, plan.width - left)
+            total[:, top : top + h, left : left + w] += up[:, :h, :w]
+            count[top : top + h, left : left + w] += 1
+        canvas = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, UNSCORED_LOGIT))
+    return canvas.numpy()
+
+
+def _resize_maps(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+    if maps.shape[-2:] == (height, width):
+        return maps
+    with torch.inference_mode():
+        return F.interpolate(torch.from_numpy(np.ascontiguousarray(maps))[None], size=(height, width),
+                             mode="bilinear", align_corners=False)[0].numpy()
+
+
+@dataclass
+class ScoreMaps:
+    """Mask logits of K tags over a whole image, at canvas resolution, with their image-level
+    scores; every accessor answers in the original image's geometry (height × width)."""
+
+    tags: list[str]
+    scores: np.ndarray  # [K] the Tagger's score method, best over windows and scales
+    logits: np.ndarray  # [K, Hc, Wc] w·cos + b on the canvas
+    width: int
+    height: int
+
+    def mask_logits(self, k: int) -> np.ndarray:
+        """float32 [H, W]: tag k's mask logit at every pixel of the original image."""
+        return _resize_maps(self.logits[k : k + 1], self.height, self.width)[0]
+
+    def probabilities(self, k: int) -> np.ndarray:
+        """float32 [H, W]: M_k = sigmoid(w·cos + b) at every pixel of the original image."""
+        return 1.0 / (1.0 + np.exp(-self.mask_logits(k)))
+
+    def binary_mask(self, k: int, threshold: float = 0.5) -> np.ndarray:
+        """bool [H, W]: M_k ≥ θ."""
+        return self.mask_logits(k) >= _logit(threshold)
+
+    def label_map(self, threshold: float = 0.5) -> np.ndarray:
+        """uint16 [H, W]: 0 where every mask is below θ (the constant background channel), else
+        1 + the index of the tag with the highest mask (DESIGN §3.5)."""
+        best = np.full((self.height, self.width), -np.inf, np.float32)
+        labels = np.zeros((self.height, self.width), np.uint16)
+        for k in range(len(self.tags)):
+            logits = self.mask_logits(k)
+            better = logits > best
+            best[better] = logits[better]
+            labels[better] = k + 1
+        labels[best < _logit(threshold)] = 0
+        return labels
+
+
+def _logit(p: float) -> float:
+    if not 0 < p < 1:
+        raise ValueError(f"mask threshold {p!r} must be strictly between 0 and 1")
+    return float(np.log(p / (1 - p)))
+
+
+def score_maps(tagger: Tagger, features: WindowFeatures, tags: list[str], tag_embeds: np.ndarray) -> ScoreMaps:
+    """The tag head over every window of `features` for `tags` (embeddings [K, D]), stitched into
+    maps of the whole image. Scores: the Tagger's method, best over windows (for softmax and
+    sigmoid that is the best pixel of the image; minmax is taken over the tags' best-pixel cosines)."""
+    size = tagger.config.image_size
+    method = tagger.score_method
+    canvas_h, canvas_w = features.canvas_image.shape[:2]
+    total = np.zeros((len(tags), canvas_h, canvas_w), np.float32)
+    best = np.full(len(tags), -np.inf)
+    for plan, embeds, flipped in zip(features.plans, features.patch_embeds, features.flipped):
+        batch_tags = np.repeat(np.asarray(tag_embeds, np.float32)[None], len(embeds), axis=0)  # writable copy
+        asked = "sigmoid" if method == "minmax" else method
+        scores, masks = tagger.score_methods(embeds, batch_tags, flipped, (asked,))
+        window_best = scores[asked].max(axis=0).astype(np.float64)
+        if method == "minmax":  # best-pixel cosine of the whole image, then min-max over the tags
+            window_best = tagger.mask_cosines(window_best)
+        best = np.maximum(best, window_best)
+        total += _resize_maps(_stitch(plan, _logits_from_masks(tagger, masks), size), canvas_h, canvas_w)
+    if method == "minmax":
+        span = float(np.ptp(best)) if len(best) else 0.0
+        best = (best - best.min()) / span if span > 0 else np.ones_like(best)
+    return ScoreMaps(list(tags), best.astype(np.float32), total / len(features.plans), features.width,
+                     features.height)
+
+
+def refine_maps(maps: ScoreMaps, image: np.ndarray, iterations: int = 10) -> ScoreMaps:
+    """The maps after PAMR (ttd/segment/pamr.py) on `image` (uint8 [Hc, Wc, 3], the canvas image)."""
+    from ttd.segment.pamr import pamr
+
+    probs = 1.0 / (1.0 + np.exp(-maps.logits.astype(np.float64)))
+    refined = pamr(image, probs.astype(np.float32), iterations=iterations)
+    refined = np.clip(refined.astype(np.float64), 1e-7, 1 - 1e-7)
+    return ScoreMaps(maps.tags, maps.scores, np.log(refined / (1 - refined)).astype(np.float32), maps.width,
+                     maps.height)

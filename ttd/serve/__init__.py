@@ -1,0 +1,1 @@
+"""Serving: the HTTP front, tritonserver supervision and `ttd serve` as a library function."""

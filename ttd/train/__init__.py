@@ -1,0 +1,1 @@
+"""Training: contrastive pre-training and TTD fine-tuning."""
