@@ -72,7 +72,7 @@ def count_lines(path: Path) -> int:
     return lines + (last != b"\n")
 
 
-def _refusing_output(items: Iterable[Item], output: Path) -> Iterator[Item]:
+def refusing_output(items: Iterable[Item], output: Path) -> Iterator[Item]:
     """The items, stopping the job at an item that is the output file itself (found in a folder)."""
     names = {output.name, partial_path(output).name}
     for item in items:
@@ -225,7 +225,7 @@ def tag_stream(
     output = Path(output)
     check_shard(shard, num_shards)
     refuse_input_as_output(output, [Item(str(p), Path(p), None) for p in explicit_images if Path(p).is_file()], inputs)
-    items = _refusing_output(items, output)
+    items = refusing_output(items, output)
     if total is None:
         total = next((count_lines(Path(p)) - (Path(p).suffix.lower() == ".csv") for p in inputs
                       if Path(p).suffix.lower() in (".jsonl", ".ndjson", ".json", ".csv") and Path(p).is_file()), None)

@@ -107,11 +107,11 @@ class EngineRunner:
         for name, array in feeds.items():
             profile = self.profiles[name]
             if array.ndim != len(profile.max):
-                raise ValueError(f"{self.graph}: {name} has shape {array.shape}, the engine expects "
+                raise ValueError(f"{self.graph}: {name} has shape {tuple(array.shape)}, the engine expects "
                                  f"{len(profile.max)} axes")
             for axis in range(1, array.ndim):
                 if not self.accepts(name, axis, array.shape[axis]):
-                    raise ValueError(f"{self.graph}: {name} has shape {array.shape}; the engine's profile accepts "
+                    raise ValueError(f"{self.graph}: {name} has shape {tuple(array.shape)}; the engine's profile accepts "
                                      f"{profile.min[axis]}..{profile.max[axis]} on axis {axis} "
                                      "(rebuild the engines with larger limits)")
 
