@@ -59,7 +59,7 @@ def export_graphs(model: TTDModel, out_dir: Path, opset: int = DEFAULT_OPSET,
     tag_embeds = torch.nn.functional.normalize(torch.randn(EXAMPLE_BATCH, 3, dim, generator=generator), dim=-1)
     tag_valid = torch.tensor([[True, True, True], [True, True, False]])
     negative_embeds = torch.nn.functional.normalize(torch.randn(EXAMPLE_BATCH, 2, dim, generator=generator), dim=-1)
-    negative_margin = torch.full((EXAMPLE_BATCH,), float(config.negative_margin))
+    negative_margin = torch.full((EXAMPLE_BATCH, 1), float(config.negative_margin))
     head = TagHeadGraph(config.tau, model.mask_weight.item(), model.mask_bias.item())
     # every axis but D and the grid is dynamic; the tag inputs' first axis is "tag_batch": the
     # images' batch, or 1 for one vocabulary broadcast over every image

@@ -109,7 +109,7 @@ def profiles(graph: str, config: ModelConfig, limits: BatchLimits) -> dict[str, 
         # views: 1, or 2 under flip TTA; the tag inputs' first axis: the batch, or 1 for a shared vocabulary
         "tag_head": [tuple((rows, views, dim, h, w) for rows, views in zip(b, (1, 1, 2))),
                      tuple((rows, t, dim) for rows, t in zip(b, k)), tuple((rows, t) for rows, t in zip(b, k)),
-                     tuple((rows, m, dim) for rows, m in zip(b, n)), tuple((rows,) for rows in b)],
+                     tuple((rows, m, dim) for rows, m in zip(b, n)), tuple((rows, 1) for rows in b)],
     }
     if graph not in shapes:
         raise ValueError(f"unknown graph {graph!r}")

@@ -50,7 +50,7 @@ class Graph(NamedTuple):
 IMAGE_ENCODER = Graph("image_encoder", ("pixel_values",), ImageEmbeddings._fields, "ttd_image_encoder")
 TEXT_ENCODER = Graph("text_encoder", ("input_ids",), ("text_embeds",), "ttd_text_encoder")
 # patch_views [B, V, D, h, w]; tag_embeds [B, K, D]; tag_valid [B, K] bool; negative_embeds [B, N, D];
-# negative_margin [B] (the tag inputs may have a leading 1 instead of B outside Triton: one vocabulary)
+# negative_margin [B, 1] (the tag inputs may have a leading 1 instead of B outside Triton: one vocabulary)
 TAG_HEAD = Graph("tag_head", ("patch_views", "tag_embeds", "tag_valid", "negative_embeds", "negative_margin"),
                  TagHeadOutputs._fields, "ttd_tag_head")
 GRAPHS: dict[str, Graph] = {g.name: g for g in (IMAGE_ENCODER, TEXT_ENCODER, TAG_HEAD)}

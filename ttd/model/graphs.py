@@ -39,7 +39,7 @@ class TextEncoderGraph(nn.Module):
 class TagHeadGraph(nn.Module):
     """The scoring function (ttd.model.scoring.tag_head) with the model's τ, w and b as constants:
     patch_views [B, V, D, h, w], tag_embeds [T, K, D], tag_valid [T, K], negative_embeds [T, N, D],
-    negative_margin [T] -> tag_scores [B, len(SCORE_ROWS), K], tag_cosines [B, K, h, w]."""
+    negative_margin [T, 1] -> tag_scores [B, len(SCORE_ROWS), K], tag_cosines [B, K, h, w]."""
 
     def __init__(self, tau: float, mask_weight: float, mask_bias: float) -> None:
         super().__init__()

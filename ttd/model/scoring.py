@@ -60,7 +60,7 @@ def tag_head(patch_views: torch.Tensor, tag_embeds: torch.Tensor, tag_valid: tor
     """(tag_scores [B, len(SCORE_ROWS), K], tag_cosines [B, K, h, w]) of every score at once.
 
     patch_views [B, V, D, h, w] (unit vectors), tag_embeds [T, K, D], tag_valid [T, K] bool,
-    negative_embeds [T, N, D], negative_margin [T]. `tag_cosines` are the view-averaged cosine
+    negative_embeds [T, N, D], negative_margin [T, 1]. `tag_cosines` are the view-averaged cosine
     maps: masks are sigmoid(w·cos + b) of them (`tag_masks`), computed only where asked for.
     """
     b, _, _, h, w = patch_views.shape

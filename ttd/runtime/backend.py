@@ -25,7 +25,7 @@ class HeadRequest:
     tag_embeds: np.ndarray  # [T, K, D] float32
     tag_valid: np.ndarray  # [T, K] bool
     negative_embeds: np.ndarray  # [T, N, D] float32
-    negative_margin: np.ndarray  # [T] float32
+    negative_margin: np.ndarray  # [T, 1] float32
     with_cosines: bool = False  # hand back the cosine maps too (for masks)
 
     def arrays(self) -> tuple[np.ndarray, ...]:

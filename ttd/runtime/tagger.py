@@ -112,7 +112,7 @@ class Tagger:
                 tag_embeds[row, : len(tags)] = self.encode_tags(tags)
                 valid[row, : len(tags)] = True
         return HeadRequest(tag_embeds, valid, self.negative_embeds[None],
-                           np.array([self.config.negative_margin], np.float32), with_cosines)
+                           np.array([[self.config.negative_margin]], np.float32), with_cosines)
 
     def _rows_per_call(self, tags: int) -> int:
         views = 2 if self.flip_tta else 1
