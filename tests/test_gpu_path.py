@@ -220,7 +220,7 @@ def test_decoding_worker_processes_write_what_the_main_process_writes(tiny_model
     included and in input order, that decoding in the main process gives."""
     from ttd.data.annotations import write_world_split
     from ttd.data.inputs import read_captions
-    from ttd.jobs.tag_job import tag_items
+    from ttd.jobs.stream_job import tag_items
 
     annotations = write_world_split(tmp_path / "world", seed=2, count=9, progress=False)
     (tmp_path / "world" / "images" / "broken.png").write_bytes(b"\x89PNG not really")

@@ -15,7 +15,8 @@ from ttd.data.world import make_sample
 from ttd.runtime.images import ImageError, decode_image
 from ttd.data.inputs import read_captions
 from ttd.runtime.tagger import TagResult
-from ttd.jobs.tag_job import write_masks, tag_items
+from ttd.jobs.stream_job import tag_items
+from ttd.jobs.tag_job import write_masks
 
 
 def run(*args):

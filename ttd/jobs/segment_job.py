@@ -27,7 +27,8 @@ from ttd.data.inputs import Item
 from ttd.runtime.tagger import Tagger
 from ttd.segment.segmentation import SegmentOptions, Segmentation, segment_caption, segment_classes
 from ttd.data.items import check_shard, select_shard
-from ttd.jobs.jsonl_output import error_kind, open_output, output_format_of
+from ttd.jobs.jsonl_output import error_kind, output_format_of
+from ttd.jobs.outputs import open_output
 from ttd.jobs.stream_job import JobSummary, refusing_output
 from ttd.jobs.tag_job import MAX_CAPTION_TAGS, contained_path, refuse_input_as_output, safe_name
 from ttd.model.tags import candidate_tags
