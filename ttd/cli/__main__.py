@@ -1,0 +1,5 @@
+"""`python -m ttd.cli ...` runs the `ttd` command."""
+
+from ttd.cli import main
+
+main()
