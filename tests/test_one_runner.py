@@ -5,6 +5,7 @@ segmented from their own bytes, and one option name means one thing."""
 
 import json
 
+import numpy as np
 import webdataset as wds
 from click.testing import CliRunner
 from PIL import Image
@@ -91,3 +92,30 @@ def test_one_option_name_means_one_thing():
             assert "default: negatives" in text.split("--score [")[1].split("--")[0], command
     train = run("train", "--help").output
     assert "--stage1-score" in train and "--score [" not in train
+
+
+def test_tag_masks_have_the_input_images_width_and_height(tmp_path):
+    """The centre crop's mask lies where the crop was; the rest of a 300×120 image is background."""
+    from ttd.jobs.coco import decode_rle
+
+    sample = make_sample(3, 0)
+    Image.fromarray(sample.image).resize((120, 120)).save(tmp_path / "square.png")
+    canvas = Image.new("RGB", (300, 120), (255, 255, 255))
+    canvas.paste(Image.open(tmp_path / "square.png"), (90, 0))  # the centre crop is the world image
+    canvas.save(tmp_path / "wide.png")
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(sample.relevant_tags) + "\n")
+    out = tmp_path / "tags.jsonl"
+    result = run("tag", "--vocabulary", vocab, tmp_path / "wide.png", "-o", out, "--masks-dir", tmp_path / "masks",
+                 "--rle-masks", "--quiet")
+    assert result.exit_code == 0, result.output
+    record = records(out)[0]
+    assert record["selected"], record
+    for tag, path in record["masks"].items():
+        png = Image.open(path)
+        assert png.size == (300, 120)  # was: the model's 64×64
+        grey = np.asarray(png)
+        assert grey[:, :89].max() == 0 and grey[:, 211:].max() == 0  # outside the crop: background
+        rle = decode_rle(record["rle_masks"][tag])
+        assert rle.shape == (120, 300)
+        np.testing.assert_array_equal(rle, grey >= 128)

@@ -166,7 +166,7 @@ def test_mask_files_of_similar_tags_do_not_collide(tmp_path):
     tags = ["red/star", "red_star", "red star", "étoile", "звезда", "a" * 80, "a" * 80 + "b"]
     masks = np.random.default_rng(0).random((len(tags), 4, 4)).astype(np.float32)
     result = TagResult(tags, np.ones(len(tags), np.float32), list(tags), masks)
-    paths = write_masks(tmp_path / "masks", 0, Item("x.png", tmp_path / "x.png", "c"), result, 8)
+    paths = write_masks(tmp_path / "masks", 0, Item("x.png", tmp_path / "x.png", "c"), result, 8, (8, 8))
     assert sorted(paths) == sorted(tags)
     assert len(set(paths.values())) == len(tags)
     for k, tag in enumerate(tags):

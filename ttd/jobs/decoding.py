@@ -27,7 +27,7 @@ def _done(value) -> Future:
 
 def decoded_batches(items: Iterable[tuple[int, Item]], batch_size: int, workers: int, prepare: Callable[[list[Item]], list],
                     prefetch: int = 2) -> Iterator[tuple[Positioned, list]]:
-    """(batch of (position, item), outcomes): each outcome is (uint8 image, tags or None) or the
+    """(batch of (position, item), outcomes): each outcome is (uint8 image, tags or None, the image's own size) or the
     error message of that item, as `prepare` (e.g. ttd.jobs.tag_job.prepare_items with its settings bound)
     after the items).
 

@@ -1,6 +1,7 @@
 """The mask of a selected tag as `ttd tag` hands it out: a PNG file (--masks-dir) or COCO RLE in
-the record (--rle-masks). Both come from `mask_image`, so they cover the same pixels: the
-model's centre crop at its input size (S x S), upsampled bilinearly from the patch grid.
+the record (--rle-masks). Both come from `mask_image`, so they cover the same pixels, in the
+input image's own width and height: the model saw its centre crop, so the mask (upsampled
+bilinearly from the patch grid) is laid where the crop was and the rest is background.
 """
 
 from __future__ import annotations
@@ -11,18 +12,27 @@ from PIL import Image
 from ttd.jobs.coco import encode_rle
 from ttd.model.config import DEFAULT_MASK_THRESHOLD
 from ttd.runtime.tagger import TagResult
+from ttd.segment.whole_image import center_crop_box
 
 
-def mask_image(mask: np.ndarray, size: int) -> Image.Image:
-    """A sigmoid mask [h, w] in [0, 1] as an 8-bit grey image (M x 255) of size x size."""
-    return Image.fromarray((np.clip(mask, 0, 1) * 255).astype(np.uint8), "L").resize((size, size), Image.BILINEAR)
+def mask_image(mask: np.ndarray, size: int, image_size: tuple[int, int]) -> Image.Image:
+    """A sigmoid mask [h, w] in [0, 1] of a model of input `size`, as an 8-bit grey image (M x 255)
+    of the input image's (width, height): the centre crop's mask where the crop was, 0 elsewhere."""
+    width, height = image_size
+    left, top, right, bottom = center_crop_box(width, height, size)
+    box = (round(left), round(top), max(round(left) + 1, round(right)), max(round(top) + 1, round(bottom)))
+    grey = Image.fromarray((np.clip(mask, 0, 1) * 255).astype(np.uint8), "L")
+    canvas = Image.new("L", (width, height), 0)
+    canvas.paste(grey.resize((box[2] - box[0], box[3] - box[1]), Image.BILINEAR), box[:2])
+    return canvas
 
 
-def rle_masks(result: TagResult, size: int, threshold: float = DEFAULT_MASK_THRESHOLD) -> dict[str, dict]:
-    """tag -> compressed COCO RLE ({"size": [S, S], "counts": str}) of each selected tag's mask:
+def rle_masks(result: TagResult, size: int, image_size: tuple[int, int],
+              threshold: float = DEFAULT_MASK_THRESHOLD) -> dict[str, dict]:
+    """tag -> compressed COCO RLE ({"size": [H, W], "counts": str}) of each selected tag's mask:
     the PNG of --masks-dir thresholded at M ≥ θ (the model's default mask threshold)."""
     masks = {}
     for tag in result.selected:
-        grey = np.asarray(mask_image(result.masks[result.tags.index(tag)], size))
+        grey = np.asarray(mask_image(result.masks[result.tags.index(tag)], size, image_size))
         masks[tag] = encode_rle(grey >= threshold * 255)
     return masks

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from ttd.runtime.images import ImageError, decode_image
-from ttd.segment.whole_image import center_crop_box
+from ttd.jobs.mask_files import mask_image
 
 COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
            (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40), (128, 0, 0))
@@ -81,20 +81,18 @@ def _overlay_uri(mask: np.ndarray, colour: tuple[int, int, int], display: tuple[
 
 
 def _tag_png_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """A `ttd tag` mask PNG (the centre crop, at the model's input size) placed in the image's geometry."""
+    """A `ttd tag` mask PNG as a bool mask in the image's geometry."""
     with Image.open(path) as png:
         return _crop_mask_in_image(np.asarray(png.convert("L")), size)
 
 
-def _crop_mask_in_image(crop: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A `ttd tag` mask over the centre crop (uint8 M x 255 [S, S]) as a bool mask in the image's geometry."""
+def _crop_mask_in_image(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A `ttd tag` mask (uint8 M x 255) as a bool mask in the image's geometry. Masks are written in
+    it; an output of an older `ttd tag` holds the centre crop's [S, S] mask, laid where the crop was."""
     width, height = size
-    left, top, right, bottom = center_crop_box(width, height, crop.shape[0])
-    full = np.zeros((height, width), bool)
-    box = (round(left), round(top), max(round(left) + 1, round(right)), max(round(top) + 1, round(bottom)))
-    placed = Image.fromarray(crop).resize((box[2] - box[0], box[3] - box[1]), Image.Resampling.BILINEAR)
-    full[box[1] : box[3], box[0] : box[2]] = np.asarray(placed) >= MASK_LEVEL
-    return full
+    if mask.shape != (height, width):
+        mask = np.asarray(mask_image(mask / 255.0, mask.shape[0], size))
+    return mask >= MASK_LEVEL
 
 
 def _entry(number: int, record: dict, images_root: Path, max_side: int,

@@ -99,6 +99,7 @@ class TaggedBatch:
     batch: list[tuple[int, Item]]
     records: dict[int, dict]
     results: dict[int, TagResult]
+    image_sizes: dict[int, tuple[int, int]]  # each decoded image's own (width, height): masks are laid on it
 
 
 def tag_batch_results(tagger: Tagger, batch: list[tuple[int, Item]], outcomes: list, vocabulary: list[str] | None,
@@ -114,7 +115,7 @@ def tag_batch_results(tagger: Tagger, batch: list[tuple[int, Item]], outcomes: l
         else:
             tagged = tagger.tag(images, [prepared[k][1] for k in keys], with_masks)
         results = dict(zip(keys, tagged))
-    return TaggedBatch(batch, records, results)
+    return TaggedBatch(batch, records, results, {k: prepared[k][2] for k in prepared})
 
 
 def batch_records(tagger: Tagger, tagged: TaggedBatch, vocabulary: list[str] | None, masks_dir: Path | None,
@@ -127,11 +128,12 @@ def batch_records(tagger: Tagger, tagged: TaggedBatch, vocabulary: list[str] | N
         if masks_dir is not None:
             try:  # folders named by global position: shards writing one masks folder never collide
                 record = item_record(item, result, vocabulary is not None, top_k,
-                                     write_masks(masks_dir, position, item, result, tagger.config.image_size))
+                                     write_masks(masks_dir, position, item, result, tagger.config.image_size,
+                                                 tagged.image_sizes[key]))
             except (OSError, ValueError) as error:
                 record["error"] = f"cannot write masks: {error}"
         if rle_masks:
-            record["rle_masks"] = tag_rle_masks(result, tagger.config.image_size)
+            record["rle_masks"] = tag_rle_masks(result, tagger.config.image_size, tagged.image_sizes[key])
         records[key] = record
     return [{"index": position, **records[offset]} for offset, (position, _) in enumerate(tagged.batch)]
 

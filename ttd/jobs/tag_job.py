@@ -70,8 +70,9 @@ def refuse_input_as_output(output: Path, items: list[Item], inputs: Sequence[Pat
                 raise ValueError(f"output {target} is an input of this job ({path}); choose another output file")
 
 
-def _prepare(item: Item, vocabulary_mode: bool, preprocess: Preprocess) -> tuple[np.ndarray, list[str] | None]:
-    """(uint8 image at the model's size, candidate tags; None in vocabulary mode)."""
+def _prepare(item: Item, vocabulary_mode: bool,
+             preprocess: Preprocess) -> tuple[np.ndarray, list[str] | None, tuple[int, int]]:
+    """(uint8 image at the model's size, candidate tags (None in vocabulary mode), the image's own (width, height))."""
     if item.error:
         raise ValueError(item.error)
     if vocabulary_mode:
@@ -86,7 +87,8 @@ def _prepare(item: Item, vocabulary_mode: bool, preprocess: Preprocess) -> tuple
             raise ValueError(f"caption has {len(tags)} candidate tags, more than the limit of {MAX_CAPTION_TAGS} "
                              "(the served tagger's cap); split it into shorter captions")
     data = getattr(item, "data", None)  # a webdataset sample's bytes (ttd.data.items.ShardItem)
-    return preprocess(item.path if data is None else data, item.image), tags
+    image, size = preprocess.with_size(item.path if data is None else data, item.image)
+    return image, tags, size
 
 
 def prepare_items(items: list[Item], vocabulary_mode: bool,
@@ -126,14 +128,16 @@ def item_record(item: Item, result: TagResult, vocabulary_mode: bool, top_k: int
     return record
 
 
-def write_masks(masks_dir: Path, index: int, item: Item, result: TagResult, size: int) -> dict[str, str]:
+def write_masks(masks_dir: Path, index: int, item: Item, result: TagResult, size: int,
+                image_size: tuple[int, int]) -> dict[str, str]:
+    """PNG masks of the selected tags in the image's own (width, height) (ttd/jobs/mask_files.py)."""
     folder = contained_path(masks_dir, f"{index:06d}_{safe_name(Path(item.image).stem)}")
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
     for tag in result.selected:
         position = result.tags.index(tag)  # the tag's place among the candidates: unique in the item
         mask = result.masks[position]
-        png = mask_image(mask, size)
+        png = mask_image(mask, size, image_size)
         path = contained_path(folder, f"{position:04d}_{safe_name(tag)}.png")
         png.save(path)
         paths[tag] = str(path)
@@ -141,13 +145,13 @@ def write_masks(masks_dir: Path, index: int, item: Item, result: TagResult, size
 
 
 def split_outcomes(chunk: list[Item], outcomes: list, vocabulary: list[str] | None) -> tuple[dict[int, dict], dict]:
-    """Error records and prepared (image, tags) by offset in the chunk."""
+    """Error records and prepared (image, tags, image's own size) by offset in the chunk."""
     records: dict[int, dict] = {}
-    prepared: dict[int, tuple[np.ndarray, list[str]]] = {}
+    prepared: dict[int, tuple[np.ndarray, list[str], tuple[int, int]]] = {}
     for offset, (item, outcome) in enumerate(zip(chunk, outcomes, strict=True)):
         if isinstance(outcome, str):
             records[offset] = {"image": item.image, "caption": item.caption, "error": outcome}
         else:
-            image, tags = outcome
-            prepared[offset] = (image, vocabulary if tags is None else tags)
+            image, tags, size = outcome
+            prepared[offset] = (image, vocabulary if tags is None else tags, size)
     return records, prepared

@@ -73,6 +73,15 @@ def read_image_file(path: Path, label: str, limit: int) -> bytes:
     return data
 
 
+ORIENTATION_TAG = 0x0112  # EXIF orientation: 5-8 turn the image by 90°
+ORIGINAL_SIZE = "ttd_original_size"  # Image.info key: (width, height) as displayed, before draft decoding
+
+
+def original_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of the image as its file displays it (decode_image may have decoded it smaller)."""
+    return tuple(image.info.get(ORIGINAL_SIZE, image.size))
+
+
 def decode_image(data: bytes | Path | str, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                  min_side: int | None = None) -> Image.Image:
     """Decode a file path or encoded bytes into an RGB image, applying EXIF orientation.
@@ -98,7 +107,11 @@ def decode_image(data: bytes | Path | str, name: str | None = None, max_pixels: 
                 scale = 2 * min_side / min(width, height)
                 image.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
             image.load()
-            return _to_rgb(ImageOps.exif_transpose(image))
+            decoded = _to_rgb(ImageOps.exif_transpose(image))
+            # the displayed size before any DCT reduction: where masks of this image are laid
+            swapped = image.getexif().get(ORIENTATION_TAG) in (5, 6, 7, 8)
+            decoded.info[ORIGINAL_SIZE] = (height, width) if swapped else (width, height)
+            return decoded
     except ImageError:
         raise
     except Image.DecompressionBombError as error:
@@ -140,10 +153,15 @@ class Preprocess:
 
     def __call__(self, source: bytes | Path | str | Image.Image | np.ndarray, name: str | None = None) -> np.ndarray:
         """A file path, encoded bytes, a PIL image or an RGB uint8 array -> uint8 [size, size, 3]."""
+        return self.with_size(source, name)[0]
+
+    def with_size(self, source: bytes | Path | str | Image.Image | np.ndarray,
+                  name: str | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+        """(uint8 [size, size, 3], the source's own (width, height)): masks go back onto the latter."""
         if isinstance(source, np.ndarray):
             source = Image.fromarray(source)
         image = source if isinstance(source, Image.Image) else decode_image(source, name, self.max_pixels, self.size)
-        return resize_center_crop(image, self.size, self.interpolation)
+        return resize_center_crop(image, self.size, self.interpolation), original_size(image)
 
 
 def normalize(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
