@@ -1,0 +1,135 @@
+"""What every `ttd` command shares: the `main` group, the model options, errors, and the options
+of long jobs and of whole-image inference (one option name means one thing in every command)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ttd.model.config import (
+    DENSE_MODES,
+    PRECISION_ALIASES,
+    canonical_precision,
+)
+
+
+def model_options(f):
+    """--model / --pretrained / --checkpoint / --dense-mode, shared by every command that loads a model."""
+    f = click.option("--dense-mode", type=click.Choice(DENSE_MODES), default=None,
+                     help="Dense patch features: avg (average-pooled towers), maskclip, clearclip "
+                          "(default: the checkpoint's, else clearclip for CLS-pooled towers).")(f)
+    f = click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+                     help="A TTD checkpoint (.safetensors with its .json beside it).")(f)
+    f = click.option("--pretrained", default=None,
+                     help="open_clip pretrained tag (needs the hub) or a local open_clip weights file.")(f)
+    f = click.option("--model", default=None,
+                     help="open_clip architecture (e.g. ViT-B-16) or a registered config (world-tiny). "
+                          "Without --model or --checkpoint, the embedded default world model is used.")(f)
+    return f
+
+
+class Precision(click.ParamType):
+    """One of `choices` (ttd.model.config.PRECISIONS names, plus "auto" where offered); the torch names
+    float32, bfloat16 and float16 are accepted for the short ones."""
+
+    name = "precision"
+
+    def __init__(self, choices: tuple[str, ...]) -> None:
+        self.choices = choices
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return "[" + "|".join(self.choices) + "]"
+
+    def convert(self, value, param, ctx):
+        if value in self.choices:
+            return value
+        try:
+            return canonical_precision(value, tuple(c for c in self.choices if c != "auto"))
+        except ValueError:
+            self.fail(f"{value!r} is not one of {', '.join(self.choices)} "
+                      f"(or {', '.join(a for a, c in PRECISION_ALIASES.items() if c in self.choices)})", param, ctx)
+
+
+def fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ttd-toolkit")
+def main() -> None:
+    """TTD: find and fix the single tag bias of CLIP (Text-Tag Self-Distillation, ECCV 2024).
+
+    \b
+    Tag images with their captions:   ttd tag --captions captions.jsonl -o tags.jsonl
+    Fine-tune a model with TTD:       ttd train --objective ttd --out runs/ttd
+    Evaluate (tags and masks):        ttd eval --checkpoint runs/ttd/model.safetensors
+    Export to ONNX (+ TensorRT):      ttd export --checkpoint ... out/export
+    """
+
+
+def long_job_options(command):
+    """--resume, --shard and --num-shards: the same meaning in `ttd tag` and `ttd segment`."""
+    for option in reversed([
+        click.option("--resume", is_flag=True,
+                     help="Continue OUTPUT.partial of an interrupted run (even one killed with SIGKILL): every item "
+                          "ends up in OUTPUT exactly once. Refused if the job's inputs or settings changed."),
+        click.option("--shard", type=click.IntRange(0), default=0, show_default=True,
+                     help="Tag only the items at positions p with p mod NUM_SHARDS = SHARD (e.g. $SLURM_ARRAY_TASK_ID)."),
+        click.option("--num-shards", type=click.IntRange(1), default=1, show_default=True,
+                     help="Number of --shard jobs; their outputs concatenate into the whole job's output "
+                          "(each record has its input position in \"index\")."),
+    ]):
+        command = option(command)
+    return command
+
+
+def comma_floats(text: str, name: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) <= 0:
+        fail(f"{name} {text!r}: give positive numbers separated by commas, e.g. 1,1.5")
+    return values
+
+
+def whole_image_options(f):
+    """Options of whole-image inference and masks, shared by `ttd segment` and `ttd eval-segmentation`."""
+    f = click.option("--pamr", is_flag=True, help="Refine class maps with PAMR (pixel-adaptive mask refinement).")(f)
+    f = click.option("--templates", "templates_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+                     default=None, help="Prompt templates for the tags/classes, one a line with {} for the name "
+                                        "(their embeddings are averaged); default: the model's.")(f)
+    f = click.option("--mask-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
+                     show_default=True, help="θ: a pixel is in a mask when M ≥ θ; below θ for every class it "
+                                             "is background.")(f)
+    f = click.option("--flip-tta", is_flag=True, help="Average every window's maps with its mirror image's.")(f)
+    f = click.option("--stride", type=click.IntRange(1), default=None,
+                     help="Sliding-window stride in pixels of the resized image [default: 2/3 of the model's input].")(f)
+    f = click.option("--scales", default="1", show_default=True,
+                     help="Comma list: the image is resized to shorter side scale × the model's input and "
+                          "windows slide over it; the scales' maps are averaged (e.g. 1,1.5,2 for large images).")(f)
+    f = click.option("--crop", type=click.Choice(["whole", "center"]), default="whole", show_default=True,
+                     help="whole: sliding windows cover the whole image; center: one centre crop (fast, "
+                          "as `ttd tag`; pixels outside it are background).")(f)
+    return f
+
+
+def make_segment_options(crop, scales, stride, mask_threshold, pamr):
+    from ttd.segment.segmentation import SegmentOptions
+
+    return SegmentOptions(crop=crop, scales=comma_floats(scales, "--scales"), stride=stride, mask_threshold=mask_threshold,
+                          pamr=pamr)
+
+
+def read_classes(classes: str) -> list[str]:
+    """--classes: a file (one name a line) or a comma list."""
+    from ttd.data.inputs import read_vocabulary
+
+    path = Path(classes)
+    names = read_vocabulary(path) if path.is_file() else [c.strip() for c in classes.split(",") if c.strip()]
+    if not names:
+        fail(f"--classes {classes!r}: no class names (give a comma list or a file with one name a line)")
+    return names

@@ -1,0 +1,212 @@
+"""`ttd tag`: batch tagging of images with their captions or against a vocabulary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ttd.model.config import (
+    DEFAULT_SCORE_METHOD,
+    DEFAULT_THRESHOLD,
+    SCORE_METHODS,
+)
+from ttd.runtime import BACKENDS
+
+from ttd.cli.common import (Precision, fail, long_job_options, main, model_options)
+
+
+@main.command()
+@click.option("--captions", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSONL or CSV with an image path (relative to the file) and a caption per item, "
+                   "or webdataset shards ('shards/{000..099}.tar').")
+@click.option("--vocabulary", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Tag every image against this list of tags (one per line) instead of captions.")
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="JSON lines written here, one per item, in input order (Parquet: a folder of shard files).")
+@click.option("--format", "output_format", type=click.Choice(["auto", "jsonl", "parquet"]), default="auto",
+              show_default=True,
+              help="auto: Parquet when OUTPUT ends in .parquet, else JSON lines. parquet: OUTPUT is a folder of "
+                   "part-NNNNN.parquet files (typed nested columns; pandas, duckdb and Spark read the folder) "
+                   "and _SUCCESS when complete; needs pyarrow (pip install 'ttd-toolkit[parquet]').")
+@click.option("--rows-per-file", type=click.IntRange(1), default=10_000, show_default=True,
+              help="Parquet: records per shard file (a killed job redoes at most this many on --resume).")
+@model_options
+@click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="torch",
+              show_default=True, help="auto: the fastest gated path for this hardware (onnxruntime with --export-dir, "
+                                      "torch otherwise); prints what it picked and why.")
+@click.option("--export-dir", type=click.Path(file_okay=False), default=None,
+              help="Export directory (onnxruntime, tensorrt, triton; with torch: run the export's own weights).")
+@click.option("--url", default=None, help="Triton server URL for --backend triton (host:port).")
+@click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True,
+              help="δ: a tag is selected when its score ≥ δ.")
+@click.option("--score", "score_method", type=click.Choice(SCORE_METHODS), default=DEFAULT_SCORE_METHOD,
+              show_default=True,
+              help="Pixel-tag score: negatives = each tag against the model's negative prompts at its best pixel "
+                   "(tags naming the same pixels, 'orange heart', both pass); softmax over the caption's tags "
+                   "(the paper's: co-located tags exclude each other), minmax of the best-pixel "
+                   "cosine, or sigmoid mask peak (suits large vocabularies, where a softmax over thousands of "
+                   "tags is flat).")
+@click.option("--flip-tta", is_flag=True, help="Average the maps of the image and its mirror image.")
+@click.option("--masks-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write a PNG mask per selected tag under this folder.")
+@click.option("--rle-masks", is_flag=True,
+              help="Also put each selected tag's mask in its record, as COCO RLE (\"rle_masks\": tag -> "
+                   "{size, counts}; pycocotools): the --masks-dir PNG (the centre crop at the model's input size) "
+                   "thresholded at the default mask threshold. Needs pip install 'ttd-toolkit[segment]'.")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+@click.option("--dtype", type=Precision(("auto", "fp32", "bf16", "fp16")), default="fp32", show_default=True,
+              help="Torch backend weights; bf16 is ~5x faster on CPUs with AMX (and slower without). "
+                   "auto: fp16 on a GPU, bf16 with AMX or avx512_bf16, else fp32.")
+@click.option("--max-pixels", type=click.IntRange(1), default=89_478_485, show_default=True,
+              help="Refuse larger images (decompression bombs).")
+@click.option("--top-k", type=click.IntRange(1), default=10, show_default=True, help="Vocabulary mode: best tags listed per image.")
+@click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
+              help="CPU threads for the torch and onnxruntime backends (0: all cores).")
+@click.option("--compile", "compile_encoder", is_flag=True,
+              help="Torch backend: torch.compile the image encoder (CUDA graphs on a GPU); pays a one-off "
+                   "compilation per power-of-two batch size, worth it for long jobs.")
+@click.option("--decode-workers", type=click.IntRange(0), default=None,
+              help="Processes that decode the next batches while the model runs the current one "
+                   "(0: one decoding thread in this process). Default: cores − 1 (at most 8), or 0 below 4 cores.")
+@click.option("--vocab-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder of cached vocabulary tag embeddings, keyed by model/export and vocabulary "
+                   "(default: $TTD_CACHE_DIR/vocab or ~/.cache/ttd/vocab).")
+@click.option("--no-vocab-cache", is_flag=True, help="Encode the vocabulary afresh and cache nothing.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--crop", type=click.Choice(["center", "whole"]), default="center", show_default=True,
+              help="center: the model sees the centre crop (fast). whole: sliding windows cover the whole image, "
+                   "so tags outside the crop are found too, and each line also holds the caption's and the "
+                   "selected tags' masks in the image's own geometry (as `ttd segment --captions`).")
+@long_job_options
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process (+ decoding workers); ray: Ray Data with a pool of Tagger actors "
+                   "(local Ray, or the cluster at --ray-address); the same records, --resume and --shard.")
+@click.option("--ray-address", default=None, help="Ray cluster address for --engine ray (default: a local Ray).")
+@click.option("--actors", type=click.IntRange(1), default=None,
+              help="--engine ray: Tagger actors (default: one per GPU, else CPUs / 2).")
+def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, dense_mode, backend, export_dir, url,
+        threshold, score_method, flip_tta, masks_dir, batch_size, device, dtype, max_pixels, top_k, threads,
+        compile_encoder, decode_workers, vocab_cache, no_vocab_cache, quiet, crop="center", resume=False, shard=0,
+        num_shards=1, engine="local", ray_address=None, actors=None, output_format="auto", rows_per_file=10_000,
+        rle_masks=False):
+    """Tag images: with their captions (--captions) or against a vocabulary (--vocabulary IMAGES...).
+
+    Each output line holds the candidate tags with their pixel-tag scores and the selected tags,
+    or an "error" that names the problem (unreadable image, empty caption, ...); one bad item
+    never stops the others.
+
+    \b
+    Inputs are streamed (no index in memory): --captions takes a JSONL/CSV file or webdataset
+    shards ('shards/{000..099}.tar': caption from each sample's txt or json); IMAGES may be
+    files, folders or quoted globs ('photos/**/*.jpg').
+    Long jobs: --resume after any interruption; --shard/--num-shards for job arrays;
+    --engine ray for a Ray cluster.
+    """
+    import warnings
+
+    from ttd.data.inputs import InputError, read_vocabulary
+    from ttd.runtime import PortabilityNotice, load_tagger
+
+    if (captions is None) == (vocabulary is None):
+        fail("give exactly one of --captions FILE or --vocabulary FILE")
+    if vocabulary is not None and not images:
+        fail("--vocabulary needs image files or folders as arguments")
+    if captions is not None and images:
+        fail("with --captions, images come from the captions file; do not also pass image arguments")
+    from ttd.data.items import open_items
+    from ttd.jobs.jsonl_output import output_format_of
+
+    try:
+        items = open_items(captions, images)
+        vocab = read_vocabulary(vocabulary) if vocabulary else None
+        if engine == "ray":
+            if crop == "whole":
+                fail("--engine ray runs the centre crop only; run --crop whole with --engine local "
+                     "(--shard/--num-shards split it over machines)")
+            if "auto" in (backend, dtype):
+                fail("--engine ray needs an explicit --backend and --dtype: auto would choose for this machine, "
+                     "not for the Ray workers")
+            from ttd.jobs.ray_executor import RayJob, run_ray_job
+            from ttd.jobs.stream_job import tag_job_description
+
+            summary = run_ray_job(RayJob(
+                captions=None if captions is None else str(captions), images=[str(i) for i in images],
+                output=output, vocabulary=vocab, batch_size=batch_size, max_pixels=max_pixels, top_k=top_k,
+                tagger_options=dict(backend=backend, model=model, pretrained=pretrained, checkpoint=checkpoint,
+                                    dense_mode=dense_mode, device=device, dtype=dtype, export_dir=export_dir,
+                                    url=url, threshold=threshold, flip_tta=flip_tta, score_method=score_method,
+                                    threads=threads),
+                actors=actors, address=ray_address, shard=shard, num_shards=num_shards, progress=not quiet,
+                masks_dir=None if masks_dir is None else str(masks_dir), resume=resume, rle_masks=rle_masks,
+                output_format=output_format, rows_per_file=rows_per_file),
+                tag_job_description(captions, images, backend, model, pretrained, checkpoint, export_dir,
+                                    dense_mode, dtype, threshold, score_method, flip_tta))
+            click.echo(summary.line(), err=True)
+            return
+        if "auto" in (backend, dtype):
+            from ttd.runtime.auto_choice import resolve_auto
+
+            path = resolve_auto(backend, dtype, device, export_dir)
+            click.echo(path.line(), err=True)
+            backend, dtype, device = path.backend, path.dtype if path.backend == "torch" else "fp32", path.device
+        with warnings.catch_warnings(record=True) as notices:  # the CPU re-check's one line, shown plainly
+            warnings.simplefilter("always", PortabilityNotice)
+            tagger = load_tagger(backend, model=model, pretrained=pretrained, checkpoint=checkpoint,
+                                 dense_mode=dense_mode, device=device, dtype=dtype, export_dir=export_dir, url=url,
+                                 threshold=threshold, flip_tta=flip_tta, score_method=score_method, threads=threads,
+                                 compile=compile_encoder)
+        for notice in notices:
+            if issubclass(notice.category, PortabilityNotice):
+                click.echo(str(notice.message), err=True)
+            else:
+                warnings.showwarning(notice.message, notice.category, notice.filename, notice.lineno)
+    except (InputError, ValueError, RuntimeError, OSError) as error:  # OSError: e.g. an unreachable --url
+        fail(str(error))
+    if crop == "whole":  # whole-image caption tagging is `ttd segment --captions` (ttd/jobs/segment_job.py)
+        if vocab is not None:
+            fail("--crop whole tags with --captions; for a vocabulary over whole images use "
+                 "`ttd segment --classes FILE IMAGES...`")
+        if rle_masks or output_format_of(output, output_format) == "parquet":
+            fail("--crop whole writes JSON lines with the masks as RLE already (\"segments\"); "
+                 "--rle-masks and Parquet output are for --crop center")
+        from ttd.segment.segmentation import SegmentOptions
+        from ttd.jobs.segment_job import segment_items
+
+        from ttd.jobs.stream_job import tag_job_description
+
+        try:
+            summary = segment_items(tagger, items, output, None, SegmentOptions(), None, masks_dir, max_pixels,
+                                    progress=not quiet, inputs=[captions], resume=resume, shard=shard,
+                                    num_shards=num_shards,
+                                    job=tag_job_description(captions, images, backend, model, pretrained, checkpoint,
+                                                            export_dir, dense_mode, dtype, threshold, score_method,
+                                                            flip_tta))
+        except (ValueError, RuntimeError, OSError) as error:
+            fail(str(error))
+        click.echo(summary.line(), err=True)
+        return
+    vocab_embeds = None
+    if vocab and not no_vocab_cache:
+        from ttd.runtime.vocab_cache import load_or_encode, model_key_for
+
+        key = model_key_for(tagger, export_dir)
+        if key:
+            cached = load_or_encode(tagger, vocab, key, vocab_cache, progress=not quiet)
+            vocab_embeds = cached.embeds
+            click.echo(f"vocabulary cache {'hit' if cached.hit else 'miss (stored)'}: {cached.path}", err=True)
+    from ttd.jobs.stream_job import tag_job_description, tag_stream
+
+    try:
+        summary = tag_stream(tagger, items, output, vocab, batch_size, masks_dir, max_pixels, top_k,
+                             progress=not quiet, decode_workers=decode_workers, vocabulary_embeds=vocab_embeds,
+                             resume=resume, shard=shard, num_shards=num_shards,
+                             inputs=[p for p in (captions, vocabulary) if p is not None], explicit_images=images,
+                             rle_masks=rle_masks, output_format=output_format, rows_per_file=rows_per_file,
+                             job=tag_job_description(captions, images, backend, model, pretrained, checkpoint,
+                                                     export_dir, dense_mode, dtype, threshold, score_method, flip_tta))
+    except (InputError, ValueError, RuntimeError) as error:  # RuntimeError: pyarrow / pycocotools missing
+        fail(str(error))
+    click.echo(summary.line(), err=True)

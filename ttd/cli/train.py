@@ -1,0 +1,77 @@
+"""`ttd train`: contrastive pre-training and TTD fine-tuning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ttd.model.config import (
+    DEFAULT_THRESHOLD,
+    OBJECTIVES,
+    SCORE_METHODS,
+)
+
+from ttd.cli.common import (Precision, fail, main, model_options)
+
+
+@main.command()
+@model_options
+@click.option("--objective", type=click.Choice(OBJECTIVES), default="ttd", show_default=True,
+              help="ttd: LoRA fine-tuning with text-tag self-distillation; clip: contrastive pre-training of all weights.")
+@click.option("--data", default="world", show_default=True,
+              help="'world', a captions .jsonl (image + caption per line), or webdataset shards ('shards/{000..009}.tar').")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/ttd", show_default=True)
+@click.option("--steps", type=click.IntRange(1), default=None, help="Default: 300 (ttd) or 1500 (clip).")
+@click.option("--batch-size", type=click.IntRange(2), default=None, help="Per process. Default: 64 (ttd) or 128 (clip).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate. Default: 1e-3.")
+@click.option("--warmup", "warmup_steps", type=click.IntRange(0), default=None)
+@click.option("--lambda-tag", type=float, default=2.0, show_default=True, help="Weight of L_tag (2 won the ablation).")
+@click.option("--lambda-clip", type=float, default=1.0, show_default=True)
+@click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True, help="δ of the Stage 1 selection.")
+@click.option("--stage1-score", "score_method", type=click.Choice(SCORE_METHODS), default="minmax",
+              show_default=True, help="Stage-1 selection score: minmax (measured best for caption masks: IoU "
+                                      "+6.4 over the base, 3 seeds), softmax (the paper's: +2.5) or negatives "
+                                      "(the tagging default; unstable as an online selector). See README.")
+@click.option("--lora-rank", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--lora-alpha", type=float, default=16.0, show_default=True)
+@click.option("--lora-targets", default="attn,mlp", show_default=True, help="Comma list of attn, mlp.")
+@click.option("--frozen-teacher", is_flag=True, help="Select tags and build targets with the frozen base model.")
+@click.option("--precision", type=Precision(("fp32", "bf16")), default="fp32", show_default=True,
+              help="bf16: autocast of the forward passes (weights and optimiser stay fp32).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--data-seed", type=int, default=1, show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--no-resume", is_flag=True, help="Start over even if OUT/last.pt exists.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (cuda if available; under torchrun cuda:LOCAL_RANK), cpu, cuda, cuda:1 ...")
+def train(model, pretrained, checkpoint, dense_mode, objective, data, out_dir, steps, batch_size, lr, warmup_steps,
+          lambda_tag, lambda_clip, threshold, score_method, lora_rank, lora_alpha, lora_targets, frozen_teacher,
+          precision, seed, data_seed, checkpoint_every, no_resume, device):
+    """Pre-train (clip) or TTD-fine-tune (ttd) a model; resumes from OUT/last.pt when present.
+
+    Writes OUT/model.safetensors (+ .json; LoRA merged) and, for ttd, OUT/adapter.safetensors.
+    Under torchrun every process trains on its own shard of each step's batch (gloo on CPU).
+    """
+    from ttd.model.factory import ModelLoadError, load_model
+    from ttd.model.lora import LoRAConfig
+    from ttd.train.loop import TrainConfig, init_distributed, training_device
+    from ttd.train.loop import train as run_training
+
+    try:
+        init_distributed(device)
+        base = load_model(model, pretrained, checkpoint, dense_mode).to(training_device(device))
+    except (ModelLoadError, ValueError) as error:
+        fail(str(error))
+    config = TrainConfig.for_objective(
+        objective, data=data, out_dir=out_dir, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+        lambda_tag=lambda_tag, lambda_clip=lambda_clip, threshold=threshold,
+        score_method=score_method, frozen_teacher=frozen_teacher, precision=precision, seed=seed, data_seed=data_seed,
+        checkpoint_every=checkpoint_every,
+        lora=LoRAConfig(rank=lora_rank, alpha=lora_alpha, targets=tuple(t for t in lora_targets.split(",") if t)),
+    )
+    try:
+        run_training(base, config, resume=not no_resume)
+    except (ValueError, RuntimeError) as error:
+        fail(str(error))
+    click.echo(f"wrote {Path(out_dir) / 'model.safetensors'}", err=True)
