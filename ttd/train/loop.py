@@ -60,6 +60,7 @@ class TrainConfig:
     # runtime default `negatives` collapsed (44.1 ± 4.1: its online selection feeds back)
     score_method: str = "minmax"
     frozen_teacher: bool = False
+    target_norm: str = "mask"  # Stage-2 targets: minmax of the mask (the paper's) or of the cosine (ttd.train.distill)
     calibration_lr_scale: float = 10.0  # w and b are two scalars: AdamW at the base lr barely moves them
     # fit the negatives score's margin to the trained model on the world's calibration split
     # (ttd/evaluation/calibrate.py) when training on the world; other data: `ttd calibrate --data LABELLED`
@@ -194,8 +195,8 @@ def _step_losses(model: TTDModel, teacher: TTDModel | None, pixels: torch.Tensor
     losses = ttd_losses(patch_embeds.float(), text_embeds.float(), tag_embeds.float(), valid, model.mask_weight,
                         model.mask_bias, contrastive, model.config.tau, config.threshold, config.lambda_tag,
                         config.lambda_clip, config.score_method, teacher_out, _global_share,
-                        negative_embeds, model.config.negative_margin)
-    return losses.total, losses.as_floats()
+                        negative_embeds, model.config.negative_margin, config.target_norm)
+    return losses.total, {**losses.as_floats(), **losses.diagnostics}
 
 
 def _save_state(path: Path, model, optimizer, scheduler, step: int, config: TrainConfig) -> None:
@@ -323,6 +324,26 @@ def train_step(run: TrainingRun, step: int, images: np.ndarray, captions: list[s
     return logs
 
 
+METRICS_FILE = "metrics.jsonl"
+BAR_KEYS = ("loss", "distill", "tag", "clip", "selected", "caption_area")
+
+
+class MetricsLog:
+    """One JSON line per step (losses and the mask diagnostics of ttd.train.distill) beside the
+    checkpoint; a resumed run drops the lines of steps it will redo, so the file stays one line per step."""
+
+    def __init__(self, path: Path, start: int) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [line for line in (path.read_text().splitlines() if path.is_file() and start > 0 else [])
+                if line.strip() and json.loads(line).get("step", 0) < start]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, step: int, logs: dict[str, float]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in logs.items()}}) + "\n")
+
+
 def finish(run: TrainingRun) -> TTDModel:
     """The trained model in eval mode; rank 0 writes model.safetensors (+ adapter, train_config.json)."""
     run.model.eval()
@@ -331,7 +352,16 @@ def finish(run: TrainingRun) -> TTDModel:
             tqdm.write(f"skipped {len(run.loader.skipped)} unreadable samples; first: {run.loader.skipped[0]}")
         run.model.config, calibration = _calibrated_config(run.model, run.config)
         _write_outputs(run.model, run.config, Path(run.config.out_dir), run.loader.skipped, calibration)
+        _plot_metrics(Path(run.config.out_dir))
     return run.model
+
+
+def _plot_metrics(out: Path) -> None:
+    """metrics.png beside metrics.jsonl (a run resumed past its last step has no lines: no plot)."""
+    from ttd.train.plot import plot_metrics
+
+    if (out / METRICS_FILE).is_file() and (out / METRICS_FILE).stat().st_size:
+        plot_metrics(out / METRICS_FILE, out / "metrics.png", title=out.name)
 
 
 def train(model: TTDModel, config: TrainConfig, resume: bool = True, progress: bool = True,
@@ -343,6 +373,7 @@ def train(model: TTDModel, config: TrainConfig, resume: bool = True, progress: b
     run = setup(model, config, resume)
     bar = tqdm(range(run.start, config.steps), initial=run.start, total=config.steps,
                disable=not progress or run.rank != 0, desc=f"train {config.objective}")
+    metrics = MetricsLog(Path(config.out_dir) / METRICS_FILE, run.start) if run.rank == 0 else None
     with ThreadPoolExecutor(max_workers=1) as prefetch:  # build batch step+1 while step trains
         pending = prefetch.submit(run.loader.batch, run.start)
         for step in bar:
@@ -350,7 +381,9 @@ def train(model: TTDModel, config: TrainConfig, resume: bool = True, progress: b
             if step + 1 < config.steps:
                 pending = prefetch.submit(run.loader.batch, step + 1)
             logs = train_step(run, step, images, captions)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()})
+            if metrics is not None:
+                metrics.write(step, logs)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in BAR_KEYS})
             if stop_after is not None and step + 1 - run.start >= stop_after:
                 pending.cancel()
                 return model.eval()
