@@ -28,6 +28,7 @@ from ttd.model.config import CALIBRATION_COUNT, CALIBRATION_SEED, DEFAULT_THRESH
 from ttd.data.shard_stream import ShardStreamLoader
 from ttd.data.sources import open_source
 from ttd.train.distill import clip_loss, ttd_losses
+from ttd.train.guard import CollapseGuard
 from ttd.model.factory import atomic_write, save_checkpoint
 from ttd.runtime.images import ImageError, Preprocess, normalize
 from ttd.data.items import is_shard_pattern
@@ -61,6 +62,8 @@ class TrainConfig:
     score_method: str = "minmax"
     frozen_teacher: bool = False
     target_norm: str = "mask"  # Stage-2 targets: minmax of the mask (the paper's) or of the cosine (ttd.train.distill)
+    # label-free guard against the caption-mask collapse (ttd/train/guard.py): flags it, keeps the last healthy weights
+    collapse_guard: bool = True
     calibration_lr_scale: float = 10.0  # w and b are two scalars: AdamW at the base lr barely moves them
     # fit the negatives score's margin to the trained model on the world's calibration split
     # (ttd/evaluation/calibrate.py) when training on the world; other data: `ttd calibrate --data LABELLED`
@@ -251,6 +254,7 @@ class TrainingRun:
     rank: int
     world: int
     bad_steps: int = 0
+    guard: CollapseGuard | None = None  # rank 0 of a TTD run; restarts empty when a run is resumed
 
 
 def setup(model: TTDModel, config: TrainConfig, resume: bool = True) -> TrainingRun:
@@ -285,7 +289,9 @@ def setup(model: TTDModel, config: TrainConfig, resume: bool = True) -> Training
         source = open_source(config.data, Preprocess.for_model(model.config), config.data_seed)
         loader = BatchLoader(source, config.batch_size, config.data_seed, rank, world)
     model.train()
-    return TrainingRun(model, teacher, config, params, optimizer, scheduler, loader, state_path, start, rank, world)
+    guard = CollapseGuard() if config.collapse_guard and config.objective == "ttd" and rank == 0 else None
+    return TrainingRun(model, teacher, config, params, optimizer, scheduler, loader, state_path, start, rank, world,
+                       guard=guard)
 
 
 def train_step(run: TrainingRun, step: int, images: np.ndarray, captions: list[str]) -> dict[str, float]:
@@ -350,8 +356,14 @@ def finish(run: TrainingRun) -> TTDModel:
     if run.rank == 0:
         if run.loader.skipped:
             tqdm.write(f"skipped {len(run.loader.skipped)} unreadable samples; first: {run.loader.skipped[0]}")
+        guard = None
+        if run.guard is not None:  # before the margin is fitted: it is fitted to the weights that are kept
+            guard = run.guard.restore(run.params).as_dict()
+            if guard["kept_step"] is not None:
+                tqdm.write(f"collapse guard: kept the weights of step {guard['kept_step']} (ratio {guard['kept_ratio']:.2f}), "
+                           f"not the last (ratio {guard['final_ratio']:.2f})")
         run.model.config, calibration = _calibrated_config(run.model, run.config)
-        _write_outputs(run.model, run.config, Path(run.config.out_dir), run.loader.skipped, calibration)
+        _write_outputs(run.model, run.config, Path(run.config.out_dir), run.loader.skipped, calibration, guard)
         _plot_metrics(Path(run.config.out_dir))
     return run.model
 
@@ -383,6 +395,8 @@ def train(model: TTDModel, config: TrainConfig, resume: bool = True, progress: b
             logs = train_step(run, step, images, captions)
             if metrics is not None:
                 metrics.write(step, logs)
+            if run.guard is not None and (line := run.guard.observe(step, logs, run.params)):
+                tqdm.write(line)
             bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in BAR_KEYS})
             if stop_after is not None and step + 1 - run.start >= stop_after:
                 pending.cancel()
@@ -390,7 +404,8 @@ def train(model: TTDModel, config: TrainConfig, resume: bool = True, progress: b
     return finish(run)
 
 
-def _write_outputs(model: TTDModel, config: TrainConfig, out: Path, skipped: list[str], calibration: dict | None) -> None:
+def _write_outputs(model: TTDModel, config: TrainConfig, out: Path, skipped: list[str], calibration: dict | None,
+                   guard: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     if config.objective == "ttd":
@@ -402,7 +417,8 @@ def _write_outputs(model: TTDModel, config: TrainConfig, out: Path, skipped: lis
     else:
         save_checkpoint(model, out / "model.safetensors")
     (out / "train_config.json").write_text(json.dumps({**config.to_dict(), "skipped_samples": len(skipped),
-                                                       "margin_calibration": calibration}, indent=1))
+                                                       "margin_calibration": calibration, "collapse_guard": guard},
+                                                      indent=1))
 
 
 def _calibrated_config(model: TTDModel, config: TrainConfig) -> tuple:
