@@ -11,8 +11,9 @@ before: training seeds 0-3 and data seeds 1, 2, 7, 11-13 and 4711 were.
     python benchmarks/seeds.py --threads 1 --out benchmarks/results/seeds.json
     python benchmarks/seeds.py --train-seeds 3 --data-seeds 4711 --set target_norm=mask   # the collapse of issue 24
 
-The report is written after every run and a rerun with the same --out skips the runs it holds
-(a stopped protocol continues where it stopped).
+The report is written after every run and a rerun with the same --out skips the runs it holds;
+a run killed mid-way resumes from its last.pt (exact: the same weights as an uninterrupted run),
+so a stopped protocol continues where it stopped. A resumed run's time is not a run's time.
 """
 
 from __future__ import annotations
@@ -69,11 +70,12 @@ def measure(checkpoint: Path, samples: list, seg_samples: list) -> dict:
 def run_one(base: Path, out: Path, seed: int, data_seed: int, overrides: dict) -> dict:
     """Train one TTD model (the defaults of `ttd train --objective ttd` under `overrides`)."""
     config = TrainConfig.for_objective("ttd", out_dir=str(out), seed=seed, data_seed=data_seed, **overrides)
+    resumed = (out / "last.pt").is_file() and not (out / "model.safetensors").is_file()
     start = time.time()
-    train(load_checkpoint(base), config, resume=False, progress=False)
+    train(load_checkpoint(base), config, resume=resumed, progress=False)  # resume is exact: same weights
     seconds = time.time() - start
     logged = json.loads((out / "train_config.json").read_text())
-    return {"train s": round(seconds, 1), "guard": logged.get("collapse_guard")}
+    return {"train s": round(seconds, 1), "guard": logged.get("collapse_guard"), **({"resumed": True} if resumed else {})}
 
 
 def summary(runs: dict[str, dict], base: dict) -> dict:

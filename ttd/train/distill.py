@@ -52,7 +52,7 @@ def mask_diagnostics(caption_logits: torch.Tensor, union: torch.Tensor, evidence
                 "w": float(mask_weight), "b": float(mask_bias)}
 
 
-TARGET_NORMS: tuple[str, ...] = ("mask", "cosine")
+TARGET_NORMS: tuple[str, ...] = ("mask", "cosine", "mixed")
 
 
 def distill_targets(
@@ -67,8 +67,13 @@ def distill_targets(
     if target_norm not in TARGET_NORMS:
         raise ValueError(f"unknown target normalisation {target_norm!r}; choose one of {', '.join(TARGET_NORMS)}")
     with torch.no_grad():
-        maps = torch.sigmoid(tag_logits) if target_norm == "mask" else tag_logits
-        tag_targets = minmax_over_pixels(maps) * selected[:, :, None, None]
+        if target_norm == "mask":
+            maps = minmax_over_pixels(torch.sigmoid(tag_logits))
+        elif target_norm == "cosine":
+            maps = minmax_over_pixels(tag_logits)
+        else:  # mixed: half of each
+            maps = (minmax_over_pixels(torch.sigmoid(tag_logits)) + minmax_over_pixels(tag_logits)) / 2
+        tag_targets = maps * selected[:, :, None, None]
         union = tag_targets.amax(dim=1)
     return tag_targets, union
 

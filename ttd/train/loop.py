@@ -61,7 +61,13 @@ class TrainConfig:
     # runtime default `negatives` collapsed (44.1 ± 4.1: its online selection feeds back)
     score_method: str = "minmax"
     frozen_teacher: bool = False
-    target_norm: str = "mask"  # Stage-2 targets: minmax of the mask (the paper's) or of the cosine (ttd.train.distill)
+    # Stage 1 and the targets from an exponential moving average of the trained weights (mean teacher):
+    # 0 = the current model (the paper's online teacher); ignored with frozen_teacher
+    teacher_momentum: float = 0.0
+    # Stage-2 targets (ttd.train.distill.distill_targets): "mask" is the paper's min-max of the sigmoid mask,
+    # which collapsed one run in six (issue 24); "mixed" (half mask, half cosine) is the default by
+    # benchmarks/seeds.py, docs/training.md
+    target_norm: str = "mixed"
     # label-free guard against the caption-mask collapse (ttd/train/guard.py): flags it, keeps the last healthy weights
     collapse_guard: bool = True
     calibration_lr_scale: float = 10.0  # w and b are two scalars: AdamW at the base lr barely moves them
@@ -202,9 +208,24 @@ def _step_losses(model: TTDModel, teacher: TTDModel | None, pixels: torch.Tensor
     return losses.total, {**losses.as_floats(), **losses.diagnostics}
 
 
-def _save_state(path: Path, model, optimizer, scheduler, step: int, config: TrainConfig) -> None:
+def _ema_teacher(config: TrainConfig) -> bool:
+    return config.objective == "ttd" and not config.frozen_teacher and 0.0 < config.teacher_momentum < 1.0
+
+
+def _update_teacher(teacher: TTDModel, model: TTDModel, momentum: float) -> None:
+    """teacher ← momentum·teacher + (1 − momentum)·model, for the trained weights (the rest are equal)."""
+    with torch.no_grad():
+        for kept, trained in zip(teacher.parameters(), model.parameters()):
+            if trained.requires_grad:
+                kept.lerp_(trained.detach(), 1.0 - momentum)
+
+
+def _save_state(path: Path, model, optimizer, scheduler, step: int, config: TrainConfig,
+                teacher: TTDModel | None = None) -> None:
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "torch_rng": torch.get_rng_state(), "step": step, "config": json.dumps(config.to_dict())}
+    if teacher is not None and _ema_teacher(config):
+        state["teacher"] = teacher.state_dict()
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -265,6 +286,8 @@ def setup(model: TTDModel, config: TrainConfig, resume: bool = True) -> Training
     random.seed(config.seed)
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if config.frozen_teacher else None
     params = _trainable(model, config)
+    if _ema_teacher(config):  # a copy with the adapters, so that it can follow them
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
     calibration = [p for p in (model.mask_weight, model.mask_bias) if p.requires_grad]
     others = [p for p in params if all(p is not c for c in calibration)]
     groups = [{"params": others}] + ([{"params": calibration, "lr": config.lr * config.calibration_lr_scale,
@@ -282,6 +305,8 @@ def setup(model: TTDModel, config: TrainConfig, resume: bool = True) -> Training
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start = int(state["step"])
+        if teacher is not None and "teacher" in state:
+            teacher.load_state_dict(state["teacher"])
     if is_shard_pattern(config.data):  # streamed: no index of CC3M-scale shards in memory
         loader = ShardStreamLoader(config.data, Preprocess.for_model(model.config), config.batch_size,
                                    config.data_seed, rank, world)
@@ -318,6 +343,8 @@ def train_step(run: TrainingRun, step: int, images: np.ndarray, captions: list[s
     else:
         torch.nn.utils.clip_grad_norm_(run.params, config.grad_clip)
         run.optimizer.step()
+        if run.teacher is not None and _ema_teacher(config):
+            _update_teacher(run.teacher, model, config.teacher_momentum)
     with warnings.catch_warnings():  # a skipped update still advances the schedule, on purpose
         warnings.filterwarnings("ignore", message="Detected call of")
         run.scheduler.step()
@@ -326,7 +353,7 @@ def train_step(run: TrainingRun, step: int, images: np.ndarray, captions: list[s
             model.clip.logit_scale.clamp_(0, math.log(100))
     done = step + 1
     if run.rank == 0 and (done % config.checkpoint_every == 0 or done == config.steps):
-        _save_state(run.state_path, model, run.optimizer, run.scheduler, done, config)
+        _save_state(run.state_path, model, run.optimizer, run.scheduler, done, config, run.teacher)
     return logs
 
 

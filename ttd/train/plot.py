@@ -12,13 +12,14 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("mask areas", ("caption_area", "caption_above", "target_area", "target_above", "evidence_area")),
-    ("selected tags' cosine vs the sigmoid midpoint -b/w", ("selected_cos_mean", "selected_cos_max", "mask_midpoint")),
-    ("mask head w", ("w",)),
-    ("mask head b", ("b",)),
-    ("selection rate", ("selected",)),
-    ("losses", ("distill", "tag")),
+# (title, keys, fixed (low, high) or None: scaled to the data)
+PANELS: tuple[tuple[str, tuple[str, ...], tuple[float, float] | None], ...] = (
+    ("areas", ("caption_area", "caption_above", "target_area", "target_above", "evidence_area"), (0.0, 1.0)),
+    ("cosine", ("selected_cos_mean", "selected_cos_max", "mask_midpoint"), (-0.3, 0.6)),
+    ("mask head w", ("w",), None),
+    ("mask head b", ("b",), None),
+    ("selection rate", ("selected",), (0.0, 1.0)),
+    ("losses", ("distill", "tag"), None),
 )
 COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189))
 WIDTH, PANEL_HEIGHT, MARGIN = 640, 150, 48
@@ -30,12 +31,14 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
     return sorted(rows, key=lambda r: r["step"])
 
 
-def _panel(draw: ImageDraw.ImageDraw, top: int, title: str, keys: tuple[str, ...], rows: list[dict]) -> None:
+def _panel(draw: ImageDraw.ImageDraw, top: int, title: str, keys: tuple[str, ...], rows: list[dict],
+           fixed: tuple[float, float] | None) -> None:
     left, right, bottom = MARGIN, WIDTH - 10, top + PANEL_HEIGHT - 22
     values = [r[k] for r in rows for k in keys if k in r]
     if not values:
         return
-    low, high = min(values), max(values)
+    low, high = fixed if fixed else (min(values), max(values))
+    low, high = min(low, min(values)), max(high, max(values))
     if high - low < 1e-9:
         low, high = low - 0.5, high + 0.5
     steps = [r["step"] for r in rows]
@@ -67,8 +70,8 @@ def plot_metrics(metrics: Path, out: Path, title: str = "") -> Path:
     image = Image.new("RGB", (WIDTH, 20 + PANEL_HEIGHT * len(PANELS)), "white")
     draw = ImageDraw.Draw(image)
     draw.text((MARGIN, 4), title or str(metrics), fill=(0, 0, 0))
-    for index, (name, keys) in enumerate(PANELS):
-        _panel(draw, 20 + index * PANEL_HEIGHT, name, keys, rows)
+    for index, (name, keys, fixed) in enumerate(PANELS):
+        _panel(draw, 20 + index * PANEL_HEIGHT, name, keys, rows, fixed)
     image.save(out)
     return Path(out)
 
