@@ -56,7 +56,7 @@ TARGET_NORMS: tuple[str, ...] = ("mask", "cosine", "mixed")
 
 
 def distill_targets(
-    tag_logits: torch.Tensor, selected: torch.Tensor, target_norm: str = "mask"
+    tag_logits: torch.Tensor, selected: torch.Tensor, target_norm: str = "mask", mask_share: float = 0.5
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Y [B, K, h, w], U [B, h, w]) from mask logits and the selection [B, K], without gradient.
 
@@ -71,8 +71,8 @@ def distill_targets(
             maps = minmax_over_pixels(torch.sigmoid(tag_logits))
         elif target_norm == "cosine":
             maps = minmax_over_pixels(tag_logits)
-        else:  # mixed: half of each
-            maps = (minmax_over_pixels(torch.sigmoid(tag_logits)) + minmax_over_pixels(tag_logits)) / 2
+        else:  # mixed: mask_share of the mask's, the rest of the cosine's
+            maps = mask_share * minmax_over_pixels(torch.sigmoid(tag_logits)) + (1 - mask_share) * minmax_over_pixels(tag_logits)
         tag_targets = maps * selected[:, :, None, None]
         union = tag_targets.amax(dim=1)
     return tag_targets, union
@@ -112,6 +112,7 @@ def ttd_losses(
     negative_embeds: torch.Tensor | None = None,
     negative_margin: float = DEFAULT_NEGATIVE_MARGIN,
     target_norm: str = "mask",
+    mask_share: float = 0.5,
 ) -> DistillLosses:
     """The TTD loss of a batch. `teacher` = (patch_embeds, tag_embeds) of a frozen teacher; the
     default online teacher is the current model without gradient.
@@ -133,7 +134,7 @@ def ttd_losses(
         selected = select_tags(scores, threshold, valid)
         teacher_cosines = pixel_cosines(teacher_patch.detach(), teacher_tags.detach())
         teacher_logits = mask_weight.detach() * teacher_cosines + mask_bias.detach()
-    tag_targets, union = distill_targets(teacher_logits, selected, target_norm)
+    tag_targets, union = distill_targets(teacher_logits, selected, target_norm, mask_share)
 
     tag_logits = mask_weight * pixel_cosines(patch_embeds, tag_embeds) + mask_bias
     per_tag = F.binary_cross_entropy_with_logits(tag_logits, tag_targets, reduction="none").mean(dim=(2, 3))

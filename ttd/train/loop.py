@@ -68,6 +68,7 @@ class TrainConfig:
     # which collapsed one run in six (issue 24); "mixed" (half mask, half cosine) is the default by
     # benchmarks/seeds.py, docs/training.md
     target_norm: str = "mixed"
+    target_mask_share: float = 0.5  # mixed targets: weight of the mask's min-max (the rest: the cosine's)
     # label-free guard against the caption-mask collapse (ttd/train/guard.py): flags it, keeps the last healthy weights
     collapse_guard: bool = True
     calibration_lr_scale: float = 10.0  # w and b are two scalars: AdamW at the base lr barely moves them
@@ -204,7 +205,8 @@ def _step_losses(model: TTDModel, teacher: TTDModel | None, pixels: torch.Tensor
     losses = ttd_losses(patch_embeds.float(), text_embeds.float(), tag_embeds.float(), valid, model.mask_weight,
                         model.mask_bias, contrastive, model.config.tau, config.threshold, config.lambda_tag,
                         config.lambda_clip, config.score_method, teacher_out, _global_share,
-                        negative_embeds, model.config.negative_margin, config.target_norm)
+                        negative_embeds, model.config.negative_margin, config.target_norm,
+                        config.target_mask_share)
     return losses.total, {**losses.as_floats(), **losses.diagnostics}
 
 
