@@ -285,7 +285,7 @@ def step_tag_end_to_end(args, state) -> dict:
     at the largest batch, bf16, compiled if a compile batch equals it; against encoder-only."""
     from ttd.data.annotations import write_world_split
     from ttd.data.inputs import read_captions
-    from ttd.jobs.tag_job import tag_items
+    from ttd.jobs.stream_job import tag_items
 
     batch = max(args.batches)
     use_compile = batch in (args.compile_batches or [])

@@ -71,8 +71,6 @@ def _quality(figures: dict) -> dict:
 
 def measure_backend(tagger: Tagger, images: np.ndarray, settings: BenchSettings) -> list[dict]:
     """Timing rows (one per image batch size) of one backend; images uint8 at the model's size."""
-    from ttd.runtime.vocab_tagging import tag_with_vocabulary
-
     config, backend = tagger.config, tagger.backend
     rng = np.random.default_rng(0)
     ids = tagger.tokenizer([f"a photo of a thing number {i}" for i in range(settings.text_batch)])
@@ -84,9 +82,10 @@ def measure_backend(tagger: Tagger, images: np.ndarray, settings: BenchSettings)
     for batch in settings.batch_sizes:
         chunk = np.resize(images, (batch,) + images.shape[1:])
         encode_s = median_seconds(lambda: tagger.encode_images(chunk), settings.min_seconds, settings.clock)
-        _, patch, _ = tagger.encode_images(chunk[:1])
-        head_s = median_seconds(lambda: backend.score_tags(patch, tag_embeds[None]), settings.min_seconds, settings.clock)
-        vocab_s = median_seconds(lambda: tag_with_vocabulary(tagger, chunk, vocabulary, tag_embeds),
+        _, views = tagger.encode_images(chunk[:1])
+        request = tagger.request(vocabulary_embeds=tag_embeds, with_cosines=True)
+        head_s = median_seconds(lambda: backend.score_tags(views, request), settings.min_seconds, settings.clock)
+        vocab_s = median_seconds(lambda: tagger.tag_vocabulary(chunk, vocabulary, tag_embeds),
                                  settings.min_seconds, settings.clock)
         rows.append({"batch": batch, "images_per_s": batch / encode_s, "texts_per_s": settings.text_batch / text_s,
                      "tag_head_ms_per_image": 1000 * head_s, "vocab_tagging_over_encoding": vocab_s / encode_s})

@@ -68,11 +68,11 @@ def compare(reference: Tagger, candidate: Tagger, images: np.ndarray, captions: 
         record("image_embeds", ref_image, out_image, -1)
         record("patch_embeds", ref_patch, out_patch, 1)
         record("text_embeds", reference.backend.encode_texts(tokens[:b]), candidate.backend.encode_texts(tokens[:b]), -1)
-        tag_batch = np.repeat(tags[None], len(ref_patch), axis=0)
-        ref_head = reference.backend.score_tags(ref_patch, tag_batch)
-        out_head = candidate.backend.score_tags(ref_patch, tag_batch)
+        request = reference.request(vocabulary_embeds=tags, with_cosines=True)
+        ref_head = reference.backend.score_tags(ref_patch[:, None], request)
+        out_head = candidate.backend.score_tags(ref_patch[:, None], request)
         record("tag_scores", ref_head.tag_scores, out_head.tag_scores, -1)
-        record("tag_masks", ref_head.tag_masks, out_head.tag_masks, 1)
+        record("tag_cosines", ref_head.tag_cosines, out_head.tag_cosines, 1)
     tag_lists = [candidate_tags(c) for c in captions]
     same = total = 0
     for start in range(0, len(images), 16):

@@ -109,5 +109,10 @@ class PreVnniEmulatedBackend:
     def encode_texts(self, input_ids: np.ndarray) -> np.ndarray:
         return run_as_pre_vnni(self.export.graph(TEXT_ENCODER.name), {TEXT_ENCODER.inputs[0]: input_ids.astype(np.int64)})[0]
 
-    def score_tags(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray) -> TagHeadOutputs:
-        return self.head.score_tags(patch_embeds, tag_embeds)
+    def score_tags(self, patch_views: np.ndarray, request) -> TagHeadOutputs:
+        return self.head.score_tags(patch_views, request)
+
+    def tag_images(self, images: np.ndarray, preprocessing, request) -> TagHeadOutputs:
+        from ttd.runtime.backend import tag_images_on_host
+
+        return tag_images_on_host(self, images, preprocessing, request)

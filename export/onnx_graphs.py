@@ -51,17 +51,26 @@ def export_graphs(model: TTDModel, out_dir: Path, opset: int = DEFAULT_OPSET,
     config = model.config
     size, dim = config.image_size, config.embed_dim
     grid_h, grid_w = config.grid_size
-    batch, tags = {0: "batch"}, {0: "batch", 1: "tags"}
+    batch = {0: "batch"}
     pixels = torch.randn(EXAMPLE_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
     input_ids = torch.from_numpy(model.tokenizer(["a photo", "two words here"]))
-    patch = torch.nn.functional.normalize(torch.randn(EXAMPLE_BATCH, dim, grid_h, grid_w), dim=1)
-    tag_embeds = torch.nn.functional.normalize(torch.randn(EXAMPLE_BATCH, 3, dim), dim=-1)
+    generator = torch.Generator().manual_seed(0)
+    views = torch.nn.functional.normalize(torch.randn(EXAMPLE_BATCH, 2, dim, grid_h, grid_w, generator=generator), dim=2)
+    tag_embeds = torch.nn.functional.normalize(torch.randn(EXAMPLE_BATCH, 3, dim, generator=generator), dim=-1)
+    tag_valid = torch.tensor([[True, True, True], [True, True, False]])
+    negative_embeds = torch.nn.functional.normalize(torch.randn(EXAMPLE_BATCH, 2, dim, generator=generator), dim=-1)
+    negative_margin = torch.full((EXAMPLE_BATCH, 1), float(config.negative_margin))
     head = TagHeadGraph(config.tau, model.mask_weight.item(), model.mask_bias.item())
+    # every axis but D and the grid is dynamic; the tag inputs' first axis is "tag_batch": the
+    # images' batch, or 1 for one vocabulary broadcast over every image
+    head_axes = [{0: "batch", 1: "views"}, {0: "tag_batch", 1: "tags"}, {0: "tag_batch", 1: "tags"},
+                 {0: "tag_batch", 1: "negatives"}, {0: "tag_batch"}, {0: "batch", 2: "tags"}, {0: "batch", 1: "tags"}]
     with torch.no_grad():
         return {
             IMAGE_ENCODER.name: _export(ImageEncoderGraph(model), (pixels,), out_dir, IMAGE_ENCODER,
                                         [batch, batch, batch], opset),
             TEXT_ENCODER.name: _export(TextEncoderGraph(model), (input_ids,), out_dir, TEXT_ENCODER,
                                        [batch, batch], opset),
-            TAG_HEAD.name: _export(head, (patch, tag_embeds), out_dir, TAG_HEAD, [batch, tags, tags, tags, tags], opset),
+            TAG_HEAD.name: _export(head, (views, tag_embeds, tag_valid, negative_embeds, negative_margin), out_dir,
+                                   TAG_HEAD, head_axes, opset),
         }

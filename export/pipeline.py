@@ -19,7 +19,7 @@ from export.checks import FP32_GATE, VARIANT_GATE, GateError, check_pairs, compa
 from export.int8_portability import worst_pair_sum
 from export.onnx_graphs import DEFAULT_OPSET, export_graphs
 from export.precision import CONVERTERS, ENCODERS, PRECISIONS, Int8Settings, VariantJob, portable_settings
-from ttd.model.contract import GRAPH_NAMES, IMAGE_ENCODER, TEXT_ENCODER
+from ttd.model.contract import CONTRACT_VERSION, GRAPH_NAMES, IMAGE_ENCODER, TEXT_ENCODER
 from ttd.model.factory import save_checkpoint
 from ttd.runtime.hardware import cpu_capabilities
 from ttd.runtime.images import Preprocess, normalize
@@ -148,6 +148,7 @@ def _manifest(model: TTDModel, out_dir: Path, precision: str, opset: int) -> dic
     files = sorted(name for name in written if (out_dir / name).is_file())  # what the export wrote, not what was there
     return {
         "format": "ttd-export/1",
+        "contract": CONTRACT_VERSION,
         "mask_weight": model.mask_weight.item(),
         "mask_bias": model.mask_bias.item(),
         "opset": opset,

@@ -99,13 +99,17 @@ def profiles(graph: str, config: ModelConfig, limits: BatchLimits) -> dict[str, 
     size, dim, ctx = config.image_size, config.embed_dim, config.context_length
     h, w = config.grid_size
     b = (1, limits.opt_batch, limits.max_batch)
-    # a request's tags followed by the model's negative prompts (the `negatives` score's head call)
-    k = (1, min(limits.opt_tags, limits.max_tags), limits.max_tags + len(config.negative_prompts))
+    k = (1, min(limits.opt_tags, limits.max_tags), limits.max_tags)
+    negatives = len(config.negative_prompts)
+    n = (1, max(1, negatives), max(16, negatives))  # room for calibration to choose other negative prompts
     shapes = {
         "image_encoder": [tuple((n, 3, size, size) for n in b)],
         # tag prompts arrive in large batches: allow 8x the image batch
         "text_encoder": [tuple((n, ctx) for n in (1, limits.opt_batch * 8, limits.max_batch * 8))],
-        "tag_head": [tuple((n, dim, h, w) for n in b), tuple((n, t, dim) for n, t in zip(b, k))],
+        # views: 1, or 2 under flip TTA; the tag inputs' first axis: the batch, or 1 for a shared vocabulary
+        "tag_head": [tuple((rows, views, dim, h, w) for rows, views in zip(b, (1, 1, 2))),
+                     tuple((rows, t, dim) for rows, t in zip(b, k)), tuple((rows, t) for rows, t in zip(b, k)),
+                     tuple((rows, m, dim) for rows, m in zip(b, n)), tuple((rows, 1) for rows in b)],
     }
     if graph not in shapes:
         raise ValueError(f"unknown graph {graph!r}")

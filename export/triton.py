@@ -18,7 +18,7 @@ from string import Template
 import onnx
 
 import triton_repo
-from ttd.model.config import DEFAULT_SCORE_METHOD, DEFAULT_THRESHOLD, SCORE_METHODS, ModelConfig, canonical_precision
+from ttd.model.config import DEFAULT_SCORE_METHOD, DEFAULT_THRESHOLD, SCORE_METHODS, canonical_precision
 from ttd.model.contract import (
     INSTANCE_KINDS,
     SERVED_GRAPHS,
@@ -73,13 +73,11 @@ def _profile_max(profiles: dict, graph: str, name: str, axis: int) -> int:
     return int(profiles[graph][name]["max"][axis])
 
 
-def tensorrt_limit_problems(manifest: dict, batch_sizes: dict[str, int], max_tags: int | None,
-                            negative_tags: int = 0) -> list[str]:
+def tensorrt_limit_problems(manifest: dict, batch_sizes: dict[str, int], max_tags: int | None) -> list[str]:
     """Where a repository's limits exceed the engines' optimisation profiles (recorded in the
     export manifest): Triton refuses to load a tensorrt_plan model whose max_batch_size exceeds its
     engine's, and a tag head call with more tags than its profile fails at run time.
-    `batch_sizes` maps model name -> max_batch_size; `negative_tags`: the negative prompts that the
-    `negatives` score sends with every request's tags."""
+    `batch_sizes` maps model name -> max_batch_size."""
     profiles = manifest.get("tensorrt", {}).get("profiles")
     if not profiles:
         return ["the export manifest records no TensorRT profile limits (an export made before they were "
@@ -92,11 +90,9 @@ def tensorrt_limit_problems(manifest: dict, batch_sizes: dict[str, int], max_tag
             problems.append(f"{model}: max_batch_size {size} exceeds its TensorRT engine's profile maximum {limit} "
                             "(lower --max-batch-size, or re-export with a larger --max-batch)")
     profile_tags = _profile_max(profiles, TAG_HEAD.name, TAG_HEAD.inputs[1], 1)
-    tag_limit = profile_tags - negative_tags
-    if max_tags is not None and max_tags > tag_limit:
-        problems.append(f"{TAGGER_MODEL}: max_tags {max_tags} exceeds the tag head engine's profile maximum {tag_limit} "
-                        f"(pass --max-tags {tag_limit} or less)"
-                        + (f"; its {profile_tags} tags include the {negative_tags} negative prompts" if negative_tags else ""))
+    if max_tags is not None and max_tags > profile_tags:
+        problems.append(f"{TAGGER_MODEL}: max_tags {max_tags} exceeds the tag head engine's profile maximum {profile_tags} "
+                        f"(pass --max-tags {profile_tags} or less)")
     return problems
 
 
@@ -149,10 +145,7 @@ def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engi
                      batching: BatchingOptions = BatchingOptions(), threshold: float = DEFAULT_THRESHOLD,
                      max_tags: int = 1024, torch_dtype: str = "fp32",
                      score_method: str = DEFAULT_SCORE_METHOD) -> Path:
-    """Write a model repository for `export_dir` into `repo` (which must not exist or be empty).
-
-    With the `negatives` score the tagger calls the tag head with a request's tags followed by
-    the model's negative prompts, so the graph models accept max_tags + that many tags."""
+    """Write a model repository for `export_dir` into `repo` (which must not exist or be empty)."""
     if score_method not in SCORE_METHODS:
         raise ValueError(f"unknown score method {score_method!r}; choose one of {', '.join(SCORE_METHODS)}")
     if flavour not in ENGINES:
@@ -163,13 +156,11 @@ def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engi
     batching.check()
     kind = instance_kind(engine, batching.kind)
     export = read_export(export_dir)
-    negative_tags = len(export.config.negative_prompts) if score_method == "negatives" else 0
-    head_tags = max_tags + negative_tags
+    head_tags = max(max_tags, len(export.config.negative_prompts))  # the largest variable dim a head call has
     weights = export.torch_weights() if engine == "torch" else None
     plans = _engine_files(export, export_dir) if engine == "tensorrt" else {}
     if engine == "tensorrt":
-        problems = tensorrt_limit_problems(export.manifest, dict.fromkeys(SERVED_GRAPHS, batching.max_batch_size), max_tags,
-                                           negative_tags)
+        problems = tensorrt_limit_problems(export.manifest, dict.fromkeys(SERVED_GRAPHS, batching.max_batch_size), max_tags)
         if problems:
             raise ValueError(f"{export_dir}: " + "; ".join(problems))
     if repo.exists() and any(repo.iterdir()):
@@ -331,12 +322,4 @@ def _tensorrt_problems(engines: dict, tagger) -> list[str]:
     known = {m: config.max_batch_size for m, (config, _) in engines.items() if m in SERVED_GRAPHS}
     parameters = tagger[0].parameters
     max_tags = int(parameters["max_tags"].string_value) if "ttd_tag_head" in known and "max_tags" in parameters else None
-    return problems + tensorrt_limit_problems(manifest, known, max_tags, _negative_tags(tagger[1], parameters))
-
-
-def _negative_tags(tagger_version: Path, parameters) -> int:
-    """How many negative prompts the tagger adds to each head call (0 unless it serves `negatives`)."""
-    method = parameters["score_method"].string_value if "score_method" in parameters else "softmax"
-    if method != "negatives" or not (tagger_version / CONFIG).is_file():
-        return 0
-    return len(ModelConfig.from_dict(json.loads((tagger_version / CONFIG).read_text())).negative_prompts)
+    return problems + tensorrt_limit_problems(manifest, known, max_tags)

@@ -15,7 +15,7 @@ from ttd.cli import main
 from ttd.data.annotations import world_eval_samples
 from ttd.evaluation.evaluate import evaluate
 from ttd.model.factory import DEFAULT_CHECKPOINT
-from ttd.model.negatives import sigmoid
+from ttd.runtime.tagger import sigmoid
 from ttd.runtime import load_tagger
 from ttd.runtime.tagger import Tagger
 from ttd.model.tags import candidate_tags

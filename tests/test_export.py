@@ -205,10 +205,11 @@ def test_provider_choice_is_explicit():
 def test_tensorrt_profiles_and_names():
     model = create_model("world-tiny")
     shapes = profiles("tag_head", model.config, BatchLimits(opt_batch=4, max_batch=16, opt_tags=8, max_tags=64))
-    assert shapes["patch_embeds"] == ((1, 128, 8, 8), (4, 128, 8, 8), (16, 128, 8, 8))
-    # max: the request's 64 tags followed by the model's negative prompts (the `negatives` score)
+    assert shapes["patch_views"] == ((1, 1, 128, 8, 8), (4, 1, 128, 8, 8), (16, 2, 128, 8, 8))
+    # the negative prompts have their own input (room for 16), the tags theirs
     negatives = len(model.config.negative_prompts)
-    assert negatives == 5 and shapes["tag_embeds"] == ((1, 1, 128), (4, 8, 128), (16, 64 + negatives, 128))
+    assert negatives == 5 and shapes["tag_embeds"] == ((1, 1, 128), (4, 8, 128), (16, 64, 128))
+    assert shapes["negative_embeds"] == ((1, 1, 128), (4, negatives, 128), (16, 16, 128))
     assert profiles("text_encoder", model.config, BatchLimits())["input_ids"][2] == (256, 32)
     assert engine_name("image_encoder", "10.13.3.9", (9, 0), "fp16") == "image_encoder.trt10.13.sm90.fp16.plan"
 

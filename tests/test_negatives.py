@@ -1,6 +1,6 @@
 """The `negatives` pixel-tag score (issue 11): tags that share pixels both pass, an absent tag does
-not, on every path that computes the score (ttd.model.scoring for Stage 1 and evaluation, the runtime
-Tagger from the tag head's outputs, the vocabulary head), and the backends agree on it."""
+not, on every path that computes the score (the one scoring function, through Stage 1, the torch
+and onnxruntime Taggers, vocabulary mode), and the backends agree on it."""
 
 import json
 
@@ -13,13 +13,10 @@ from ttd.model.config import DEFAULT_NEGATIVE_MARGIN, ModelConfig
 from ttd.data.world import make_sample, world_model_config
 from ttd.train.distill import ttd_losses
 from ttd.model.factory import load_model
-from ttd.model.graphs import TagHeadGraph
-from ttd.model.negatives import negative_contrast_from_probs
 from ttd.runtime import load_tagger
-from ttd.model.scoring import pad_tags, pixel_tag_scores, select_tags
+from ttd.model.scoring import pad_tags, score_row, select_tags, tag_head
 from ttd.evaluation.tag_kinds import KindCounts
 from ttd.model.tags import candidate_tags
-from ttd.runtime.vocab_tagging import vocabulary_scores
 
 TAU = 100.0
 
@@ -41,36 +38,24 @@ def shared_pixels_case():
     return patch, tags, negatives
 
 
+def scores_of(patch, tags, negatives, method, margin=DEFAULT_NEGATIVE_MARGIN):
+    valid = torch.ones(tags.shape[:2], dtype=torch.bool)
+    return score_row(tag_head(patch[:, None], tags, valid, negatives[None], torch.tensor([margin]), TAU, 10.0, -2.5)[0],
+                     method)
+
+
 def test_two_tags_sharing_every_pixel_both_pass_and_an_absent_tag_does_not():
     patch, tags, negatives = shared_pixels_case()
-    scores = pixel_tag_scores(patch, tags, TAU, method="negatives", negative_embeds=negatives)
+    scores = scores_of(patch, tags, negatives, "negatives")
     selected = select_tags(scores, 0.5)[0].tolist()
     assert selected == [True, True, False], scores
     # sigmoid(100·0.7071 − log(e^62 + e^0) − 2.2) for both tags, sigmoid(60 − 62 − 2.2) for the absent one
     logits = torch.tensor([100 * 2**-0.5, 100 * 2**-0.5, 60.0]) - 62.0 - DEFAULT_NEGATIVE_MARGIN
     torch.testing.assert_close(scores[0], torch.sigmoid(logits), rtol=1e-4, atol=1e-6)
     # the paper's softmax over the caption's tags lets neither pass here: each gets just under 0.5
-    softmax = pixel_tag_scores(patch, tags, TAU, method="softmax")
+    softmax = scores_of(patch, tags, negatives, "softmax")
     assert select_tags(softmax, 0.5)[0].tolist() == [False, False, False]
     assert 0.4999 < float(softmax[0, 0]) < 0.5
-
-
-def test_the_runtime_formula_on_the_tag_heads_outputs_equals_the_torch_score():
-    """The Tagger's path: one tag-head call over tags + negatives, the score from `tag_probs`."""
-    patch, tags, negatives = shared_pixels_case()
-    patch = patch + 0.005 * torch.randn(patch.shape, generator=torch.Generator().manual_seed(0))  # not flat
-    patch = F.normalize(patch, dim=1)
-    head = TagHeadGraph(TAU, 10.0, -2.5)
-    extended = torch.cat([tags, negatives[None]], dim=1)
-    with torch.no_grad():
-        probs = head(patch, extended)[2].numpy()
-    runtime = negative_contrast_from_probs(probs, tags.shape[1], DEFAULT_NEGATIVE_MARGIN).max(axis=(2, 3))
-    reference = pixel_tag_scores(patch, tags, TAU, method="negatives", negative_embeds=negatives).numpy()
-    np.testing.assert_allclose(runtime, reference, atol=1e-6)
-    assert (runtime[0] >= 0.5).tolist() == [True, True, False]
-    vocabulary, _ = vocabulary_scores(patch.numpy(), tags[0].numpy(), None, TAU, 10.0, -2.5, "negatives", False,
-                                      negatives.numpy(), DEFAULT_NEGATIVE_MARGIN)
-    np.testing.assert_allclose(vocabulary, reference, atol=1e-6)
 
 
 def test_stage1_selects_both_co_located_tags_and_teaches_their_masks():
@@ -107,19 +92,17 @@ def test_negatives_score_is_the_same_on_torch_onnxruntime_and_the_evaluation_pat
     model = load_model()
     unique, index, valid = pad_tags(tag_lists)
     with torch.no_grad():
-        pixels = torch.from_numpy(taggers["torch"].encode_images(images)[1])
-        flipped = taggers["torch"].encode_images(images)[2]
-        expected = pixel_tag_scores(pixels, model.encode_tags(unique)[index], model.config.tau, valid, "negatives",
-                                    flipped_patch_embeds=None if flipped is None else torch.from_numpy(flipped),
-                                    negative_embeds=model.encode_tags(list(model.config.negative_prompts)),
-                                    negative_margin=model.config.negative_margin).numpy()
+        views = torch.from_numpy(taggers["torch"].encode_images(images)[1])
+        negatives = model.encode_tags(list(model.config.negative_prompts))[None]
+        expected = score_row(tag_head(views, model.encode_tags(unique)[index], valid, negatives,
+                                      torch.tensor([model.config.negative_margin]), model.config.tau, 10.0, -2.5)[0],
+                             "negatives").numpy()
     worst = 0.0
     for row, tags in enumerate(tag_lists):
         torch_row, ort_row = results["torch"][row], results["onnxruntime"][row]
         np.testing.assert_allclose(torch_row.scores, expected[row, : len(tags)], atol=1e-4)
         worst = max(worst, float(np.abs(torch_row.scores - ort_row.scores).max()))
         assert torch_row.selected == ort_row.selected
-        assert torch_row.masks.shape == (len(tags), 8, 8)
     assert worst < 1e-4
     # the score is informative here: something is selected and something is not
     decisions = np.concatenate([r.scores for r in results["torch"]]) >= 0.5
@@ -127,29 +110,25 @@ def test_negatives_score_is_the_same_on_torch_onnxruntime_and_the_evaluation_pat
 
 
 def test_vocabulary_mode_serves_the_negatives_score_like_the_caption_path(world_export):
-    from ttd.runtime.vocab_tagging import tag_with_vocabulary
-
     tagger = load_tagger("onnxruntime", export_dir=str(world_export), score_method="negatives")
     images = np.stack([make_sample(2, i).image for i in range(4)])
     vocabulary = ["circle", "heart", "orange", "red", "grass", "snow", "dog"]
-    fast = tag_with_vocabulary(tagger, images, vocabulary, tagger.encode_tags(vocabulary))
+    fast = tagger.tag_vocabulary(images, vocabulary)
     slow = tagger.tag(images, [vocabulary] * len(images))
     for f, s in zip(fast, slow):
         np.testing.assert_allclose(f.scores, s.scores, atol=1e-5)
         assert f.selected == s.selected
 
 
-def test_triton_repository_sizes_the_head_for_the_negative_prompts(world_export, tmp_path):
+def test_triton_repository_serves_the_chosen_score(world_export, tmp_path):
     from export.triton import build_repository, validate_repository
 
     repo = build_repository(world_export, tmp_path / "repo", max_tags=64)
     head = (repo / "ttd_tag_head" / "config.pbtxt").read_text()
     tagger = (repo / "ttd_tagger" / "config.pbtxt").read_text()
-    assert 'key: "max_variable_dim" value: { string_value: "69" }' in head  # 64 tags + 5 negative prompts
+    assert 'key: "max_variable_dim" value: { string_value: "64" }' in head  # the negatives have their own input
     assert 'key: "score_method" value: { string_value: "negatives" }' in tagger
     assert any("ttd_tagger" in line for line in validate_repository(repo))
-    softmax = build_repository(world_export, tmp_path / "softmax", max_tags=64, score_method="softmax")
-    assert 'string_value: "64" }' in (softmax / "ttd_tag_head" / "config.pbtxt").read_text()
     with pytest.raises(ValueError, match="unknown score method 'best'"):
         build_repository(world_export, tmp_path / "bad", score_method="best")
 

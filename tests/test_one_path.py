@@ -83,7 +83,7 @@ def test_exported_graphs_and_backends_follow_the_contract(default_export, tiny_m
     import numpy as np
     import onnx
 
-    from ttd.model.contract import GRAPHS, ImageEmbeddings, TagHeadOutputs
+    from ttd.model.contract import GRAPHS, SCORE_ROWS, ImageEmbeddings, TagHeadOutputs
     from ttd.runtime import load_tagger, torch_tagger
 
     for graph in GRAPHS.values():
@@ -95,10 +95,13 @@ def test_exported_graphs_and_backends_follow_the_contract(default_export, tiny_m
         pixels = np.zeros((2, 3, 64, 64), np.float32)
         encoded = tagger.backend.encode_images(pixels)
         assert isinstance(encoded, ImageEmbeddings) and encoded.patch_embeds.shape == (2, tagger.config.embed_dim, 8, 8)
-        head = tagger.backend.score_tags(encoded.patch_embeds, tagger.encode_tags(["red", "circle"])[None].repeat(2, 0))
+        request = tagger.request([["red", "circle"], ["red"]], with_cosines=True)
+        head = tagger.backend.score_tags(encoded.patch_embeds[:, None], request)
         assert isinstance(head, TagHeadOutputs)
-        assert head.tag_scores.shape == (2, 2) and head.tag_masks.shape == head.tag_probs.shape == (2, 2, 8, 8)
-        assert tagger.tag(images, [["red", "circle"]] * 2)[0].masks.shape == (2, 8, 8)
+        assert head.tag_scores.shape == (2, len(SCORE_ROWS), 2) and head.tag_cosines.shape == (2, 2, 8, 8)
+        assert head.tag_scores[1, :, 1].tolist() == [0.0] * len(SCORE_ROWS)  # the padded tag
+        assert tagger.tag(images, [["red", "circle"]] * 2, with_masks=True)[0].masks.shape == (2, 8, 8)
+        assert tagger.tag(images, [["red", "circle"]] * 2)[0].masks is None
 
 
 def test_triton_repository_names_come_from_the_contract(default_export, tmp_path):
@@ -147,7 +150,7 @@ def test_ttd_tag_scores_what_tagger_prepare_gives(tmp_path, tiny_model):
     from ttd.data.world import make_sample
     from ttd.data.inputs import read_captions
     from ttd.runtime import torch_tagger
-    from ttd.jobs.tag_job import tag_items
+    from ttd.jobs.stream_job import tag_items
 
     lines = []
     for i in range(3):

@@ -15,7 +15,8 @@ from ttd.data.world import make_sample
 from ttd.runtime.images import ImageError, decode_image
 from ttd.data.inputs import read_captions
 from ttd.runtime.tagger import TagResult
-from ttd.jobs.tag_job import write_masks, tag_items
+from ttd.jobs.stream_job import tag_items
+from ttd.jobs.tag_job import write_masks
 
 
 def run(*args):
@@ -49,7 +50,7 @@ def test_a_failed_rerun_keeps_the_previous_output(tmp_path, tiny_model, monkeypa
     assert len(before.splitlines()) == 4
 
     calls = {"n": 0}
-    original = tagger.encode_images
+    original = tagger.tag_images
 
     def dies_on_second_batch(*args, **kwargs):
         calls["n"] += 1
@@ -57,7 +58,7 @@ def test_a_failed_rerun_keeps_the_previous_output(tmp_path, tiny_model, monkeypa
             raise KeyboardInterrupt  # the job is stopped part-way
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(tagger, "encode_images", dies_on_second_batch)  # called once per batch
+    monkeypatch.setattr(tagger, "tag_images", dies_on_second_batch)  # called once per batch
     with pytest.raises(KeyboardInterrupt):
         tag_items(tagger, items, out, batch_size=2, progress=False)
     assert out.read_text() == before  # the previous output is whole

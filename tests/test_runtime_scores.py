@@ -16,7 +16,7 @@ from ttd.evaluation.evaluate import evaluate
 from ttd.model.factory import load_model
 from ttd.runtime.images import normalize
 from ttd.runtime import load_tagger
-from ttd.model.scoring import pad_tags, pixel_tag_scores
+from ttd.model.scoring import pad_tags, score_row, tag_head
 from ttd.model.tags import candidate_tags
 
 
@@ -27,16 +27,17 @@ def world_batch():
 
 
 def evaluation_scores(model, images, tag_lists, method, flip):
-    """The scores of ttd/evaluation/evaluate.py's path: the torch model and ttd.model.scoring directly."""
+    """The scores of the torch model and ttd.model.scoring directly (not through any backend graph)."""
     pixels = torch.from_numpy(normalize(images, model.config.mean, model.config.std))
     with torch.no_grad():
         patch = model.encode_image(pixels)[1]
-        flipped = model.encode_image(pixels.flip(-1))[1] if flip else None
+        views = torch.stack([patch, model.encode_image(pixels.flip(-1))[1].flip(-1)], 1) if flip else patch[:, None]
         unique, index, valid = pad_tags(tag_lists)
         tag_embeds = model.encode_tags(unique)[index]
-        return pixel_tag_scores(patch, tag_embeds, model.config.tau, valid, method, model.mask_weight,
-                                model.mask_bias, flipped, model.encode_tags(list(model.config.negative_prompts)),
-                                model.config.negative_margin).numpy()
+        negatives = model.encode_tags(list(model.config.negative_prompts))[None]
+        scores, _ = tag_head(views, tag_embeds, valid, negatives, torch.tensor([model.config.negative_margin]),
+                             model.config.tau, model.mask_weight, model.mask_bias)
+        return score_row(scores, method).numpy()
 
 
 @pytest.mark.parametrize("method", ["negatives", "softmax", "minmax", "sigmoid"])

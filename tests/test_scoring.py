@@ -1,10 +1,19 @@
+"""THE scoring function (ttd.model.scoring.tag_head) against the formulas of docs/architecture.md
+§3.3 written out naively, pixel by pixel; padding with a validity mask is exact for every score
+(the softmax and the min-max over tags included), views average their maps, and one shared
+vocabulary row broadcasts over the images exactly."""
+
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from ttd.model.scoring import (global_tag_scores, minmax_over_tags, pad_tags, pixel_tag_probs, pixel_tag_scores, select_tags,
-                         tag_masks)
+from ttd.model.contract import SCORE_ROWS
+from ttd.model.scoring import (combine_windows, global_tag_scores, minmax_over_tags, pad_tags, score_row, select_tags,
+                               tag_head)
+
+TAU, W, B, MARGIN = 100.0, 10.0, -2.5, 2.2
 
 
 def unit(*values):
@@ -12,70 +21,119 @@ def unit(*values):
     return t / t.norm()
 
 
-@pytest.fixture()
-def two_pixel_example():
-    """One image, 1x2 pixels, D=2: pixel 0 points at tag 0, pixel 1 half-way between the tags."""
-    f0, f1 = unit(1.0, 0.0), unit(1.0, 1.0)
-    patch = torch.stack([f0, f1], dim=1).reshape(1, 2, 1, 2)
+def random_case(seed=0, batch=3, views=2, dim=6, h=3, w=4, tags=5, negatives=3):
+    g = torch.Generator().manual_seed(seed)
+    n = torch.nn.functional.normalize
+    return (n(torch.randn(batch, views, dim, h, w, generator=g), dim=2), n(torch.randn(batch, tags, dim, generator=g), dim=-1),
+            n(torch.randn(1, negatives, dim, generator=g), dim=-1))
+
+
+def naive_scores(views, tags, negatives, tau=TAU, margin=MARGIN):
+    """Every score of one image, pixel by pixel in float64: views [V, D, h, w], tags [K, D], negatives [N, D]."""
+    views, tags, negatives = (x.double().numpy() for x in (views, tags, negatives))
+    v_count, _, h, w = views.shape
+    k = len(tags)
+    neg_map, soft_map, sig_map, cos_map = (np.zeros((v_count, k, h, w)) for _ in range(4))
+    for v in range(v_count):
+        for i in range(h):
+            for j in range(w):
+                f = views[v, :, i, j]
+                cos = tags @ f
+                pooled = math.log(sum(math.exp(tau * c) for c in negatives @ f))
+                exps = np.exp(tau * cos - (tau * cos).max())
+                for t in range(k):
+                    neg_map[v, t, i, j] = 1 / (1 + math.exp(-(tau * cos[t] - pooled - margin)))
+                    soft_map[v, t, i, j] = exps[t] / exps.sum()
+                    sig_map[v, t, i, j] = 1 / (1 + math.exp(-(W * cos[t] + B)))
+                    cos_map[v, t, i, j] = cos[t]
+    peak = cos_map.mean(0).max(axis=(1, 2))
+    minmax = (peak - peak.min()) / (peak.max() - peak.min()) if peak.max() > peak.min() else np.ones(k)
+    return {"negatives": neg_map.mean(0).max(axis=(1, 2)), "softmax": soft_map.mean(0).max(axis=(1, 2)),
+            "minmax": minmax, "sigmoid": sig_map.mean(0).max(axis=(1, 2)), "peak_cosine": peak,
+            "cosines": cos_map.mean(0)}
+
+
+def head(views, tags, valid, negatives, margin=MARGIN):
+    return tag_head(views, tags, valid, negatives, torch.tensor([margin]), TAU, W, B)
+
+
+def test_every_score_equals_its_formula_with_two_views():
+    views, tags, negatives = random_case()
+    scores, cosines = head(views, tags, torch.ones(tags.shape[:2], dtype=torch.bool), negatives)
+    assert scores.shape == (3, len(SCORE_ROWS), 5) and cosines.shape == (3, 5, 3, 4)
+    for row in range(3):
+        expected = naive_scores(views[row], tags[row], negatives[0])
+        for name in SCORE_ROWS:
+            np.testing.assert_allclose(score_row(scores, name)[row].numpy(), expected[name], atol=2e-5, err_msg=name)
+        np.testing.assert_allclose(cosines[row].numpy(), expected["cosines"], atol=1e-6)
+
+
+@pytest.mark.parametrize("score", SCORE_ROWS)
+def test_a_padded_batch_gives_each_list_its_own_scores(score):
+    """Lists of 5, 2 and 3 tags padded into one call score as each list alone, whatever the padding
+    holds (here: other tags, which would win a softmax they took part in); padding scores 0."""
+    views, tags, negatives = random_case(seed=1)
+    lengths = [5, 2, 3]
+    valid = torch.tensor([[k < n for k in range(5)] for n in lengths])
+    scores = score_row(head(views, tags, valid, negatives)[0], score)
+    for row, n in enumerate(lengths):
+        alone = score_row(head(views[row : row + 1], tags[row : row + 1, :n], valid[row : row + 1, :n], negatives)[0], score)
+        torch.testing.assert_close(scores[row, :n], alone[0], atol=1e-6, rtol=0)
+        assert (scores[row, n:] == 0).all()
+
+
+def test_one_vocabulary_row_broadcasts_over_the_images():
+    views, tags, negatives = random_case(seed=2)
+    shared = tags[:1]
+    one = head(views, shared, torch.ones(1, 5, dtype=torch.bool), negatives)
+    expanded = head(views, shared.expand(3, -1, -1), torch.ones(3, 5, dtype=torch.bool), negatives.expand(3, -1, -1))
+    torch.testing.assert_close(one[0], expanded[0])
+    torch.testing.assert_close(one[1], expanded[1])
+
+
+def test_views_average_their_maps_and_a_mirrored_copy_changes_nothing():
+    views, tags, negatives = random_case(seed=3, views=1)
+    valid = torch.ones(3, 5, dtype=torch.bool)
+    single = head(views, tags, valid, negatives)[0]
+    doubled = head(torch.cat([views, views], dim=1), tags, valid, negatives)[0]
+    torch.testing.assert_close(single, doubled)
+
+
+def test_two_pixel_example_by_hand():
+    """Pixel 0 points at tag 0, pixel 1 half-way between the two tags (D = 2, τ = 10)."""
+    patch = torch.stack([unit(1.0, 0.0), unit(1.0, 1.0)], dim=1).reshape(1, 1, 2, 1, 2)
     tags = torch.stack([unit(1.0, 0.0), unit(0.0, 1.0)]).reshape(1, 2, 2)
-    return patch, tags
+    scores, _ = tag_head(patch, tags, torch.ones(1, 2, dtype=torch.bool), tags, torch.tensor([0.0]), 10.0, W, B)
+    softmax = score_row(scores, "softmax")
+    expected = [max(1 / (1 + math.exp(-10.0)), 0.5), max(1 / (1 + math.exp(10.0)), 0.5)]
+    torch.testing.assert_close(softmax, torch.tensor([expected]), rtol=1e-6, atol=1e-6)
+    assert select_tags(softmax, 0.5).tolist() == [[True, True]]
+    assert select_tags(softmax, 0.6).tolist() == [[True, False]]
+    assert score_row(scores, "minmax").tolist() == [[1.0, 0.0]]  # peak cosines 1 and 1/√2
 
 
-def test_pixel_tag_score_matches_hand_computation(two_pixel_example):
-    patch, tags = two_pixel_example
-    tau = 10.0
-    # pixel 0: cos = (1, 0); pixel 1: cos = (1/√2, 1/√2)
-    p_tag1_pixel0 = 1 / (1 + math.exp(tau * 1.0))  # softmax over (10, 0) for tag 1
-    p_tag1_pixel1 = 0.5
-    scores = pixel_tag_scores(patch, tags, tau)
-    expected_tag0 = max(1 / (1 + math.exp(-tau)), 0.5)
-    expected_tag1 = max(p_tag1_pixel0, p_tag1_pixel1)
-    torch.testing.assert_close(scores, torch.tensor([[expected_tag0, expected_tag1]]), rtol=1e-6, atol=1e-6)
-    assert select_tags(scores, 0.5).tolist() == [[True, True]]
-    assert select_tags(scores, 0.6).tolist() == [[True, False]]
+def test_minmax_over_tags_ignores_padding_and_a_single_tag_scores_one():
+    raw = torch.tensor([[0.2, 0.6, 9.0], [0.3, 0.0, 0.0]])
+    valid = torch.tensor([[True, True, False], [True, False, False]])
+    torch.testing.assert_close(minmax_over_tags(raw, valid)[:, :2], torch.tensor([[0.0, 1.0], [1.0, 1.0]]))
 
 
-def test_padding_is_excluded_from_the_softmax(two_pixel_example):
-    patch, tags = two_pixel_example
-    padded = torch.cat([tags, torch.zeros(1, 1, 2)], dim=1)
-    valid = torch.tensor([[True, True, False]])
-    scores = pixel_tag_scores(patch, padded, 10.0, valid)
-    torch.testing.assert_close(scores[:, :2], pixel_tag_scores(patch, tags, 10.0))
-    assert scores[0, 2] == 0
+def test_combine_windows_takes_the_best_window_and_minmax_over_the_whole_image():
+    views, tags, negatives = random_case(seed=4, batch=4, views=1)
+    shared = tags[:1]
+    windows = head(views, shared, torch.ones(1, 5, dtype=torch.bool), negatives)[0]
+    combined = combine_windows(windows)
+    # the windows side by side are one image: its best pixels are the best windows' pixels
+    whole = torch.cat(list(views), dim=-1)[None]  # [1, 1, D, h, 4·w]
+    expected = head(whole, shared, torch.ones(1, 5, dtype=torch.bool), negatives)[0][0]
+    torch.testing.assert_close(combined, expected, atol=1e-6, rtol=0)
 
 
-def test_flip_tta_averages_the_maps_of_both_views():
-    generator = torch.Generator().manual_seed(0)
-    patch = torch.nn.functional.normalize(torch.randn(1, 4, 3, 5, generator=generator), dim=1)
-    flipped_view = torch.nn.functional.normalize(torch.randn(1, 4, 3, 5, generator=generator), dim=1)
-    tags = torch.nn.functional.normalize(torch.randn(1, 3, 4, generator=generator), dim=-1)
-    expected = ((pixel_tag_probs(patch, tags, 100.0) + pixel_tag_probs(flipped_view.flip(-1), tags, 100.0)) / 2).amax(dim=(2, 3))
-    torch.testing.assert_close(pixel_tag_scores(patch, tags, 100.0, flipped_patch_embeds=flipped_view), expected)
-    # a view that is exactly the mirror image changes nothing
-    torch.testing.assert_close(pixel_tag_scores(patch, tags, 100.0, flipped_patch_embeds=patch.flip(-1)),
-                               pixel_tag_scores(patch, tags, 100.0))
-
-
-def test_minmax_and_sigmoid_scores(two_pixel_example):
-    patch, tags = two_pixel_example
-    # best-pixel cosines: tag 0 -> 1, tag 1 -> 1/√2: min-max over tags gives (1, 0)
-    torch.testing.assert_close(pixel_tag_scores(patch, tags, 100.0, method="minmax"), torch.tensor([[1.0, 0.0]]))
-    sigmoid = pixel_tag_scores(patch, tags, 100.0, method="sigmoid", mask_weight=10.0, mask_bias=-2.5)
-    expected = torch.sigmoid(torch.tensor([[10.0 - 2.5, 10.0 / math.sqrt(2) - 2.5]]))
-    torch.testing.assert_close(sigmoid, expected)
-    assert minmax_over_tags(torch.tensor([[0.3]]), None).item() == 1.0
-
-
-def test_global_scores_and_masks():
-    embeds = unit(1.0, 0.0).reshape(1, 2)
-    tags = torch.stack([unit(1.0, 0.0), unit(0.0, 1.0)]).reshape(1, 2, 2)
-    scores = global_tag_scores(embeds, tags, 100.0)
-    torch.testing.assert_close(scores.sum(), torch.tensor(1.0))
-    assert scores[0, 0] > 0.999
-    torch.testing.assert_close(tag_masks(torch.tensor(0.25), 10.0, -2.5), torch.tensor(0.5))
-
-
-def test_pad_tags_indexes_unique_tags():
+def test_global_scores_and_pad_tags():
+    embeds = unit(1.0, 0.0)[None]
+    tags = torch.stack([unit(1.0, 0.0), unit(0.0, 1.0), unit(1.0, 0.0)])[None]
+    scores = global_tag_scores(embeds, tags, 100.0, torch.tensor([[True, True, False]]))
+    assert scores[0, 0] > 0.999 and scores[0, 2] == 0
     unique, index, valid = pad_tags([["red", "circle"], ["circle"], []])
     assert unique == ["red", "circle"]
     assert index.tolist() == [[0, 1], [1, 0], [0, 0]]

@@ -73,8 +73,7 @@ def test_slide_multiscale_and_flip_shapes(tiny_model):
     features = encode_windows(flip, image, "whole", scales=(1.0, 1.5), stride=32)
     # scale 1: 192 x 64 -> 5 windows in a row; scale 1.5: 288 x 96 -> 8 x 2 windows
     assert [(p.width, p.height, len(p.windows)) for p in features.plans] == [(192, 64, 5), (288, 96, 16)]
-    assert [e.shape[0] for e in features.patch_embeds] == [5, 16]
-    assert [f.shape for f in features.flipped] == [e.shape for e in features.patch_embeds]
+    assert [e.shape[:2] for e in features.patch_views] == [(5, 2), (16, 2)]  # two views: flip TTA
     assert features.canvas_image.shape == (96, 288, 3)  # the finest scale's canvas
     maps = score_maps(flip, features, ["circle", "grass"], flip.encode_tags(["circle", "grass"]))
     assert maps.logits.shape == (2, 96, 288) and maps.scores.shape == (2,)
@@ -104,8 +103,8 @@ def test_model_sized_image_gives_the_evaluations_masks_and_the_taggers_scores(de
     for index in range(6):
         sample = make_sample(2, index)
         result = segment_caption(default_tagger, Image.fromarray(sample.image), sample.caption)
-        _, patch_embeds, _ = default_tagger.encode_images(sample.image[None])
-        expected = _caption_masks(default_tagger, patch_embeds, default_tagger.encode_texts([sample.caption]), 64, 0.5)
+        _, views = default_tagger.encode_images(sample.image[None])
+        expected = _caption_masks(default_tagger, views, default_tagger.encode_texts([sample.caption]), 64, 0.5)
         differing += int((expected[0] != result.segments[0].mask).sum())
         tagged = default_tagger.tag(sample.image[None], [candidate_tags(sample.caption)])[0]
         np.testing.assert_allclose([s for _, s in result.candidates], tagged.scores, atol=1e-6)

@@ -1,6 +1,7 @@
 """Tagging at scale (issue 12): exactly-once output across SIGKILL + --resume, sharding that covers
 every item once, streamed inputs (webdataset shards with bounded memory, folders, globs)."""
 
+import functools
 import io
 import json
 import os
@@ -225,14 +226,15 @@ def write_shards(folder: Path, shards: int, per_shard: int, image: bytes) -> str
 
 def test_streamed_shards_are_read_with_bounded_memory(tmp_path):
     from ttd.jobs.decoding import decoded_batches
+    from ttd.jobs.tag_job import prepare_items
 
     image = _noise_png(256)  # ~197 kB a sample
     pattern = write_shards(tmp_path, 24, 4, image)  # 96 samples: ~19 MB in 24 shards
     tracemalloc.start()
     try:
         seen, captions = 0, []
-        batches = decoded_batches(enumerate(stream_shards(pattern)), 4, 0, (False, Preprocess(32, "bicubic", 10**8)),
-                                  prefetch=2)
+        prepare = functools.partial(prepare_items, vocabulary_mode=False, preprocess=Preprocess(32, "bicubic", 10**8))
+        batches = decoded_batches(enumerate(stream_shards(pattern)), 4, 0, prepare, prefetch=2)
         for batch, outcomes in batches:
             seen += len(batch)
             captions += [item.caption for _, item in batch]

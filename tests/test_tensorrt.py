@@ -21,6 +21,8 @@ from export.pipeline import run_export
 from export.tensorrt import BatchLimits, TensorRTUnsupported, default_timing_cache, network_flags, profiles
 from export.triton import BatchingOptions, RepositoryError, build_repository, validate_repository
 from ttd.model.contract import ImageEmbeddings, TagHeadOutputs
+from ttd.model.scoring import tag_head as scoring_head
+from ttd.runtime.backend import tag_images_on_host
 from ttd.cli import main
 from ttd.model.factory import create_model
 from ttd.runtime.export_dir import ExportDir, read_export
@@ -212,7 +214,10 @@ def test_manifest_records_each_engine_and_its_profile(trt_export):
     section = manifest["tensorrt"]
     assert section["engines"] == {g: f"{g}.trt10.13.sm90.fp32.plan" for g in ("image_encoder", "text_encoder", "tag_head")}
     # max_tags 64 plus the 5 negative prompts of the default score
-    assert section["profiles"]["tag_head"]["tag_embeds"] == {"min": [1, 1, 128], "opt": [4, 8, 128], "max": [16, 69, 128]}
+    assert section["profiles"]["tag_head"]["tag_embeds"] == {"min": [1, 1, 128], "opt": [4, 8, 128], "max": [16, 64, 128]}
+    assert section["profiles"]["tag_head"]["negative_embeds"] == {"min": [1, 1, 128], "opt": [4, 5, 128],
+                                                                  "max": [16, 16, 128]}
+    assert section["profiles"]["tag_head"]["patch_views"]["max"] == [16, 2, 128, 8, 8]  # two views: flip TTA
     assert section["profiles"]["text_encoder"]["input_ids"]["max"] == [128, 32]
     built = json.loads((out / section["engines"]["image_encoder"]).read_bytes())  # what the builder was given
     assert built["profile"]["pixel_values"] == [[1, 3, 64, 64], [4, 3, 64, 64], [16, 3, 64, 64]]
@@ -221,7 +226,7 @@ def test_manifest_records_each_engine_and_its_profile(trt_export):
 
 def test_profile_limits_are_checked_when_given():
     config = create_model("world-tiny").config
-    assert profiles("tag_head", config, BatchLimits(max_tags=4))["tag_embeds"] == ((1, 1, 128), (8, 4, 128), (32, 9, 128))
+    assert profiles("tag_head", config, BatchLimits(max_tags=4))["tag_embeds"] == ((1, 1, 128), (8, 4, 128), (32, 4, 128))
     with pytest.raises(ValueError, match="--opt-batch 64 must lie in 1..--max-batch 32"):
         BatchLimits(opt_batch=64, max_batch=32)
     result = CliRunner().invoke(main, ["export", "--opt-batch", "64", "--max-batch", "32", "--tensorrt", "unused"])
@@ -295,7 +300,7 @@ def test_build_refuses_cpu_instances_and_limits_over_the_profiles(trt_export, tm
 
 TAU, MASK_WEIGHT, MASK_BIAS = 100.0, 10.0, -2.5
 DTYPE_NAMES = {np.dtype(np.float32): "FLOAT", np.dtype(np.float16): "HALF", np.dtype(np.int32): "INT32",
-               np.dtype(np.int64): "INT64"}
+               np.dtype(np.int64): "INT64", np.dtype(np.bool_): "BOOL"}
 
 
 def _unit(x, axis):
@@ -319,12 +324,11 @@ def reference_graphs(config):
     def text_encoder(input_ids):
         return (_unit(vocab[input_ids % len(vocab)].sum(axis=1), 1),)
 
-    def tag_head(patch_embeds, tag_embeds):
-        cos = np.einsum("bdhw,bkd->bkhw", patch_embeds, tag_embeds)
-        logits = TAU * cos
-        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
-        return probs.max(axis=(2, 3)), 1 / (1 + np.exp(-(MASK_WEIGHT * cos + MASK_BIAS))), probs
+    def tag_head(patch_views, tag_embeds, tag_valid, negative_embeds, negative_margin):
+        inputs = [torch.from_numpy(np.ascontiguousarray(a)) for a in
+                  (patch_views, tag_embeds, tag_valid, negative_embeds, negative_margin)]
+        with torch.no_grad():
+            return tuple(o.numpy() for o in scoring_head(*inputs, TAU, MASK_WEIGHT, MASK_BIAS))
 
     return {"image_encoder": image_encoder, "text_encoder": text_encoder, "tag_head": tag_head}
 
@@ -343,8 +347,12 @@ class NumpyBackend:
     def encode_texts(self, input_ids):
         return self.graphs["text_encoder"](input_ids)[0]
 
-    def score_tags(self, patch_embeds, tag_embeds):
-        return TagHeadOutputs(*self.graphs["tag_head"](patch_embeds, tag_embeds))
+    def score_tags(self, patch_views, request):
+        scores, cosines = self.graphs["tag_head"](patch_views, *request.arrays())
+        return TagHeadOutputs(scores, cosines if request.with_cosines else None)
+
+    def tag_images(self, images, preprocessing, request):
+        return tag_images_on_host(self, images, preprocessing, request)
 
 
 def _array_at(address, shape, dtype):
@@ -381,7 +389,7 @@ class FakeContext:
         inputs = {n: _array_at(self.addresses[n], self.shapes[n], self.engine.dtypes[n]).copy()
                   for n in self.engine.inputs}
         self.executed.append({n: a.shape for n, a in inputs.items()})
-        results = self.engine.function(**{n: a.astype(np.float32 if a.dtype.kind == "f" else np.int64)
+        results = self.engine.function(**{n: a.astype(np.float32 if a.dtype.kind == "f" else a.dtype)
                                           for n, a in inputs.items()})
         for name, value in zip(self.engine.outputs, results):
             target = _array_at(self.addresses[name], value.shape, self.engine.dtypes[name])
@@ -395,7 +403,7 @@ class FakeEngine:
     def __init__(self, function, profile, outputs, dtypes, refuse=None) -> None:
         self.function, self.profile, self.outputs, self.refuse = function, profile, outputs, refuse or {}
         self.inputs = tuple(profile)
-        contract = {"input_ids": np.int64}  # every other tensor of the contract is float32
+        contract = {"input_ids": np.int64, "tag_valid": np.bool_}  # every other tensor of the contract is float32
         self.dtypes = {n: np.dtype(dtypes.get(n, contract.get(n, np.float32))) for n in (*self.inputs, *outputs)}
         self.contexts = []
 
@@ -428,7 +436,7 @@ class FakeEngine:
 def fake_engines(config, limits: BatchLimits, graphs, dtypes=None, refuse=None):
     dtypes = dtypes or {}
     outputs = {"image_encoder": ("image_embeds", "patch_embeds"), "text_encoder": ("text_embeds",),
-               "tag_head": ("tag_scores", "tag_masks", "tag_probs")}
+               "tag_head": ("tag_scores", "tag_cosines")}
     return {graph: FakeEngine(graphs[graph], profiles(graph, config, limits), outputs[graph], dtypes.get(graph, {}),
                               (refuse or {}).get(graph))
             for graph in outputs}
@@ -449,39 +457,38 @@ def test_calls_are_split_to_the_profile_and_agree_with_an_unchunked_reference(sc
     graphs = reference_graphs(config)
     limits = BatchLimits(opt_batch=2, max_batch=4, opt_tags=4, max_tags=6)  # text: 32 prompts a call at most
     engines = fake_engines(config, limits, graphs)
-    tags = [f"word{i}" for i in range(15)]  # 15 tags x 3 templates = 45 prompts > 32; 15 tags > 6
-    tag_lists = [tags[:3], tags, tags[5:11]]
+    tags = [f"word{i}" for i in range(15)]  # 15 tags x 3 templates = 45 prompts > 32
     options = {"flip_tta": True, "mask_weight": MASK_WEIGHT, "mask_bias": MASK_BIAS, "score_method": score_method}
     reference = Tagger(NumpyBackend(graphs), config, **options)
     candidate = Tagger(_backend(config, engines), config, **options)
     images = _world_images(config, 3)  # flip TTA: 6 images for an engine that takes 4
-    expected, got = reference.tag(images, tag_lists), candidate.tag(images, tag_lists)
-    for a, b in zip(expected, got):
-        np.testing.assert_allclose(b.scores, a.scores, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(b.masks, a.masks, rtol=1e-5, atol=1e-6)
-        assert b.selected == a.selected
-    assert [len(a.tags) for a in got] == [3, 15, 6]
+    # lists padded to 6 run in one engine call (3 images, 2 views); 15 tags > the profile's 6 run in torch
+    for tag_lists, head_calls in (([tags[:3], tags[:6], tags[5:11]], [((3, 2), 6)]), ([tags[:3], tags, tags[5:11]], [])):
+        before = len(engines["tag_head"].contexts[0].executed)
+        expected = reference.tag(images, tag_lists, with_masks=True)
+        got = candidate.tag(images, tag_lists, with_masks=True)
+        for a, b in zip(expected, got):
+            np.testing.assert_allclose(b.scores, a.scores, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(b.masks, a.masks, rtol=1e-5, atol=1e-6)
+            assert b.selected == a.selected
+        assert [len(a.tags) for a in got] == [len(t) for t in tag_lists]
+        executed = engines["tag_head"].contexts[0].executed[before:]
+        assert [(c["patch_views"][:2], c["tag_embeds"][1]) for c in executed] == head_calls
     image_calls = [c["pixel_values"][0] for c in engines["image_encoder"].contexts[0].executed]
-    assert image_calls == [4, 2]
+    assert image_calls == [4, 2, 4, 2]
     text_calls = [c["input_ids"][0] for c in engines["text_encoder"].contexts[0].executed]
-    head_calls = [c["tag_embeds"][1] for c in engines["tag_head"].contexts[0].executed]
-    if score_method == "softmax":
-        assert text_calls == [9, 32, 4]
-        assert head_calls == [3, 3, 6, 6]  # two views each; the 15 tags ran beside the engine, not in slices of it
-    else:  # one padded call for the lists that fit the profile (3 and 6 tags, padded to 6) followed by the
-        # 5 negative prompts (15 prompts, encoded once): 6 + 5 = the profile's 11; the 15 tags run beside it
-        assert text_calls == [9, 18, 15, 18]
-        assert head_calls == [11, 11]
+    assert text_calls == [9, 9, 15, 15, 12]  # each tag (3 templates) and the 5 negative prompts encoded once
 
     # the batch axis of every graph, directly against the reference
     backend = _backend(config, engines)
     pixels = np.random.default_rng(2).normal(size=(9, 3, 64, 64)).astype(np.float32)
     for got_part, want in zip(backend.encode_images(pixels), graphs["image_encoder"](pixels)):
         np.testing.assert_allclose(got_part, want, rtol=1e-5, atol=1e-6)
-    patches, heads = graphs["image_encoder"](pixels)[1], _world_tags(config, 9, 5)
-    for got_part, want in zip(backend.score_tags(patches, heads), graphs["tag_head"](patches, heads)):
+    views = graphs["image_encoder"](pixels)[1][:, None]
+    request = reference.request([[f"word{i}" for i in range(5)]] * 9, with_cosines=True)
+    for got_part, want in zip(backend.score_tags(views, request), graphs["tag_head"](views, *request.arrays())):
         np.testing.assert_allclose(got_part, want, rtol=1e-5, atol=1e-6)
-    assert [c["patch_embeds"][0] for c in engines["tag_head"].contexts[-1].executed] == [4, 4, 1]
+    assert [c["patch_views"][0] for c in engines["tag_head"].contexts[-1].executed] == [4, 4, 1]
 
 
 def _world_tags(config, batch, count):

@@ -1,5 +1,6 @@
-"""The batched vocabulary head gives Tagger.tag's numbers, for every score method, with and
-without flip TTA; and the on-disk vocabulary cache hits, misses and invalidates as keyed."""
+"""Vocabulary mode (one shared row of tag embeddings broadcast over the batch) gives Tagger.tag's
+numbers, for every score method, with and without flip TTA; and the on-disk vocabulary cache
+hits, misses and invalidates as keyed."""
 
 import json
 
@@ -10,7 +11,6 @@ from ttd.data.world import make_sample
 from ttd.runtime.tagger import Tagger
 from ttd.runtime.torch_backend import TorchBackend
 from ttd.runtime.vocab_cache import export_key, load_or_encode, torch_model_key, vocabulary_hash
-from ttd.runtime.vocab_tagging import tag_with_vocabulary
 
 VOCAB = ["red", "green", "blue", "circle", "square", "triangle", "star", "stripes", "dots", "yellow", "cat"]
 
@@ -33,8 +33,11 @@ class CountingBackend:
         self.text_calls += 1
         return self.inner.encode_texts(ids)
 
-    def score_tags(self, patch, tags):
-        return self.inner.score_tags(patch, tags)
+    def score_tags(self, views, request):
+        return self.inner.score_tags(views, request)
+
+    def tag_images(self, images, preprocessing, request):
+        return self.inner.tag_images(images, preprocessing, request)
 
 
 @pytest.mark.parametrize("method", ["negatives", "softmax", "sigmoid", "minmax"])
@@ -48,14 +51,14 @@ def test_batched_vocabulary_head_matches_tagger(tiny_model, images, method, flip
     batch = np.stack([resize_center_crop(Image.fromarray(make_sample(2, i).image), size, "bicubic") for i in range(5)])
     tagger = Tagger(TorchBackend(tiny_model, "cpu"), tiny_model.config, threshold=0.3, flip_tta=flip,
                     score_method=method)
-    reference = tagger.tag(batch, [VOCAB] * len(batch))
-    fast = tag_with_vocabulary(tagger, batch, VOCAB, tagger.encode_tags(VOCAB), with_masks=True)
+    reference = tagger.tag(batch, [VOCAB] * len(batch), with_masks=True)
+    fast = tagger.tag_vocabulary(batch, VOCAB, tagger.encode_tags(VOCAB), with_masks=True)
     assert sum(len(r.selected) for r in reference) > 0  # the comparison covers selected tags
     for r, f in zip(reference, fast):
         np.testing.assert_allclose(f.scores, r.scores, atol=2e-5)
         assert f.selected == r.selected
         np.testing.assert_allclose(f.masks, r.masks, atol=1e-5)
-    assert tag_with_vocabulary(tagger, batch, VOCAB, tagger.encode_tags(VOCAB))[0].masks.shape == (len(VOCAB), 0, 0)
+    assert tagger.tag_vocabulary(batch, VOCAB)[0].masks is None  # no maps leave the backend unless asked for
 
 
 def test_vocabulary_cache_hit_miss_and_invalidation(tiny_model, tmp_path):

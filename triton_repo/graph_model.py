@@ -37,13 +37,15 @@ def _onnxruntime_engine(folder: Path, parameters: dict, inputs: list, outputs: l
 def _torch_engine(folder: Path, parameters: dict, inputs: list, args: dict):
     from ttd.model.contract import IMAGE_ENCODER, TAG_HEAD, TEXT_ENCODER
     from ttd.model.factory import load_checkpoint
+    from ttd.runtime.backend import HeadRequest
     from ttd.runtime.torch_backend import TorchBackend
 
     gpu = args.get("model_instance_kind") == "GPU"
     device = f"cuda:{args.get('model_instance_device_id', 0)}" if gpu else "cpu"
     backend = TorchBackend(load_checkpoint(folder / "model.safetensors"), device, parameters.get("dtype", "fp32"))
     graph = {IMAGE_ENCODER.name: backend.encode_images, TEXT_ENCODER.name: lambda ids: (backend.encode_texts(ids),),
-             TAG_HEAD.name: backend.score_tags}[parameters["graph"]]
+             TAG_HEAD.name: lambda views, *tags: backend.score_tags(views, HeadRequest(*tags, with_cosines=True)),
+             }[parameters["graph"]]
     return lambda feeds: graph(*(feeds[name] for name in inputs))
 
 

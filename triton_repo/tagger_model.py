@@ -13,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ttd.model.config import DEFAULT_THRESHOLD, ModelConfig
+from ttd.model.config import DEFAULT_SCORE_METHOD, DEFAULT_THRESHOLD, ModelConfig
 from ttd.model.contract import IMAGE_ENCODER, TAG_HEAD, TEXT_ENCODER, ImageEmbeddings, TagHeadOutputs
 from ttd.runtime.images import ImageError
+from ttd.runtime.backend import tag_images_on_host
+from ttd.runtime.onnxruntime_backend import head_feeds
 from ttd.runtime.tagger import Tagger
 from ttd.model.tags import candidate_tags
 
@@ -47,8 +49,16 @@ class BlsBackend:
     def encode_texts(self, input_ids):
         return self._call(TEXT_ENCODER, input_ids)[0]
 
-    def score_tags(self, patch_embeds, tag_embeds):
-        return TagHeadOutputs(*self._call(TAG_HEAD, patch_embeds, tag_embeds))
+    def score_tags(self, patch_views, request):
+        """Every input batched on its first axis, as Triton requires (a shared row goes to each image)."""
+        batch = len(patch_views)
+        feeds = [f if len(f) == batch else np.broadcast_to(f, (batch, *f.shape[1:]))
+                 for f in head_feeds(patch_views, request)]
+        scores, cosines = self._call(TAG_HEAD, *feeds)
+        return TagHeadOutputs(scores, cosines if request.with_cosines else None)
+
+    def tag_images(self, images, preprocessing, request):
+        return tag_images_on_host(self, images, preprocessing, request)
 
 
 def _client_error(message):
@@ -56,6 +66,11 @@ def _client_error(message):
     code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
     error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
     return pb_utils.InferenceResponse(error=error)
+
+
+def _wants_masks(request):
+    wanted = pb_utils.get_input_tensor_by_name(request, "return_masks")
+    return wanted is not None and bool(wanted.as_numpy().reshape(-1)[0])
 
 
 def _text(request, name):
@@ -76,8 +91,7 @@ class TritonPythonModel:
         self.max_image_bytes = int(parameters.get("max_image_bytes", str(20 << 20)))
         self.tagger = Tagger(BlsBackend(int(parameters["encoder_max_batch_size"])), model_config,
                              threshold=float(parameters.get("threshold", DEFAULT_THRESHOLD)),
-                             # a repository built before the parameter existed sized its graphs for softmax
-                             score_method=parameters.get("score_method", "softmax"),
+                             score_method=parameters.get("score_method", DEFAULT_SCORE_METHOD),
                              mask_weight=manifest["mask_weight"], mask_bias=manifest["mask_bias"])
         self.preprocess = dataclasses.replace(self.tagger.preprocess,
                                               max_pixels=int(parameters.get("max_pixels", "89478485")))
@@ -121,19 +135,20 @@ class TritonPythonModel:
         if prepared:
             keys = sorted(prepared)
             try:
-                results = self.tagger.tag(np.stack([prepared[k][0] for k in keys]), [prepared[k][1] for k in keys])
+                with_masks = any(_wants_masks(requests[k]) for k in keys)
+                results = self.tagger.tag(np.stack([prepared[k][0] for k in keys]), [prepared[k][1] for k in keys],
+                                          with_masks)
             except Exception as error:
                 results = None
                 for k in keys:
                     responses[k] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"tagging failed: {error}"))
             for k, result in zip(keys, results or []):
-                masks_wanted = pb_utils.get_input_tensor_by_name(requests[k], "return_masks")
                 outputs = [
                     pb_utils.Tensor("tags", np.array([t.encode() for t in result.tags], dtype=np.object_)[None]),
                     pb_utils.Tensor("scores", result.scores.astype(np.float32)[None]),
                     pb_utils.Tensor("selected", np.array([t in result.selected for t in result.tags])[None]),
                 ]
-                if masks_wanted is not None and bool(masks_wanted.as_numpy().reshape(-1)[0]):
+                if _wants_masks(requests[k]):
                     outputs.append(pb_utils.Tensor("masks", result.masks.astype(np.float32)[None]))
                 responses[k] = pb_utils.InferenceResponse(outputs)
         return responses

@@ -83,6 +83,22 @@ def main() -> None:
     """
 
 
+def _long_job_options(command):
+    """--resume, --shard and --num-shards: the same meaning in `ttd tag` and `ttd segment`."""
+    for option in reversed([
+        click.option("--resume", is_flag=True,
+                     help="Continue OUTPUT.partial of an interrupted run (even one killed with SIGKILL): every item "
+                          "ends up in OUTPUT exactly once. Refused if the job's inputs or settings changed."),
+        click.option("--shard", type=click.IntRange(0), default=0, show_default=True,
+                     help="Tag only the items at positions p with p mod NUM_SHARDS = SHARD (e.g. $SLURM_ARRAY_TASK_ID)."),
+        click.option("--num-shards", type=click.IntRange(1), default=1, show_default=True,
+                     help="Number of --shard jobs; their outputs concatenate into the whole job's output "
+                          "(each record has its input position in \"index\")."),
+    ]):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.option("--captions", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSONL or CSV with an image path (relative to the file) and a caption per item, "
@@ -147,14 +163,7 @@ def main() -> None:
               help="center: the model sees the centre crop (fast). whole: sliding windows cover the whole image, "
                    "so tags outside the crop are found too, and each line also holds the caption's and the "
                    "selected tags' masks in the image's own geometry (as `ttd segment --captions`).")
-@click.option("--resume", is_flag=True,
-              help="Continue OUTPUT.partial of an interrupted run (even one killed with SIGKILL): every item "
-                   "ends up in OUTPUT exactly once. Refused if the job's inputs or settings changed.")
-@click.option("--shard", type=click.IntRange(0), default=0, show_default=True,
-              help="Tag only the items at positions p with p mod NUM_SHARDS = SHARD (e.g. $SLURM_ARRAY_TASK_ID).")
-@click.option("--num-shards", type=click.IntRange(1), default=1, show_default=True,
-              help="Number of --shard jobs; their outputs concatenate into the whole job's output "
-                   "(each record has its input position in \"index\").")
+@_long_job_options
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: this process (+ decoding workers); ray: Ray Data with a pool of Tagger actors "
                    "(local Ray, or the cluster at --ray-address); the same records, --resume and --shard.")
@@ -197,6 +206,9 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
         items = open_items(captions, images)
         vocab = read_vocabulary(vocabulary) if vocabulary else None
         if engine == "ray":
+            if crop == "whole":
+                fail("--engine ray runs the centre crop only; run --crop whole with --engine local "
+                     "(--shard/--num-shards split it over machines)")
             if "auto" in (backend, dtype):
                 fail("--engine ray needs an explicit --backend and --dtype: auto would choose for this machine, "
                      "not for the Ray workers")
@@ -246,12 +258,18 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
         from ttd.segment.segmentation import SegmentOptions
         from ttd.jobs.segment_job import segment_items
 
+        from ttd.jobs.stream_job import tag_job_description
+
         try:
             summary = segment_items(tagger, items, output, None, SegmentOptions(), None, masks_dir, max_pixels,
-                                    progress=not quiet, inputs=[captions])
+                                    progress=not quiet, inputs=[captions], resume=resume, shard=shard,
+                                    num_shards=num_shards,
+                                    job=tag_job_description(captions, images, backend, model, pretrained, checkpoint,
+                                                            export_dir, dense_mode, dtype, threshold, score_method,
+                                                            flip_tta))
         except (ValueError, RuntimeError, OSError) as error:
             fail(str(error))
-        click.echo(f"wrote {summary.written} records to {output} ({summary.errors} errors)", err=True)
+        click.echo(summary.line(), err=True)
         return
     vocab_embeds = None
     if vocab and not no_vocab_cache:
@@ -327,7 +345,7 @@ def convert_tagmask_command(source, out_dir):
 @click.option("--lambda-tag", type=float, default=2.0, show_default=True, help="Weight of L_tag (2 won the ablation).")
 @click.option("--lambda-clip", type=float, default=1.0, show_default=True)
 @click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True, help="δ of the Stage 1 selection.")
-@click.option("--score", "score_method", type=click.Choice(SCORE_METHODS), default="minmax",
+@click.option("--stage1-score", "score_method", type=click.Choice(SCORE_METHODS), default="minmax",
               show_default=True, help="Stage-1 selection score: minmax (measured best for caption masks: IoU "
                                       "+6.4 over the base, 3 seeds), softmax (the paper's: +2.5) or negatives "
                                       "(the tagging default; unstable as an online selector). See README.")
@@ -747,14 +765,16 @@ def _read_classes(classes: str) -> list[str]:
               help="Export directory (onnxruntime, tensorrt, triton; with torch: run the export's own weights).")
 @click.option("--url", default=None, help="Triton server URL for --backend triton (host:port).")
 @click.option("--threshold", type=float, default=0.5, show_default=True, help="δ: a tag is selected when its score ≥ δ.")
-@click.option("--score", "score_method", type=click.Choice(SCORE_METHODS), default="softmax", show_default=True)
+@click.option("--score", "score_method", type=click.Choice(SCORE_METHODS), default=DEFAULT_SCORE_METHOD,
+              show_default=True, help="The pixel-tag score that selects a caption's tags (as in `ttd tag`).")
 @_segment_options
+@_long_job_options
 @click.option("--device", default="auto", show_default=True)
 @click.option("--max-pixels", type=click.IntRange(1), default=89_478_485, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def segment(captions, classes, images, output, coco, masks_dir, model, pretrained, checkpoint, dense_mode, backend,
             export_dir, url, threshold, score_method, crop, scales, stride, flip_tta, mask_threshold, templates_path,
-            pamr, device, max_pixels, quiet):
+            pamr, device, max_pixels, quiet, resume, shard, num_shards):
     """Masks in each image's own geometry: caption masks (--captions) or open-vocabulary semantic
     segmentation (--classes NAMES IMAGES...).
 
@@ -763,10 +783,12 @@ def segment(captions, classes, images, output, coco, masks_dir, model, pretraine
     ttd segment --classes cat,dog,grass photos/ -o seg.jsonl --masks-dir seg/ --flip-tta --pamr
     ttd report masks.jsonl --html report.html
     """
-    from ttd.data.inputs import InputError, list_images, read_captions
+    from ttd.data.inputs import InputError
+    from ttd.data.items import open_items
     from ttd.runtime import load_tagger
     from ttd.segment.segmentation import read_templates, with_templates
     from ttd.jobs.segment_job import segment_items
+    from ttd.jobs.stream_job import tag_job_description
 
     if (captions is None) == (classes is None):
         fail("give exactly one of --captions FILE or --classes NAMES")
@@ -776,19 +798,21 @@ def segment(captions, classes, images, output, coco, masks_dir, model, pretraine
         fail("with --captions, images come from the captions file; do not also pass image arguments")
     options = _make_segment_options(crop, scales, stride, mask_threshold, pamr)
     try:
-        items = read_captions(captions) if captions else list_images(list(images))
+        items = open_items(captions, images)
         names = _read_classes(classes) if classes is not None else None
         tagger = load_tagger(backend, model=model, pretrained=pretrained, checkpoint=checkpoint, dense_mode=dense_mode,
                              device=device, export_dir=export_dir, url=url, threshold=threshold, flip_tta=flip_tta,
                              score_method=score_method)
         if templates_path is not None:
             tagger = with_templates(tagger, read_templates(templates_path.read_text(encoding="utf-8")))
+        job = tag_job_description(captions, images, backend, model, pretrained, checkpoint, export_dir, dense_mode,
+                                  "fp32", threshold, score_method, flip_tta)
         summary = segment_items(tagger, items, output, names, options, coco, masks_dir, max_pixels,
-                                progress=not quiet, inputs=[p for p in (captions,) if p is not None])
+                                progress=not quiet, inputs=[p for p in (captions,) if p is not None], resume=resume,
+                                shard=shard, num_shards=num_shards, job={**job, "templates": str(templates_path)})
     except (InputError, ValueError, RuntimeError, OSError) as error:
         fail(str(error))
-    click.echo(f"wrote {summary.written} records to {output} ({summary.errors} errors)"
-               + (f"; COCO annotations in {coco}" if coco else ""), err=True)
+    click.echo(summary.line() + (f"; COCO annotations in {coco}" if coco else ""), err=True)
 
 
 @main.command()

@@ -1,6 +1,6 @@
 """Fitting the `negatives` score's margin to a model (`ttd calibrate`, and the end of `ttd train`).
 
-The margin m of N_k = sigmoid(ℓ_k − m) (ttd/model/negatives.py) is a property of the model: TTD
+The margin m of N_k = sigmoid(ℓ_k − m) (ttd/model/scoring.py) is a property of the model: TTD
 fine-tuning raises the tags' cosines against the negative prompts, so a fine-tuned model keeps
 selecting absent tags at its base model's margin (world: fitted 2.2 for the base, 9.8–20.7 after
 300 TTD steps). Calibration fits m on labelled pairs for the best F1 at a minimum precision.
@@ -23,8 +23,7 @@ from tqdm import tqdm
 
 from ttd.model.config import DEFAULT_MIN_PRECISION, ModelConfig
 from ttd.data.annotations import EvalSample
-from ttd.model.negatives import sigmoid
-from ttd.runtime.tagger import Tagger
+from ttd.runtime.tagger import Tagger, sigmoid
 from ttd.model.tags import candidate_tags
 
 BISECTION_STEPS = 60
@@ -109,10 +108,9 @@ def sample_critical_margins(tagger: Tagger, samples: list[EvalSample], batch_siz
         if not batch:
             continue
         tag_lists = [candidate_tags(s.caption) for s in batch]
-        width = max(len(tags) for tags in tag_lists)  # padding with copies is exact for this score
-        tag_embeds = np.stack([tagger.padded_tag_embeds(tags, width) for tags in tag_lists])
-        _, patch_embeds, flipped = tagger.encode_images(np.stack([s.image for s in batch]))
-        batch_critical = critical_margins(tagger.negative_logits(patch_embeds, tag_embeds, flipped), tagger.threshold)
+        tag_embeds = tagger.request(tag_lists).tag_embeds  # zero-padded: a padded tag's margin is never read
+        _, views = tagger.encode_images(np.stack([s.image for s in batch]))
+        batch_critical = critical_margins(tagger.negative_logits(views, tag_embeds), tagger.threshold)
         for row, (sample, tags) in enumerate(zip(batch, tag_lists)):
             critical.append(batch_critical[row, : len(tags)])
             relevant.append(np.array([t in sample.relevant_tags for t in tags]))

@@ -4,6 +4,8 @@ scorer, caption-mask metrics. Runs through the runtime Tagger, so what is measur
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,6 +17,8 @@ from ttd.model.config import DEFAULT_MASK_THRESHOLD, DEFAULT_THRESHOLD
 from ttd.data.annotations import EvalSample
 from ttd.evaluation.metrics import MaskCounts, TagCounts
 from ttd.model.clip import TTDModel
+from ttd.model.contract import SCORE_ROWS
+from ttd.model.scoring import global_tag_scores
 from ttd.runtime.tagger import Tagger
 from ttd.evaluation.tag_kinds import KINDS, KindCounts
 from ttd.model.tags import candidate_tags
@@ -24,21 +28,22 @@ PIXEL_SCORERS = {"pixel-tag": "softmax", "pixel-tag-minmax": "minmax", "pixel-ta
                  "pixel-tag-negatives": "negatives"}
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    logits = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(logits)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def _caption_masks(tagger: Tagger, patch_embeds: np.ndarray, text_embeds: np.ndarray, size: int,
+def _caption_masks(tagger: Tagger, views: np.ndarray, text_embeds: np.ndarray, size: int,
                    mask_threshold: float) -> np.ndarray:
     """Binary caption masks M_c ≥ θ at the image size: the tag head with the caption as the one
     tag, its logits w·cos + b upsampled bilinearly."""
-    masks = tagger.backend.score_tags(patch_embeds, text_embeds[:, None, :]).tag_masks[:, 0]
-    logits = tagger.mask_weight * tagger.mask_cosines(masks) + tagger.mask_bias
+    request = tagger.request([["caption"]] * len(views), with_cosines=True)
+    request = dataclasses.replace(request, tag_embeds=text_embeds[:, None, :].astype(np.float32))
+    cosines = tagger.score_views(views, request).tag_cosines[:, 0]
+    logits = tagger.mask_weight * cosines + tagger.mask_bias
     upsampled = F.interpolate(torch.from_numpy(logits[:, None]).float(), size=(size, size), mode="bilinear",
                               align_corners=False)
     return (torch.sigmoid(upsampled[:, 0]) >= mask_threshold).numpy()
+
+
+def _global_scores(embeds: np.ndarray, tag_embeds: np.ndarray, valid: np.ndarray, tau: float) -> np.ndarray:
+    return global_tag_scores(torch.from_numpy(embeds).float(), torch.from_numpy(tag_embeds), tau,
+                             torch.from_numpy(valid)).numpy()
 
 
 def evaluate(
@@ -70,30 +75,25 @@ def evaluate(
     for start in tqdm(range(0, len(samples), batch_size), disable=not progress, desc="eval"):
         batch = samples[start : start + batch_size]
         tag_lists = [candidate_tags(s.caption) for s in batch]
-        image_embeds, patch_embeds, flipped = tagger.encode_images(np.stack([s.image for s in batch]))
+        image_embeds, views = tagger.encode_images(np.stack([s.image for s in batch]))
         text_embeds = tagger.encode_texts([s.caption for s in batch])
-        by_count: dict[int, list[int]] = {}
-        for i, tags in enumerate(tag_lists):
-            if tags:
-                by_count.setdefault(len(tags), []).append(i)
-        for members in by_count.values():
-            tag_embeds = np.stack([tagger.encode_tags(tag_lists[i]) for i in members])
-            scores, _ = tagger.score_methods(patch_embeds[members], tag_embeds,
-                                             None if flipped is None else flipped[members], tuple(PIXEL_SCORERS.values()))
-            scores = {name: scores[method] for name, method in PIXEL_SCORERS.items()}
-            scores["image-tag"] = _softmax(tau * np.einsum("bd,bkd->bk", image_embeds[members], tag_embeds))
-            scores["text-tag"] = _softmax(tau * np.einsum("bd,bkd->bk", text_embeds[members], tag_embeds))
-            for row, i in enumerate(members):
-                tags = tag_lists[i]
-                relevant = np.array([t in batch[i].relevant_tags for t in tags])
-                n_candidates += len(tags)
-                for name in SCORERS:
-                    counts[name].add(scores[name][row], relevant, threshold)
-                    kinds[name].add(tags, scores[name][row] >= threshold, relevant)
-                for k, tag in enumerate(tags if tag_groups else []):
-                    group = by_group.setdefault(tag_groups.get(tag, "other"), TagCounts())
-                    group.add(scores["pixel-tag"][row, k : k + 1], relevant[k : k + 1], threshold)
-        predicted = _caption_masks(tagger, patch_embeds, text_embeds, tagger.config.image_size, mask_threshold)
+        request = tagger.request(tag_lists)  # one head call per batch: padded lists are exact for every score
+        head_scores = tagger.score_views(views, request).tag_scores
+        scores = {name: head_scores[:, SCORE_ROWS.index(method)] for name, method in PIXEL_SCORERS.items()}
+        scores["image-tag"] = _global_scores(image_embeds, request.tag_embeds, request.tag_valid, tau)
+        scores["text-tag"] = _global_scores(text_embeds, request.tag_embeds, request.tag_valid, tau)
+        for row, tags in enumerate(tag_lists):
+            relevant = np.array([t in batch[row].relevant_tags for t in tags])
+            n_candidates += len(tags)
+            if not tags:
+                continue
+            for name in SCORERS:
+                counts[name].add(scores[name][row, : len(tags)], relevant, threshold)
+                kinds[name].add(tags, scores[name][row, : len(tags)] >= threshold, relevant)
+            for k, tag in enumerate(tags if tag_groups else []):
+                group = by_group.setdefault(tag_groups.get(tag, "other"), TagCounts())
+                group.add(scores["pixel-tag"][row, k : k + 1], relevant[k : k + 1], threshold)
+        predicted = _caption_masks(tagger, views, text_embeds, tagger.config.image_size, mask_threshold)
         for row, sample in enumerate(batch):
             if sample.caption_mask is not None:
                 masks.add(predicted[row], sample.caption_mask)

@@ -10,12 +10,11 @@ from __future__ import annotations
 import multiprocessing
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from itertools import islice
 
 from ttd.data.inputs import Item
-from ttd.jobs.tag_job import prepare_items
 
 Positioned = list[tuple[int, Item]]
 
@@ -26,10 +25,10 @@ def _done(value) -> Future:
     return future
 
 
-def decoded_batches(items: Iterable[tuple[int, Item]], batch_size: int, workers: int, settings: tuple,
+def decoded_batches(items: Iterable[tuple[int, Item]], batch_size: int, workers: int, prepare: Callable[[list[Item]], list],
                     prefetch: int = 2) -> Iterator[tuple[Positioned, list]]:
     """(batch of (position, item), outcomes): each outcome is (uint8 image, tags or None) or the
-    error message of that item (see ttd.jobs.tag_job.prepare_items; `settings` are its arguments
+    error message of that item, as `prepare` (e.g. ttd.jobs.tag_job.prepare_items with its settings bound)
     after the items).
 
     Each batch is split over `workers` spawned processes (spawn: the parent may hold CUDA state);
@@ -48,7 +47,7 @@ def decoded_batches(items: Iterable[tuple[int, Item]], batch_size: int, workers:
         if pool is None:
             return []
         step = max(1, -(-len(chunk) // max(workers, 1)))
-        return [pool.submit(prepare_items, chunk[i : i + step], *settings) for i in range(0, len(chunk), step)]
+        return [pool.submit(prepare, chunk[i : i + step]) for i in range(0, len(chunk), step)]
 
     failure: Exception | None = None  # the input stream's error: raised after the batches read before it
 
@@ -76,7 +75,7 @@ def decoded_batches(items: Iterable[tuple[int, Item]], batch_size: int, workers:
             batch, futures = pending.popleft()
             chunk = [item for _, item in batch]
             if pool is None or not futures:
-                yield batch, prepare_items(chunk, *settings)
+                yield batch, prepare(chunk)
                 continue
             try:
                 outcomes = [outcome for future in futures for outcome in future.result()]
@@ -84,7 +83,7 @@ def decoded_batches(items: Iterable[tuple[int, Item]], batch_size: int, workers:
                 warnings.warn(f"decoding workers failed ({type(error).__name__}: {error}); decoding in this process")
                 pool.shutdown(wait=False, cancel_futures=True)
                 pool = None
-                outcomes = prepare_items(chunk, *settings)
+                outcomes = prepare(chunk)
             yield batch, outcomes
     finally:
         if pool is not None:

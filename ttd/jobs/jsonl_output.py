@@ -53,20 +53,6 @@ def output_format_of(output: Path, output_format: str = "auto") -> str:
     return output_format
 
 
-def open_output(output: Path, job: dict, resume: bool, output_format: str = "auto", rows_per_file: int = 10_000):
-    """The exactly-once writer of a tagging job: ResumableJsonl, or ParquetShards (a folder of
-    shard files; `rows_per_file` records each). `job` describes the job (a resume must match it)."""
-    output = Path(output)
-    if output_format_of(output, output_format) == "parquet":
-        from ttd.jobs.parquet_output import ParquetShards
-
-        return ParquetShards(output, job, resume, rows_per_file)
-    if output.is_dir():
-        raise ValueError(f"{output} is a folder; JSON lines go to a file (for Parquet shards in a folder use "
-                         "--format parquet or a name ending in .parquet)")
-    return ResumableJsonl(output, job, resume)
-
-
 def write_job(path: Path, job: dict) -> None:
     """Write a job description atomically (a kill leaves the old one or the new one)."""
     tmp = path.with_name(path.name + ".tmp")

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ttd.data.items import check_shard
-from ttd.jobs.jsonl_output import error_kind, open_output
+from ttd.jobs.jsonl_output import error_kind
+from ttd.jobs.outputs import open_output
 
 @dataclass
 class RayJob:

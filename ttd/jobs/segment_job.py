@@ -9,10 +9,11 @@ Record: {"image", "width", "height", ["caption"], "candidates": [{"tag", "score"
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +26,13 @@ from ttd.runtime.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from ttd.data.inputs import Item
 from ttd.runtime.tagger import Tagger
 from ttd.segment.segmentation import SegmentOptions, Segmentation, segment_caption, segment_classes
-from ttd.jobs.tag_job import MAX_CAPTION_TAGS, contained_path, partial_path, refuse_input_as_output, safe_name
+from ttd.data.items import check_shard, select_shard
+from ttd.jobs.jsonl_output import error_kind, output_format_of
+from ttd.jobs.outputs import open_output
+from ttd.jobs.stream_job import JobSummary, refusing_output
+from ttd.jobs.tag_job import MAX_CAPTION_TAGS, contained_path, refuse_input_as_output, safe_name
 from ttd.model.tags import candidate_tags
 
-
-
-@dataclass
-class SegmentSummary:
-    written: int = 0
-    errors: int = 0
 
 
 def save_label_map(labels: np.ndarray, path: Path) -> None:
@@ -80,47 +79,71 @@ def segment_one(tagger: Tagger, item: Item, classes: list[str] | None, class_emb
         raise ValueError("empty caption")
     if classes is None and len(candidate_tags(item.caption)) > MAX_CAPTION_TAGS:
         raise ValueError(f"caption has more than {MAX_CAPTION_TAGS} candidate tags; split it into shorter captions")
-    image = decode_image(item.path, item.image, max_pixels)
+    data = getattr(item, "data", None)  # a webdataset sample's own image bytes (ttd.data.items.ShardItem)
+    image = decode_image(item.path if data is None else data, item.image, max_pixels)
     if classes is not None:
         return segment_classes(tagger, image, classes, options, class_embeds)
     return segment_caption(tagger, image, item.caption, options)
 
 
-def segment_items(tagger: Tagger, items: list[Item], output: Path, classes: list[str] | None = None,
+def segment_record(tagger: Tagger, position: int, item: Item, classes: list[str] | None,
+                   class_embeds: np.ndarray | None, options: SegmentOptions, max_pixels: int,
+                   masks_dir: Path | None) -> dict:
+    """The output line of one item: its segmentation, or the error that names its problem."""
+    try:
+        result = segment_one(tagger, item, classes, class_embeds, options, max_pixels)
+        record = to_record(item, result)
+    except (ImageError, ValueError, OSError) as error:
+        return {"index": position, "image": item.image, **({"caption": item.caption} if classes is None else {}),
+                "error": str(error)}
+    if masks_dir is not None:
+        try:  # folders named by global position: shards writing one masks folder never collide
+            record.update(_write_pngs(masks_dir, position, item, result))
+        except (OSError, ValueError) as error:
+            record["error"] = f"cannot write masks: {error}"
+    return {"index": position, **record}
+
+
+def segment_items(tagger: Tagger, items: Iterable[Item], output: Path, classes: list[str] | None = None,
                   options: SegmentOptions = SegmentOptions(), coco: Path | None = None,
                   masks_dir: Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True,
-                  inputs: Sequence[Path] = ()) -> SegmentSummary:
-    """Segment `items` into `output` (JSON lines via `<output>.partial`), plus COCO JSON and PNGs
-    if asked. With `classes`, semantic segmentation; otherwise each item's caption."""
-    refuse_input_as_output(output, items, inputs)
+                  inputs: Sequence[Path] = (), resume: bool = False, shard: int = 0, num_shards: int = 1,
+                  job: dict | None = None) -> JobSummary:
+    """Segment a stream of `items` into `output` (JSON lines, each with its input `index`), plus
+    COCO JSON and PNGs if asked. With `classes`, semantic segmentation; otherwise each item's
+    caption. The output is the exactly-once writer of `ttd tag` (ttd/jobs/jsonl_output.py), so
+    `resume` and `shard`/`num_shards` behave as there; the inputs are never taken as the output."""
+    output = Path(output)
+    check_shard(shard, num_shards)
+    refuse_input_as_output(output, [], inputs)
     if coco is not None:
-        refuse_input_as_output(coco, items, inputs)
-    output.parent.mkdir(parents=True, exist_ok=True)
+        refuse_input_as_output(coco, [], inputs)
+    if output_format_of(output) == "parquet":
+        raise ValueError(f"{output}: segmentation records hold masks as RLE segments; they are written as JSON lines "
+                         "(Parquet output is for `ttd tag --crop center`)")
     class_embeds = tagger.encode_tags(classes) if classes else None
-    summary = SegmentSummary()
-    records = []
-    partial = partial_path(output)
-    with partial.open("w", encoding="utf-8") as out:
-        for index, item in enumerate(tqdm(items, disable=not progress, unit="img", desc="segment")):
-            try:
-                result = segment_one(tagger, item, classes, class_embeds, options, max_pixels)
-                record = to_record(item, result)
-            except (ImageError, ValueError, OSError) as error:
-                record = {"image": item.image, **({"caption": item.caption} if classes is None else {}),
-                          "error": str(error)}
-            else:
-                if masks_dir is not None:
-                    try:
-                        record.update(_write_pngs(masks_dir, index, item, result))
-                    except (OSError, ValueError) as error:
-                        record["error"] = f"cannot write masks: {error}"
-            summary.errors += "error" in record
-            summary.written += 1
-            out.write(json.dumps(record) + "\n")
-            out.flush()
-            if coco is not None:
-                records.append(record)
-    os.replace(partial, output)
+    description = {**(job or {}), "mode": "segment", "classes": classes, "options": dataclasses.asdict(options),
+                   "masks_dir": str(masks_dir) if masks_dir else None, "max_pixels": max_pixels,
+                   "shard": shard, "num_shards": num_shards}
+    writer = open_output(output, description, resume)
+    summary = JobSummary(output, writer.done.lines, writer.done.lines, Counter(writer.done.errors))
+    started = time.perf_counter()
+    try:
+        if writer.complete:
+            summary.already_complete = True
+        else:
+            stream = select_shard(refusing_output(items, output), shard, num_shards, skip=summary.resumed)
+            for position, item in tqdm(stream, disable=not progress, unit="img", desc="segment", initial=summary.resumed):
+                record = segment_record(tagger, position, item, classes, class_embeds, options, max_pixels, masks_dir)
+                writer.write([record])
+                summary.items += 1
+                if "error" in record:
+                    summary.errors[error_kind(str(record["error"]))] += 1
+            writer.finish()
+    finally:
+        writer.close()
+        summary.seconds = time.perf_counter() - started
     if coco is not None:
-        write_coco(records, coco)
+        with output.open(encoding="utf-8") as lines:
+            write_coco([json.loads(line) for line in lines if line.strip()], coco)
     return summary

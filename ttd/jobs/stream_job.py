@@ -10,6 +10,7 @@ back into input order by it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import queue
 import threading
 import time
@@ -26,12 +27,12 @@ from ttd.jobs.decoding import decoded_batches
 from ttd.runtime.images import DEFAULT_MAX_PIXELS
 from ttd.data.inputs import Item
 from ttd.data.items import check_shard, select_shard
-from ttd.jobs.jsonl_output import error_kind, open_output, partial_path
-from ttd.runtime.tagger import Tagger
-from ttd.jobs.tag_job import (item_record, split_outcomes, write_masks, default_decode_workers, refuse_input_as_output,
+from ttd.jobs.jsonl_output import error_kind, partial_path
+from ttd.jobs.outputs import open_output
+from ttd.runtime.tagger import Tagger, TagResult
+from ttd.jobs.tag_job import (TagSummary, prepare_items, item_record, split_outcomes, write_masks, default_decode_workers, refuse_input_as_output,
                          warn_indistinct_tags)
 from ttd.jobs.mask_files import rle_masks as tag_rle_masks
-from ttd.runtime.vocab_tagging import tag_with_vocabulary
 
 
 @dataclass
@@ -73,7 +74,7 @@ def count_lines(path: Path) -> int:
     return lines + (last != b"\n")
 
 
-def _refusing_output(items: Iterable[Item], output: Path) -> Iterator[Item]:
+def refusing_output(items: Iterable[Item], output: Path) -> Iterator[Item]:
     """The items, stopping the job at an item that is the output file itself (found in a folder)."""
     names = {output.name, partial_path(output).name}
     for item in items:
@@ -91,74 +92,56 @@ def tag_job_description(captions, images, backend, model, pretrained, checkpoint
             "threshold": threshold, "score": score_method, "flip_tta": flip_tta}
 
 
-class _Encoded:
-    """The tagger with one batch's image encodings already computed by the encoder stage, so that
-    `Tagger.tag` and `tag_with_vocabulary` run only their tag-head part (their own code, unchanged)."""
-
-    def __init__(self, tagger: Tagger, encodings: tuple) -> None:
-        self._tagger, self._encodings = tagger, encodings
-
-    def encode_images(self, images: np.ndarray) -> tuple:
-        return self._encodings
-
-    def __getattr__(self, name: str):
-        return getattr(self._tagger, name)
-
-
 @dataclass
-class EncodedBatch:
-    """A batch after the image encoder: error records, prepared (image, tags) and the encodings."""
+class TaggedBatch:
+    """A batch after the model: error records, and the Tagger's results of the items that decoded."""
 
     batch: list[tuple[int, Item]]
     records: dict[int, dict]
-    prepared: dict
-    encodings: tuple | None
+    results: dict[int, TagResult]
 
 
-def encode_batch(tagger: Tagger, batch: list[tuple[int, Item]], outcomes: list,
-                 vocabulary: list[str] | None) -> EncodedBatch:
-    """Stage 1: run the image encoder on the items that decoded (error records for the others)."""
+def tag_batch_results(tagger: Tagger, batch: list[tuple[int, Item]], outcomes: list, vocabulary: list[str] | None,
+                      vocabulary_embeds: np.ndarray | None, with_masks: bool) -> TaggedBatch:
+    """Stage 1: encoder and tag head together on the backend's device (one call for the batch)."""
     records, prepared = split_outcomes([item for _, item in batch], outcomes, vocabulary)
-    encodings = tagger.encode_images(np.stack([prepared[k][0] for k in sorted(prepared)])) if prepared else None
-    return EncodedBatch(batch, records, prepared, encodings)
-
-
-def head_batch(tagger: Tagger, encoded: EncodedBatch, vocabulary: list[str] | None,
-               vocabulary_embeds: np.ndarray | None, masks_dir: Path | None, top_k: int,
-               rle_masks: bool = False) -> list[dict]:
-    """Stage 2: tag embeddings, tag head, selection, masks: the records of the batch, in order.
-    `rle_masks`: each record also holds its selected tags' masks as COCO RLE ("rle_masks")."""
-    batch, records, prepared = encoded.batch, encoded.records, encoded.prepared
+    results: dict[int, TagResult] = {}
     if prepared:
         keys = sorted(prepared)
         images = np.stack([prepared[k][0] for k in keys])
-        encoded_tagger = _Encoded(tagger, encoded.encodings)
         if vocabulary is not None:
-            results = tag_with_vocabulary(encoded_tagger, images, vocabulary, vocabulary_embeds,
-                                          masks_dir is not None or rle_masks)
+            tagged = tagger.tag_vocabulary(images, vocabulary, vocabulary_embeds, with_masks)
         else:
-            results = Tagger.tag(encoded_tagger, images, [prepared[k][1] for k in keys])
-        for key, result in zip(keys, results):
-            (position, item) = batch[key]
-            record = item_record(item, result, vocabulary is not None, top_k, {})
-            if masks_dir is not None:
-                try:  # folders named by global position: shards writing one masks folder never collide
-                    record = item_record(item, result, vocabulary is not None, top_k,
+            tagged = tagger.tag(images, [prepared[k][1] for k in keys], with_masks)
+        results = dict(zip(keys, tagged))
+    return TaggedBatch(batch, records, results)
+
+
+def batch_records(tagger: Tagger, tagged: TaggedBatch, vocabulary: list[str] | None, masks_dir: Path | None,
+                  top_k: int, rle_masks: bool = False) -> list[dict]:
+    """Stage 2: the records of the batch, in order (masks written or encoded if asked for)."""
+    records = tagged.records
+    for key, result in tagged.results.items():
+        position, item = tagged.batch[key]
+        record = item_record(item, result, vocabulary is not None, top_k, {})
+        if masks_dir is not None:
+            try:  # folders named by global position: shards writing one masks folder never collide
+                record = item_record(item, result, vocabulary is not None, top_k,
                                      write_masks(masks_dir, position, item, result, tagger.config.image_size))
-                except (OSError, ValueError) as error:
-                    record["error"] = f"cannot write masks: {error}"
-            if rle_masks:
-                record["rle_masks"] = tag_rle_masks(result, tagger.config.image_size)
-            records[key] = record
-    return [{"index": position, **records[offset]} for offset, (position, _) in enumerate(batch)]
+            except (OSError, ValueError) as error:
+                record["error"] = f"cannot write masks: {error}"
+        if rle_masks:
+            record["rle_masks"] = tag_rle_masks(result, tagger.config.image_size)
+        records[key] = record
+    return [{"index": position, **records[offset]} for offset, (position, _) in enumerate(tagged.batch)]
 
 
 def tag_batch(tagger: Tagger, batch: list[tuple[int, Item]], outcomes: list, vocabulary: list[str] | None,
               vocabulary_embeds: np.ndarray | None, masks_dir: Path | None, top_k: int,
               rle_masks: bool = False) -> list[dict]:
     """The records of one decoded batch, in order (error records for items that failed)."""
-    return head_batch(tagger, encode_batch(tagger, batch, outcomes, vocabulary), vocabulary, vocabulary_embeds,
-                      masks_dir, top_k, rle_masks)
+    tagged = tag_batch_results(tagger, batch, outcomes, vocabulary, vocabulary_embeds, masks_dir is not None or rle_masks)
+    return batch_records(tagger, tagged, vocabulary, masks_dir, top_k, rle_masks)
 
 
 # backends whose graphs may run from two threads at once (a TensorRT execution context may not;
@@ -167,7 +150,7 @@ THREAD_SAFE_BACKENDS = ("torch", "onnxruntime", "triton")
 
 
 class _HeadStage:
-    """A thread that runs stage 2 and writes the records while this thread encodes the next batch
+    """A thread that runs stage 2 and writes the records while this thread runs the next batch
     (native kernels release the GIL, so both cores work); a bounded queue between the two.
     `threaded=False` runs stage 2 in the caller's thread instead."""
 
@@ -187,7 +170,7 @@ class _HeadStage:
                 except BaseException as error:  # noqa: BLE001 - handed to the main thread
                     self.error = error
 
-    def put(self, encoded: EncodedBatch) -> None:
+    def put(self, encoded: TaggedBatch) -> None:
         if self.thread is None:
             self.work(encoded)
             return
@@ -244,7 +227,7 @@ def tag_stream(
     output = Path(output)
     check_shard(shard, num_shards)
     refuse_input_as_output(output, [Item(str(p), Path(p), None) for p in explicit_images if Path(p).is_file()], inputs)
-    items = _refusing_output(items, output)
+    items = refusing_output(items, output)
     if total is None:
         total = next((count_lines(Path(p)) - (Path(p).suffix.lower() == ".csv") for p in inputs
                       if Path(p).suffix.lower() in (".jsonl", ".ndjson", ".json", ".csv") and Path(p).is_file()), None)
@@ -263,16 +246,19 @@ def tag_stream(
         if vocabulary_embeds is None:
             vocabulary_embeds = tagger.encode_tags(vocabulary, progress)  # once, before the first batch
     workers = default_decode_workers() if decode_workers is None else decode_workers
-    settings = (vocabulary is not None, dataclasses.replace(tagger.preprocess, max_pixels=max_pixels))
+    prepare = functools.partial(prepare_items, vocabulary_mode=vocabulary is not None,
+                                preprocess=dataclasses.replace(tagger.preprocess, max_pixels=max_pixels))
     mine = None if total is None else len(range(shard, total, num_shards))
     started = time.perf_counter()
     try:
         with tqdm(total=mine, initial=summary.resumed, disable=not progress, unit="img", smoothing=0.1) as bar:
             batches = decoded_batches(select_shard(items, shard, num_shards, skip=summary.resumed), batch_size,
-                                      workers, settings, prefetch)
+                                      workers, prepare, prefetch)
 
-            def write(encoded: EncodedBatch) -> None:
-                records = head_batch(tagger, encoded, vocabulary, vocabulary_embeds, masks_dir, top_k, rle_masks)
+            with_masks = masks_dir is not None or rle_masks
+
+            def write(tagged: TaggedBatch) -> None:
+                records = batch_records(tagger, tagged, vocabulary, masks_dir, top_k, rle_masks)
                 writer.write(records)
                 summary.items += len(records)
                 summary.errors.update(error_kind(str(r["error"])) for r in records if "error" in r)
@@ -281,7 +267,7 @@ def tag_stream(
             head = _HeadStage(write, threaded=getattr(tagger.backend, "name", None) in THREAD_SAFE_BACKENDS)
             try:
                 for batch, outcomes in batches:
-                    head.put(encode_batch(tagger, batch, outcomes, vocabulary))
+                    head.put(tag_batch_results(tagger, batch, outcomes, vocabulary, vocabulary_embeds, with_masks))
             finally:
                 head.close()
         writer.finish()
@@ -289,3 +275,31 @@ def tag_stream(
         writer.close()
         summary.seconds = time.perf_counter() - started
     return summary
+
+
+def tag_items(
+    tagger: Tagger,
+    items: list[Item],
+    output: Path,
+    vocabulary: list[str] | None = None,
+    batch_size: int = 32,
+    masks_dir: Path | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    top_k: int = 10,
+    progress: bool = True,
+    decode_workers: int | None = None,
+    inputs: Sequence[Path] = (),
+    vocabulary_embeds: np.ndarray | None = None,
+) -> TagSummary:
+    """Tag a list of `items` into `output` (JSON lines): `ttd tag`'s own job
+    (tag_stream, which this calls), for library callers that hold a list.
+
+    The lines go to `<output>.partial` and replace `output` only when every item is done, so a
+    run that is stopped keeps the previous output. `inputs` (captions or vocabulary file) and
+    the images themselves are refused as `output`. `decode_workers`: processes that decode the
+    next batches while the model runs (default: default_decode_workers). `vocabulary_embeds`:
+    the vocabulary's tag embeddings if already known (ttd/runtime/vocab_cache.py)."""
+    refuse_input_as_output(output, items, inputs)
+    summary = tag_stream(tagger, items, output, vocabulary, batch_size, masks_dir, max_pixels, top_k, progress,
+                         decode_workers, vocabulary_embeds, total=len(items), inputs=inputs)
+    return TagSummary(written=summary.items, errors=sum(summary.errors.values()))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ttd.runtime.images import DEFAULT_MAX_PIXELS, ImageError, Preprocess
+from ttd.runtime.images import ImageError, Preprocess
 from ttd.data.inputs import Item
 from ttd.runtime.tagger import Tagger, TagResult
 from ttd.jobs.mask_files import mask_image
@@ -138,36 +138,6 @@ def write_masks(masks_dir: Path, index: int, item: Item, result: TagResult, size
         png.save(path)
         paths[tag] = str(path)
     return paths
-
-
-def tag_items(
-    tagger: Tagger,
-    items: list[Item],
-    output: Path,
-    vocabulary: list[str] | None = None,
-    batch_size: int = 32,
-    masks_dir: Path | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    top_k: int = 10,
-    progress: bool = True,
-    decode_workers: int | None = None,
-    inputs: Sequence[Path] = (),
-    vocabulary_embeds: np.ndarray | None = None,
-) -> TagSummary:
-    """Tag a list of `items` into `output` (JSON lines): `ttd tag`'s own job
-    (ttd.jobs.stream_job.tag_stream, which this calls), for library callers that hold a list.
-
-    The lines go to `<output>.partial` and replace `output` only when every item is done, so a
-    run that is stopped keeps the previous output. `inputs` (captions or vocabulary file) and
-    the images themselves are refused as `output`. `decode_workers`: processes that decode the
-    next batches while the model runs (default: default_decode_workers). `vocabulary_embeds`:
-    the vocabulary's tag embeddings if already known (ttd/runtime/vocab_cache.py)."""
-    from ttd.jobs.stream_job import tag_stream
-
-    refuse_input_as_output(output, items, inputs)
-    summary = tag_stream(tagger, items, output, vocabulary, batch_size, masks_dir, max_pixels, top_k, progress,
-                         decode_workers, vocabulary_embeds, total=len(items), inputs=inputs)
-    return TagSummary(written=summary.items, errors=sum(summary.errors.values()))
 
 
 def split_outcomes(chunk: list[Item], outcomes: list, vocabulary: list[str] | None) -> tuple[dict[int, dict], dict]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, NamedTuple
 
+from ttd.model.config import SCORE_METHODS
+
 if TYPE_CHECKING:  # numpy only names the field types: the Triton stubs and the CLI import this cheaply
     import numpy as np
 
@@ -21,12 +23,19 @@ class ImageEmbeddings(NamedTuple):
     patch_embeds: np.ndarray  # [B, D, h, w]
 
 
-class TagHeadOutputs(NamedTuple):
-    """What the tag head returns for B images with K tags each (DESIGN §3.3)."""
+# The version of the contract an export was written with (manifest "contract"): 2 made the tag head
+# the scoring function itself (ttd.model.scoring.tag_head). A runtime refuses any other version.
+CONTRACT_VERSION = 2
 
-    tag_scores: np.ndarray  # [B, K]: peak over pixels of the per-pixel softmax over tags
-    tag_masks: np.ndarray  # [B, K, h, w]: sigmoid masks M_k = σ(w·cos + b)
-    tag_probs: np.ndarray  # [B, K, h, w]: the per-pixel softmax itself (flip TTA averages it)
+# The rows of `tag_scores`: every pixel-tag score (ttd/model/scoring.py), then the raw best-pixel cosine.
+SCORE_ROWS: tuple[str, ...] = (*SCORE_METHODS, "peak_cosine")
+
+
+class TagHeadOutputs(NamedTuple):
+    """What the tag head returns for B images with K tags each (docs/architecture.md §3.3)."""
+
+    tag_scores: np.ndarray  # [B, len(SCORE_ROWS), K]: every score; padded tags 0
+    tag_cosines: np.ndarray | None  # [B, K, h, w]: view-averaged cosine maps (masks: sigmoid(w·cos + b)); None unless asked for
 
 
 class Graph(NamedTuple):
@@ -40,7 +49,10 @@ class Graph(NamedTuple):
 
 IMAGE_ENCODER = Graph("image_encoder", ("pixel_values",), ImageEmbeddings._fields, "ttd_image_encoder")
 TEXT_ENCODER = Graph("text_encoder", ("input_ids",), ("text_embeds",), "ttd_text_encoder")
-TAG_HEAD = Graph("tag_head", ("patch_embeds", "tag_embeds"), TagHeadOutputs._fields, "ttd_tag_head")
+# patch_views [B, V, D, h, w]; tag_embeds [B, K, D]; tag_valid [B, K] bool; negative_embeds [B, N, D];
+# negative_margin [B, 1] (the tag inputs may have a leading 1 instead of B outside Triton: one vocabulary)
+TAG_HEAD = Graph("tag_head", ("patch_views", "tag_embeds", "tag_valid", "negative_embeds", "negative_margin"),
+                 TagHeadOutputs._fields, "ttd_tag_head")
 GRAPHS: dict[str, Graph] = {g.name: g for g in (IMAGE_ENCODER, TEXT_ENCODER, TAG_HEAD)}
 GRAPH_NAMES: tuple[str, ...] = tuple(GRAPHS)
 SERVED_GRAPHS: dict[str, str] = {g.served_as: g.name for g in GRAPHS.values()}  # Triton model -> graph

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ttd.model.clip import TTDModel
-from ttd.model.scoring import pixel_cosines, pixel_tag_probs, tag_masks
+from ttd.model.scoring import tag_head
 
 
 class ImageEncoderGraph(nn.Module):
@@ -37,18 +37,15 @@ class TextEncoderGraph(nn.Module):
 
 
 class TagHeadGraph(nn.Module):
-    """patch_embeds [B, D, h, w], tag_embeds [B, K, D] -> tag_scores [B, K], tag_masks and
-    tag_probs [B, K, h, w]. τ, w and b are baked in as constants.
-
-    tag_probs (the per-pixel softmax over tags) lets a runtime average two views (flip TTA)
-    before taking the max over pixels, as DESIGN §3.3 defines the score.
-    """
+    """The scoring function (ttd.model.scoring.tag_head) with the model's τ, w and b as constants:
+    patch_views [B, V, D, h, w], tag_embeds [T, K, D], tag_valid [T, K], negative_embeds [T, N, D],
+    negative_margin [T, 1] -> tag_scores [B, len(SCORE_ROWS), K], tag_cosines [B, K, h, w]."""
 
     def __init__(self, tau: float, mask_weight: float, mask_bias: float) -> None:
         super().__init__()
         self.tau, self.mask_weight, self.mask_bias = float(tau), float(mask_weight), float(mask_bias)
 
-    def forward(self, patch_embeds: torch.Tensor, tag_embeds: torch.Tensor):
-        probs = pixel_tag_probs(patch_embeds, tag_embeds, self.tau)
-        masks = tag_masks(pixel_cosines(patch_embeds, tag_embeds), self.mask_weight, self.mask_bias)
-        return probs.amax(dim=(2, 3)), masks, probs
+    def forward(self, patch_views: torch.Tensor, tag_embeds: torch.Tensor, tag_valid: torch.Tensor,
+                negative_embeds: torch.Tensor, negative_margin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return tag_head(patch_views, tag_embeds, tag_valid, negative_embeds, negative_margin, self.tau,
+                        self.mask_weight, self.mask_bias)

@@ -1,48 +1,40 @@
-"""Image-tag, text-tag and pixel-tag scores, tag selection and masks (DESIGN §3.3).
+"""THE scoring function (docs/architecture.md §3.3): every pixel-tag score and the cosine maps, in one place.
 
-Tags of a batch are padded to K with a boolean `valid` mask [B, K]; padded tags get score 0
-and never take part in a softmax. Embeddings are unit vectors, so a dot product is a cosine.
+`tag_head` is what training's Stage 1, evaluation, calibration, the runtime Tagger, vocabulary
+mode, whole-image inference and the exported tag-head graph run (the ONNX and TensorRT tag head
+is this function traced), so a score is defined once and never re-derived from another output.
+
+Shapes: B images, V views of each (flip TTA: the flipped view's features already mirrored back),
+D embedding dims, h×w patches, K tags, N negative prompts. Tag inputs have a leading dim T that
+is B (a tag list per image) or 1 (one vocabulary for every image), broadcast against the images.
+`tag_valid` [T, K] marks the real tags of a padded list: padded tags score 0 and take no part in
+any score (the softmax and the min-max over tags included), so one call serves a whole batch.
+
+The scores, rows of `tag_scores` [B, len(SCORE_ROWS), K] (ttd.model.contract.SCORE_ROWS):
+- negatives: N_k(i) = sigmoid(τ·cos(f_i, e_k) − log Σ_n exp(τ·cos(f_i, e_n)) − m), s_k = max_i N_k(i):
+  each tag against the model's negative prompts (generic words that match every image and no
+  region in particular), shifted by the margin m that calibration fits to the model. Tags of one
+  caption do not compete, so an attribute and its object ("orange heart") can both pass.
+- softmax (the paper): s_k = max_i softmax_k(τ·cos(f_i, e_k)) over the valid tags.
+- minmax: max over pixels of the cosine, min-max normalised over the valid tags.
+- sigmoid: s_k = max_i M_k(i) with the mask M_k(i) = sigmoid(w·cos(f_i, e_k) + b).
+- peak_cosine: max_i cos(f_i, e_k) itself (whole-image inference takes minmax over windows from it).
+Views average the per-pixel maps before the max over pixels (cosines for minmax and peak_cosine).
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-from ttd.model.config import DEFAULT_NEGATIVE_MARGIN, SCORE_METHODS
-from ttd.model.negatives import negative_contrast_scores
+from ttd.model.contract import SCORE_ROWS
 
-ScoreMethod = Literal["negatives", "softmax", "minmax", "sigmoid"]
-NEG_INF = float("-inf")
-
-
-def _masked_softmax(logits: torch.Tensor, valid: torch.Tensor | None, dim: int) -> torch.Tensor:
-    if valid is not None:
-        logits = logits.masked_fill(~valid, NEG_INF)
-    probs = torch.softmax(logits, dim=dim)
-    return torch.nan_to_num(probs, nan=0.0)  # rows with no valid tag
+MASKED_LOGIT = -1.0e4  # τ·cos lies in [−τ, τ]: exp of this is exactly 0 in float32, and never NaN as −inf can be
+NO_VALUE = 1.0e4  # an out-of-range cosine that padded tags take in the min and max over tags
 
 
 def pixel_cosines(patch_embeds: torch.Tensor, tag_embeds: torch.Tensor) -> torch.Tensor:
-    """cos(f_i, e_k): patch_embeds [B, D, h, w], tag_embeds [B, K, D] -> [B, K, h, w]."""
+    """cos(f_i, e_k): patch_embeds [B, D, h, w], tag_embeds [B, K, D] -> [B, K, h, w] (training's masks)."""
     return torch.einsum("bdhw,bkd->bkhw", patch_embeds, tag_embeds.to(patch_embeds.dtype))
-
-
-def global_tag_scores(
-    embeds: torch.Tensor, tag_embeds: torch.Tensor, tau: float, valid: torch.Tensor | None = None
-) -> torch.Tensor:
-    """softmax_k(τ·cos(g, e_k)) for an image (image-tag) or caption (text-tag) embedding [B, D] -> [B, K]."""
-    logits = tau * torch.einsum("bd,bkd->bk", embeds, tag_embeds.to(embeds.dtype))
-    return _masked_softmax(logits, valid, dim=1)
-
-
-def pixel_tag_probs(
-    patch_embeds: torch.Tensor, tag_embeds: torch.Tensor, tau: float, valid: torch.Tensor | None = None
-) -> torch.Tensor:
-    """P_k(i) = softmax_k(τ·cos(f_i, e_k)) at every pixel: [B, K, h, w]."""
-    logits = tau * pixel_cosines(patch_embeds, tag_embeds)
-    return _masked_softmax(logits, None if valid is None else valid[:, :, None, None], dim=1)
 
 
 def tag_masks(cosines: torch.Tensor, weight: torch.Tensor | float, bias: torch.Tensor | float) -> torch.Tensor:
@@ -50,58 +42,84 @@ def tag_masks(cosines: torch.Tensor, weight: torch.Tensor | float, bias: torch.T
     return torch.sigmoid(weight * cosines + bias)
 
 
-def pixel_tag_scores(
-    patch_embeds: torch.Tensor,
-    tag_embeds: torch.Tensor,
-    tau: float,
-    valid: torch.Tensor | None = None,
-    method: ScoreMethod = "softmax",
-    mask_weight: torch.Tensor | float = 10.0,
-    mask_bias: torch.Tensor | float = -2.5,
-    flipped_patch_embeds: torch.Tensor | None = None,
-    negative_embeds: torch.Tensor | None = None,
-    negative_margin: float = DEFAULT_NEGATIVE_MARGIN,
-) -> torch.Tensor:
-    """s_k for each tag [B, K] by one of the normalisations of DESIGN §3.3.
+def view_cosines(patch_views: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    """[B, V, D, h, w] views and [T, K, D] embeddings (T = B or 1) -> cosines [B, V, K, h·w]."""
+    b, v, d, h, w = patch_views.shape
+    return torch.matmul(embeds.to(patch_views.dtype)[:, None], patch_views.reshape(b, v, d, h * w))
 
-    `negative_embeds` [N, D] (the model's negative prompts) and `negative_margin` serve the
-    `negatives` score only (ttd/model/negatives.py).
 
-    `flipped_patch_embeds`: the dense features of the horizontally flipped image (flip TTA);
-    they are flipped back and the two per-pixel maps averaged before the max over pixels.
+def negative_logits(cosines: torch.Tensor, negative_cosines: torch.Tensor, tau: float) -> torch.Tensor:
+    """The margin-free logits ℓ_k(i) = τ·cos_k(i) − log Σ_n exp(τ·cos_n(i)) of the negatives score
+    (N_k = sigmoid(ℓ_k − m)): what calibration fits m on. Cosines [..., K, P] and [..., N, P]."""
+    return tau * cosines - torch.logsumexp(tau * negative_cosines, dim=-2, keepdim=True)
+
+
+def tag_head(patch_views: torch.Tensor, tag_embeds: torch.Tensor, tag_valid: torch.Tensor,
+             negative_embeds: torch.Tensor, negative_margin: torch.Tensor, tau: float,
+             mask_weight: float | torch.Tensor, mask_bias: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tag_scores [B, len(SCORE_ROWS), K], tag_cosines [B, K, h, w]) of every score at once.
+
+    patch_views [B, V, D, h, w] (unit vectors), tag_embeds [T, K, D], tag_valid [T, K] bool,
+    negative_embeds [T, N, D], negative_margin [T, 1]. `tag_cosines` are the view-averaged cosine
+    maps: masks are sigmoid(w·cos + b) of them (`tag_masks`), computed only where asked for.
     """
-    views = [patch_embeds]
-    if flipped_patch_embeds is not None:
-        views.append(flipped_patch_embeds.flip(-1))
-    if method == "negatives":
-        if negative_embeds is None:
-            raise ValueError("score method 'negatives' needs negative_embeds (the model's negative prompts, encoded)")
-        scores = negative_contrast_scores(views, tag_embeds, negative_embeds, tau, float(negative_margin))
-    elif method == "softmax":
-        maps = torch.stack([pixel_tag_probs(v, tag_embeds, tau, valid) for v in views]).mean(0)
-        scores = maps.amax(dim=(2, 3))
-    elif method == "sigmoid":
-        maps = torch.stack([tag_masks(pixel_cosines(v, tag_embeds), mask_weight, mask_bias) for v in views]).mean(0)
-        scores = maps.amax(dim=(2, 3))
-    elif method == "minmax":
-        raw = torch.stack([pixel_cosines(v, tag_embeds) for v in views]).mean(0).amax(dim=(2, 3))
-        scores = minmax_over_tags(raw, valid)
-    else:
-        raise ValueError(f"unknown score method {method!r}; choose one of {', '.join(SCORE_METHODS)}")
-    return scores if valid is None else scores * valid
+    b, _, _, h, w = patch_views.shape
+    valid = tag_valid.to(torch.bool)
+    cosines = view_cosines(patch_views, tag_embeds)  # [B, V, K, P]
+    logits = negative_logits(cosines, view_cosines(patch_views, negative_embeds), tau)
+    margin = negative_margin.to(cosines.dtype).reshape(-1, 1, 1, 1)
+    negatives = torch.sigmoid(logits - margin).mean(1).amax(-1)
+    pixel_logits = torch.where(valid[:, None, :, None], tau * cosines, torch.full_like(cosines, MASKED_LOGIT))
+    softmax = torch.softmax(pixel_logits, dim=2).mean(1).amax(-1)
+    sigmoid = tag_masks(cosines, mask_weight, mask_bias).mean(1).amax(-1)
+    mean_cosines = cosines.mean(1)  # [B, K, P]
+    peak = mean_cosines.amax(-1)
+    scores = {"negatives": negatives, "softmax": softmax, "minmax": minmax_over_tags(peak, valid),
+              "sigmoid": sigmoid, "peak_cosine": peak}
+    tag_scores = torch.stack([scores[row] for row in SCORE_ROWS], dim=1) * valid[:, None, :].to(peak.dtype)
+    return tag_scores, mean_cosines.reshape(b, -1, h, w)
 
 
-def minmax_over_tags(raw: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """Min-max normalise [B, K] over the valid tags of each row (a single tag scores 1)."""
-    if valid is None:
-        valid = torch.ones_like(raw, dtype=torch.bool)
-    low = raw.masked_fill(~valid, float("inf")).amin(dim=1, keepdim=True)
-    high = raw.masked_fill(~valid, NEG_INF).amax(dim=1, keepdim=True)
-    return torch.where(high > low, (raw - low) / (high - low).clamp_min(1e-12), torch.ones_like(raw))
+def minmax_over_tags(raw: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise [B, K] over the valid tags of each row (a row whose valid tags tie scores 1)."""
+    valid = valid.expand_as(raw)
+    low = torch.where(valid, raw, torch.full_like(raw, NO_VALUE)).amin(dim=1, keepdim=True)
+    high = torch.where(valid, raw, torch.full_like(raw, -NO_VALUE)).amax(dim=1, keepdim=True)
+    span = high - low
+    return torch.where(span > 0, (raw - low) / torch.where(span > 0, span, torch.ones_like(span)), torch.ones_like(raw))
+
+
+def score_row(tag_scores: torch.Tensor, score: str) -> torch.Tensor:
+    """One score [..., K] out of `tag_head`'s [..., len(SCORE_ROWS), K]."""
+    if score not in SCORE_ROWS:
+        raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORE_ROWS)}")
+    return tag_scores[..., SCORE_ROWS.index(score), :]
+
+
+def combine_windows(tag_scores: torch.Tensor) -> torch.Tensor:
+    """[W, len(SCORE_ROWS), K] scores of W windows (and scales) of one image -> that image's
+    [len(SCORE_ROWS), K]: a per-pixel score's best pixel is its best window's; minmax is taken
+    again over the tags' best cosines of the whole image."""
+    combined = tag_scores.amax(dim=0)
+    peak = combined[SCORE_ROWS.index("peak_cosine")]
+    minmax = minmax_over_tags(peak[None], torch.ones_like(peak[None], dtype=torch.bool))[0]
+    return torch.cat([combined[: SCORE_ROWS.index("minmax")], minmax[None],
+                      combined[SCORE_ROWS.index("minmax") + 1 :]])
+
+
+def global_tag_scores(embeds: torch.Tensor, tag_embeds: torch.Tensor, tau: float,
+                      valid: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax_k(τ·cos(g, e_k)) for an image (image-tag) or caption (text-tag) embedding [B, D] -> [B, K]:
+    the scores that *measure* the single tag bias; not the method."""
+    logits = tau * torch.einsum("bd,bkd->bk", embeds, tag_embeds.to(embeds.dtype))
+    if valid is not None:
+        logits = torch.where(valid, logits, torch.full_like(logits, MASKED_LOGIT))
+    probs = torch.softmax(logits, dim=1)
+    return probs if valid is None else probs * valid
 
 
 def minmax_over_pixels(maps: torch.Tensor) -> torch.Tensor:
-    """Min-max normalise [B, K, h, w] maps over their pixels, per tag."""
+    """Min-max normalise [B, K, h, w] maps over their pixels, per tag (Stage 2's targets)."""
     low = maps.amin(dim=(2, 3), keepdim=True)
     high = maps.amax(dim=(2, 3), keepdim=True)
     return (maps - low) / (high - low).clamp_min(1e-6)

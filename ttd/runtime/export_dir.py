@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ttd.model.config import ModelConfig
-from ttd.model.contract import GRAPH_NAMES
+from ttd.model.contract import CONTRACT_VERSION, GRAPH_NAMES
 
 MANIFEST = "manifest.json"
 CONFIG = "model.json"
@@ -101,6 +101,9 @@ def read_export(root: str | Path, verify: bool = True) -> ExportDir:
     if not isinstance(manifest, dict) or manifest.get("format") != "ttd-export/1":
         raise ExportError(f"{manifest_path}: unknown format "
                           f"{manifest.get('format') if isinstance(manifest, dict) else type(manifest).__name__!r}")
+    if manifest.get("contract") != CONTRACT_VERSION:
+        raise ExportError(f"{root} was exported with tag-head contract {manifest.get('contract', 1)}; this version of "
+                          f"ttd runs contract {CONTRACT_VERSION}: re-export it with `ttd export`")
     if verify:
         verify_hashes(root, manifest)
     try:

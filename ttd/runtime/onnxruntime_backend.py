@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ttd.model.contract import GRAPH_NAMES, IMAGE_ENCODER, TAG_HEAD, TEXT_ENCODER, ImageEmbeddings, TagHeadOutputs
+from ttd.runtime.backend import HeadRequest, ImagePreprocessing, tag_images_on_host
 from ttd.runtime.export_dir import ExportDir
 
 PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -69,5 +70,19 @@ class OnnxRuntimeBackend:
     def encode_texts(self, input_ids: np.ndarray) -> np.ndarray:
         return self._run(TEXT_ENCODER, input_ids.astype(np.int64))[0]
 
-    def score_tags(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray) -> TagHeadOutputs:
-        return TagHeadOutputs(*self._run(TAG_HEAD, patch_embeds.astype(np.float32), tag_embeds.astype(np.float32)))
+    def score_tags(self, patch_views: np.ndarray, request: HeadRequest) -> TagHeadOutputs:
+        outputs = list(TAG_HEAD.outputs if request.with_cosines else TAG_HEAD.outputs[:1])
+        feeds = dict(zip(TAG_HEAD.inputs, head_feeds(patch_views, request)))
+        result = self.sessions[TAG_HEAD.name].run(outputs, feeds)
+        return TagHeadOutputs(result[0], result[1] if request.with_cosines else None)
+
+    def tag_images(self, images: np.ndarray, preprocessing: ImagePreprocessing,
+                   request: HeadRequest) -> TagHeadOutputs:
+        return tag_images_on_host(self, images, preprocessing, request)
+
+
+def head_feeds(patch_views: np.ndarray, request: HeadRequest) -> tuple[np.ndarray, ...]:
+    """The tag head's inputs in the contract's order and types (float32, the validity mask bool)."""
+    return (np.ascontiguousarray(patch_views, np.float32), np.ascontiguousarray(request.tag_embeds, np.float32),
+            np.ascontiguousarray(request.tag_valid, np.bool_), np.ascontiguousarray(request.negative_embeds, np.float32),
+            np.ascontiguousarray(request.negative_margin, np.float32))

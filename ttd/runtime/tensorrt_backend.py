@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ttd.model.contract import GRAPH_NAMES, GRAPHS, ImageEmbeddings, TagHeadOutputs
+from ttd.model.scoring import tag_head
+from ttd.runtime.backend import HeadRequest, ImagePreprocessing, with_flipped
 from ttd.runtime.export_dir import ExportDir
 
 # tensorrt.DataType member names -> torch dtype names (TensorRT's own nptype() has no bfloat16)
@@ -105,38 +107,44 @@ class EngineRunner:
         for name, array in feeds.items():
             profile = self.profiles[name]
             if array.ndim != len(profile.max):
-                raise ValueError(f"{self.graph}: {name} has shape {array.shape}, the engine expects "
+                raise ValueError(f"{self.graph}: {name} has shape {tuple(array.shape)}, the engine expects "
                                  f"{len(profile.max)} axes")
             for axis in range(1, array.ndim):
                 if not self.accepts(name, axis, array.shape[axis]):
-                    raise ValueError(f"{self.graph}: {name} has shape {array.shape}; the engine's profile accepts "
+                    raise ValueError(f"{self.graph}: {name} has shape {tuple(array.shape)}; the engine's profile accepts "
                                      f"{profile.min[axis]}..{profile.max[axis]} on axis {axis} "
                                      "(rebuild the engines with larger limits)")
 
-    def run(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
-        self.check_shapes(feeds)
-        total = len(next(iter(feeds.values())))
+    def run(self, feeds: dict) -> tuple:
+        """Outputs (torch tensors on the device) for feeds of numpy arrays or device tensors; a
+        feed with a leading 1 where the others have B (one vocabulary) is broadcast."""
+        torch = self.torch
+        tensors = {name: value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
+                   for name, value in feeds.items()}
+        self.check_shapes(tensors)
+        total = max(len(v) for v in tensors.values())
+        tensors = {k: v.expand(total, *v.shape[1:]) if len(v) != total else v for k, v in tensors.items()}
         if total == 0:
-            return self._empty(feeds)
+            return self._empty()
         step = self.max_batch
-        pieces = [self._run_once({k: v[start : start + step] for k, v in feeds.items()})
+        pieces = [self._run_once({k: v[start : start + step] for k, v in tensors.items()})
                   for start in range(0, total, step)]
-        return tuple(np.concatenate(parts) for parts in zip(*pieces))
+        return tuple(torch.cat(parts) for parts in zip(*pieces))
 
-    def _empty(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+    def _empty(self) -> tuple:
         outputs = []
         for name in GRAPHS[self.graph].outputs:
             shape = [0] + [int(d) for d in self.engine.get_tensor_shape(name)][1:]
             if any(d < 0 for d in shape):
                 raise ValueError(f"{self.graph}: an empty batch has no defined {name} shape")
-            outputs.append(np.zeros(shape, np.float32))  # every output of the contract is float32
+            outputs.append(self.torch.zeros(shape, dtype=self.torch.float32))  # every float output of the contract is float32
         return tuple(outputs)
 
-    def _run_once(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+    def _run_once(self, feeds: dict) -> tuple:
         torch, context = self.torch, self.context
         keep = []  # the buffers must outlive the execution
-        for name, array in feeds.items():
-            tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self.device, self.dtypes[name], non_blocking=False)
+        for name, tensor in feeds.items():
+            tensor = tensor.to(self.device, self.dtypes[name], non_blocking=True).contiguous()
             keep.append(tensor)
             if not context.set_input_shape(name, tuple(tensor.shape)):
                 raise RuntimeError(f"TensorRT refused shape {tuple(tensor.shape)} for {self.graph} input {name} "
@@ -157,7 +165,7 @@ class EngineRunner:
         if self.stream is not None:
             self.stream.synchronize()
         # the contract's outputs are float32 whatever precision the engine computes in
-        return tuple((o.float() if o.is_floating_point() else o).cpu().numpy() for o in outputs)
+        return tuple(o.float() if o.is_floating_point() else o for o in outputs)
 
 
 def _load_engines(export: ExportDir) -> dict:
@@ -200,22 +208,36 @@ class TensorRTBackend:
         self.tau, self.mask_weight, self.mask_bias = float(export.config.tau), export.mask_weight, export.mask_bias
 
     def encode_images(self, pixel_values: np.ndarray) -> ImageEmbeddings:
-        return ImageEmbeddings(*self._run("image_encoder", pixel_values))
+        return ImageEmbeddings(*self._host(self._run("image_encoder", pixel_values)))
 
     def encode_texts(self, input_ids: np.ndarray) -> np.ndarray:
-        return self._run("text_encoder", input_ids)[0]
+        return self._host(self._run("text_encoder", input_ids))[0]
 
-    @property
-    def max_head_tags(self) -> int:
-        """The most tags one tag-head call runs on the engine (its profile); more run in torch."""
-        return self.runners["tag_head"].profiles["tag_embeds"].max[1]
+    def score_tags(self, patch_views, request: HeadRequest) -> TagHeadOutputs:
+        """The tag head engine (the torch scoring function for more tags than its profile holds)."""
+        if self.runners["tag_head"].accepts("tag_embeds", 1, request.tag_embeds.shape[1]):
+            scores, cosines = self._run("tag_head", patch_views, *request.arrays())
+        else:
+            scores, cosines = self._tag_head_in_torch(patch_views, request)
+        host = self._host((scores, cosines) if request.with_cosines else (scores,))
+        return TagHeadOutputs(host[0], host[1] if request.with_cosines else None)
 
-    def score_tags(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray) -> TagHeadOutputs:
-        if self.runners["tag_head"].accepts("tag_embeds", 1, tag_embeds.shape[1]):
-            return TagHeadOutputs(*self._run("tag_head", patch_embeds, tag_embeds))
-        return self._tag_head_in_torch(patch_embeds, tag_embeds)
+    def tag_images(self, images: np.ndarray, preprocessing: ImagePreprocessing,
+                   request: HeadRequest) -> TagHeadOutputs:
+        """Encoder and head engines on the GPU: the patch embeddings stay there, the views are
+        made there, and only the scores (and cosine maps if asked for) come back."""
+        torch = self.torch
+        pixels = torch.from_numpy(np.ascontiguousarray(with_flipped(images, preprocessing.flip))).to(self.device)
+        mean = torch.tensor(preprocessing.mean, device=self.device)[:, None, None]
+        std = torch.tensor(preprocessing.std, device=self.device)[:, None, None]
+        pixels = pixels.permute(0, 3, 1, 2).float().div_(255.0).sub_(mean).div_(std)
+        _, patch_embeds = self._run("image_encoder", pixels)
+        n = len(images)
+        views = patch_embeds[:n, None] if not preprocessing.flip else \
+            torch.stack([patch_embeds[:n], patch_embeds[n:].flip(-1)], dim=1)
+        return self.score_tags(views, request)
 
-    def _run(self, graph: str, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    def _run(self, graph: str, *arrays) -> tuple:
         runner = self.runners[graph]
         feeds = dict(zip(GRAPHS[graph].inputs, arrays))
         if runner.stream is None:
@@ -223,14 +245,13 @@ class TensorRTBackend:
         with self.torch.cuda.stream(runner.stream):  # copies in, execution and copies out on one stream
             return runner.run(feeds)
 
-    def _tag_head_in_torch(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray) -> TagHeadOutputs:
-        from ttd.model.scoring import pixel_cosines, pixel_tag_probs, tag_masks
+    @staticmethod
+    def _host(tensors: tuple) -> tuple[np.ndarray, ...]:
+        return tuple(t.cpu().numpy() for t in tensors)
 
+    def _tag_head_in_torch(self, patch_views, request: HeadRequest) -> tuple:
         torch = self.torch
         with torch.no_grad():
-            patches = torch.from_numpy(np.ascontiguousarray(patch_embeds, np.float32)).to(self.device)
-            tags = torch.from_numpy(np.ascontiguousarray(tag_embeds, np.float32)).to(self.device)
-            probs = pixel_tag_probs(patches, tags, self.tau)
-            masks = tag_masks(pixel_cosines(patches, tags), self.mask_weight, self.mask_bias)
-            return TagHeadOutputs(*(t.cpu().numpy() for t in (probs.amax(dim=(2, 3)), masks, probs)))
-
+            device = [torch.as_tensor(np.ascontiguousarray(a) if isinstance(a, np.ndarray) else a).to(self.device)
+                      for a in (patch_views, *request.arrays())]
+            return tag_head(device[0].float(), *device[1:], self.tau, self.mask_weight, self.mask_bias)

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from ttd.model.config import canonical_precision
+from ttd.model.clip import TTDModel
 from ttd.model.contract import ImageEmbeddings, TagHeadOutputs
 from ttd.model.graphs import ImageEncoderGraph, TagHeadGraph, TextEncoderGraph
-from ttd.model.clip import TTDModel
+from ttd.runtime.backend import HeadRequest, ImagePreprocessing
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # ttd.model.config.PRECISIONS names
 
@@ -49,6 +50,7 @@ class TorchBackend:
             self.image_encoder = torch.compile(self.image_encoder, mode=mode, dynamic=False)
         self.text_encoder = TextEncoderGraph(model)
         self.tag_head = TagHeadGraph(model.config.tau, model.mask_weight.item(), model.mask_bias.item())
+        self._normalisation: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _to_device(self, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         tensor = torch.from_numpy(np.ascontiguousarray(array))
@@ -85,20 +87,47 @@ class TorchBackend:
     def encode_images(self, pixel_values: np.ndarray) -> ImageEmbeddings:
         return ImageEmbeddings(*self._run(self.image_encoder, self._pad(pixel_values), rows=len(pixel_values)))
 
-    def encode_uint8_images(self, images: np.ndarray, mean: tuple[float, ...],
-                            std: tuple[float, ...]) -> ImageEmbeddings:
-        """uint8 [B, H, W, 3] -> encode_images(normalize(images)), normalised on the device
-        (same float32 arithmetic as ttd.runtime.images.normalize)."""
-        with torch.inference_mode():
-            pixels = self._to_device(self._pad(images), torch.uint8).permute(0, 3, 1, 2).float()
-            pixels = pixels.div_(255.0).sub_(torch.tensor(mean, device=self.device)[:, None, None])
-            pixels = pixels.div_(torch.tensor(std, device=self.device)[:, None, None])
-            outputs = self.image_encoder(pixels.to(self.dtype).contiguous())
-            return ImageEmbeddings(*self._to_host(outputs, len(images)))
+    def _normalised(self, images: np.ndarray, preprocessing: ImagePreprocessing) -> torch.Tensor:
+        """uint8 [B, H, W, 3] -> the encoder's input on the device, mirrored copies appended under
+        flip TTA (same float32 arithmetic as ttd.runtime.images.normalize); mean and std are made
+        on the device once per setting."""
+        key = (preprocessing.mean, preprocessing.std)
+        if key not in self._normalisation:
+            self._normalisation[key] = tuple(torch.tensor(v, device=self.device)[:, None, None] for v in key)
+        mean, std = self._normalisation[key]
+        pixels = self._to_device(images, torch.uint8).permute(0, 3, 1, 2)
+        if preprocessing.flip:
+            pixels = torch.cat([pixels, pixels.flip(-1)])
+        pixels = self._pad_tensor(pixels)
+        return pixels.float().div_(255.0).sub_(mean).div_(std).to(self.dtype).contiguous()
+
+    def _pad_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
+        n = len(pixels)
+        if not self.compiled or padded_batch(n) == n:
+            return pixels
+        return torch.cat([pixels, pixels.new_zeros((padded_batch(n) - n, *pixels.shape[1:]))])
 
     def encode_texts(self, input_ids: np.ndarray) -> np.ndarray:
         return self._run(self.text_encoder, input_ids)[0]
 
-    def score_tags(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray) -> TagHeadOutputs:
+    def _head(self, views: torch.Tensor, request: HeadRequest) -> TagHeadOutputs:
         # the head is a softmax at τ = 100: always float32, whatever the encoders run in
-        return TagHeadOutputs(*self._run(self.tag_head, patch_embeds, tag_embeds, dtype=torch.float32))
+        arrays = [self._to_device(a, torch.float32) for a in request.arrays()]
+        scores, cosines = self.tag_head(views.float(), *arrays)
+        host = self._to_host((scores, cosines) if request.with_cosines else (scores,))
+        return TagHeadOutputs(host[0], host[1] if request.with_cosines else None)
+
+    def score_tags(self, patch_views: np.ndarray, request: HeadRequest) -> TagHeadOutputs:
+        with torch.inference_mode():
+            return self._head(self._to_device(patch_views, torch.float32), request)
+
+    def tag_images(self, images: np.ndarray, preprocessing: ImagePreprocessing,
+                   request: HeadRequest) -> TagHeadOutputs:
+        """Encoder and tag head on the device: only the scores (and the cosine maps if asked for)
+        come back to the host, never the patch embeddings."""
+        with torch.inference_mode():
+            _, patch_embeds = self.image_encoder(self._normalised(images, preprocessing))
+            n = len(images)
+            views = patch_embeds[:n, None] if not preprocessing.flip else \
+                torch.stack([patch_embeds[:n], patch_embeds[n : 2 * n].flip(-1)], dim=1)
+            return self._head(views, request)

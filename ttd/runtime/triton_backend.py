@@ -11,8 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ttd.model.contract import GRAPHS, IMAGE_ENCODER, TAG_HEAD, TEXT_ENCODER, ImageEmbeddings, TagHeadOutputs
+from ttd.runtime.backend import HeadRequest, ImagePreprocessing, tag_images_on_host
+from ttd.runtime.onnxruntime_backend import head_feeds
 
-NUMPY_TO_TRITON = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
+NUMPY_TO_TRITON = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64", np.dtype(np.bool_): "BOOL"}
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -112,5 +114,15 @@ class TritonBackend:
     def encode_texts(self, input_ids: np.ndarray) -> np.ndarray:
         return self._graph(TEXT_ENCODER, input_ids.astype(np.int64))[0]
 
-    def score_tags(self, patch_embeds: np.ndarray, tag_embeds: np.ndarray) -> TagHeadOutputs:
-        return TagHeadOutputs(*self._graph(TAG_HEAD, patch_embeds.astype(np.float32), tag_embeds.astype(np.float32)))
+    def score_tags(self, patch_views: np.ndarray, request: HeadRequest) -> TagHeadOutputs:
+        """Triton batches every input on its first axis: a vocabulary's single row goes to each image."""
+        batch = len(patch_views)
+        feeds = [feed if len(feed) == batch else np.broadcast_to(feed, (batch, *feed.shape[1:]))
+                 for feed in head_feeds(patch_views, request)]
+        outputs = list(TAG_HEAD.outputs if request.with_cosines else TAG_HEAD.outputs[:1])
+        result = self._infer(TAG_HEAD.served_as, dict(zip(TAG_HEAD.inputs, feeds)), outputs)
+        return TagHeadOutputs(result[0], result[1] if request.with_cosines else None)
+
+    def tag_images(self, images: np.ndarray, preprocessing: ImagePreprocessing,
+                   request: HeadRequest) -> TagHeadOutputs:
+        return tag_images_on_host(self, images, preprocessing, request)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ttd.model.scoring import combine_windows
 from ttd.runtime.images import RESAMPLING
 from ttd.runtime.tagger import Tagger
 
@@ -102,8 +103,7 @@ class WindowFeatures:
     width: int  # the original image's
     height: int
     plans: list[ScalePlan]
-    patch_embeds: list[np.ndarray]  # per scale: [N, D, h, w]
-    flipped: list[np.ndarray | None]  # per scale: the mirrored windows' patch embeddings (flip TTA)
+    patch_views: list[np.ndarray]  # per scale: [N, V, D, h, w] (V = 2 under flip TTA, mirrored back)
     canvas_image: np.ndarray  # uint8 [Hc, Wc, 3]: the image on the finest scale's canvas (for PAMR)
     crop: str
 
@@ -125,7 +125,7 @@ def encode_windows(tagger: Tagger, image: Image.Image, crop: str = "whole", scal
     stride = default_stride(size) if stride is None else stride
     width, height = image.size
     fill = tuple(int(round(255 * m)) for m in config.mean)
-    plans, embeds, flipped, canvas = [], [], [], None
+    plans, views, canvas = [], [], None
     for scale in scales:
         plan = plan_scale(width, height, size, scale, stride, crop)
         resized = image if (plan.width, plan.height) == (width, height) else \
@@ -134,15 +134,10 @@ def encode_windows(tagger: Tagger, image: Image.Image, crop: str = "whole", scal
         if canvas is None or plan.width * plan.height > canvas.shape[0] * canvas.shape[1]:
             canvas = pixels
         windows = crop_windows(pixels, plan, size, fill)
-        parts = [tagger.encode_images(windows[i : i + batch_size]) for i in range(0, len(windows), batch_size)]
+        parts = [tagger.encode_images(windows[i : i + batch_size])[1] for i in range(0, len(windows), batch_size)]
         plans.append(plan)
-        embeds.append(np.concatenate([p[1] for p in parts]))
-        flipped.append(np.concatenate([p[2] for p in parts]) if tagger.flip_tta else None)
-    return WindowFeatures(width, height, plans, embeds, flipped, canvas, crop)
-
-
-def _logits_from_masks(tagger: Tagger, masks: np.ndarray) -> np.ndarray:
-    return (tagger.mask_weight * tagger.mask_cosines(masks) + tagger.mask_bias).astype(np.float32)
+        views.append(np.concatenate(parts))
+    return WindowFeatures(width, height, plans, views, canvas, crop)
 
 
 def _stitch(plan: ScalePlan, logits: np.ndarray, size: int) -> np.ndarray:
@@ -214,27 +209,21 @@ def _logit(p: float) -> float:
 
 def score_maps(tagger: Tagger, features: WindowFeatures, tags: list[str], tag_embeds: np.ndarray) -> ScoreMaps:
     """The tag head over every window of `features` for `tags` (embeddings [K, D]), stitched into
-    maps of the whole image. Scores: the Tagger's method, best over windows (for softmax and
-    sigmoid that is the best pixel of the image; minmax is taken over the tags' best-pixel cosines)."""
+    maps of the whole image. Scores: the Tagger's, combined over windows and scales by
+    ttd.model.scoring.combine_windows (the best pixel of the image; minmax over its best cosines)."""
     size = tagger.config.image_size
-    method = tagger.score_method
     canvas_h, canvas_w = features.canvas_image.shape[:2]
     total = np.zeros((len(tags), canvas_h, canvas_w), np.float32)
-    best = np.full(len(tags), -np.inf)
-    for plan, embeds, flipped in zip(features.plans, features.patch_embeds, features.flipped):
-        batch_tags = np.repeat(np.asarray(tag_embeds, np.float32)[None], len(embeds), axis=0)  # writable copy
-        asked = "sigmoid" if method == "minmax" else method
-        scores, masks = tagger.score_methods(embeds, batch_tags, flipped, (asked,))
-        window_best = scores[asked].max(axis=0).astype(np.float64)
-        if method == "minmax":  # best-pixel cosine of the whole image, then min-max over the tags
-            window_best = tagger.mask_cosines(window_best)
-        best = np.maximum(best, window_best)
-        total += _resize_maps(_stitch(plan, _logits_from_masks(tagger, masks), size), canvas_h, canvas_w)
-    if method == "minmax":
-        span = float(np.ptp(best)) if len(best) else 0.0
-        best = (best - best.min()) / span if span > 0 else np.ones_like(best)
-    return ScoreMaps(list(tags), best.astype(np.float32), total / len(features.plans), features.width,
-                     features.height)
+    request = tagger.request(vocabulary_embeds=tag_embeds, with_cosines=True)
+    window_scores = []
+    for plan, views in zip(features.plans, features.patch_views):
+        outputs = tagger.score_views(views, request)
+        window_scores.append(outputs.tag_scores)
+        logits = (tagger.mask_weight * outputs.tag_cosines + tagger.mask_bias).astype(np.float32)
+        total += _resize_maps(_stitch(plan, logits, size), canvas_h, canvas_w)
+    combined = combine_windows(torch.from_numpy(np.concatenate(window_scores))).numpy()
+    return ScoreMaps(list(tags), tagger.chosen(combined).astype(np.float32), total / len(features.plans),
+                     features.width, features.height)
 
 
 def refine_maps(maps: ScoreMaps, image: np.ndarray, iterations: int = 10) -> ScoreMaps:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ttd.model.config import DEFAULT_MASK_THRESHOLD, DEFAULT_NEGATIVE_MARGIN
-from ttd.model.scoring import ScoreMethod, minmax_over_pixels, pixel_cosines, pixel_tag_scores, select_tags
+from ttd.model.scoring import minmax_over_pixels, pixel_cosines, score_row, select_tags, tag_head
 
 
 @dataclass
@@ -87,6 +87,20 @@ def evidence_map(cosines: torch.Tensor, selected: torch.Tensor, valid: torch.Ten
         return torch.gather(selected.float(), 1, nearest.flatten(1)).view_as(nearest) > 0
 
 
+def stage1_scores(patch_embeds: torch.Tensor, tag_embeds: torch.Tensor, valid: torch.Tensor, tau: float,
+                  score_method: str, mask_weight: torch.Tensor, mask_bias: torch.Tensor,
+                  negative_embeds: torch.Tensor | None, negative_margin: float) -> torch.Tensor:
+    """Stage 1's scores [B, K] by the one scoring function (ttd.model.scoring.tag_head)."""
+    if negative_embeds is None:
+        if score_method == "negatives":
+            raise ValueError("the negatives Stage-1 score needs negative_embeds (the negative prompts, encoded)")
+        negative_embeds = patch_embeds.new_zeros(1, patch_embeds.shape[1])  # its row is not read
+    margin = patch_embeds.new_tensor([float(negative_margin)])
+    tag_scores, _ = tag_head(patch_embeds[:, None], tag_embeds, valid, negative_embeds.detach()[None], margin, tau,
+                             mask_weight, mask_bias)
+    return score_row(tag_scores, score_method)
+
+
 def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE over the batch (embeddings already gathered across ranks if distributed)."""
     logits = logit_scale.exp() * image_embeds @ text_embeds.t()
@@ -106,7 +120,7 @@ def ttd_losses(
     threshold: float,
     lambda_tag: float,
     lambda_clip: float,
-    score_method: ScoreMethod = "softmax",
+    score_method: str = "softmax",
     teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
     normaliser: Callable[[torch.Tensor], torch.Tensor] | None = None,
     negative_embeds: torch.Tensor | None = None,
@@ -122,15 +136,13 @@ def ttd_losses(
     ranks' gradients gives exactly the gradient of one process over the whole batch.
 
     `negative_embeds` [N, D]: the teacher's embeddings of the negative prompts, needed by the
-    `negatives` Stage-1 score (ttd/model/negatives.py; the default of TrainConfig). Called directly,
+    `negatives` Stage-1 score (ttd/model/scoring.py; the default of TrainConfig). Called directly,
     the function keeps the paper's softmax unless told otherwise."""
     normaliser = normaliser or (lambda count: count)
     teacher_patch, teacher_tags = teacher if teacher is not None else (patch_embeds, tag_embeds)
     with torch.no_grad():
-        scores = pixel_tag_scores(teacher_patch.detach(), teacher_tags.detach(), tau, valid, score_method,
-                                  mask_weight.detach(), mask_bias.detach(),
-                                  negative_embeds=None if negative_embeds is None else negative_embeds.detach(),
-                                  negative_margin=negative_margin)
+        scores = stage1_scores(teacher_patch.detach(), teacher_tags.detach(), valid, tau, score_method,
+                               mask_weight.detach(), mask_bias.detach(), negative_embeds, negative_margin)
         selected = select_tags(scores, threshold, valid)
         teacher_cosines = pixel_cosines(teacher_patch.detach(), teacher_tags.detach())
         teacher_logits = mask_weight.detach() * teacher_cosines + mask_bias.detach()

@@ -1,0 +1,93 @@
+"""Issue 20's reproduced defects of the job seams, as regression tests: whole-image tagging and
+`ttd segment` go through the exactly-once writer (a second run, --resume and --shard are
+honoured), options a mode cannot honour are refused before any work, webdataset samples are
+segmented from their own bytes, and one option name means one thing."""
+
+import json
+
+import webdataset as wds
+from click.testing import CliRunner
+from PIL import Image
+
+from ttd.cli import main
+from ttd.data.world import make_sample
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def captions_file(folder, count=4):
+    rows = []
+    for i in range(count):
+        sample = make_sample(3, i)
+        Image.fromarray(sample.image).resize((96, 64)).save(folder / f"img{i}.png")
+        rows.append({"image": f"img{i}.png", "caption": sample.caption})
+    path = folder / "captions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_whole_image_tagging_twice_writes_the_same_records(tmp_path):
+    captions = captions_file(tmp_path)
+    out = tmp_path / "whole.jsonl"
+    first = run("tag", "--captions", captions, "-o", out, "--crop", "whole", "--quiet")
+    assert first.exit_code == 0, first.output
+    written = records(out)
+    second = run("tag", "--captions", captions, "-o", out, "--crop", "whole", "--quiet")
+    assert second.exit_code == 0, second.output
+    assert len(written) == 4 and records(out) == written  # was: replaced by 0 records
+    assert [r["index"] for r in written] == [0, 1, 2, 3]
+    assert all(r["width"] == 96 and r["height"] == 64 for r in written)
+    resumed = run("tag", "--captions", captions, "-o", out, "--crop", "whole", "--resume", "--quiet")
+    assert "already complete (4 records)" in resumed.output
+
+
+def test_whole_image_shards_take_their_own_items(tmp_path):
+    captions = captions_file(tmp_path)
+    for shard in (0, 1):
+        result = run("tag", "--captions", captions, "-o", tmp_path / f"s{shard}.jsonl", "--crop", "whole",
+                     "--shard", shard, "--num-shards", 2, "--quiet")
+        assert result.exit_code == 0, result.output
+    assert [r["index"] for r in records(tmp_path / "s0.jsonl")] == [0, 2]  # was: all items, shard ignored
+    assert [r["index"] for r in records(tmp_path / "s1.jsonl")] == [1, 3]
+
+
+def test_options_a_mode_cannot_honour_are_refused_before_any_work(tmp_path):
+    captions = captions_file(tmp_path, 1)
+    out = tmp_path / "ray.jsonl"
+    result = run("tag", "--captions", captions, "-o", out, "--crop", "whole", "--engine", "ray",
+                 "--backend", "torch", "--dtype", "fp32")
+    assert result.exit_code != 0 and "--engine ray runs the centre crop only" in result.output
+    parquet = run("segment", "--captions", captions, "-o", tmp_path / "seg.parquet", "--quiet")
+    assert parquet.exit_code != 0 and "written as JSON lines" in parquet.output
+    assert not out.exists() and not (tmp_path / "seg.parquet").exists()
+
+
+def test_segment_reads_webdataset_samples_from_their_own_bytes(tmp_path):
+    with wds.TarWriter(str(tmp_path / "000.tar")) as sink:
+        for i in range(2):
+            sample = make_sample(3, i)
+            image = Image.fromarray(sample.image).resize((80, 48))
+            path = tmp_path / f"tmp{i}.png"
+            image.save(path)
+            sink.write({"__key__": f"s{i}", "png": path.read_bytes(), "txt": sample.caption})
+            path.unlink()  # only the tar holds the image
+    out = tmp_path / "seg.jsonl"
+    result = run("segment", "--captions", tmp_path / "000.tar", "-o", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    lines = records(out)
+    assert [("error" in r, r.get("width"), r.get("height")) for r in lines] == [(False, 80, 48)] * 2
+
+
+def test_one_option_name_means_one_thing():
+    for command in ("tag", "segment", "eval", "calibrate"):
+        text = run(command, "--help").output
+        if "--score [" in text:
+            assert "default: negatives" in text.split("--score [")[1].split("--")[0], command
+    train = run("train", "--help").output
+    assert "--stage1-score" in train and "--score [" not in train
