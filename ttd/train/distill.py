@@ -8,12 +8,12 @@ or zero (rejected). Targets are computed without gradient.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from ttd.model.config import DEFAULT_NEGATIVE_MARGIN
+from ttd.model.config import DEFAULT_MASK_THRESHOLD, DEFAULT_NEGATIVE_MARGIN
 from ttd.model.scoring import minmax_over_pixels, pixel_cosines, score_row, select_tags, tag_head
 
 
@@ -24,20 +24,67 @@ class DistillLosses:
     tag: torch.Tensor
     clip: torch.Tensor
     selected_fraction: float
+    diagnostics: dict[str, float] = field(default_factory=dict)
 
     def as_floats(self) -> dict[str, float]:
         return {"loss": self.total.item(), "distill": self.distill.item(), "tag": self.tag.item(),
                 "clip": self.clip.item(), "selected": self.selected_fraction}
 
 
-def distill_targets(
-    tag_logits: torch.Tensor, selected: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Y [B, K, h, w], U [B, h, w]) from mask logits and the selection [B, K], without gradient."""
+def mask_diagnostics(caption_logits: torch.Tensor, union: torch.Tensor, evidence: torch.Tensor,
+                     has_selection: torch.Tensor, mask_weight: torch.Tensor, mask_bias: torch.Tensor,
+                     mask_threshold: float = DEFAULT_MASK_THRESHOLD) -> dict[str, float]:
+    """What a collapse of the caption masks shows (issue 24), over the pairs with a selection:
+    mean area of M_c and of its target U, their shares ≥ θ, the label-free evidence area (pixels
+    whose nearest candidate tag is a selected one) and the mask head's w and b.
+
+    The loss alone cannot show it: a caption mask that matches a shrinking target has a *lower*
+    distill loss."""
     with torch.no_grad():
-        tag_targets = minmax_over_pixels(torch.sigmoid(tag_logits)) * selected[:, :, None, None]
+        keep = has_selection.float()[:, None, None]
+        pairs = keep.sum().clamp_min(1.0) * caption_logits.shape[-1] * caption_logits.shape[-2]
+        caption = torch.sigmoid(caption_logits.float())
+        return {"caption_area": float((caption * keep).sum() / pairs),
+                "caption_above": float(((caption >= mask_threshold).float() * keep).sum() / pairs),
+                "target_area": float((union * keep).sum() / pairs),
+                "target_above": float(((union >= mask_threshold).float() * keep).sum() / pairs),
+                "evidence_area": float((evidence.float() * keep).sum() / pairs),
+                "w": float(mask_weight), "b": float(mask_bias)}
+
+
+TARGET_NORMS: tuple[str, ...] = ("mask", "cosine", "mixed")
+
+
+def distill_targets(
+    tag_logits: torch.Tensor, selected: torch.Tensor, target_norm: str = "mask", mask_share: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Y [B, K, h, w], U [B, h, w]) from mask logits and the selection [B, K], without gradient.
+
+    `target_norm`: what is min-max normalised over the pixels. `mask` (the paper's): the sigmoid
+    mask M_k. `cosine`: the logit w·cos + b, i.e. the cosine itself (w > 0), so the target's shape
+    does not depend on where the cosines sit on the sigmoid: once they drift into its lower tail,
+    minmax(M_k) is a peak of a few pixels (docs/training.md: the collapse of issue 24)."""
+    if target_norm not in TARGET_NORMS:
+        raise ValueError(f"unknown target normalisation {target_norm!r}; choose one of {', '.join(TARGET_NORMS)}")
+    with torch.no_grad():
+        if target_norm == "mask":
+            maps = minmax_over_pixels(torch.sigmoid(tag_logits))
+        elif target_norm == "cosine":
+            maps = minmax_over_pixels(tag_logits)
+        else:  # mixed: mask_share of the mask's, the rest of the cosine's
+            maps = mask_share * minmax_over_pixels(torch.sigmoid(tag_logits)) + (1 - mask_share) * minmax_over_pixels(tag_logits)
+        tag_targets = maps * selected[:, :, None, None]
         union = tag_targets.amax(dim=1)
     return tag_targets, union
+
+
+def evidence_map(cosines: torch.Tensor, selected: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[B, h, w] bool: pixels whose nearest candidate tag (argmax_k cos(f_i, e_k) over the valid
+    tags) is a selected tag. Label-free image-level evidence of how much of the image the caption
+    names, and free of w and b: a mask head that shifts its threshold cannot move it."""
+    with torch.no_grad():
+        nearest = cosines.masked_fill(~valid[:, :, None, None], float("-inf")).argmax(dim=1)  # [B, h, w]
+        return torch.gather(selected.float(), 1, nearest.flatten(1)).view_as(nearest) > 0
 
 
 def stage1_scores(patch_embeds: torch.Tensor, tag_embeds: torch.Tensor, valid: torch.Tensor, tau: float,
@@ -78,6 +125,8 @@ def ttd_losses(
     normaliser: Callable[[torch.Tensor], torch.Tensor] | None = None,
     negative_embeds: torch.Tensor | None = None,
     negative_margin: float = DEFAULT_NEGATIVE_MARGIN,
+    target_norm: str = "mask",
+    mask_share: float = 0.5,
 ) -> DistillLosses:
     """The TTD loss of a batch. `teacher` = (patch_embeds, tag_embeds) of a frozen teacher; the
     default online teacher is the current model without gradient.
@@ -95,8 +144,9 @@ def ttd_losses(
         scores = stage1_scores(teacher_patch.detach(), teacher_tags.detach(), valid, tau, score_method,
                                mask_weight.detach(), mask_bias.detach(), negative_embeds, negative_margin)
         selected = select_tags(scores, threshold, valid)
-        teacher_logits = mask_weight.detach() * pixel_cosines(teacher_patch.detach(), teacher_tags.detach()) + mask_bias.detach()
-    tag_targets, union = distill_targets(teacher_logits, selected)
+        teacher_cosines = pixel_cosines(teacher_patch.detach(), teacher_tags.detach())
+        teacher_logits = mask_weight.detach() * teacher_cosines + mask_bias.detach()
+    tag_targets, union = distill_targets(teacher_logits, selected, target_norm, mask_share)
 
     tag_logits = mask_weight * pixel_cosines(patch_embeds, tag_embeds) + mask_bias
     per_tag = F.binary_cross_entropy_with_logits(tag_logits, tag_targets, reduction="none").mean(dim=(2, 3))
@@ -109,4 +159,12 @@ def ttd_losses(
 
     total = distill_loss + lambda_tag * tag_loss + lambda_clip * clip_term
     fraction = float(selected.sum()) / max(int(valid.sum()), 1)
-    return DistillLosses(total, distill_loss, tag_loss, clip_term, fraction)
+    evidence = evidence_map(teacher_cosines, selected, valid)
+    diagnostics = mask_diagnostics(caption_logits, union, evidence, has_selection, mask_weight, mask_bias)
+    with torch.no_grad():  # where the selected tags' cosines sit against the sigmoid's midpoint −b/w
+        chosen = selected[:, :, None, None].expand_as(teacher_cosines)
+        if chosen.any():
+            diagnostics["selected_cos_mean"] = float(teacher_cosines[chosen].mean())
+            diagnostics["selected_cos_max"] = float(teacher_cosines.amax(dim=(2, 3))[selected].mean())
+        diagnostics["mask_midpoint"] = float(-mask_bias.detach() / mask_weight.detach())
+    return DistillLosses(total, distill_loss, tag_loss, clip_term, fraction, {**diagnostics, "selected": fraction})

@@ -28,6 +28,7 @@ from ttd.model.config import CALIBRATION_COUNT, CALIBRATION_SEED, DEFAULT_THRESH
 from ttd.data.shard_stream import ShardStreamLoader
 from ttd.data.sources import open_source
 from ttd.train.distill import clip_loss, ttd_losses
+from ttd.train.guard import CollapseGuard
 from ttd.model.factory import atomic_write, save_checkpoint
 from ttd.runtime.images import ImageError, Preprocess, normalize
 from ttd.data.items import is_shard_pattern
@@ -60,6 +61,16 @@ class TrainConfig:
     # runtime default `negatives` collapsed (44.1 ± 4.1: its online selection feeds back)
     score_method: str = "minmax"
     frozen_teacher: bool = False
+    # Stage 1 and the targets from an exponential moving average of the trained weights (mean teacher):
+    # 0 = the current model (the paper's online teacher); ignored with frozen_teacher
+    teacher_momentum: float = 0.0
+    # Stage-2 targets (ttd.train.distill.distill_targets): "mask" is the paper's min-max of the sigmoid mask,
+    # which collapsed one run in six (issue 24); "mixed" (half mask, half cosine) is the default by
+    # benchmarks/seeds.py, docs/training.md
+    target_norm: str = "mixed"
+    target_mask_share: float = 0.5  # mixed targets: weight of the mask's min-max (the rest: the cosine's)
+    # label-free guard against the caption-mask collapse (ttd/train/guard.py): flags it, keeps the last healthy weights
+    collapse_guard: bool = True
     calibration_lr_scale: float = 10.0  # w and b are two scalars: AdamW at the base lr barely moves them
     # fit the negatives score's margin to the trained model on the world's calibration split
     # (ttd/evaluation/calibrate.py) when training on the world; other data: `ttd calibrate --data LABELLED`
@@ -194,13 +205,29 @@ def _step_losses(model: TTDModel, teacher: TTDModel | None, pixels: torch.Tensor
     losses = ttd_losses(patch_embeds.float(), text_embeds.float(), tag_embeds.float(), valid, model.mask_weight,
                         model.mask_bias, contrastive, model.config.tau, config.threshold, config.lambda_tag,
                         config.lambda_clip, config.score_method, teacher_out, _global_share,
-                        negative_embeds, model.config.negative_margin)
-    return losses.total, losses.as_floats()
+                        negative_embeds, model.config.negative_margin, config.target_norm,
+                        config.target_mask_share)
+    return losses.total, {**losses.as_floats(), **losses.diagnostics}
 
 
-def _save_state(path: Path, model, optimizer, scheduler, step: int, config: TrainConfig) -> None:
+def _ema_teacher(config: TrainConfig) -> bool:
+    return config.objective == "ttd" and not config.frozen_teacher and 0.0 < config.teacher_momentum < 1.0
+
+
+def _update_teacher(teacher: TTDModel, model: TTDModel, momentum: float) -> None:
+    """teacher ← momentum·teacher + (1 − momentum)·model, for the trained weights (the rest are equal)."""
+    with torch.no_grad():
+        for kept, trained in zip(teacher.parameters(), model.parameters()):
+            if trained.requires_grad:
+                kept.lerp_(trained.detach(), 1.0 - momentum)
+
+
+def _save_state(path: Path, model, optimizer, scheduler, step: int, config: TrainConfig,
+                teacher: TTDModel | None = None) -> None:
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "torch_rng": torch.get_rng_state(), "step": step, "config": json.dumps(config.to_dict())}
+    if teacher is not None and _ema_teacher(config):
+        state["teacher"] = teacher.state_dict()
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -250,6 +277,7 @@ class TrainingRun:
     rank: int
     world: int
     bad_steps: int = 0
+    guard: CollapseGuard | None = None  # rank 0 of a TTD run; restarts empty when a run is resumed
 
 
 def setup(model: TTDModel, config: TrainConfig, resume: bool = True) -> TrainingRun:
@@ -260,6 +288,8 @@ def setup(model: TTDModel, config: TrainConfig, resume: bool = True) -> Training
     random.seed(config.seed)
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if config.frozen_teacher else None
     params = _trainable(model, config)
+    if _ema_teacher(config):  # a copy with the adapters, so that it can follow them
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
     calibration = [p for p in (model.mask_weight, model.mask_bias) if p.requires_grad]
     others = [p for p in params if all(p is not c for c in calibration)]
     groups = [{"params": others}] + ([{"params": calibration, "lr": config.lr * config.calibration_lr_scale,
@@ -277,6 +307,8 @@ def setup(model: TTDModel, config: TrainConfig, resume: bool = True) -> Training
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start = int(state["step"])
+        if teacher is not None and "teacher" in state:
+            teacher.load_state_dict(state["teacher"])
     if is_shard_pattern(config.data):  # streamed: no index of CC3M-scale shards in memory
         loader = ShardStreamLoader(config.data, Preprocess.for_model(model.config), config.batch_size,
                                    config.data_seed, rank, world)
@@ -284,7 +316,9 @@ def setup(model: TTDModel, config: TrainConfig, resume: bool = True) -> Training
         source = open_source(config.data, Preprocess.for_model(model.config), config.data_seed)
         loader = BatchLoader(source, config.batch_size, config.data_seed, rank, world)
     model.train()
-    return TrainingRun(model, teacher, config, params, optimizer, scheduler, loader, state_path, start, rank, world)
+    guard = CollapseGuard() if config.collapse_guard and config.objective == "ttd" and rank == 0 else None
+    return TrainingRun(model, teacher, config, params, optimizer, scheduler, loader, state_path, start, rank, world,
+                       guard=guard)
 
 
 def train_step(run: TrainingRun, step: int, images: np.ndarray, captions: list[str]) -> dict[str, float]:
@@ -311,6 +345,8 @@ def train_step(run: TrainingRun, step: int, images: np.ndarray, captions: list[s
     else:
         torch.nn.utils.clip_grad_norm_(run.params, config.grad_clip)
         run.optimizer.step()
+        if run.teacher is not None and _ema_teacher(config):
+            _update_teacher(run.teacher, model, config.teacher_momentum)
     with warnings.catch_warnings():  # a skipped update still advances the schedule, on purpose
         warnings.filterwarnings("ignore", message="Detected call of")
         run.scheduler.step()
@@ -319,8 +355,28 @@ def train_step(run: TrainingRun, step: int, images: np.ndarray, captions: list[s
             model.clip.logit_scale.clamp_(0, math.log(100))
     done = step + 1
     if run.rank == 0 and (done % config.checkpoint_every == 0 or done == config.steps):
-        _save_state(run.state_path, model, run.optimizer, run.scheduler, done, config)
+        _save_state(run.state_path, model, run.optimizer, run.scheduler, done, config, run.teacher)
     return logs
+
+
+METRICS_FILE = "metrics.jsonl"
+BAR_KEYS = ("loss", "distill", "tag", "clip", "selected", "caption_area")
+
+
+class MetricsLog:
+    """One JSON line per step (losses and the mask diagnostics of ttd.train.distill) beside the
+    checkpoint; a resumed run drops the lines of steps it will redo, so the file stays one line per step."""
+
+    def __init__(self, path: Path, start: int) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [line for line in (path.read_text().splitlines() if path.is_file() and start > 0 else [])
+                if line.strip() and json.loads(line).get("step", 0) < start]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, step: int, logs: dict[str, float]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in logs.items()}}) + "\n")
 
 
 def finish(run: TrainingRun) -> TTDModel:
@@ -329,9 +385,24 @@ def finish(run: TrainingRun) -> TTDModel:
     if run.rank == 0:
         if run.loader.skipped:
             tqdm.write(f"skipped {len(run.loader.skipped)} unreadable samples; first: {run.loader.skipped[0]}")
+        guard = None
+        if run.guard is not None:  # before the margin is fitted: it is fitted to the weights that are kept
+            guard = run.guard.restore(run.params).as_dict()
+            if guard["kept_step"] is not None:
+                tqdm.write(f"collapse guard: kept the weights of step {guard['kept_step']} (ratio {guard['kept_ratio']:.2f}), "
+                           f"not the last (ratio {guard['final_ratio']:.2f})")
         run.model.config, calibration = _calibrated_config(run.model, run.config)
-        _write_outputs(run.model, run.config, Path(run.config.out_dir), run.loader.skipped, calibration)
+        _write_outputs(run.model, run.config, Path(run.config.out_dir), run.loader.skipped, calibration, guard)
+        _plot_metrics(Path(run.config.out_dir))
     return run.model
+
+
+def _plot_metrics(out: Path) -> None:
+    """metrics.png beside metrics.jsonl (a run resumed past its last step has no lines: no plot)."""
+    from ttd.train.plot import plot_metrics
+
+    if (out / METRICS_FILE).is_file() and (out / METRICS_FILE).stat().st_size:
+        plot_metrics(out / METRICS_FILE, out / "metrics.png", title=out.name)
 
 
 def train(model: TTDModel, config: TrainConfig, resume: bool = True, progress: bool = True,
@@ -343,6 +414,7 @@ def train(model: TTDModel, config: TrainConfig, resume: bool = True, progress: b
     run = setup(model, config, resume)
     bar = tqdm(range(run.start, config.steps), initial=run.start, total=config.steps,
                disable=not progress or run.rank != 0, desc=f"train {config.objective}")
+    metrics = MetricsLog(Path(config.out_dir) / METRICS_FILE, run.start) if run.rank == 0 else None
     with ThreadPoolExecutor(max_workers=1) as prefetch:  # build batch step+1 while step trains
         pending = prefetch.submit(run.loader.batch, run.start)
         for step in bar:
@@ -350,14 +422,19 @@ def train(model: TTDModel, config: TrainConfig, resume: bool = True, progress: b
             if step + 1 < config.steps:
                 pending = prefetch.submit(run.loader.batch, step + 1)
             logs = train_step(run, step, images, captions)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()})
+            if metrics is not None:
+                metrics.write(step, logs)
+            if run.guard is not None and (line := run.guard.observe(step, logs, run.params)):
+                tqdm.write(line)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in BAR_KEYS})
             if stop_after is not None and step + 1 - run.start >= stop_after:
                 pending.cancel()
                 return model.eval()
     return finish(run)
 
 
-def _write_outputs(model: TTDModel, config: TrainConfig, out: Path, skipped: list[str], calibration: dict | None) -> None:
+def _write_outputs(model: TTDModel, config: TrainConfig, out: Path, skipped: list[str], calibration: dict | None,
+                   guard: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     if config.objective == "ttd":
@@ -369,7 +446,8 @@ def _write_outputs(model: TTDModel, config: TrainConfig, out: Path, skipped: lis
     else:
         save_checkpoint(model, out / "model.safetensors")
     (out / "train_config.json").write_text(json.dumps({**config.to_dict(), "skipped_samples": len(skipped),
-                                                       "margin_calibration": calibration}, indent=1))
+                                                       "margin_calibration": calibration, "collapse_guard": guard},
+                                                      indent=1))
 
 
 def _calibrated_config(model: TTDModel, config: TrainConfig) -> tuple:
