@@ -7,12 +7,15 @@ from pathlib import Path
 import click
 
 from ttd.model.config import (
+    DEFAULT_TARGET_MASK_SHARE,
+    DEFAULT_TARGET_NORM,
+    TARGET_NORMS,
     DEFAULT_THRESHOLD,
     OBJECTIVES,
     SCORE_METHODS,
 )
 
-from ttd.cli.common import (Precision, fail, main, model_options)
+from ttd.cli.common import Precision, fail, main, model_options
 
 
 @main.command()
@@ -32,7 +35,16 @@ from ttd.cli.common import (Precision, fail, main, model_options)
 @click.option("--stage1-score", "score_method", type=click.Choice(SCORE_METHODS), default="minmax",
               show_default=True, help="Stage-1 selection score: minmax (measured best for caption masks: IoU "
                                       "+6.4 over the base, 3 seeds), softmax (the paper's: +2.5) or negatives "
-                                      "(the tagging default; unstable as an online selector). See README.")
+                                      "(the tagging default; unstable as an online selector). See docs/architecture.md §3.4.")
+@click.option("--target-norm", type=click.Choice(TARGET_NORMS), default=DEFAULT_TARGET_NORM, show_default=True,
+              help="Stage-2 targets: what is min-max normalised over the pixels. mask: the sigmoid mask (the paper's; "
+                   "collapses on some seeds, docs/training.md); cosine: the cosine; mixed: a blend of both.")
+@click.option("--target-mask-share", type=click.FloatRange(0, 1), default=DEFAULT_TARGET_MASK_SHARE, show_default=True,
+              help="--target-norm mixed: the mask's share of the blend (the rest: the cosine's).")
+@click.option("--teacher-momentum", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="> 0: Stage 1 and the targets come from an EMA of the student (an extra forward pass).")
+@click.option("--no-collapse-guard", is_flag=True,
+              help="Do not watch the caption masks against the image evidence (docs/training.md); keep the last weights.")
 @click.option("--lora-rank", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--lora-alpha", type=float, default=16.0, show_default=True)
 @click.option("--lora-targets", default="attn,mlp", show_default=True, help="Comma list of attn, mlp.")
@@ -47,7 +59,8 @@ from ttd.cli.common import (Precision, fail, main, model_options)
               help="auto (cuda if available; under torchrun cuda:LOCAL_RANK), cpu, cuda, cuda:1 ...")
 def train(model, pretrained, checkpoint, dense_mode, objective, data, out_dir, steps, batch_size, lr, warmup_steps,
           lambda_tag, lambda_clip, threshold, score_method, lora_rank, lora_alpha, lora_targets, frozen_teacher,
-          precision, seed, data_seed, checkpoint_every, no_resume, device):
+          target_norm, target_mask_share, teacher_momentum, no_collapse_guard, precision, seed, data_seed,
+          checkpoint_every, no_resume, device):
     """Pre-train (clip) or TTD-fine-tune (ttd) a model; resumes from OUT/last.pt when present.
 
     Writes OUT/model.safetensors (+ .json; LoRA merged) and, for ttd, OUT/adapter.safetensors.
@@ -67,7 +80,8 @@ def train(model, pretrained, checkpoint, dense_mode, objective, data, out_dir, s
         objective, data=data, out_dir=out_dir, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
         lambda_tag=lambda_tag, lambda_clip=lambda_clip, threshold=threshold,
         score_method=score_method, frozen_teacher=frozen_teacher, precision=precision, seed=seed, data_seed=data_seed,
-        checkpoint_every=checkpoint_every,
+        checkpoint_every=checkpoint_every, target_norm=target_norm, target_mask_share=target_mask_share,
+        teacher_momentum=teacher_momentum, collapse_guard=not no_collapse_guard,
         lora=LoRAConfig(rank=lora_rank, alpha=lora_alpha, targets=tuple(t for t in lora_targets.split(",") if t)),
     )
     try:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ttd.model.config import DEFAULT_MASK_THRESHOLD, DEFAULT_NEGATIVE_MARGIN
+from ttd.model.config import DEFAULT_MASK_THRESHOLD, DEFAULT_NEGATIVE_MARGIN, TARGET_NORMS
 from ttd.model.scoring import minmax_over_pixels, pixel_cosines, score_row, select_tags, tag_head
 
 
@@ -52,7 +52,6 @@ def mask_diagnostics(caption_logits: torch.Tensor, union: torch.Tensor, evidence
                 "w": float(mask_weight), "b": float(mask_bias)}
 
 
-TARGET_NORMS: tuple[str, ...] = ("mask", "cosine", "mixed")
 
 
 def distill_targets(

@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ttd.model.config import CALIBRATION_COUNT, CALIBRATION_SEED, DEFAULT_THRESHOLD, OBJECTIVES
+from ttd.model.config import (CALIBRATION_COUNT, CALIBRATION_SEED, DEFAULT_TARGET_MASK_SHARE, DEFAULT_TARGET_NORM,
+                              DEFAULT_THRESHOLD, OBJECTIVES)
 from ttd.data.shard_stream import ShardStreamLoader
 from ttd.data.sources import open_source
 from ttd.train.distill import clip_loss, ttd_losses
@@ -67,8 +68,8 @@ class TrainConfig:
     # Stage-2 targets (ttd.train.distill.distill_targets): "mask" is the paper's min-max of the sigmoid mask,
     # which collapsed one run in six (issue 24); "mixed" (half mask, half cosine) is the default by
     # benchmarks/seeds.py, docs/training.md
-    target_norm: str = "mixed"
-    target_mask_share: float = 0.5  # mixed targets: weight of the mask's min-max (the rest: the cosine's)
+    target_norm: str = DEFAULT_TARGET_NORM
+    target_mask_share: float = DEFAULT_TARGET_MASK_SHARE
     # label-free guard against the caption-mask collapse (ttd/train/guard.py): flags it, keeps the last healthy weights
     collapse_guard: bool = True
     calibration_lr_scale: float = 10.0  # w and b are two scalars: AdamW at the base lr barely moves them
