@@ -239,9 +239,12 @@ def test_train_options_reach_the_training(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "ttd_losses", recording_losses)
     out = tmp_path / "run"
     result = CliRunner().invoke(main, ["train", "--model", "world-tiny", "--steps", "2", "--batch-size", "4", "--warmup",
-                                       "1", "--lr", "5e-3", "--lora-targets", "attn", "--score", "minmax",
-                                       "--frozen-teacher", "--out", str(out)])
+                                       "1", "--lr", "5e-3", "--lora-targets", "attn", "--stage1-score", "minmax",
+                                       "--frozen-teacher", "--target-norm", "cosine", "--no-collapse-guard",
+                                       "--out", str(out)])
     assert result.exit_code == 0, result.output
+    recorded = json.loads((out / "train_config.json").read_text())
+    assert (recorded["target_norm"], recorded["collapse_guard"]) == ("cosine", None)  # no guard ran
     adapter = load_file(str(out / "adapter.safetensors"))
     lora_keys = [k for k in adapter if "lora_" in k]
     assert len(lora_keys) == 2 * 4 * 2 * 2  # towers x blocks x (in_proj, out_proj) x (A, B): no MLP adapters
