@@ -130,12 +130,8 @@ def read_vocabulary(path: Path) -> list[str]:
 
 
 def list_images(paths: list[Path]) -> list[Item]:
-    """Image files named directly or found (sorted, recursively) in folders."""
-    items = []
-    for path in paths:
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            items.extend(Item(str(p), p, None) for p in found)
-        else:
-            items.append(Item(str(path), path, None))
-    return items
+    """Image files named directly, found (sorted, recursively) in folders, or matching glob
+    patterns: the items of ttd.data.items.stream_images (the glob module's rules), as a list."""
+    from ttd.data.items import stream_images  # items imports this module
+
+    return list(stream_images(paths))

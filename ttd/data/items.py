@@ -128,20 +128,116 @@ def _glob_root(pattern: str) -> Path:
     return Path(*fixed) if fixed else Path(".")
 
 
+def _glob_parts(pattern: str) -> tuple[str, ...]:
+    """The components of a glob pattern below its _glob_root."""
+    parts = Path(pattern).parts
+    fixed = len(list(takewhile(lambda part: not glob.has_magic(part), parts)))
+    return parts[fixed:]
+
+
+def _name_matches(name: str, part: str) -> bool:
+    """One path component against one pattern component, as the glob module matches it: a
+    wildcard never matches a leading dot (hidden files), the case is significant (POSIX)."""
+    if name.startswith(".") and not part.startswith(".") and glob.has_magic(part):
+        return False
+    return fnmatch.fnmatchcase(name, part)
+
+
+def _glob_matches(parts: tuple[str, ...], names: tuple[str, ...], prefix: bool = False) -> bool:
+    """Whether the relative path `names` matches the pattern components `parts` with the glob
+    module's recursive rules (`**` alone in a component: zero or more folders, or files at the
+    end; `*` within one component only). `prefix`: whether a folder at `names` may hold matches."""
+    seen: dict[tuple[int, int], bool] = {}
+
+    def match(i: int, j: int) -> bool:
+        if (i, j) in seen:
+            return seen[i, j]
+        if j == len(names):
+            result = i < len(parts) if prefix else all(p == "**" for p in parts[i:])
+        elif i == len(parts):
+            result = False
+        elif parts[i] == "**":
+            result = match(i + 1, j) or (not names[j].startswith(".") and match(i, j + 1))
+        else:
+            result = _name_matches(names[j], parts[i]) and match(i + 1, j + 1)
+        seen[i, j] = result
+        return result
+
+    return match(0, 0)
+
+
+def _glob_sorted(pattern: str) -> Iterator[Path]:
+    """The files matching a glob pattern with the standard library's semantics (glob.glob with
+    recursive=True), streamed in the sorted depth-first order of a folder walk; folders that
+    cannot hold a match are not entered, symbolic links to folders are not followed."""
+    parts = _glob_parts(pattern)
+
+    def walk(folder: Path, names: tuple[str, ...]) -> Iterator[Path]:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            return
+        for entry in entries:
+            below = (*names, entry.name)
+            if entry.is_dir(follow_symlinks=False):
+                if _glob_matches(parts, below, prefix=True):
+                    yield from walk(Path(entry.path), below)
+            elif _glob_matches(parts, below):
+                yield Path(entry.path)
+
+    return walk(_glob_root(pattern), ())
+
+
+def _is_pattern(spec: Path | str) -> bool:
+    return glob.has_magic(str(spec)) and not Path(spec).exists()
+
+
+def _folder_images(folder: Path) -> Iterator[Path]:
+    return (found for found in _walk_sorted(folder) if found.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def check_image_specs(paths: Iterable[Path | str]) -> None:
+    """Refuse image arguments that name nothing (InputError, one line): a glob pattern that
+    matches no file, a folder that does not exist or holds no image, a missing path that is not
+    an image file's name. A missing image file stays one error item, as any unreadable image.
+    Only as much of each folder is listed as it takes to find its first match."""
+    specs = list(paths)
+    if not specs:
+        raise InputError("no image arguments: give image files, folders or quoted glob patterns")
+    for spec in specs:
+        path = Path(spec)
+        if _is_pattern(spec):
+            if next(_glob_sorted(str(spec)), None) is None:
+                root = _glob_root(str(spec))
+                why = f"folder {root} does not exist" if not root.is_dir() else "no file matches it"
+                raise InputError(f"image pattern {spec}: {why}")
+        elif path.is_dir():
+            if next(_folder_images(path), None) is None:
+                raise InputError(f"folder {spec} holds no image file ({', '.join(IMAGE_SUFFIXES)})")
+        elif not path.exists() and (str(spec).endswith(("/", os.sep)) or path.suffix.lower() not in IMAGE_SUFFIXES):
+            raise InputError(f"{spec}: no such file or folder")
+
+
 def stream_images(paths: Iterable[Path | str]) -> Iterator[Item]:
     """Vocabulary-mode items: image files named directly, found (sorted, recursively) in folders,
-    or matching a glob pattern (`photos/**/*.jpg`), listed lazily."""
-    for spec in paths:
+    or matching a glob pattern (`photos/**/*.jpg`, the glob module's rules), listed lazily.
+
+    The arguments are checked now (check_image_specs: an argument that names nothing is an
+    InputError before any output is opened); the items are listed as they are read."""
+    specs = list(paths)
+    check_image_specs(specs)
+    return _stream_images(specs)
+
+
+def _stream_images(specs: list[Path | str]) -> Iterator[Item]:
+    for spec in specs:
         path = Path(spec)
-        if glob.has_magic(str(spec)) and not path.exists():
-            pattern = str(spec)
-            for found in _walk_sorted(_glob_root(pattern)):
-                if fnmatch.fnmatch(str(found), pattern):
-                    yield Item(str(found), found, None)
+        if _is_pattern(spec):
+            for found in _glob_sorted(str(spec)):
+                yield Item(str(found), found, None)
         elif path.is_dir():
-            for found in _walk_sorted(path):
-                if found.suffix.lower() in IMAGE_SUFFIXES:
-                    yield Item(str(found), found, None)
+            for found in _folder_images(path):
+                yield Item(str(found), found, None)
         else:
             yield Item(str(path), path, None)
 

@@ -29,7 +29,7 @@ from ttd.segment.segmentation import SegmentOptions, Segmentation, segment_capti
 from ttd.data.items import check_shard, select_shard
 from ttd.jobs.jsonl_output import error_kind, output_format_of
 from ttd.jobs.outputs import open_output
-from ttd.jobs.stream_job import JobSummary, refusing_output
+from ttd.jobs.stream_job import CountedItems, JobSummary, refuse_no_items, refusing_output
 from ttd.jobs.tag_job import MAX_CAPTION_TAGS, contained_path, refuse_input_as_output, safe_name
 from ttd.model.tags import candidate_tags
 
@@ -132,13 +132,15 @@ def segment_items(tagger: Tagger, items: Iterable[Item], output: Path, classes: 
         if writer.complete:
             summary.already_complete = True
         else:
-            stream = select_shard(refusing_output(items, output), shard, num_shards, skip=summary.resumed)
+            counted = CountedItems(refusing_output(items, output))
+            stream = select_shard(counted, shard, num_shards, skip=summary.resumed)
             for position, item in tqdm(stream, disable=not progress, unit="img", desc="segment", initial=summary.resumed):
                 record = segment_record(tagger, position, item, classes, class_embeds, options, max_pixels, masks_dir)
                 writer.write([record])
                 summary.items += 1
                 if "error" in record:
                     summary.errors[error_kind(str(record["error"]))] += 1
+            refuse_no_items(counted, output)
             writer.finish()
     finally:
         writer.close()

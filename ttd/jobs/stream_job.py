@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import queue
 import threading
 import time
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from ttd.jobs.coco import check_available as check_rle_available
 from ttd.jobs.decoding import decoded_batches
 from ttd.runtime.images import DEFAULT_MAX_PIXELS
-from ttd.data.inputs import Item
+from ttd.data.inputs import InputError, Item
 from ttd.data.items import check_shard, select_shard
 from ttd.jobs.jsonl_output import error_kind, partial_path
 from ttd.jobs.outputs import open_output
@@ -83,12 +84,46 @@ def refusing_output(items: Iterable[Item], output: Path) -> Iterator[Item]:
         yield item
 
 
+class CountedItems:
+    """The items of a stream, counted as they are read (the stream is never read ahead)."""
+
+    def __init__(self, items: Iterable[Item]) -> None:
+        self.items, self.count = items, 0
+
+    def __iter__(self) -> Iterator[Item]:
+        for item in self.items:
+            self.count += 1
+            yield item
+
+
+def refuse_no_items(counted: CountedItems, output: Path) -> None:
+    """Before the output is replaced: a job whose input held no item at all is an error, and the
+    previous output stays as it was (issue 23, item 14)."""
+    if counted.count == 0:
+        raise InputError(f"the input holds no item (an empty captions file, or image arguments that name no image); "
+                         f"{output} is left as it was")
+
+
+def _resolved(spec) -> str | None:
+    """A path (or glob pattern) of the job as an absolute, normalised path: the same input given
+    relative or absolute, or through a symbolic link, describes the same job on --resume."""
+    if spec is None or "://" in str(spec) or str(spec).startswith("pipe:"):  # URLs of webdataset shards stay
+        return None if spec is None else str(spec)
+    return str(Path(os.path.abspath(Path(spec).expanduser())).resolve())
+
+
+def _resolved_if_local(spec) -> str | None:
+    """A checkpoint or export folder: resolved when it names something here (a hub name stays)."""
+    return None if spec is None else _resolved(spec) if Path(spec).exists() else str(spec)
+
+
 def tag_job_description(captions, images, backend, model, pretrained, checkpoint, export_dir, dense_mode, dtype,
                         threshold, score_method, flip_tta) -> dict:
-    """What makes a tagging job's records: a resumed run must match it (batch size, workers may change)."""
-    return {"captions": None if captions is None else str(captions), "images": [str(i) for i in images],
-            "backend": backend, "model": model, "pretrained": pretrained, "checkpoint": checkpoint,
-            "export_dir": None if export_dir is None else str(export_dir), "dense_mode": dense_mode, "dtype": dtype,
+    """What makes a tagging job's records: a resumed run must match it (batch size, workers may change).
+    Paths are resolved (absolute), so a resume may name the inputs another way (issue 23, item 20)."""
+    return {"captions": _resolved(captions), "images": [_resolved(i) for i in images],
+            "backend": backend, "model": model, "pretrained": pretrained, "checkpoint": _resolved_if_local(checkpoint),
+            "export_dir": _resolved_if_local(export_dir), "dense_mode": dense_mode, "dtype": dtype,
             "threshold": threshold, "score": score_method, "flip_tta": flip_tta}
 
 
@@ -229,7 +264,7 @@ def tag_stream(
     output = Path(output)
     check_shard(shard, num_shards)
     refuse_input_as_output(output, [Item(str(p), Path(p), None) for p in explicit_images if Path(p).is_file()], inputs)
-    items = refusing_output(items, output)
+    items = CountedItems(refusing_output(items, output))
     if total is None:
         total = next((count_lines(Path(p)) - (Path(p).suffix.lower() == ".csv") for p in inputs
                       if Path(p).suffix.lower() in (".jsonl", ".ndjson", ".json", ".csv") and Path(p).is_file()), None)
@@ -272,6 +307,7 @@ def tag_stream(
                     head.put(tag_batch_results(tagger, batch, outcomes, vocabulary, vocabulary_embeds, with_masks))
             finally:
                 head.close()
+        refuse_no_items(items, output)
         writer.finish()
     finally:
         writer.close()

@@ -127,12 +127,42 @@ def config_path(checkpoint: Path) -> Path:
     return checkpoint.with_suffix(".json")
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where /proc shows it (os.umask, which
+    sets it for a moment, only as the fallback)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def keep_mode(tmp: str | Path, path: str | Path) -> None:
+    """Give `tmp` (a temporary file made by mkstemp, mode 600) the mode that `path` should keep
+    when `tmp` replaces it: the old file's mode if there is one, else what the umask gives a new
+    file (as open() would), so that a service running as another user can still read it."""
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except OSError:
+        mode = 0o666 & ~current_umask()
+    os.chmod(tmp, mode)
+
+
 def atomic_write(path: Path, write) -> None:
+    """Write `path` through a temporary file beside it, renamed over it when `write(tmp)` has
+    returned: a reader sees the old file or the new one. The new file keeps the old one's mode
+    (or the umask's for a new file), not the temporary file's 600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        keep_mode(tmp, path)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -1,12 +1,20 @@
 """Caption -> candidate tags (DESIGN §3.2): lower-case words without punctuation or stopwords,
-de-duplicated in order, with multi-word vocabulary names matched first, longest first."""
+de-duplicated in order, with multi-word vocabulary names matched first, longest first.
+
+Words are Unicode words: the caption is normalised to NFC and case-folded (`str.casefold`, so
+"Straße" gives the one tag "strasse", "CAFÉ" and "café" the same tag "café"); a word is a run of
+letters, digits and combining marks of any script ("jalapeño", "pokémon", "кошка"), with at
+most one apostrophe inside ("dog's"; a typographic ’ counts as '). Scripts written without
+spaces between words (Chinese, Japanese kana and kanji) have no word boundaries this module could
+find without a dictionary: as a documented fallback each run of such (CJK) characters is one
+tag ("一只猫在沙发上" is one tag), split from any letters or digits of other scripts around it.
+Only the stopwords below (English) are dropped.
+"""
 
 from __future__ import annotations
 
-import re
+import unicodedata
 from collections.abc import Iterable
-
-WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
 # A fixed English stopword list (function words, pronouns, auxiliaries, frequent caption fillers
 # that never name a visible thing are *not* here: they stay candidates, as in the paper).
@@ -23,6 +31,58 @@ STOPWORDS = frozenset(
     """.split()
 )
 
+# Scripts written without spaces between words: each run of these characters is one tag.
+_NO_SPACE_RANGES = (
+    (0x3040, 0x30FF),  # Hiragana, Katakana
+    (0x31F0, 0x31FF),  # Katakana phonetic extensions
+    (0x3400, 0x4DBF),  # CJK unified ideographs extension A
+    (0x4E00, 0x9FFF),  # CJK unified ideographs
+    (0xF900, 0xFAFF),  # CJK compatibility ideographs
+    (0xFF66, 0xFF9F),  # half-width Katakana
+    (0x20000, 0x3134F),  # CJK unified ideographs extensions B-G, compatibility supplement
+)
+
+
+def _is_word_char(c: str) -> bool:
+    return c.isalnum() or unicodedata.category(c).startswith("M")
+
+
+def _no_space_script(c: str) -> bool:
+    code = ord(c)
+    return any(lo <= code <= hi for lo, hi in _NO_SPACE_RANGES)
+
+
+def normalize(text: str) -> str:
+    """NFC, case-folded, typographic apostrophes as '."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", text).casefold()).replace("\u2019", "'")
+
+
+def words(text: str) -> list[str]:
+    """The Unicode words of `text`, normalised (see the module doc), in order."""
+    text = normalize(text)
+    found: list[str] = []
+    current: list[str] = []
+    current_cjk = False
+    apostrophe = False
+    for i, c in enumerate(text):
+        if _is_word_char(c):
+            cjk = _no_space_script(c)
+            if current and cjk != current_cjk:
+                found.append("".join(current))
+                current, apostrophe = [], False
+            current.append(c)
+            current_cjk = cjk
+        elif (c == "'" and current and not current_cjk and not apostrophe and i + 1 < len(text)
+              and _is_word_char(text[i + 1]) and not _no_space_script(text[i + 1])):
+            current.append(c)
+            apostrophe = True
+        elif current:
+            found.append("".join(current))
+            current, apostrophe = [], False
+    if current:
+        found.append("".join(current))
+    return found
+
 
 def candidate_tags(
     caption: str,
@@ -34,22 +94,18 @@ def candidate_tags(
     `phrases` are multi-word names ("traffic light"); where one matches consecutive words it
     becomes a single tag, longer phrases winning over shorter ones.
     """
-    words = WORD.findall(caption.lower())
-    phrase_words = sorted(
-        {tuple(WORD.findall(p.lower())) for p in phrases if len(WORD.findall(p.lower())) > 1},
-        key=len,
-        reverse=True,
-    )
+    caption_words = words(caption)
+    phrase_words = sorted({tuple(w) for w in map(words, phrases) if len(w) > 1}, key=len, reverse=True)
     tags: list[str] = []
     i = 0
-    while i < len(words):
+    while i < len(caption_words):
         for phrase in phrase_words:
-            if tuple(words[i : i + len(phrase)]) == phrase:
+            if tuple(caption_words[i : i + len(phrase)]) == phrase:
                 tags.append(" ".join(phrase))
                 i += len(phrase)
                 break
         else:
-            if words[i] not in stopwords:
-                tags.append(words[i])
+            if caption_words[i] not in stopwords:
+                tags.append(caption_words[i])
             i += 1
     return list(dict.fromkeys(tags))

@@ -79,6 +79,9 @@ def load_or_encode(tagger, tags: list[str], model_key: str, cache_dir: Path | No
     meta = json.dumps({"format": FORMAT, "model_key": model_key, "vocabulary_hash": vocab_key, "tags": list(tags)})
     with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".tmp", delete=False) as tmp:
         np.savez(tmp, meta=np.array(meta), embeds=embeds)
+    from ttd.model.factory import keep_mode
+
+    keep_mode(tmp.name, path)  # not NamedTemporaryFile's 600: a cache shared with a service stays readable
     os.replace(tmp.name, path)  # atomic: a reader never sees half an entry
     return CacheResult(embeds, False, path)
 
