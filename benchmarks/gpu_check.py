@@ -285,7 +285,7 @@ def step_tag_end_to_end(args, state) -> dict:
     at the largest batch, bf16, compiled if a compile batch equals it; against encoder-only."""
     from ttd.data.annotations import write_world_split
     from ttd.data.inputs import read_captions
-    from ttd.jobs.stream_job import tag_items
+    from ttd.jobs.stream_job import tag_stream
 
     batch = max(args.batches)
     use_compile = batch in (args.compile_batches or [])
@@ -301,11 +301,11 @@ def step_tag_end_to_end(args, state) -> dict:
 
     rows, failed = {}, []
     for mode, words in (("captions", None), ("vocabulary (all world words)", vocabulary())):
-        tag_items(tagger, items[: 2 * batch], work / "warmup.jsonl", words, batch_size=batch, progress=False)
+        tag_stream(tagger, items[: 2 * batch], work / "warmup.jsonl", words, batch_size=batch, progress=False)
         start = time.perf_counter()
-        summary = tag_items(tagger, items, work / "tags.jsonl", words, batch_size=batch, progress=False)
+        summary = tag_stream(tagger, items, work / "tags.jsonl", words, batch_size=batch, progress=False)
         seconds = time.perf_counter() - start
-        row = {"images": len(items), "batch": batch, "compiled": use_compile, "errors": summary.errors,
+        row = {"images": len(items), "batch": batch, "compiled": use_compile, "errors": sum(summary.errors.values()),
                "images_per_s": round(len(items) / seconds, 1), "encoder_only_images_per_s": encoder_only}
         if encoder_only:
             row["ratio_to_encoder_only"] = round(len(items) / seconds / encoder_only, 3)

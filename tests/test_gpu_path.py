@@ -220,7 +220,7 @@ def test_decoding_worker_processes_write_what_the_main_process_writes(tiny_model
     included and in input order, that decoding in the main process gives."""
     from ttd.data.annotations import write_world_split
     from ttd.data.inputs import read_captions
-    from ttd.jobs.stream_job import tag_items
+    from ttd.jobs.stream_job import tag_stream
 
     annotations = write_world_split(tmp_path / "world", seed=2, count=9, progress=False)
     (tmp_path / "world" / "images" / "broken.png").write_bytes(b"\x89PNG not really")
@@ -232,8 +232,8 @@ def test_decoding_worker_processes_write_what_the_main_process_writes(tiny_model
     outputs = {}
     for workers in (0, 2):
         target = tmp_path / f"w{workers}.jsonl"
-        summary = tag_items(tagger, items, target, batch_size=4, progress=False, decode_workers=workers)
-        assert (summary.written, summary.errors) == (11, 2)
+        summary = tag_stream(tagger, items, target, batch_size=4, progress=False, decode_workers=workers)
+        assert (summary.items, sum(summary.errors.values())) == (11, 2)
         # PIL names the BytesIO object it could not identify by its address: not part of the answer
         text = re.sub(r" at 0x[0-9a-f]+", "", target.read_text())
         outputs[workers] = [json.loads(line) for line in text.splitlines()]

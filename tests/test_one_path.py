@@ -150,7 +150,7 @@ def test_ttd_tag_scores_what_tagger_prepare_gives(tmp_path, tiny_model):
     from ttd.data.world import make_sample
     from ttd.data.inputs import read_captions
     from ttd.runtime import torch_tagger
-    from ttd.jobs.stream_job import tag_items
+    from ttd.jobs.stream_job import tag_stream
 
     lines = []
     for i in range(3):
@@ -160,7 +160,7 @@ def test_ttd_tag_scores_what_tagger_prepare_gives(tmp_path, tiny_model):
     (tmp_path / "captions.jsonl").write_text("\n".join(lines) + "\n")
     tagger = torch_tagger(tiny_model, "cpu")
     items = read_captions(tmp_path / "captions.jsonl")
-    tag_items(tagger, items, tmp_path / "out.jsonl", progress=False, decode_workers=0)
+    tag_stream(tagger, items, tmp_path / "out.jsonl", progress=False, decode_workers=0)
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     from ttd.model.tags import candidate_tags
 

@@ -274,8 +274,8 @@ def test_the_front_answers_every_malformed_request_4xx_with_a_reason(repo, tmp_p
         from tritonclient.utils import InferenceServerException
 
         client = http.InferenceServerClient(f"127.0.0.1:{served.http_port}")
-        patch = http.InferInput("patch_embeds", [1, 128, 8, 8], "FP32")
-        patch.set_data_from_numpy(np.zeros((1, 128, 8, 8), np.float32))
+        patch = http.InferInput("patch_views", [1, 1, 128, 8, 8], "FP32")
+        patch.set_data_from_numpy(np.zeros((1, 1, 128, 8, 8), np.float32))
         tags = http.InferInput("tag_embeds", [1, 1500, 128], "FP32")
         tags.set_data_from_numpy(np.zeros((1, 1500, 128), np.float32))
 
@@ -287,8 +287,8 @@ def test_the_front_answers_every_malformed_request_4xx_with_a_reason(repo, tmp_p
         with pytest.raises(InferenceServerException) as error:
             client.infer("ttd_tag_head", [patch, tags])
         assert error.value.status() == "400"
-        # the head takes the tagger's 1,024 tags + the 5 negative prompts of the `negatives` score
-        assert error.value.message() == "input 'tag_embeds': dimension 1 is 1500, more than the limit of 1029"
+        # the head takes the tagger's 1,024 tags (the negative prompts have an input of their own)
+        assert error.value.message() == "input 'tag_embeds': dimension 1 is 1500, more than the limit of 1024"
         assert requests_seen() == before  # refused by the front: tritonserver never got the tensor
         assert tag_one(served.http_port)["tags"]  # and a good request is answered, by the same tritonserver
         assert served.tritonserver_pids() == [pid]
@@ -360,14 +360,15 @@ def test_malformed_requests_get_4xx_with_a_reason_and_no_server_paths(repo, tmp_
         assert "input 'image' is missing" in error.value.message() and "/" not in error.value.message()
         config = client.get_model_config("ttd_tag_head")
         dims = {i["name"]: [int(d) for d in i["dims"]] for i in config["input"]}
-        patch = http.InferInput("patch_embeds", [1, *dims["patch_embeds"]], "FP32")
-        patch.set_data_from_numpy(np.zeros((1, *dims["patch_embeds"]), np.float32))
+        views = [1, *dims["patch_views"][1:]]  # one view: the views axis is variable
+        patch = http.InferInput("patch_views", [1, *views], "FP32")
+        patch.set_data_from_numpy(np.zeros((1, *views), np.float32))
         tags = http.InferInput("tag_embeds", [1, 2000, dims["tag_embeds"][1]], "FP32")
         tags.set_data_from_numpy(np.zeros((1, 2000, dims["tag_embeds"][1]), np.float32))
         with pytest.raises(InferenceServerException) as error:
             client.infer("ttd_tag_head", [patch, tags])
         assert error.value.status() == "400"
-        assert "input 'tag_embeds': dimension 1 is 2000, more than the limit of 1029" in error.value.message()
+        assert "input 'tag_embeds': dimension 1 is 2000, more than the limit of 1024" in error.value.message()
         # the tagger's own refusals (issue 14): each a 400 with the reason, nothing else disturbed
         from ttd.serve.load_client import tagger_request
 

@@ -15,7 +15,7 @@ from ttd.data.world import make_sample
 from ttd.runtime.images import ImageError, decode_image
 from ttd.data.inputs import read_captions
 from ttd.runtime.tagger import TagResult
-from ttd.jobs.stream_job import tag_items
+from ttd.jobs.stream_job import tag_stream
 from ttd.jobs.tag_job import write_masks
 
 
@@ -45,7 +45,7 @@ def test_a_failed_rerun_keeps_the_previous_output(tmp_path, tiny_model, monkeypa
     out = tmp_path / "tags.jsonl"
     tagger = load_tagger("torch", model="world-tiny", device="cpu")
     items = read_captions(tmp_path / "captions.jsonl")
-    tag_items(tagger, items, out, batch_size=2, progress=False)
+    tag_stream(tagger, items, out, batch_size=2, progress=False)
     before = out.read_text()
     assert len(before.splitlines()) == 4
 
@@ -60,7 +60,7 @@ def test_a_failed_rerun_keeps_the_previous_output(tmp_path, tiny_model, monkeypa
 
     monkeypatch.setattr(tagger, "tag_images", dies_on_second_batch)  # called once per batch
     with pytest.raises(KeyboardInterrupt):
-        tag_items(tagger, items, out, batch_size=2, progress=False)
+        tag_stream(tagger, items, out, batch_size=2, progress=False)
     assert out.read_text() == before  # the previous output is whole
     partial = tmp_path / "tags.jsonl.partial"
     assert [r["image"] for r in records(partial)] == ["img0.png", "img1.png"]  # and this run's progress is kept

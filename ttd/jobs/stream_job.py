@@ -31,7 +31,7 @@ from ttd.data.items import check_shard, select_shard
 from ttd.jobs.jsonl_output import error_kind, partial_path
 from ttd.jobs.outputs import open_output
 from ttd.runtime.tagger import Tagger, TagResult
-from ttd.jobs.tag_job import (TagSummary, prepare_items, item_record, split_outcomes, write_masks, default_decode_workers, refuse_input_as_output,
+from ttd.jobs.tag_job import (prepare_items, item_record, split_outcomes, write_masks, default_decode_workers, refuse_input_as_output,
                          warn_indistinct_tags)
 from ttd.jobs.mask_files import rle_masks as tag_rle_masks
 
@@ -313,31 +313,3 @@ def tag_stream(
         writer.close()
         summary.seconds = time.perf_counter() - started
     return summary
-
-
-def tag_items(
-    tagger: Tagger,
-    items: list[Item],
-    output: Path,
-    vocabulary: list[str] | None = None,
-    batch_size: int = 32,
-    masks_dir: Path | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    top_k: int = 10,
-    progress: bool = True,
-    decode_workers: int | None = None,
-    inputs: Sequence[Path] = (),
-    vocabulary_embeds: np.ndarray | None = None,
-) -> TagSummary:
-    """Tag a list of `items` into `output` (JSON lines): `ttd tag`'s own job
-    (tag_stream, which this calls), for library callers that hold a list.
-
-    The lines go to `<output>.partial` and replace `output` only when every item is done, so a
-    run that is stopped keeps the previous output. `inputs` (captions or vocabulary file) and
-    the images themselves are refused as `output`. `decode_workers`: processes that decode the
-    next batches while the model runs (default: default_decode_workers). `vocabulary_embeds`:
-    the vocabulary's tag embeddings if already known (ttd/runtime/vocab_cache.py)."""
-    refuse_input_as_output(output, items, inputs)
-    summary = tag_stream(tagger, items, output, vocabulary, batch_size, masks_dir, max_pixels, top_k, progress,
-                         decode_workers, vocabulary_embeds, total=len(items), inputs=inputs)
-    return TagSummary(written=summary.items, errors=sum(summary.errors.values()))

@@ -8,7 +8,6 @@ import os
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +20,6 @@ from ttd.model.tags import candidate_tags
 
 SAFE = re.compile(r"[^a-z0-9_-]+")
 MAX_CAPTION_TAGS = 1024  # as `ttd triton build --max-tags`: a 5,000-word caption is not a caption
-
-
-@dataclass
-class TagSummary:
-    written: int = 0
-    errors: int = 0
 
 
 def safe_name(text: str, limit: int = 60) -> str:
