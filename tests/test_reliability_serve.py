@@ -363,10 +363,15 @@ def test_malformed_requests_get_4xx_with_a_reason_and_no_server_paths(repo, tmp_
         views = [1, *dims["patch_views"][1:]]  # one view: the views axis is variable
         patch = http.InferInput("patch_views", [1, *views], "FP32")
         patch.set_data_from_numpy(np.zeros((1, *views), np.float32))
-        tags = http.InferInput("tag_embeds", [1, 2000, dims["tag_embeds"][1]], "FP32")
-        tags.set_data_from_numpy(np.zeros((1, 2000, dims["tag_embeds"][1]), np.float32))
+        dim = dims["tag_embeds"][1]
+        arrays = {"tag_embeds": np.zeros((1, 2000, dim), np.float32), "tag_valid": np.ones((1, 2000), np.bool_),
+                  "negative_embeds": np.zeros((1, 5, dim), np.float32), "negative_margin": np.zeros((1, 1), np.float32)}
+        inputs = [patch]
+        for name, array in arrays.items():
+            inputs.append(http.InferInput(name, list(array.shape), "BOOL" if array.dtype == np.bool_ else "FP32"))
+            inputs[-1].set_data_from_numpy(array)
         with pytest.raises(InferenceServerException) as error:
-            client.infer("ttd_tag_head", [patch, tags])
+            client.infer("ttd_tag_head", inputs)
         assert error.value.status() == "400"
         assert "input 'tag_embeds': dimension 1 is 2000, more than the limit of 1024" in error.value.message()
         # the tagger's own refusals (issue 14): each a 400 with the reason, nothing else disturbed
