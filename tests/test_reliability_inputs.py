@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from ttd.cli import main
-from ttd.data.inputs import InputError, list_images
+from ttd.data.inputs import InputError
 from ttd.data.items import open_items, stream_images
 from ttd.data.world import make_sample
 from ttd.model.tags import candidate_tags
@@ -112,7 +112,7 @@ def test_globs_follow_the_glob_module_in_sorted_streamed_order(tmp_path, pattern
     got = _names(tmp_path, items)
     assert got == expected  # sorted, depth first, as a folder is walked
     assert set(got) == _stdlib(tmp_path, pattern)
-    assert _names(tmp_path, list_images([f"{tmp_path}/{pattern}"])) == expected
+    assert _names(tmp_path, list(stream_images([f"{tmp_path}/{pattern}"]))) == expected
 
 
 def test_a_relative_pattern_matches_from_the_working_folder(tmp_path, monkeypatch):

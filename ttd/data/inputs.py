@@ -127,11 +127,3 @@ def read_vocabulary(path: Path) -> list[str]:
     if not tags:
         raise InputError(f"vocabulary file {path} has no tags")
     return tags
-
-
-def list_images(paths: list[Path]) -> list[Item]:
-    """Image files named directly, found (sorted, recursively) in folders, or matching glob
-    patterns: the items of ttd.data.items.stream_images (the glob module's rules), as a list."""
-    from ttd.data.items import stream_images  # items imports this module
-
-    return list(stream_images(paths))
