@@ -13,7 +13,7 @@ DEFAULT_SCORE_METHOD = "negatives"  # won held-out F1 at precision ≥ 97 %: REA
 # Stage-2 targets: what is min-max normalised over the pixels (docs/training.md: "mask", the paper's, collapses)
 TARGET_NORMS: tuple[str, ...] = ("mask", "cosine", "mixed")
 DEFAULT_TARGET_NORM = "mixed"
-DEFAULT_TARGET_MASK_SHARE = 0.5  # mixed: the mask's share of the blend (the rest: the cosine's)
+DEFAULT_TARGET_MASK_SHARE = 0.75  # mixed: the mask's share of the blend (the rest: the cosine's); docs/training.md
 OBJECTIVES: tuple[str, ...] = ("ttd", "clip")  # ttd.train.loop.OBJECTIVE_DEFAULTS holds their defaults
 DEFAULT_THRESHOLD = 0.5  # δ: a tag is selected when its score ≥ δ (tagging, Stage 1 of training, evaluation, serving)
 DEFAULT_MASK_THRESHOLD = 0.5  # θ: a binary mask is a sigmoid mask ≥ θ

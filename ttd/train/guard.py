@@ -96,6 +96,17 @@ class CollapseGuard:
             "inside the band unless it recovers")
         return self.report.message
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs to decide as the uninterrupted one would (saved in last.pt)."""
+        return {"caption": self.caption, "evidence": self.evidence, "steps_seen": self.steps_seen,
+                "report": {k: list(v) if isinstance(v, tuple) else v for k, v in self.report.as_dict().items()},
+                "kept": self._kept, "kept_step": self._kept_step, "kept_ratio": self._kept_ratio}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.caption, self.evidence, self.steps_seen = state["caption"], state["evidence"], state["steps_seen"]
+        self.report = GuardReport(**{**state["report"], "band": tuple(state["report"]["band"])})
+        self._kept, self._kept_step, self._kept_ratio = state["kept"], state["kept_step"], state["kept_ratio"]
+
     def restore(self, params: list[torch.nn.Parameter]) -> GuardReport:
         """At the end of the run: put back the weights of the latest in-band step when the run
         ends out of band (and one was kept); the report says what was kept."""

@@ -224,11 +224,13 @@ def _update_teacher(teacher: TTDModel, model: TTDModel, momentum: float) -> None
 
 
 def _save_state(path: Path, model, optimizer, scheduler, step: int, config: TrainConfig,
-                teacher: TTDModel | None = None) -> None:
+                teacher: TTDModel | None = None, guard: CollapseGuard | None = None) -> None:
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "torch_rng": torch.get_rng_state(), "step": step, "config": json.dumps(config.to_dict())}
     if teacher is not None and _ema_teacher(config):
         state["teacher"] = teacher.state_dict()
+    if guard is not None:  # a resumed run keeps the guard's averages and kept weights
+        state["guard"] = guard.state_dict()
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -278,7 +280,7 @@ class TrainingRun:
     rank: int
     world: int
     bad_steps: int = 0
-    guard: CollapseGuard | None = None  # rank 0 of a TTD run; restarts empty when a run is resumed
+    guard: CollapseGuard | None = None  # rank 0 of a TTD run; its state travels in last.pt
 
 
 def setup(model: TTDModel, config: TrainConfig, resume: bool = True) -> TrainingRun:
@@ -298,7 +300,7 @@ def setup(model: TTDModel, config: TrainConfig, resume: bool = True) -> Training
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _lr_factor(s, config.warmup_steps, config.steps))
-    start = 0
+    start, state = 0, None
     state_path = Path(config.out_dir) / "last.pt"
     if resume and state_path.is_file():
         state = _load_state(state_path)
@@ -318,6 +320,8 @@ def setup(model: TTDModel, config: TrainConfig, resume: bool = True) -> Training
         loader = BatchLoader(source, config.batch_size, config.data_seed, rank, world)
     model.train()
     guard = CollapseGuard() if config.collapse_guard and config.objective == "ttd" and rank == 0 else None
+    if guard is not None and state is not None and "guard" in state:
+        guard.load_state_dict(state["guard"])
     return TrainingRun(model, teacher, config, params, optimizer, scheduler, loader, state_path, start, rank, world,
                        guard=guard)
 
@@ -356,7 +360,7 @@ def train_step(run: TrainingRun, step: int, images: np.ndarray, captions: list[s
             model.clip.logit_scale.clamp_(0, math.log(100))
     done = step + 1
     if run.rank == 0 and (done % config.checkpoint_every == 0 or done == config.steps):
-        _save_state(run.state_path, model, run.optimizer, run.scheduler, done, config, run.teacher)
+        _save_state(run.state_path, model, run.optimizer, run.scheduler, done, config, run.teacher, run.guard)
     return logs
 
 
