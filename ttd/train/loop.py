@@ -358,6 +358,8 @@ def train_step(run: TrainingRun, step: int, images: np.ndarray, captions: list[s
     if config.objective == "clip":
         with torch.no_grad():
             model.clip.logit_scale.clamp_(0, math.log(100))
+    if run.guard is not None and (line := run.guard.observe(step, logs, run.params)):
+        tqdm.write(line)  # observed before the checkpoint, so that a resumed run decides as this one
     done = step + 1
     if run.rank == 0 and (done % config.checkpoint_every == 0 or done == config.steps):
         _save_state(run.state_path, model, run.optimizer, run.scheduler, done, config, run.teacher, run.guard)
@@ -429,8 +431,6 @@ def train(model: TTDModel, config: TrainConfig, resume: bool = True, progress: b
             logs = train_step(run, step, images, captions)
             if metrics is not None:
                 metrics.write(step, logs)
-            if run.guard is not None and (line := run.guard.observe(step, logs, run.params)):
-                tqdm.write(line)
             bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in BAR_KEYS})
             if stop_after is not None and step + 1 - run.start >= stop_after:
                 pending.cancel()
