@@ -107,10 +107,11 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     resumed = subprocess.run(ttd_command(*common, "--out", run_dir), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"| {killed_at}/{steps} [" in resumed.stderr and f"| 0/{steps} [" not in resumed.stderr, resumed.stderr[-800:]
-    config = TrainConfig(out_dir=str(tmp_path / "straight"), steps=steps, batch_size=8, warmup_steps=2, lr=5e-3,
-                         checkpoint_every=steps)
-    straight = train(create_model("world-tiny", seed=0), config, progress=False)
-    expected = merged_state_dict(straight)
+    # the uninterrupted run in a process of its own too: the same threads, so the same float sums
+    # (the collapse guard's decisions turn tiny differences into other kept weights)
+    straight = subprocess.run(ttd_command(*common, "--out", tmp_path / "straight"), capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    expected = load_file(str(tmp_path / "straight" / "model.safetensors"))
     actual = load_file(str(run_dir / "model.safetensors"))
     assert actual.keys() == expected.keys()
     for key, value in expected.items():
