@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from ttd.model.factory import create_model, load_checkpoint, save_checkpoint
-from ttd.model.lora import LoRAConfig, inject_lora, merge_lora, merged_state_dict
+from ttd.model.lora import LoRAConfig, inject_lora, merge_lora
 from ttd.train.loop import TrainConfig, train
 
 SMALL = dict(steps=4, batch_size=8, warmup_steps=1, checkpoint_every=2, lr=5e-3)
