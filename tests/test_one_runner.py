@@ -64,6 +64,8 @@ def test_options_a_mode_cannot_honour_are_refused_before_any_work(tmp_path):
     result = run("tag", "--captions", captions, "-o", out, "--crop", "whole", "--engine", "ray",
                  "--backend", "torch", "--dtype", "fp32")
     assert result.exit_code != 0 and "--engine ray runs the centre crop only" in result.output
+    ignored = run("tag", "--captions", captions, "-o", out, "--crop", "whole", "--batch-size", 8, "--top-k", 3)
+    assert ignored.exit_code != 0 and "--batch-size, --top-k apply to --crop center only" in ignored.output
     parquet = run("segment", "--captions", captions, "-o", tmp_path / "seg.parquet", "--quiet")
     assert parquet.exit_code != 0 and "written as JSON lines" in parquet.output
     assert not out.exists() and not (tmp_path / "seg.parquet").exists()

@@ -52,6 +52,16 @@ class Precision(click.ParamType):
                       f"(or {', '.join(a for a, c in PRECISION_ALIASES.items() if c in self.choices)})", param, ctx)
 
 
+def given_options(*names: str) -> list[str]:
+    """The options among `names` (parameter names) that the user gave on the command line, as typed
+    (--batch-size), so a mode that cannot honour them refuses them instead of ignoring them."""
+    from click.core import ParameterSource
+
+    context = click.get_current_context()
+    params = {p.name: p for p in context.command.params}
+    return [params[n].opts[0] for n in names if context.get_parameter_source(n) == ParameterSource.COMMANDLINE]
+
+
 def fail(message: str) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(2)

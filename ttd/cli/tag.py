@@ -13,7 +13,7 @@ from ttd.model.config import (
 )
 from ttd.runtime import BACKENDS
 
-from ttd.cli.common import (Precision, fail, long_job_options, main, model_options)
+from ttd.cli.common import Precision, fail, given_options, long_job_options, main, model_options
 
 
 @main.command()
@@ -172,6 +172,10 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
         if rle_masks or output_format_of(output, output_format) == "parquet":
             fail("--crop whole writes JSON lines with the masks as RLE already (\"segments\"); "
                  "--rle-masks and Parquet output are for --crop center")
+        centre_only = given_options("batch_size", "decode_workers", "top_k", "compile_encoder", "rows_per_file")
+        if centre_only:
+            fail(f"{', '.join(centre_only)} apply to --crop center only (--crop whole runs each image's windows "
+                 "in turn); leave them out")
         from ttd.segment.segmentation import SegmentOptions
         from ttd.jobs.segment_job import segment_items
 
