@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from export.triton import BatchingOptions, build_repository
-from ttd.serve.load_client import tagger_request
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load_client import tagger_request  # noqa: E402
 from serve_load import world_pairs  # noqa: E402
 from service import cpu_model, served  # noqa: E402
 

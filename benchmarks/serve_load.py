@@ -14,6 +14,7 @@ import io
 import json
 import tempfile
 import time
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,10 @@ from PIL import Image
 from export.triton import BatchingOptions, build_repository
 from ttd.data.world import make_sample
 from ttd.runtime import load_tagger
-from ttd.serve.load_client import load_test, tagger_request
 from ttd.serve.triton_server import start_server
 from ttd.model.tags import candidate_tags
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load_client import load_test, tagger_request  # noqa: E402
 
 
 def world_pairs(count: int, size: int) -> tuple[np.ndarray, list[tuple[bytes, str]]]:

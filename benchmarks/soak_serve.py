@@ -31,11 +31,11 @@ import numpy as np
 
 from export.triton import BatchingOptions, build_repository
 from ttd.runtime import load_tagger
-from ttd.serve.load_client import tagger_request
 from ttd.model.tags import candidate_tags
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load_client import tagger_request  # noqa: E402
 from serve_load import world_pairs  # noqa: E402  (the sibling benchmark's world pairs)
 
 

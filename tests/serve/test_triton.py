@@ -50,7 +50,7 @@ def test_invalid_repositories_are_rejected(export_dir, tmp_path):
 
 def test_real_tritonserver_serves_the_same_tags_as_onnxruntime(export_dir, tmp_path, monkeypatch):
     from ttd.data.annotations import write_world_split
-    from ttd.serve.load_client import load_test, tagger_request
+    from benchmarks.load_client import load_test, tagger_request
     from ttd.serve.triton_server import start_server
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

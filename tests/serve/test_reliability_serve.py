@@ -26,7 +26,7 @@ from ttd.serve.triton_server import server_ready
 pytest.importorskip("tritonclient")
 pytest.importorskip("pytriton")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TTD_SCRIPT = Path(sys.executable).parent / "ttd"  # the environment's console script, by absolute path
 
 
@@ -115,7 +115,7 @@ def ready(port: int) -> bool:
 def tag_one(port: int) -> dict:
     import tritonclient.http as http
 
-    from ttd.serve.load_client import tagger_request
+    from benchmarks.load_client import tagger_request
 
     sample = make_sample(3, 0)
     buffer = io.BytesIO()
@@ -375,7 +375,7 @@ def test_malformed_requests_get_4xx_with_a_reason_and_no_server_paths(repo, tmp_
         assert error.value.status() == "400"
         assert "input 'tag_embeds': dimension 1 is 2000, more than the limit of 1024" in error.value.message()
         # the tagger's own refusals (issue 14): each a 400 with the reason, nothing else disturbed
-        from ttd.serve.load_client import tagger_request
+        from benchmarks.load_client import tagger_request
 
         png = io.BytesIO()
         Image.fromarray(make_sample(3, 0).image).save(png, "PNG")

@@ -8,13 +8,13 @@ import pytest
 
 import ray
 
-from test_stream_job import lines, same_records, world_job
+from jobs.test_stream_job import lines, same_records, world_job
 from ttd.data.items import open_items
 from ttd.jobs.ray_executor import RayJob, TaggerActor, run_ray_job
 from ttd.runtime import load_tagger
 from ttd.jobs.stream_job import tag_stream
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class DiesOnItemFive(TaggerActor):

@@ -81,7 +81,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
 
     Training is seeded, so a restart from step 0 would also end with the same weights: the rerun
     must also start its progress at the killed step and never at step 0. (It cannot take another
-    --seed to tell them apart: a resume with other settings is refused: tests/test_reliability_data.py.)"""
+    --seed to tell them apart: a resume with other settings is refused: tests/data/test_reliability_data.py.)"""
     steps = 30
     common = ["train", "--model", "world-tiny", "--steps", steps, "--batch-size", 8, "--warmup", 2, "--lr", 5e-3,
               "--checkpoint-every", 1]

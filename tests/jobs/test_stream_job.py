@@ -23,7 +23,7 @@ from ttd.data.inputs import read_captions
 from ttd.data.items import open_items, select_shard, stream_captions, stream_images, stream_shards
 from ttd.jobs.jsonl_output import partial_path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def world_job(folder: Path, count: int, bad_every: int = 0) -> Path:

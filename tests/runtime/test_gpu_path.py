@@ -247,7 +247,7 @@ def test_gpu_check_dry_run_lists_every_step_and_runs_nothing(tmp_path):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.sh"
     done = subprocess.run(["bash", str(script), "--dry-run", "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 0, done.stderr
@@ -264,7 +264,7 @@ def test_gpu_check_runs_end_to_end_on_the_cpu_with_small_settings(tmp_path):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
     done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--vit-model", "world-tiny",
                            "--batches", "2", "--compile-batches", "--world-images", "4", "--e2e-images", "8", "--parity-pairs", "8",
                            "--steps", "environment", "matmul_peak", "parity", "tag_cli", "throughput", "tag_end_to_end",

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_stream_job import ROOT, kill_repeatedly, lines, same_records, tag, tagger, world_job  # noqa: F401 - tagger: a fixture
+from jobs.test_stream_job import ROOT, kill_repeatedly, lines, same_records, tag, tagger, world_job  # noqa: F401 - tagger: a fixture
 from ttd.jobs.coco import decode_rle
 from ttd.data.items import open_items
 from ttd.jobs.jsonl_output import finished_job_path
