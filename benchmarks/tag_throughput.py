@@ -63,7 +63,7 @@ def main() -> None:
     from ttd.data.items import open_items
     from ttd.runtime import load_tagger
     from ttd.jobs.stream_job import tag_stream
-    from ttd.jobs.tag_job import default_decode_workers
+    from ttd.jobs.decoding import default_decode_workers
 
     started = time.perf_counter()
     tagger = load_tagger(args.backend, model=None if args.model == "world" else args.model, device="cpu",

@@ -1,7 +1,7 @@
 """Issue 20's reproduced defects of the job seams, as regression tests: whole-image tagging and
 `ttd segment` go through the exactly-once writer (a second run, --resume and --shard are
-honoured), options a mode cannot honour are refused before any work, webdataset samples are
-segmented from their own bytes, and one option name means one thing."""
+honoured), webdataset samples are segmented from their own bytes, and one option name means one
+thing. Every mode x engine x format x resume x shard: tests/jobs/test_job_matrix.py."""
 
 import json
 
@@ -56,19 +56,6 @@ def test_whole_image_shards_take_their_own_items(tmp_path):
         assert result.exit_code == 0, result.output
     assert [r["index"] for r in records(tmp_path / "s0.jsonl")] == [0, 2]  # was: all items, shard ignored
     assert [r["index"] for r in records(tmp_path / "s1.jsonl")] == [1, 3]
-
-
-def test_options_a_mode_cannot_honour_are_refused_before_any_work(tmp_path):
-    captions = captions_file(tmp_path, 1)
-    out = tmp_path / "ray.jsonl"
-    result = run("tag", "--captions", captions, "-o", out, "--crop", "whole", "--engine", "ray",
-                 "--backend", "torch", "--dtype", "fp32")
-    assert result.exit_code != 0 and "--engine ray runs the centre crop only" in result.output
-    ignored = run("tag", "--captions", captions, "-o", out, "--crop", "whole", "--batch-size", 8, "--top-k", 3)
-    assert ignored.exit_code != 0 and "--batch-size, --top-k apply to --crop center only" in ignored.output
-    parquet = run("segment", "--captions", captions, "-o", tmp_path / "seg.parquet", "--quiet")
-    assert parquet.exit_code != 0 and "written as JSON lines" in parquet.output
-    assert not out.exists() and not (tmp_path / "seg.parquet").exists()
 
 
 def test_segment_reads_webdataset_samples_from_their_own_bytes(tmp_path):

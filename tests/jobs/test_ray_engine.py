@@ -12,7 +12,8 @@ from jobs.test_stream_job import lines, same_records, world_job
 from ttd.data.items import open_items
 from ttd.jobs.ray_executor import RayJob, TaggerActor, run_ray_job
 from ttd.runtime import load_tagger
-from ttd.jobs.stream_job import tag_stream
+from ttd.jobs.runner import JobOptions
+from ttd.jobs.stream_job import CentreStep, tag_stream
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,9 +47,9 @@ def test_ray_engine_writes_the_records_of_the_local_engine_even_when_an_actor_di
     tagger = load_tagger("torch", model="world-tiny", device="cpu", threads=1)
     tag_stream(tagger, open_items(captions), local, batch_size=4, progress=False, decode_workers=0)
     out = tmp_path / "ray.jsonl"
-    summary = run_ray_job(RayJob(captions=str(captions), images=[], output=out, batch_size=4, actors=2,
-                                 tagger_options={"backend": "torch", "model": "world-tiny", "device": "cpu"},
-                                 progress=False), actor=DiesOnItemFive)
+    summary = run_ray_job(RayJob(captions=str(captions), images=[], output=out, actors=2,
+                                 tagger_options={"backend": "torch", "model": "world-tiny", "device": "cpu"}),
+                          CentreStep(), options=JobOptions(batch_size=4, progress=False), actor=DiesOnItemFive)
     assert local_ray.read_text() == "died"  # an actor died mid-job (Ray restarted it and retried its batch)
     assert (summary.items, sum(summary.errors.values())) == (14, 2)
     # order-independent comparison: the records sorted by their input position

@@ -81,7 +81,8 @@ def main() -> None:
 
 
 def long_job_options(command):
-    """--resume, --shard and --num-shards: the same meaning in `ttd tag` and `ttd segment`."""
+    """--resume, --shard, --num-shards, --batch-size, --decode-workers and the engine: the same
+    meaning in every mode of `ttd tag` and `ttd segment` (the one job runner, ttd/jobs/runner.py)."""
     for option in reversed([
         click.option("--resume", is_flag=True,
                      help="Continue OUTPUT.partial of an interrupted run (even one killed with SIGKILL): every item "
@@ -91,9 +92,46 @@ def long_job_options(command):
         click.option("--num-shards", type=click.IntRange(1), default=1, show_default=True,
                      help="Number of --shard jobs; their outputs concatenate into the whole job's output "
                           "(each record has its input position in \"index\")."),
+        click.option("--batch-size", type=click.IntRange(1), default=None,
+                     help="Images per batch, decoded together ahead of the model: the centre crop's encoder call "
+                          "(default 32); whole images: also the windows per encoder call, whichever images they "
+                          "come from (default 8: full-size images are held in memory)."),
+        click.option("--decode-workers", type=click.IntRange(0), default=None,
+                     help="Processes that decode the next batches while the model runs the current one "
+                          "(0: one decoding thread in this process). Default: cores − 1 (at most 8), or 0 below "
+                          "4 cores."),
+        click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="local: this process (+ decoding workers); ray: Ray Data with a pool of Tagger actors "
+                          "(local Ray, or the cluster at --ray-address); the same records, --resume and --shard."),
+        click.option("--ray-address", default=None, help="Ray cluster address for --engine ray (default: a local Ray)."),
+        click.option("--actors", type=click.IntRange(1), default=None,
+                     help="--engine ray: Tagger actors (default: one per GPU, else CPUs / 2)."),
     ]):
         command = option(command)
     return command
+
+
+def run_on_engine(engine: str, step, captions: Path | None, images: tuple[Path, ...], output: Path, job: dict,
+                  options, tagger_options: dict, local_tagger, ray_address: str | None = None,
+                  actors: int | None = None, templates: tuple[str, ...] | None = None, inputs=(), explicit_images=()):
+    """Run a job's step with the chosen executor: here (`local_tagger()` loads the Tagger) or on Ray
+    (every actor loads it from `tagger_options`)."""
+    if engine == "ray":
+        if "auto" in (tagger_options.get("backend"), tagger_options.get("dtype")):
+            fail("--engine ray needs an explicit --backend and --dtype: auto would choose for this machine, "
+                 "not for the Ray workers")
+        if given_options("decode_workers"):
+            fail("--decode-workers applies to --engine local (Ray actors decode their own batches); leave it out")
+        from ttd.jobs.ray_executor import RayJob, run_ray_job
+
+        return run_ray_job(RayJob(None if captions is None else str(captions), [str(i) for i in images], output,
+                                  tagger_options, actors, ray_address, templates=templates), step, job, options)
+    if given_options("ray_address", "actors"):
+        fail(f"{', '.join(given_options('ray_address', 'actors'))} apply to --engine ray; leave them out")
+    from ttd.data.items import open_items
+    from ttd.jobs.runner import run_job
+
+    return run_job(local_tagger(), step, open_items(captions, images), output, job, options, inputs, explicit_images)
 
 
 def comma_floats(text: str, name: str) -> tuple[float, ...]:

@@ -11,7 +11,8 @@ from ttd.model.config import (
     SCORE_METHODS,
 )
 
-from ttd.cli.common import (fail, long_job_options, main, make_segment_options, model_options, read_classes, whole_image_options)
+from ttd.cli.common import (fail, long_job_options, main, make_segment_options, model_options, read_classes,
+                             run_on_engine, whole_image_options)
 
 
 @main.command()
@@ -43,7 +44,8 @@ from ttd.cli.common import (fail, long_job_options, main, make_segment_options, 
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def segment(captions, classes, images, output, coco, masks_dir, model, pretrained, checkpoint, dense_mode, backend,
             export_dir, url, threshold, score_method, crop, scales, stride, flip_tta, mask_threshold, templates_path,
-            pamr, device, max_pixels, quiet, resume, shard, num_shards):
+            pamr, device, max_pixels, quiet, resume, shard, num_shards, batch_size, decode_workers, engine,
+            ray_address, actors):
     """Masks in each image's own geometry: caption masks (--captions) or open-vocabulary semantic
     segmentation (--classes NAMES IMAGES...).
 
@@ -52,12 +54,15 @@ def segment(captions, classes, images, output, coco, masks_dir, model, pretraine
     ttd segment --classes cat,dog,grass photos/ -o seg.jsonl --masks-dir seg/ --flip-tta --pamr
     ttd report masks.jsonl --html report.html
     """
+    import dataclasses
+
     from ttd.data.inputs import InputError
-    from ttd.data.items import open_items
+    from ttd.jobs.jsonl_output import output_format_of
+    from ttd.jobs.runner import JobOptions, refuse_input_as_output
+    from ttd.jobs.segment_job import WholeImageStep, write_coco_of
+    from ttd.jobs.stream_job import tag_job_description
     from ttd.runtime import load_tagger
     from ttd.segment.segmentation import read_templates, with_templates
-    from ttd.jobs.segment_job import segment_items
-    from ttd.jobs.stream_job import tag_job_description
 
     if (captions is None) == (classes is None):
         fail("give exactly one of --captions FILE or --classes NAMES")
@@ -65,20 +70,31 @@ def segment(captions, classes, images, output, coco, masks_dir, model, pretraine
         fail("--classes needs image files or folders as arguments")
     if captions is not None and images:
         fail("with --captions, images come from the captions file; do not also pass image arguments")
-    options = make_segment_options(crop, scales, stride, mask_threshold, pamr)
+    if output_format_of(output) == "parquet":
+        fail(f"{output}: segmentation records hold masks as RLE segments and are written as JSON lines "
+             "(Parquet output is for `ttd tag --crop center`)")
+    batch_size = batch_size or 8
+    options = dataclasses.replace(make_segment_options(crop, scales, stride, mask_threshold, pamr), batch_size=batch_size)
+    tagger_options = dict(backend=backend, model=model, pretrained=pretrained, checkpoint=checkpoint,
+                          dense_mode=dense_mode, device=device, export_dir=export_dir, url=url, threshold=threshold,
+                          flip_tta=flip_tta, score_method=score_method)
     try:
-        items = open_items(captions, images)
+        templates = read_templates(templates_path.read_text(encoding="utf-8")) if templates_path else None
         names = read_classes(classes) if classes is not None else None
-        tagger = load_tagger(backend, model=model, pretrained=pretrained, checkpoint=checkpoint, dense_mode=dense_mode,
-                             device=device, export_dir=export_dir, url=url, threshold=threshold, flip_tta=flip_tta,
-                             score_method=score_method)
-        if templates_path is not None:
-            tagger = with_templates(tagger, read_templates(templates_path.read_text(encoding="utf-8")))
+        inputs = [p for p in (captions,) if p is not None]
+        if coco is not None:
+            refuse_input_as_output(coco, [], inputs)
         job = tag_job_description(captions, images, backend, model, pretrained, checkpoint, export_dir, dense_mode,
                                   "fp32", threshold, score_method, flip_tta)
-        summary = segment_items(tagger, items, output, names, options, coco, masks_dir, max_pixels,
-                                progress=not quiet, inputs=[p for p in (captions,) if p is not None], resume=resume,
-                                shard=shard, num_shards=num_shards, job={**job, "templates": str(templates_path)})
+        summary = run_on_engine(
+            engine, WholeImageStep(names, options, masks_dir, max_pixels), captions, images, output,
+            {**job, "templates": str(templates_path)},
+            JobOptions(batch_size, decode_workers, resume=resume, shard=shard, num_shards=num_shards,
+                       output_format="jsonl", progress=not quiet),
+            tagger_options, lambda: with_templates(load_tagger(**tagger_options), templates), ray_address, actors,
+            templates, inputs=inputs, explicit_images=images)
+        if coco is not None:
+            write_coco_of(output, coco)
     except (InputError, ValueError, RuntimeError, OSError) as error:
         fail(str(error))
     click.echo(summary.line() + (f"; COCO annotations in {coco}" if coco else ""), err=True)

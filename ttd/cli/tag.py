@@ -13,7 +13,7 @@ from ttd.model.config import (
 )
 from ttd.runtime import BACKENDS
 
-from ttd.cli.common import Precision, fail, given_options, long_job_options, main, model_options
+from ttd.cli.common import Precision, fail, given_options, long_job_options, main, model_options, run_on_engine
 
 
 @main.command()
@@ -55,7 +55,6 @@ from ttd.cli.common import Precision, fail, given_options, long_job_options, mai
               help="Also put each selected tag's mask in its record, as COCO RLE (\"rle_masks\": tag -> "
                    "{size, counts}; pycocotools): the --masks-dir PNG (the centre crop at the model's input size) "
                    "thresholded at the default mask threshold. Needs pip install 'ttd-toolkit[segment]'.")
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:1 ...")
 @click.option("--dtype", type=Precision(("auto", "fp32", "bf16", "fp16")), default="fp32", show_default=True,
               help="Torch backend weights; bf16 is ~5x faster on CPUs with AMX (and slower without). "
@@ -68,9 +67,6 @@ from ttd.cli.common import Precision, fail, given_options, long_job_options, mai
 @click.option("--compile", "compile_encoder", is_flag=True,
               help="Torch backend: torch.compile the image encoder (CUDA graphs on a GPU); pays a one-off "
                    "compilation per power-of-two batch size, worth it for long jobs.")
-@click.option("--decode-workers", type=click.IntRange(0), default=None,
-              help="Processes that decode the next batches while the model runs the current one "
-                   "(0: one decoding thread in this process). Default: cores − 1 (at most 8), or 0 below 4 cores.")
 @click.option("--vocab-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder of cached vocabulary tag embeddings, keyed by model/export and vocabulary "
                    "(default: $TTD_CACHE_DIR/vocab or ~/.cache/ttd/vocab).")
@@ -81,12 +77,6 @@ from ttd.cli.common import Precision, fail, given_options, long_job_options, mai
                    "so tags outside the crop are found too, and each line also holds the caption's and the "
                    "selected tags' masks in the image's own geometry (as `ttd segment --captions`).")
 @long_job_options
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: this process (+ decoding workers); ray: Ray Data with a pool of Tagger actors "
-                   "(local Ray, or the cluster at --ray-address); the same records, --resume and --shard.")
-@click.option("--ray-address", default=None, help="Ray cluster address for --engine ray (default: a local Ray).")
-@click.option("--actors", type=click.IntRange(1), default=None,
-              help="--engine ray: Tagger actors (default: one per GPU, else CPUs / 2).")
 def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, dense_mode, backend, export_dir, url,
         threshold, score_method, flip_tta, masks_dir, batch_size, device, dtype, max_pixels, top_k, threads,
         compile_encoder, decode_workers, vocab_cache, no_vocab_cache, quiet, crop="center", resume=False, shard=0,
@@ -108,6 +98,9 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
     import warnings
 
     from ttd.data.inputs import InputError, read_vocabulary
+    from ttd.jobs.jsonl_output import output_format_of
+    from ttd.jobs.runner import JobOptions
+    from ttd.jobs.stream_job import CentreStep, tag_job_description
     from ttd.runtime import PortabilityNotice, load_tagger
 
     if (captions is None) == (vocabulary is None):
@@ -116,101 +109,84 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
         fail("--vocabulary needs image files or folders as arguments")
     if captions is not None and images:
         fail("with --captions, images come from the captions file; do not also pass image arguments")
-    from ttd.data.items import open_items
-    from ttd.jobs.jsonl_output import output_format_of
-
     try:
-        items = open_items(captions, images)
-        vocab = read_vocabulary(vocabulary) if vocabulary else None
-        if engine == "ray":
-            if crop == "whole":
-                fail("--engine ray runs the centre crop only; run --crop whole with --engine local "
-                     "(--shard/--num-shards split it over machines)")
-            if "auto" in (backend, dtype):
-                fail("--engine ray needs an explicit --backend and --dtype: auto would choose for this machine, "
-                     "not for the Ray workers")
-            from ttd.jobs.ray_executor import RayJob, run_ray_job
-            from ttd.jobs.stream_job import tag_job_description
+        parquet = output_format_of(output, output_format) == "parquet"
+    except ValueError as error:
+        fail(str(error))
+    if vocabulary is None and given_options("top_k"):
+        fail("--top-k lists a vocabulary's best tags; with --captions every candidate is in the record: leave it out")
+    if not parquet and given_options("rows_per_file"):
+        fail("--rows-per-file sizes Parquet shard files; this output is JSON lines (use --format parquet)")
+    if crop == "whole":
+        if vocabulary is not None:
+            fail("--crop whole tags with --captions; for a vocabulary over whole images use "
+                 "`ttd segment --classes FILE IMAGES...`")
+        if rle_masks or parquet:
+            fail("--crop whole writes JSON lines with the masks as RLE already (\"segments\"); "
+                 "--rle-masks and Parquet output are for --crop center")
+    tagger_options = dict(backend=backend, model=model, pretrained=pretrained, checkpoint=checkpoint,
+                          dense_mode=dense_mode, device=device, dtype=dtype, export_dir=export_dir, url=url,
+                          threshold=threshold, flip_tta=flip_tta, score_method=score_method, threads=threads,
+                          **({"compile": True} if compile_encoder else {}))
+    vocab = None
+    batch_size = batch_size or (32 if crop == "center" else 8)
 
-            summary = run_ray_job(RayJob(
-                captions=None if captions is None else str(captions), images=[str(i) for i in images],
-                output=output, vocabulary=vocab, batch_size=batch_size, max_pixels=max_pixels, top_k=top_k,
-                tagger_options=dict(backend=backend, model=model, pretrained=pretrained, checkpoint=checkpoint,
-                                    dense_mode=dense_mode, device=device, dtype=dtype, export_dir=export_dir,
-                                    url=url, threshold=threshold, flip_tta=flip_tta, score_method=score_method,
-                                    threads=threads),
-                actors=actors, address=ray_address, shard=shard, num_shards=num_shards, progress=not quiet,
-                masks_dir=None if masks_dir is None else str(masks_dir), resume=resume, rle_masks=rle_masks,
-                output_format=output_format, rows_per_file=rows_per_file),
-                tag_job_description(captions, images, backend, model, pretrained, checkpoint, export_dir,
-                                    dense_mode, dtype, threshold, score_method, flip_tta))
-            click.echo(summary.line(), err=True)
-            return
+    def local_tagger():
+        nonlocal tagger_options
         if "auto" in (backend, dtype):
             from ttd.runtime.auto_choice import resolve_auto
 
             path = resolve_auto(backend, dtype, device, export_dir)
             click.echo(path.line(), err=True)
-            backend, dtype, device = path.backend, path.dtype if path.backend == "torch" else "fp32", path.device
+            tagger_options = {**tagger_options, "backend": path.backend, "device": path.device,
+                              "dtype": path.dtype if path.backend == "torch" else "fp32"}
         with warnings.catch_warnings(record=True) as notices:  # the CPU re-check's one line, shown plainly
             warnings.simplefilter("always", PortabilityNotice)
-            tagger = load_tagger(backend, model=model, pretrained=pretrained, checkpoint=checkpoint,
-                                 dense_mode=dense_mode, device=device, dtype=dtype, export_dir=export_dir, url=url,
-                                 threshold=threshold, flip_tta=flip_tta, score_method=score_method, threads=threads,
-                                 compile=compile_encoder)
+            tagger = load_tagger(**tagger_options)
         for notice in notices:
             if issubclass(notice.category, PortabilityNotice):
                 click.echo(str(notice.message), err=True)
             else:
                 warnings.showwarning(notice.message, notice.category, notice.filename, notice.lineno)
-    except (InputError, ValueError, RuntimeError, OSError) as error:  # OSError: e.g. an unreachable --url
-        fail(str(error))
-    if crop == "whole":  # whole-image caption tagging is `ttd segment --captions` (ttd/jobs/segment_job.py)
-        if vocab is not None:
-            fail("--crop whole tags with --captions; for a vocabulary over whole images use "
-                 "`ttd segment --classes FILE IMAGES...`")
-        if rle_masks or output_format_of(output, output_format) == "parquet":
-            fail("--crop whole writes JSON lines with the masks as RLE already (\"segments\"); "
-                 "--rle-masks and Parquet output are for --crop center")
-        centre_only = given_options("batch_size", "decode_workers", "top_k", "compile_encoder", "rows_per_file")
-        if centre_only:
-            fail(f"{', '.join(centre_only)} apply to --crop center only (--crop whole runs each image's windows "
-                 "in turn); leave them out")
-        from ttd.segment.segmentation import SegmentOptions
-        from ttd.jobs.segment_job import segment_items
-
-        from ttd.jobs.stream_job import tag_job_description
-
-        try:
-            summary = segment_items(tagger, items, output, None, SegmentOptions(), None, masks_dir, max_pixels,
-                                    progress=not quiet, inputs=[captions], resume=resume, shard=shard,
-                                    num_shards=num_shards,
-                                    job=tag_job_description(captions, images, backend, model, pretrained, checkpoint,
-                                                            export_dir, dense_mode, dtype, threshold, score_method,
-                                                            flip_tta))
-        except (ValueError, RuntimeError, OSError) as error:
-            fail(str(error))
-        click.echo(summary.line(), err=True)
-        return
-    vocab_embeds = None
-    if vocab and not no_vocab_cache:
-        from ttd.runtime.vocab_cache import load_or_encode, model_key_for
-
-        key = model_key_for(tagger, export_dir)
-        if key:
-            cached = load_or_encode(tagger, vocab, key, vocab_cache, progress=not quiet)
-            vocab_embeds = cached.embeds
-            click.echo(f"vocabulary cache {'hit' if cached.hit else 'miss (stored)'}: {cached.path}", err=True)
-    from ttd.jobs.stream_job import tag_job_description, tag_stream
+        return tagger
 
     try:
-        summary = tag_stream(tagger, items, output, vocab, batch_size, masks_dir, max_pixels, top_k,
-                             progress=not quiet, decode_workers=decode_workers, vocabulary_embeds=vocab_embeds,
-                             resume=resume, shard=shard, num_shards=num_shards,
-                             inputs=[p for p in (captions, vocabulary) if p is not None], explicit_images=images,
-                             rle_masks=rle_masks, output_format=output_format, rows_per_file=rows_per_file,
-                             job=tag_job_description(captions, images, backend, model, pretrained, checkpoint,
-                                                     export_dir, dense_mode, dtype, threshold, score_method, flip_tta))
-    except (InputError, ValueError, RuntimeError) as error:  # RuntimeError: pyarrow / pycocotools missing
-        fail(str(error))
+        vocab = read_vocabulary(vocabulary) if vocabulary else None
+        if crop == "whole":
+            from ttd.jobs.segment_job import WholeImageStep
+            from ttd.segment.segmentation import SegmentOptions
+
+            step = WholeImageStep(None, SegmentOptions(batch_size=batch_size), masks_dir, max_pixels)
+        else:
+            step = CentreStep(vocab, masks_dir, top_k, rle_masks, max_pixels)
+        if vocab and not no_vocab_cache and engine == "local":
+            loaded = local_tagger()
+            step = with_cached_vocabulary(step, loaded, export_dir, vocab_cache, quiet)
+            local = lambda: loaded  # noqa: E731 - the Tagger is loaded once
+        else:
+            local = local_tagger
+        summary = run_on_engine(
+            engine, step, captions, images, output,
+            tag_job_description(captions, images, backend, model, pretrained, checkpoint, export_dir, dense_mode, dtype,
+                                threshold, score_method, flip_tta),
+            JobOptions(batch_size, decode_workers, resume=resume, shard=shard, num_shards=num_shards,
+                       output_format=output_format, rows_per_file=rows_per_file, progress=not quiet),
+            tagger_options, local, ray_address, actors,
+            inputs=[p for p in (captions, vocabulary) if p is not None], explicit_images=images)
+    except (InputError, ValueError, RuntimeError, OSError) as error:  # OSError: e.g. an unreachable --url;
+        fail(str(error))                                                # RuntimeError: pyarrow / pycocotools missing
     click.echo(summary.line(), err=True)
+
+
+def with_cached_vocabulary(step, tagger, export_dir, vocab_cache, quiet: bool):
+    """The centre step with its vocabulary's embeddings from the cache (encoded and stored on a miss)."""
+    import dataclasses
+
+    from ttd.runtime.vocab_cache import load_or_encode, model_key_for
+
+    key = model_key_for(tagger, export_dir)
+    if not key:
+        return step
+    cached = load_or_encode(tagger, step.vocabulary, key, vocab_cache, progress=not quiet)
+    click.echo(f"vocabulary cache {'hit' if cached.hit else 'miss (stored)'}: {cached.path}", err=True)
+    return dataclasses.replace(step, vocabulary_embeds=cached.embeds)

@@ -1,48 +1,37 @@
-"""`ttd tag --engine ray`: the same job on Ray Data, on a laptop (local Ray) or a Ray cluster.
+"""`--engine ray`: the job runner's second executor, on Ray Data, on a laptop (local Ray) or a Ray cluster.
 
 Ray Data streams the items (one read task runs ttd.data.items, so nothing is indexed), a pool
-of Tagger actors decodes and tags batches (one actor per GPU, or N on CPUs; Ray restarts an actor
-that dies and retries its batch), and the driver writes the records in input order through the
-exactly-once writer of the local engine. So the output, `--resume` and `--shard` behave exactly
-as with `--engine local`: the records are the same (the Ray equality test holds this).
+of Tagger actors runs the job's step (ttd/jobs/runner.py: decoding, the model, the records) on
+batches (one actor per GPU, or N on CPUs; Ray restarts an actor that dies and retries its batch),
+and the driver writes the records in input order through the exactly-once writer of the local
+engine. So every mode, the output, `--resume` and `--shard` behave exactly as with `--engine
+local`: the records are the same (the Ray equality tests hold this).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ttd.data.items import check_shard
-from ttd.jobs.jsonl_output import error_kind
-from ttd.jobs.outputs import open_output
+from ttd.jobs.runner import JobOptions, Step, open_job_output, refuse_input_as_output, refuse_no_items
+
 
 @dataclass
 class RayJob:
+    """Where the job's items come from and how Ray runs it (what it does is the step's)."""
+
     captions: str | None
     images: list[str]
     output: Path
-    vocabulary: list[str] | None = None
-    batch_size: int = 32
-    max_pixels: int = 89_478_485
-    top_k: int = 10
-    masks_dir: str | None = None
-    tagger_options: dict = field(default_factory=dict)
+    tagger_options: dict = field(default_factory=dict)  # ttd.runtime.load_tagger's, in every actor
     actors: int | None = None
     address: str | None = None
-    shard: int = 0
-    num_shards: int = 1
-    resume: bool = False
-    progress: bool = True
     num_cpus: int | None = None  # a local Ray's CPUs (default: all)
-    rle_masks: bool = False  # records hold the selected tags' masks as COCO RLE
-    output_format: str = "auto"  # jsonl, parquet, or auto (parquet for a name ending in .parquet)
-    rows_per_file: int = 10_000  # Parquet: records per shard file
+    templates: tuple[str, ...] | None = None  # prompt templates other than the model's (ttd segment --templates)
 
 
 def _item_blocks(captions: str | None, images: list[str], shard: int, num_shards: int, skip: int, rows_per_block: int):
@@ -75,30 +64,23 @@ def _items_of(rows: list[dict]) -> list:
 
 
 class TaggerActor:
-    """One Tagger per actor: decodes and tags the batches Ray Data hands it."""
+    """One Tagger per actor, running the job's step on the batches Ray Data hands it."""
 
-    def __init__(self, tagger_options: dict, vocabulary: list[str] | None, max_pixels: int, top_k: int,
-                 masks_dir: str | None, rle_masks: bool = False) -> None:
+    def __init__(self, tagger_options: dict, step: Step, templates: tuple[str, ...] | None = None) -> None:
         from ttd.runtime import load_tagger
+        from ttd.segment.segmentation import with_templates
 
-        self.tagger = load_tagger(**tagger_options)
-        self.vocabulary, self.max_pixels, self.top_k = vocabulary, max_pixels, top_k
-        self.masks_dir, self.rle_masks = (Path(masks_dir) if masks_dir else None), rle_masks
-        self.vocabulary_embeds = self.tagger.encode_tags(vocabulary) if vocabulary else None
+        self.tagger = with_templates(load_tagger(**tagger_options), templates)
+        self.step = step.bound(self.tagger, False)
+        self.decode = self.step.decoder(self.tagger)
 
     def __call__(self, batch):
         import pyarrow as pa
 
-        from ttd.jobs.stream_job import tag_batch
-        from ttd.jobs.tag_job import prepare_items
-
         rows = batch.to_pylist()  # pyarrow keeps None as None (numpy would make it NaN)
         items = _items_of(rows)
-        outcomes = prepare_items(items, self.vocabulary is not None,
-                                 dataclasses.replace(self.tagger.preprocess, max_pixels=self.max_pixels))
         positioned = [(row["index"], item) for row, item in zip(rows, items)]
-        records = tag_batch(self.tagger, positioned, outcomes, self.vocabulary, self.vocabulary_embeds,
-                            self.masks_dir, self.top_k, self.rle_masks)
+        records = self.step.records(self.tagger, self.step.run(self.tagger, positioned, self.decode(items)))
         return pa.table({"index": [r["index"] for r in records], "record": [json.dumps(r) for r in records]})
 
 
@@ -107,10 +89,11 @@ def _default_actors(resources: dict) -> int:
     return gpus if gpus else max(1, int(resources.get("CPU", 1)) // 2)
 
 
-def run_ray_job(job: RayJob, description: dict | None = None, actor: type = TaggerActor):
-    """Run `job` on Ray Data (starting a local Ray unless one is running or `job.address` names a
-    cluster) and return the local engine's JobSummary. `actor`: the actor class (TaggerActor or a
-    subclass of it)."""
+def run_ray_job(job: RayJob, step: Step, description: dict | None = None, options: JobOptions = JobOptions(),
+                actor: type = TaggerActor):
+    """Run `step` over the job's items on Ray Data (starting a local Ray unless one is running or
+    `job.address` names a cluster) and return the local engine's JobSummary. `actor`: the actor
+    class (TaggerActor or a subclass of it)."""
     try:
         import ray
     except ImportError:
@@ -120,20 +103,15 @@ def run_ray_job(job: RayJob, description: dict | None = None, actor: type = Tagg
     from ray.data.datasource import Datasource, ReadTask
     from tqdm import tqdm
 
-    from ttd.jobs.stream_job import JobSummary
-
-    description = {**(description or {}), "engine": "ray", "shard": job.shard, "num_shards": job.num_shards,
-                   "vocabulary": job.vocabulary, "masks_dir": job.masks_dir, "max_pixels": job.max_pixels,
-                   "top_k": job.top_k, "tagger": job.tagger_options, **({"rle_masks": True} if job.rle_masks else {})}
-    check_shard(job.shard, job.num_shards)
-    if job.rle_masks:
+    description = {**(description or {}), "engine": "ray", "shard": options.shard, "num_shards": options.num_shards,
+                   **step.description(), "tagger": job.tagger_options}
+    if getattr(step, "rle_masks", False):
         from ttd.jobs.coco import check_available
 
         check_available()  # the install hint now, not from every actor
-    writer = open_output(job.output, description, job.resume, job.output_format, job.rows_per_file)
-    summary = JobSummary(Path(job.output), writer.done.lines, writer.done.lines, Counter(writer.done.errors))
-    if writer.complete:
-        summary.already_complete = True
+    refuse_input_as_output(Path(job.output), [], [Path(job.captions)] if job.captions else [])
+    writer, summary = open_job_output(job.output, description, options)
+    if summary.already_complete:
         return summary
 
     class ItemDatasource(Datasource):
@@ -143,7 +121,7 @@ def run_ray_job(job: RayJob, description: dict | None = None, actor: type = Tagg
             return None
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-            args = (job.captions, job.images, job.shard, job.num_shards, writer.done.lines, job.batch_size)
+            args = (job.captions, job.images, options.shard, options.num_shards, writer.done.lines, options.batch_size)
             meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
             return [ReadTask(lambda: _item_blocks(*args), meta)]
 
@@ -156,9 +134,9 @@ def run_ray_job(job: RayJob, description: dict | None = None, actor: type = Tagg
         started = time.perf_counter()  # the job's time: actors starting included, Ray's own start not
         actors = job.actors or _default_actors(ray.cluster_resources())
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= actors else 0
-        options = dict(job.tagger_options)
-        if not options.get("threads") and not gpus:  # an actor's torch/onnxruntime threads: its share of the CPUs
-            options["threads"] = max(1, int(ray.cluster_resources().get("CPU", 1)) // actors)
+        tagger_options = dict(job.tagger_options)
+        if not tagger_options.get("threads") and not gpus:  # an actor's torch/onnxruntime threads: its share of the CPUs
+            tagger_options["threads"] = max(1, int(ray.cluster_resources().get("CPU", 1)) // actors)
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # records reach the writer in input order
         # the read is light (lines or tar bytes): it must not wait for a CPU that the actors hold
@@ -166,18 +144,17 @@ def run_ray_job(job: RayJob, description: dict | None = None, actor: type = Tagg
                   else {"ray_remote_args": {"num_cpus": 0}})  # Ray < 2.5x knows only ray_remote_args
         dataset = ray.data.read_datasource(ItemDatasource(), override_num_blocks=1, **no_cpu)
         tagged = dataset.map_batches(
-            actor, batch_size=job.batch_size, batch_format="pyarrow",
-            fn_constructor_kwargs=dict(tagger_options=options, vocabulary=job.vocabulary, max_pixels=job.max_pixels,
-                                       top_k=job.top_k, masks_dir=job.masks_dir, rle_masks=job.rle_masks),
-            compute=ActorPoolStrategy(size=actors), num_gpus=gpus, num_cpus=0 if gpus else options["threads"],
+            actor, batch_size=options.batch_size, batch_format="pyarrow",
+            fn_constructor_kwargs=dict(tagger_options=tagger_options, step=step, templates=job.templates),
+            compute=ActorPoolStrategy(size=actors), num_gpus=gpus, num_cpus=0 if gpus else tagger_options["threads"],
             max_restarts=3, max_task_retries=3)
-        with tqdm(initial=summary.resumed, disable=not job.progress, unit="img", smoothing=0.1) as bar:
+        with tqdm(initial=summary.resumed, disable=not options.progress, unit="img", smoothing=0.1) as bar:
             for batch in tagged.iter_batches(batch_size=None, batch_format="pyarrow"):
                 records = [json.loads(r) for r in batch.column("record").to_pylist()]
                 writer.write(records)
-                summary.items += len(records)
-                summary.errors.update(error_kind(str(r["error"])) for r in records if "error" in r)
+                summary.add(records)
                 bar.update(len(records))
+        refuse_no_items(summary.items, Path(job.output))
         writer.finish()
     finally:
         writer.close()

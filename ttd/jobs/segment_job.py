@@ -10,15 +10,14 @@ Record: {"image", "width", "height", ["caption"], "candidates": [{"tag", "score"
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import time
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from ttd.jobs.coco import encode_rle, write_coco
 from ttd.data.voc import PALETTE_SIZE, palette
@@ -26,13 +25,12 @@ from ttd.runtime.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from ttd.data.inputs import Item
 from ttd.runtime.tagger import Tagger
 from ttd.segment.segmentation import SegmentOptions, Segmentation, segment_caption, segment_classes
-from ttd.data.items import check_shard, select_shard
-from ttd.jobs.jsonl_output import error_kind, output_format_of
-from ttd.jobs.outputs import open_output
-from ttd.jobs.stream_job import CountedItems, JobSummary, refuse_no_items, refusing_output
-from ttd.jobs.tag_job import MAX_CAPTION_TAGS, contained_path, refuse_input_as_output, safe_name
+from ttd.segment.whole_image import encode_windows_of
+from ttd.jobs.decoding import Positioned
+from ttd.jobs.jsonl_output import output_format_of
+from ttd.jobs.runner import JobOptions, JobSummary, refuse_input_as_output, run_job
+from ttd.jobs.tag_job import MAX_CAPTION_TAGS, contained_path, safe_name
 from ttd.model.tags import candidate_tags
-
 
 
 def save_label_map(labels: np.ndarray, path: Path) -> None:
@@ -71,81 +69,109 @@ def _write_pngs(masks_dir: Path, index: int, item: Item, result: Segmentation) -
     return written
 
 
-def segment_one(tagger: Tagger, item: Item, classes: list[str] | None, class_embeds: np.ndarray | None,
-                options: SegmentOptions, max_pixels: int) -> Segmentation:
-    if item.error:
-        raise ValueError(item.error)
-    if classes is None and (item.caption is None or not item.caption.strip()):
-        raise ValueError("empty caption")
-    if classes is None and len(candidate_tags(item.caption)) > MAX_CAPTION_TAGS:
-        raise ValueError(f"caption has more than {MAX_CAPTION_TAGS} candidate tags; split it into shorter captions")
-    data = getattr(item, "data", None)  # a webdataset sample's own image bytes (ttd.data.items.ShardItem)
-    image = decode_image(item.path if data is None else data, item.image, max_pixels)
-    if classes is not None:
-        return segment_classes(tagger, image, classes, options, class_embeds)
-    return segment_caption(tagger, image, item.caption, options)
+def decode_whole(items: list[Item], captions: bool, max_pixels: int) -> list:
+    """Each item's image at its own size (an RGB PIL image), or the error that names its problem
+    (runs in a decoding worker)."""
+    outcomes: list = []
+    for item in items:
+        try:
+            if item.error:
+                raise ValueError(item.error)
+            if captions and (item.caption is None or not item.caption.strip()):
+                raise ValueError("empty caption")
+            if captions and len(candidate_tags(item.caption)) > MAX_CAPTION_TAGS:
+                raise ValueError(f"caption has more than {MAX_CAPTION_TAGS} candidate tags; split it into shorter captions")
+            data = getattr(item, "data", None)  # a webdataset sample's own image bytes (ttd.data.items.ShardItem)
+            outcomes.append(decode_image(item.path if data is None else data, item.image, max_pixels))
+        except (ImageError, ValueError, OSError) as error:
+            outcomes.append(str(error))
+    return outcomes
 
 
-def segment_record(tagger: Tagger, position: int, item: Item, classes: list[str] | None,
-                   class_embeds: np.ndarray | None, options: SegmentOptions, max_pixels: int,
-                   masks_dir: Path | None) -> dict:
-    """The output line of one item: its segmentation, or the error that names its problem."""
-    try:
-        result = segment_one(tagger, item, classes, class_embeds, options, max_pixels)
+@dataclass
+class WholeImageStep:
+    """The whole-image step (`ttd segment`, `ttd tag --crop whole`): each image covered by windows at
+    its own size; the windows of a batch's images share encoder calls (`options.batch_size` windows
+    a call), then each image's caption masks or class segmentation is cut from its maps."""
+
+    classes: list[str] | None = None  # None: each item's caption
+    options: SegmentOptions = SegmentOptions()
+    masks_dir: Path | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    class_embeds: np.ndarray | None = None
+
+    def description(self) -> dict:
+        options = {k: v for k, v in dataclasses.asdict(self.options).items() if k != "batch_size"}  # speed only
+        return {"mode": "segment", "classes": self.classes, "options": options,
+                "masks_dir": str(self.masks_dir) if self.masks_dir else None, "max_pixels": self.max_pixels}
+
+    def bound(self, tagger: Tagger, progress: bool = False) -> WholeImageStep:
+        if not self.classes or self.class_embeds is not None:
+            return self
+        return dataclasses.replace(self, class_embeds=tagger.encode_tags(self.classes, progress))
+
+    def decoder(self, tagger: Tagger) -> Callable[[list[Item]], list]:
+        return functools.partial(decode_whole, captions=self.classes is None, max_pixels=self.max_pixels)
+
+    def run(self, tagger: Tagger, batch: Positioned, outcomes: list) -> list[tuple[int, Item, Segmentation | str]]:
+        decoded = [k for k, outcome in enumerate(outcomes) if not isinstance(outcome, str)]
+        results: list = list(outcomes)
+        if decoded:
+            options = self.options
+            features = encode_windows_of(tagger, [outcomes[k] for k in decoded], options.crop, options.scales,
+                                         options.stride, options.batch_size)
+            for k, feature in zip(decoded, features):
+                image, item = outcomes[k], batch[k][1]
+                try:
+                    results[k] = (segment_classes(tagger, image, self.classes, options, self.class_embeds, feature)
+                                  if self.classes is not None else
+                                  segment_caption(tagger, image, item.caption, options, feature))
+                except ValueError as error:
+                    results[k] = str(error)
+        return [(position, item, result) for (position, item), result in zip(batch, results)]
+
+    def records(self, tagger: Tagger, ran: list[tuple[int, Item, Segmentation | str]]) -> list[dict]:
+        return [self._record(position, item, result) for position, item, result in ran]
+
+    def _record(self, position: int, item: Item, result: Segmentation | str) -> dict:
+        """The output line of one item: its segmentation, or the error that names its problem."""
+        if isinstance(result, str):
+            return {"index": position, "image": item.image,
+                    **({"caption": item.caption} if self.classes is None else {}), "error": result}
         record = to_record(item, result)
-    except (ImageError, ValueError, OSError) as error:
-        return {"index": position, "image": item.image, **({"caption": item.caption} if classes is None else {}),
-                "error": str(error)}
-    if masks_dir is not None:
-        try:  # folders named by global position: shards writing one masks folder never collide
-            record.update(_write_pngs(masks_dir, position, item, result))
-        except (OSError, ValueError) as error:
-            record["error"] = f"cannot write masks: {error}"
-    return {"index": position, **record}
+        if self.masks_dir is not None:
+            try:  # folders named by global position: shards writing one masks folder never collide
+                record.update(_write_pngs(self.masks_dir, position, item, result))
+            except (OSError, ValueError) as error:
+                record["error"] = f"cannot write masks: {error}"
+        return {"index": position, **record}
 
 
 def segment_items(tagger: Tagger, items: Iterable[Item], output: Path, classes: list[str] | None = None,
                   options: SegmentOptions = SegmentOptions(), coco: Path | None = None,
                   masks_dir: Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True,
                   inputs: Sequence[Path] = (), resume: bool = False, shard: int = 0, num_shards: int = 1,
-                  job: dict | None = None) -> JobSummary:
+                  job: dict | None = None, batch_size: int = 8, decode_workers: int | None = None) -> JobSummary:
     """Segment a stream of `items` into `output` (JSON lines, each with its input `index`), plus
-    COCO JSON and PNGs if asked. With `classes`, semantic segmentation; otherwise each item's
-    caption. The output is the exactly-once writer of `ttd tag` (ttd/jobs/jsonl_output.py), so
-    `resume` and `shard`/`num_shards` behave as there; the inputs are never taken as the output."""
+    COCO JSON and PNGs if asked: the whole-image step on the job runner (ttd/jobs/runner.py:
+    `resume`, `shard`/`num_shards`, the refused outputs). With `classes`, semantic segmentation;
+    otherwise each item's caption. `batch_size` images are decoded together (ahead of the model)."""
     output = Path(output)
-    check_shard(shard, num_shards)
-    refuse_input_as_output(output, [], inputs)
     if coco is not None:
         refuse_input_as_output(coco, [], inputs)
     if output_format_of(output) == "parquet":
         raise ValueError(f"{output}: segmentation records hold masks as RLE segments; they are written as JSON lines "
                          "(Parquet output is for `ttd tag --crop center`)")
-    class_embeds = tagger.encode_tags(classes) if classes else None
-    description = {**(job or {}), "mode": "segment", "classes": classes, "options": dataclasses.asdict(options),
-                   "masks_dir": str(masks_dir) if masks_dir else None, "max_pixels": max_pixels,
-                   "shard": shard, "num_shards": num_shards}
-    writer = open_output(output, description, resume)
-    summary = JobSummary(output, writer.done.lines, writer.done.lines, Counter(writer.done.errors))
-    started = time.perf_counter()
-    try:
-        if writer.complete:
-            summary.already_complete = True
-        else:
-            counted = CountedItems(refusing_output(items, output))
-            stream = select_shard(counted, shard, num_shards, skip=summary.resumed)
-            for position, item in tqdm(stream, disable=not progress, unit="img", desc="segment", initial=summary.resumed):
-                record = segment_record(tagger, position, item, classes, class_embeds, options, max_pixels, masks_dir)
-                writer.write([record])
-                summary.items += 1
-                if "error" in record:
-                    summary.errors[error_kind(str(record["error"]))] += 1
-            refuse_no_items(counted, output)
-            writer.finish()
-    finally:
-        writer.close()
-        summary.seconds = time.perf_counter() - started
+    step = WholeImageStep(classes, options, Path(masks_dir) if masks_dir else None, max_pixels)
+    summary = run_job(tagger, step, items, output, job,
+                      JobOptions(batch_size, decode_workers, resume=resume, shard=shard, num_shards=num_shards,
+                                 output_format="jsonl", progress=progress), inputs)
     if coco is not None:
-        with output.open(encoding="utf-8") as lines:
-            write_coco([json.loads(line) for line in lines if line.strip()], coco)
+        write_coco_of(output, coco)
     return summary
+
+
+def write_coco_of(output: Path, coco: Path) -> None:
+    """The COCO JSON of a finished segmentation output."""
+    with Path(output).open(encoding="utf-8") as lines:
+        write_coco([json.loads(line) for line in lines if line.strip()], coco)

@@ -4,10 +4,8 @@ are still tagged and written."""
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -47,22 +45,6 @@ def warn_indistinct_tags(tagger: Tagger, tags: list[str]) -> None:
                       f"(words it does not know) and will get identical scores: {shown}", stacklevel=2)
 
 
-def partial_path(output: Path) -> Path:
-    """Where a run writes before its output is complete."""
-    return output.with_name(output.name + ".partial")
-
-
-def refuse_input_as_output(output: Path, items: list[Item], inputs: Sequence[Path] = ()) -> None:
-    """ValueError when `output` (or its .partial) is one of the job's inputs: writing it would destroy it."""
-    for target in (output, partial_path(output)):
-        if not target.exists():
-            continue
-        candidates = [*inputs, *(item.path for item in items if item.path.name == target.name)]
-        for path in candidates:
-            if path.exists() and os.path.samefile(path, target):
-                raise ValueError(f"output {target} is an input of this job ({path}); choose another output file")
-
-
 def _prepare(item: Item, vocabulary_mode: bool,
              preprocess: Preprocess) -> tuple[np.ndarray, list[str] | None, tuple[int, int]]:
     """(uint8 image at the model's size, candidate tags (None in vocabulary mode), the image's own (width, height))."""
@@ -94,15 +76,6 @@ def prepare_items(items: list[Item], vocabulary_mode: bool,
         except (ImageError, ValueError, OSError) as error:
             outcomes.append(str(error))
     return outcomes
-
-
-def default_decode_workers() -> int:
-    """Decoding processes: none on small machines (the main process decodes), else cores − 1, at most 8.
-
-    Processes, not threads: with threads, Python-level decoding work holds the GIL and starves
-    the thread that feeds the GPU (measured on an H200 host: 8 threads ran no faster than one)."""
-    cores = os.cpu_count() or 1
-    return 0 if cores < 4 else min(8, cores - 1)
 
 
 def item_record(item: Item, result: TagResult, vocabulary_mode: bool, top_k: int, mask_paths: dict[str, str]) -> dict:

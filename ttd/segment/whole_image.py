@@ -116,6 +116,14 @@ def default_stride(size: int) -> int:
 def encode_windows(tagger: Tagger, image: Image.Image, crop: str = "whole", scales: tuple[float, ...] = (1.0,),
                    stride: int | None = None, batch_size: int = 16) -> WindowFeatures:
     """Encode an RGB image window by window with the Tagger's backend (and its flip TTA)."""
+    return encode_windows_of(tagger, [image], crop, scales, stride, batch_size)[0]
+
+
+def encode_windows_of(tagger: Tagger, images: list[Image.Image], crop: str = "whole",
+                      scales: tuple[float, ...] = (1.0,), stride: int | None = None,
+                      batch_size: int = 16) -> list[WindowFeatures]:
+    """Encode the windows of several images together: `batch_size` windows per encoder call,
+    whichever images they come from (a batch job's small images share calls)."""
     config = tagger.config
     size = config.image_size
     if not scales:
@@ -123,21 +131,34 @@ def encode_windows(tagger: Tagger, image: Image.Image, crop: str = "whole", scal
     if crop == "center" and len(scales) > 1:
         raise ValueError("--crop center sees one window; multi-scale needs --crop whole")
     stride = default_stride(size) if stride is None else stride
-    width, height = image.size
     fill = tuple(int(round(255 * m)) for m in config.mean)
-    plans, views, canvas = [], [], None
-    for scale in scales:
-        plan = plan_scale(width, height, size, scale, stride, crop)
-        resized = image if (plan.width, plan.height) == (width, height) else \
-            image.resize((plan.width, plan.height), RESAMPLING[config.interpolation])
-        pixels = np.asarray(resized, dtype=np.uint8)
-        if canvas is None or plan.width * plan.height > canvas.shape[0] * canvas.shape[1]:
-            canvas = pixels
-        windows = crop_windows(pixels, plan, size, fill)
-        parts = [tagger.encode_images(windows[i : i + batch_size])[1] for i in range(0, len(windows), batch_size)]
-        plans.append(plan)
-        views.append(np.concatenate(parts))
-    return WindowFeatures(width, height, plans, views, canvas, crop)
+    planned = []  # per image: (plans, canvas, window counts per scale)
+    windows: list[np.ndarray] = []
+    for image in images:
+        width, height = image.size
+        plans, counts, canvas = [], [], None
+        for scale in scales:
+            plan = plan_scale(width, height, size, scale, stride, crop)
+            resized = image if (plan.width, plan.height) == (width, height) else \
+                image.resize((plan.width, plan.height), RESAMPLING[config.interpolation])
+            pixels = np.asarray(resized, dtype=np.uint8)
+            if canvas is None or plan.width * plan.height > canvas.shape[0] * canvas.shape[1]:
+                canvas = pixels
+            windows.append(crop_windows(pixels, plan, size, fill))
+            plans.append(plan)
+            counts.append(len(windows[-1]))
+        planned.append((plans, canvas, counts))
+    stacked = np.concatenate(windows)
+    views = np.concatenate([tagger.encode_images(stacked[i : i + batch_size])[1]
+                            for i in range(0, len(stacked), batch_size)])
+    features, start = [], 0
+    for image, (plans, canvas, counts) in zip(images, planned):
+        parts = []
+        for count in counts:
+            parts.append(views[start : start + count])
+            start += count
+        features.append(WindowFeatures(image.size[0], image.size[1], plans, parts, canvas, crop))
+    return features
 
 
 def _stitch(plan: ScalePlan, logits: np.ndarray, size: int) -> np.ndarray:

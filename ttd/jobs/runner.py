@@ -1,0 +1,258 @@
+"""The one job runner behind `ttd tag` and `ttd segment`, every mode: items stream in, are cut
+into batches and decoded ahead (ttd/jobs/decoding.py), a mode's step turns each batch into records
+on the model, and one exactly-once writer (ttd/jobs/outputs.py) writes them in input order;
+`resume` continues a killed run and `shard`/`num_shards` split a job over machines.
+
+A mode is a `Step` (ttd/jobs/stream_job.py: the centre crop, captions or a vocabulary;
+ttd/jobs/segment_job.py: whole images, caption masks or classes). The local engine (`run_job`)
+and Ray (ttd/jobs/ray_executor.py) are the two executors of the same steps, so their records are
+the same. Each record carries `index`, the item's position in the input stream: shard outputs
+concatenate into the whole job's output and sort back into input order by it.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from tqdm import tqdm
+
+from ttd.data.inputs import InputError, Item
+from ttd.data.items import check_shard, select_shard
+from ttd.jobs.decoding import Positioned, decoded_batches, default_decode_workers
+from ttd.jobs.jsonl_output import error_kind, partial_path
+from ttd.jobs.outputs import open_output
+from ttd.runtime.tagger import Tagger
+
+
+class Step(Protocol):
+    """What a mode makes of a batch of items. Steps are plain picklable settings: Ray actors get
+    the step itself and bind it to their own Tagger."""
+
+    def description(self) -> dict:
+        """The settings that make its records (a resumed run must match them)."""
+
+    def bound(self, tagger: Tagger, progress: bool) -> Step:
+        """The step ready for `tagger` (vocabulary or class embeddings encoded once)."""
+
+    def decoder(self, tagger: Tagger) -> Callable[[list[Item]], list]:
+        """A picklable function: items -> their decoded images, or the error of each (decoding workers)."""
+
+    def run(self, tagger: Tagger, batch: Positioned, outcomes: list) -> Any:
+        """The model's part of a batch (this thread)."""
+
+    def records(self, tagger: Tagger, ran: Any) -> list[dict]:
+        """The batch's records, with `index`, in input order (host work: may run in a second thread)."""
+
+
+@dataclass
+class JobOptions:
+    """How a job runs; apart from shard, num_shards and the output, none of it changes a record."""
+
+    batch_size: int = 32
+    decode_workers: int | None = None  # None: ttd.jobs.decoding.default_decode_workers()
+    prefetch: int = 2
+    resume: bool = False
+    shard: int = 0
+    num_shards: int = 1
+    output_format: str = "auto"
+    rows_per_file: int = 10_000
+    progress: bool = True
+    total: int | None = None  # items in the whole input, if known (progress bar ETA)
+
+
+@dataclass
+class JobSummary:
+    """End-of-job figures: items in the output, how many this run tagged, errors by kind, rate."""
+
+    output: Path
+    items: int = 0
+    resumed: int = 0
+    errors: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+    already_complete: bool = False
+
+    @property
+    def this_run(self) -> int:
+        return self.items - self.resumed
+
+    @property
+    def images_per_second(self) -> float:
+        return self.this_run / self.seconds if self.seconds > 0 else 0.0
+
+    def add(self, records: list[dict]) -> None:
+        self.items += len(records)
+        self.errors.update(error_kind(str(r["error"])) for r in records if "error" in r)
+
+    def line(self) -> str:
+        if self.already_complete:
+            return f"{self.output} is already complete ({self.items} records); nothing to do"
+        errors = sum(self.errors.values())
+        kinds = ", ".join(f"{kind} {count}" for kind, count in self.errors.most_common())
+        resumed = f", {self.resumed} from the interrupted run" if self.resumed else ""
+        return (f"wrote {self.items} records to {self.output} ({errors} errors){f'; errors by kind: {kinds}' if kinds else ''}; "
+                f"{self.this_run} items this run{resumed} at {self.images_per_second:.1f} images/s")
+
+
+def count_lines(path: Path) -> int:
+    """Non-empty lines of a file, counted in 1 MiB blocks (for the progress bar's ETA only)."""
+    lines, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            lines += block.count(b"\n") - block.count(b"\n\n")
+            last = block[-1:]
+    return lines + (last != b"\n")
+
+
+def refuse_input_as_output(output: Path, items: list[Item], inputs: Sequence[Path] = ()) -> None:
+    """ValueError when `output` (or its .partial) is one of the job's inputs: writing it would destroy it."""
+    for target in (output, partial_path(output)):
+        if not target.exists():
+            continue
+        candidates = [*inputs, *(item.path for item in items if item.path.name == target.name)]
+        for path in candidates:
+            if path.exists() and os.path.samefile(path, target):
+                raise ValueError(f"output {target} is an input of this job ({path}); choose another output file")
+
+
+def refusing_output(items: Iterable[Item], output: Path) -> Iterator[Item]:
+    """The items, stopping the job at an item that is the output file itself (found in a folder)."""
+    names = {output.name, partial_path(output).name}
+    for item in items:
+        if item.path.name in names:
+            refuse_input_as_output(output, [item])
+        yield item
+
+
+class CountedItems:
+    """The items of a stream, counted as they are read (the stream is never read ahead)."""
+
+    def __init__(self, items: Iterable[Item]) -> None:
+        self.items, self.count = items, 0
+
+    def __iter__(self) -> Iterator[Item]:
+        for item in self.items:
+            self.count += 1
+            yield item
+
+
+def refuse_no_items(count: int, output: Path) -> None:
+    """Before the output is replaced: a job whose input held no item at all is an error, and the
+    previous output stays as it was (issue 23, item 14)."""
+    if count == 0:
+        raise InputError(f"the input holds no item (an empty captions file, or image arguments that name no image); "
+                         f"{output} is left as it was")
+
+
+def job_total(inputs: Sequence[Path]) -> int | None:
+    """Items of a JSONL/CSV captions file among `inputs` (the progress bar's ETA), else None."""
+    return next((count_lines(Path(p)) - (Path(p).suffix.lower() == ".csv") for p in inputs
+                 if Path(p).suffix.lower() in (".jsonl", ".ndjson", ".json", ".csv") and Path(p).is_file()), None)
+
+
+# backends whose graphs may run from two threads at once (a TensorRT execution context may not;
+# the triton backend gives each thread its own client)
+THREAD_SAFE_BACKENDS = ("torch", "onnxruntime", "triton")
+
+
+class _RecordStage:
+    """A thread that builds and writes the records of a batch while this thread runs the model on
+    the next one (native kernels release the GIL, so both cores work); a bounded queue between the
+    two. `threaded=False` runs it in the caller's thread instead."""
+
+    def __init__(self, work: Callable[[Any], None], threaded: bool = True, depth: int = 2) -> None:
+        self.queue: queue.Queue = queue.Queue(depth)
+        self.error: BaseException | None = None
+        self.work = work
+        self.thread = threading.Thread(target=self._run, name="ttd-records", daemon=True) if threaded else None
+        if self.thread is not None:
+            self.thread.start()
+
+    def _run(self) -> None:
+        while (ran := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.work(ran)
+                except BaseException as error:  # noqa: BLE001 - handed to the main thread
+                    self.error = error
+
+    def put(self, ran: Any) -> None:
+        if self.thread is None:
+            self.work(ran)
+            return
+        self._raise()
+        self.queue.put(ran)
+
+    def close(self) -> None:
+        """Wait for the queued batches, then raise what the stage raised, if anything."""
+        if self.thread is None:
+            return
+        self.queue.put(None)
+        self.thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def open_job_output(output: Path, description: dict, options: JobOptions):
+    """The writer and the summary of a job (shard and output format checked first)."""
+    check_shard(options.shard, options.num_shards)
+    writer = open_output(output, description, options.resume, options.output_format, options.rows_per_file)
+    summary = JobSummary(Path(output), writer.done.lines, writer.done.lines, Counter(writer.done.errors))
+    summary.already_complete = writer.complete
+    return writer, summary
+
+
+def run_job(tagger: Tagger, step: Step, items: Iterable[Item], output: Path, job: dict | None = None,
+            options: JobOptions = JobOptions(), inputs: Sequence[Path] = (),
+            explicit_images: Sequence[Path] = ()) -> JobSummary:
+    """Run `step` over a stream of items into `output`, exactly once per item even across kills.
+
+    `job` describes what else makes the records (model, score, inputs); with the step's own
+    description it is what a `resume` must match. `inputs` (captions, vocabulary files) and
+    `explicit_images` are refused as the output: writing it would destroy them."""
+    output = Path(output)
+    check_shard(options.shard, options.num_shards)
+    refuse_input_as_output(output, [Item(str(p), Path(p), None) for p in explicit_images if Path(p).is_file()], inputs)
+    counted = CountedItems(refusing_output(items, output))
+    description = {**(job or {}), "shard": options.shard, "num_shards": options.num_shards, **step.description()}
+    step = step.bound(tagger, options.progress)  # before the output is touched: its errors lose nothing
+    writer, summary = open_job_output(output, description, options)
+    if summary.already_complete:
+        return summary
+    total = job_total(inputs) if options.total is None else options.total
+    mine = None if total is None else len(range(options.shard, total, options.num_shards))
+    started = time.perf_counter()
+    try:
+        workers = default_decode_workers() if options.decode_workers is None else options.decode_workers
+        with tqdm(total=mine, initial=summary.resumed, disable=not options.progress, unit="img", smoothing=0.1) as bar:
+            batches = decoded_batches(select_shard(counted, options.shard, options.num_shards, skip=summary.resumed),
+                                      options.batch_size, workers, step.decoder(tagger), options.prefetch)
+
+            def write(ran: Any) -> None:
+                records = step.records(tagger, ran)
+                writer.write(records)
+                summary.add(records)
+                bar.update(len(records))
+
+            stage = _RecordStage(write, threaded=getattr(tagger.backend, "name", None) in THREAD_SAFE_BACKENDS)
+            try:
+                for batch, outcomes in batches:
+                    stage.put(step.run(tagger, batch, outcomes))
+            finally:
+                stage.close()
+        refuse_no_items(counted.count, output)
+        writer.finish()
+    finally:
+        writer.close()
+        summary.seconds = time.perf_counter() - started
+    return summary
