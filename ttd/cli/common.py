@@ -62,7 +62,11 @@ def given_options(*names: str) -> list[str]:
     return [params[n].opts[0] for n in names if context.get_parameter_source(n) == ParameterSource.COMMANDLINE]
 
 
-def fail(message: str) -> None:
+def fail(message: str | BaseException) -> None:
+    """Exit with status 2 after one line: the message, or an exception as a user reads it (an
+    OSError as "PATH: cause", without its errno)."""
+    if isinstance(message, OSError) and message.strerror:
+        message = f"{message.filename}: {message.strerror}" if message.filename else message.strerror
     click.echo(f"error: {message}", err=True)
     sys.exit(2)
 
@@ -109,6 +113,17 @@ def long_job_options(command):
     ]):
         command = option(command)
     return command
+
+
+def check_inputs(captions, images, other: str, other_value) -> None:
+    """A job's items: a captions file, or IMAGES with `other` (e.g. "--vocabulary FILE") naming what
+    they are tagged against; exactly one of the two."""
+    if (captions is None) == (other_value is None):
+        fail(f"give exactly one of --captions FILE or {other}")
+    if other_value is not None and not images:
+        fail(f"{other.split()[0]} needs image files or folders as arguments")
+    if captions is not None and images:
+        fail("with --captions, images come from the captions file; do not also pass image arguments")
 
 
 def run_on_engine(engine: str, step, captions: Path | None, images: tuple[Path, ...], output: Path, job: dict,

@@ -11,7 +11,7 @@ from ttd.model.config import (
     SCORE_METHODS,
 )
 
-from ttd.cli.common import (fail, long_job_options, main, make_segment_options, model_options, read_classes,
+from ttd.cli.common import (check_inputs, fail, long_job_options, main, make_segment_options, model_options, read_classes,
                              run_on_engine, whole_image_options)
 
 
@@ -64,12 +64,7 @@ def segment(captions, classes, images, output, coco, masks_dir, model, pretraine
     from ttd.runtime import load_tagger
     from ttd.segment.segmentation import read_templates, with_templates
 
-    if (captions is None) == (classes is None):
-        fail("give exactly one of --captions FILE or --classes NAMES")
-    if classes is not None and not images:
-        fail("--classes needs image files or folders as arguments")
-    if captions is not None and images:
-        fail("with --captions, images come from the captions file; do not also pass image arguments")
+    check_inputs(captions, images, "--classes NAMES", classes)
     if output_format_of(output) == "parquet":
         fail(f"{output}: segmentation records hold masks as RLE segments and are written as JSON lines "
              "(Parquet output is for `ttd tag --crop center`)")
@@ -96,7 +91,7 @@ def segment(captions, classes, images, output, coco, masks_dir, model, pretraine
         if coco is not None:
             write_coco_of(output, coco)
     except (InputError, ValueError, RuntimeError, OSError) as error:
-        fail(str(error))
+        fail(error)
     click.echo(summary.line() + (f"; COCO annotations in {coco}" if coco else ""), err=True)
 
 

@@ -13,7 +13,7 @@ from ttd.model.config import (
 )
 from ttd.runtime import BACKENDS
 
-from ttd.cli.common import Precision, fail, given_options, long_job_options, main, model_options, run_on_engine
+from ttd.cli.common import Precision, fail, given_options, long_job_options, main, check_inputs, model_options, run_on_engine
 
 
 @main.command()
@@ -103,12 +103,7 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
     from ttd.jobs.stream_job import CentreStep, tag_job_description
     from ttd.runtime import PortabilityNotice, load_tagger
 
-    if (captions is None) == (vocabulary is None):
-        fail("give exactly one of --captions FILE or --vocabulary FILE")
-    if vocabulary is not None and not images:
-        fail("--vocabulary needs image files or folders as arguments")
-    if captions is not None and images:
-        fail("with --captions, images come from the captions file; do not also pass image arguments")
+    check_inputs(captions, images, "--vocabulary FILE", vocabulary)
     try:
         parquet = output_format_of(output, output_format) == "parquet"
     except ValueError as error:
@@ -174,7 +169,7 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
             tagger_options, local, ray_address, actors,
             inputs=[p for p in (captions, vocabulary) if p is not None], explicit_images=images)
     except (InputError, ValueError, RuntimeError, OSError) as error:  # OSError: e.g. an unreachable --url;
-        fail(str(error))                                                # RuntimeError: pyarrow / pycocotools missing
+        fail(error)                                                     # RuntimeError: pyarrow / pycocotools missing
     click.echo(summary.line(), err=True)
 
 

@@ -85,6 +85,29 @@ def _csv_records(path: Path) -> Iterator[tuple[int, dict | str]]:
             yield reader.line_num, "not valid UTF-8" if bad else dict(row)
 
 
+def count_lines(path: Path) -> int:
+    """Non-empty lines of a file, counted in 1 MiB blocks."""
+    lines, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            lines += block.count(b"\n") - block.count(b"\n\n")
+            last = block[-1:]
+    return lines + (last != b"\n")
+
+
+def count_items(path: Path) -> int | None:
+    """The items of a .jsonl or .csv captions file, without reading them (a progress bar's total):
+    a CSV's records, which may hold quoted newlines; None for any other input."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.is_file() or suffix not in (".jsonl", ".ndjson", ".json", ".csv"):
+        return None
+    if suffix != ".csv":
+        return count_lines(path)
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        return max(0, sum(1 for row in csv.reader(f) if row) - 1)  # the header is not an item
+
+
 def stream_captions(path: Path) -> Iterator[Item]:
     """Items of a .jsonl or .csv captions file, read lazily (same items as ttd.data.inputs.read_captions)."""
     path = Path(path)

@@ -24,6 +24,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ttd.jobs.output_lock import OutputLock
+
 CHUNK = 1 << 20
 
 
@@ -67,6 +69,15 @@ def check_same_job(job_file: Path, job: dict, what: Path) -> None:
     except (OSError, ValueError):
         raise ValueError(f"{what} has no readable job description ({job_file}), so it cannot be checked to come "
                          "from this job; run without --resume to start over") from None
+    if "captions_file" not in saved:  # a job begun before inputs were fingerprinted
+        job = {k: v for k, v in job.items() if k != "captions_file"}
+    elif saved["captions_file"] != job.get("captions_file"):
+        before, now = saved["captions_file"], job.get("captions_file") or {}
+        raise ValueError(f"{what}: the captions file {job.get('captions')} changed since the job began (size "
+                         f"{before.get('size')} -> {now.get('size')} bytes"
+                         f"{'' if before.get('head_sha256') == now.get('head_sha256') else ', other first lines'}), "
+                         "so its items are not the ones already written; restore it, or run without --resume to "
+                         "start over")
     changed = [f"{k}: {saved.get(k)!r} -> {job.get(k)!r}" for k in sorted(set(saved) | set(job))
                if saved.get(k) != job.get(k)]
     if changed:
@@ -122,16 +133,37 @@ def _cut_torn_tail(path: Path) -> int:
     return size - keep
 
 
-def scan(path: Path) -> Progress:
-    """Count the complete lines of a JSON-lines file (one record each) and their errors."""
+def expected_index(job: dict, count: int) -> int:
+    """The input position of a job's `count`-th record (0-based): its shard's positions, in order."""
+    return int(job.get("shard", 0)) + count * int(job.get("num_shards", 1))
+
+
+def check_record(record, job: dict, count: int, where: str) -> None:
+    """Refuse what a resumed job must not build on: a line that is not this job's next record."""
+    want = expected_index(job, count)
+    if isinstance(record, dict) and record.get("index") == want and "image" in record:
+        return
+    if not isinstance(record, dict) or "index" not in record:
+        found = f"{json.dumps(record)[:60]} (no index)"
+    else:
+        found = f"index {record['index']!r}" if record["index"] != want else "a line that is not a record (no image)"
+    raise ValueError(f"{where}: expected the record of input item {want}, found {found}: the output was changed "
+                     "after the job wrote it; restore it, or run without --resume to start over")
+
+
+def scan(path: Path, job: dict) -> Progress:
+    """Count the complete lines of a JSON-lines file (one record each, in the job's index order)
+    and their errors."""
     progress = Progress()
     with path.open("rb") as f:
         for number, line in enumerate(f, start=1):
             try:
-                progress.add(json.loads(line))
+                record = json.loads(line)
             except ValueError as error:
                 raise ValueError(f"{path}:{number}: not a record written by `ttd tag` ({error}); "
                                  "delete the file to start over") from None
+            check_record(record, job, progress.lines, f"{path}:{number}")
+            progress.add(record)
     return progress
 
 
@@ -141,8 +173,8 @@ class ResumableJsonl:
     `resume=False` starts over (an existing partial file is replaced); `resume=True` continues
     the partial file of the same job, or reports a finished `OUT` as complete."""
 
-    def __init__(self, output: Path, job: dict, resume: bool) -> None:
-        self.output, self.job = Path(output), json.loads(json.dumps(job))
+    def __init__(self, output: Path, job: dict, resume: bool, lock: OutputLock | None = None) -> None:
+        self.output, self.job, self.lock = Path(output), json.loads(json.dumps(job)), lock
         self.partial, self.job_file = partial_path(self.output), job_path(self.output)
         self.output.parent.mkdir(parents=True, exist_ok=True)
         self.done = Progress()
@@ -151,10 +183,10 @@ class ResumableJsonl:
         if resume and self.partial.exists():
             check_same_job(self.job_file, self.job, self.partial)
             self.torn_bytes = _cut_torn_tail(self.partial)
-            self.done = scan(self.partial)
+            self.done = scan(self.partial, self.job)
         elif resume and self.output.exists():
             check_same_job(finished_job_path(self.output), self.job, self.output)
-            self.done, self.complete = scan(self.output), True
+            self.done, self.complete = scan(self.output, self.job), True
             self._file = None
             return
         else:
@@ -164,8 +196,12 @@ class ResumableJsonl:
 
     def write(self, records: list[dict]) -> None:
         """Append whole lines and hand them to the OS: after this returns, a SIGKILL loses none of them."""
-        self._file.write(b"".join(json.dumps(r).encode("utf-8") + b"\n" for r in records))
-        self._file.flush()
+        try:
+            self._file.write(b"".join(json.dumps(r).encode("utf-8") + b"\n" for r in records))
+            self._file.flush()
+        except OSError as error:  # a full disk, a quota: the lines before stay, a torn one is cut on resume
+            raise OSError(error.errno, f"cannot write {self.partial}: {error.strerror or error}; the records "
+                                       "written so far stay: free space, then run again with --resume") from None
 
     def finish(self) -> None:
         """Make the output durable and visible under its final name."""
@@ -179,7 +215,12 @@ class ResumableJsonl:
         self.job_file.unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Stop writing without finishing (the partial file stays for --resume)."""
+        """Stop writing without finishing (the partial file stays for --resume); unlock the output."""
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:  # what a full disk refused to take: the torn line is cut on resume
+                pass
             self._file = None
+        if self.lock is not None:
+            self.lock.release()

@@ -29,7 +29,8 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from ttd.jobs.jsonl_output import Progress, check_same_job, write_job
+from ttd.jobs.jsonl_output import Progress, check_record, check_same_job, write_job
+from ttd.jobs.output_lock import OutputLock
 
 JOB_FILE = "_ttd_job.json"
 SUCCESS_FILE = "_SUCCESS"
@@ -103,7 +104,9 @@ class ParquetShards:
     an earlier `ttd tag` output in the folder are deleted; a folder that `ttd tag` did not write is
     refused); `resume=True` continues the shards of the same job, or reports a finished one."""
 
-    def __init__(self, output: Path, job: dict, resume: bool, rows_per_file: int = 10_000) -> None:
+    def __init__(self, output: Path, job: dict, resume: bool, rows_per_file: int = 10_000,
+                 lock: OutputLock | None = None) -> None:
+        self.lock = lock
         _pyarrow()  # the clear error before anything is written
         if rows_per_file < 1:
             raise ValueError(f"rows per Parquet file must be ≥ 1, got {rows_per_file}")
@@ -151,8 +154,9 @@ class ParquetShards:
 
     def _count(self, path: Path) -> None:
         _, pq = _pyarrow()
-        errors = pq.read_table(path, columns=["error"]).column("error").to_pylist()
-        for error in errors:
+        table = pq.read_table(path, columns=["index", "error"])
+        for row, (index, error) in enumerate(zip(table.column("index").to_pylist(), table.column("error").to_pylist())):
+            check_record({"index": index, "image": None}, self.job, self.done.lines, f"{path}, row {row}")
             self.done.add({} if error is None else {"error": error})
 
     def write(self, records: list[dict]) -> None:
@@ -171,9 +175,14 @@ class ParquetShards:
         number = len(shard_files(self.output))
         path = self.output / f"part-{number:05d}.parquet"
         tmp = self.output / f".part-{number:05d}.parquet.tmp"
-        pq.write_table(pa.Table.from_pylist(records, schema=self.schema), tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
+        try:
+            pq.write_table(pa.Table.from_pylist(records, schema=self.schema), tmp)
+            _fsync(tmp)
+            os.replace(tmp, path)
+        except OSError as error:  # a full disk, a quota: the shards before stay whole
+            tmp.unlink(missing_ok=True)
+            raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}; the shard files written "
+                                       "so far stay: free space, then run again with --resume") from None
         _fsync(self.output)  # the rename itself survives a power cut
 
     def finish(self) -> None:
@@ -189,6 +198,8 @@ class ParquetShards:
         self._closed = True
 
     def close(self) -> None:
-        """Stop without finishing: buffered records are dropped (a resume redoes them)."""
+        """Stop without finishing: buffered records are dropped (a resume redoes them); unlock the output."""
         self._buffer = []
         self._closed = True
+        if self.lock is not None:
+            self.lock.release()

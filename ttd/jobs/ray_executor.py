@@ -112,6 +112,7 @@ def run_ray_job(job: RayJob, step: Step, description: dict | None = None, option
     refuse_input_as_output(Path(job.output), [], [Path(job.captions)] if job.captions else [])
     writer, summary = open_job_output(job.output, description, options)
     if summary.already_complete:
+        writer.close()
         return summary
 
     class ItemDatasource(Datasource):

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from tqdm import tqdm
 
 from ttd.data.inputs import InputError, Item
-from ttd.data.items import check_shard, select_shard
+from ttd.data.items import check_shard, count_items, select_shard
 from ttd.jobs.decoding import Positioned, decoded_batches, default_decode_workers
 from ttd.jobs.jsonl_output import error_kind, partial_path
 from ttd.jobs.outputs import open_output
@@ -101,16 +101,6 @@ class JobSummary:
                 f"{self.this_run} items this run{resumed} at {self.images_per_second:.1f} images/s")
 
 
-def count_lines(path: Path) -> int:
-    """Non-empty lines of a file, counted in 1 MiB blocks (for the progress bar's ETA only)."""
-    lines, last = 0, b"\n"
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            lines += block.count(b"\n") - block.count(b"\n\n")
-            last = block[-1:]
-    return lines + (last != b"\n")
-
-
 def refuse_input_as_output(output: Path, items: list[Item], inputs: Sequence[Path] = ()) -> None:
     """ValueError when `output` (or its .partial) is one of the job's inputs: writing it would destroy it."""
     for target in (output, partial_path(output)):
@@ -153,8 +143,7 @@ def refuse_no_items(count: int, output: Path) -> None:
 
 def job_total(inputs: Sequence[Path]) -> int | None:
     """Items of a JSONL/CSV captions file among `inputs` (the progress bar's ETA), else None."""
-    return next((count_lines(Path(p)) - (Path(p).suffix.lower() == ".csv") for p in inputs
-                 if Path(p).suffix.lower() in (".jsonl", ".ndjson", ".json", ".csv") and Path(p).is_file()), None)
+    return next((total for p in inputs if (total := count_items(Path(p))) is not None), None)
 
 
 # backends whose graphs may run from two threads at once (a TensorRT execution context may not;
@@ -228,6 +217,7 @@ def run_job(tagger: Tagger, step: Step, items: Iterable[Item], output: Path, job
     step = step.bound(tagger, options.progress)  # before the output is touched: its errors lose nothing
     writer, summary = open_job_output(output, description, options)
     if summary.already_complete:
+        writer.close()
         return summary
     total = job_total(inputs) if options.total is None else options.total
     mine = None if total is None else len(range(options.shard, total, options.num_shards))

@@ -120,12 +120,13 @@ class WholeImageStep:
             options = self.options
             features = encode_windows_of(tagger, [outcomes[k] for k in decoded], options.crop, options.scales,
                                          options.stride, options.batch_size)
-            for k, feature in zip(decoded, features):
+            captions = None if self.classes is not None else tagger.encode_texts([batch[k][1].caption for k in decoded])
+            for n, (k, feature) in enumerate(zip(decoded, features)):
                 image, item = outcomes[k], batch[k][1]
                 try:
                     results[k] = (segment_classes(tagger, image, self.classes, options, self.class_embeds, feature)
-                                  if self.classes is not None else
-                                  segment_caption(tagger, image, item.caption, options, feature))
+                                  if captions is None else
+                                  segment_caption(tagger, image, item.caption, options, feature, captions[n]))
                 except ValueError as error:
                     results[k] = str(error)
         return [(position, item, result) for (position, item), result in zip(batch, results)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -40,11 +41,27 @@ def _resolved_if_local(spec) -> str | None:
     return None if spec is None else _resolved(spec) if Path(spec).exists() else str(spec)
 
 
+HEAD_BYTES = 1 << 20
+
+
+def input_fingerprint(path) -> dict | None:
+    """A local captions file's size and the SHA-256 of its first MiB: a resume after the file was
+    edited (lines deleted, appended, replaced) would number its items otherwise, so it is refused."""
+    if path is None or not Path(path).is_file():
+        return None
+    with open(path, "rb") as f:
+        head = hashlib.sha256(f.read(HEAD_BYTES)).hexdigest()
+    return {"size": Path(path).stat().st_size, "head_sha256": head}
+
+
 def tag_job_description(captions, images, backend, model, pretrained, checkpoint, export_dir, dense_mode, dtype,
                         threshold, score_method, flip_tta) -> dict:
     """What makes a tagging job's records: a resumed run must match it (batch size, workers may change).
-    Paths are resolved (absolute), so a resume may name the inputs another way (issue 23, item 20)."""
-    return {"captions": _resolved(captions), "images": [_resolved(i) for i in images],
+    Paths are resolved (absolute), so a resume may name the inputs another way (issue 23, item 20);
+    a captions file must hold what it held (issue 23, item 7)."""
+    fingerprint = input_fingerprint(captions)
+    return {"captions": _resolved(captions), **({"captions_file": fingerprint} if fingerprint else {}),
+            "images": [_resolved(i) for i in images],
             "backend": backend, "model": model, "pretrained": pretrained, "checkpoint": _resolved_if_local(checkpoint),
             "export_dir": _resolved_if_local(export_dir), "dense_mode": dense_mode, "dtype": dtype,
             "threshold": threshold, "score": score_method, "flip_tta": flip_tta}

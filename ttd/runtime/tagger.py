@@ -18,7 +18,11 @@ from ttd.model.tokenizer import build_tokenizer
 from ttd.runtime.backend import Backend, HeadRequest, ImagePreprocessing, patch_views, with_flipped
 from ttd.runtime.images import Preprocess, normalize
 
-TEXT_BATCH = 256
+# Texts go to the text encoder TEXT_ROWS at a time, a short chunk padded with copies of its last
+# text: matrix products of another shape take other kernels (a one-row product a GEMV), whose sums
+# differ in the last bits, and a text's embedding must not depend on which texts came with it (a
+# resumed or sharded job writes the uninterrupted job's bytes).
+TEXT_ROWS = 8
 HEAD_ELEMENTS = 1 << 24  # map elements (B·V·K·h·w) per tag-head call: bounds the head's working memory
 MAX_CACHED_TAGS = 200_000  # ~400 MB at D = 512; the cache restarts when a corpus has more distinct tags
 
@@ -65,13 +69,17 @@ class Tagger:
         return np.stack([self.preprocess(s, n) for s, n in zip(sources, names, strict=True)])
 
     def encode_texts(self, texts: list[str], progress: bool = False) -> np.ndarray:
-        """Text embeddings [T, D], TEXT_BATCH texts per backend call."""
-        starts = range(0, len(texts), TEXT_BATCH)
+        """Text embeddings [T, D], always TEXT_ROWS texts per backend call (see TEXT_ROWS)."""
+        starts = range(0, len(texts), TEXT_ROWS)
         if progress:
             from tqdm import tqdm
 
-            starts = tqdm(starts, desc="encode tags", unit="batch")
-        chunks = [self.backend.encode_texts(self.tokenizer(texts[i : i + TEXT_BATCH])) for i in starts]
+            starts = tqdm(starts, desc="encode texts", unit="chunk")
+        chunks = []
+        for i in starts:
+            chunk = texts[i : i + TEXT_ROWS]
+            padded = chunk + chunk[-1:] * (TEXT_ROWS - len(chunk))
+            chunks.append(self.backend.encode_texts(self.tokenizer(padded))[: len(chunk)])
         return np.concatenate(chunks) if chunks else np.zeros((0, self.config.embed_dim), np.float32)
 
     def encode_tags(self, tags: list[str], progress: bool = False) -> np.ndarray:

@@ -77,14 +77,16 @@ def encode(tagger: Tagger, image: Image.Image, options: SegmentOptions) -> Windo
 
 
 def segment_caption(tagger: Tagger, image: Image.Image, caption: str, options: SegmentOptions = SegmentOptions(),
-                    features: WindowFeatures | None = None) -> Segmentation:
-    """Caption tagging over the whole image with the masks of the selected tags and the caption."""
+                    features: WindowFeatures | None = None, caption_embed: np.ndarray | None = None) -> Segmentation:
+    """Caption tagging over the whole image with the masks of the selected tags and the caption
+    (`caption_embed` [D]: the caption's text embedding, if encoded already, e.g. with a batch's)."""
     tags = candidate_tags(caption)
     if not tags:
         raise ValueError(f"caption {caption!r} has no candidate tags (only stopwords or punctuation)")
     features = features or encode(tagger, image, options)
     tag_maps = score_maps(tagger, features, tags, tagger.encode_tags(tags))
-    caption_maps = score_maps(tagger, features, ["caption"], tagger.encode_texts([caption]))
+    caption_embeds = tagger.encode_texts([caption]) if caption_embed is None else caption_embed[None]
+    caption_maps = score_maps(tagger, features, ["caption"], caption_embeds)
     candidates = [(t, float(s)) for t, s in zip(tags, tag_maps.scores)]
     selected = [t for t, s in candidates if s >= tagger.threshold]
     segments = []
