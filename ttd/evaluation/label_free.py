@@ -17,10 +17,11 @@ so the margin comes from what an *absent* tag looks like on these images, with t
 - The margin is where a Gaussian of that centre and width selects at most `max_false_rate` of
   absent tags: m = centre + width · Φ⁻¹(1 − max_false_rate). Absent tags' real upper tail is
   heavier than a Gaussian's, so the default rate is small; it was chosen on labelled world pairs
-  held out for the purpose (docs/calibration.md), for precision ≥ 97 %.
+  held out for the purpose (docs/calibration.md): precision ≥ 97 % for base and TTD models.
 - The negative prompts. From a documented list of sets (NEGATIVE_PROMPT_CANDIDATES), calibration
   can keep the set under which the captions' own tags stand out most from the shuffled ones
-  (the probability that an own tag's m* exceeds a shuffled tag's): label-free as well.
+  (the probability that an own tag's m* exceeds a shuffled tag's): label-free as well. Opt-in:
+  on the world it chose sets that lowered held-out F1 (docs/calibration.md).
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ def margins_of_pairs(tagger: Tagger, images: Sequence, captions: Sequence[str], 
 
 
 def fit_label_free(tagger: Tagger, images: Sequence, captions: Sequence[str],
-                   max_false_rate: float = DEFAULT_MAX_FALSE_RATE, choose_prompts: bool = True, seed: int = 0,
+                   max_false_rate: float = DEFAULT_MAX_FALSE_RATE, choose_prompts: bool = False, seed: int = 0,
                    batch_size: int = 32, progress: bool = True, skipped: list[str] | None = None) -> LabelFreeFit:
     """Fit the tagger's `negatives` margin (and, with `choose_prompts`, its negative prompts) on
     image–caption pairs without labels, through the tagger's backend, flip TTA and threshold δ."""
