@@ -14,11 +14,12 @@ from click.testing import CliRunner
 
 from ttd.cli import main
 
+# short captions: every distinct tag costs a pass of ViT-B/16's text tower per prompt template
 PHOTOS = {
-    "astronaut.png": "an astronaut in a white suit in front of a flag",
-    "coffee.png": "a cup of coffee on a saucer with a spoon",
-    "chelsea.png": "a ginger cat with whiskers",
-    "rocket.jpg": "a rocket on the launch pad under a blue sky",
+    "astronaut.png": "an astronaut beside a flag",
+    "coffee.png": "a coffee cup on a saucer",
+    "chelsea.png": "a ginger cat",
+    "rocket.jpg": "a rocket under a blue sky",
 }
 
 
