@@ -151,6 +151,10 @@ def _manifest(model: TTDModel, out_dir: Path, precision: str, opset: int) -> dic
         "contract": CONTRACT_VERSION,
         "mask_weight": model.mask_weight.item(),
         "mask_bias": model.mask_bias.item(),
+        # the score's margin and how it was fitted (null: never fitted to these weights), for whoever ships
+        # the export; the runtimes read the margin from model.json, the one source of model facts
+        "negative_margin": model.config.negative_margin,
+        "margin_fit": model.config.margin_fit,
         "opset": opset,
         "precision": precision,
         "versions": tool_versions(),

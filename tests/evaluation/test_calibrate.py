@@ -87,7 +87,7 @@ def test_ttd_calibrate_writes_the_margin_into_the_checkpoint(tmp_path):
     checkpoint.with_suffix(".json").write_text(json.dumps(config))
     runner = CliRunner()
     refused = runner.invoke(main, ["calibrate", "--count", "40"])
-    assert refused.exit_code == 2 and "pass --checkpoint FILE (or --dry-run" in refused.output
+    assert refused.exit_code == 2 and "pass --checkpoint FILE, or --out DIR" in refused.output
     result = runner.invoke(main, ["calibrate", "--checkpoint", str(checkpoint), "--count", "40",
                                   "--json", str(tmp_path / "fit.json")])
     assert result.exit_code == 0, result.output

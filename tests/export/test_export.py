@@ -27,7 +27,9 @@ def tiny_export(tmp_path_factory):
 
 
 def test_fp32_export_passes_parity_at_batch_sizes_1_3_7(tiny_export):
-    _, out, manifest = tiny_export
+    model, out, manifest = tiny_export
+    # the score's margin and how it was fitted travel with the export (world-tiny: never fitted)
+    assert manifest["negative_margin"] == model.config.negative_margin and manifest["margin_fit"] is None
     parity = manifest["parity"]
     assert parity["batch_sizes"] == [1, 3, 7]
     for name in ("image_embeds", "patch_embeds", "text_embeds"):

@@ -49,6 +49,7 @@ def test_ttd_training_writes_adapter_and_merged_model(tmp_path):
     fit = json.loads((tmp_path / "run" / "train_config.json").read_text())["margin_calibration"]
     assert merged.config.negative_margin == trained.config.negative_margin == round(fit["margin"], 4)
     assert fit["candidates"] > 2000 and merged.config.negative_margin != base.config.negative_margin
+    assert merged.config.margin_fit["method"] == "labelled" and fit["method"] == "labelled"
     assert merged.mask_weight.item() != 10.0  # the calibration was trained
     # the adapters were trained too: every adapted weight of both towers moved, nothing else did
     base_weights, merged_weights = load_checkpoint(base_path).state_dict(), merged.state_dict()
@@ -159,6 +160,11 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path):
     logged = json.loads((tmp_path / "run" / "train_config.json").read_text())
     # 4 steps x 8 samples over a 10-sample dataset: each of the 2 bad files is drawn at least once
     assert logged["skipped_samples"] >= 2
+    # user data: the margin is fitted label-free on the training pairs (the 8 readable ones), and recorded
+    fit = logged["margin_calibration"]
+    assert fit["method"] == "label-free" and fit["pairs"] == 8
+    config = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert config["margin_fit"]["method"] == "label-free" and config["negative_margin"] == round(fit["margin"], 4)
 
 
 def test_webdataset_shards_with_a_corrupt_sample(tmp_path):

@@ -71,6 +71,16 @@ def fail(message: str | BaseException) -> None:
     sys.exit(2)
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None, *, _default=None) -> None:
+    """ttd's own notices (an unfitted margin) as one `warning:` line; any other warning as Python shows it."""
+    from ttd.runtime import UnfittedMarginWarning
+
+    if issubclass(category, UnfittedMarginWarning):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ttd-toolkit")
 def main() -> None:
@@ -81,7 +91,13 @@ def main() -> None:
     Fine-tune a model with TTD:       ttd train --objective ttd --out runs/ttd
     Evaluate (tags and masks):        ttd eval --checkpoint runs/ttd/model.safetensors
     Export to ONNX (+ TensorRT):      ttd export --checkpoint ... out/export
+    Fit the score to your model:      ttd calibrate --checkpoint ... --captions pairs.jsonl
     """
+    import functools
+    import warnings
+
+    if not isinstance(warnings.showwarning, functools.partial):  # the command line's process only
+        warnings.showwarning = functools.partial(show_warning, _default=warnings.showwarning)
 
 
 def long_job_options(command):

@@ -60,6 +60,11 @@ def export_command(out_dir, model, pretrained, checkpoint, dense_mode, precision
                               torch_weights=torch_weights)
     except (ModelLoadError, GateError, TensorRTUnavailable, ValueError) as error:
         fail(str(error))
+    from ttd.runtime import unfitted_margin_notice
+
+    notice = unfitted_margin_notice(ttd_model.config, model, pretrained, checkpoint)
+    if notice:
+        click.echo(f"warning: {notice}", err=True)
     figures = manifest.get("quality", manifest["parity"])
     click.echo(f"exported {precision} graphs to {out_dir}: min cosine "
                f"{min(figures['min_cosine'][k] for k in ('image_embeds', 'patch_embeds', 'text_embeds')):.6f}, "

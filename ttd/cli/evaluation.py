@@ -10,6 +10,8 @@ import click
 from ttd.model.config import (
     CALIBRATION_COUNT,
     CALIBRATION_SEED,
+    DEFAULT_LABEL_FREE_PAIRS,
+    DEFAULT_MAX_FALSE_RATE,
     DEFAULT_MASK_THRESHOLD,
     DEFAULT_MIN_PRECISION,
     DEFAULT_THRESHOLD,
@@ -71,60 +73,105 @@ def evaluate_command(model, pretrained, checkpoint, dense_mode, data_dir, count,
 
 @main.command()
 @model_options
+@click.option("--captions", type=click.Path(path_type=Path), default=None,
+              help="Image-caption pairs WITHOUT labels (any input of `ttd tag --captions`: JSONL/CSV, webdataset "
+                   "shards): the label-free fit.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
-              help="A labelled evaluation folder (annotations.jsonl with relevant_tags). Default: the world's "
-                   "calibration split (seed 7: never trained or evaluated on).")
+              help="A labelled evaluation folder (annotations.jsonl with relevant_tags). Default without --captions: "
+                   "the world's calibration split (seed 7: never trained or evaluated on).")
+@click.option("--max-false-rate", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=DEFAULT_MAX_FALSE_RATE, show_default=True,
+              help="--captions: the margin lets at most this share of the null (a Gaussian fitted to the peak of "
+                   "shuffled pairs) through; the default gives precision >= 97 % on labelled world pairs.")
+@click.option("--max-pairs", type=click.IntRange(2), default=DEFAULT_LABEL_FREE_PAIRS, show_default=True,
+              help="--captions: fit on the first this many usable pairs.")
+@click.option("--choose-negatives", is_flag=True,
+              help="--captions: also choose the negative prompts, from ttd.model.config.NEGATIVE_PROMPT_CANDIDATES, "
+                   "that best separate the captions' tags from shuffled ones (label-free; off by default: it lowered "
+                   "F1 on the world, docs/calibration.md).")
 @click.option("--count", type=click.IntRange(1), default=CALIBRATION_COUNT, show_default=True,
-              help="World samples when --data is not given.")
+              help="World samples when neither --data nor --captions is given.")
 @click.option("--seed", type=int, default=CALIBRATION_SEED, show_default=True, help="World seed when --data is not given.")
 @click.option("--min-precision", type=click.FloatRange(0, 1), default=DEFAULT_MIN_PRECISION, show_default=True,
-              help="The margin of best F1 among those with at least this precision.")
+              help="Labelled fit: the margin of best F1 among those with at least this precision.")
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=DEFAULT_THRESHOLD,
               show_default=True, help="δ the margin is fitted for (the one you tag with).")
 @click.option("--flip-tta", is_flag=True, help="Fit for tagging with flip TTA.")
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write a calibrated checkpoint DIR/model.safetensors (+ .json) instead of into --checkpoint: "
+                   "how a plain open_clip model (--model NAME --pretrained FILE) gets its margin.")
 @click.option("--dry-run", is_flag=True, help="Report the fitted margin without writing it.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the fit here as JSON.")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:1 ...")
-def calibrate(model, pretrained, checkpoint, dense_mode, data_dir, count, seed, min_precision, threshold, flip_tta,
-              batch_size, dry_run, json_path, device):
-    """Fit the default score's margin (negative_margin) to a model on labelled pairs, and write it
-    into the checkpoint's config.
+def calibrate(model, pretrained, checkpoint, dense_mode, captions, data_dir, max_false_rate, max_pairs, choose_negatives,
+              count, seed, min_precision, threshold, flip_tta, batch_size, out_dir, dry_run, json_path, device):
+    """Fit the default score's margin (negative_margin) to a model and write it, with how it was
+    fitted, into the model's config.
 
     \b
     The `negatives` score selects a tag when it beats the negative prompts by the margin; the
-    margin belongs to the model: a TTD fine-tuned model needs a larger one than its base, or it
-    selects absent tags. `ttd train` calibrates on the world by itself; after training on your
-    own data, calibrate on a labelled folder and export again:
+    margin belongs to the model (a TTD fine-tuned model needs a larger one than its base, or it
+    selects absent tags). A model tagging with a margin never fitted to it says so.
+    \b
+    Your own pairs, no labels (the margin from shuffled pairs: docs/calibration.md):
+        ttd calibrate --checkpoint runs/ttd/model.safetensors --captions pairs.jsonl
+    A plain open_clip model (weights copied untouched, config with the margin):
+        ttd calibrate --model ViT-B-16 --pretrained open_clip_model.safetensors --captions pairs.jsonl --out calibrated/
+        ttd tag --checkpoint calibrated/model.safetensors --captions pairs.jsonl -o tags.jsonl
+    Labelled pairs (best F1 at --min-precision):
         ttd calibrate --checkpoint runs/ttd/model.safetensors --data labelled/
+    Export again after calibrating an exported checkpoint.
     """
-    from ttd.evaluation.calibrate import calibrate_checkpoint, fit_negative_margin
     from ttd.data.annotations import labelled_samples
-    from ttd.model.factory import ModelLoadError
-    from ttd.runtime import load_tagger
+    from ttd.data.inputs import InputError
+    from ttd.evaluation.calibrate import calibrate_checkpoint, fit_negative_margin, fitted_config, labelled_record
+    from ttd.model.factory import ModelLoadError, load_model, save_checkpoint
+    from ttd.runtime import torch_tagger
 
-    if checkpoint is None and not dry_run:
-        fail("calibration writes into a checkpoint's config: pass --checkpoint FILE (or --dry-run to only report)")
+    if captions is not None and data_dir is not None:
+        fail("give --captions (pairs without labels) or --data (a labelled folder), not both")
+    if checkpoint is None and out_dir is None and not dry_run:
+        fail("calibration writes into a checkpoint's config: pass --checkpoint FILE, or --out DIR to write a "
+             "calibrated checkpoint (e.g. of --model NAME --pretrained FILE), or --dry-run to only report")
     try:
-        tagger = load_tagger("torch", model=model, pretrained=pretrained, checkpoint=checkpoint, dense_mode=dense_mode,
-                             device=device, threshold=threshold, flip_tta=flip_tta, score_method="negatives")
+        loaded = load_model(model, pretrained, checkpoint, dense_mode)
+        tagger = torch_tagger(loaded, device, threshold=threshold, flip_tta=flip_tta, score_method="negatives")
         skipped: list[str] = []
-        samples = labelled_samples(data_dir, tagger.preprocess, seed, count, skipped)
-        for reason in skipped:
+        if captions is not None:
+            from ttd.data.items import read_pairs
+            from ttd.evaluation.label_free import fit_label_free
+
+            images, texts = read_pairs(captions, max_pairs, skipped)
+            fit = fit_label_free(tagger, images, texts, max_false_rate, choose_prompts=choose_negatives,
+                                 batch_size=batch_size, skipped=skipped)
+            record, prompts = fit.record(str(captions), threshold, flip_tta), fit.negative_prompts
+        else:
+            samples = labelled_samples(data_dir, tagger.preprocess, seed, count, skipped)
+            fit = fit_negative_margin(tagger, samples, min_precision, batch_size)
+            where = str(data_dir) if data_dir else f"world seed {seed} ({count} pairs)"
+            record, prompts = labelled_record(fit, where, threshold, flip_tta), None
+        for reason in skipped[:20]:
             click.echo(f"skipped {reason}", err=True)
-        fit = fit_negative_margin(tagger, samples, min_precision, batch_size)
+        if len(skipped) > 20:
+            click.echo(f"skipped {len(skipped) - 20} more", err=True)
         click.echo(fit.line())
         if json_path:
-            json_path.write_text(json.dumps(fit.as_dict(), indent=1))
-        if not dry_run:
-            old = calibrate_checkpoint(Path(checkpoint), fit)
+            json_path.write_text(json.dumps({**fit.as_dict(), "margin_fit": record}, indent=1))
+        if dry_run:
+            return
+        if out_dir is not None:
+            path = save_checkpoint(loaded, out_dir / "model.safetensors",
+                                   config=fitted_config(loaded.config, fit.margin, record, prompts))
+            click.echo(f"wrote {path} (+ {path.with_suffix('.json').name}) with negative_margin {fit.margin:.4g}; "
+                       f"tag with --checkpoint {path}", err=True)
+        else:
+            old = calibrate_checkpoint(Path(checkpoint), fit.margin, record, prompts)
             click.echo(f"wrote negative_margin {old:g} -> {fit.margin:.4g} into {Path(checkpoint).with_suffix('.json')}; "
                        "export again if this checkpoint was exported", err=True)
-    except (ModelLoadError, ValueError, OSError) as error:
+    except (ModelLoadError, InputError, ValueError, OSError) as error:
         fail(str(error))
-
-
 
 
 @main.command("eval-segmentation")

@@ -327,3 +327,23 @@ def select_shard(items: Iterable[Item], shard: int, num_shards: int, skip: int =
     check_shard(shard, num_shards)
     mine = ((p, item) for p, item in enumerate(items) if p % num_shards == shard)
     return islice(mine, skip, None)
+
+
+def read_pairs(captions: str | Path, max_pairs: int, skipped: list[str]) -> tuple[list[bytes | Path], list[str]]:
+    """(images, captions) of the first `max_pairs` usable items of a captions file or shard
+    pattern (what `ttd tag --captions` reads): the pairs label-free calibration fits on. An
+    unusable item is left out, its reason appended to `skipped`; InputError if none is usable."""
+    images: list[bytes | Path] = []
+    texts: list[str] = []
+    for item in open_items(captions):
+        if len(texts) >= max_pairs:
+            break
+        if item.error or not (item.caption or "").strip():
+            skipped.append(item.error or f"{item.image}: no caption")
+            continue
+        images.append(item.data if isinstance(item, ShardItem) and item.data is not None else item.path)
+        texts.append(item.caption)
+    if len(texts) < 2:
+        raise InputError(f"{captions}: {len(texts)} usable image-caption pair(s); label-free calibration needs at "
+                         "least 2 (a few hundred for a stable margin)")
+    return images, texts

@@ -108,25 +108,48 @@ def sample_critical_margins(tagger: Tagger, samples: list[EvalSample], batch_siz
         if not batch:
             continue
         tag_lists = [candidate_tags(s.caption) for s in batch]
-        tag_embeds = tagger.request(tag_lists).tag_embeds  # zero-padded: a padded tag's margin is never read
         _, views = tagger.encode_images(np.stack([s.image for s in batch]))
-        batch_critical = critical_margins(tagger.negative_logits(views, tag_embeds), tagger.threshold)
-        for row, (sample, tags) in enumerate(zip(batch, tag_lists)):
-            critical.append(batch_critical[row, : len(tags)])
+        for sample, tags, margins in zip(batch, tag_lists, view_critical_margins(tagger, views, tag_lists)):
+            critical.append(margins)
             relevant.append(np.array([t in sample.relevant_tags for t in tags]))
     if not critical:
         raise ValueError("no sample has a caption with candidate tags: nothing to calibrate on")
     return np.concatenate(critical), np.concatenate(relevant)
 
 
-def calibrate_checkpoint(checkpoint: Path, fit: MarginFit) -> float:
-    """Write the fitted margin into the checkpoint's config (atomically); returns the old margin.
-    An export made before this keeps its own config: export again after calibrating."""
+def view_critical_margins(tagger: Tagger, views: np.ndarray, tag_lists: list[list[str]],
+                          negative_embeds: np.ndarray | None = None) -> list[np.ndarray]:
+    """m*_k of each image's tags, for patch views [B, V, D, h, w] already encoded, against the
+    model's negative prompts or `negative_embeds` [N, D] (calibration choosing prompts)."""
+    tag_embeds = tagger.request(tag_lists).tag_embeds  # zero-padded: a padded tag's margin is never read
+    critical = critical_margins(tagger.negative_logits(views, tag_embeds, negative_embeds), tagger.threshold)
+    return [critical[row, : len(tags)] for row, tags in enumerate(tag_lists)]
+
+
+def labelled_record(fit: MarginFit, data: str, threshold: float, flip_tta: bool) -> dict:
+    """The config's `margin_fit` of a labelled fit: how the margin was fitted, for whoever loads it."""
+    return {"method": "labelled", "data": data, "threshold": threshold, "flip_tta": flip_tta,
+            "min_precision": fit.min_precision, "candidates": fit.candidates,
+            "fit": {"precision": round(fit.precision, 4), "recall": round(fit.recall, 4), "f1": round(fit.f1, 4)}}
+
+
+def fitted_config(config: ModelConfig, margin: float, record: dict,
+                  negative_prompts: tuple[str, ...] | None = None) -> ModelConfig:
+    """`config` with a fitted margin (and negative prompts, when calibration chose them) and how."""
+    return replace(config, negative_margin=round(float(margin), 4), margin_fit=record,
+                   negative_prompts=tuple(negative_prompts or config.negative_prompts))
+
+
+def calibrate_checkpoint(checkpoint: Path, fit: MarginFit | float, record: dict | None = None,
+                         negative_prompts: tuple[str, ...] | None = None) -> float:
+    """Write the fitted margin (and how it was fitted) into the checkpoint's config (atomically);
+    returns the old margin. An export made before this keeps its own config: export again."""
     from ttd.model.factory import config_path, save_config
 
     path = config_path(Path(checkpoint))
     if not path.is_file():
         raise ValueError(f"{path} does not exist: calibration writes into a checkpoint's config (.json beside it)")
     config = ModelConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    save_config(Path(checkpoint), replace(config, negative_margin=round(fit.margin, 4)))
+    margin = fit.margin if isinstance(fit, MarginFit) else fit
+    save_config(Path(checkpoint), fitted_config(config, margin, record or {"method": "labelled"}, negative_prompts))
     return config.negative_margin

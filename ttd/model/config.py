@@ -42,6 +42,22 @@ DEFAULT_NEGATIVE_MARGIN = 2.2  # logit; fitted on the world's calibration split 
 # on the world's calibration split: never trained on (training: 1, 11+) nor evaluated on (2)
 DEFAULT_MIN_PRECISION = 0.97
 CALIBRATION_SEED, CALIBRATION_COUNT = 7, 500
+# label-free calibration (ttd/evaluation/label_free.py): the margin is where at most this share of the
+# Gaussian fitted to the null's peak would be selected; chosen on labelled world pairs held out for it
+# (seed LABEL_FREE_SELECTION_SEED): the best worst-model F1 among rates with precision ≥ DEFAULT_MIN_PRECISION
+# for every model (docs/calibration.md)
+DEFAULT_MAX_FALSE_RATE = 1e-4
+LABEL_FREE_SELECTION_SEED = 5
+DEFAULT_LABEL_FREE_PAIRS = 1000  # pairs a label-free fit reads at most (the margin's spread at 300: docs/calibration.md)
+# sets of negative prompts label-free calibration can choose from (`ttd calibrate --choose-negatives`)
+NEGATIVE_PROMPT_CANDIDATES: tuple[tuple[str, ...], ...] = (
+    DEFAULT_NEGATIVE_PROMPTS,
+    ("photo", "picture", "image"),
+    ("photo", "picture", "image", "scene", "view", "background"),
+    ("thing", "object", "stuff", "something"),
+    ("photo", "thing", "object", "background"),
+    ("background", "texture", "pattern", "surface"),
+)
 
 
 def canonical_precision(name: str, allowed: tuple[str, ...] = PRECISIONS) -> str:
@@ -71,6 +87,9 @@ class ModelConfig:
     mask_bias_init: float = -2.5
     negative_prompts: tuple[str, ...] = DEFAULT_NEGATIVE_PROMPTS
     negative_margin: float = DEFAULT_NEGATIVE_MARGIN
+    # how negative_margin was fitted to these weights ({"method": "labelled" | "label-free", ...});
+    # None: never fitted to them (inherited or a default), and loading it for tagging warns
+    margin_fit: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -131,6 +150,8 @@ class ModelConfig:
             raise ValueError(f"model config negative_prompts {self.negative_prompts!r} must be a non-empty list of words")
         if not isinstance(self.negative_margin, (int, float)) or not math.isfinite(self.negative_margin):
             raise ValueError(f"model config negative_margin {self.negative_margin!r} must be a finite number")
+        if self.margin_fit is not None and not (isinstance(self.margin_fit, dict) and "method" in self.margin_fit):
+            raise ValueError(f"model config margin_fit {self.margin_fit!r} must be null or an object with a method")
         if not self.prompt_templates:
             raise ValueError("model config prompt_templates is empty")
         for template in self.prompt_templates:

@@ -15,7 +15,30 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt", "triton")
 class PortabilityNotice(UserWarning):
     """Whether a reduced-precision export was re-checked on this CPU (ttd/runtime/portability.py)."""
 
-__all__ = ["BACKENDS", "Backend", "Tagger", "TagResult", "load_tagger", "model_tagger", "torch_tagger"]
+
+class UnfittedMarginWarning(UserWarning):
+    """The `negatives` score's margin was never fitted to the model's weights: its selections mean little."""
+
+
+def unfitted_margin_notice(config, model: str | None = None, pretrained: str | None = None,
+                           checkpoint: str | None = None, export_dir: str | None = None) -> str | None:
+    """One line naming the command that fits the margin, or None when the config records a fit."""
+    if config.margin_fit is not None:
+        return None
+    if checkpoint:
+        command = f"ttd calibrate --checkpoint {checkpoint} --captions PAIRS.jsonl"
+    elif model:
+        weights = f" --pretrained {pretrained}" if pretrained else ""
+        command = (f"ttd calibrate --model {model}{weights} --captions PAIRS.jsonl --out DIR, then tag with "
+                   "--checkpoint DIR/model.safetensors")
+    else:
+        command = "ttd calibrate --checkpoint MODEL.safetensors --captions PAIRS.jsonl, then export again"
+    where = f"export {export_dir}" if export_dir else config.source
+    return (f"negative_margin {config.negative_margin:g} of {where} was never fitted to this model, so its "
+            f"selections mean little; fit it on your image-caption pairs (no labels needed): {command}")
+
+__all__ = ["BACKENDS", "Backend", "Tagger", "TagResult", "UnfittedMarginWarning", "load_tagger", "model_tagger",
+           "torch_tagger", "unfitted_margin_notice"]
 
 
 def model_tagger(backend: Backend, model, **options) -> Tagger:
@@ -49,12 +72,27 @@ def load_tagger(
     score_method: str = DEFAULT_SCORE_METHOD,
     threads: int = 0,
     compile: bool = False,
+    warn_unfitted: bool = True,
 ) -> Tagger:
     """A Tagger on the named backend; `threads` = 0 lets the backend use every core.
 
     The torch backend loads `checkpoint`, `model`, the weights of an export (`export_dir`, for
     the same model the other backends run) or the embedded default; `compile` applies to it only.
+    A model whose `negatives` margin was never fitted to it warns (UnfittedMarginWarning), unless
+    `warn_unfitted` is False (calibration, which fits it).
     """
+    tagger = _load_tagger(backend, model, pretrained, checkpoint, dense_mode, device, dtype, export_dir, url,
+                          threshold, flip_tta, score_method, threads, compile)
+    notice = unfitted_margin_notice(tagger.config, model, pretrained, checkpoint, export_dir)
+    if warn_unfitted and score_method == "negatives" and notice:
+        import warnings
+
+        warnings.warn(notice, UnfittedMarginWarning, stacklevel=2)
+    return tagger
+
+
+def _load_tagger(backend, model, pretrained, checkpoint, dense_mode, device, dtype, export_dir, url, threshold,
+                 flip_tta, score_method, threads, compile) -> Tagger:
     options = {"threshold": threshold, "flip_tta": flip_tta, "score_method": score_method}
     if backend == "torch":
         from ttd.model.factory import load_model

@@ -192,9 +192,11 @@ class Tagger:
                                      None if masks is None else masks[row, :k]))
         return results
 
-    def negative_logits(self, views: np.ndarray, tag_embeds: np.ndarray) -> np.ndarray:
+    def negative_logits(self, views: np.ndarray, tag_embeds: np.ndarray,
+                        negative_embeds: np.ndarray | None = None) -> np.ndarray:
         """The margin-free logits ℓ [V, B, K, h, w] of the `negatives` score (N = sigmoid(ℓ − m))
-        for patch views [B, V, D, h, w] and tag embeddings [B, K, D]: what calibration fits m on."""
+        for patch views [B, V, D, h, w] and tag embeddings [B, K, D]: what calibration fits m on.
+        `negative_embeds` [N, D] replaces the model's negative prompts (calibration comparing sets)."""
         import torch
 
         from ttd.model.scoring import negative_logits, view_cosines
@@ -202,7 +204,8 @@ class Tagger:
         with torch.inference_mode():
             patches = torch.from_numpy(np.ascontiguousarray(views, np.float32))
             cosines = view_cosines(patches, torch.from_numpy(np.ascontiguousarray(tag_embeds, np.float32)))
-            negatives = view_cosines(patches, torch.from_numpy(self.negative_embeds[None]))
+            chosen = self.negative_embeds if negative_embeds is None else negative_embeds
+            negatives = view_cosines(patches, torch.from_numpy(np.ascontiguousarray(chosen, np.float32)[None]))
             logits = negative_logits(cosines.double(), negatives.double(), self.config.tau)
         b, v, _, h, w = views.shape
         return logits.reshape(b, v, -1, h, w).permute(1, 0, 2, 3, 4).numpy()

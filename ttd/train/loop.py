@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ttd.model.config import (CALIBRATION_COUNT, CALIBRATION_SEED, DEFAULT_TARGET_MASK_SHARE, DEFAULT_TARGET_NORM,
-                              DEFAULT_THRESHOLD, OBJECTIVES)
+from ttd.model.config import (CALIBRATION_COUNT, CALIBRATION_SEED, DEFAULT_LABEL_FREE_PAIRS, DEFAULT_TARGET_MASK_SHARE,
+                              DEFAULT_TARGET_NORM, DEFAULT_THRESHOLD, OBJECTIVES)
 from ttd.data.shard_stream import ShardStreamLoader
 from ttd.data.sources import open_source
 from ttd.train.distill import clip_loss, ttd_losses
@@ -73,8 +73,8 @@ class TrainConfig:
     # label-free guard against the caption-mask collapse (ttd/train/guard.py): flags it, keeps the last healthy weights
     collapse_guard: bool = True
     calibration_lr_scale: float = 10.0  # w and b are two scalars: AdamW at the base lr barely moves them
-    # fit the negatives score's margin to the trained model on the world's calibration split
-    # (ttd/evaluation/calibrate.py) when training on the world; other data: `ttd calibrate --data LABELLED`
+    # fit the negatives score's margin to the trained model: on the world's labelled calibration split
+    # when training on the world, else label-free on the training pairs (ttd/evaluation/label_free.py)
     calibrate_margin: bool = True
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     max_bad_steps: int = 20
@@ -456,22 +456,35 @@ def _write_outputs(model: TTDModel, config: TrainConfig, out: Path, skipped: lis
 
 
 def _calibrated_config(model: TTDModel, config: TrainConfig) -> tuple:
-    """(the model's config with its negatives margin fitted, the fit) on the world's calibration
-    split when training on the world; the model's config unchanged (and None) otherwise. The
-    returned model carries it too, so it tags as its checkpoint will (rank 0 under DDP)."""
-    if not (config.calibrate_margin and config.data == "world"):
-        if config.data != "world":
-            tqdm.write(f"negative_margin stays {model.config.negative_margin:g} (the base model's); fit it to the trained "
-                       f"model with `ttd calibrate --checkpoint {Path(config.out_dir) / 'model.safetensors'} --data LABELLED`")
-        return model.config, None
-    from ttd.evaluation.calibrate import fit_negative_margin
-    from ttd.data.annotations import world_eval_samples
+    """(the model's config with its negatives margin fitted and how, the fit): with labels on the
+    world's calibration split when training on the world, else label-free on the training pairs
+    themselves (ttd/evaluation/label_free.py: no labels, so no leak). The returned model carries
+    it too, so it tags as its checkpoint will (rank 0 under DDP). Unfitted: margin_fit None."""
+    unfitted = dataclasses.replace(model.config, margin_fit=None)  # the base's fit does not hold for new weights
+    if not config.calibrate_margin:
+        tqdm.write(f"negative_margin stays {model.config.negative_margin:g} (the base model's): fit it to the trained model "
+                   f"with `ttd calibrate --checkpoint {Path(config.out_dir) / 'model.safetensors'} --captions PAIRS.jsonl`")
+        return unfitted, None
+    from ttd.evaluation.calibrate import fit_negative_margin, fitted_config, labelled_record
     from ttd.runtime import torch_tagger
 
-    tagger = torch_tagger(model, device=str(next(model.parameters()).device), score_method="negatives")
-    fit = fit_negative_margin(tagger, world_eval_samples(CALIBRATION_SEED, CALIBRATION_COUNT), progress=False)
-    tqdm.write(f"calibrated on the world (seed {CALIBRATION_SEED}): {fit.line()}")
-    return dataclasses.replace(model.config, negative_margin=round(fit.margin, 4)), fit.as_dict()
+    tagger = torch_tagger(model, device=str(next(model.parameters()).device), score_method="negatives")  # tagging's δ
+    if config.data == "world":
+        from ttd.data.annotations import world_eval_samples
+
+        fit = fit_negative_margin(tagger, world_eval_samples(CALIBRATION_SEED, CALIBRATION_COUNT), progress=False)
+        tqdm.write(f"calibrated on the world (seed {CALIBRATION_SEED}): {fit.line()}")
+        record = labelled_record(fit, f"world seed {CALIBRATION_SEED} ({CALIBRATION_COUNT} pairs)", tagger.threshold, False)
+        return fitted_config(unfitted, fit.margin, record), {**fit.as_dict(), "method": "labelled"}
+    from ttd.data.items import read_pairs
+    from ttd.evaluation.label_free import fit_label_free
+
+    skipped: list[str] = []
+    images, captions = read_pairs(config.data, DEFAULT_LABEL_FREE_PAIRS, skipped)
+    fit = fit_label_free(tagger, images, captions, progress=False, skipped=skipped)
+    tqdm.write(f"calibrated label-free on the training pairs: {fit.line()}")
+    record = fit.record(f"{config.data} (training pairs)", tagger.threshold, False)
+    return fitted_config(unfitted, fit.margin, record), {**fit.as_dict(), "method": "label-free"}
 
 
 def training_device(device: str | None = "auto") -> torch.device:
