@@ -12,6 +12,13 @@ server died and `ttd serve` restarts it) waits for the backend to be ready and i
 
 Request bodies are read whole (bounded) before forwarding: the checks and the one retry need
 them. gRPC does not pass through the front (see `ttd serve --help`).
+
+Connections are bounded too (issue 23, items 8 and 19): a connection must send a complete request
+header within `idle_timeout_s` of opening (or of its previous answer: aiohttp's keep-alive timer,
+which data does not reset) and its body within `body_timeout_s`; at most `max_connections` are
+open at once (kept below the file-descriptor limit, so accept() never fails for lack of one), and
+one more is answered 503 and closed. Malformed HTTP gets the same JSON refusal as everything else,
+and every such event is one log line, rate-limited (RateLimitedLog).
 """
 
 from __future__ import annotations
@@ -19,13 +26,18 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import resource
 import threading
+import time
+import traceback
 import zlib
 from collections.abc import Callable
+from http import HTTPStatus
 from urllib.parse import quote
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import ClientConnectionError, ClientSession, ClientTimeout, TCPConnector, web
+from aiohttp.web_protocol import RequestHandler
 
 
 @dataclass(frozen=True)
@@ -37,6 +49,40 @@ class FrontLimits:
     retry_wait_s: float = 30.0  # how long a request waits for a restarting backend
     backend_timeout_s: float = 600.0  # a backend that stops answering mid-request
     stream_above_bytes: int = 1 << 20  # answers larger than this are streamed, smaller ones copied
+    idle_timeout_s: float = 15.0  # connection open (or last answer) -> complete request header
+    body_timeout_s: float = 60.0  # request header -> complete body (64 MiB at 9 Mbit/s)
+    max_connections: int = 1024  # lowered to fit the file-descriptor limit (connection_cap)
+    log_interval_s: float = 10.0  # at most one log line per kind of event in this long
+
+
+def connection_cap(wanted: int, reserve: int = 64) -> int:
+    """`wanted`, lowered so that every admitted connection and its backend connection fit under
+    the soft file-descriptor limit with `reserve` to spare (tritonserver's client, logs, files)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, (soft - reserve) // 2))
+
+
+@dataclass
+class RateLimitedLog:
+    """At most one line per kind of event every `interval_s`; the next line of that kind says how
+    many were left out. A flood of bad clients cannot grow the log faster than this."""
+
+    say: Callable[[str], None]
+    interval_s: float = 10.0
+    clock: Callable[[], float] = time.monotonic
+    _last: dict[str, float] = field(default_factory=dict)
+    _left_out: dict[str, int] = field(default_factory=dict)
+
+    def __call__(self, kind: str, line: str) -> None:
+        now = self.clock()
+        if kind in self._last and now - self._last[kind] < self.interval_s:
+            self._left_out[kind] = self._left_out.get(kind, 0) + 1
+            return
+        left_out = self._left_out.pop(kind, 0)
+        self._last[kind] = now
+        self.say(line + (f" (and {left_out:,} more like it in the last {self.interval_s:.0f} s)" if left_out else ""))
 
 
 class Refusal(Exception):
@@ -96,9 +142,18 @@ def check_headers(content_type: str, header_length: str | None, content_encoding
 
 async def read_body(request: web.BaseRequest, limits: FrontLimits) -> bytes:
     """The body, read in chunks and refused as soon as it passes the bound (a body without a
-    declared length, i.e. chunked, is never buffered past it)."""
+    declared length, i.e. chunked, is never buffered past it) or takes longer than
+    `body_timeout_s` (a client trickling its body does not hold a connection for ever)."""
     chunks, size = [], 0
-    async for chunk in request.content.iter_any():
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limits.body_timeout_s
+    while True:
+        try:
+            chunk = await asyncio.wait_for(request.content.readany(), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError as error:
+            raise Refusal(408, f"body not complete after {limits.body_timeout_s:g} s ({size:,} bytes received)") from error
+        if not chunk:
+            break
         size += len(chunk)
         if size > limits.max_body_bytes:
             raise Refusal(413, f"body exceeds the limit of {limits.max_body_bytes:,} bytes")
@@ -200,7 +255,8 @@ def check_infer_body(body: bytes, header_length: int | None) -> dict:
 @dataclass(frozen=True)
 class ModelShapes:
     """What a model's config allows: the batch bound and, per input, its dims (-1: variable) and the
-    bound of a variable dimension (the `max_variable_dim` parameter of the ttd graph models)."""
+    bound of a variable dimension: the `max_variable_dim` parameter of the ttd graph models, or the
+    `max_tags` parameter of ttd_tagger, whose one variable input is the tag list (issue 23, item 9)."""
 
     max_batch_size: int
     dims: dict[str, list[int]]
@@ -208,10 +264,38 @@ class ModelShapes:
 
     @classmethod
     def from_config(cls, config: dict) -> ModelShapes:
-        bound = config.get("parameters", {}).get("max_variable_dim", {}).get("string_value")
+        parameters = config.get("parameters", {})
+        bounds = [parameters.get(key, {}).get("string_value") for key in ("max_variable_dim", "max_tags")]
+        bound = next((int(b) for b in bounds if b), None)
         return cls(int(config.get("max_batch_size", 0)),
                    {i["name"]: [int(d) for d in i.get("dims", [])] for i in config.get("input", [])},
-                   int(bound) if bound else None)
+                   bound)
+
+    def largest_dim(self) -> int | None:
+        """The largest size any dimension of any input may have (None: a variable one is unbounded)."""
+        dims = [d for shape in self.dims.values() for d in shape]
+        if -1 in dims and self.max_variable_dim is None:
+            return None
+        return max([self.max_batch_size, self.max_variable_dim or 0, *dims])
+
+
+SHAPE_IN_JSON = re.compile(rb'"shape"\s*:\s*\[([0-9,\s]{0,200})\]')
+PRE_CHECK_ABOVE_BYTES = 64 << 10
+
+
+def declared_shape_problem(body: bytes, shapes: ModelShapes) -> str | None:
+    """A large JSON body is refused from the shapes it declares before it is parsed: 32 MB of
+    4,000,000 tags is about 1 GB of Python objects once parsed. A quote inside a JSON string is
+    escaped, so `"shape": [...]` is found only where the request declares a shape."""
+    largest = shapes.largest_dim()
+    if largest is None:
+        return None
+    for match in SHAPE_IN_JSON.finditer(body):
+        dims = [int(d) for d in match.group(1).split(b",") if d.strip()]
+        if dims and max(dims) > largest:
+            return (f"a tensor of shape {dims} has a dimension of {max(dims):,}, more than this model accepts in "
+                    f"any dimension ({largest:,}: its max_batch_size, input dims and variable-dimension limit)")
+    return None
 
 
 def shape_problem(request: dict, shapes: ModelShapes) -> str | None:
@@ -366,11 +450,14 @@ async def handle(request: web.BaseRequest) -> web.StreamResponse:
         body = await read_body(request, limits)
         if encoding in DECOMPRESSORS:
             body = decompress(body, encoding, limits)
+        shapes = await backend.model_shapes(INFER_PATH.match(request.path)["model"])
+        if (shapes is not None and header_length is None and len(body) > PRE_CHECK_ABOVE_BYTES
+                and (problem := declared_shape_problem(body, shapes))):
+            raise Refusal(400, problem)
         if len(body) > 1 << 20:  # parsing a large JSON body must not stall every other connection
             parsed = await asyncio.get_running_loop().run_in_executor(None, check_infer_body, body, header_length)
         else:
             parsed = check_infer_body(body, header_length)
-        shapes = await backend.model_shapes(INFER_PATH.match(request.path)["model"])
         if shapes is not None and (problem := shape_problem(parsed, shapes)):
             raise Refusal(400, problem)
         return await forward(request, backend, body)
@@ -395,6 +482,90 @@ class FrontError(RuntimeError):
     """The front could not start (the port is taken, the address cannot be bound)."""
 
 
+BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s")
+
+
+@dataclass
+class ConnectionCount:
+    """Open connections of one front, against its cap."""
+
+    cap: int
+    open: int = 0
+
+
+class FrontConnection(RequestHandler):
+    """aiohttp's connection handler, with what the front adds to it: a cap on open connections
+    (one more is answered 503 and closed at once), refusals of malformed HTTP as JSON like every
+    other refusal, and one rate-limited log line instead of a traceback per bad or vanished client."""
+
+    def __init__(self, manager: web.Server, count: ConnectionCount, log: RateLimitedLog, **kwargs) -> None:
+        super().__init__(manager, **kwargs)
+        self.count, self.log, self.admitted = count, log, False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.count.open >= self.count.cap:
+            body = json.dumps({"error": f"the server has {self.count.cap} connections open, its limit; retry later"})
+            transport.write(BUSY % (len(body), body.encode()))
+            transport.close()
+            self.log("busy", f"front: refused a connection from {_peer(transport)}: {self.count.cap} connections "
+                             "open (the limit)")
+            return
+        self.admitted = True
+        self.count.open += 1
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self.admitted:
+            return
+        self.admitted = False
+        self.count.open -= 1
+        super().connection_lost(exc)
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        gone = isinstance(exc, ConnectionError)
+        if message:  # aiohttp's parser: a malformed request line, header or framing
+            reason = _parser_message(message)
+            what = f"front: {status} to malformed HTTP from {request.remote}: {reason}"
+        else:
+            reason = _one_line(exc) if exc is not None else HTTPStatus(status).phrase
+            what = (f"front: {'client went away' if gone else status} during {request.method} {request.path} from "
+                    f"{request.remote}: {reason}")
+        self.log("gone" if gone else f"http-{status}", what)
+        if request.writer.output_size > 0:  # an answer was begun: nothing can be said any more
+            raise ConnectionError("the answer was already begun")
+        response = web.json_response({"error": reason if status < 500 else "internal error of the front"},
+                                     status=status)
+        response.force_close()
+        return response
+
+    def log_exception(self, *args, **kwargs) -> None:
+        """aiohttp's other error reports (an unhandled exception): one rate-limited line, no traceback."""
+        error = kwargs.get("exc_info")
+        text = (args[0] % args[1:]) if args else "error"
+        self.log("exception", f"front: {text}" + (f": {_one_line(error)}" if isinstance(error, BaseException) else ""))
+
+
+def _peer(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
+
+
+def _parser_message(message: str, limit: int = 200) -> str:
+    """aiohttp's parser message (a reason, then the offending bytes and a caret line) on one line."""
+    parts = [line.strip() for line in message.splitlines() if line.strip() and set(line.strip()) != {"^"}]
+    text = " ".join(parts)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _one_line(error: BaseException) -> str:
+    """`Type: message (at file:line)` of the innermost frame: enough to find a bug, one line."""
+    frames = traceback.extract_tb(error.__traceback__) if error.__traceback__ else []
+    where = f" (at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno})" if frames else ""
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(": ") + where
+
+
 @dataclass
 class Front:
     """A front running on its own event loop in a background thread (the caller keeps the main
@@ -403,13 +574,21 @@ class Front:
     url: str
     loop: asyncio.AbstractEventLoop
     runner: web.AppRunner
+    listener: asyncio.Server | None
     thread: threading.Thread
+    count: ConnectionCount
 
     def stop(self, timeout_s: float = 20) -> None:
         if not self.thread.is_alive():
             return
+
+        async def close() -> None:
+            if self.listener is not None:
+                self.listener.close()
+            await self.runner.cleanup()
+
         try:
-            asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(timeout_s)
+            asyncio.run_coroutine_threadsafe(close(), self.loop).result(timeout_s)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout_s)
@@ -421,18 +600,27 @@ def start_front(host: str, port: int, backend_url: str, limits: FrontLimits = Fr
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="ttd-http-front", daemon=True)
     thread.start()
+    log = RateLimitedLog(say, limits.log_interval_s)
     runner = web.AppRunner(create_front(backend_url, limits, say), access_log=None, handle_signals=False,
                            shutdown_timeout=10)  # requests in flight at a stop get this long to finish
+    count = ConnectionCount(connection_cap(limits.max_connections))
 
-    async def open_site() -> None:
+    def connection() -> FrontConnection:
+        # keepalive_timeout: aiohttp closes a connection that has not completed a request header this
+        # long after it opened or after its last answer (bytes arriving do not extend it); bodies are
+        # inflated by the front itself, under its bound (auto_decompress=False: never twice)
+        return FrontConnection(runner.server, count, log, loop=loop, access_log=None,
+                               keepalive_timeout=limits.idle_timeout_s, lingering_time=10.0, auto_decompress=False)
+
+    async def open_site() -> asyncio.Server:
         await runner.setup()
-        await web.TCPSite(runner, host, port, backlog=1024).start()
+        return await loop.create_server(connection, host, port, backlog=1024, reuse_address=True)
 
     try:
-        asyncio.run_coroutine_threadsafe(open_site(), loop).result(30)
+        listener = asyncio.run_coroutine_threadsafe(open_site(), loop).result(30)
     except OSError as error:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         raise FrontError(f"cannot serve HTTP on {host}:{port}: {error.strerror or error}") from error
-    return Front(f"{host}:{port}", loop, runner, thread)
+    return Front(f"{host}:{port}", loop, runner, listener, thread, count)
