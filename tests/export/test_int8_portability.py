@@ -7,12 +7,13 @@ import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from export.checks import GateError, check_pairs
-from export.int8_portability import INT16_MAX, run_as_pre_vnni, worst_pair_sum
+from export.int8_portability import INT16_MAX, qemu_avx2_command, run_as_pre_vnni, worst_pair_sum
 from export.pipeline import run_export
 from export.precision import FULL_RANGE, PORTABLE, to_int8
 from ttd.model.factory import create_model
@@ -176,8 +177,8 @@ def test_ttd_tag_prints_the_cpu_check_line(int8_export, tmp_path):
     assert "int8 export gated on this CPU class" in result.output and "PortabilityNotice" not in result.output
 
 
-QEMU_AVX2 = __import__("export.int8_portability", fromlist=["qemu_avx2_command"]).qemu_avx2_command()
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
+QEMU_AVX2 = qemu_avx2_command()
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(QEMU_AVX2 is None, reason="no qemu-x86_64 on this x86-64 machine: `apt-get install qemu-user` "

@@ -37,7 +37,7 @@ from urllib.parse import quote
 from dataclasses import dataclass, field
 
 from aiohttp import ClientConnectionError, ClientSession, ClientTimeout, TCPConnector, web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web import RequestHandler
 
 
 @dataclass(frozen=True)
