@@ -132,7 +132,8 @@ NUMPY_TO_CPUINFO = {"AVX2": "avx2", "FMA3": "fma", "F16C": "f16c", "AVX512F": "a
 
 
 def cpuid_features() -> dict[str, bool]:
-    """The instruction-set features CPUID reports to this process, as numpy dispatches on them."""
+    """The instruction-set features CPUID reports to this process, as numpy dispatches on them (numpy
+    lists no AMX or AVX-VNNI: enough to tell AVX2 from VNNI, not AMX from AVX-512 VNNI)."""
     try:
         from numpy._core._multiarray_umath import __cpu_features__
     except ImportError:  # numpy < 2

@@ -16,7 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from ports import free_port
 
-from ttd.serve.http_front import (FrontLimits, ModelShapes, RateLimitedLog, connection_cap, declared_shape_problem,
+from ttd.serve.front_connections import RateLimitedLog, connection_cap
+from ttd.serve.http_front import (FrontLimits, ModelShapes, declared_shape_problem,
                                   shape_problem, start_front)
 
 TAGGER_CONFIG = {"name": "ttd_tagger", "max_batch_size": 4, "parameters": {"max_tags": {"string_value": "1024"}},

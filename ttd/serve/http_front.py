@@ -26,18 +26,15 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import resource
 import threading
-import time
-import traceback
 import zlib
 from collections.abc import Callable
-from http import HTTPStatus
 from urllib.parse import quote
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import ClientConnectionError, ClientSession, ClientTimeout, TCPConnector, web
-from aiohttp.web import RequestHandler
+
+from ttd.serve.front_connections import ConnectionCount, FrontConnection, RateLimitedLog, connection_cap
 
 
 @dataclass(frozen=True)
@@ -53,36 +50,6 @@ class FrontLimits:
     body_timeout_s: float = 60.0  # request header -> complete body (64 MiB at 9 Mbit/s)
     max_connections: int = 1024  # lowered to fit the file-descriptor limit (connection_cap)
     log_interval_s: float = 10.0  # at most one log line per kind of event in this long
-
-
-def connection_cap(wanted: int, reserve: int = 64) -> int:
-    """`wanted`, lowered so that every admitted connection and its backend connection fit under
-    the soft file-descriptor limit with `reserve` to spare (tritonserver's client, logs, files)."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return wanted
-    return max(1, min(wanted, (soft - reserve) // 2))
-
-
-@dataclass
-class RateLimitedLog:
-    """At most one line per kind of event every `interval_s`; the next line of that kind says how
-    many were left out. A flood of bad clients cannot grow the log faster than this."""
-
-    say: Callable[[str], None]
-    interval_s: float = 10.0
-    clock: Callable[[], float] = time.monotonic
-    _last: dict[str, float] = field(default_factory=dict)
-    _left_out: dict[str, int] = field(default_factory=dict)
-
-    def __call__(self, kind: str, line: str) -> None:
-        now = self.clock()
-        if kind in self._last and now - self._last[kind] < self.interval_s:
-            self._left_out[kind] = self._left_out.get(kind, 0) + 1
-            return
-        left_out = self._left_out.pop(kind, 0)
-        self._last[kind] = now
-        self.say(line + (f" (and {left_out:,} more like it in the last {self.interval_s:.0f} s)" if left_out else ""))
 
 
 class Refusal(Exception):
@@ -480,90 +447,6 @@ def create_front(backend_url: str, limits: FrontLimits, say: Callable[[str], Non
 
 class FrontError(RuntimeError):
     """The front could not start (the port is taken, the address cannot be bound)."""
-
-
-BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
-        b"Content-Length: %d\r\n\r\n%s")
-
-
-@dataclass
-class ConnectionCount:
-    """Open connections of one front, against its cap."""
-
-    cap: int
-    open: int = 0
-
-
-class FrontConnection(RequestHandler):
-    """aiohttp's connection handler, with what the front adds to it: a cap on open connections
-    (one more is answered 503 and closed at once), refusals of malformed HTTP as JSON like every
-    other refusal, and one rate-limited log line instead of a traceback per bad or vanished client."""
-
-    def __init__(self, manager: web.Server, count: ConnectionCount, log: RateLimitedLog, **kwargs) -> None:
-        super().__init__(manager, **kwargs)
-        self.count, self.log, self.admitted = count, log, False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.count.open >= self.count.cap:
-            body = json.dumps({"error": f"the server has {self.count.cap} connections open, its limit; retry later"})
-            transport.write(BUSY % (len(body), body.encode()))
-            transport.close()
-            self.log("busy", f"front: refused a connection from {_peer(transport)}: {self.count.cap} connections "
-                             "open (the limit)")
-            return
-        self.admitted = True
-        self.count.open += 1
-        super().connection_made(transport)
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if not self.admitted:
-            return
-        self.admitted = False
-        self.count.open -= 1
-        super().connection_lost(exc)
-
-    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:
-        gone = isinstance(exc, ConnectionError)
-        if message:  # aiohttp's parser: a malformed request line, header or framing
-            reason = _parser_message(message)
-            what = f"front: {status} to malformed HTTP from {request.remote}: {reason}"
-        else:
-            reason = _one_line(exc) if exc is not None else HTTPStatus(status).phrase
-            what = (f"front: {'client went away' if gone else status} during {request.method} {request.path} from "
-                    f"{request.remote}: {reason}")
-        self.log("gone" if gone else f"http-{status}", what)
-        if request.writer.output_size > 0:  # an answer was begun: nothing can be said any more
-            raise ConnectionError("the answer was already begun")
-        response = web.json_response({"error": reason if status < 500 else "internal error of the front"},
-                                     status=status)
-        response.force_close()
-        return response
-
-    def log_exception(self, *args, **kwargs) -> None:
-        """aiohttp's other error reports (an unhandled exception): one rate-limited line, no traceback."""
-        error = kwargs.get("exc_info")
-        text = (args[0] % args[1:]) if args else "error"
-        self.log("exception", f"front: {text}" + (f": {_one_line(error)}" if isinstance(error, BaseException) else ""))
-
-
-def _peer(transport: asyncio.BaseTransport) -> str:
-    peer = transport.get_extra_info("peername")
-    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
-
-
-def _parser_message(message: str, limit: int = 200) -> str:
-    """aiohttp's parser message (a reason, then the offending bytes and a caret line) on one line."""
-    parts = [line.strip() for line in message.splitlines() if line.strip() and set(line.strip()) != {"^"}]
-    text = " ".join(parts)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _one_line(error: BaseException) -> str:
-    """`Type: message (at file:line)` of the innermost frame: enough to find a bug, one line."""
-    frames = traceback.extract_tb(error.__traceback__) if error.__traceback__ else []
-    where = f" (at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno})" if frames else ""
-    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(": ") + where
 
 
 @dataclass
