@@ -197,7 +197,8 @@ def triton_validate(repo):
               help="Largest HTTP request body the front accepts (MiB); larger ones get 413 before they are read.")
 @click.option("--max-connections", type=click.IntRange(1), default=1024, show_default=True,
               help="Open HTTP connections at most (lowered to fit the file-descriptor limit: half of `ulimit -n` "
-                   "less 64); one more is answered 503 and closed.")
+                   "less 64). At the cap the longest idle connection is closed to make room; when all are in "
+                   "requests, one more is answered 503 and closed.")
 @click.option("--idle-timeout", "idle_timeout_s", type=click.FloatRange(0.1), default=15, show_default=True,
               help="Seconds a connection may take to send a complete request header, from opening or from its "
                    "previous answer (also the keep-alive idle time).")

@@ -55,40 +55,64 @@ BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n
         b"Content-Length: %d\r\n\r\n%s")
 
 
-@dataclass
-class ConnectionCount:
-    """Open connections of one front, against its cap."""
+MIN_AGE_S = 1.0  # a connection younger than this is never closed to make room (a burst of good clients)
+
+
+@dataclass(eq=False)
+class Connections:
+    """The open connections of one front, oldest first, against its cap."""
 
     cap: int
-    open: int = 0
+    opened: dict[FrontConnection, float] = field(default_factory=dict)
+
+    def make_room(self, now: float) -> FrontConnection | None:
+        """At the cap: the longest-open connection that is not inside a request — a slow client
+        that has not completed its header, or an idle keep-alive one — taken out to be closed;
+        None when every connection is in a request or newer than MIN_AGE_S."""
+        for connection, since in self.opened.items():
+            if not connection.busy and now - since >= MIN_AGE_S:
+                del self.opened[connection]
+                return connection
+        return None
 
 
 class FrontConnection(RequestHandler):
     """aiohttp's connection handler, with what the front adds to it: a cap on open connections
-    (one more is answered 503 and closed at once), refusals of malformed HTTP as JSON like every
-    other refusal, and one rate-limited log line instead of a traceback per bad or vanished client."""
+    (at the cap the longest-waiting idle connection is closed to make room, so slow clients
+    cannot starve good ones; when every connection is in a request, one more is answered 503 and
+    closed at once), refusals of malformed HTTP as JSON like every other refusal, and one
+    rate-limited log line instead of a traceback per bad or vanished client. `busy` counts the
+    requests the front is handling on this connection (ttd/serve/http_front.py sets it)."""
 
-    def __init__(self, manager: web.Server, count: ConnectionCount, log: RateLimitedLog, **kwargs) -> None:
+    def __init__(self, manager: web.Server, connections: Connections, log: RateLimitedLog, **kwargs) -> None:
         super().__init__(manager, **kwargs)
-        self.count, self.log, self.admitted = count, log, False
+        self.connections, self.log = connections, log
+        self.started, self.busy, self.peer = False, 0, "?"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.count.open >= self.count.cap:
-            body = json.dumps({"error": f"the server has {self.count.cap} connections open, its limit; retry later"})
-            transport.write(BUSY % (len(body), body.encode()))
-            transport.close()
-            self.log("busy", f"front: refused a connection from {_peer(transport)}: {self.count.cap} connections "
-                             "open (the limit)")
-            return
-        self.admitted = True
-        self.count.open += 1
+        self.peer = _peer(transport)
+        now = time.monotonic()
+        if len(self.connections.opened) >= self.connections.cap:
+            victim = self.connections.make_room(now)
+            if victim is None:
+                body = json.dumps({"error": f"the server has {self.connections.cap} connections open, its limit, "
+                                            "all in requests; retry later"})
+                transport.write(BUSY % (len(body), body.encode()))
+                transport.close()
+                self.log("busy", f"front: refused a connection from {self.peer}: {self.connections.cap} connections "
+                                 "open (the limit), all in requests")
+                return
+            victim.force_close()  # its connection_lost finds it already out of `opened`
+            self.log("evict", f"front: {self.connections.cap} connections open (the limit): closed the longest idle "
+                              f"one (from {victim.peer}, no request under way) for a new one from {self.peer}")
+        self.started = True
+        self.connections.opened[self] = now
         super().connection_made(transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if not self.admitted:
+        if not self.started:  # refused at the cap: aiohttp never saw it
             return
-        self.admitted = False
-        self.count.open -= 1
+        self.connections.opened.pop(self, None)
         super().connection_lost(exc)
 
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from aiohttp import ClientConnectionError, ClientSession, ClientTimeout, TCPConnector, web
 
-from ttd.serve.front_connections import ConnectionCount, FrontConnection, RateLimitedLog, connection_cap
+from ttd.serve.front_connections import Connections, FrontConnection, RateLimitedLog, connection_cap
 
 
 @dataclass(frozen=True)
@@ -404,6 +404,19 @@ async def refuse(request: web.BaseRequest, refusal: Refusal) -> web.Response:
 
 
 async def handle(request: web.BaseRequest) -> web.StreamResponse:
+    """A request, marked on its connection as under way (a connection in a request is never closed
+    to make room for another: ttd/serve/front_connections.py)."""
+    connection = request.protocol
+    if isinstance(connection, FrontConnection):
+        connection.busy += 1
+    try:
+        return await _handle(request)
+    finally:
+        if isinstance(connection, FrontConnection):
+            connection.busy -= 1
+
+
+async def _handle(request: web.BaseRequest) -> web.StreamResponse:
     backend: Backend = request.app[BACKEND]
     limits = backend.limits
     try:
@@ -459,7 +472,7 @@ class Front:
     runner: web.AppRunner
     listener: asyncio.Server | None
     thread: threading.Thread
-    count: ConnectionCount
+    connections: Connections
 
     def stop(self, timeout_s: float = 20) -> None:
         if not self.thread.is_alive():
@@ -486,13 +499,13 @@ def start_front(host: str, port: int, backend_url: str, limits: FrontLimits = Fr
     log = RateLimitedLog(say, limits.log_interval_s)
     runner = web.AppRunner(create_front(backend_url, limits, say), access_log=None, handle_signals=False,
                            shutdown_timeout=10)  # requests in flight at a stop get this long to finish
-    count = ConnectionCount(connection_cap(limits.max_connections))
+    connections = Connections(connection_cap(limits.max_connections))
 
     def connection() -> FrontConnection:
         # keepalive_timeout: aiohttp closes a connection that has not completed a request header this
         # long after it opened or after its last answer (bytes arriving do not extend it); bodies are
         # inflated by the front itself, under its bound (auto_decompress=False: never twice)
-        return FrontConnection(runner.server, count, log, loop=loop, access_log=None,
+        return FrontConnection(runner.server, connections, log, loop=loop, access_log=None,
                                keepalive_timeout=limits.idle_timeout_s, lingering_time=10.0, auto_decompress=False)
 
     async def open_site() -> asyncio.Server:
@@ -506,4 +519,4 @@ def start_front(host: str, port: int, backend_url: str, limits: FrontLimits = Fr
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         raise FrontError(f"cannot serve HTTP on {host}:{port}: {error.strerror or error}") from error
-    return Front(f"{host}:{port}", loop, runner, listener, thread, count)
+    return Front(f"{host}:{port}", loop, runner, listener, thread, connections)

@@ -51,7 +51,7 @@ def serve_repository(repo: Path, host: str = "127.0.0.1", http_port: int = 8000,
             raise
         grpc = f", gRPC 127.0.0.1:{grpc_port} (loopback only, no front)" if grpc_port else ", no gRPC"
         say(f"serving {repo}: HTTP {front.url} (front, bodies up to {limits.max_body_bytes:,} bytes, at most "
-            f"{front.count.cap:,} connections; tritonserver "
+            f"{front.connections.cap:,} connections; tritonserver "
             f"on {server.http_url}){grpc} (Ctrl-C to stop)")
         try:
             return supervise(server, start, say, max_restarts, before_stop=front.stop)
