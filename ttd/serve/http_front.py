@@ -482,6 +482,11 @@ class Front:
             if self.listener is not None:
                 self.listener.close()
             await self.runner.cleanup()
+            # what is left (a connection lingering to drain a refused body) ends with the loop
+            left = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in left:
+                task.cancel()
+            await asyncio.gather(*left, return_exceptions=True)
 
         try:
             asyncio.run_coroutine_threadsafe(close(), self.loop).result(timeout_s)
