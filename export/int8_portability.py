@@ -116,3 +116,116 @@ class PreVnniEmulatedBackend:
         from ttd.runtime.backend import tag_images_on_host
 
         return tag_images_on_host(self, images, preprocessing, request)
+
+
+# ---------------------------------------------------------------- the real AVX2 kernels, under qemu
+#
+# The emulation above models one kernel. On any x86-64 machine the real ones can be run: qemu's
+# user-mode emulator with `-cpu Haswell` runs this same interpreter and venv with AVX-512, VNNI and
+# AMX hidden from CPUID, so onnxruntime's MLAS picks its AVX2 (pre-VNNI) int8 kernels. Under
+# qemu-user /proc/cpuinfo is still the host's, so what the process sees is read from CPUID itself
+# (numpy's runtime dispatch table) instead.
+
+QEMU_AVX2_CPU = "Haswell"  # AVX2, FMA, F16C; no AVX-512, no VNNI, no AMX
+NUMPY_TO_CPUINFO = {"AVX2": "avx2", "FMA3": "fma", "F16C": "f16c", "AVX512F": "avx512f", "AVX512BW": "avx512bw",
+                    "AVX512VNNI": "avx512_vnni"}
+
+
+def cpuid_features() -> dict[str, bool]:
+    """The instruction-set features CPUID reports to this process, as numpy dispatches on them (numpy
+    lists no AMX or AVX-VNNI: enough to tell AVX2 from VNNI, not AMX from AVX-512 VNNI)."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:  # numpy < 2
+        from numpy.core._multiarray_umath import __cpu_features__
+    return {name: bool(__cpu_features__.get(name, False)) for name in NUMPY_TO_CPUINFO}
+
+
+def qemu_avx2_command(qemu: str | None = None) -> list[str] | None:
+    """The command prefix that runs a program on an AVX2-only instruction set (None without qemu-x86_64
+    or off x86-64, where qemu-user would emulate a whole foreign CPU)."""
+    import platform
+    import shutil
+
+    qemu = qemu or shutil.which("qemu-x86_64")
+    if qemu is None or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    return [qemu, "-cpu", QEMU_AVX2_CPU]
+
+
+STACK_GRAPHS = ("onnxruntime_default", "portable")
+
+
+def write_layer_stack(out_dir: Path, blocks: int = 4, tokens: int = 17, seed: int = 0) -> Path:
+    """The first `blocks` transformer blocks of an open_clip ViT-B/16 image tower (random weights,
+    width 768, MLP 3072), batch 1, `tokens` tokens after ln_pre: fp32 ONNX, quantised dynamically with
+    onnxruntime's defaults (full-range int8 weights) and with `ttd export`'s portable settings, and
+    the input with PyTorch's fp32 output (stack.npz). Small enough to run emulated in seconds."""
+    import shutil
+    import warnings
+
+    import torch
+
+    from export.precision import FULL_RANGE, PORTABLE, to_int8
+    from ttd.model.factory import create_model
+
+    visual = create_model("ViT-B-16", seed=seed).clip.visual
+    stack = torch.nn.Sequential(*list(visual.transformer.resblocks)[:blocks]).eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokens_in = torch.randn(1, tokens, visual.transformer.width, generator=torch.Generator().manual_seed(seed))
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's warnings about python scalars are expected here
+            x = visual.ln_pre(tokens_in)
+            torch.onnx.export(stack, (x,), str(out_dir / "fp32.onnx"), input_names=["tokens"], output_names=["out"],
+                              opset_version=18, dynamo=False)
+            reference = stack(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    for name, settings in zip(STACK_GRAPHS, (FULL_RANGE, PORTABLE), strict=True):
+        shutil.copy(out_dir / "fp32.onnx", out_dir / f"{name}.onnx")
+        to_int8(out_dir / f"{name}.onnx", "dynamic", None, settings)
+    (out_dir / "fp32.onnx").unlink()  # 4 blocks: 113 MB, not needed once the variants are made
+    np.savez(out_dir / "stack.npz", tokens=x.numpy(), out=reference.numpy())
+    return out_dir
+
+
+def layer_stack_cosines(stack_dir: Path) -> dict[str, float]:
+    """Worst per-token cosine of each int8 stack against PyTorch fp32, run by onnxruntime here."""
+    import onnxruntime as ort
+
+    data = np.load(stack_dir / "stack.npz")
+    cosines = {}
+    for name in STACK_GRAPHS:
+        session = ort.InferenceSession(str(stack_dir / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+        out, ref = session.run(None, {"tokens": data["tokens"]})[0], data["out"]
+        cos = (out * ref).sum(-1) / np.linalg.norm(out, axis=-1) / np.linalg.norm(ref, axis=-1)
+        cosines[name] = float(cos.min())
+    return cosines
+
+
+def check_on_this_instruction_set(export_dir: Path, stack_dir: Path | None) -> dict:
+    """What `python -m export.int8_portability` prints: the CPUID features this process sees, the int8
+    export's re-check on its reference samples (the portability gate, ttd/runtime/portability.py)
+    and the layer stack's cosines."""
+    from ttd.runtime.export_dir import read_export
+    from ttd.runtime.hardware import Capabilities
+    from ttd.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from ttd.runtime.portability import check_here
+
+    features = cpuid_features()
+    here = Capabilities(model="as CPUID reports it", flags=tuple(NUMPY_TO_CPUINFO[n] for n, on in features.items() if on))
+    export = read_export(export_dir)
+    check = check_here(export_dir, export.manifest, OnnxRuntimeBackend(export, "cpu"), here)
+    return {"cpuid": features, "isa_class": here.isa_class,
+            "export": {"checked": check.checked, "message": check.message, "min_cosine": check.min_cosine},
+            "layer_stack": layer_stack_cosines(stack_dir) if stack_dir else None}
+
+
+if __name__ == "__main__":  # qemu-x86_64 -cpu Haswell python -m export.int8_portability EXPORT [STACK]
+    import json
+    import sys
+
+    print(json.dumps(check_on_this_instruction_set(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None)))

@@ -1,15 +1,21 @@
 """`ttd export`: graphs, gates, variants, manifest, optional TensorRT engines — in that order.
 
 The fp32 graphs are always exported and gated against PyTorch first. A precision variant is then
-made from them and gated against the same PyTorch fp32 reference; if it misses, the export
-directory is left without graphs and the error says by how much it missed.
+made from them and gated against the same PyTorch fp32 reference; if it misses, the error says by
+how much it missed.
+
+Everything is written into a staging folder beside OUT_DIR and moved into OUT_DIR only after the
+gates passed, so a refused, failed or interrupted export (Ctrl-C, a precision this CPU cannot run)
+leaves an earlier export in OUT_DIR as it was (issue 23, item 2).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -58,8 +64,7 @@ def calibration_feeds(model: TTDModel, images: np.ndarray, captions: list[str]
 def _write_side_files(model: TTDModel, out_dir: Path, torch_weights: bool) -> None:
     if torch_weights:  # writes CONFIG beside it
         save_checkpoint(model, out_dir / TORCH_WEIGHTS)
-    else:  # and no stale weights of an earlier export in the same folder
-        (out_dir / TORCH_WEIGHTS).unlink(missing_ok=True)
+    else:
         (out_dir / CONFIG).write_text(json.dumps(model.config.to_dict(), indent=1))
     (out_dir / "stopwords.txt").write_text("\n".join(sorted(STOPWORDS)) + "\n")
     if model.config.tokenizer.get("kind") == "open_clip":
@@ -88,8 +93,9 @@ def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mod
                tensorrt_limits=None, torch_weights: bool = True, int8_settings: Int8Settings | None = None) -> dict:
     """Export `model` to `out_dir` and return the manifest; raises GateError when a gate fails.
 
-    The manifest is built in memory and written once, at the end: an export that fails its gate
-    leaves no manifest (and no graphs), so nothing can load it. The model is moved to the CPU in
+    The export is made in a staging folder beside `out_dir` and moved in only when its gates
+    passed (see swap_in): an export that fails, is refused or is interrupted leaves `out_dir` as it
+    was. The model is moved to the CPU in
     float32 and its LoRA adapters, if any, are merged in place. `torch_weights` also writes those
     weights (model.safetensors), for the torch backend and the Triton torch engine."""
     if precision not in PRECISIONS:
@@ -102,8 +108,30 @@ def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mod
     model = model.float().cpu().eval()
     if has_lora(model):
         model = merge_lora(model)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST).unlink(missing_ok=True)  # an earlier export's manifest must not vouch for these files
+    staging = staging_dir(out_dir)
+    try:
+        manifest = _gated_export(model, staging, precision, int8_mode, opset, check_count, torch_weights,
+                                 int8_settings)
+    except BaseException:  # a refused gate, an error or Ctrl-C: OUT_DIR is untouched
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    try:
+        if tensorrt:
+            from export.tensorrt import BatchLimits, build_engines, engines_manifest
+
+            limits = tensorrt_limits or BatchLimits()
+            engines = build_engines(staging, model.config, precision, limits)
+            manifest["tensorrt"] = engines_manifest(engines, model.config, limits)
+            manifest["files"].update({p.name: sha256(p) for p in engines.values()})
+    finally:  # the gated ONNX export is moved in even when the engines fail to build
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        swap_in(staging, out_dir)
+    return manifest
+
+
+def _gated_export(model: TTDModel, out_dir: Path, precision: str, int8_mode: str, opset: int, check_count: int,
+                  torch_weights: bool, int8_settings: Int8Settings) -> dict:
+    """Graphs, side files and the manifest (returned, not written) in `out_dir`; raises GateError."""
     reference = model_tagger(TorchBackend(model, "cpu", "fp32"), model)
     images, captions = check_pairs(Preprocess.for_model(model.config), check_count)
     _write_side_files(model, out_dir, torch_weights)
@@ -111,33 +139,61 @@ def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mod
     write_reference_samples(out_dir, reference.backend, normalize(images, model.config.mean, model.config.std),
                             model.tokenizer(captions[:8]))
     manifest = _manifest(model, out_dir, "fp32", opset)
-    try:
-        manifest["parity"] = _gate(model, out_dir, manifest, reference, images, captions, FP32_GATE,
-                                   "fp32 export", "ONNX vs PyTorch")
-        if precision != "fp32":
-            CONVERTERS[precision](VariantJob(model, out_dir, opset, int8_mode, int8_settings,
-                                             lambda: calibration_feeds(model, images, captions)))
-            manifest.update(_manifest(model, out_dir, precision, opset))  # the variant's hashes
-            manifest["quality"] = _gate(model, out_dir, manifest, reference, images, captions, VARIANT_GATE,
-                                        f"{precision} export", "vs PyTorch fp32")
-            if precision == "int8":
-                manifest["int8"] = {"mode": int8_mode, **int8_settings.to_dict(),
-                                    "worst_pair_sum": max(worst_pair_sum(out_dir / f"{n}.onnx") for n in ENCODERS)}
-    except Exception:
-        for name in GRAPH_NAMES:
-            (out_dir / f"{name}.onnx").unlink(missing_ok=True)
-        raise
-    try:
-        if tensorrt:
-            from export.tensorrt import BatchLimits, build_engines, engines_manifest
-
-            limits = tensorrt_limits or BatchLimits()
-            engines = build_engines(out_dir, model.config, precision, limits)
-            manifest["tensorrt"] = engines_manifest(engines, model.config, limits)
-            manifest["files"].update({p.name: sha256(p) for p in engines.values()})
-    finally:  # the gated ONNX export stays usable even when the engines fail to build
-        (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    manifest["parity"] = _gate(model, out_dir, manifest, reference, images, captions, FP32_GATE,
+                               "fp32 export", "ONNX vs PyTorch")
+    if precision != "fp32":
+        CONVERTERS[precision](VariantJob(model, out_dir, opset, int8_mode, int8_settings,
+                                         lambda: calibration_feeds(model, images, captions)))
+        manifest.update(_manifest(model, out_dir, precision, opset))  # the variant's hashes
+        manifest["quality"] = _gate(model, out_dir, manifest, reference, images, captions, VARIANT_GATE,
+                                    f"{precision} export", "vs PyTorch fp32")
+        if precision == "int8":
+            manifest["int8"] = {"mode": int8_mode, **int8_settings.to_dict(),
+                                "worst_pair_sum": max(worst_pair_sum(out_dir / f"{n}.onnx") for n in ENCODERS)}
     return manifest
+
+
+STAGING_PREFIX = ".ttd-export-"  # a staging folder left by a kill -9 is named so, beside OUT_DIR
+
+
+def staging_dir(out_dir: Path) -> Path:
+    """A new, empty folder beside `out_dir` (the same file system, so moving from it is a rename),
+    with the mode a new folder gets from the umask (mkdtemp would make it 0700)."""
+    out_dir = Path(os.path.abspath(out_dir))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} exists and is not a folder")
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{out_dir.name}.", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
+    return staging
+
+
+def swap_in(staging: Path, out_dir: Path) -> None:
+    """Move the finished export in `staging` into `out_dir`. A new `out_dir` is one rename. An
+    existing one keeps the user's own files: its old manifest goes first (so a kill in the middle
+    leaves a folder no runtime loads, never a mix vouched for), then the old export's files that
+    the new one lacks, then each new file is renamed over, and the manifest last."""
+    if not out_dir.exists():
+        staging.rename(out_dir)
+        return
+    old = out_dir / MANIFEST
+    try:
+        stale = set(json.loads(old.read_text()).get("files", {}))
+    except (OSError, ValueError, AttributeError):
+        stale = set()
+    stale |= {CONFIG, TORCH_WEIGHTS, REFERENCE_SAMPLES, *(f"{g}.onnx{x}" for g in GRAPH_NAMES for x in ("", ".data"))}
+    old.unlink(missing_ok=True)
+    new = {p.name for p in staging.iterdir()} - {MANIFEST}
+    for name in stale - new:
+        path = out_dir / name
+        if Path(name).name == name and name not in (".", "..") and (path.is_file() or path.is_symlink()):
+            path.unlink()  # a manifest's names never lead out of the folder, nor to a folder
+    for name in sorted(new):
+        os.replace(staging / name, out_dir / name)
+    os.replace(staging / MANIFEST, out_dir / MANIFEST)
+    staging.rmdir()
 
 
 def _manifest(model: TTDModel, out_dir: Path, precision: str, opset: int) -> dict:

@@ -29,6 +29,7 @@ from ttd.model.contract import (
     TRITON_ENGINES,
 )
 from ttd.runtime.export_dir import CONFIG, MANIFEST, TORCH_WEIGHTS, read_export, sha256
+from ttd.serve.repository import record_problems, write_record
 
 TEMPLATES = Path(triton_repo.__file__).parent
 ENGINES = TRITON_ENGINES
@@ -213,7 +214,7 @@ def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engi
         common, name=TAGGER_MODEL, kind="KIND_CPU",  # decoding, tokenising and BLS calls: CPU work whatever the graphs run on
         engine='backend: "python"', inputs=_tensor_block(tagger_inputs, set(TAGGER_INPUTS[1:])),  # only the image is required
         outputs=_tensor_block(tagger_outputs), extra=_parameters(parameters)))
-    (repo / "ttd_repository.json").write_text(json.dumps({"flavour": flavour, "engine": engine, "export": str(export_dir)}))
+    write_record(repo, {"flavour": flavour, "engine": engine, "export": str(export_dir)})  # and every file's hash
     return repo
 
 
@@ -226,7 +227,7 @@ def _parse(path: Path):
 
 def validate_repository(repo: Path) -> list[str]:
     """Every config parsed with tritonclient's model_config_pb2 and checked against its files and
-    graphs; returns a summary line per model, raises RepositoryError listing all problems."""
+    graphs, and every file the build wrote checked against its recorded sha256; returns a summary line per model, raises RepositoryError listing all problems."""
     from tritonclient.grpc import model_config_pb2
 
     problems, summary = [], []
@@ -290,6 +291,7 @@ def validate_repository(repo: Path) -> list[str]:
         problems.append(f"inconsistent max_batch_size across models: {batch_sizes}")
     if engines:
         problems += _tensorrt_problems(engines, tagger)
+    problems += record_problems(repo)
     if problems:
         raise RepositoryError(f"{repo}: " + "; ".join(problems))
     return summary

@@ -7,12 +7,13 @@ import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from export.checks import GateError, check_pairs
-from export.int8_portability import INT16_MAX, run_as_pre_vnni, worst_pair_sum
+from export.int8_portability import INT16_MAX, qemu_avx2_command, run_as_pre_vnni, worst_pair_sum
 from export.pipeline import run_export
 from export.precision import FULL_RANGE, PORTABLE, to_int8
 from ttd.model.factory import create_model
@@ -174,3 +175,36 @@ def test_ttd_tag_prints_the_cpu_check_line(int8_export, tmp_path):
                                        "--backend", "onnxruntime", "--export-dir", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "int8 export gated on this CPU class" in result.output and "PortabilityNotice" not in result.output
+
+
+QEMU_AVX2 = qemu_avx2_command()
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.skipif(QEMU_AVX2 is None, reason="no qemu-x86_64 on this x86-64 machine: `apt-get install qemu-user` "
+                                              "(.ci/run installs it) to run onnxruntime on an AVX2-only instruction set")
+def test_int8_holds_on_an_avx2_instruction_set_under_qemu(int8_export, tmp_path):
+    """Issue 23: the real pre-VNNI kernels, not the emulation. `qemu-x86_64 -cpu Haswell` runs this
+    interpreter with AVX-512, VNNI and AMX hidden from CPUID, so onnxruntime picks its AVX2 int8
+    kernels: the world export's int8 gate holds there, and on a ViT-B/16 layer stack onnxruntime's
+    default int8 visibly saturates while the portable settings stay at fp32's level."""
+    from export.int8_portability import layer_stack_cosines, write_layer_stack
+
+    out, _ = int8_export
+    stack = write_layer_stack(tmp_path / "stack", blocks=4, tokens=17)
+    here = layer_stack_cosines(stack)  # this machine's kernels (exact int32 sums with VNNI/AMX)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run([*QEMU_AVX2, sys.executable, "-m", "export.int8_portability", str(out), str(stack)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    avx2 = json.loads(done.stdout.strip().splitlines()[-1])
+    assert avx2["cpuid"] == {"AVX2": True, "FMA3": True, "F16C": True, "AVX512F": False, "AVX512BW": False,
+                             "AVX512VNNI": False}
+    assert avx2["isa_class"] == "avx2"
+    assert avx2["export"]["checked"], avx2["export"]["message"]  # re-checked, not skipped as the same class
+    assert min(avx2["export"]["min_cosine"].values()) >= 0.99  # the gate's cosine on its reference samples
+    stack_avx2 = avx2["layer_stack"]
+    print(f"layer stack, min cosine vs fp32: here {here}, under qemu -cpu Haswell {stack_avx2}")
+    assert stack_avx2["portable"] >= 0.9999 and abs(stack_avx2["portable"] - here["portable"]) < 1e-5
+    assert stack_avx2["onnxruntime_default"] < 0.999  # saturated int16 pairs: the failure the settings prevent
+    assert (1 - stack_avx2["onnxruntime_default"]) > 20 * (1 - stack_avx2["portable"])

@@ -75,3 +75,55 @@ def test_malformed_manifest_and_config_are_named(export_dir, tmp_path):
     (copy / MANIFEST).write_text("[]")
     with pytest.raises(ExportError, match=r"unknown format"):
         read_export(copy)
+
+
+def _snapshot(folder):
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:12] for p in sorted(folder.iterdir())}
+
+
+def test_a_refused_or_interrupted_export_leaves_the_earlier_export_as_it_was(export_dir, tmp_path, monkeypatch):
+    """Issue 23, item 2: `ttd export` into a working export that is then refused (a gate) or
+    interrupted (Ctrl-C) used to delete its manifest and graphs. The new export is made beside it
+    and swapped in only after its gates pass."""
+    import export.pipeline as pipeline
+    from export.checks import GateError
+
+    work = tmp_path / "work"
+    shutil.copytree(export_dir, work)
+    before = _snapshot(work)
+
+    def refused(job):
+        raise GateError("int8 export refused: (a stand-in for a missed gate)")
+
+    monkeypatch.setitem(pipeline.CONVERTERS, "int8", refused)
+    with pytest.raises(GateError, match="stand-in"):
+        run_export(create_model("world-tiny", seed=1), work, "int8", check_count=4)
+    assert _snapshot(work) == before
+    read_export(work)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "export_graphs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_export(create_model("world-tiny", seed=1), work, check_count=4)
+    assert _snapshot(work) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]  # no staging folder left behind
+
+
+def test_an_export_that_passes_replaces_the_old_one_and_keeps_the_users_files(export_dir, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(export_dir, work)
+    old_hashes = json.loads((work / MANIFEST).read_text())["files"]
+    manifest = run_export(create_model("world-tiny", seed=1), work, check_count=4, torch_weights=False)
+    assert (work / "notes.txt").is_file()  # the user's file stays
+    assert not (work / "model.safetensors").exists()  # the old export's file the new one lacks is gone
+    assert manifest["files"]["image_encoder.onnx"] != old_hashes["image_encoder.onnx"]
+    assert read_export(work).manifest["files"] == manifest["files"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+    fresh = run_export(create_model("world-tiny", seed=1), tmp_path / "new" / "x", check_count=4)
+    assert read_export(tmp_path / "new" / "x").manifest["files"] == fresh["files"]
+    (tmp_path / "new" / "plain").mkdir()  # the staging folder renamed in has a plain folder's mode, not 0700
+    assert (tmp_path / "new" / "x").stat().st_mode == (tmp_path / "new" / "plain").stat().st_mode

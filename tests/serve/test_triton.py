@@ -163,3 +163,34 @@ def test_python_graph_models_of_an_fp16_export_avoid_the_crashing_optimisations(
     assert 'key: "precision" value: { string_value: "fp16" }' in (repo / "ttd_image_encoder" / "config.pbtxt").read_text()
     assert session_options("fp16", True).graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     assert session_options("fp32", True).graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+
+def test_a_flipped_byte_in_a_repository_is_refused_by_validate_and_serve(export_dir, tmp_path):
+    """Issue 23, item 16: `ttd triton validate` said "valid" for a repository whose model.onnx had
+    one byte flipped, and `ttd serve` served it. The build records every file's sha256."""
+    repo = build_repository(export_dir, tmp_path / "repo", "python")
+    runner = CliRunner()
+    assert runner.invoke(main, ["triton", "validate", str(repo)]).exit_code == 0
+    graph = repo / "ttd_image_encoder" / "1" / "model.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 1
+    graph.write_bytes(bytes(data))
+    expected = "ttd_image_encoder/1/model.onnx is not the file `ttd triton build` wrote (sha256 differs"
+    checked = runner.invoke(main, ["triton", "validate", str(repo)])
+    assert checked.exit_code == 2 and expected in checked.output, checked.output
+    served = runner.invoke(main, ["serve", str(repo), "--http-port", "1"])  # refused before tritonserver starts
+    assert served.exit_code == 2 and f"{repo} is not served: {expected}" in served.output, served.output
+    assert "Traceback" not in served.output
+    (repo / "ttd_tagger" / "1" / "model.py").unlink()
+    with pytest.raises(RepositoryError, match=r"ttd_tagger/1/model.py is missing"):
+        validate_repository(repo)
+    (repo / "ttd_repository.json").unlink()
+    with pytest.raises(RepositoryError, match=r"no ttd_repository.json: not built by `ttd triton build`"):
+        validate_repository(repo)
+
+
+def test_edited_configs_are_not_a_hash_problem(export_dir, tmp_path):
+    repo = build_repository(export_dir, tmp_path / "repo", "native")
+    config = repo / "ttd_tag_head" / "config.pbtxt"
+    config.write_text(config.read_text().replace("count: 1", "count: 2"))
+    validate_repository(repo)

@@ -200,11 +200,24 @@ def triton_validate(repo):
               help="Restart tritonserver when it dies, at most this many times in 10 minutes.")
 @click.option("--max-body-mb", type=click.FloatRange(0.001), default=64, show_default=True,
               help="Largest HTTP request body the front accepts (MiB); larger ones get 413 before they are read.")
-def serve(repo, host, http_port, grpc_port, timeout_s, max_restarts, max_body_mb):
+@click.option("--max-connections", type=click.IntRange(1), default=1024, show_default=True,
+              help="Open HTTP connections at most (lowered to fit the file-descriptor limit: half of `ulimit -n` "
+                   "less 64). At the cap the longest idle connection is closed to make room; when all are in "
+                   "requests, one more is answered 503 and closed.")
+@click.option("--idle-timeout", "idle_timeout_s", type=click.FloatRange(0.1), default=15, show_default=True,
+              help="Seconds a connection may take to send a complete request header, from opening or from its "
+                   "previous answer (also the keep-alive idle time).")
+@click.option("--body-timeout", "body_timeout_s", type=click.FloatRange(0.1), default=60, show_default=True,
+              help="Seconds a request may take to send its body (408 after that).")
+def serve(repo, host, http_port, grpc_port, timeout_s, max_restarts, max_body_mb, max_connections, idle_timeout_s,
+          body_timeout_s):
     """Serve a model repository with the tritonserver bundled by nvidia-pytriton, behind an HTTP
     front on --host:--http-port that refuses malformed requests (4xx with a JSON reason) and
     retries a request once when tritonserver dies under it; tritonserver itself listens on a
-    loopback port. Ctrl-C or SIGTERM stops it; a crashed tritonserver is restarted."""
+    loopback port. Ctrl-C or SIGTERM stops it; a crashed tritonserver is restarted. Slow clients
+    are cut off (--idle-timeout, --body-timeout), connections are capped (--max-connections), and
+    refusals are logged one line each, at most one line per kind every 10 s. The repository's
+    files are checked against the hashes `ttd triton build` recorded before anything is served."""
     from ttd.serve.http_front import FrontError, FrontLimits
     from ttd.serve.service import serve_repository
     from ttd.serve.triton_server import ServerError
@@ -213,7 +226,8 @@ def serve(repo, host, http_port, grpc_port, timeout_s, max_restarts, max_body_mb
         click.echo(f"warning: binding {host} exposes the server to the network, without authentication", err=True)
     try:
         code = serve_repository(repo, host, http_port, grpc_port, timeout_s, max_restarts,
-                                FrontLimits(max_body_bytes=int(max_body_mb * (1 << 20))),
+                                FrontLimits(max_body_bytes=int(max_body_mb * (1 << 20)), idle_timeout_s=idle_timeout_s,
+                                            body_timeout_s=body_timeout_s, max_connections=max_connections),
                                 lambda line: click.echo(line, err=True))
     except (ServerError, FrontError) as error:
         fail(str(error))

@@ -103,16 +103,23 @@ def segment(captions, classes, images, output, coco, masks_dir, model, pretraine
 @click.option("--max-side", type=click.IntRange(64), default=480, show_default=True,
               help="Images are embedded at most this many pixels on their longer side.")
 @click.option("--images-root", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
-              help="Folder that relative image paths in RECORDS start from (default: RECORDS' folder; "
-                   "for `ttd tag --captions F` outputs, F's folder).")
-def report(records, html_path, per_page, max_side, images_root):
+              help="Folder that relative image paths in RECORDS start from, and that every embedded image must "
+                   "lie in [default: the folder of the captions file the job recorded (`ttd tag --captions F`), "
+                   "else RECORDS' folder]. Masks may also lie in RECORDS' folder.")
+@click.option("--allow-any-path", is_flag=True,
+              help="Embed images and masks wherever RECORDS point (absolute paths, '..', links out of the root). "
+                   "Off by default: a report is one file made to be shared, and records must not make it carry "
+                   "files from elsewhere. Only for a report you keep, of records you trust.")
+def report(records, html_path, per_page, max_side, images_root, allow_any_path):
     """A static, self-contained HTML report of a `ttd tag` or `ttd segment` output (RECORDS):
     each image with its coloured mask overlays and legend, the candidate tags with scores
-    (selected or rejected), and the errors; paginated."""
+    (selected or rejected), and the errors; paginated. A record that cannot be shown (a bad
+    score, a mask larger than its image, a path outside --images-root) is an error on its item;
+    the rest renders."""
     from ttd.jobs.report import write_report
 
     try:
-        pages = write_report(records, html_path, per_page, max_side, images_root)
+        pages = write_report(records, html_path, per_page, max_side, images_root, allow_any_path)
     except (ValueError, OSError, RuntimeError) as error:  # RuntimeError: a Parquet folder without pyarrow
         fail(str(error))
     click.echo(f"wrote {len(pages)} page(s): {pages[0]}", err=True)

@@ -19,6 +19,7 @@ import base64
 import html
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,9 +81,33 @@ def _overlay_uri(mask: np.ndarray, colour: tuple[int, int, int], display: tuple[
     return _data_uri(Image.fromarray(rgba, "RGBA"))
 
 
-def _tag_png_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """A `ttd tag` mask PNG as a bool mask in the image's geometry."""
+MAX_CROP_SIDE = 4096  # a square mask of an older `ttd tag` covers the model's crop: never larger than this
+
+
+def _check_mask_size(height: int, width: int, size: tuple[int, int], what: str, crop_ok: bool) -> None:
+    """Refuse a mask whose declared size is neither the image's nor (for `ttd tag` masks) a model
+    crop's, before anything is decoded: a 122-byte RLE line can declare 40000 x 40000 (issue 23, item 11)."""
+    if (height, width) == (size[1], size[0]):
+        return
+    if crop_ok and height == width and 0 < height <= MAX_CROP_SIDE:
+        return
+    raise ValueError(f"{what} is {width}x{height}, the image {size[0]}x{size[1]}")
+
+
+def _rle_mask(rle: object, size: tuple[int, int], what: str, crop_ok: bool) -> np.ndarray:
+    from ttd.jobs.coco import decode_rle
+
+    if not isinstance(rle, dict) or not isinstance(rle.get("size"), list) or len(rle["size"]) != 2 \
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in rle["size"]):
+        raise ValueError(f"{what} is not an RLE mask (needs size [h, w] and counts)")
+    _check_mask_size(*rle["size"], size, what, crop_ok)
+    return decode_rle(rle)
+
+
+def _tag_png_mask(path: Path, size: tuple[int, int], what: str = "mask") -> np.ndarray:
+    """A `ttd tag` mask PNG as a bool mask in the image's geometry (its size checked before decoding)."""
     with Image.open(path) as png:
+        _check_mask_size(png.height, png.width, size, what, crop_ok=True)
         return _crop_mask_in_image(np.asarray(png.convert("L")), size)
 
 
@@ -95,56 +120,125 @@ def _crop_mask_in_image(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return mask >= MASK_LEVEL
 
 
-def _entry(number: int, record: dict, images_root: Path, max_side: int,
-           colours: dict[str, tuple[int, int, int]] | None = None) -> Entry:
-    """One item of the report; `colours` (label -> colour, filled as labels appear) keeps a
-    label's colour the same across the items of a report."""
-    colours = {} if colours is None else colours
-    from ttd.jobs.coco import decode_rle
+@dataclass(frozen=True)
+class FileAccess:
+    """Which files a report may embed. Relative paths in records start at `root`; with `confined`
+    (the default) a path — relative, absolute, or through a link — must resolve inside one of
+    `allowed`, so records cannot make a report that will be shared carry other files
+    (`../../secret.png`, `/etc/...`) (issue 23, item 21)."""
 
+    root: Path
+    allowed: tuple[Path, ...]
+    confined: bool = True
+
+    @classmethod
+    def under(cls, root: Path, *more: Path, confined: bool = True) -> FileAccess:
+        return cls(root, tuple(dict.fromkeys(p.resolve() for p in (root, *more))), confined)
+
+    def path(self, name: str, what: str) -> Path:
+        path = Path(name)
+        path = path if path.is_absolute() else self.root / path
+        if self.confined:
+            real = path.resolve()
+            if not any(real.is_relative_to(folder) for folder in self.allowed):
+                raise PermissionError(f"{what} {name!r} is outside {', '.join(map(str, self.allowed))}: not embedded "
+                                      "(pass --images-root with a folder that holds it, or --allow-any-path for a "
+                                      "report you will not share)")
+        return path
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _candidates(record: dict, entry: Entry) -> None:
+    """The candidate rows that are well formed; each malformed one is an error of the item."""
+    selected = record.get("selected")
+    if selected is not None and not isinstance(selected, list):
+        entry.errors.append(f"report: 'selected' is {type(selected).__name__}, not a list")
+        selected = []
+    chosen = {s.get("tag") if isinstance(s, dict) else s for s in selected or []}
+    chosen = {c for c in chosen if isinstance(c, str)}
+    key = "candidates" if record.get("candidates") is not None else "top"
+    rows = record.get(key) or []
+    if not isinstance(rows, list):
+        entry.errors.append(f"report: '{key}' is {type(rows).__name__}, not a list")
+        return
+    for k, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("tag"), str):
+            entry.errors.append(f"report: {key}[{k}] is not an object with a 'tag'")
+        elif not _finite(row.get("score")):
+            entry.errors.append(f"report: {key}[{k}] ({row['tag']!r}): score {json.dumps(row.get('score'))} is not "
+                                "a finite number")
+        else:
+            entry.candidates.append((row["tag"], float(row["score"]), row["tag"] in chosen))
+
+
+def _masks(record: dict, image_size: tuple[int, int], access: FileAccess) -> list[tuple[str, str, float | None, np.ndarray]]:
+    """The record's masks in the image's geometry: segments, else RLE tag masks, else PNG files."""
+    masks: list[tuple[str, str, float | None, np.ndarray]] = []
+    segments = record.get("segments") or []
+    tag_rles = (record.get("rle_masks") or {}) if not segments else {}
+    pngs = (record.get("masks") or {}) if not (segments or tag_rles) else {}
+    for name, value, kind in (("segments", segments, list), ("rle_masks", tag_rles, dict), ("masks", pngs, dict)):
+        if not isinstance(value, kind):
+            raise ValueError(f"'{name}' is {type(value).__name__}, not {'a list' if kind is list else 'an object'}")
+    for k, segment in enumerate(segments):
+        if not isinstance(segment, dict) or "label" not in segment:
+            raise ValueError(f"segments[{k}] is not an object with a 'label'")
+        mask = _rle_mask(segment.get("rle"), image_size, f"mask {segment['label']!r}", crop_ok=False)
+        score = segment.get("score") if _finite(segment.get("score")) else None
+        masks.append((str(segment["label"]), str(segment.get("kind", "")), score, mask))
+    for label, rle in tag_rles.items():  # self-contained: shown instead of the PNG files
+        mask = _rle_mask(rle, image_size, f"mask {label!r}", crop_ok=True)
+        masks.append((str(label), "tag", None, _crop_mask_in_image(mask.astype(np.uint8) * 255, image_size)))
+    for label, png in pngs.items():
+        if not isinstance(png, str):
+            raise ValueError(f"mask {label!r} is {type(png).__name__}, not a file name")
+        masks.append((str(label), "tag", None, _tag_png_mask(access.path(png, "mask"), image_size, f"mask {label!r}")))
+    return masks
+
+
+def _entry(number: int, record: dict, access: FileAccess, max_side: int,
+           colours: dict[str, tuple[int, int, int]] | None = None, mask_access: FileAccess | None = None) -> Entry:
+    """One item of the report; `colours` (label -> colour, filled as labels appear) keeps a
+    label's colour the same across the items of a report. Whatever is wrong with the record
+    becomes an error of this item: the rest of the report renders (issue 23, item 10)."""
+    colours = {} if colours is None else colours
     title = str(record.get("image", f"line {number}"))
     caption = record.get("caption")
     entry = Entry(number, title, caption if isinstance(caption, str) else None, None, None)
+    try:
+        _fill(entry, record, access, mask_access or access, max_side, colours)
+    except Exception as error:  # a record no check above foresaw: this item fails, not the report
+        entry.errors.append(f"report: cannot show this record ({type(error).__name__}: {error})")
+    return entry
+
+
+def _fill(entry: Entry, record: dict, access: FileAccess, mask_access: FileAccess, max_side: int,
+          colours: dict[str, tuple[int, int, int]]) -> None:
     if record.get("error"):
         entry.errors.append(str(record["error"]))
     image = None
     if isinstance(record.get("image"), str):
-        path = Path(record["image"])
         try:
-            image = decode_image(path if path.is_absolute() else images_root / path, title)
-        except ImageError as error:
-            if not entry.errors:  # an error record already says why its image is unusable
+            image = decode_image(access.path(record["image"], "image"), entry.title)
+        except (ImageError, PermissionError) as error:
+            if not entry.errors or isinstance(error, PermissionError):  # an error record already says why
                 entry.errors.append(f"report: {error}")
     if image is not None:
         entry.size = image.size
         display = _display_size(*image.size, max_side)
         entry.image_uri = _data_uri(image.resize(display, Image.Resampling.BILINEAR), "JPEG")
-        masks: list[tuple[str, str, float | None, np.ndarray]] = []
         try:
-            for segment in record.get("segments", []):
-                mask = decode_rle(segment["rle"])
-                if mask.shape != (image.size[1], image.size[0]):
-                    raise ValueError(f"mask {segment['label']!r} is {mask.shape[1]}x{mask.shape[0]}, "
-                                     f"the image {image.size[0]}x{image.size[1]}")
-                masks.append((str(segment["label"]), str(segment.get("kind", "")), segment.get("score"), mask))
-            tag_rles = (record.get("rle_masks") or {}) if not record.get("segments") else {}
-            for label, rle in tag_rles.items():  # self-contained: shown instead of the PNG files
-                masks.append((str(label), "tag", None, _crop_mask_in_image(decode_rle(rle).astype(np.uint8) * 255,
-                                                                           image.size)))
-            for label, png in (record.get("masks") or {}).items() if not (record.get("segments") or tag_rles) else ():
-                png_path = Path(png) if Path(png).is_absolute() else images_root / png
-                masks.append((str(label), "tag", None, _tag_png_mask(png_path, image.size)))
+            masks = _masks(record, image.size, mask_access)
         except (ValueError, KeyError, TypeError, OSError) as error:
             entry.errors.append(f"report: cannot show masks ({error})")
+            masks = []
         for label, kind, score, mask in masks:
             colour = colours.setdefault(label, COLOURS[len(colours) % len(COLOURS)])
             entry.overlays.append(Overlay(label, kind, score, colour, _overlay_uri(mask, colour, display)))
-    selected = {s.get("tag") if isinstance(s, dict) else s for s in record.get("selected") or []}
-    rows = record.get("candidates") or record.get("top") or []
-    for row in rows:
-        if isinstance(row, dict) and "tag" in row:
-            entry.candidates.append((str(row["tag"]), float(row.get("score", 0.0)), row["tag"] in selected))
-    return entry
+    _candidates(record, entry)
 
 
 def read_records(path: Path) -> list[tuple[int, dict]]:
@@ -268,16 +362,42 @@ def render_page(title: str, entries: list[Entry], page: int, pages: int, html_pa
             + f"{nav}<script>{SCRIPT}</script></body></html>\n")
 
 
+def job_images_root(records_path: Path) -> Path | None:
+    """The folder of the captions file the job recorded (relative image paths in its records start
+    there: issue 23, item 12), or None (images given as arguments, no job record)."""
+    if records_path.is_dir():
+        from ttd.jobs.parquet_output import JOB_FILE
+
+        places = [records_path / JOB_FILE]
+    else:
+        from ttd.jobs.jsonl_output import finished_job_path, job_path
+
+        places = [finished_job_path(records_path), job_path(records_path)]
+    for place in places:
+        try:
+            captions = json.loads(place.read_text(encoding="utf-8")).get("captions")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(captions, str) and captions:
+            return Path(captions).parent
+    return None
+
+
 def write_report(records_path: Path, html_path: Path, per_page: int = 50, max_side: int = 480,
-                 images_root: Path | None = None) -> list[Path]:
+                 images_root: Path | None = None, allow_any_path: bool = False) -> list[Path]:
     """Write the report of `records_path` (JSONL) to `html_path` (+ further pages); returns the pages.
 
-    Image and mask paths in the records are resolved against `images_root` (default: the records
-    file's folder) unless absolute."""
+    Relative image and mask paths in the records start at `images_root` (default: the folder of
+    the captions file the job recorded, else the records file's folder). Unless `allow_any_path`,
+    an image must resolve inside that root and a mask inside it or the records' folder; any other
+    path is an error of its item, not embedded."""
     records = read_records(records_path)
     if not records:
         raise ValueError(f"{records_path}: no records to report")
-    root = images_root or records_path.parent
+    root = images_root or job_images_root(records_path) or records_path.parent
+    images = FileAccess.under(root, confined=not allow_any_path)
+    masks = FileAccess.under(root, records_path if records_path.is_dir() else records_path.parent,
+                             confined=not allow_any_path)
     html_path.parent.mkdir(parents=True, exist_ok=True)
     pages = max(1, -(-len(records) // per_page))
     totals = {"items": len(records), "errors": sum(1 for _, r in records if r.get("error"))}
@@ -285,7 +405,7 @@ def write_report(records_path: Path, html_path: Path, per_page: int = 50, max_si
     colours: dict[str, tuple[int, int, int]] = {}
     for page in range(1, pages + 1):
         chunk = records[(page - 1) * per_page : page * per_page]
-        entries = [_entry(number, record, root, max_side, colours) for number, record in chunk]
+        entries = [_entry(number, record, images, max_side, colours, masks) for number, record in chunk]
         path = page_name(html_path, page)
         path.write_text(render_page(f"ttd report: {records_path.name}", entries, page, pages, html_path, totals),
                         encoding="utf-8")

@@ -12,6 +12,13 @@ server died and `ttd serve` restarts it) waits for the backend to be ready and i
 
 Request bodies are read whole (bounded) before forwarding: the checks and the one retry need
 them. gRPC does not pass through the front (see `ttd serve --help`).
+
+Connections are bounded too (issue 23, items 8 and 19): a connection must send a complete request
+header within `idle_timeout_s` of opening (or of its previous answer: aiohttp's keep-alive timer,
+which data does not reset) and its body within `body_timeout_s`; at most `max_connections` are
+open at once (kept below the file-descriptor limit, so accept() never fails for lack of one), and
+one more is answered 503 and closed. Malformed HTTP gets the same JSON refusal as everything else,
+and every such event is one log line, rate-limited (RateLimitedLog).
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from dataclasses import dataclass
 
 from aiohttp import ClientConnectionError, ClientSession, ClientTimeout, TCPConnector, web
 
+from ttd.serve.front_connections import Connections, FrontConnection, RateLimitedLog, connection_cap
+
 
 @dataclass(frozen=True)
 class FrontLimits:
@@ -37,6 +46,10 @@ class FrontLimits:
     retry_wait_s: float = 30.0  # how long a request waits for a restarting backend
     backend_timeout_s: float = 600.0  # a backend that stops answering mid-request
     stream_above_bytes: int = 1 << 20  # answers larger than this are streamed, smaller ones copied
+    idle_timeout_s: float = 15.0  # connection open (or last answer) -> complete request header
+    body_timeout_s: float = 60.0  # request header -> complete body (64 MiB at 9 Mbit/s)
+    max_connections: int = 1024  # lowered to fit the file-descriptor limit (connection_cap)
+    log_interval_s: float = 10.0  # at most one log line per kind of event in this long
 
 
 class Refusal(Exception):
@@ -96,9 +109,18 @@ def check_headers(content_type: str, header_length: str | None, content_encoding
 
 async def read_body(request: web.BaseRequest, limits: FrontLimits) -> bytes:
     """The body, read in chunks and refused as soon as it passes the bound (a body without a
-    declared length, i.e. chunked, is never buffered past it)."""
+    declared length, i.e. chunked, is never buffered past it) or takes longer than
+    `body_timeout_s` (a client trickling its body does not hold a connection for ever)."""
     chunks, size = [], 0
-    async for chunk in request.content.iter_any():
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limits.body_timeout_s
+    while True:
+        try:
+            chunk = await asyncio.wait_for(request.content.readany(), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError as error:
+            raise Refusal(408, f"body not complete after {limits.body_timeout_s:g} s ({size:,} bytes received)") from error
+        if not chunk:
+            break
         size += len(chunk)
         if size > limits.max_body_bytes:
             raise Refusal(413, f"body exceeds the limit of {limits.max_body_bytes:,} bytes")
@@ -200,7 +222,8 @@ def check_infer_body(body: bytes, header_length: int | None) -> dict:
 @dataclass(frozen=True)
 class ModelShapes:
     """What a model's config allows: the batch bound and, per input, its dims (-1: variable) and the
-    bound of a variable dimension (the `max_variable_dim` parameter of the ttd graph models)."""
+    bound of a variable dimension: the `max_variable_dim` parameter of the ttd graph models, or the
+    `max_tags` parameter of ttd_tagger, whose one variable input is the tag list (issue 23, item 9)."""
 
     max_batch_size: int
     dims: dict[str, list[int]]
@@ -208,10 +231,38 @@ class ModelShapes:
 
     @classmethod
     def from_config(cls, config: dict) -> ModelShapes:
-        bound = config.get("parameters", {}).get("max_variable_dim", {}).get("string_value")
+        parameters = config.get("parameters", {})
+        bounds = [parameters.get(key, {}).get("string_value") for key in ("max_variable_dim", "max_tags")]
+        bound = next((int(b) for b in bounds if b), None)
         return cls(int(config.get("max_batch_size", 0)),
                    {i["name"]: [int(d) for d in i.get("dims", [])] for i in config.get("input", [])},
-                   int(bound) if bound else None)
+                   bound)
+
+    def largest_dim(self) -> int | None:
+        """The largest size any dimension of any input may have (None: a variable one is unbounded)."""
+        dims = [d for shape in self.dims.values() for d in shape]
+        if -1 in dims and self.max_variable_dim is None:
+            return None
+        return max([self.max_batch_size, self.max_variable_dim or 0, *dims])
+
+
+SHAPE_IN_JSON = re.compile(rb'"shape"\s*:\s*\[([0-9,\s]{0,200})\]')
+PRE_CHECK_ABOVE_BYTES = 64 << 10
+
+
+def declared_shape_problem(body: bytes, shapes: ModelShapes) -> str | None:
+    """A large JSON body is refused from the shapes it declares before it is parsed: 32 MB of
+    4,000,000 tags is about 1 GB of Python objects once parsed. A quote inside a JSON string is
+    escaped, so `"shape": [...]` is found only where the request declares a shape."""
+    largest = shapes.largest_dim()
+    if largest is None:
+        return None
+    for match in SHAPE_IN_JSON.finditer(body):
+        dims = [int(d) for d in match.group(1).split(b",") if d.strip()]
+        if dims and max(dims) > largest:
+            return (f"a tensor of shape {dims} has a dimension of {max(dims):,}, more than this model accepts in "
+                    f"any dimension ({largest:,}: its max_batch_size, input dims and variable-dimension limit)")
+    return None
 
 
 def shape_problem(request: dict, shapes: ModelShapes) -> str | None:
@@ -353,6 +404,19 @@ async def refuse(request: web.BaseRequest, refusal: Refusal) -> web.Response:
 
 
 async def handle(request: web.BaseRequest) -> web.StreamResponse:
+    """A request, marked on its connection as under way (a connection in a request is never closed
+    to make room for another: ttd/serve/front_connections.py)."""
+    connection = request.protocol
+    if isinstance(connection, FrontConnection):
+        connection.busy += 1
+    try:
+        return await _handle(request)
+    finally:
+        if isinstance(connection, FrontConnection):
+            connection.busy -= 1
+
+
+async def _handle(request: web.BaseRequest) -> web.StreamResponse:
     backend: Backend = request.app[BACKEND]
     limits = backend.limits
     try:
@@ -366,11 +430,14 @@ async def handle(request: web.BaseRequest) -> web.StreamResponse:
         body = await read_body(request, limits)
         if encoding in DECOMPRESSORS:
             body = decompress(body, encoding, limits)
+        shapes = await backend.model_shapes(INFER_PATH.match(request.path)["model"])
+        if (shapes is not None and header_length is None and len(body) > PRE_CHECK_ABOVE_BYTES
+                and (problem := declared_shape_problem(body, shapes))):
+            raise Refusal(400, problem)
         if len(body) > 1 << 20:  # parsing a large JSON body must not stall every other connection
             parsed = await asyncio.get_running_loop().run_in_executor(None, check_infer_body, body, header_length)
         else:
             parsed = check_infer_body(body, header_length)
-        shapes = await backend.model_shapes(INFER_PATH.match(request.path)["model"])
         if shapes is not None and (problem := shape_problem(parsed, shapes)):
             raise Refusal(400, problem)
         return await forward(request, backend, body)
@@ -403,13 +470,26 @@ class Front:
     url: str
     loop: asyncio.AbstractEventLoop
     runner: web.AppRunner
+    listener: asyncio.Server | None
     thread: threading.Thread
+    connections: Connections
 
     def stop(self, timeout_s: float = 20) -> None:
         if not self.thread.is_alive():
             return
+
+        async def close() -> None:
+            if self.listener is not None:
+                self.listener.close()
+            await self.runner.cleanup()
+            # what is left (a connection lingering to drain a refused body) ends with the loop
+            left = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in left:
+                task.cancel()
+            await asyncio.gather(*left, return_exceptions=True)
+
         try:
-            asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(timeout_s)
+            asyncio.run_coroutine_threadsafe(close(), self.loop).result(timeout_s)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout_s)
@@ -421,18 +501,27 @@ def start_front(host: str, port: int, backend_url: str, limits: FrontLimits = Fr
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="ttd-http-front", daemon=True)
     thread.start()
+    log = RateLimitedLog(say, limits.log_interval_s)
     runner = web.AppRunner(create_front(backend_url, limits, say), access_log=None, handle_signals=False,
                            shutdown_timeout=10)  # requests in flight at a stop get this long to finish
+    connections = Connections(connection_cap(limits.max_connections))
 
-    async def open_site() -> None:
+    def connection() -> FrontConnection:
+        # keepalive_timeout: aiohttp closes a connection that has not completed a request header this
+        # long after it opened or after its last answer (bytes arriving do not extend it); bodies are
+        # inflated by the front itself, under its bound (auto_decompress=False: never twice)
+        return FrontConnection(runner.server, connections, log, loop=loop, access_log=None,
+                               keepalive_timeout=limits.idle_timeout_s, lingering_time=10.0, auto_decompress=False)
+
+    async def open_site() -> asyncio.Server:
         await runner.setup()
-        await web.TCPSite(runner, host, port, backlog=1024).start()
+        return await loop.create_server(connection, host, port, backlog=1024, reuse_address=True)
 
     try:
-        asyncio.run_coroutine_threadsafe(open_site(), loop).result(30)
+        listener = asyncio.run_coroutine_threadsafe(open_site(), loop).result(30)
     except OSError as error:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         raise FrontError(f"cannot serve HTTP on {host}:{port}: {error.strerror or error}") from error
-    return Front(f"{host}:{port}", loop, runner, thread)
+    return Front(f"{host}:{port}", loop, runner, listener, thread, connections)
