@@ -69,6 +69,13 @@ def decode_into(prepare: Callable[[list[Item]], list], items: list[Item], block:
     return time.perf_counter() - started, outcomes
 
 
+def loaded_modules() -> list[str]:
+    """The modules a worker has imported (what a test checks: no torch)."""
+    import sys
+
+    return sorted(sys.modules)
+
+
 def _timed(prepare: Callable[[list[Item]], list], items: list[Item]) -> tuple[float, list]:
     started = time.perf_counter()
     outcomes = prepare(items)
