@@ -158,15 +158,15 @@ def test_an_error_in_the_head_stage_stops_the_job_and_keeps_the_written_prefix(t
     import ttd.jobs.stream_job as stream_job
 
     captions = world_job(tmp_path, 9)
-    original, calls = stream_job.item_record, {"n": 0}
+    original, calls = stream_job.CentreStep._whole_array_records, {"n": 0}
 
-    def fails_at_the_fifth_item(*args, **kwargs):
+    def fails_at_the_second_batch(*args, **kwargs):  # batches of 3: items 3..5
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == 2:
             raise RuntimeError("disk on fire")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(stream_job, "item_record", fails_at_the_fifth_item)
+    monkeypatch.setattr(stream_job.CentreStep, "_whole_array_records", fails_at_the_second_batch)
     out = tmp_path / "tags.jsonl"
     with pytest.raises(RuntimeError, match="disk on fire"):
         tag(tagger, captions, out)
