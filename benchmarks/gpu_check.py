@@ -325,7 +325,6 @@ def step_tag_end_to_end(args, state) -> dict:
     run) at the largest batch, bf16, compiled if a compile batch equals it, beside the encoder
     alone timed in this step: captions from world PNGs, captions from camera-sized JPEG photos,
     a 1,000-tag vocabulary; per-stage times (CUDA events); pipelined vs plain records identical."""
-    import numpy as np
     import torch
 
     from ttd.data.annotations import write_world_split

@@ -226,7 +226,7 @@ def write_shards(folder: Path, shards: int, per_shard: int, image: bytes) -> str
 
 def test_streamed_shards_are_read_with_bounded_memory(tmp_path):
     from ttd.jobs.decoding import decoded_batches
-    from ttd.jobs.tag_job import prepare_items
+    from ttd.jobs.decode_items import prepare_items
 
     image = _noise_png(256)  # ~197 kB a sample
     pattern = write_shards(tmp_path, 24, 4, image)  # 96 samples: ~19 MB in 24 shards

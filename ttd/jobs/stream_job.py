@@ -24,7 +24,8 @@ from ttd.jobs.coco import check_available as check_rle_available
 from ttd.jobs.decoding import DecodingPool, Positioned
 from ttd.jobs.mask_files import rle_masks as tag_rle_masks
 from ttd.jobs.runner import JobOptions, JobSummary, run_job
-from ttd.jobs.tag_job import item_record, prepare_items, split_outcomes, warn_indistinct_tags, write_masks
+from ttd.jobs.decode_items import prepare_items
+from ttd.jobs.tag_job import item_record, split_outcomes, warn_indistinct_tags, write_masks
 from ttd.runtime.backend import BatchScores, Pending
 from ttd.runtime.images import DEFAULT_MAX_PIXELS
 from ttd.runtime.tagger import Tagger, TagResult

@@ -10,10 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ttd.runtime.images import ImageError, Preprocess
 from ttd.data.inputs import Item
 from ttd.runtime.tagger import Tagger, TagResult
-from ttd.jobs.decode_items import MAX_CAPTION_TAGS, prepare_items  # noqa: F401 - their home before issue 21
 from ttd.jobs.mask_files import mask_image
 
 SAFE = re.compile(r"[^a-z0-9_-]+")
