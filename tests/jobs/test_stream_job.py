@@ -158,15 +158,15 @@ def test_an_error_in_the_head_stage_stops_the_job_and_keeps_the_written_prefix(t
     import ttd.jobs.stream_job as stream_job
 
     captions = world_job(tmp_path, 9)
-    original, calls = stream_job.item_record, {"n": 0}
+    original, calls = stream_job.CentreStep._whole_array_records, {"n": 0}
 
-    def fails_at_the_fifth_item(*args, **kwargs):
+    def fails_at_the_second_batch(*args, **kwargs):  # batches of 3: items 3..5
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == 2:
             raise RuntimeError("disk on fire")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(stream_job, "item_record", fails_at_the_fifth_item)
+    monkeypatch.setattr(stream_job.CentreStep, "_whole_array_records", fails_at_the_second_batch)
     out = tmp_path / "tags.jsonl"
     with pytest.raises(RuntimeError, match="disk on fire"):
         tag(tagger, captions, out)
@@ -226,7 +226,7 @@ def write_shards(folder: Path, shards: int, per_shard: int, image: bytes) -> str
 
 def test_streamed_shards_are_read_with_bounded_memory(tmp_path):
     from ttd.jobs.decoding import decoded_batches
-    from ttd.jobs.tag_job import prepare_items
+    from ttd.jobs.decode_items import prepare_items
 
     image = _noise_png(256)  # ~197 kB a sample
     pattern = write_shards(tmp_path, 24, 4, image)  # 96 samples: ~19 MB in 24 shards

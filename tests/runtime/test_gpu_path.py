@@ -253,7 +253,8 @@ def test_gpu_check_dry_run_lists_every_step_and_runs_nothing(tmp_path):
     assert done.returncode == 0, done.stderr
     for step in ("environment", "matmul_peak", "parity", "tag_cli", "throughput", "compile", "tag_end_to_end",
                  "train_eval"):
-        assert f"  {step}: " in done.stdout
+        assert f"  {step}: (≤ " in done.stdout
+    assert "32768 images per run" in done.stdout and "camera JPEGs of 4032x3024" in done.stdout
     assert "batches [1, 8, 64, 256]" in done.stdout and "dry run; would install" in done.stderr
     assert not (tmp_path / "out").exists()
 
@@ -267,6 +268,7 @@ def test_gpu_check_runs_end_to_end_on_the_cpu_with_small_settings(tmp_path):
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
     done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--vit-model", "world-tiny",
                            "--batches", "2", "--compile-batches", "--world-images", "4", "--e2e-images", "8", "--parity-pairs", "8",
+                           "--photo-size", "320", "240", "--vocabulary-tags", "40", "--decode-workers", "1",
                            "--steps", "environment", "matmul_peak", "parity", "tag_cli", "throughput", "tag_end_to_end",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "2"})
@@ -278,3 +280,9 @@ def test_gpu_check_runs_end_to_end_on_the_cpu_with_small_settings(tmp_path):
     assert parity["world-base float32"]["gate"] == "pass" and parity["world-base float32"]["tag_agreement"] == 1.0
     assert report["steps"]["tag_cli"]["result"]["rows"]["cpu bfloat16"]["agreement"] >= 0.95
     assert "| float32 b2 |" in (tmp_path / "gpu_check.md").read_text()
+    e2e = report["steps"]["tag_end_to_end"]["result"]["rows"]
+    assert e2e["pipelined vs plain records"]["identical_captions"] == 1.0
+    assert e2e["pipelined vs plain records"]["identical_vocabulary"] == 1.0
+    for mode in ("captions, world PNGs", "captions, camera JPEGs", "vocabulary of 40 tags, world PNGs"):
+        row = e2e[f"ttd tag, {mode}"]
+        assert row["images"] == 8 and row["errors"] == 0 and row["encode_ms_per_1k"] > 0 and row["decode_ms_per_1k"] > 0

@@ -118,8 +118,8 @@ def long_job_options(command):
                           "come from (default 8: full-size images are held in memory)."),
         click.option("--decode-workers", type=click.IntRange(0), default=None,
                      help="Processes that decode the next batches while the model runs the current one "
-                          "(0: one decoding thread in this process). Default: cores − 1 (at most 8), or 0 below "
-                          "4 cores."),
+                          "(0: one decoding thread in this process); they import no torch and hand images back "
+                          "through shared memory. Default: cores − 2, or 0 below 4 cores."),
         click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
                      help="local: this process (+ decoding workers); ray: Ray Data with a pool of Tagger actors "
                           "(local Ray, or the cluster at --ray-address); the same records, --resume and --shard."),

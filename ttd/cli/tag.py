@@ -72,6 +72,9 @@ from ttd.cli.common import Precision, fail, given_options, long_job_options, mai
                    "(default: $TTD_CACHE_DIR/vocab or ~/.cache/ttd/vocab).")
 @click.option("--no-vocab-cache", is_flag=True, help="Encode the vocabulary afresh and cache nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--profile", is_flag=True,
+              help="At the end, print where the job's time went: seconds per stage (decode, upload, encode, "
+                   "head, host work, write; CUDA events on a GPU).")
 @click.option("--crop", type=click.Choice(["center", "whole"]), default="center", show_default=True,
               help="center: the model sees the centre crop (fast). whole: sliding windows cover the whole image, "
                    "so tags outside the crop are found too, and each line also holds the caption's and the "
@@ -79,7 +82,7 @@ from ttd.cli.common import Precision, fail, given_options, long_job_options, mai
 @long_job_options
 def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, dense_mode, backend, export_dir, url,
         threshold, score_method, flip_tta, masks_dir, batch_size, device, dtype, max_pixels, top_k, threads,
-        compile_encoder, decode_workers, vocab_cache, no_vocab_cache, quiet, crop="center", resume=False, shard=0,
+        compile_encoder, decode_workers, vocab_cache, no_vocab_cache, quiet, profile=False, crop="center", resume=False, shard=0,
         num_shards=1, engine="local", ray_address=None, actors=None, output_format="auto", rows_per_file=10_000,
         rle_masks=False):
     """Tag images: with their captions (--captions) or against a vocabulary (--vocabulary IMAGES...).
@@ -171,6 +174,8 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
     except (InputError, ValueError, RuntimeError, OSError) as error:  # OSError: e.g. an unreachable --url;
         fail(error)                                                     # RuntimeError: pyarrow / pycocotools missing
     click.echo(summary.line(), err=True)
+    if profile:
+        click.echo(summary.profile(), err=True)
 
 
 def with_cached_vocabulary(step, tagger, export_dir, vocab_cache, quiet: bool):

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ttd.data.inputs import InputError, Item
 from ttd.data.items import check_shard, count_items, select_shard
-from ttd.jobs.decoding import Positioned, decoded_batches, default_decode_workers
+from ttd.jobs.decoding import DecodingPool, Positioned, decoded_batches, default_decode_workers
 from ttd.jobs.jsonl_output import error_kind, partial_path
 from ttd.jobs.outputs import open_output
 from ttd.runtime.tagger import Tagger
@@ -66,6 +66,7 @@ class JobOptions:
     rows_per_file: int = 10_000
     progress: bool = True
     total: int | None = None  # items in the whole input, if known (progress bar ETA)
+    decoding_pool: DecodingPool | None = None  # persistent decoding processes to use instead of starting some
 
 
 @dataclass
@@ -78,6 +79,7 @@ class JobSummary:
     errors: Counter = field(default_factory=Counter)
     seconds: float = 0.0
     already_complete: bool = False
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage, summed over batches (STAGES)
 
     @property
     def this_run(self) -> int:
@@ -91,6 +93,12 @@ class JobSummary:
         self.items += len(records)
         self.errors.update(error_kind(str(r["error"])) for r in records if "error" in r)
 
+    def profile(self) -> str:
+        """One line of the stage times: where a job's time goes (issue 21, item 4)."""
+        known = [name for name in STAGES if name in self.stages]
+        return "stages (s): " + ", ".join(f"{name} {self.stages[name]:.3f}" for name in known) + \
+            f"; wall {self.seconds:.3f}"
+
     def line(self) -> str:
         if self.already_complete:
             return f"{self.output} is already complete ({self.items} records); nothing to do"
@@ -99,6 +107,11 @@ class JobSummary:
         resumed = f", {self.resumed} from the interrupted run" if self.resumed else ""
         return (f"wrote {self.items} records to {self.output} ({errors} errors){f'; errors by kind: {kinds}' if kinds else ''}; "
                 f"{self.this_run} items this run{resumed} at {self.images_per_second:.1f} images/s")
+
+
+def add_stages(total: dict[str, float], times: dict[str, float]) -> None:
+    for name, seconds in times.items():
+        total[name] = total.get(name, 0.0) + seconds
 
 
 def refuse_input_as_output(output: Path, items: list[Item], inputs: Sequence[Path] = ()) -> None:
@@ -145,6 +158,13 @@ def job_total(inputs: Sequence[Path]) -> int | None:
     """Items of a JSONL/CSV captions file among `inputs` (the progress bar's ETA), else None."""
     return next((total for p in inputs if (total := count_items(Path(p))) is not None), None)
 
+
+# The stage timers of a job. decode: seconds spent decoding (summed over workers); decode_wait: the
+# model's thread waiting for a decoded batch; submit: the model's thread handing a batch to the
+# backend (on a CPU, where nothing is asynchronous, that is the model's work itself); upload,
+# encode, head, download: the backend's own clocks (CUDA events on a GPU, perf_counter on a CPU);
+# wait: the record stage waiting for a batch's results; host: building records; write: the writer.
+STAGES = ("decode", "decode_wait", "submit", "upload", "encode", "head", "download", "wait", "host", "write")
 
 # backends whose graphs may run from two threads at once (a TensorRT execution context may not;
 # the triton backend gives each thread its own client)
@@ -225,21 +245,34 @@ def run_job(tagger: Tagger, step: Step, items: Iterable[Item], output: Path, job
     try:
         workers = default_decode_workers() if options.decode_workers is None else options.decode_workers
         with tqdm(total=mine, initial=summary.resumed, disable=not options.progress, unit="img", smoothing=0.1) as bar:
+            decoding: dict[str, float] = {}  # this thread's stages; `recording`: the record stage's
+            recording: dict[str, float] = {}
             batches = decoded_batches(select_shard(counted, options.shard, options.num_shards, skip=summary.resumed),
-                                      options.batch_size, workers, step.decoder(tagger), options.prefetch)
+                                      options.batch_size, workers, step.decoder(tagger), options.prefetch,
+                                      options.decoding_pool, decoding)
 
             def write(ran: Any) -> None:
+                started = time.perf_counter()
                 records = step.records(tagger, ran)
+                built = time.perf_counter()
                 writer.write(records)
+                own = getattr(ran, "stages", None) or {}
+                add_stages(recording, {**own, "host": built - started - own.get("wait", 0.0),
+                                       "write": time.perf_counter() - built})
                 summary.add(records)
                 bar.update(len(records))
 
             stage = _RecordStage(write, threaded=getattr(tagger.backend, "name", None) in THREAD_SAFE_BACKENDS)
             try:
                 for batch, outcomes in batches:
-                    stage.put(step.run(tagger, batch, outcomes))
+                    started = time.perf_counter()
+                    ran = step.run(tagger, batch, outcomes)
+                    add_stages(decoding, {"submit": time.perf_counter() - started})
+                    stage.put(ran)
             finally:
                 stage.close()
+                add_stages(summary.stages, decoding)
+                add_stages(summary.stages, recording)
         refuse_no_items(counted.count, output)
         writer.finish()
     finally:

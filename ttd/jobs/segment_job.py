@@ -29,7 +29,8 @@ from ttd.segment.whole_image import encode_windows_of
 from ttd.jobs.decoding import Positioned
 from ttd.jobs.jsonl_output import output_format_of
 from ttd.jobs.runner import JobOptions, JobSummary, refuse_input_as_output, run_job
-from ttd.jobs.tag_job import MAX_CAPTION_TAGS, contained_path, safe_name
+from ttd.jobs.decode_items import MAX_CAPTION_TAGS
+from ttd.jobs.tag_job import contained_path, safe_name
 from ttd.model.tags import candidate_tags
 
 

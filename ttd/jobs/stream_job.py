@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import hashlib
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +21,12 @@ import numpy as np
 
 from ttd.data.inputs import Item
 from ttd.jobs.coco import check_available as check_rle_available
-from ttd.jobs.decoding import Positioned
+from ttd.jobs.decoding import DecodingPool, Positioned
 from ttd.jobs.mask_files import rle_masks as tag_rle_masks
 from ttd.jobs.runner import JobOptions, JobSummary, run_job
-from ttd.jobs.tag_job import item_record, prepare_items, split_outcomes, warn_indistinct_tags, write_masks
+from ttd.jobs.decode_items import prepare_items
+from ttd.jobs.tag_job import item_record, split_outcomes, warn_indistinct_tags, write_masks
+from ttd.runtime.backend import BatchScores, Pending
 from ttd.runtime.images import DEFAULT_MAX_PIXELS
 from ttd.runtime.tagger import Tagger, TagResult
 
@@ -69,12 +72,34 @@ def tag_job_description(captions, images, backend, model, pretrained, checkpoint
 
 @dataclass
 class TaggedBatch:
-    """A batch after the model: error records, and the Tagger's results of the items that decoded."""
+    """A batch after the model: error records, and the Tagger's results of the items that decoded
+    (plain path), or the batch still on the device (pipelined path: `pending`, in `keys` order)."""
 
     batch: Positioned
     records: dict[int, dict]
     results: dict[int, TagResult]
     image_sizes: dict[int, tuple[int, int]]  # each decoded image's own (width, height): masks are laid on it
+    pending: Pending | None = None
+    keys: list[int] = dataclasses.field(default_factory=list)
+    tag_lists: list[list[str]] = dataclasses.field(default_factory=list)
+    stages: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per stage, once recorded
+
+
+ROUNDING_SLACK = 2e-6  # a score outside the device's top k + slack ranks below the k-th even after rounding
+
+
+def ranked_top(row: list[float], top: np.ndarray | None, top_k: int) -> list[int]:
+    """Indices of the `top_k` highest scores rounded to 6 decimals, ties in vocabulary order:
+    what sorting every {tag, score} gives, from the device's candidates when they provably
+    hold the answer (every score outside them is more than the rounding below the k-th)."""
+    if top_k <= 0:
+        return []
+    candidates: Iterable[int] = range(len(row))
+    if top is not None and len(top) < len(row):
+        kth = row[top[min(top_k, len(top)) - 1]]
+        if row[top[-1]] < kth - ROUNDING_SLACK:
+            candidates = top.tolist()
+    return sorted(candidates, key=lambda i: (-round(row[i], 6), i))[:top_k]
 
 
 @dataclass
@@ -88,6 +113,7 @@ class CentreStep:
     rle_masks: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     vocabulary_embeds: np.ndarray | None = None
+    pipelined: bool = True  # the batch stays on the device until the record stage needs it (same records)
 
     def description(self) -> dict:
         return {"vocabulary": self.vocabulary, "masks_dir": str(self.masks_dir) if self.masks_dir else None,
@@ -113,6 +139,14 @@ class CentreStep:
     def run(self, tagger: Tagger, batch: Positioned, outcomes: list) -> TaggedBatch:
         records, prepared = split_outcomes([item for _, item in batch], outcomes, self.vocabulary)
         results: dict[int, TagResult] = {}
+        sizes = {k: prepared[k][2] for k in prepared}
+        if prepared and self.pipelined:
+            keys = sorted(prepared)
+            images = np.stack([prepared[k][0] for k in keys])
+            tag_lists = [prepared[k][1] for k in keys]
+            pending = tagger.submit(images, None if self.vocabulary is not None else tag_lists, self.vocabulary_embeds,
+                                    self.with_masks, self.top_k if self.vocabulary is not None else 0)
+            return TaggedBatch(batch, records, results, sizes, pending, keys, tag_lists)
         if prepared:
             keys = sorted(prepared)
             images = np.stack([prepared[k][0] for k in keys])
@@ -121,9 +155,43 @@ class CentreStep:
             else:
                 tagged = tagger.tag(images, [prepared[k][1] for k in keys], self.with_masks)
             results = dict(zip(keys, tagged))
-        return TaggedBatch(batch, records, results, {k: prepared[k][2] for k in prepared})
+        return TaggedBatch(batch, records, results, sizes)
+
+    def _whole_array_records(self, tagger: Tagger, tagged: TaggedBatch, scores: BatchScores) -> None:
+        """Records of a batch from its score matrix, with no per-tag numpy scalar: the bytes
+        `item_record` writes (scores rounded by Python's round, ties ranked in input order)."""
+        chosen = scores.scores >= tagger.threshold  # float32 comparison, as Tagger.results makes it
+        vocabulary = self.vocabulary
+        for j, key in enumerate(tagged.keys):
+            item = tagged.batch[key][1]
+            tags = tagged.tag_lists[j]
+            row = scores.scores[j, : len(tags)].tolist()
+            picked = np.flatnonzero(chosen[j, : len(tags)]).tolist()
+            if vocabulary is None:
+                tagged.records[key] = {"image": item.image, "caption": item.caption,
+                                       "candidates": [{"tag": t, "score": round(v, 6)} for t, v in zip(tags, row)],
+                                       "selected": [tags[i] for i in picked]}
+            else:
+                top = ranked_top(row, None if scores.top is None else scores.top[j], self.top_k)
+                tagged.records[key] = {"image": item.image,
+                                       "selected": [{"tag": vocabulary[i], "score": round(row[i], 6)} for i in picked],
+                                       "top": [{"tag": vocabulary[i], "score": round(row[i], 6)} for i in top]}
+
+    def _received(self, tagger: Tagger, tagged: TaggedBatch) -> None:
+        """Wait for a pipelined batch (its event only), then fill its records or its results."""
+        started = time.perf_counter()
+        scores = tagged.pending.wait()
+        tagged.stages = {**(scores.stages or {}), "wait": time.perf_counter() - started}
+        tagged.pending = None
+        distinct = self.vocabulary is None or len(set(self.vocabulary)) == len(self.vocabulary)
+        if self.with_masks or not distinct:  # masks are per tag anyway; a repeated tag is selected by name
+            tagged.results = dict(zip(tagged.keys, tagger.results(scores.scores, scores.cosines, tagged.tag_lists)))
+        else:
+            self._whole_array_records(tagger, tagged, scores)
 
     def records(self, tagger: Tagger, tagged: TaggedBatch) -> list[dict]:
+        if tagged.pending is not None:
+            self._received(tagger, tagged)
         records, vocabulary_mode = tagged.records, self.vocabulary is not None
         for key, result in tagged.results.items():
             position, item = tagged.batch[key]
@@ -164,13 +232,17 @@ def tag_stream(
     rle_masks: bool = False,
     output_format: str = "auto",
     rows_per_file: int = 10_000,
+    pipelined: bool = True,
+    decoding_pool: DecodingPool | None = None,
 ) -> JobSummary:
     """Tag a stream of items into `output` (JSON lines or Parquet shards): the centre-crop step on
     the job runner (ttd/jobs/runner.py: `resume`, `shard`/`num_shards`, the refused outputs).
     `vocabulary`: tag every image against it (`vocabulary_embeds`: its embeddings, if cached);
-    `rle_masks`: records hold their selected tags' masks as COCO RLE."""
+    `rle_masks`: records hold their selected tags' masks as COCO RLE; `pipelined`: the batch stays
+    on the device until the record stage waits for it (False: the plain path, same records);
+    `decoding_pool`: persistent decoding processes to reuse (ttd/jobs/decoding.py)."""
     step = CentreStep(vocabulary, Path(masks_dir) if masks_dir else None, top_k, rle_masks, max_pixels,
-                      vocabulary_embeds)
+                      vocabulary_embeds, pipelined)
     options = JobOptions(batch_size, decode_workers, prefetch, resume, shard, num_shards, output_format,
-                         rows_per_file, progress, total)
+                         rows_per_file, progress, total, decoding_pool)
     return run_job(tagger, step, items, output, job, options, inputs, explicit_images)

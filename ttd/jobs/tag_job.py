@@ -10,14 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ttd.runtime.images import ImageError, Preprocess
 from ttd.data.inputs import Item
 from ttd.runtime.tagger import Tagger, TagResult
 from ttd.jobs.mask_files import mask_image
-from ttd.model.tags import candidate_tags
 
 SAFE = re.compile(r"[^a-z0-9_-]+")
-MAX_CAPTION_TAGS = 1024  # as `ttd triton build --max-tags`: a 5,000-word caption is not a caption
 
 
 def safe_name(text: str, limit: int = 60) -> str:
@@ -43,39 +40,6 @@ def warn_indistinct_tags(tagger: Tagger, tags: list[str]) -> None:
         shown = "; ".join(", ".join(repr(t) for t in group[:5]) + (" ..." if len(group) > 5 else "") for group in same[:5])
         warnings.warn(f"{sum(len(g) for g in same)} vocabulary tags are indistinguishable to this model's tokenizer "
                       f"(words it does not know) and will get identical scores: {shown}", stacklevel=2)
-
-
-def _prepare(item: Item, vocabulary_mode: bool,
-             preprocess: Preprocess) -> tuple[np.ndarray, list[str] | None, tuple[int, int]]:
-    """(uint8 image at the model's size, candidate tags (None in vocabulary mode), the image's own (width, height))."""
-    if item.error:
-        raise ValueError(item.error)
-    if vocabulary_mode:
-        tags = None
-    else:
-        if item.caption is None or not item.caption.strip():
-            raise ValueError("empty caption")
-        tags = candidate_tags(item.caption)
-        if not tags:
-            raise ValueError(f"caption {item.caption!r} has no candidate tags (only stopwords or punctuation)")
-        if len(tags) > MAX_CAPTION_TAGS:
-            raise ValueError(f"caption has {len(tags)} candidate tags, more than the limit of {MAX_CAPTION_TAGS} "
-                             "(the served tagger's cap); split it into shorter captions")
-    data = getattr(item, "data", None)  # a webdataset sample's bytes (ttd.data.items.ShardItem)
-    image, size = preprocess.with_size(item.path if data is None else data, item.image)
-    return image, tags, size
-
-
-def prepare_items(items: list[Item], vocabulary_mode: bool,
-                  preprocess: Preprocess) -> list[tuple[np.ndarray, list[str] | None] | str]:
-    """Each item decoded and resized, or the error that names its problem (runs in a worker)."""
-    outcomes = []
-    for item in items:
-        try:
-            outcomes.append(_prepare(item, vocabulary_mode, preprocess))
-        except (ImageError, ValueError, OSError) as error:
-            outcomes.append(str(error))
-    return outcomes
 
 
 def item_record(item: Item, result: TagResult, vocabulary_mode: bool, top_k: int, mask_paths: dict[str, str]) -> dict:

@@ -41,6 +41,32 @@ class ImagePreprocessing:
     flip: bool = False
 
 
+@dataclass
+class BatchScores:
+    """One batch's results as whole arrays, for records built without a per-tag loop."""
+
+    scores: np.ndarray  # [B, K] float32: the Tagger's chosen score of every tag (padded tags 0)
+    top: np.ndarray | None = None  # [B, k'] int64: the highest scores' tag indices, descending (vocabulary mode)
+    cosines: np.ndarray | None = None  # [B, K, h, w]: the cosine maps, when masks are asked for
+    stages: dict[str, float] | None = None  # seconds per stage of this batch (upload, encode, head, download)
+
+
+class Pending(Protocol):
+    """A batch submitted to a backend; `wait` blocks until its results are on the host."""
+
+    def wait(self) -> BatchScores: ...
+
+
+@dataclass
+class Ready:
+    """A batch whose results are already on the host (backends that run synchronously)."""
+
+    result: BatchScores
+
+    def wait(self) -> BatchScores:
+        return self.result
+
+
 class Backend(Protocol):
     name: str
 

@@ -15,7 +15,8 @@ import numpy as np
 from ttd.model.config import DEFAULT_SCORE_METHOD, DEFAULT_THRESHOLD, SCORE_METHODS, ModelConfig
 from ttd.model.contract import SCORE_ROWS, TagHeadOutputs
 from ttd.model.tokenizer import build_tokenizer
-from ttd.runtime.backend import Backend, HeadRequest, ImagePreprocessing, patch_views, with_flipped
+from ttd.runtime.backend import (Backend, BatchScores, HeadRequest, ImagePreprocessing, Pending, Ready, patch_views,
+                                 with_flipped)
 from ttd.runtime.images import Preprocess, normalize
 
 # Texts go to the text encoder TEXT_ROWS at a time, a short chunk padded with copies of its last
@@ -116,9 +117,14 @@ class Tagger:
             width = max(1, max((len(tags) for tags in tag_lists), default=0))
             tag_embeds = np.zeros((len(tag_lists), width, self.config.embed_dim), np.float32)
             valid = np.zeros((len(tag_lists), width), np.bool_)
+            # the batch's novel tags go to the text encoder together (TEXT_ROWS makes each
+            # embedding independent of which tags came with it), then each row is filled
+            every = self.encode_tags([tag for tags in tag_lists for tag in tags])
+            start = 0
             for row, tags in enumerate(tag_lists):
-                tag_embeds[row, : len(tags)] = self.encode_tags(tags)
+                tag_embeds[row, : len(tags)] = every[start : start + len(tags)]
                 valid[row, : len(tags)] = True
+                start += len(tags)
         return HeadRequest(tag_embeds, valid, self.negative_embeds[None],
                            np.array([[self.config.negative_margin]], np.float32), with_cosines)
 
@@ -181,10 +187,28 @@ class Tagger:
         outputs = self.tag_images(images, self.request(vocabulary_embeds=embeds, with_cosines=with_masks))
         return self._results(outputs, [tags] * len(images))
 
+    def submit(self, images: np.ndarray, tag_lists: list[list[str]] | None = None,
+               vocabulary_embeds: np.ndarray | None = None, with_masks: bool = False, top_k: int = 0) -> Pending:
+        """`tag` (tag lists) or `tag_vocabulary` (embeddings) of a batch without waiting for it:
+        a backend with a pipelined path (`submit`: torch) returns while the device works, with
+        `top_k`'s candidates found there; any other backend runs now. `wait()` gives whole arrays
+        (BatchScores: this Tagger's score of every tag), the same numbers as `tag`."""
+        request = self.request(tag_lists, vocabulary_embeds, with_masks)
+        row = SCORE_ROWS.index(self.score_method)
+        submit = getattr(self.backend, "submit", None)
+        if submit is not None:
+            return submit(images, self.preprocessing, request, row, top_k,
+                          self._rows_per_call(request.tag_embeds.shape[1]))
+        outputs = self.tag_images(images, request)
+        return Ready(BatchScores(self.chosen(outputs.tag_scores).astype(np.float32), None, outputs.tag_cosines))
+
     def _results(self, outputs: TagHeadOutputs, tag_lists: list[list[str]]) -> list[TagResult]:
-        scores = self.chosen(outputs.tag_scores).astype(np.float32)
+        return self.results(self.chosen(outputs.tag_scores).astype(np.float32), outputs.tag_cosines, tag_lists)
+
+    def results(self, scores: np.ndarray, cosines: np.ndarray | None, tag_lists: list[list[str]]) -> list[TagResult]:
+        """TagResults of a batch's chosen scores [B, K] (and cosine maps, for masks)."""
         chosen = scores >= self.threshold  # vectorised: a Python loop over numpy scalars costs more than the head
-        masks = self.masks(outputs.tag_cosines) if outputs.tag_cosines is not None else None
+        masks = self.masks(cosines) if cosines is not None else None
         results = []
         for row, tags in enumerate(tag_lists):
             k = len(tags)

@@ -17,6 +17,10 @@ from ttd.model.clip import TTDModel
 from ttd.model.contract import ImageEmbeddings, TagHeadOutputs
 from ttd.model.graphs import ImageEncoderGraph, TagHeadGraph, TextEncoderGraph
 from ttd.runtime.backend import HeadRequest, ImagePreprocessing
+from ttd.runtime.device_pipeline import InFlight, StageClock, UploadSlots, stream_context, to_host
+
+CONSTANT_BYTES = 8 << 20  # request arrays shared by every image up to this size stay on the device
+TOP_SLACK = 32  # extra top-k candidates handed back: records rank by scores rounded to 6 decimals
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # ttd.model.config.PRECISIONS names
 
@@ -51,6 +55,9 @@ class TorchBackend:
         self.text_encoder = TextEncoderGraph(model)
         self.tag_head = TagHeadGraph(model.config.tau, model.mask_weight.item(), model.mask_bias.item())
         self._normalisation: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._constants: dict[tuple, torch.Tensor] = {}  # negatives, margin, a vocabulary: uploaded once
+        self._slots: UploadSlots | None = None  # the pipelined path's upload slots, made on first use
+        self._compute: torch.cuda.Stream | None = None
 
     def _to_device(self, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         tensor = torch.from_numpy(np.ascontiguousarray(array))
@@ -87,15 +94,16 @@ class TorchBackend:
     def encode_images(self, pixel_values: np.ndarray) -> ImageEmbeddings:
         return ImageEmbeddings(*self._run(self.image_encoder, self._pad(pixel_values), rows=len(pixel_values)))
 
-    def _normalised(self, images: np.ndarray, preprocessing: ImagePreprocessing) -> torch.Tensor:
-        """uint8 [B, H, W, 3] -> the encoder's input on the device, mirrored copies appended under
-        flip TTA (same float32 arithmetic as ttd.runtime.images.normalize); mean and std are made
-        on the device once per setting."""
+    def _normalised(self, images: np.ndarray | torch.Tensor, preprocessing: ImagePreprocessing) -> torch.Tensor:
+        """uint8 [B, H, W, 3] (host array, or already on the device) -> the encoder's input on the
+        device, mirrored copies appended under flip TTA (same float32 arithmetic as
+        ttd.runtime.images.normalize); mean and std are made on the device once per setting."""
         key = (preprocessing.mean, preprocessing.std)
         if key not in self._normalisation:
             self._normalisation[key] = tuple(torch.tensor(v, device=self.device)[:, None, None] for v in key)
         mean, std = self._normalisation[key]
-        pixels = self._to_device(images, torch.uint8).permute(0, 3, 1, 2)
+        pixels = images if isinstance(images, torch.Tensor) else self._to_device(images, torch.uint8)
+        pixels = pixels.permute(0, 3, 1, 2)
         if preprocessing.flip:
             pixels = torch.cat([pixels, pixels.flip(-1)])
         pixels = self._pad_tensor(pixels)
@@ -131,3 +139,77 @@ class TorchBackend:
             views = patch_embeds[:n, None] if not preprocessing.flip else \
                 torch.stack([patch_embeds[:n], patch_embeds[n : 2 * n].flip(-1)], dim=1)
             return self._head(views, request)
+
+    # -- the pipelined path (issue 21, item 1) -------------------------------------------------
+
+    def _constant(self, array: np.ndarray) -> torch.Tensor | None:
+        """A request array shared by every image (leading dim 1: negatives, margin, a vocabulary)
+        as a device tensor made once; None for per-image arrays, which travel with the batch."""
+        if len(array) != 1 or array.nbytes > CONSTANT_BYTES:
+            return None
+        key = (array.shape, array.dtype.str, array.tobytes())
+        if key not in self._constants:
+            if len(self._constants) >= 8:
+                self._constants.clear()
+            self._constants[key] = self._to_device(array, torch.float32 if array.dtype != np.bool_ else torch.bool)
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # once per constant: visible to every stream
+        return self._constants[key]
+
+    def submit(self, images: np.ndarray, preprocessing: ImagePreprocessing, request: HeadRequest, score_row: int,
+               top_k: int = 0, rows_per_call: int | None = None) -> InFlight:
+        """`tag_images` without waiting: the batch is uploaded on the upload stream, encoder and
+        head run on the compute stream after the upload's event, and the chosen score row (plus,
+        with `top_k`, the indices of the highest scores, found on the device, and the cosine maps
+        when the request asks) is copied back into pinned host buffers; `wait()` on the result
+        blocks on this batch's event only. Rows run in calls of `rows_per_call` exactly as the
+        Tagger's plain path chunks them, so both give the same numbers. On a CPU it all runs here."""
+        cuda = self.device.type == "cuda"
+        if cuda and self._slots is None:
+            self._slots, self._compute = UploadSlots(self.device), torch.cuda.Stream(self.device)
+        slots = self._slots or UploadSlots(self.device)
+        compute = self._compute
+        clock = StageClock(cuda)
+        arrays = request.arrays()
+        constants = [self._constant(a) for a in arrays]
+        varying = [a for a, c in zip(arrays, constants) if c is None]
+        n = len(images)
+        step = n if rows_per_call is None else max(1, rows_per_call)
+        with torch.inference_mode():
+            start = clock.mark(slots.stream)
+            uploaded = slots.upload([images, *varying], compute)
+            clock.span("upload", start, clock.mark(slots.stream))
+            pixels, per_image = uploaded[0], iter(uploaded[1:])
+            tensors = [c if c is not None else next(per_image) for c in constants]
+            tensors = [t if t.dtype == torch.bool else t.float() for t in tensors]
+            chosen, cosines = [], []
+            with stream_context(compute):
+                for begin in range(0, n, step):
+                    rows = slice(begin, begin + step)
+                    start = clock.mark(compute)
+                    _, patch_embeds = self.image_encoder(self._normalised(pixels[rows], preprocessing))
+                    middle = clock.mark(compute)
+                    clock.span("encode", start, middle)
+                    m = len(pixels[rows])
+                    views = patch_embeds[:m, None] if not preprocessing.flip else \
+                        torch.stack([patch_embeds[:m], patch_embeds[m : 2 * m].flip(-1)], dim=1)
+                    part = [t if len(t) == 1 else t[rows] for t in tensors]
+                    scores, maps = self.tag_head(views.float(), *part)
+                    chosen.append(scores[:, score_row, :].float())
+                    if request.with_cosines:
+                        cosines.append(maps.float())
+                    clock.span("head", middle, clock.mark(compute))
+                start = clock.mark(compute)
+                outputs = {"scores": torch.cat(chosen) if len(chosen) > 1 else chosen[0]}
+                if top_k:
+                    k = min(outputs["scores"].shape[1], top_k + TOP_SLACK)
+                    outputs["top"] = torch.topk(outputs["scores"], k, dim=1).indices
+                if request.with_cosines:
+                    outputs["cosines"] = torch.cat(cosines) if len(cosines) > 1 else cosines[0]
+                host = to_host(outputs, compute)
+                done = None
+                if cuda:
+                    done = torch.cuda.Event()
+                    done.record(compute)
+                clock.span("download", start, clock.mark(compute))
+        return InFlight(host, done, clock)

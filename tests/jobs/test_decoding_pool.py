@@ -1,0 +1,62 @@
+"""The persistent decoding pool (issue 21, item 2): torch-free workers, images through shared
+memory, one pool reused by several jobs with the records of decoding in a thread."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from ttd.data.items import open_items
+from ttd.data.world import make_sample
+from ttd.jobs import decoding
+from ttd.jobs.decoding import DecodingPool, default_decode_workers
+from ttd.jobs.stream_job import tag_stream
+
+
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("pool")
+    rows = []
+    for i in range(14):
+        sample = make_sample(2, i, 96)
+        Image.fromarray(sample.image).save(folder / f"{i:03d}.jpg", quality=90)
+        rows.append({"image": f"{i:03d}.jpg" if i != 5 else "gone.jpg", "caption": sample.caption})
+    path = folder / "captions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_default_workers_leave_two_cores_and_small_machines_decode_in_a_thread(monkeypatch):
+    for cores, workers in ((2, 0), (3, 0), (4, 2), (16, 14)):
+        monkeypatch.setattr(os, "cpu_count", lambda: cores)
+        assert default_decode_workers() == workers
+
+
+def test_one_pool_serves_several_jobs_through_shared_memory_without_torch(captions, tmp_path):
+    from ttd.runtime import load_tagger
+
+    tagger = load_tagger("torch", device="cpu")
+    threaded = tag_stream(tagger, open_items(captions), tmp_path / "thread.jsonl", batch_size=4, progress=False,
+                          decode_workers=0)
+    assert threaded.items == 14
+    want = (tmp_path / "thread.jsonl").read_bytes()
+    with DecodingPool(2) as pool:
+        pids = None
+        for run in range(2):
+            out = tmp_path / f"pool{run}.jsonl"
+            summary = tag_stream(tagger, open_items(captions), out, batch_size=4, progress=False, decoding_pool=pool)
+            assert out.read_bytes() == want
+            assert summary.stages["decode"] > 0
+            assert pool.row_shape == (64, 64, 3) and len([s for s in pool.slots if s is not None]) >= 2
+            started = set(pool.executor._processes)
+            assert pids is None or started == pids  # the same processes: started once, reused
+            pids = started
+        modules = [pool.executor.submit(decoding.loaded_modules).result() for _ in range(4)]
+        assert all("ttd.jobs.decode_items" in m and "PIL.Image" in m for m in modules)
+        assert not any("torch" in m for m in modules)
+        names = [slot.block.name for slot in pool.slots if slot is not None]
+    assert not pool.alive
+    for name in names:  # the blocks are gone with the pool
+        assert not Path("/dev/shm", name.lstrip("/")).exists()

@@ -1,0 +1,46 @@
+"""Decoding the items of a tagging job (`ttd tag`), in a worker process: this module and what it
+imports must stay free of torch (a decoding worker that imports torch costs seconds of start-up
+and hundreds of MB; tests/jobs/test_decoding_pool.py holds it)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ttd.data.inputs import Item
+from ttd.model.tags import candidate_tags
+from ttd.runtime.images import ImageError, Preprocess
+
+MAX_CAPTION_TAGS = 1024  # as `ttd triton build --max-tags`: a 5,000-word caption is not a caption
+
+
+def _prepare(item: Item, vocabulary_mode: bool,
+             preprocess: Preprocess) -> tuple[np.ndarray, list[str] | None, tuple[int, int]]:
+    """(uint8 image at the model's size, candidate tags (None in vocabulary mode), the image's own (width, height))."""
+    if item.error:
+        raise ValueError(item.error)
+    if vocabulary_mode:
+        tags = None
+    else:
+        if item.caption is None or not item.caption.strip():
+            raise ValueError("empty caption")
+        tags = candidate_tags(item.caption)
+        if not tags:
+            raise ValueError(f"caption {item.caption!r} has no candidate tags (only stopwords or punctuation)")
+        if len(tags) > MAX_CAPTION_TAGS:
+            raise ValueError(f"caption has {len(tags)} candidate tags, more than the limit of {MAX_CAPTION_TAGS} "
+                             "(the served tagger's cap); split it into shorter captions")
+    data = getattr(item, "data", None)  # a webdataset sample's bytes (ttd.data.items.ShardItem)
+    image, size = preprocess.with_size(item.path if data is None else data, item.image)
+    return image, tags, size
+
+
+def prepare_items(items: list[Item], vocabulary_mode: bool,
+                  preprocess: Preprocess) -> list[tuple[np.ndarray, list[str] | None] | str]:
+    """Each item decoded and resized, or the error that names its problem (runs in a worker)."""
+    outcomes = []
+    for item in items:
+        try:
+            outcomes.append(_prepare(item, vocabulary_mode, preprocess))
+        except (ImageError, ValueError, OSError) as error:
+            outcomes.append(str(error))
+    return outcomes
