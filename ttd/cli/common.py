@@ -96,8 +96,9 @@ def main() -> None:
     import functools
     import warnings
 
-    if not isinstance(warnings.showwarning, functools.partial):  # the command line's process only
-        warnings.showwarning = functools.partial(show_warning, _default=warnings.showwarning)
+    # for this invocation only: catch_warnings restores Python's showwarning when the command ends
+    click.get_current_context().with_resource(warnings.catch_warnings())
+    warnings.showwarning = functools.partial(show_warning, _default=warnings.showwarning)
 
 
 def long_job_options(command):
