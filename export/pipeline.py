@@ -153,17 +153,41 @@ def _gated_export(model: TTDModel, out_dir: Path, precision: str, int8_mode: str
     return manifest
 
 
-STAGING_PREFIX = ".ttd-export-"  # a staging folder left by a kill -9 is named so, beside OUT_DIR
+STAGING_PREFIX = ".ttd-export-"  # .ttd-export-NAME.PID.XXXX beside OUT_DIR while an export runs
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_dead_staging(out_dir: Path) -> list[Path]:
+    """Staging folders of `out_dir` left by exports that were killed (SIGKILL, SIGTERM, a power
+    cut) — those whose process is gone; a running export's folder is kept. Returns what went."""
+    removed = []
+    for folder in out_dir.parent.glob(f"{STAGING_PREFIX}{out_dir.name}.*.*"):
+        pid = folder.name[len(STAGING_PREFIX) + len(out_dir.name) + 1 :].split(".", 1)[0]
+        if folder.is_dir() and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def staging_dir(out_dir: Path) -> Path:
     """A new, empty folder beside `out_dir` (the same file system, so moving from it is a rename),
-    with the mode a new folder gets from the umask (mkdtemp would make it 0700)."""
+    with the mode a new folder gets from the umask (mkdtemp would make it 0700). Folders that
+    killed exports left there are removed first."""
     out_dir = Path(os.path.abspath(out_dir))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir} exists and is not a folder")
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{out_dir.name}.", dir=out_dir.parent))
+    remove_dead_staging(out_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{out_dir.name}.{os.getpid()}.", dir=out_dir.parent))
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)

@@ -2,6 +2,7 @@
 export, an export into a used folder hashes only what it wrote; malformed files are clean errors."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -127,3 +128,25 @@ def test_an_export_that_passes_replaces_the_old_one_and_keeps_the_users_files(ex
     assert read_export(tmp_path / "new" / "x").manifest["files"] == fresh["files"]
     (tmp_path / "new" / "plain").mkdir()  # the staging folder renamed in has a plain folder's mode, not 0700
     assert (tmp_path / "new" / "x").stat().st_mode == (tmp_path / "new" / "plain").stat().st_mode
+
+
+def test_staging_folders_of_killed_exports_are_removed_by_the_next(tmp_path):
+    """A SIGKILLed or SIGTERMed export cannot clean up: its staging folder (named with its pid) is
+    removed by the next export to the same folder; a running export's folder is left alone."""
+    import subprocess
+
+    from export.pipeline import STAGING_PREFIX, remove_dead_staging, staging_dir
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid names no running process now
+    left = tmp_path / f"{STAGING_PREFIX}out.{dead.pid}.abcd1234"
+    left.mkdir()
+    (left / "image_encoder.onnx").write_bytes(b"half written")
+    running = tmp_path / f"{STAGING_PREFIX}out.{os.getpid()}.efgh5678"
+    running.mkdir()
+    other = tmp_path / f"{STAGING_PREFIX}outer.{dead.pid}.abcd1234"  # another export's name
+    other.mkdir()
+    assert remove_dead_staging(tmp_path / "out") == [left]
+    assert running.is_dir() and other.is_dir() and not left.exists()
+    fresh = staging_dir(tmp_path / "out")
+    assert fresh.name.startswith(f"{STAGING_PREFIX}out.{os.getpid()}.") and fresh.parent == tmp_path
