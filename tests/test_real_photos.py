@@ -60,7 +60,9 @@ def test_real_photos_calibrate_tag_segment_and_report(tmp_path):
     segments = [json.loads(line) for line in (tmp_path / "segments.jsonl").read_text().splitlines()]
     assert len(segments) == 4 and all(not s.get("error") for s in segments)
 
-    reported = runner.invoke(main, ["report", str(tmp_path / "segments.jsonl"), "--html", str(tmp_path / "report.html")])
+    # the photos lie outside the job's folder: the report embeds them once their folder is the images root
+    reported = runner.invoke(main, ["report", str(tmp_path / "segments.jsonl"), "--html", str(tmp_path / "report.html"),
+                                    "--images-root", str(folder)])
     assert reported.exit_code == 0, reported.output
     page = (tmp_path / "report.html").read_text()
     assert "chelsea.png" in page and "<img" in page

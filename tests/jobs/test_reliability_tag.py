@@ -50,7 +50,7 @@ def test_a_failed_rerun_keeps_the_previous_output(tmp_path, tiny_model, monkeypa
     assert len(before.splitlines()) == 4
 
     calls = {"n": 0}
-    original = tagger.tag_images
+    original = tagger.submit
 
     def dies_on_second_batch(*args, **kwargs):
         calls["n"] += 1
@@ -58,7 +58,7 @@ def test_a_failed_rerun_keeps_the_previous_output(tmp_path, tiny_model, monkeypa
             raise KeyboardInterrupt  # the job is stopped part-way
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(tagger, "tag_images", dies_on_second_batch)  # called once per batch
+    monkeypatch.setattr(tagger, "submit", dies_on_second_batch)  # the pipelined step calls it once per batch
     with pytest.raises(KeyboardInterrupt):
         tag_stream(tagger, items, out, batch_size=2, progress=False)
     assert out.read_text() == before  # the previous output is whole

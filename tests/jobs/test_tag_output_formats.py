@@ -46,7 +46,7 @@ def overlay_mask(overlay) -> np.ndarray:
 # masks as COCO RLE ------------------------------------------------------------------------------
 
 def test_rle_masks_in_the_records_are_the_thresholded_png_masks_and_the_report_shows_them(tmp_path):
-    from ttd.jobs.report import _entry
+    from ttd.jobs.report import FileAccess, _entry
     from ttd.runtime import load_tagger
 
     trained = load_tagger("torch", device="cpu")  # the embedded world model: masks with shapes in them
@@ -69,8 +69,8 @@ def test_rle_masks_in_the_records_are_the_thresholded_png_masks_and_the_report_s
     Image.fromarray(np.zeros((90, 120, 3), np.uint8)).save(tmp_path / "wide.png")  # not square: crop placement
     for record in records[:3]:
         record = {**record, "image": str(tmp_path / "wide.png")}
-        from_rle = _entry(1, {k: v for k, v in record.items() if k != "masks"}, tmp_path, 200)
-        from_png = _entry(1, {k: v for k, v in record.items() if k != "rle_masks"}, tmp_path, 200)
+        from_rle = _entry(1, {k: v for k, v in record.items() if k != "masks"}, FileAccess.under(tmp_path, confined=False), 200)
+        from_png = _entry(1, {k: v for k, v in record.items() if k != "rle_masks"}, FileAccess.under(tmp_path, confined=False), 200)
         assert not from_rle.errors and [o.label for o in from_rle.overlays] == record["selected"]
         for rle_overlay, png_overlay in zip(from_rle.overlays, from_png.overlays, strict=True):
             inside_rle, inside_png = overlay_mask(rle_overlay), overlay_mask(png_overlay)
