@@ -89,7 +89,7 @@ def load_tagger(
     elif backend == "tensorrt":
         from ttd.runtime.tensorrt_backend import TensorRTBackend
 
-        runner = TensorRTBackend(export)
+        runner = TensorRTBackend(export, device=device if device not in (None, "auto") else "cuda")
     else:
         from ttd.runtime.triton_backend import TritonBackend
 
