@@ -2,8 +2,12 @@
 # One bounded GPU check of the TTD toolkit (issue 15): parity of torch on CUDA in fp32 / fp16 /
 # bf16 against torch fp32 on the CPU (the export gates), `ttd tag --device cuda` agreement,
 # ViT-B/16 dense image-encoding throughput at batch 1/8/64/256 (CUDA-synchronised, warmed up,
-# peak memory), torch.compile with CUDA graphs, `ttd tag` end to end, `ttd train`/`ttd eval` on CUDA.
-# Writes gpu_check.json + gpu_check.md to $OUT (or --out DIR); exits 1 on any failed gate.
+# peak memory), torch.compile with CUDA graphs, `ttd train`/`ttd eval` on CUDA, and (issue 21) the
+# pipelined `ttd tag` in the steady state: 32,768 images per run from a warm torch-free decoding
+# pool, world PNGs and camera-sized JPEGs, a 1,000-tag vocabulary, per-stage times from CUDA events,
+# beside the encoder alone in the same step, pipelined vs plain records.
+# Every step is bounded and the whole script ends within 8 minutes; gpu_check.json + gpu_check.md
+# are rewritten in $OUT (or --out DIR) after every step; exits 1 on any failed gate.
 #
 # Runs with the GPU machine's own python3 (3.12, torch with CUDA; no network) plus the wheels it
 # lacks, carried in a folder (default .gpu-wheels/ in the repository root, or $TTD_WHEELS).

@@ -82,7 +82,7 @@ def preflight(precision: str) -> tuple[str, tuple[int, int]]:
 @dataclass(frozen=True)
 class BatchLimits:
     opt_batch: int = 8
-    max_batch: int = 32
+    max_batch: int = 256  # the batch `ttd tag` runs on a data-centre GPU (issue 21)
     opt_tags: int = 16
     max_tags: int = 1024  # what the Triton tagger accepts per request by default
 
@@ -153,7 +153,9 @@ def build_engine(onnx_path: Path, out_dir: Path, graph: str, config: ModelConfig
     builder = trt.Builder(logger)
     network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_path.read_bytes()):
+    # from the file, not its bytes: a graph over 2 GB keeps its weights in a file beside it
+    # (external data), which the parser finds only relative to the model's own path
+    if not parser.parse_from_file(str(Path(onnx_path).resolve())):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
     builder_config = builder.create_builder_config()

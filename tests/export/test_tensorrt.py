@@ -80,11 +80,23 @@ class _Network:
 
 
 class _Parser:
+    """Parses from a file, as TensorRT finds external weights only beside the model's own path
+    (no `parse(bytes)` here: a graph parsed from its bytes loses them)."""
+
     def __init__(self, network, logger) -> None:
         self.network, self.num_errors = network, 0
 
-    def parse(self, data):
-        return data[:1] == b"\x08"  # an ONNX ModelProto starts with field 1 (ir_version)
+    def parse_from_file(self, path):
+        import onnx
+
+        path = Path(path)
+        assert path.is_absolute()
+        model = onnx.load(str(path), load_external_data=False)
+        for tensor in model.graph.initializer:  # external data is named relative to the model's folder
+            for entry in tensor.external_data:
+                if entry.key == "location" and not (path.parent / entry.value).is_file():
+                    return False
+        return path.read_bytes()[:1] == b"\x08"  # an ONNX ModelProto starts with field 1 (ir_version)
 
 
 class _Builder:
@@ -199,6 +211,31 @@ def test_timing_cache_stays_out_of_the_export_so_a_reexport_verifies(trt_export,
     assert cache.read_bytes().count(b"timing;") == 3  # grown by each build, and read back by the next
 
 
+def test_a_graph_with_external_weights_is_parsed_from_its_own_folder(trt_export, gpu_with, tmp_path, monkeypatch):
+    """Graphs over 2 GB (ViT-L and up) keep their weights in a file beside the .onnx; the parser
+    must be given the model's path to find it, from whatever directory `ttd export` runs in."""
+    import onnx
+
+    _, out, _ = trt_export
+    gpu_with(fake_tensorrt())
+    from export.tensorrt import build_engine
+
+    folder = tmp_path / "external"
+    folder.mkdir()
+    model = onnx.load(str(out / "image_encoder.onnx"))
+    onnx.save_model(model, str(folder / "image_encoder.onnx"), save_as_external_data=True,
+                    location="image_encoder.onnx.data", size_threshold=0)
+    assert (folder / "image_encoder.onnx.data").is_file()
+    monkeypatch.chdir(tmp_path)
+    engine = build_engine(Path("external") / "image_encoder.onnx", folder, "image_encoder",
+                          create_model("world-tiny").config, "fp32", BatchLimits(), tmp_path / "timing.cache", (9, 0))
+    assert engine.is_file()
+    (folder / "image_encoder.onnx.data").unlink()
+    with pytest.raises(RuntimeError, match="TensorRT could not parse"):
+        build_engine(folder / "image_encoder.onnx", folder, "image_encoder", create_model("world-tiny").config, "fp32",
+                     BatchLimits(), tmp_path / "timing.cache", (9, 0))
+
+
 def test_a_refused_timing_cache_is_an_error(trt_export, gpu_with, tmp_path):
     _, out, _ = trt_export
     gpu_with(fake_tensorrt(accept_timing_cache=False))
@@ -226,7 +263,9 @@ def test_manifest_records_each_engine_and_its_profile(trt_export):
 
 def test_profile_limits_are_checked_when_given():
     config = create_model("world-tiny").config
-    assert profiles("tag_head", config, BatchLimits(max_tags=4))["tag_embeds"] == ((1, 1, 128), (8, 4, 128), (32, 4, 128))
+    # the default profile reaches the batch `ttd tag` runs on a data-centre GPU (issue 21)
+    assert profiles("tag_head", config, BatchLimits(max_tags=4))["tag_embeds"] == ((1, 1, 128), (8, 4, 128), (256, 4, 128))
+    assert profiles("image_encoder", config, BatchLimits())["pixel_values"][2] == (256, 3, 64, 64)
     with pytest.raises(ValueError, match="--opt-batch 64 must lie in 1..--max-batch 32"):
         BatchLimits(opt_batch=64, max_batch=32)
     result = CliRunner().invoke(main, ["export", "--opt-batch", "64", "--max-batch", "32", "--tensorrt", "unused"])
@@ -477,9 +516,9 @@ def test_calls_are_split_to_the_profile_and_agree_with_an_unchunked_reference(sc
     image_calls = [c["pixel_values"][0] for c in engines["image_encoder"].contexts[0].executed]
     assert image_calls == [4, 2, 4, 2]
     text_calls = [c["input_ids"][0] for c in engines["text_encoder"].contexts[0].executed]
-    # each tag (3 templates) and the 5 negative prompts encoded once, the novel tags of a batch together,
-    # 8 rows a call (runtime.tagger.TEXT_ROWS): 9 + 9 and 15 + 15 new texts, and 12
-    assert text_calls == [8] * sum(-(-n // 8) for n in (18, 30, 12))
+    # always TEXT_ROWS (8) prompts a call, each tag encoded once, a batch's novel tags together:
+    # 11 tags x 3 templates (5 calls), the 5 negative prompts x 3 (2 calls), then 4 tags x 3 (2 calls)
+    assert text_calls == [8] * 9
 
     # the batch axis of every graph, directly against the reference
     backend = _backend(config, engines)
@@ -536,3 +575,26 @@ def test_an_engine_that_does_not_load_says_why(trt_export, gpu_with, monkeypatch
         "engines with `ttd export --tensorrt` on this machine")
     assert "its name matches this machine (TensorRT 10.13, sm90), so the file comes from an incompatible" in deserialisation_failure(
         "tag_head.trt10.13.sm90.bf16.plan", "10.13.3.9", (9, 0))
+
+
+def test_device_cuda_n_loads_the_engines_on_that_gpu(trt_export, gpu_with, monkeypatch):
+    """`ttd tag --backend tensorrt --device cuda:1`: the engines are deserialised with GPU 1 current
+    (TensorRT makes them on the current device) and checked against GPU 1's compute capability."""
+    import contextlib
+
+    from ttd.runtime import load_tagger
+
+    _, out, _ = trt_export
+    gpu_with(fake_tensorrt())
+    current, asked = [], []
+
+    @contextlib.contextmanager
+    def device(chosen):
+        current.append(str(chosen))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or (9, 0))
+    with pytest.raises(RuntimeError, match="TensorRT could not load image_encoder"):  # the stand-in loads nothing
+        load_tagger("tensorrt", export_dir=str(out), device="cuda:1")
+    assert current == ["cuda:1"] and asked[-1] == "cuda:1"

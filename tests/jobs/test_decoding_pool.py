@@ -60,3 +60,26 @@ def test_one_pool_serves_several_jobs_through_shared_memory_without_torch(captio
     assert not pool.alive
     for name in names:  # the blocks are gone with the pool
         assert not Path("/dev/shm", name.lstrip("/")).exists()
+
+
+def test_the_decoding_thread_works_on_the_next_batch_while_the_model_runs_this_one():
+    """workers = 0 (the small-machine default): batch 2 is decoding while batch 1 is handed out."""
+    import threading
+
+    from ttd.data.inputs import Item
+
+    seen, started = [], threading.Event()
+
+    def prepare(items):
+        seen.append(items[0].image)
+        if len(seen) == 2:
+            started.set()
+        return [item.image for item in items]
+
+    items = [(i, Item(f"{i}.png", Path(f"{i}.png"), None)) for i in range(6)]
+    batches = decoding.decoded_batches(items, 2, 0, prepare, prefetch=2)
+    first = next(batches)
+    assert [p for p, _ in first[0]] == [0, 1]
+    assert started.wait(5.0) and seen == ["0.png", "2.png"]  # before the consumer asked for it
+    rest = [outcomes for _, outcomes in batches]
+    assert rest == [["2.png", "3.png"], ["4.png", "5.png"]]

@@ -92,4 +92,20 @@ def test_job_reports_its_stage_times(taggers, captions, tmp_path):
     assert stages["encode"] > 0 and stages["decode"] > 0
     # on a CPU the backend's work happens while the model's thread submits: its clocks are inside that time
     assert stages["upload"] + stages["encode"] + stages["head"] + stages["download"] <= stages["submit"] + 1e-3
+    # each stage is a part of the job's wall time (the model's thread submits 5 batches in it)
+    assert stages["submit"] + stages["decode_wait"] <= summary.seconds
     assert summary.profile().startswith("stages (s): decode ")
+
+
+def test_tag_profile_prints_the_stage_times(captions, tmp_path):
+    from click.testing import CliRunner
+
+    from ttd.cli import main
+
+    result = CliRunner().invoke(main, ["tag", "--captions", str(captions), "-o", str(tmp_path / "p.jsonl"), "--quiet",
+                                       "--profile", "--decode-workers", "0", "--batch-size", "8"])
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("stages (s): "))
+    times = dict(part.rsplit(" ", 1) for part in line.removeprefix("stages (s): ").replace(";", ",").split(", "))
+    assert {"decode", "encode", "head", "host", "write", "wall"} <= set(times)
+    assert float(times["encode"]) > 0 and float(times["wall"]) >= float(times["encode"])

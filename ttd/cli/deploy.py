@@ -33,7 +33,7 @@ from ttd.cli.common import (Precision, fail, main, model_options)
               help="Also build TensorRT engines (needs an NVIDIA GPU and TensorRT 10 or newer; fp32, fp16 or bf16 — "
                    "TensorRT cannot parse the int8 graphs).")
 @click.option("--opt-batch", type=click.IntRange(1), default=8, show_default=True, help="TensorRT profile: preferred batch.")
-@click.option("--max-batch", type=click.IntRange(1), default=32, show_default=True, help="TensorRT profile: max batch.")
+@click.option("--max-batch", type=click.IntRange(1), default=256, show_default=True, help="TensorRT profile: max batch.")
 @click.option("--max-tags", type=click.IntRange(1), default=1024, show_default=True,
               help="TensorRT profile: most tags in one tag-head call (the Triton tagger's --max-tags must not exceed "
                    "it; `ttd tag` runs larger vocabularies' tag head in torch).")

@@ -221,7 +221,7 @@ def decoded_batches(items: Iterable[tuple[int, Item]], batch_size: int, workers:
 
     try:
         while True:
-            while failure is None and len(pending) < (prefetch if pool is not None else 1):
+            while failure is None and len(pending) < (prefetch if pool is not None or thread is not None else 1):
                 batch = read_batch()
                 if not batch:
                     break

@@ -265,9 +265,9 @@ def run_job(tagger: Tagger, step: Step, items: Iterable[Item], output: Path, job
             stage = _RecordStage(write, threaded=getattr(tagger.backend, "name", None) in THREAD_SAFE_BACKENDS)
             try:
                 for batch, outcomes in batches:
-                    started = time.perf_counter()
+                    submitted = time.perf_counter()
                     ran = step.run(tagger, batch, outcomes)
-                    add_stages(decoding, {"submit": time.perf_counter() - started})
+                    add_stages(decoding, {"submit": time.perf_counter() - submitted})
                     stage.put(ran)
             finally:
                 stage.close()

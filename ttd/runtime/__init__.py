@@ -127,7 +127,7 @@ def _load_tagger(backend, model, pretrained, checkpoint, dense_mode, device, dty
     elif backend == "tensorrt":
         from ttd.runtime.tensorrt_backend import TensorRTBackend
 
-        runner = TensorRTBackend(export)
+        runner = TensorRTBackend(export, device=device if device not in (None, "auto") else "cuda")
     else:
         from ttd.runtime.triton_backend import TritonBackend
 

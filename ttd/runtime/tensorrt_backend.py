@@ -144,6 +144,8 @@ class EngineRunner:
         torch, context = self.torch, self.context
         keep = []  # the buffers must outlive the execution
         for name, tensor in feeds.items():
+            if self.stream is not None and tensor.device.type == "cpu":
+                tensor = tensor.pin_memory()  # an asynchronous copy needs page-locked memory
             tensor = tensor.to(self.device, self.dtypes[name], non_blocking=True).contiguous()
             keep.append(tensor)
             if not context.set_input_shape(name, tuple(tensor.shape)):
@@ -162,14 +164,25 @@ class EngineRunner:
             outputs.append(out)
         if not context.execute_async_v3(self.stream.cuda_stream if self.stream is not None else 0):
             raise RuntimeError(f"TensorRT execution of {self.graph} failed (see the TensorRT log above)")
-        if self.stream is not None:
-            self.stream.synchronize()
+        # no synchronise: what reads the outputs (the next engine, the copy to the host) is queued
+        # on this stream after the execution; inputs freed here are reused only by later work on it
         # the contract's outputs are float32 whatever precision the engine computes in
         return tuple(o.float() if o.is_floating_point() else o for o in outputs)
 
 
-def _load_engines(export: ExportDir) -> dict:
-    """graph -> deserialised engine, with errors that say what is missing or mismatched."""
+def _on_device(device: str):
+    """`torch.cuda.device(device)` for a CUDA device (engines and contexts are made on the current
+    device: `--device cuda:1` must make them there), nothing otherwise."""
+    import contextlib
+
+    import torch
+
+    chosen = torch.device(device)
+    return torch.cuda.device(chosen) if chosen.type == "cuda" and chosen.index is not None else contextlib.nullcontext()
+
+
+def _load_engines(export: ExportDir, device: str = "cuda") -> dict:
+    """graph -> deserialised engine (on `device`), with errors that say what is missing or mismatched."""
     try:
         import tensorrt as trt
     except ImportError as error:
@@ -185,11 +198,13 @@ def _load_engines(export: ExportDir) -> dict:
         raise RuntimeError(f"{export.root} has no TensorRT engines for {missing}; run `ttd export --tensorrt`")
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engines = {}
-    for graph in GRAPH_NAMES:
-        engine = runtime.deserialize_cuda_engine(export.file(names[graph]).read_bytes())
-        if engine is None:  # TensorRT logs the details and returns None rather than raising
-            raise RuntimeError(deserialisation_failure(names[graph], trt.__version__, torch.cuda.get_device_capability()))
-        engines[graph] = engine
+    with _on_device(device):
+        for graph in GRAPH_NAMES:
+            engine = runtime.deserialize_cuda_engine(export.file(names[graph]).read_bytes())
+            if engine is None:  # TensorRT logs the details and returns None rather than raising
+                raise RuntimeError(deserialisation_failure(names[graph], trt.__version__,
+                                                           torch.cuda.get_device_capability(device)))
+            engines[graph] = engine
     return engines
 
 
@@ -201,25 +216,41 @@ class TensorRTBackend:
         import torch
 
         if engines is None:
-            engines = _load_engines(export)
+            engines = _load_engines(export, device)
         self.torch, self.device = torch, device
-        stream = torch.cuda.Stream() if device.startswith("cuda") else None
-        self.runners = {g: EngineRunner(g, engines[g], device, stream) for g in GRAPH_NAMES}
+        with _on_device(device):  # execution contexts live on the engines' device
+            self.stream = torch.cuda.Stream(device) if device.startswith("cuda") else None
+            self.runners = {g: EngineRunner(g, engines[g], device, self.stream) for g in GRAPH_NAMES}
         self.tau, self.mask_weight, self.mask_bias = float(export.config.tau), export.mask_weight, export.mask_bias
+        self._normalisation: dict[tuple, tuple] = {}
+
+    def _stream(self):
+        """Every call runs on the backend's stream, after what the caller queued on its own: the
+        copies in, the engines (the encoder's output handed to the head by device address) and the
+        copies out are ordered by the stream, and only the host copy at the end is waited on."""
+        import contextlib
+
+        if self.stream is None:
+            return contextlib.nullcontext()
+        self.stream.wait_stream(self.torch.cuda.current_stream(self.device))
+        return self.torch.cuda.stream(self.stream)
 
     def encode_images(self, pixel_values: np.ndarray) -> ImageEmbeddings:
-        return ImageEmbeddings(*self._host(self._run("image_encoder", pixel_values)))
+        with self._stream():
+            return ImageEmbeddings(*self._host(self._run("image_encoder", pixel_values)))
 
     def encode_texts(self, input_ids: np.ndarray) -> np.ndarray:
-        return self._host(self._run("text_encoder", input_ids))[0]
+        with self._stream():
+            return self._host(self._run("text_encoder", input_ids))[0]
 
     def score_tags(self, patch_views, request: HeadRequest) -> TagHeadOutputs:
         """The tag head engine (the torch scoring function for more tags than its profile holds)."""
-        if self.runners["tag_head"].accepts("tag_embeds", 1, request.tag_embeds.shape[1]):
-            scores, cosines = self._run("tag_head", patch_views, *request.arrays())
-        else:
-            scores, cosines = self._tag_head_in_torch(patch_views, request)
-        host = self._host((scores, cosines) if request.with_cosines else (scores,))
+        with self._stream():
+            if self.runners["tag_head"].accepts("tag_embeds", 1, request.tag_embeds.shape[1]):
+                scores, cosines = self._run("tag_head", patch_views, *request.arrays())
+            else:
+                scores, cosines = self._tag_head_in_torch(patch_views, request)
+            host = self._host((scores, cosines) if request.with_cosines else (scores,))
         return TagHeadOutputs(host[0], host[1] if request.with_cosines else None)
 
     def tag_images(self, images: np.ndarray, preprocessing: ImagePreprocessing,
@@ -227,27 +258,38 @@ class TensorRTBackend:
         """Encoder and head engines on the GPU: the patch embeddings stay there, the views are
         made there, and only the scores (and cosine maps if asked for) come back."""
         torch = self.torch
-        pixels = torch.from_numpy(np.ascontiguousarray(with_flipped(images, preprocessing.flip))).to(self.device)
-        mean = torch.tensor(preprocessing.mean, device=self.device)[:, None, None]
-        std = torch.tensor(preprocessing.std, device=self.device)[:, None, None]
-        pixels = pixels.permute(0, 3, 1, 2).float().div_(255.0).sub_(mean).div_(std)
-        _, patch_embeds = self._run("image_encoder", pixels)
-        n = len(images)
-        views = patch_embeds[:n, None] if not preprocessing.flip else \
-            torch.stack([patch_embeds[:n], patch_embeds[n:].flip(-1)], dim=1)
-        return self.score_tags(views, request)
+        with self._stream():
+            pixels = torch.from_numpy(np.ascontiguousarray(with_flipped(images, preprocessing.flip)))
+            if self.stream is not None:
+                pixels = pixels.pin_memory()
+            pixels = pixels.to(self.device, non_blocking=True)
+            key = (preprocessing.mean, preprocessing.std)
+            if key not in self._normalisation:  # made on the device once
+                self._normalisation[key] = tuple(torch.tensor(v, device=self.device)[:, None, None] for v in key)
+            mean, std = self._normalisation[key]
+            pixels = pixels.permute(0, 3, 1, 2).float().div_(255.0).sub_(mean).div_(std)
+            _, patch_embeds = self._run("image_encoder", pixels)
+            n = len(images)
+            views = patch_embeds[:n, None] if not preprocessing.flip else \
+                torch.stack([patch_embeds[:n], patch_embeds[n:].flip(-1)], dim=1)
+            return self.score_tags(views, request)
 
     def _run(self, graph: str, *arrays) -> tuple:
-        runner = self.runners[graph]
-        feeds = dict(zip(GRAPHS[graph].inputs, arrays))
-        if runner.stream is None:
-            return runner.run(feeds)
-        with self.torch.cuda.stream(runner.stream):  # copies in, execution and copies out on one stream
-            return runner.run(feeds)
+        return self.runners[graph].run(dict(zip(GRAPHS[graph].inputs, arrays)))
 
-    @staticmethod
-    def _host(tensors: tuple) -> tuple[np.ndarray, ...]:
-        return tuple(t.cpu().numpy() for t in tensors)
+    def _host(self, tensors: tuple) -> tuple[np.ndarray, ...]:
+        """Device outputs -> numpy: on a GPU into pinned buffers, asynchronously on the stream,
+        then one wait on that stream's event."""
+        torch = self.torch
+        if self.stream is None:
+            return tuple(t.cpu().numpy() for t in tensors)
+        host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors)
+        for h, t in zip(host, tensors):
+            h.copy_(t, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(self.stream)
+        done.synchronize()
+        return tuple(h.numpy() for h in host)
 
     def _tag_head_in_torch(self, patch_views, request: HeadRequest) -> tuple:
         torch = self.torch

@@ -181,6 +181,10 @@ class TorchBackend:
             clock.span("upload", start, clock.mark(slots.stream))
             pixels, per_image = uploaded[0], iter(uploaded[1:])
             tensors = [c if c is not None else next(per_image) for c in constants]
+            if cuda:
+                for constant in constants:
+                    if constant is not None:  # made on another stream: not reused while this batch may read it
+                        constant.record_stream(compute)
             tensors = [t if t.dtype == torch.bool else t.float() for t in tensors]
             chosen, cosines = [], []
             with stream_context(compute):
