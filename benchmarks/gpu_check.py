@@ -307,7 +307,9 @@ def write_photos(folder: Path, unique: int, size: tuple[int, int], workers: int)
 
     folder.mkdir(parents=True, exist_ok=True)
     jobs = [(folder / f"{i:05d}.jpg", i, size) for i in range(unique)]
-    with ProcessPoolExecutor(max(1, workers)) as pool:
+    import multiprocessing
+
+    with ProcessPoolExecutor(max(1, workers), multiprocessing.get_context("spawn")) as pool:  # no fork of CUDA state
         list(pool.map(_camera_jpeg, jobs))
     return [{"image": str(path), "caption": make_sample(5, i, 256).caption} for path, i, _ in jobs]
 
@@ -348,7 +350,10 @@ def step_tag_end_to_end(args, state) -> dict:
         pixels = tagger.backend._normalised(images, tagger.preprocessing)
         encoder_only = batch / timed(lambda: tagger.backend.image_encoder(pixels), device)
     vocabulary = [f"thing {i}" for i in range(args.vocabulary_tags)]
-    rows, failed = {"encoder alone": {"images_per_s": round(encoder_only, 1), "batch": batch, "compiled": use_compile}}, []
+    # rows kept in `state` as they are measured: a step stopped at its limit still reports them
+    rows = state["partial_rows"] = {"encoder alone": {"images_per_s": round(encoder_only, 1), "batch": batch,
+                                                      "compiled": use_compile}}
+    failed: list[str] = []
     with DecodingPool(workers) as pool:
         for mode, source, words in (("captions, world PNGs", pngs, None), ("captions, camera JPEGs", photos, None),
                                     (f"vocabulary of {len(vocabulary)} tags, world PNGs", pngs, vocabulary)):
@@ -462,7 +467,8 @@ def markdown(report: dict) -> str:
         lines.append(f"## {name} ({entry.get('seconds', 0):.1f} s)")
         if "error" in entry or "skipped" in entry:
             lines += ["", f"{'error' if 'error' in entry else 'skipped'}: {entry.get('error') or entry.get('skipped')}", ""]
-            continue
+            if "result" not in entry:
+                continue
         result = entry["result"]
         rows = result.get("rows")
         if isinstance(rows, dict) and rows and all(isinstance(v, dict) for v in rows.values()):
@@ -522,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
                     report["ok"] = False
             except StepTimeout:
                 entry["error"] = f"stopped at its limit of {limit} s"
+                if state.get("partial_rows"):
+                    entry["result"] = {"rows": state["partial_rows"], "failed": [entry["error"]]}
                 report["ok"] = False
             except Exception as error:
                 entry["error"] = f"{type(error).__name__}: {error}"
@@ -530,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 signal.alarm(0)
                 signal.signal(signal.SIGALRM, previous)
+                state.pop("partial_rows", None)
             entry["seconds"] = round(time.perf_counter() - step_start, 1)
         report["steps"][name] = entry
         report["seconds"] = time.perf_counter() - started

@@ -96,7 +96,8 @@ class DecodingPool:
     """`workers` spawned decoding processes, started once and reused by every job given this pool.
 
     Spawned, not forked: the parent may hold CUDA state. The owner closes it (or uses it as a
-    context manager). Images come back through a ring of shared-memory blocks, one per batch in
+    context manager); it serves one job at a time (jobs in turn, not at once: they would share
+    its blocks). Images come back through a ring of shared-memory blocks, one per batch in
     flight; each batch's images are copied out of its block before the block is reused."""
 
     def __init__(self, workers: int) -> None:

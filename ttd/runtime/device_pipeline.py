@@ -47,6 +47,8 @@ class StageClock:
         """{stage: seconds}; call after the batch's final event completed."""
         times: dict[str, float] = {}
         for name, start, end in self.spans:
+            if self.cuda:
+                end.synchronize()  # done already (the batch's event came later), or an upload-stream mark just behind it
             elapsed = start.elapsed_time(end) / 1000.0 if self.cuda else end - start
             times[name] = times.get(name, 0.0) + elapsed
         return times
