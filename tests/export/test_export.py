@@ -212,7 +212,7 @@ def test_tensorrt_profiles_and_names():
     negatives = len(model.config.negative_prompts)
     assert negatives == 5 and shapes["tag_embeds"] == ((1, 1, 128), (4, 8, 128), (16, 64, 128))
     assert shapes["negative_embeds"] == ((1, 1, 128), (4, negatives, 128), (16, 16, 128))
-    assert profiles("text_encoder", model.config, BatchLimits())["input_ids"][2] == (256, 32)
+    assert profiles("text_encoder", model.config, BatchLimits())["input_ids"][2] == (BatchLimits().max_batch * 8, 32)
     assert engine_name("image_encoder", "10.13.3.9", (9, 0), "fp16") == "image_encoder.trt10.13.sm90.fp16.plan"
 
 
