@@ -188,7 +188,8 @@ def test_int8_holds_on_an_avx2_instruction_set_under_qemu(int8_export, tmp_path)
     interpreter with AVX-512, VNNI and AMX hidden from CPUID, so onnxruntime picks its AVX2 int8
     kernels: the world export's int8 gate holds there, and on a ViT-B/16 layer stack onnxruntime's
     default int8 visibly saturates while the portable settings stay at fp32's level."""
-    from export.int8_portability import layer_stack_cosines, write_layer_stack
+    from export.int8_layer_stack import write_layer_stack
+    from export.int8_portability import layer_stack_cosines
 
     out, _ = int8_export
     stack = write_layer_stack(tmp_path / "stack", blocks=4, tokens=17)
