@@ -205,6 +205,9 @@ def test_rle_masks_in_the_centre_modes_refused_where_masks_are_rle_already(world
     (("segment-captions", "--actors", 2), "apply to --engine ray"),
     (("vocabulary", "--engine", "ray", "--decode-workers", 1), "applies to --engine local"),
     (("centre", "--engine", "ray", "--dtype", "auto"), "--engine ray needs an explicit --backend and --dtype"),
+    (("centre", "--no-vocab-cache"), "apply to --vocabulary with --engine local"),
+    (("vocabulary", "--engine", "ray", "--vocab-cache", "cache"), "apply to --vocabulary with --engine local"),
+    (("centre", "--compile", "--backend", "onnxruntime"), "--compile compiles the torch backend's encoder"),
 ])
 def test_options_a_cell_cannot_honour_are_refused_before_any_work(world, tmp_path, args, message):
     mode, *extra = args

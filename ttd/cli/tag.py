@@ -115,6 +115,12 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
         fail("--top-k lists a vocabulary's best tags; with --captions every candidate is in the record: leave it out")
     if not parquet and given_options("rows_per_file"):
         fail("--rows-per-file sizes Parquet shard files; this output is JSON lines (use --format parquet)")
+    cache_options = given_options("vocab_cache", "no_vocab_cache")
+    if cache_options and (vocabulary is None or engine == "ray"):
+        fail(f"{', '.join(cache_options)} apply to --vocabulary with --engine local (Ray actors encode the "
+             "vocabulary themselves); leave them out")
+    if compile_encoder and backend not in ("torch", "auto"):
+        fail(f"--compile compiles the torch backend's encoder; --backend {backend} runs its own graphs: leave it out")
     if crop == "whole":
         if vocabulary is not None:
             fail("--crop whole tags with --captions; for a vocabulary over whole images use "
