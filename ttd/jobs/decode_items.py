@@ -13,22 +13,26 @@ from ttd.runtime.images import ImageError, Preprocess
 MAX_CAPTION_TAGS = 1024  # as `ttd triton build --max-tags`: a 5,000-word caption is not a caption
 
 
+def caption_tags(item: Item) -> list[str]:
+    """An item's candidate tags, or the ValueError that names what is wrong with its caption
+    (every mode that tags a caption checks it here)."""
+    if item.caption is None or not item.caption.strip():
+        raise ValueError("empty caption")
+    tags = candidate_tags(item.caption)
+    if not tags:
+        raise ValueError(f"caption {item.caption!r} has no candidate tags (only stopwords or punctuation)")
+    if len(tags) > MAX_CAPTION_TAGS:
+        raise ValueError(f"caption has {len(tags)} candidate tags, more than the limit of {MAX_CAPTION_TAGS} "
+                         "(the served tagger's cap); split it into shorter captions")
+    return tags
+
+
 def _prepare(item: Item, vocabulary_mode: bool,
              preprocess: Preprocess) -> tuple[np.ndarray, list[str] | None, tuple[int, int]]:
     """(uint8 image at the model's size, candidate tags (None in vocabulary mode), the image's own (width, height))."""
     if item.error:
         raise ValueError(item.error)
-    if vocabulary_mode:
-        tags = None
-    else:
-        if item.caption is None or not item.caption.strip():
-            raise ValueError("empty caption")
-        tags = candidate_tags(item.caption)
-        if not tags:
-            raise ValueError(f"caption {item.caption!r} has no candidate tags (only stopwords or punctuation)")
-        if len(tags) > MAX_CAPTION_TAGS:
-            raise ValueError(f"caption has {len(tags)} candidate tags, more than the limit of {MAX_CAPTION_TAGS} "
-                             "(the served tagger's cap); split it into shorter captions")
+    tags = None if vocabulary_mode else caption_tags(item)
     data = getattr(item, "data", None)  # a webdataset sample's bytes (ttd.data.items.ShardItem)
     image, size = preprocess.with_size(item.path if data is None else data, item.image)
     return image, tags, size

@@ -29,9 +29,8 @@ from ttd.segment.whole_image import encode_windows_of
 from ttd.jobs.decoding import Positioned
 from ttd.jobs.jsonl_output import output_format_of
 from ttd.jobs.runner import JobOptions, JobSummary, refuse_input_as_output, run_job
-from ttd.jobs.decode_items import MAX_CAPTION_TAGS
+from ttd.jobs.decode_items import caption_tags
 from ttd.jobs.tag_job import contained_path, safe_name
-from ttd.model.tags import candidate_tags
 
 
 def save_label_map(labels: np.ndarray, path: Path) -> None:
@@ -78,10 +77,8 @@ def decode_whole(items: list[Item], captions: bool, max_pixels: int) -> list:
         try:
             if item.error:
                 raise ValueError(item.error)
-            if captions and (item.caption is None or not item.caption.strip()):
-                raise ValueError("empty caption")
-            if captions and len(candidate_tags(item.caption)) > MAX_CAPTION_TAGS:
-                raise ValueError(f"caption has more than {MAX_CAPTION_TAGS} candidate tags; split it into shorter captions")
+            if captions:
+                caption_tags(item)
             data = getattr(item, "data", None)  # a webdataset sample's own image bytes (ttd.data.items.ShardItem)
             outcomes.append(decode_image(item.path if data is None else data, item.image, max_pixels))
         except (ImageError, ValueError, OSError) as error:
