@@ -39,3 +39,21 @@ def test_open_clip_tokenizer_warns_on_long_captions():
     assert short.shape == (1, 77) and short.dtype == np.int64
     with pytest.warns(TruncationWarning, match="more than the 75 that fit the context length 77"):
         tokenizer([" ".join(["dog"] * 100)])
+
+
+def test_words_fast_path_agrees_with_the_loop():
+    """The ASCII fast path of `words` (a regular expression) splits exactly as the per-character loop."""
+    from ttd.model import tags
+
+    rng = np.random.default_rng(1)
+    alphabet = list("abcXYZ09'_- .,!?\"\t")
+    texts = ["".join(rng.choice(alphabet, size=int(rng.integers(0, 30)))) for _ in range(3000)]
+    texts += ["dog's'x", "rock'n'roll", "'abc", "abc'", "it's A DOG_house", "a--b''c", ""]
+    fast = [tags.words(text) for text in texts]
+
+    class NotAscii(str):
+        def isascii(self) -> bool:
+            return False
+
+    loop = [tags.words(NotAscii(text)) for text in texts]
+    assert fast == loop

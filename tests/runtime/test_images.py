@@ -99,3 +99,37 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale_that_keeps_twice_the_side_ne
     full = Preprocess(64, "bicubic")(decode_image(jpeg))
     reduced = Preprocess(64, "bicubic")(jpeg)
     assert np.abs(full.astype(int) - reduced.astype(int)).mean() < 2.0
+
+
+@pytest.mark.parametrize("orientation", [None, 1, 3, 6, 8])
+def test_exif_orientation_is_applied_and_the_displayed_size_recorded(tmp_path, orientation):
+    """An upright photo comes back as stored; a turned one (EXIF 2-8) as displayed, with the size
+    masks are laid on swapped for 5-8."""
+    from ttd.runtime.images import original_size
+
+    pixels = np.zeros((40, 60, 3), np.uint8)
+    pixels[:10, :20] = 255  # a white block in the top-left corner as stored
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(pixels).save(path, quality=95, exif=exif.tobytes())
+    decoded = decode_image(path)
+    expected = np.asarray({None: lambda im: im, 1: lambda im: im,
+                           3: lambda im: im.transpose(Image.Transpose.ROTATE_180),
+                           6: lambda im: im.transpose(Image.Transpose.ROTATE_270),
+                           8: lambda im: im.transpose(Image.Transpose.ROTATE_90)}[orientation](Image.open(path).convert("RGB")))
+    assert decoded.mode == "RGB" and decoded.size == (expected.shape[1], expected.shape[0])
+    assert np.array_equal(np.asarray(decoded), expected)
+    assert original_size(decoded) == ((40, 60) if orientation in (6, 8) else (60, 40))
+    assert np.asarray(decoded).mean() > 0  # the decoded image is usable after its file was closed
+
+
+def test_an_image_file_is_read_whole_and_one_over_the_limit_refused(tmp_path):
+    from ttd.runtime.images import read_image_file
+
+    path = tmp_path / "a.bin"
+    path.write_bytes(bytes(range(256)) * 4)
+    assert read_image_file(path, "a.bin", 1024) == bytes(range(256)) * 4
+    with pytest.raises(ImageError, match=r"a.bin: 1,024 bytes exceeds the limit of 1,023"):
+        read_image_file(path, "a.bin", 1023)

@@ -65,7 +65,11 @@ def read_image_file(path: Path, label: str, limit: int) -> bytes:
         raise ImageError(f"{label}: {info.st_size:,} bytes exceeds the limit of {limit:,} for an image file")
     try:
         with path.open("rb") as f:
-            data = f.read(limit + 1)
+            # the stat size + 1 (asking for limit + 1 would allocate that much for every image);
+            # reading on past it catches a file that grew after the check
+            data = f.read(info.st_size + 1)
+            if len(data) > info.st_size:
+                data += f.read(limit + 1 - len(data))
     except OSError as error:
         raise ImageError(f"{label}: cannot read ({error.strerror})") from error
     if len(data) > limit:  # grew after the check
@@ -107,9 +111,11 @@ def decode_image(data: bytes | Path | str, name: str | None = None, max_pixels: 
                 scale = 2 * min_side / min(width, height)
                 image.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
             image.load()
-            decoded = _to_rgb(ImageOps.exif_transpose(image))
+            orientation = image.getexif().get(ORIENTATION_TAG)
+            # exif_transpose copies even an upright image: only turn the ones that need it
+            decoded = _to_rgb(ImageOps.exif_transpose(image) if orientation in range(2, 9) else image)
             # the displayed size before any DCT reduction: where masks of this image are laid
-            swapped = image.getexif().get(ORIENTATION_TAG) in (5, 6, 7, 8)
+            swapped = orientation in (5, 6, 7, 8)
             decoded.info[ORIGINAL_SIZE] = (height, width) if swapped else (width, height)
             return decoded
     except ImageError:
