@@ -108,3 +108,17 @@ def test_tag_masks_have_the_input_images_width_and_height(tmp_path):
         rle = decode_rle(record["rle_masks"][tag])
         assert rle.shape == (120, 300)
         np.testing.assert_array_equal(rle, grey >= 128)
+
+
+def test_the_summary_line_counts_in_words():
+    from collections import Counter
+    from pathlib import Path
+
+    from ttd.jobs.runner import JobSummary
+
+    one = JobSummary(Path("tags.jsonl"), items=1, errors=Counter({"image": 1}), seconds=0.5)
+    assert one.line() == ("wrote 1 record to tags.jsonl (1 error); errors by kind: image 1; "
+                          "1 item this run at 2.0 images/s")
+    many = JobSummary(Path("tags.jsonl"), items=12, resumed=2, seconds=2.0)
+    assert many.line() == ("wrote 12 records to tags.jsonl (0 errors); 10 items this run, 2 from the "
+                           "interrupted run at 5.0 images/s")

@@ -105,8 +105,13 @@ class JobSummary:
         errors = sum(self.errors.values())
         kinds = ", ".join(f"{kind} {count}" for kind, count in self.errors.most_common())
         resumed = f", {self.resumed} from the interrupted run" if self.resumed else ""
-        return (f"wrote {self.items} records to {self.output} ({errors} errors){f'; errors by kind: {kinds}' if kinds else ''}; "
-                f"{self.this_run} items this run{resumed} at {self.images_per_second:.1f} images/s")
+        return (f"wrote {_count(self.items, 'record')} to {self.output} ({_count(errors, 'error')})"
+                f"{f'; errors by kind: {kinds}' if kinds else ''}; "
+                f"{_count(self.this_run, 'item')} this run{resumed} at {self.images_per_second:.1f} images/s")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def add_stages(total: dict[str, float], times: dict[str, float]) -> None:
