@@ -56,11 +56,6 @@ def worst_pair_sum(model_path: Path) -> int:
     return UINT8_MAX * 2 * max(int(np.abs(w).max()) for w in weights)
 
 
-def saturation_free(model_path: Path) -> bool:
-    """True when pre-VNNI u8s8 kernels compute this graph exactly (no int16 pair can saturate)."""
-    return worst_pair_sum(model_path) <= INT16_MAX
-
-
 def _matmul_integer_avx2():
     from onnx.reference.op_run import OpRun
 

@@ -213,12 +213,15 @@ def test_an_input_without_items_keeps_the_previous_output(tmp_path, tagger):
 
 
 def test_segment_of_an_input_without_items_keeps_the_previous_output(tmp_path, tagger):
-    from ttd.jobs.segment_job import segment_items
+    from ttd.jobs.runner import JobOptions, run_job
+    from ttd.jobs.segment_job import WholeImageStep
+    from ttd.segment.segmentation import SegmentOptions
 
     out = tmp_path / "seg.jsonl"
     out.write_text('{"index": 0}\n')
     with pytest.raises(InputError, match="holds no item"):
-        segment_items(tagger, iter(()), out, ["circle"], progress=False)
+        run_job(tagger, WholeImageStep(["circle"], SegmentOptions(), None, 10**6), iter(()), out, None,
+                JobOptions(8, 0, progress=False))
     assert out.read_text() == '{"index": 0}\n'
 
 

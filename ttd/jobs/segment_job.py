@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +27,6 @@ from ttd.runtime.tagger import Tagger
 from ttd.segment.segmentation import SegmentOptions, Segmentation, segment_caption, segment_classes
 from ttd.segment.whole_image import encode_windows_of
 from ttd.jobs.decoding import Positioned
-from ttd.jobs.jsonl_output import output_format_of
-from ttd.jobs.runner import JobOptions, JobSummary, refuse_input_as_output, run_job
 from ttd.jobs.decode_items import caption_tags
 from ttd.jobs.tag_job import contained_path, safe_name
 
@@ -144,30 +142,6 @@ class WholeImageStep:
             except (OSError, ValueError) as error:
                 record["error"] = f"cannot write masks: {error}"
         return {"index": position, **record}
-
-
-def segment_items(tagger: Tagger, items: Iterable[Item], output: Path, classes: list[str] | None = None,
-                  options: SegmentOptions = SegmentOptions(), coco: Path | None = None,
-                  masks_dir: Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True,
-                  inputs: Sequence[Path] = (), resume: bool = False, shard: int = 0, num_shards: int = 1,
-                  job: dict | None = None, batch_size: int = 8, decode_workers: int | None = None) -> JobSummary:
-    """Segment a stream of `items` into `output` (JSON lines, each with its input `index`), plus
-    COCO JSON and PNGs if asked: the whole-image step on the job runner (ttd/jobs/runner.py:
-    `resume`, `shard`/`num_shards`, the refused outputs). With `classes`, semantic segmentation;
-    otherwise each item's caption. `batch_size` images are decoded together (ahead of the model)."""
-    output = Path(output)
-    if coco is not None:
-        refuse_input_as_output(coco, [], inputs)
-    if output_format_of(output) == "parquet":
-        raise ValueError(f"{output}: segmentation records hold masks as RLE segments; they are written as JSON lines "
-                         "(Parquet output is for `ttd tag --crop center`)")
-    step = WholeImageStep(classes, options, Path(masks_dir) if masks_dir else None, max_pixels)
-    summary = run_job(tagger, step, items, output, job,
-                      JobOptions(batch_size, decode_workers, resume=resume, shard=shard, num_shards=num_shards,
-                                 output_format="jsonl", progress=progress), inputs)
-    if coco is not None:
-        write_coco_of(output, coco)
-    return summary
 
 
 def write_coco_of(output: Path, coco: Path) -> None:
