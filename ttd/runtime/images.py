@@ -133,8 +133,10 @@ def resize_center_crop(image: Image.Image, size: int, interpolation: str = "bicu
     new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
     if (new_w, new_h) != (width, height):
         image = image.resize((new_w, new_h), RESAMPLING[interpolation])
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    if (new_w, new_h) != (size, size):  # a square image is already its own crop: no copy
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    return np.asarray(image, dtype=np.uint8)
 
 
 @dataclass(frozen=True)
