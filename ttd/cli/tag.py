@@ -50,10 +50,11 @@ from ttd.cli.common import Precision, fail, given_options, long_job_options, mai
                    "tags is flat).")
 @click.option("--flip-tta", is_flag=True, help="Average the maps of the image and its mirror image.")
 @click.option("--masks-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Also write a PNG mask per selected tag under this folder.")
+              help="Also write a PNG mask per selected tag under this folder, at the image's own width and "
+                   "height (with the centre crop: the crop's mask where the crop was, background elsewhere).")
 @click.option("--rle-masks", is_flag=True,
               help="Also put each selected tag's mask in its record, as COCO RLE (\"rle_masks\": tag -> "
-                   "{size, counts}; pycocotools): the --masks-dir PNG (the centre crop at the model's input size) "
+                   "{size, counts}; pycocotools): the --masks-dir mask, at the image's own size, "
                    "thresholded at the default mask threshold. Needs pip install 'ttd-toolkit[segment]'.")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:1 ...")
 @click.option("--dtype", type=Precision(("auto", "fp32", "bf16", "fp16")), default="fp32", show_default=True,
