@@ -28,7 +28,7 @@ import numpy as np
 from export.triton import BatchingOptions, build_repository
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_client import tagger_request  # noqa: E402
+from load_client import run_clients, tagger_request  # noqa: E402
 from serve_load import world_pairs  # noqa: E402
 from service import cpu_model, served  # noqa: E402
 
@@ -41,29 +41,15 @@ def cpu_seconds(pid: int) -> float:
 
 def load(url: str, requests: int, clients: int, call) -> tuple[float, list[float]]:
     """(seconds, latencies in ms) of `requests` calls of `call(client, index)` from `clients` threads."""
-    import tritonclient.http as http
+    lock, latencies = threading.Lock(), []
 
-    lock, counter, latencies = threading.Lock(), iter(range(requests)), []
+    def timed(client, index: int) -> None:
+        start = time.perf_counter()
+        call(client, index)
+        with lock:
+            latencies.append((time.perf_counter() - start) * 1000)
 
-    def worker() -> None:
-        client = http.InferenceServerClient(url, network_timeout=120)
-        while True:
-            with lock:
-                index = next(counter, None)
-            if index is None:
-                return
-            start = time.perf_counter()
-            call(client, index)
-            with lock:
-                latencies.append((time.perf_counter() - start) * 1000)
-
-    began = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - began, latencies
+    return run_clients(url, clients, requests, timed), latencies
 
 
 def main() -> None:

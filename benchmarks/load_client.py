@@ -4,6 +4,7 @@ clients, a fixed number of requests, every answer checked against an expected re
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 import time
 from dataclasses import dataclass, field
 
@@ -52,15 +53,12 @@ class LoadReport:
                 "p99_ms": float(np.percentile(lat, 99))}
 
 
-def load_test(url: str, pairs: list[tuple[bytes, str]], expected: list[dict], clients: int, total: int,
-              atol: float = 1e-5) -> LoadReport:
-    """`clients` threads share `total` requests over `pairs`; each answer must equal `expected`
-    (same tags and selection, scores within `atol`)."""
+def run_clients(url: str, clients: int, total: int, call: Callable[[object, int], None]) -> float:
+    """Seconds for `clients` threads, each with its own HTTP client, to make `call(client, index)`
+    for every index in range(total), sharing the indices between them."""
     import tritonclient.http as http
 
-    report = LoadReport()
-    lock = threading.Lock()
-    counter = iter(range(total))
+    lock, counter = threading.Lock(), iter(range(total))
 
     def worker() -> None:
         client = http.InferenceServerClient(url, network_timeout=120)
@@ -69,23 +67,7 @@ def load_test(url: str, pairs: list[tuple[bytes, str]], expected: list[dict], cl
                 index = next(counter, None)
             if index is None:
                 return
-            image, caption = pairs[index % len(pairs)]
-            want = expected[index % len(pairs)]
-            start = time.perf_counter()
-            try:
-                got = tagger_request(http, client, image, caption)
-            except Exception as error:
-                with lock:
-                    report.errors.append(f"request {index}: {error}")
-                continue
-            elapsed = time.perf_counter() - start
-            same = got["tags"] == want["tags"] and np.array_equal(got["selected"], want["selected"]) and \
-                np.allclose(got["scores"], want["scores"], atol=atol)
-            with lock:
-                report.requests += 1
-                report.latencies_s.append(elapsed)
-                if not same:
-                    report.mismatches.append(f"request {index}: {got} != {want}")
+            call(client, index)
 
     start = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(clients)]
@@ -93,5 +75,36 @@ def load_test(url: str, pairs: list[tuple[bytes, str]], expected: list[dict], cl
         t.start()
     for t in threads:
         t.join()
-    report.seconds = time.perf_counter() - start
+    return time.perf_counter() - start
+
+
+def load_test(url: str, pairs: list[tuple[bytes, str]], expected: list[dict], clients: int, total: int,
+              atol: float = 1e-5) -> LoadReport:
+    """`clients` threads share `total` requests over `pairs`; each answer must equal `expected`
+    (same tags and selection, scores within `atol`)."""
+    import tritonclient.http as http
+
+    report = LoadReport()
+    lock = threading.Lock()
+
+    def request(client, index: int) -> None:
+        image, caption = pairs[index % len(pairs)]
+        want = expected[index % len(pairs)]
+        start = time.perf_counter()
+        try:
+            got = tagger_request(http, client, image, caption)
+        except Exception as error:
+            with lock:
+                report.errors.append(f"request {index}: {error}")
+            return
+        elapsed = time.perf_counter() - start
+        same = got["tags"] == want["tags"] and np.array_equal(got["selected"], want["selected"]) and \
+            np.allclose(got["scores"], want["scores"], atol=atol)
+        with lock:
+            report.requests += 1
+            report.latencies_s.append(elapsed)
+            if not same:
+                report.mismatches.append(f"request {index}: {got} != {want}")
+
+    report.seconds = run_clients(url, clients, total, request)
     return report
