@@ -1,4 +1,5 @@
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -120,7 +121,6 @@ def test_serve_refuses_a_folder_that_is_not_a_repository(tmp_path):
 
 
 def test_ttd_serve_stops_cleanly_on_ctrl_c(export_dir, tmp_path):
-    import shutil
     import signal
     import subprocess
     import time
@@ -130,7 +130,7 @@ def test_ttd_serve_stops_cleanly_on_ctrl_c(export_dir, tmp_path):
     port = free_port()
     # started with SIGINT ignored, as a background job of a non-interactive shell is (`nohup ttd serve &`):
     # Ctrl-C / kill -INT must still stop it
-    process = subprocess.Popen([shutil.which("ttd"), "serve", str(repo), "--http-port", str(port),
+    process = subprocess.Popen([sys.executable, "-m", "ttd", "serve", str(repo), "--http-port", str(port),
                                 "--grpc-port", str(free_port())], stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:

@@ -60,7 +60,8 @@ class TorchBackend:
         self._compute: torch.cuda.Stream | None = None
 
     def _to_device(self, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        array = np.ascontiguousarray(array)
+        tensor = torch.from_numpy(array if array.flags.writeable else array.copy())  # torch wants writable memory
         dtype = dtype if tensor.is_floating_point() else tensor.dtype
         if self.device.type != "cuda":
             return tensor.to(dtype)
