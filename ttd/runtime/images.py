@@ -100,24 +100,26 @@ def decode_image(data: bytes | Path | str, name: str | None = None, max_pixels: 
     if not data:
         raise ImageError(f"{label}: empty file (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError(
-                    f"{label}: {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,} "
-                    "(possible decompression bomb; raise --max-pixels if the image is genuine)"
-                )
-            if min_side is not None and min(width, height) >= 4 * min_side:
-                scale = 2 * min_side / min(width, height)
-                image.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
-            image.load()
-            orientation = image.getexif().get(ORIENTATION_TAG)
-            # exif_transpose copies even an upright image: only turn the ones that need it
-            decoded = _to_rgb(ImageOps.exif_transpose(image) if orientation in range(2, 9) else image)
-            # the displayed size before any DCT reduction: where masks of this image are laid
-            swapped = orientation in (5, 6, 7, 8)
-            decoded.info[ORIGINAL_SIZE] = (height, width) if swapped else (width, height)
-            return decoded
+        # no `with`: closing would void the image, and an upright RGB image is returned as decoded
+        # (exif_transpose and convert would each copy it); the in-memory buffer needs no closing
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageError(
+                f"{label}: {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,} "
+                "(possible decompression bomb; raise --max-pixels if the image is genuine)"
+            )
+        if min_side is not None and min(width, height) >= 4 * min_side:
+            scale = 2 * min_side / min(width, height)
+            image.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
+        image.load()
+        orientation = image.getexif().get(ORIENTATION_TAG)
+        turned = ImageOps.exif_transpose(image) if orientation in range(2, 9) else image
+        decoded = turned if turned.mode == "RGB" else _to_rgb(turned)
+        # the displayed size before any DCT reduction: where masks of this image are laid
+        swapped = orientation in (5, 6, 7, 8)
+        decoded.info[ORIGINAL_SIZE] = (height, width) if swapped else (width, height)
+        return decoded
     except ImageError:
         raise
     except Image.DecompressionBombError as error:
