@@ -104,8 +104,9 @@ class TorchBackend:
             self._normalisation[key] = tuple(torch.tensor(v, device=self.device)[:, None, None] for v in key)
         mean, std = self._normalisation[key]
         pixels = images if isinstance(images, torch.Tensor) else self._to_device(images, torch.uint8)
-        pixels = pixels.permute(0, 3, 1, 2).contiguous()  # channels-first uint8 first: the float math then
-        # runs on contiguous memory (2x faster than on the permuted view; the same values)
+        # channels-first uint8 made contiguous first: the float math below then runs on contiguous
+        # memory (2x faster than on the permuted view; the same values)
+        pixels = pixels.permute(0, 3, 1, 2).contiguous()
         if preprocessing.flip:
             pixels = torch.cat([pixels, pixels.flip(-1)])
         pixels = self._pad_tensor(pixels)
