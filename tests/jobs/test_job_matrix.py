@@ -194,8 +194,8 @@ def test_rle_masks_in_the_centre_modes_refused_where_masks_are_rle_already(world
     refused = run(world, "whole", tmp_path / "w.jsonl", "--rle-masks", ok=False)
     assert refused.exit_code != 0 and "masks as RLE already" in refused.output
     assert not (tmp_path / "w.jsonl").exists()
-    for option in ("--rle-masks", "--format"):
-        assert option not in CliRunner().invoke(main, ["segment", "--help"]).output  # not offered: never ignored
+    for option in ("--rle-masks", "--format"):  # not offered by `ttd segment`; refused with the reason (below)
+        assert option not in CliRunner().invoke(main, ["segment", "--help"]).output
 
 
 @pytest.mark.parametrize("args, message", [
@@ -208,6 +208,8 @@ def test_rle_masks_in_the_centre_modes_refused_where_masks_are_rle_already(world
     (("centre", "--no-vocab-cache"), "apply to --vocabulary with --engine local"),
     (("vocabulary", "--engine", "ray", "--vocab-cache", "cache"), "apply to --vocabulary with --engine local"),
     (("centre", "--compile", "--backend", "onnxruntime"), "--compile compiles the torch backend's encoder"),
+    (("segment-captions", "--rle-masks"), "hold every mask as COCO RLE already"),
+    (("segment-classes", "--format", "parquet"), "written as JSON lines"),
 ])
 def test_options_a_cell_cannot_honour_are_refused_before_any_work(world, tmp_path, args, message):
     mode, *extra = args

@@ -42,10 +42,13 @@ from ttd.cli.common import (check_inputs, fail, long_job_options, main, make_seg
 @click.option("--device", default="auto", show_default=True)
 @click.option("--max-pixels", type=click.IntRange(1), default=89_478_485, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+# options of `ttd tag` that segmentation records cannot honour: not offered, refused with the reason
+@click.option("--format", "output_format", type=click.Choice(["auto", "jsonl", "parquet"]), default=None, hidden=True)
+@click.option("--rle-masks", is_flag=True, hidden=True)
 def segment(captions, classes, images, output, coco, masks_dir, model, pretrained, checkpoint, dense_mode, backend,
             export_dir, url, threshold, score_method, crop, scales, stride, flip_tta, mask_threshold, templates_path,
-            pamr, device, max_pixels, quiet, resume, shard, num_shards, batch_size, decode_workers, engine,
-            ray_address, actors):
+            pamr, device, max_pixels, quiet, output_format, rle_masks, resume, shard, num_shards, batch_size,
+            decode_workers, engine, ray_address, actors):
     """Masks in each image's own geometry: caption masks (--captions) or open-vocabulary semantic
     segmentation (--classes NAMES IMAGES...).
 
@@ -64,6 +67,11 @@ def segment(captions, classes, images, output, coco, masks_dir, model, pretraine
     from ttd.runtime import load_tagger
     from ttd.segment.segmentation import read_templates, with_templates
 
+    if rle_masks:
+        fail("--rle-masks: ttd segment's records hold every mask as COCO RLE already (\"segments\"); leave it out")
+    if output_format == "parquet":
+        fail("--format parquet: segmentation records hold masks as RLE segments and are written as JSON lines "
+             "(Parquet output is for `ttd tag --crop center`)")
     check_inputs(captions, images, "--classes NAMES", classes)
     if output_format_of(output) == "parquet":
         fail(f"{output}: segmentation records hold masks as RLE segments and are written as JSON lines "
