@@ -4,8 +4,8 @@ clients, a fixed number of requests, every answer checked against an expected re
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np

@@ -122,7 +122,7 @@ def test_exif_orientation_is_applied_and_the_displayed_size_recorded(tmp_path, o
     assert decoded.mode == "RGB" and decoded.size == (expected.shape[1], expected.shape[0])
     assert np.array_equal(np.asarray(decoded), expected)
     assert original_size(decoded) == ((40, 60) if orientation in (6, 8) else (60, 40))
-    assert np.asarray(decoded).mean() > 0  # the decoded image is usable after its file was closed
+    assert np.asarray(decoded).mean() > 0  # the returned image holds its pixels (nothing closed behind it)
 
 
 def test_an_image_file_is_read_whole_and_one_over_the_limit_refused(tmp_path):

@@ -69,13 +69,10 @@ def segment(captions, classes, images, output, coco, masks_dir, model, pretraine
 
     if rle_masks:
         fail("--rle-masks: ttd segment's records hold every mask as COCO RLE already (\"segments\"); leave it out")
-    if output_format == "parquet":
-        fail("--format parquet: segmentation records hold masks as RLE segments and are written as JSON lines "
-             "(Parquet output is for `ttd tag --crop center`)")
     check_inputs(captions, images, "--classes NAMES", classes)
-    if output_format_of(output) == "parquet":
-        fail(f"{output}: segmentation records hold masks as RLE segments and are written as JSON lines "
-             "(Parquet output is for `ttd tag --crop center`)")
+    if output_format == "parquet" or output_format_of(output) == "parquet":
+        fail(f"{'--format parquet' if output_format == 'parquet' else output}: segmentation records hold masks as "
+             "RLE segments and are written as JSON lines (Parquet output is for `ttd tag --crop center`)")
     batch_size = batch_size or 8
     options = dataclasses.replace(make_segment_options(crop, scales, stride, mask_threshold, pamr), batch_size=batch_size)
     tagger_options = dict(backend=backend, model=model, pretrained=pretrained, checkpoint=checkpoint,
