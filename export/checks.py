@@ -4,6 +4,7 @@ fixed set of world image-caption pairs. A gate that fails stops the export with 
 
 from __future__ import annotations
 
+from ttd.errors import TTDError
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +18,7 @@ from ttd.model.tags import candidate_tags
 CHECK_SEED = 2  # the held-out world split
 
 
-class GateError(RuntimeError):
+class GateError(TTDError, RuntimeError):
     """An export missed a parity or quality threshold; the message gives the figures."""
 
 

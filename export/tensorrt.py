@@ -22,6 +22,7 @@ itself needs an NVIDIA GPU.
 
 from __future__ import annotations
 
+from ttd.errors import TTDError
 import os
 import tempfile
 from dataclasses import dataclass
@@ -34,11 +35,11 @@ from ttd.runtime.tensorrt_backend import engine_name
 MIN_TENSORRT_MAJOR = 10
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(TTDError, RuntimeError):
     pass
 
 
-class TensorRTUnsupported(ValueError):
+class TensorRTUnsupported(TTDError, ValueError):
     """An export option that no TensorRT engine can be built from."""
 
 

@@ -9,6 +9,7 @@ the CPU (it decodes images and calls the graph models).
 
 from __future__ import annotations
 
+from ttd.errors import TTDError
 import json
 import shutil
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.INT64: "
                   onnx.TensorProto.BOOL: "TYPE_BOOL"}
 
 
-class RepositoryError(ValueError):
+class RepositoryError(TTDError, ValueError):
     """A model repository is invalid; the message lists every problem found."""
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ttd.errors import TTDError
 import codecs
 import csv
 import json
@@ -14,7 +15,7 @@ IMAGE_KEYS = ("image", "image_path", "path", "file", "filename", "url")
 CAPTION_KEYS = ("caption", "text", "txt")
 
 
-class InputError(ValueError):
+class InputError(TTDError, ValueError):
     """A captions or vocabulary file is unusable as a whole; the message says why."""
 
 

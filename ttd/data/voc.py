@@ -15,6 +15,7 @@ object of that shape (colour) is visible.
 
 from __future__ import annotations
 
+from ttd.errors import TTDError
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ IGNORE_INDEX = 255
 PALETTE_SIZE = 256
 
 
-class VOCError(ValueError):
+class VOCError(TTDError, ValueError):
     """A segmentation folder or one of its files is unusable; the message names it and why."""
 
 

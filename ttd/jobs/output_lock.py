@@ -9,6 +9,7 @@ another process waits on it would let two jobs in).
 
 from __future__ import annotations
 
+from ttd.errors import TTDError
 import fcntl
 import json
 import os
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 
-class OutputInUse(ValueError):
+class OutputInUse(TTDError, ValueError):
     """The output is being written by another job."""
 
 

@@ -4,6 +4,7 @@ nothing is ever unpickled."""
 
 from __future__ import annotations
 
+from ttd.errors import TTDError
 import dataclasses
 import json
 import os
@@ -20,7 +21,7 @@ from ttd.model.clip import TTDModel
 DEFAULT_CHECKPOINT = Path(__file__).parents[1] / "assets" / "world-base.safetensors"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(TTDError, RuntimeError):
     """A model could not be created or loaded; the message says what to do instead."""
 
 

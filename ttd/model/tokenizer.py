@@ -7,6 +7,7 @@ embedding would otherwise dwarf the rest of a tiny model.
 
 from __future__ import annotations
 
+from ttd.errors import TTDWarning
 import re
 import warnings
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import numpy as np
 WORD_PATTERN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
 
-class TruncationWarning(UserWarning):
+class TruncationWarning(TTDWarning):
     """A text was longer than the model's context length and was cut."""
 
 

@@ -6,17 +6,18 @@ the three contract graphs of DESIGN §4.
 
 from __future__ import annotations
 
+from ttd.errors import TTDWarning
 from ttd.model.config import DEFAULT_SCORE_METHOD, DEFAULT_THRESHOLD
 from ttd.runtime.tagger import Backend, Tagger, TagResult
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "triton")
 
 
-class PortabilityNotice(UserWarning):
+class PortabilityNotice(TTDWarning):
     """Whether a reduced-precision export was re-checked on this CPU (ttd/runtime/portability.py)."""
 
 
-class UnfittedMarginWarning(UserWarning):
+class UnfittedMarginWarning(TTDWarning):
     """The `negatives` score's margin was never fitted to the model's weights: its selections mean little."""
 
 

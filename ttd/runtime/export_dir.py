@@ -3,6 +3,7 @@ config, and the graphs, with every file's sha256 checked against the manifest.""
 
 from __future__ import annotations
 
+from ttd.errors import TTDError
 import hashlib
 import json
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ CONFIG = "model.json"
 TORCH_WEIGHTS = "model.safetensors"  # a TTD checkpoint with CONFIG as its config: the torch engine's weights
 
 
-class ExportError(ValueError):
+class ExportError(TTDError, ValueError):
     """An export directory is incomplete, altered or of another format."""
 
 

@@ -6,6 +6,7 @@ record it for that item and carry on with the rest of a batch.
 
 from __future__ import annotations
 
+from ttd.errors import TTDError
 import io
 import math
 import stat
@@ -20,7 +21,7 @@ RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.
               "nearest": Image.Resampling.NEAREST}
 
 
-class ImageError(ValueError):
+class ImageError(TTDError, ValueError):
     """An image could not be used; the message says which and why."""
 
 

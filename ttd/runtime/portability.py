@@ -9,6 +9,7 @@ is refused; an export without samples says plainly that it was not checked here.
 
 from __future__ import annotations
 
+from ttd.errors import TTDError
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ MIN_COSINE = 0.99  # the variant gate of export/checks.py
 SAMPLE_COUNT = 4
 
 
-class PortabilityError(RuntimeError):
+class PortabilityError(TTDError, RuntimeError):
     """A reduced-precision export lost quality on this CPU; the message gives the figures."""
 
 

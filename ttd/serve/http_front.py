@@ -23,6 +23,7 @@ and every such event is one log line, rate-limited (RateLimitedLog).
 
 from __future__ import annotations
 
+from ttd.errors import TTDError
 import asyncio
 import json
 import re
@@ -458,7 +459,7 @@ def create_front(backend_url: str, limits: FrontLimits, say: Callable[[str], Non
     return app
 
 
-class FrontError(RuntimeError):
+class FrontError(TTDError, RuntimeError):
     """The front could not start (the port is taken, the address cannot be bound)."""
 
 

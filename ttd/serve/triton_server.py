@@ -3,6 +3,7 @@ repository: a workspace with the server and the stub for this Python, the librar
 interpreter the stub needs, 127.0.0.1 by default, readiness wait, clean stop.
 
 The stub embeds Python and ignores PYTHONPATH: it takes its prefix (and so its site-packages)
+from ttd.errors import TTDError
 from the first `python3` on PATH. So PATH starts with this interpreter's folder, which makes a
 `ttd serve` started by absolute path (systemd, cron, container entrypoints) find the same
 packages as one started from an activated environment, and the `ttd` package that runs the
@@ -29,7 +30,7 @@ from pathlib import Path
 from ttd.model.contract import TAGGER_MODEL
 
 
-class ServerError(RuntimeError):
+class ServerError(TTDError, RuntimeError):
     """tritonserver could not be started; the message says why (with its log's tail)."""
 
 
