@@ -60,7 +60,7 @@ def test_webdataset_brace_pattern_png_webp_and_json_captions(shards):
 
 def test_ttd_train_on_shards(shards):
     out = shards / "run"
-    result = CliRunner().invoke(main, ["train", "--model", "world-tiny", "--data", str(shards / "{000..001}.tar"),
+    result = CliRunner().invoke(main, ["train", "--model", "world-tiny", "--captions", str(shards / "{000..001}.tar"),
                                        "--steps", "2", "--batch-size", "4", "--warmup", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     logged = json.loads((out / "train_config.json").read_text())

@@ -328,7 +328,7 @@ def test_build_refuses_cpu_instances_and_limits_over_the_profiles(trt_export, tm
             build_repository(out, tmp_path / f"repo{i}", "native", "tensorrt", options, max_tags=max_tags)
         assert not (tmp_path / f"repo{i}").exists()
     result = CliRunner().invoke(main, ["triton", "build", str(out), str(tmp_path / "cli"), "--flavour", "native",
-                                       "--engine", "tensorrt", "--max-batch-size", "16", "--max-tags", "64"])
+                                       "--graph-engine", "tensorrt", "--max-batch-size", "16", "--max-tags", "64"])
     assert result.exit_code == 0, result.output
     assert "kind: KIND_GPU" in (tmp_path / "cli" / "ttd_image_encoder" / "config.pbtxt").read_text()
     onnx_repo = build_repository(out, tmp_path / "onnx", "native", "onnx", BatchingOptions())

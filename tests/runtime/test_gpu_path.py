@@ -148,7 +148,7 @@ def test_export_without_torch_weights_says_how_to_get_them(tmp_path):
 def test_torch_engine_repository_validates_and_keeps_the_tagger_on_the_cpu(export_dir, tmp_path):
     from export.triton import RepositoryError, build_repository, validate_repository
 
-    result = CliRunner().invoke(main, ["triton", "build", str(export_dir), str(tmp_path / "repo"), "--engine", "torch",
+    result = CliRunner().invoke(main, ["triton", "build", str(export_dir), str(tmp_path / "repo"), "--graph-engine", "torch",
                                        "--kind", "KIND_GPU", "--torch-dtype", "bfloat16"])
     assert result.exit_code == 0, result.output
     repo = tmp_path / "repo"

@@ -8,48 +8,16 @@ from pathlib import Path
 
 import click
 
-from ttd.model.config import (
-    DENSE_MODES,
-    PRECISION_ALIASES,
-    canonical_precision,
-)
+from ttd.errors import TTDError
+from ttd.options import MODEL, SETTINGS, Precision, setting_options
+
+__all__ = ["Precision", "TTDGroup", "echo_line", "fail", "main", "model_options"]
 
 
 def model_options(f):
-    """--model / --pretrained / --checkpoint / --dense-mode, shared by every command that loads a model."""
-    f = click.option("--dense-mode", type=click.Choice(DENSE_MODES), default=None,
-                     help="Dense patch features: avg (average-pooled towers), maskclip, clearclip "
-                          "(default: the checkpoint's, else clearclip for CLS-pooled towers).")(f)
-    f = click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
-                     help="A TTD checkpoint (.safetensors with its .json beside it).")(f)
-    f = click.option("--pretrained", default=None,
-                     help="open_clip pretrained tag (needs the hub) or a local open_clip weights file.")(f)
-    f = click.option("--model", default=None,
-                     help="open_clip architecture (e.g. ViT-B-16) or a registered config (world-tiny). "
-                          "Without --model or --checkpoint, the embedded default world model is used.")(f)
-    return f
-
-
-class Precision(click.ParamType):
-    """One of `choices` (ttd.model.config.PRECISIONS names, plus "auto" where offered); the torch names
-    float32, bfloat16 and float16 are accepted for the short ones."""
-
-    name = "precision"
-
-    def __init__(self, choices: tuple[str, ...]) -> None:
-        self.choices = choices
-
-    def get_metavar(self, param, ctx=None) -> str:
-        return "[" + "|".join(self.choices) + "]"
-
-    def convert(self, value, param, ctx):
-        if value in self.choices:
-            return value
-        try:
-            return canonical_precision(value, tuple(c for c in self.choices if c != "auto"))
-        except ValueError:
-            self.fail(f"{value!r} is not one of {', '.join(self.choices)} "
-                      f"(or {', '.join(a for a, c in PRECISION_ALIASES.items() if c in self.choices)})", param, ctx)
+    """--model / --pretrained / --checkpoint / --dense-mode (ttd/options.py), for commands that load a
+    model without running it on a backend (export, train)."""
+    return setting_options(*MODEL)(f)
 
 
 def given_options(*names: str) -> list[str]:
@@ -81,7 +49,27 @@ def show_warning(message, category, filename, lineno, file=None, line=None, *, _
         _default(message, category, filename, lineno, file, line)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def echo_line(line: str) -> None:
+    """A line for the user on stderr (stdout holds a command's results)."""
+    click.echo(line, err=True)
+
+
+class TTDGroup(click.Group):
+    """The `ttd` group: an error the user can cause (a TTDError, or an OSError naming a path) is one
+    line and exit status 2; anything else is a bug and keeps its traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except TTDError as error:
+            fail(error)
+        except OSError as error:
+            if error.filename is None:
+                raise
+            fail(error)
+
+
+@click.group(cls=TTDGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ttd-toolkit")
 def main() -> None:
     """TTD: find and fix the single tag bias of CLIP (Text-Tag Self-Distillation, ECCV 2024).
@@ -132,40 +120,6 @@ def long_job_options(command):
     return command
 
 
-def check_inputs(captions, images, other: str, other_value) -> None:
-    """A job's items: a captions file, or IMAGES with `other` (e.g. "--vocabulary FILE") naming what
-    they are tagged against; exactly one of the two."""
-    if (captions is None) == (other_value is None):
-        fail(f"give exactly one of --captions FILE or {other}")
-    if other_value is not None and not images:
-        fail(f"{other.split()[0]} needs image files or folders as arguments")
-    if captions is not None and images:
-        fail("with --captions, images come from the captions file; do not also pass image arguments")
-
-
-def run_on_engine(engine: str, step, captions: Path | None, images: tuple[Path, ...], output: Path, job: dict,
-                  options, tagger_options: dict, local_tagger, ray_address: str | None = None,
-                  actors: int | None = None, templates: tuple[str, ...] | None = None, inputs=(), explicit_images=()):
-    """Run a job's step with the chosen executor: here (`local_tagger()` loads the Tagger) or on Ray
-    (every actor loads it from `tagger_options`)."""
-    if engine == "ray":
-        if "auto" in (tagger_options.get("backend"), tagger_options.get("dtype")):
-            fail("--engine ray needs an explicit --backend and --dtype: auto would choose for this machine, "
-                 "not for the Ray workers")
-        if given_options("decode_workers"):
-            fail("--decode-workers applies to --engine local (Ray actors decode their own batches); leave it out")
-        from ttd.jobs.ray_executor import RayJob, run_ray_job
-
-        return run_ray_job(RayJob(None if captions is None else str(captions), [str(i) for i in images], output,
-                                  tagger_options, actors, ray_address, templates=templates), step, job, options)
-    if given_options("ray_address", "actors"):
-        fail(f"{', '.join(given_options('ray_address', 'actors'))} apply to --engine ray; leave them out")
-    from ttd.data.items import open_items
-    from ttd.jobs.runner import run_job
-
-    return run_job(local_tagger(), step, open_items(captions, images), output, job, options, inputs, explicit_images)
-
-
 def comma_floats(text: str, name: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split(",") if v.strip())
@@ -182,10 +136,8 @@ def whole_image_options(f):
     f = click.option("--templates", "templates_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
                      default=None, help="Prompt templates for the tags/classes, one a line with {} for the name "
                                         "(their embeddings are averaged); default: the model's.")(f)
-    f = click.option("--mask-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
-                     show_default=True, help="θ: a pixel is in a mask when M ≥ θ; below θ for every class it "
-                                             "is background.")(f)
-    f = click.option("--flip-tta", is_flag=True, help="Average every window's maps with its mirror image's.")(f)
+    f = SETTINGS["mask_threshold"].option(f)
+    f = SETTINGS["flip_tta"].option(f)
     f = click.option("--stride", type=click.IntRange(1), default=None,
                      help="Sliding-window stride in pixels of the resized image [default: 2/3 of the model's input].")(f)
     f = click.option("--scales", default="1", show_default=True,

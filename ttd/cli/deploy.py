@@ -18,6 +18,7 @@ from ttd.model.config import (
 from ttd.model.contract import INSTANCE_KINDS, TRITON_ENGINES
 
 from ttd.cli.common import (Precision, fail, main, model_options)
+from ttd.options import UNIT_INTERVAL
 
 
 @main.command("export")
@@ -28,7 +29,7 @@ from ttd.cli.common import (Precision, fail, main, model_options)
                    "selected-tag agreement ≥ 95%) or the export is refused.")
 @click.option("--int8-mode", type=click.Choice(INT8_MODES), default="dynamic", show_default=True,
               help="int8: dynamic weight quantisation, or static QDQ calibrated on world images and captions.")
-@click.option("--opset", type=click.IntRange(17), default=18, show_default=True)
+@click.option("--opset", type=click.IntRange(17), default=18, show_default=True, help="ONNX opset of the graphs.")
 @click.option("--tensorrt", is_flag=True,
               help="Also build TensorRT engines (needs an NVIDIA GPU and TensorRT 10 or newer; fp32, fp16 or bf16 — "
                    "TensorRT cannot parse the int8 graphs).")
@@ -74,7 +75,7 @@ def export_command(out_dir, model, pretrained, checkpoint, dense_mode, precision
 @main.command("bench")
 @model_options
 @click.option("--batch-sizes", default="1,8", show_default=True, help="Image batch sizes, comma separated.")
-@click.option("--text-batch", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--text-batch", type=click.IntRange(1), default=64, show_default=True, help="Texts per text-encoder call in the timings.")
 @click.option("--tags", type=click.IntRange(1), default=1000, show_default=True,
               help="K for the tag-head and vocabulary-tagging timings.")
 @click.option("--min-seconds", type=float, default=1.0, show_default=True, help="Per timing: repeat calls this long.")
@@ -145,14 +146,14 @@ def _batching_options(f):
 @click.option("--flavour", type=click.Choice(tuple(TRITON_ENGINES)), default="python", show_default=True,
               help="python: Python-backend models (any tritonserver, e.g. nvidia-pytriton's); "
                    "native: onnxruntime_onnx / tensorrt_plan platforms (NVIDIA's container).")
-@click.option("--engine", type=click.Choice(sorted({e for engines in TRITON_ENGINES.values() for e in engines})),
+@click.option("--graph-engine", "engine", type=click.Choice(sorted({e for engines in TRITON_ENGINES.values() for e in engines})),
               default="onnx", show_default=True,
               help="What the graph models run. python flavour: onnx (onnxruntime, CPU) or torch (the export's "
                    "weights; GPU with --kind KIND_GPU); native flavour: onnx or tensorrt (the export's engines).")
 @click.option("--torch-dtype", type=Precision(("fp32", "bf16", "fp16")), default="fp32",
               show_default=True, help="Torch engine: weight precision of the encoders (the tag head stays float32).")
 @_batching_options
-@click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True, help="δ used by ttd_tagger.")
+@click.option("--threshold", type=UNIT_INTERVAL, default=DEFAULT_THRESHOLD, show_default=True, help="δ used by ttd_tagger.")
 @click.option("--max-tags", type=click.IntRange(1), default=1024, show_default=True, help="ttd_tagger: tags per request.")
 @click.option("--score", "score_method", type=click.Choice(SCORE_METHODS), default=DEFAULT_SCORE_METHOD,
               show_default=True, help="Pixel-tag score served by ttd_tagger (see `ttd tag --help`).")
@@ -192,7 +193,8 @@ def triton_validate(repo):
 @click.argument("repo", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind; 0.0.0.0 exposes the server to the network.")
-@click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True,
+              help="Port of the HTTP front (on --host).")
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=None,
               help="Also serve gRPC on this port, on 127.0.0.1 only (gRPC has no front). Off by default.")
 @click.option("--timeout", "timeout_s", type=float, default=120, show_default=True, help="Seconds to wait for readiness.")

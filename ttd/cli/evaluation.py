@@ -16,63 +16,32 @@ from ttd.model.config import (
     DEFAULT_MIN_PRECISION,
     DEFAULT_THRESHOLD,
 )
-from ttd.runtime import BACKENDS
-
-from ttd.cli.common import (fail, main, make_segment_options, model_options, whole_image_options)
+from ttd.cli.common import echo_line, fail, main, make_segment_options, whole_image_options
+from ttd.options import RUNTIME, setting_options
 
 
 @main.command("eval")
-@model_options
+@setting_options(*RUNTIME, "threshold", "flip_tta", "mask_threshold")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
               help="An evaluation folder (annotations.jsonl). Default: the held-out world split in memory.")
 @click.option("--count", type=click.IntRange(1), default=500, show_default=True, help="World samples when --data is not given.")
 @click.option("--seed", type=int, default=2, show_default=True, help="World seed when --data is not given.")
-@click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True)
-@click.option("--mask-threshold", type=float, default=DEFAULT_MASK_THRESHOLD, show_default=True,
-              help="θ for the binary caption mask.")
-@click.option("--flip-tta", is_flag=True)
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Images per encoder call.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the metrics here as JSON.")
-@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:1 ...")
-@click.option("--backend", type=click.Choice(BACKENDS), default="torch",
-              show_default=True, help="Evaluate through this runtime backend (an export's with --export-dir).")
-@click.option("--export-dir", type=click.Path(file_okay=False), default=None,
-              help="Export directory for onnxruntime / tensorrt / triton (with torch: its own weights).")
-@click.option("--url", default=None, help="Triton server URL for --backend triton.")
-def evaluate_command(model, pretrained, checkpoint, dense_mode, data_dir, count, seed, threshold, mask_threshold,
-                     flip_tta, batch_size, json_path, device, backend, export_dir, url):
+def evaluate_command(data_dir, count, seed, batch_size, json_path, **settings):
     """Tag and caption-mask metrics of a model (the embedded default when none is given), measured
     through the same runtime as `ttd tag` (so an export can be evaluated: --backend onnxruntime --export-dir)."""
-    from ttd.data.annotations import labelled_samples
-    from ttd.evaluation.evaluate import evaluate, format_table
-    from ttd.model.factory import ModelLoadError
-    from ttd.runtime import load_tagger
+    from ttd.evaluation.evaluate import evaluate_model, format_table
 
-    try:
-        tagger = load_tagger(backend, model=model, pretrained=pretrained, checkpoint=checkpoint, dense_mode=dense_mode,
-                             device=device, export_dir=export_dir, url=url, threshold=threshold, flip_tta=flip_tta)
-    except (ModelLoadError, ValueError, RuntimeError, OSError) as error:
-        fail(str(error))
-    config = tagger.config
-    skipped: list[str] = []
-    try:
-        samples = labelled_samples(data_dir, tagger.preprocess, seed, count, skipped)
-    except ValueError as error:
-        fail(str(error))
-    for reason in skipped:
-        click.echo(f"skipped {reason}", err=True)
-    result = evaluate(tagger, samples, threshold, mask_threshold, batch_size)
-    result["skipped"] = skipped
-    result["model"] = config.source
-    result["backend"] = backend
+    result = evaluate_model(settings, data_dir, count, seed, batch_size, log=echo_line)
     click.echo(format_table(result))
     if json_path:
         json_path.write_text(json.dumps(result, indent=1))
 
 
 @main.command()
-@model_options
+@setting_options(*RUNTIME, "threshold", "flip_tta")
 @click.option("--captions", type=click.Path(path_type=Path), default=None,
               help="Image-caption pairs WITHOUT labels (any input of `ttd tag --captions`: JSONL/CSV, webdataset "
                    "shards): the label-free fit.")
@@ -94,19 +63,16 @@ def evaluate_command(model, pretrained, checkpoint, dense_mode, data_dir, count,
 @click.option("--seed", type=int, default=CALIBRATION_SEED, show_default=True, help="World seed when --data is not given.")
 @click.option("--min-precision", type=click.FloatRange(0, 1), default=DEFAULT_MIN_PRECISION, show_default=True,
               help="Labelled fit: the margin of best F1 among those with at least this precision.")
-@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=DEFAULT_THRESHOLD,
-              show_default=True, help="δ the margin is fitted for (the one you tag with).")
-@click.option("--flip-tta", is_flag=True, help="Fit for tagging with flip TTA.")
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Images per encoder call.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write a calibrated checkpoint DIR/model.safetensors (+ .json) instead of into --checkpoint: "
                    "how a plain open_clip model (--model NAME --pretrained FILE) gets its margin.")
 @click.option("--dry-run", is_flag=True, help="Report the fitted margin without writing it.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the fit here as JSON.")
-@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:1 ...")
-def calibrate(model, pretrained, checkpoint, dense_mode, captions, data_dir, max_false_rate, max_pairs, choose_negatives,
-              count, seed, min_precision, threshold, flip_tta, batch_size, out_dir, dry_run, json_path, device):
+def calibrate(model, pretrained, checkpoint, dense_mode, backend, export_dir, url, device, dtype, threads, threshold,
+              flip_tta, captions, data_dir, max_false_rate, max_pairs, choose_negatives, count, seed, min_precision,
+              batch_size, out_dir, dry_run, json_path):
     """Fit the default score's margin (negative_margin) to a model and write it, with how it was
     fitted, into the model's config.
 
@@ -128,6 +94,7 @@ def calibrate(model, pretrained, checkpoint, dense_mode, captions, data_dir, max
     from ttd.data.inputs import InputError
     from ttd.evaluation.calibrate import calibrate_checkpoint, fit_negative_margin, fitted_config, labelled_record
     from ttd.model.factory import ModelLoadError, load_model, save_checkpoint
+    from ttd.api import load
     from ttd.runtime import torch_tagger
 
     if captions is not None and data_dir is not None:
@@ -136,8 +103,15 @@ def calibrate(model, pretrained, checkpoint, dense_mode, captions, data_dir, max
         fail("calibration writes into a checkpoint's config: pass --checkpoint FILE, or --out DIR to write a "
              "calibrated checkpoint (e.g. of --model NAME --pretrained FILE), or --dry-run to only report")
     try:
-        loaded = load_model(model, pretrained, checkpoint, dense_mode)
-        tagger = torch_tagger(loaded, device, threshold=threshold, flip_tta=flip_tta, score_method="negatives")
+        if backend != "torch" and not dry_run:
+            fail(f"--backend {backend}: calibrating an export writes nothing into it (its files are hashed); "
+                 "use --dry-run (and --json), or calibrate the source checkpoint and export again")
+        loaded = load_model(model, pretrained, checkpoint, dense_mode) if backend == "torch" else None
+        tagger = (torch_tagger(loaded, device, dtype, threshold=threshold, flip_tta=flip_tta, score_method="negatives")
+                  if loaded is not None else
+                  load(checkpoint, model, pretrained, backend, export_dir, device, dtype, dense_mode=dense_mode, url=url,
+                       threshold=threshold, flip_tta=flip_tta, score_method="negatives", threads=threads,
+                       warn_unfitted=False).runtime)
         skipped: list[str] = []
         if captions is not None:
             from ttd.data.items import read_pairs
@@ -162,7 +136,7 @@ def calibrate(model, pretrained, checkpoint, dense_mode, captions, data_dir, max
         if dry_run:
             return
         if out_dir is not None:
-            path = save_checkpoint(loaded, out_dir / "model.safetensors",
+            path = save_checkpoint(loaded.float(), out_dir / "model.safetensors",
                                    config=fitted_config(loaded.config, fit.margin, record, prompts))
             click.echo(f"wrote {path} (+ {path.with_suffix('.json').name}) with negative_margin {fit.margin:.4g}; "
                        f"tag with --checkpoint {path}", err=True)
@@ -184,39 +158,23 @@ def calibrate(model, pretrained, checkpoint, dense_mode, captions, data_dir, max
 @click.option("--size", type=click.IntRange(16), default=64, show_default=True, help="World image side without DATA_DIR.")
 @click.option("--world-classes", type=click.Choice(["shapes", "colours"]), default="shapes", show_default=True,
               help="Without DATA_DIR: label the world's objects by shape (8 classes) or colour (6).")
-@model_options
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt", "triton"]), default="torch",
-              show_default=True)
-@click.option("--export-dir", type=click.Path(file_okay=False), default=None)
-@click.option("--url", default=None, help="Triton server URL for --backend triton.")
+@setting_options(*RUNTIME)
 @whole_image_options
-@click.option("--device", default="auto", show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the per-class metrics here as JSON.")
-def eval_segmentation(data_dir, split, classes_file, count, seed, size, world_classes, model, pretrained, checkpoint,
-                      dense_mode, backend, export_dir, url, crop, scales, stride, flip_tta, mask_threshold,
-                      templates_path, pamr, device, json_path):
+def eval_segmentation(data_dir, split, classes_file, count, seed, size, world_classes, crop, scales, stride,
+                      templates_path, pamr, json_path, **settings):
     """mIoU / mFPR / mFNR per class of open-vocabulary segmentation on a VOC-style folder
     (JPEGImages/, SegmentationClass/ palette PNGs, ImageSets/Segmentation/SPLIT.txt, classes.txt;
     label 0 is the background, 255 ignored) or, without DATA_DIR, on the world segmentation split
     (exact ground truth)."""
-    from ttd.data.voc import VOCError, read_voc, world_segmentation_samples
-    from ttd.runtime import load_tagger
-    from ttd.evaluation.segmentation import evaluate_segmentation, format_segmentation_table
-    from ttd.segment.segmentation import read_templates, with_templates
+    from ttd.data.voc import read_voc, world_segmentation_samples
+    from ttd.evaluation.segmentation import evaluate_model_segmentation, format_segmentation_table
 
-    options = make_segment_options(crop, scales, stride, mask_threshold, pamr)
-    try:
-        tagger = load_tagger(backend, model=model, pretrained=pretrained, checkpoint=checkpoint, dense_mode=dense_mode,
-                             device=device, export_dir=export_dir, url=url, flip_tta=flip_tta)
-        if templates_path is not None:
-            tagger = with_templates(tagger, read_templates(templates_path.read_text(encoding="utf-8")))
-        dataset = (read_voc(data_dir, split, classes_file) if data_dir
-                   else world_segmentation_samples(seed, count, size, labelling=world_classes))
-        result = evaluate_segmentation(tagger, dataset, options)
-    except (VOCError, ValueError, RuntimeError, OSError) as error:
-        fail(str(error))
-    result["model"] = tagger.config.source
+    options = make_segment_options(crop, scales, stride, settings["mask_threshold"], pamr)
+    dataset = (read_voc(data_dir, split, classes_file) if data_dir
+               else world_segmentation_samples(seed, count, size, labelling=world_classes))
+    result = evaluate_model_segmentation(settings, dataset, options, templates_path)
     click.echo(format_segmentation_table(result))
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)

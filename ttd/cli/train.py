@@ -12,29 +12,36 @@ from ttd.model.config import (
     TARGET_NORMS,
     DEFAULT_THRESHOLD,
     OBJECTIVES,
+    PRECISIONS,
     SCORE_METHODS,
 )
 
 from ttd.cli.common import Precision, fail, main, model_options
+from ttd.options import UNIT_INTERVAL
 
 
 @main.command()
 @model_options
 @click.option("--objective", type=click.Choice(OBJECTIVES), default="ttd", show_default=True,
               help="ttd: LoRA fine-tuning with text-tag self-distillation; clip: contrastive pre-training of all weights.")
-@click.option("--data", default="world", show_default=True,
-              help="'world', a captions .jsonl (image + caption per line), or webdataset shards ('shards/{000..009}.tar').")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/ttd", show_default=True)
+@click.option("--captions", type=click.Path(path_type=Path), default=None,
+              help="Image-caption pairs: a captions .jsonl/.csv (image + caption per line) or webdataset shards "
+                   "('shards/{000..009}.tar') [default: the synthetic world's training pairs].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default="runs/ttd", show_default=True,
+              help="Run folder: model.safetensors (+ .json), last.pt for resuming, metrics.jsonl and metrics.png.")
 @click.option("--steps", type=click.IntRange(1), default=None, help="Default: 300 (ttd) or 1500 (clip).")
 @click.option("--batch-size", type=click.IntRange(2), default=None, help="Per process. Default: 64 (ttd) or 128 (clip).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate. Default: 1e-3.")
-@click.option("--warmup", "warmup_steps", type=click.IntRange(0), default=None)
+@click.option("--warmup", "warmup_steps", type=click.IntRange(0), default=None,
+              help="Linear warm-up steps of the learning rate. Default: the objective's.")
 @click.option("--lambda-tag", type=float, default=2.0, show_default=True, help="Weight of L_tag (2 won the ablation).")
-@click.option("--lambda-clip", type=float, default=1.0, show_default=True)
-@click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True, help="δ of the Stage 1 selection.")
+@click.option("--lambda-clip", type=float, default=1.0, show_default=True,
+              help="Weight of the CLIP contrastive loss that keeps global alignment.")
+@click.option("--threshold", type=UNIT_INTERVAL, default=DEFAULT_THRESHOLD, show_default=True,
+              help="δ of the Stage 1 selection.")
 @click.option("--stage1-score", "score_method", type=click.Choice(SCORE_METHODS), default="minmax",
-              show_default=True, help="Stage-1 selection score: minmax (measured best for caption masks: IoU "
-                                      "+6.4 over the base, 3 seeds), softmax (the paper's: +2.5) or negatives "
+              show_default=True, help="Stage-1 selection score: minmax (measured best for caption masks, "
+                                      "docs/training.md), softmax (the paper's: +2.5) or negatives "
                                       "(the tagging default; unstable as an online selector). See docs/architecture.md §3.4.")
 @click.option("--target-norm", type=click.Choice(TARGET_NORMS), default=DEFAULT_TARGET_NORM, show_default=True,
               help="Stage-2 targets: what is min-max normalised over the pixels. mask: the sigmoid mask (the paper's; "
@@ -45,19 +52,23 @@ from ttd.cli.common import Precision, fail, main, model_options
               help="> 0: Stage 1 and the targets come from an EMA of the student (an extra forward pass).")
 @click.option("--no-collapse-guard", is_flag=True,
               help="Do not watch the caption masks against the image evidence (docs/training.md); keep the last weights.")
-@click.option("--lora-rank", type=click.IntRange(1), default=8, show_default=True)
-@click.option("--lora-alpha", type=float, default=16.0, show_default=True)
+@click.option("--lora-rank", type=click.IntRange(1), default=8, show_default=True, help="Rank of the LoRA adapters.")
+@click.option("--lora-alpha", type=float, default=16.0, show_default=True,
+              help="LoRA scaling numerator (the update is scaled by alpha / rank).")
 @click.option("--lora-targets", default="attn,mlp", show_default=True, help="Comma list of attn, mlp.")
 @click.option("--frozen-teacher", is_flag=True, help="Select tags and build targets with the frozen base model.")
-@click.option("--precision", type=Precision(("fp32", "bf16")), default="fp32", show_default=True,
-              help="bf16: autocast of the forward passes (weights and optimiser stay fp32).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--data-seed", type=int, default=1, show_default=True)
-@click.option("--checkpoint-every", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--precision", type=Precision(PRECISIONS), default="fp32", show_default=True,
+              help="fp32, or bf16: autocast of the forward passes (weights and optimiser stay fp32); fp16 and "
+                   "int8 are export precisions and are refused here.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Training seed (LoRA initialisation, batch order).")
+@click.option("--data-seed", type=int, default=1, show_default=True,
+              help="World seed of the synthetic training pairs (without --captions).")
+@click.option("--checkpoint-every", type=click.IntRange(1), default=100, show_default=True,
+              help="Steps between resumable checkpoints (OUT/last.pt).")
 @click.option("--no-resume", is_flag=True, help="Start over even if OUT/last.pt exists.")
 @click.option("--device", default="auto", show_default=True,
               help="auto (cuda if available; under torchrun cuda:LOCAL_RANK), cpu, cuda, cuda:1 ...")
-def train(model, pretrained, checkpoint, dense_mode, objective, data, out_dir, steps, batch_size, lr, warmup_steps,
+def train(model, pretrained, checkpoint, dense_mode, objective, captions, out_dir, steps, batch_size, lr, warmup_steps,
           lambda_tag, lambda_clip, threshold, score_method, lora_rank, lora_alpha, lora_targets, frozen_teacher,
           target_norm, target_mask_share, teacher_momentum, no_collapse_guard, precision, seed, data_seed,
           checkpoint_every, no_resume, device):
@@ -71,13 +82,15 @@ def train(model, pretrained, checkpoint, dense_mode, objective, data, out_dir, s
     from ttd.train.loop import TrainConfig, init_distributed, training_device
     from ttd.train.loop import train as run_training
 
+    if precision not in ("fp32", "bf16"):
+        fail(f"--precision {precision}: training runs in fp32 or with bf16 autocast; {precision} is an export precision")
     try:
         init_distributed(device)
         base = load_model(model, pretrained, checkpoint, dense_mode).to(training_device(device))
     except (ModelLoadError, ValueError) as error:
         fail(str(error))
     config = TrainConfig.for_objective(
-        objective, data=data, out_dir=out_dir, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+        objective, data=str(captions) if captions is not None else "world", out_dir=str(out_dir), steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
         lambda_tag=lambda_tag, lambda_clip=lambda_clip, threshold=threshold,
         score_method=score_method, frozen_teacher=frozen_teacher, precision=precision, seed=seed, data_seed=data_seed,
         checkpoint_every=checkpoint_every, target_norm=target_norm, target_mask_share=target_mask_share,

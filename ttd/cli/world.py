@@ -17,7 +17,7 @@ def world() -> None:
 
 @world.command("generate")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--count", type=click.IntRange(1), default=500, show_default=True)
+@click.option("--count", type=click.IntRange(1), default=500, show_default=True, help="Samples to generate.")
 @click.option("--seed", type=int, default=2, show_default=True, help="World seed (training uses 1; the held-out split 2).")
 @click.option("--start", type=click.IntRange(0), default=0, show_default=True, help="Index of the first sample.")
 def world_generate(out_dir, count, seed, start):
@@ -50,10 +50,10 @@ def convert_tagmask_command(source, out_dir):
 
 @world.command("segmentation")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--count", type=click.IntRange(1), default=200, show_default=True)
-@click.option("--seed", type=int, default=2, show_default=True)
+@click.option("--count", type=click.IntRange(1), default=200, show_default=True, help="Samples to generate.")
+@click.option("--seed", type=int, default=2, show_default=True, help="World seed (the held-out split is 2).")
 @click.option("--size", type=click.IntRange(16), default=64, show_default=True, help="Image side in pixels.")
-@click.option("--classes", "labelling", type=click.Choice(["shapes", "colours"]), default="shapes", show_default=True,
+@click.option("--world-classes", "labelling", type=click.Choice(["shapes", "colours"]), default="shapes", show_default=True,
               help="Label objects by shape (8 classes) or colour (6); 0 is the background.")
 def world_segmentation(out_dir, count, seed, size, labelling):
     """Write COUNT world samples as a VOC-style segmentation folder (exact masks)."""

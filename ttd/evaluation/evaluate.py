@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -106,6 +107,22 @@ def evaluate(
         "by kind": {name: k.summary() for name, k in kinds.items()},
         **({"pixel-tag by group": {g: c.summary() for g, c in sorted(by_group.items())}} if tag_groups else {}),
     }
+
+
+def evaluate_model(settings: dict, data_dir: Path | None = None, count: int = 500, seed: int = 2,
+                   batch_size: int = 64, log: Callable[[str], None] | None = None) -> dict:
+    """`evaluate` of the model `settings` name (`ttd.load`'s keyword arguments) on a labelled folder,
+    or on `count` world samples of `seed`: what `ttd eval` runs. Skipped samples go to `log`."""
+    from ttd.api import load
+    from ttd.data.annotations import labelled_samples
+
+    loaded = load(**settings)
+    skipped: list[str] = []
+    samples = labelled_samples(data_dir, loaded.runtime.preprocess, seed, count, skipped)
+    for reason in skipped:
+        (log or (lambda line: None))(f"skipped {reason}")
+    result = evaluate(loaded.runtime, samples, loaded.threshold, loaded.mask_threshold, batch_size)
+    return {**result, "skipped": skipped, "model": loaded.config.source, "backend": loaded.backend}
 
 
 def format_table(result: dict) -> str:

@@ -8,6 +8,8 @@ inference), so ground truth is never resized.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from tqdm import tqdm
 
@@ -38,6 +40,19 @@ def evaluate_segmentation(tagger: Tagger, dataset: SegmentationSet, options: Seg
         "options": {"crop": options.crop, "scales": list(options.scales), "stride": options.stride,
                     "mask_threshold": options.mask_threshold, "pamr": options.pamr, "flip_tta": tagger.flip_tta},
     }
+
+
+def evaluate_model_segmentation(settings: dict, dataset: SegmentationSet, options: SegmentOptions,
+                                templates: Path | None = None) -> dict:
+    """`evaluate_segmentation` of the model `settings` name (`ttd.load`'s keyword arguments), with
+    prompt templates from a file if given: what `ttd eval-segmentation` runs."""
+    from ttd.api import load
+    from ttd.segment.segmentation import read_templates, with_templates
+
+    tagger = load(**settings).runtime
+    if templates is not None:
+        tagger = with_templates(tagger, read_templates(Path(templates).read_text(encoding="utf-8")))
+    return {**evaluate_segmentation(tagger, dataset, options), "model": tagger.config.source}
 
 
 def format_segmentation_table(result: dict) -> str:

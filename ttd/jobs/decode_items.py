@@ -16,11 +16,16 @@ MAX_CAPTION_TAGS = 1024  # as `ttd triton build --max-tags`: a 5,000-word captio
 def caption_tags(item: Item) -> list[str]:
     """An item's candidate tags, or the ValueError that names what is wrong with its caption
     (every mode that tags a caption checks it here)."""
-    if item.caption is None or not item.caption.strip():
+    return tags_of_caption(item.caption)
+
+
+def tags_of_caption(caption: str | None) -> list[str]:
+    """A caption's candidate tags, or the ValueError that names what is wrong with it."""
+    if caption is None or not caption.strip():
         raise ValueError("empty caption")
-    tags = candidate_tags(item.caption)
+    tags = candidate_tags(caption)
     if not tags:
-        raise ValueError(f"caption {item.caption!r} has no candidate tags (only stopwords or punctuation)")
+        raise ValueError(f"caption {caption!r} has no candidate tags (only stopwords or punctuation)")
     if len(tags) > MAX_CAPTION_TAGS:
         raise ValueError(f"caption has {len(tags)} candidate tags, more than the limit of {MAX_CAPTION_TAGS} "
                          "(the served tagger's cap); split it into shorter captions")

@@ -27,12 +27,17 @@ def mask_image(mask: np.ndarray, size: int, image_size: tuple[int, int]) -> Imag
     return canvas
 
 
+def boolean_mask(mask: np.ndarray, size: int, image_size: tuple[int, int],
+                 threshold: float = DEFAULT_MASK_THRESHOLD) -> np.ndarray:
+    """bool [height, width]: the PNG of `mask_image` at M ≥ θ (what --masks-dir and --rle-masks hold)."""
+    return np.asarray(mask_image(mask, size, image_size)) >= threshold * 255
+
+
 def rle_masks(result: TagResult, size: int, image_size: tuple[int, int],
               threshold: float = DEFAULT_MASK_THRESHOLD) -> dict[str, dict]:
     """tag -> compressed COCO RLE ({"size": [H, W], "counts": str}) of each selected tag's mask:
     the PNG of --masks-dir thresholded at M ≥ θ (the model's default mask threshold)."""
     masks = {}
     for tag in result.selected:
-        grey = np.asarray(mask_image(result.masks[result.tags.index(tag)], size, image_size))
-        masks[tag] = encode_rle(grey >= threshold * 255)
+        masks[tag] = encode_rle(boolean_mask(result.masks[result.tags.index(tag)], size, image_size, threshold))
     return masks

@@ -171,9 +171,12 @@ def job_total(inputs: Sequence[Path]) -> int | None:
 # wait: the record stage waiting for a batch's results; host: building records; write: the writer.
 STAGES = ("decode", "decode_wait", "submit", "upload", "encode", "head", "download", "wait", "host", "write")
 
-# backends whose graphs may run from two threads at once (a TensorRT execution context may not;
-# the triton backend gives each thread its own client)
-THREAD_SAFE_BACKENDS = ("torch", "onnxruntime", "triton")
+def _thread_safe(tagger: Tagger) -> bool:
+    """Whether the backend's graphs may run from two threads at once (a TensorRT execution context may not)."""
+    from ttd.runtime.backends import REGISTRY
+
+    entry = REGISTRY.get(getattr(tagger.backend, "name", ""))
+    return entry is not None and entry.thread_safe
 
 
 class _RecordStage:
@@ -267,7 +270,7 @@ def run_job(tagger: Tagger, step: Step, items: Iterable[Item], output: Path, job
                 summary.add(records)
                 bar.update(len(records))
 
-            stage = _RecordStage(write, threaded=getattr(tagger.backend, "name", None) in THREAD_SAFE_BACKENDS)
+            stage = _RecordStage(write, threaded=_thread_safe(tagger))
             try:
                 for batch, outcomes in batches:
                     submitted = time.perf_counter()

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from ttd.errors import TTDWarning
 from ttd.model.config import DEFAULT_SCORE_METHOD, DEFAULT_THRESHOLD
+from ttd.runtime.backends import BACKENDS
 from ttd.runtime.tagger import Backend, Tagger, TagResult
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt", "triton")
 
 
 class PortabilityNotice(TTDWarning):
@@ -94,43 +94,11 @@ def load_tagger(
 
 def _load_tagger(backend, model, pretrained, checkpoint, dense_mode, device, dtype, export_dir, url, threshold,
                  flip_tta, score_method, threads, compile) -> Tagger:
+    from ttd.runtime.backends import backend_entry
+
     options = {"threshold": threshold, "flip_tta": flip_tta, "score_method": score_method}
-    if backend == "torch":
-        from ttd.model.factory import load_model
-
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
-        if export_dir and not (checkpoint or model):
-            from ttd.runtime.export_dir import read_export
-
-            checkpoint = str(read_export(export_dir).torch_weights())
-        return torch_tagger(load_model(model, pretrained, checkpoint, dense_mode), device, dtype, compile, **options)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if not export_dir:
-        raise ValueError(f"--backend {backend} needs the export directory (for preprocessing and tokenizer "
-                         "settings, and the graphs): pass --export-dir DIR (from `ttd export`)")
-    from ttd.runtime.export_dir import read_export
-
-    export = read_export(export_dir)
-    if backend == "onnxruntime":
-        from ttd.runtime.onnxruntime_backend import OnnxRuntimeBackend
-
-        runner = OnnxRuntimeBackend(export, device, threads)
-        if runner.providers[0] == "CPUExecutionProvider" and export.precision != "fp32":
-            import warnings
-
-            from ttd.runtime.portability import check_here
-
-            warnings.warn(check_here(export.root, export.manifest, runner).message, PortabilityNotice, stacklevel=2)
-    elif backend == "tensorrt":
-        from ttd.runtime.tensorrt_backend import TensorRTBackend
-
-        runner = TensorRTBackend(export, device=device if device not in (None, "auto") else "cuda")
-    else:
-        from ttd.runtime.triton_backend import TritonBackend
-
-        runner = TritonBackend(url or "127.0.0.1:8000")
-    return Tagger(runner, export.config, mask_weight=export.mask_weight, mask_bias=export.mask_bias, **options)
+    entry = backend_entry(backend)
+    if entry.name == "torch":
+        return entry.build(model, pretrained, checkpoint, dense_mode, device, dtype, export_dir, threads, compile,
+                           **options)
+    return entry.build(export_dir=export_dir, device=device, threads=threads, url=url, **options)

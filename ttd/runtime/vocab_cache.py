@@ -89,7 +89,10 @@ def load_or_encode(tagger, tags: list[str], model_key: str, cache_dir: Path | No
 def model_key_for(tagger, export_dir: str | Path | None = None) -> str | None:
     """The cache key of the model behind `tagger`: its export's hash, or its torch weights' hash;
     None (do not cache) for a backend whose model is not visible here (Triton)."""
-    if export_dir and getattr(tagger.backend, "name", "") in ("onnxruntime", "tensorrt"):
+    from ttd.runtime.backends import REGISTRY
+
+    entry = REGISTRY.get(getattr(tagger.backend, "name", ""))
+    if export_dir and entry is not None and entry.keyed_by_export:
         manifest = json.loads((Path(export_dir) / "manifest.json").read_text())
         return hashlib.sha256(f"{tagger.backend.name}:{export_key(manifest)}".encode()).hexdigest()
     text_encoder = getattr(tagger.backend, "text_encoder", None)
