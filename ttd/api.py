@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Union, overload
+from typing import TYPE_CHECKING, Any, Union, overload
 
 import numpy as np
 from PIL import Image
@@ -25,8 +25,8 @@ from PIL import Image
 from ttd.data.inputs import InputError
 from ttd.model.config import ModelConfig
 from ttd.jobs.decode_items import tags_of_caption
-from ttd.options import (DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MASK_THRESHOLD, DEFAULT_SCORE_METHOD,
-                         DEFAULT_THREADS, DEFAULT_THRESHOLD)
+from ttd.model.config import DEFAULT_MASK_THRESHOLD, DEFAULT_SCORE_METHOD, DEFAULT_THRESHOLD
+from ttd.options import DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_THREADS
 from ttd.runtime.images import ImageError, decode_image
 from ttd.segment.segmentation import Segmentation
 
@@ -34,7 +34,10 @@ if TYPE_CHECKING:
     from ttd.runtime.auto_choice import FastPath
     from ttd.runtime.tagger import Tagger as RuntimeTagger
 
-ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
+Mask = np.ndarray[Any, np.dtype[np.bool_]]
+Images = Union[list["ImageInput"], tuple["ImageInput", ...]]
+Texts = Union[list[str], tuple[str, ...]]
+ImageInput = Union[str, Path, bytes, Image.Image, "np.ndarray[Any, Any]"]
 """An image: a file path, encoded bytes (PNG, JPEG, ...), a PIL image or an H×W×3 uint8 RGB array."""
 
 BATCH_SIZE = 32  # images per encoder call, as `ttd tag`'s default batch
@@ -47,7 +50,7 @@ class TagResult:
 
     selected: list[str]
     scores: dict[str, float]
-    masks: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    masks: dict[str, Mask] | None = field(default=None, repr=False)
 
 
 def _label(image: ImageInput, position: int) -> str:
@@ -71,11 +74,11 @@ def _pil(image: ImageInput, label: str) -> Image.Image | bytes | str | Path:
                      "H×W×3 uint8 array)")
 
 
-def _as_list(images: ImageInput | Sequence[ImageInput]) -> tuple[list[ImageInput], bool]:
+def _as_list(images: ImageInput | Images) -> tuple[list[ImageInput], bool]:
     """(the images, whether one image was given rather than a list)."""
     if isinstance(images, (list, tuple)):
         return list(images), False
-    return [images], True  # type: ignore[list-item]
+    return [images], True
 
 
 class Tagger:
@@ -113,18 +116,18 @@ class Tagger:
                 f"threshold={self.threshold:g})")
 
     @overload
-    def tag(self, images: Sequence[ImageInput], captions: Sequence[str], masks: bool = ...) -> list[TagResult]: ...
+    def tag(self, images: Images, captions: Texts, masks: bool = ...) -> list[TagResult]: ...
 
     @overload
     def tag(self, images: ImageInput, captions: str, masks: bool = ...) -> TagResult: ...
 
-    def tag(self, images: ImageInput | Sequence[ImageInput], captions: str | Sequence[str],
+    def tag(self, images: ImageInput | Images, captions: str | Texts,
             masks: bool = False) -> TagResult | list[TagResult]:
         """Select the tags of each image's caption: one image and caption, or lists of equal length.
 
         >>> tagger = ttd.load()
-        >>> tagger.tag("examples/world/images/010003.png", "a red star").selected
-        ['red', 'star']
+        >>> [r.selected for r in tagger.tag(["examples/world/images/010002.png"] * 2, ["a yellow square", "a car"])]
+        [['yellow', 'square'], []]
         """
         batch, single = _as_list(images)
         texts = [captions] if isinstance(captions, str) else list(captions)
@@ -140,13 +143,12 @@ class Tagger:
         return results[0] if single else results
 
     @overload
-    def tag_vocabulary(self, images: Sequence[ImageInput], tags: Sequence[str],
-                       masks: bool = ...) -> list[TagResult]: ...
+    def tag_vocabulary(self, images: Images, tags: Sequence[str], masks: bool = ...) -> list[TagResult]: ...
 
     @overload
     def tag_vocabulary(self, images: ImageInput, tags: Sequence[str], masks: bool = ...) -> TagResult: ...
 
-    def tag_vocabulary(self, images: ImageInput | Sequence[ImageInput], tags: Sequence[str],
+    def tag_vocabulary(self, images: ImageInput | Images, tags: Sequence[str],
                        masks: bool = False) -> TagResult | list[TagResult]:
         """Which of `tags` each image shows (the vocabulary is encoded once per Tagger)."""
         vocabulary = [t.strip().lower() for t in tags if t.strip()]
@@ -156,7 +158,7 @@ class Tagger:
         results = self._tag(batch, [vocabulary] * len(batch), self.runtime.encode_tags(vocabulary), masks)
         return results[0] if single else results
 
-    def _tag(self, batch: list[ImageInput], tag_lists: list[list[str]], vocabulary_embeds: np.ndarray | None,
+    def _tag(self, batch: list[ImageInput], tag_lists: list[list[str]], vocabulary_embeds: np.ndarray[Any, Any] | None,
              masks: bool) -> list[TagResult]:
         from ttd.jobs.mask_files import boolean_mask
 
@@ -181,7 +183,7 @@ class Tagger:
         return results
 
     @overload
-    def segment(self, images: Sequence[ImageInput], captions: Sequence[str] | None = ...,
+    def segment(self, images: Images, captions: Texts | None = ...,
                 classes: Sequence[str] | None = ..., *, crop: str = ..., scales: Sequence[float] = ...,
                 stride: int | None = ..., pamr: bool = ...) -> list[Segmentation]: ...
 
@@ -190,7 +192,7 @@ class Tagger:
                 crop: str = ..., scales: Sequence[float] = ..., stride: int | None = ...,
                 pamr: bool = ...) -> Segmentation: ...
 
-    def segment(self, images: ImageInput | Sequence[ImageInput], captions: str | Sequence[str] | None = None,
+    def segment(self, images: ImageInput | Images, captions: str | Texts | None = None,
                 classes: Sequence[str] | None = None, *, crop: str = "whole", scales: Sequence[float] = (1.0,),
                 stride: int | None = None, pamr: bool = False) -> Segmentation | list[Segmentation]:
         """Masks in each image's own geometry, as `ttd segment`: a caption's mask and its selected

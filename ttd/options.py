@@ -27,7 +27,7 @@ DEFAULT_THREADS = 0
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class Precision(click.ParamType):
+class Precision(click.ParamType):  # type: ignore[type-arg]  # generic only in click's stubs
     """One of `choices`; the torch names float32, bfloat16 and float16 are accepted for the short ones."""
 
     name = "precision"

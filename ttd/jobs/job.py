@@ -183,7 +183,7 @@ def _step(job: Job, vocabulary: list[str] | None) -> Any:
     return CentreStep(vocabulary, masks_dir, job.top_k or 10, job.rle_masks, job.max_pixels)
 
 
-def _description(job: Job, templates: tuple[str, ...] | None) -> dict:
+def _description(job: Job, templates: tuple[str, ...] | None) -> dict[str, Any]:
     """What makes the job's records, for `resume` to compare (keys as older outputs wrote them)."""
     from ttd.api import load
     from ttd.jobs.stream_job import tag_job_description
@@ -224,7 +224,7 @@ def run(job: Job, log: Callable[[str], None] | None = None) -> JobSummary:
         from ttd.jobs.ray_executor import RayJob, run_ray_job
 
         tagger_options = {k: v for k, v in job.settings.items() if k != "mask_threshold"}
-        summary = run_ray_job(RayJob(None if captions is None else str(captions), [str(i) for i in images], output,
+        summary: JobSummary = run_ray_job(RayJob(None if captions is None else str(captions), [str(i) for i in images], output,
                                      tagger_options, job.actors, job.ray_address, templates=templates),
                               step, description, options)
     else:
@@ -268,6 +268,7 @@ def _with_cached_vocabulary(step: Any, tagger: Any, job: Job, say: Callable[[str
     key = model_key_for(tagger, job.settings.get("export_dir"))
     if not key:
         return step
-    cached = load_or_encode(tagger, step.vocabulary, key, job.vocab_cache, progress=job.progress)
+    cache_dir = Path(job.vocab_cache) if job.vocab_cache is not None else None
+    cached = load_or_encode(tagger, step.vocabulary, key, cache_dir, progress=job.progress)
     say(f"vocabulary cache {'hit' if cached.hit else 'miss (stored)'}: {cached.path}")
     return dataclasses.replace(step, vocabulary_embeds=cached.embeds)
