@@ -18,6 +18,7 @@ the neighbours).
 
 from __future__ import annotations
 
+from ttd.errors import InputError
 import copy
 import statistics
 import tempfile
@@ -104,7 +105,7 @@ def run_bench(make_model: Callable[[], object], settings: BenchSettings = BenchS
     from ttd.runtime.torch_backend import TorchBackend
 
     if settings.clock not in CLOCKS:
-        raise ValueError(f"unknown clock {settings.clock!r}; choose one of {', '.join(CLOCKS)}")
+        raise InputError(f"unknown clock {settings.clock!r}; choose one of {', '.join(CLOCKS)}")
     if settings.threads:
         torch.set_num_threads(settings.threads)
     model = make_model().float().eval()

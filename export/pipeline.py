@@ -11,6 +11,7 @@ leaves an earlier export in OUT_DIR as it was (issue 23, item 2).
 
 from __future__ import annotations
 
+from ttd.errors import InputError
 import json
 import os
 import platform
@@ -99,7 +100,7 @@ def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mod
     float32 and its LoRA adapters, if any, are merged in place. `torch_weights` also writes those
     weights (model.safetensors), for the torch backend and the Triton torch engine."""
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if tensorrt:  # before any work: an export that cannot become engines should not take minutes to say so
         from export.tensorrt import preflight
 
@@ -185,7 +186,7 @@ def staging_dir(out_dir: Path) -> Path:
     out_dir = Path(os.path.abspath(out_dir))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"{out_dir} exists and is not a folder")
+        raise InputError(f"{out_dir} exists and is not a folder")
     remove_dead_staging(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{out_dir.name}.{os.getpid()}.", dir=out_dir.parent))
     umask = os.umask(0)

@@ -15,6 +15,7 @@ The tag head has no weights and stays fp32.
 
 from __future__ import annotations
 
+from ttd.errors import InputError
 import copy
 import shutil
 import tempfile
@@ -87,7 +88,7 @@ def to_int8(path: Path, mode: str = "dynamic", calibration: list[dict[str, np.nd
                              per_channel=settings.per_channel, reduce_range=settings.reduce_range)
         elif mode == "static":
             if not calibration:
-                raise ValueError("static int8 quantisation needs calibration inputs")
+                raise InputError("static int8 quantisation needs calibration inputs")
             prepared = path.with_suffix(".pre.onnx")
             quant_pre_process(str(tmp), str(prepared), skip_symbolic_shape=True)
             try:
@@ -99,7 +100,7 @@ def to_int8(path: Path, mode: str = "dynamic", calibration: list[dict[str, np.nd
             finally:
                 prepared.unlink(missing_ok=True)
         else:
-            raise ValueError(f"unknown int8 mode {mode!r}; choose one of {', '.join(INT8_MODES)}")
+            raise InputError(f"unknown int8 mode {mode!r}; choose one of {', '.join(INT8_MODES)}")
     except BaseException:
         if tmp.exists():
             tmp.replace(path)

@@ -22,7 +22,7 @@ itself needs an NVIDIA GPU.
 
 from __future__ import annotations
 
-from ttd.errors import TTDError
+from ttd.errors import InputError, RuntimeProblem, TTDError
 import os
 import tempfile
 from dataclasses import dataclass
@@ -89,9 +89,9 @@ class BatchLimits:
 
     def __post_init__(self) -> None:
         if not 1 <= self.opt_batch <= self.max_batch:
-            raise ValueError(f"TensorRT profile: --opt-batch {self.opt_batch} must lie in 1..--max-batch {self.max_batch}")
+            raise InputError(f"TensorRT profile: --opt-batch {self.opt_batch} must lie in 1..--max-batch {self.max_batch}")
         if self.max_tags < 1 or self.opt_tags < 1:
-            raise ValueError(f"TensorRT profile: tag counts must be at least 1 (got opt {self.opt_tags}, "
+            raise InputError(f"TensorRT profile: tag counts must be at least 1 (got opt {self.opt_tags}, "
                              f"max {self.max_tags})")
 
 
@@ -113,7 +113,7 @@ def profiles(graph: str, config: ModelConfig, limits: BatchLimits) -> dict[str, 
                      tuple((rows, m, dim) for rows, m in zip(b, n)), tuple((rows, 1) for rows in b)],
     }
     if graph not in shapes:
-        raise ValueError(f"unknown graph {graph!r}")
+        raise InputError(f"unknown graph {graph!r}")
     return dict(zip(GRAPHS[graph].inputs, shapes[graph]))
 
 
@@ -158,21 +158,21 @@ def build_engine(onnx_path: Path, out_dir: Path, graph: str, config: ModelConfig
     # (external data), which the parser finds only relative to the model's own path
     if not parser.parse_from_file(str(Path(onnx_path).resolve())):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+        raise RuntimeProblem(f"TensorRT could not parse {onnx_path}: {errors}")
     builder_config = builder.create_builder_config()
     builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     profile = builder.create_optimization_profile()
     for name, (low, opt, high) in profiles(graph, config, limits).items():
         profile.set_shape(name, low, opt, high)
     if builder_config.add_optimization_profile(profile) < 0:
-        raise RuntimeError(f"TensorRT rejected the optimisation profile of {graph}: {profiles(graph, config, limits)}")
+        raise RuntimeProblem(f"TensorRT rejected the optimisation profile of {graph}: {profiles(graph, config, limits)}")
     cache = builder_config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
     if not builder_config.set_timing_cache(cache, ignore_mismatch=False):
-        raise RuntimeError(f"TensorRT refused the timing cache {timing_cache} (made by another TensorRT version "
+        raise RuntimeProblem(f"TensorRT refused the timing cache {timing_cache} (made by another TensorRT version "
                            "or GPU?); delete it and build again")
     serialized = builder.build_serialized_network(network, builder_config)
     if serialized is None:
-        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
+        raise RuntimeProblem(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
     _write_atomically(timing_cache, builder_config.get_timing_cache().serialize())
     path = out_dir / engine_name(graph, trt.__version__, compute_capability, precision)
     path.write_bytes(memoryview(serialized))

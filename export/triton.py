@@ -9,7 +9,7 @@ the CPU (it decodes images and calls the graph models).
 
 from __future__ import annotations
 
-from ttd.errors import TTDError
+from ttd.errors import InputError, TTDError
 import json
 import shutil
 from dataclasses import dataclass
@@ -54,9 +54,9 @@ class BatchingOptions:
 
     def check(self) -> None:
         if any(p > self.max_batch_size or p < 1 for p in self.preferred_batch_sizes):
-            raise ValueError(f"preferred batch sizes {self.preferred_batch_sizes} must lie in 1..{self.max_batch_size}")
+            raise InputError(f"preferred batch sizes {self.preferred_batch_sizes} must lie in 1..{self.max_batch_size}")
         if self.kind is not None and self.kind not in INSTANCE_KINDS:
-            raise ValueError(f"instance kind {self.kind!r} must be KIND_CPU, KIND_GPU or KIND_AUTO")
+            raise InputError(f"instance kind {self.kind!r} must be KIND_CPU, KIND_GPU or KIND_AUTO")
 
 
 def instance_kind(engine: str, kind: str | None) -> str:
@@ -66,7 +66,7 @@ def instance_kind(engine: str, kind: str | None) -> str:
     if engine != "tensorrt":
         return kind or "KIND_CPU"
     if kind == "KIND_CPU":
-        raise ValueError("TensorRT engines run only on GPU instances (Triton's tensorrt backend refuses KIND_CPU): "
+        raise InputError("TensorRT engines run only on GPU instances (Triton's tensorrt backend refuses KIND_CPU): "
                          "leave --kind out or pass --kind KIND_GPU")
     return kind or "KIND_GPU"
 
@@ -139,7 +139,7 @@ def _engine_files(export, export_dir: Path) -> dict[str, Path]:
     plans = export.manifest.get("tensorrt", {}).get("engines", {})
     missing = [g for g in SERVED_GRAPHS.values() if g not in plans]
     if missing:
-        raise ValueError(f"{export_dir} has no TensorRT engine for {', '.join(missing)}; run `ttd export --tensorrt` on a GPU")
+        raise InputError(f"{export_dir} has no TensorRT engine for {', '.join(missing)}; run `ttd export --tensorrt` on a GPU")
     return {graph: export.file(plans[graph]) for graph in SERVED_GRAPHS.values()}
 
 
@@ -149,11 +149,11 @@ def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engi
                      score_method: str = DEFAULT_SCORE_METHOD) -> Path:
     """Write a model repository for `export_dir` into `repo` (which must not exist or be empty)."""
     if score_method not in SCORE_METHODS:
-        raise ValueError(f"unknown score method {score_method!r}; choose one of {', '.join(SCORE_METHODS)}")
+        raise InputError(f"unknown score method {score_method!r}; choose one of {', '.join(SCORE_METHODS)}")
     if flavour not in ENGINES:
-        raise ValueError(f"unknown flavour {flavour!r}; choose python or native")
+        raise InputError(f"unknown flavour {flavour!r}; choose python or native")
     if engine not in ENGINES[flavour]:
-        raise ValueError(f"the {flavour} flavour serves engines {' or '.join(ENGINES[flavour])}, not {engine!r}")
+        raise InputError(f"the {flavour} flavour serves engines {' or '.join(ENGINES[flavour])}, not {engine!r}")
     torch_dtype = canonical_precision(torch_dtype, TORCH_DTYPES)
     batching.check()
     kind = instance_kind(engine, batching.kind)
@@ -164,9 +164,9 @@ def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engi
     if engine == "tensorrt":
         problems = tensorrt_limit_problems(export.manifest, dict.fromkeys(SERVED_GRAPHS, batching.max_batch_size), max_tags)
         if problems:
-            raise ValueError(f"{export_dir}: " + "; ".join(problems))
+            raise InputError(f"{export_dir}: " + "; ".join(problems))
     if repo.exists() and any(repo.iterdir()):
-        raise ValueError(f"{repo} exists and is not empty; choose a new folder")
+        raise InputError(f"{repo} exists and is not empty; choose a new folder")
     template = Template((TEMPLATES / "model.pbtxt.in").read_text())
     common = {"source": str(export_dir), "max_batch_size": batching.max_batch_size,
               "preferred_batch_sizes": ", ".join(map(str, batching.preferred_batch_sizes)),

@@ -15,3 +15,12 @@ class TTDError(Exception):
 
 class TTDWarning(UserWarning):
     """Base of the library's own warnings (an unfitted margin, a truncated caption, ...)."""
+
+
+class InputError(TTDError, ValueError):
+    """A value, file or setting the caller gave cannot be used; the message names it and says why."""
+
+
+class RuntimeProblem(TTDError, RuntimeError):
+    """This environment cannot do what was asked: a missing optional package, no GPU, a backend or
+    engine that refused; the message says what to install or change."""

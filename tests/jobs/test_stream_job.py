@@ -259,15 +259,20 @@ def test_a_broken_shard_is_one_error_item_and_the_others_are_read(tmp_path):
     assert items[3].image == f"{tmp_path / '002.tar'}#002_0000"
 
 
-def test_streamed_captions_are_the_items_of_read_captions(tmp_path):
+def test_read_captions_is_the_stream_gathered_with_one_error_per_bad_line(tmp_path):
     rows = [json.dumps({"image": "a.png", "caption": "red"}), "{broken", json.dumps({"image": "b.png", "caption": 3}),
             "", json.dumps([1]), json.dumps({"caption": "no image"})]
     path = tmp_path / "c.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + "\n".join(rows).encode() + b"\n\xff\xfe bad utf8\n")
-    assert list(stream_captions(path)) == read_captions(path)
+    items = read_captions(path)
+    assert [(i.image, i.caption) for i in items[:1]] == [("a.png", "red")] and items[0].error is None
+    assert [i.error.split(" (")[0] for i in items[1:]] == [
+        "c.jsonl:2: not a JSON object", "c.jsonl:3: caption is int 3, not text", "c.jsonl:5: not a JSON object",
+        "c.jsonl:6: no image field", "c.jsonl:7: not valid UTF-8"]
     csv_path = tmp_path / "c.csv"
     csv_path.write_bytes(b"image,caption\na.png,red circle\nb.png,\xff\n")
-    assert list(stream_captions(csv_path)) == read_captions(csv_path)
+    assert [(i.caption, i.error) for i in read_captions(csv_path)] == [
+        ("red circle", None), (None, "c.csv:3: not valid UTF-8")]
 
 
 def test_folders_and_globs_stream_in_sorted_order(tmp_path):

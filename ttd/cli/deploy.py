@@ -54,13 +54,10 @@ def export_command(out_dir, model, pretrained, checkpoint, dense_mode, precision
     from export.tensorrt import BatchLimits, TensorRTUnavailable
     from ttd.model.factory import ModelLoadError, load_model
 
-    try:
-        ttd_model = load_model(model, pretrained, checkpoint, dense_mode)
-        manifest = run_export(ttd_model, out_dir, precision, int8_mode, opset, tensorrt=tensorrt,
-                              tensorrt_limits=BatchLimits(opt_batch=opt_batch, max_batch=max_batch, max_tags=max_tags),
-                              torch_weights=torch_weights)
-    except (ModelLoadError, GateError, TensorRTUnavailable, ValueError) as error:
-        fail(str(error))
+    ttd_model = load_model(model, pretrained, checkpoint, dense_mode)
+    manifest = run_export(ttd_model, out_dir, precision, int8_mode, opset, tensorrt=tensorrt,
+                          tensorrt_limits=BatchLimits(opt_batch=opt_batch, max_batch=max_batch, max_tags=max_tags),
+                          torch_weights=torch_weights)
     from ttd.runtime import unfitted_margin_notice
 
     notice = unfitted_margin_notice(ttd_model.config, model, pretrained, checkpoint)
@@ -106,10 +103,7 @@ def bench_command(model, pretrained, checkpoint, dense_mode, batch_sizes, text_b
     except ValueError:
         fail(f"--batch-sizes {batch_sizes!r}: give positive integers separated by commas, e.g. 1,8")
     settings = BenchSettings(sizes, text_batch, tags, min_seconds, check_count, threads, clock=clock)
-    try:
-        load_model(model, pretrained, checkpoint, dense_mode)
-    except (ModelLoadError, ValueError) as error:
-        fail(str(error))
+    load_model(model, pretrained, checkpoint, dense_mode)
     result = run_bench(lambda: load_model(model, pretrained, checkpoint, dense_mode), settings,
                        progress=lambda line: click.echo(line, err=True))
     table = to_markdown(result)
@@ -163,14 +157,11 @@ def triton_build(export_dir, repo, flavour, engine, torch_dtype, max_batch_size,
     from export.triton import BatchingOptions, RepositoryError, build_repository, validate_repository
     from ttd.runtime.export_dir import ExportError
 
-    try:
-        sizes = tuple(int(s) for s in preferred_batch_sizes.split(",") if s.strip())
-        options = BatchingOptions(max_batch_size, sizes, queue_delay_us, instances, kind)
-        build_repository(export_dir, repo, flavour, engine, options, threshold, max_tags, torch_dtype,
-                         score_method=score_method)
-        summary = validate_repository(repo)
-    except (ValueError, ExportError, RepositoryError) as error:
-        fail(str(error))
+    sizes = tuple(int(s) for s in preferred_batch_sizes.split(",") if s.strip())
+    options = BatchingOptions(max_batch_size, sizes, queue_delay_us, instances, kind)
+    build_repository(export_dir, repo, flavour, engine, options, threshold, max_tags, torch_dtype,
+                     score_method=score_method)
+    summary = validate_repository(repo)
     click.echo("\n".join(summary))
     click.echo(f"wrote {repo}; serve it with `ttd serve {repo}`", err=True)
 
@@ -181,10 +172,7 @@ def triton_validate(repo):
     """Parse every config.pbtxt with tritonclient's model_config_pb2 and check it against its files and graphs."""
     from export.triton import RepositoryError, validate_repository
 
-    try:
-        summary = validate_repository(repo)
-    except RepositoryError as error:
-        fail(str(error))
+    summary = validate_repository(repo)
     click.echo("\n".join(summary))
     click.echo(f"{repo}: valid", err=True)
 

@@ -102,50 +102,47 @@ def calibrate(model, pretrained, checkpoint, dense_mode, backend, export_dir, ur
     if checkpoint is None and out_dir is None and not dry_run:
         fail("calibration writes into a checkpoint's config: pass --checkpoint FILE, or --out DIR to write a "
              "calibrated checkpoint (e.g. of --model NAME --pretrained FILE), or --dry-run to only report")
-    try:
-        if backend != "torch" and not dry_run:
-            fail(f"--backend {backend}: calibrating an export writes nothing into it (its files are hashed); "
-                 "use --dry-run (and --json), or calibrate the source checkpoint and export again")
-        loaded = load_model(model, pretrained, checkpoint, dense_mode) if backend == "torch" else None
-        tagger = (torch_tagger(loaded, device, dtype, threshold=threshold, flip_tta=flip_tta, score_method="negatives")
-                  if loaded is not None else
-                  load(checkpoint, model, pretrained, backend, export_dir, device, dtype, dense_mode=dense_mode, url=url,
-                       threshold=threshold, flip_tta=flip_tta, score_method="negatives", threads=threads,
-                       warn_unfitted=False).runtime)
-        skipped: list[str] = []
-        if captions is not None:
-            from ttd.data.items import read_pairs
-            from ttd.evaluation.label_free import fit_label_free
+    if backend != "torch" and not dry_run:
+        fail(f"--backend {backend}: calibrating an export writes nothing into it (its files are hashed); "
+             "use --dry-run (and --json), or calibrate the source checkpoint and export again")
+    loaded = load_model(model, pretrained, checkpoint, dense_mode) if backend == "torch" else None
+    tagger = (torch_tagger(loaded, device, dtype, threshold=threshold, flip_tta=flip_tta, score_method="negatives")
+              if loaded is not None else
+              load(checkpoint, model, pretrained, backend, export_dir, device, dtype, dense_mode=dense_mode, url=url,
+                   threshold=threshold, flip_tta=flip_tta, score_method="negatives", threads=threads,
+                   warn_unfitted=False).runtime)
+    skipped: list[str] = []
+    if captions is not None:
+        from ttd.data.items import read_pairs
+        from ttd.evaluation.label_free import fit_label_free
 
-            images, texts = read_pairs(captions, max_pairs, skipped)
-            fit = fit_label_free(tagger, images, texts, max_false_rate, choose_prompts=choose_negatives,
-                                 batch_size=batch_size, skipped=skipped)
-            record, prompts = fit.record(str(captions), threshold, flip_tta), fit.negative_prompts
-        else:
-            samples = labelled_samples(data_dir, tagger.preprocess, seed, count, skipped)
-            fit = fit_negative_margin(tagger, samples, min_precision, batch_size)
-            where = str(data_dir) if data_dir else f"world seed {seed} ({count} pairs)"
-            record, prompts = labelled_record(fit, where, threshold, flip_tta), None
-        for reason in skipped[:20]:
-            click.echo(f"skipped {reason}", err=True)
-        if len(skipped) > 20:
-            click.echo(f"skipped {len(skipped) - 20} more", err=True)
-        click.echo(fit.line())
-        if json_path:
-            json_path.write_text(json.dumps({**fit.as_dict(), "margin_fit": record}, indent=1))
-        if dry_run:
-            return
-        if out_dir is not None:
-            path = save_checkpoint(loaded.float(), out_dir / "model.safetensors",
-                                   config=fitted_config(loaded.config, fit.margin, record, prompts))
-            click.echo(f"wrote {path} (+ {path.with_suffix('.json').name}) with negative_margin {fit.margin:.4g}; "
-                       f"tag with --checkpoint {path}", err=True)
-        else:
-            old = calibrate_checkpoint(Path(checkpoint), fit.margin, record, prompts)
-            click.echo(f"wrote negative_margin {old:g} -> {fit.margin:.4g} into {Path(checkpoint).with_suffix('.json')}; "
-                       "export again if this checkpoint was exported", err=True)
-    except (ModelLoadError, InputError, ValueError, OSError) as error:
-        fail(str(error))
+        images, texts = read_pairs(captions, max_pairs, skipped)
+        fit = fit_label_free(tagger, images, texts, max_false_rate, choose_prompts=choose_negatives,
+                             batch_size=batch_size, skipped=skipped)
+        record, prompts = fit.record(str(captions), threshold, flip_tta), fit.negative_prompts
+    else:
+        samples = labelled_samples(data_dir, tagger.preprocess, seed, count, skipped)
+        fit = fit_negative_margin(tagger, samples, min_precision, batch_size)
+        where = str(data_dir) if data_dir else f"world seed {seed} ({count} pairs)"
+        record, prompts = labelled_record(fit, where, threshold, flip_tta), None
+    for reason in skipped[:20]:
+        click.echo(f"skipped {reason}", err=True)
+    if len(skipped) > 20:
+        click.echo(f"skipped {len(skipped) - 20} more", err=True)
+    click.echo(fit.line())
+    if json_path:
+        json_path.write_text(json.dumps({**fit.as_dict(), "margin_fit": record}, indent=1))
+    if dry_run:
+        return
+    if out_dir is not None:
+        path = save_checkpoint(loaded.float(), out_dir / "model.safetensors",
+                               config=fitted_config(loaded.config, fit.margin, record, prompts))
+        click.echo(f"wrote {path} (+ {path.with_suffix('.json').name}) with negative_margin {fit.margin:.4g}; "
+                   f"tag with --checkpoint {path}", err=True)
+    else:
+        old = calibrate_checkpoint(Path(checkpoint), fit.margin, record, prompts)
+        click.echo(f"wrote negative_margin {old:g} -> {fit.margin:.4g} into {Path(checkpoint).with_suffix('.json')}; "
+                   "export again if this checkpoint was exported", err=True)
 
 
 @main.command("eval-segmentation")

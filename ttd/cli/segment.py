@@ -78,8 +78,5 @@ def report(records, html_path, per_page, max_side, images_root, allow_any_path):
     the rest renders."""
     from ttd.jobs.report import write_report
 
-    try:
-        pages = write_report(records, html_path, per_page, max_side, images_root, allow_any_path)
-    except (ValueError, OSError, RuntimeError) as error:  # RuntimeError: a Parquet folder without pyarrow
-        fail(str(error))
+    pages = write_report(records, html_path, per_page, max_side, images_root, allow_any_path)
     click.echo(f"wrote {len(pages)} page(s): {pages[0]}", err=True)

@@ -84,11 +84,8 @@ def train(model, pretrained, checkpoint, dense_mode, objective, captions, out_di
 
     if precision not in ("fp32", "bf16"):
         fail(f"--precision {precision}: training runs in fp32 or with bf16 autocast; {precision} is an export precision")
-    try:
-        init_distributed(device)
-        base = load_model(model, pretrained, checkpoint, dense_mode).to(training_device(device))
-    except (ModelLoadError, ValueError) as error:
-        fail(str(error))
+    init_distributed(device)
+    base = load_model(model, pretrained, checkpoint, dense_mode).to(training_device(device))
     config = TrainConfig.for_objective(
         objective, data=str(captions) if captions is not None else "world", out_dir=str(out_dir), steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
         lambda_tag=lambda_tag, lambda_clip=lambda_clip, threshold=threshold,
@@ -97,8 +94,5 @@ def train(model, pretrained, checkpoint, dense_mode, objective, captions, out_di
         teacher_momentum=teacher_momentum, collapse_guard=not no_collapse_guard,
         lora=LoRAConfig(rank=lora_rank, alpha=lora_alpha, targets=tuple(t for t in lora_targets.split(",") if t)),
     )
-    try:
-        run_training(base, config, resume=not no_resume)
-    except (ValueError, RuntimeError) as error:
-        fail(str(error))
+    run_training(base, config, resume=not no_resume)
     click.echo(f"wrote {Path(out_dir) / 'model.safetensors'}", err=True)

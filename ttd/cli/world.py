@@ -24,10 +24,7 @@ def world_generate(out_dir, count, seed, start):
     """Write COUNT world samples in the evaluation format (annotations.jsonl, images/, masks/)."""
     from ttd.data.annotations import write_world_split
 
-    try:
-        path = write_world_split(out_dir, seed, count, start)
-    except ValueError as error:
-        fail(str(error))
+    path = write_world_split(out_dir, seed, count, start)
     click.echo(f"wrote {count} samples to {path}", err=True)
 
 
@@ -59,8 +56,5 @@ def world_segmentation(out_dir, count, seed, size, labelling):
     """Write COUNT world samples as a VOC-style segmentation folder (exact masks)."""
     from ttd.data.voc import write_world_segmentation
 
-    try:
-        path = write_world_segmentation(out_dir, seed, count, size, labelling=labelling)
-    except ValueError as error:
-        fail(str(error))
+    path = write_world_segmentation(out_dir, seed, count, size, labelling=labelling)
     click.echo(f"wrote {count} samples to {path}", err=True)

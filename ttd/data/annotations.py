@@ -8,6 +8,7 @@ format; `convert_tagmask` reads the CC3M-TagMask layout into it.
 
 from __future__ import annotations
 
+from ttd.errors import InputError
 import json
 import os
 import warnings
@@ -41,7 +42,7 @@ def write_world_split(out: Path, seed: int, count: int, start: int = 0, progress
     from ttd.data.world import make_sample
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} exists and is not an empty folder; choose a new folder (or delete this one)")
+        raise InputError(f"{out} exists and is not an empty folder; choose a new folder (or delete this one)")
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(exist_ok=True)
     lines = []
@@ -67,17 +68,17 @@ def _load_mask(path: Path, size: int, image_size: tuple[int, int]) -> np.ndarray
     (0/255, 0/1, 16-bit, palette indices). It must have its image's size (cropping or stretching
     a mask of another size would score against the wrong pixels)."""
     if not path.is_file():
-        raise ValueError(f"mask {path} does not exist")
+        raise InputError(f"mask {path} does not exist")
     try:
         with Image.open(path) as mask:
             mask.load()
             values = np.asarray(mask)
     except OSError as error:
-        raise ValueError(f"mask {path} cannot be read ({error})") from error
+        raise InputError(f"mask {path} cannot be read ({error})") from error
     if values.ndim == 3:
         values = values.any(axis=-1)
     if (values.shape[1], values.shape[0]) != image_size:
-        raise ValueError(f"mask {path} is {values.shape[1]}x{values.shape[0]}, its image {image_size[0]}x{image_size[1]}")
+        raise InputError(f"mask {path} is {values.shape[1]}x{values.shape[0]}, its image {image_size[0]}x{image_size[1]}")
     inside = Image.fromarray((values != 0).astype(np.uint8) * 255, "L").convert("RGB")
     return resize_center_crop(inside, size, "nearest")[..., 0] > 127
 
@@ -126,7 +127,7 @@ def convert_tagmask(source: Path, out: Path) -> Path:
     for meta_path in sorted(source.resolve().rglob("*.json")):
         meta = json.loads(meta_path.read_text())
         if "caption" not in meta:
-            raise ValueError(f"{meta_path} has no 'caption'")
+            raise InputError(f"{meta_path} has no 'caption'")
         image = meta.get("image") or meta_path.with_suffix(".jpg").name
         folder = Path(os.path.relpath(meta_path.parent, out))
         tag_masks = {str(t): str(folder / m) for t, m in meta.get("tag_masks", {}).items()}
@@ -150,8 +151,8 @@ def labelled_samples(data: Path | None, preprocess: Preprocess, seed: int, count
     data = Path(data)
     annotations = data / "annotations.jsonl" if data.is_dir() else data
     if not annotations.is_file():
-        raise ValueError(f"{annotations} does not exist (expected an evaluation folder with annotations.jsonl)")
+        raise InputError(f"{annotations} does not exist (expected an evaluation folder with annotations.jsonl)")
     samples = read_eval_split(annotations, preprocess, skipped)
     if not samples:
-        raise ValueError(f"{annotations}: no usable samples")
+        raise InputError(f"{annotations}: no usable samples")
     return samples

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from ttd.errors import TTDError
+from ttd.errors import InputError  # noqa: F401 - re-exported: where callers have always found it
 import codecs
-import csv
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,10 +11,6 @@ from pathlib import Path
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGE_KEYS = ("image", "image_path", "path", "file", "filename", "url")
 CAPTION_KEYS = ("caption", "text", "txt")
-
-
-class InputError(TTDError, ValueError):
-    """A captions or vocabulary file is unusable as a whole; the message says why."""
 
 
 @dataclass
@@ -37,74 +31,13 @@ def _pick(record: dict, keys: tuple[str, ...]) -> object | None:
 BAD_BYTES = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of bytes that are not UTF-8
 
 
-def _jsonl_rows(path: Path) -> list[tuple[int, dict | str]]:
-    """(line, record or the reason it is unusable): lines split on newline bytes only (a JSON
-    string may hold U+2028), each decoded on its own, so one bad byte costs one line."""
-    rows: list[tuple[int, dict | str]] = []
-    data = path.read_bytes()
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8):]
-    for n, raw in enumerate(data.split(b"\n"), start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            rows.append((n, f"not valid UTF-8 (byte {raw[error.start]:#04x} at column {error.start + 1})"))
-            continue
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            rows.append((n, record if isinstance(record, dict) else "not a JSON object"))
-        except ValueError as error:
-            rows.append((n, f"not a JSON object ({error})"))
-    return rows
-
-
-def _csv_rows(path: Path) -> list[tuple[int, dict | str]]:
-    """(line, row or the reason it is unusable); a UTF-8 BOM is dropped, a row with bytes that
-    are not UTF-8 becomes an error for that row only."""
-    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not any(k in reader.fieldnames for k in IMAGE_KEYS):
-            raise InputError(f"{path}: CSV header must name an image column ({', '.join(IMAGE_KEYS)}) and a caption column")
-        rows: list[tuple[int, dict | str]] = []
-        for row in reader:
-            bad = any(isinstance(v, str) and BAD_BYTES.search(v) for v in row.values())
-            rows.append((reader.line_num, "not valid UTF-8" if bad else dict(row)))
-        return rows
-
-
 def read_captions(path: Path) -> list[Item]:
-    """Items of a .jsonl ({"image", "caption"} per line) or .csv (header with image, caption).
-    A line that cannot be used (bad JSON, bad UTF-8, a caption that is not text) becomes an
+    """Items of a .jsonl ({"image", "caption"} per line) or .csv (header with image, caption): the
+    one reader, ttd.data.items.stream_captions, gathered. A line that cannot be used becomes an
     item with an error naming the file and line; the other lines are still read."""
-    if not path.is_file():
-        raise InputError(f"captions file {path} does not exist")
-    base = path.parent
-    if path.suffix.lower() == ".csv":
-        rows = _csv_rows(path)
-    elif path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        rows = _jsonl_rows(path)
-    else:
-        raise InputError(f"{path}: captions must be a .jsonl or .csv file")
-    items: list[Item] = []
-    for n, record in rows:
-        where = f"{path.name}:{n}"
-        if isinstance(record, str):
-            items.append(Item(f"<line {n}>", base, None, f"{where}: {record}"))
-            continue
-        image = _pick(record, IMAGE_KEYS)
-        caption = _pick(record, CAPTION_KEYS)
-        if caption is not None and not isinstance(caption, str):
-            items.append(Item(image if isinstance(image, str) else f"<line {n}>", base, None,
-                              f"{where}: caption is {type(caption).__name__} {caption!r}, not text"))
-        elif image is None:
-            items.append(Item(f"<line {n}>", base, caption, f"{where}: no image field ({', '.join(IMAGE_KEYS)})"))
-        elif not isinstance(image, str) or not image.strip():
-            items.append(Item(f"<line {n}>", base, caption, f"{where}: image is {image!r}, not a file name"))
-        else:
-            items.append(Item(image, base / image, caption))
-    return items
+    from ttd.data.items import stream_captions
+
+    return list(stream_captions(path))
 
 
 def read_vocabulary(path: Path) -> list[str]:

@@ -315,7 +315,7 @@ def open_items(captions: str | Path | None, images: Iterable[Path | str] = ()) -
 
 def check_shard(shard: int, num_shards: int) -> None:
     if not 0 <= shard < num_shards:
-        raise ValueError(f"--shard {shard} is not in 0..{num_shards - 1} (--num-shards {num_shards})")
+        raise InputError(f"--shard {shard} is not in 0..{num_shards - 1} (--num-shards {num_shards})")
 
 
 def select_shard(items: Iterable[Item], shard: int, num_shards: int, skip: int = 0) -> Iterator[tuple[int, Item]]:

@@ -10,6 +10,7 @@ A sample that cannot be used is skipped and counted, as with the indexed sources
 
 from __future__ import annotations
 
+from ttd.errors import InputError, RuntimeProblem
 from collections.abc import Iterator
 from itertools import islice
 
@@ -27,7 +28,7 @@ class ShardStreamLoader:
                  rank: int = 0, world: int = 1) -> None:
         self.urls = shard_urls(pattern)
         if not self.urls:
-            raise ValueError(f"no shards in {pattern!r}")
+            raise InputError(f"no shards in {pattern!r}")
         self.preprocess = preprocess
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.skipped: list[str] = []
@@ -43,7 +44,7 @@ class ShardStreamLoader:
                     count += 1
                     yield item
             if count == 0:
-                raise ValueError(f"no samples found in shards {self.urls[0]} ... {self.urls[-1]}")
+                raise InputError(f"no samples found in shards {self.urls[0]} ... {self.urls[-1]}")
             epoch += 1
 
     def items(self, step: int) -> list[Item]:
@@ -71,5 +72,5 @@ class ShardStreamLoader:
             images.append(image)
             captions.append(item.caption)
         if len(images) < 2:
-            raise RuntimeError(f"step {step}: fewer than 2 readable samples in the batch; last error: {self.skipped[-1:]}")
+            raise RuntimeProblem(f"step {step}: fewer than 2 readable samples in the batch; last error: {self.skipped[-1:]}")
         return np.stack(images), captions

@@ -7,6 +7,7 @@ A sample that cannot be read raises `ImageError`; the trainer skips and counts i
 
 from __future__ import annotations
 
+from ttd.errors import InputError
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +42,9 @@ def read_jsonl(path: Path) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from error
+            raise InputError(f"{path}:{number}: not valid JSON ({error.msg})") from error
         if not isinstance(record, dict):
-            raise ValueError(f"{path}:{number}: a JSON {type(record).__name__}, expected an object like "
+            raise InputError(f"{path}:{number}: a JSON {type(record).__name__}, expected an object like "
                              '{"image": ..., "caption": ...}')
         records.append(record)
     return records
@@ -60,7 +61,7 @@ class JsonlSource:
         self.path = Path(self.path)
         self.records = read_jsonl(self.path)
         if not self.records:
-            raise ValueError(f"{self.path}: no records")
+            raise InputError(f"{self.path}: no records")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -92,7 +93,7 @@ class ShardSource:
                     caption = ""
             self.samples.append((key, data, caption))
         if not self.samples:
-            raise ValueError(f"no samples found in shards {pattern}")
+            raise InputError(f"no samples found in shards {pattern}")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -113,4 +114,4 @@ def open_source(spec: str, preprocess: Preprocess, seed: int):
         return JsonlSource(Path(spec), preprocess)
     if ".tar" in spec:
         return ShardSource(spec, preprocess)
-    raise ValueError(f"unknown data {spec!r}: use 'world', a captions .jsonl file, or shards like 'data/{{000..009}}.tar'")
+    raise InputError(f"unknown data {spec!r}: use 'world', a captions .jsonl file, or shards like 'data/{{000..009}}.tar'")

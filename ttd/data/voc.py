@@ -15,7 +15,7 @@ object of that shape (colour) is visible.
 
 from __future__ import annotations
 
-from ttd.errors import TTDError
+from ttd.errors import InputError, TTDError
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,7 +140,7 @@ def _world_names(labelling: str) -> tuple[str, ...]:
     from ttd.data.world import COLOURS, SHAPES
 
     if labelling not in WORLD_LABELLINGS:
-        raise ValueError(f"unknown world labelling {labelling!r}; choose one of {', '.join(WORLD_LABELLINGS)}")
+        raise InputError(f"unknown world labelling {labelling!r}; choose one of {', '.join(WORLD_LABELLINGS)}")
     return SHAPES if labelling == "shapes" else tuple(COLOURS)
 
 
@@ -176,7 +176,7 @@ def write_world_segmentation(out: Path, seed: int = 2, count: int = 200, size: i
     """Write the world's segmentation split as a VOC-style folder (into a new or empty folder)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} exists and is not an empty folder; choose a new folder (or delete this one)")
+        raise InputError(f"{out} exists and is not an empty folder; choose a new folder (or delete this one)")
     for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (out / folder).mkdir(parents=True, exist_ok=True)
     dataset = world_segmentation_samples(seed, count, size, start, labelling)

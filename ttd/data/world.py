@@ -9,6 +9,7 @@ caption mostly through one tag — the single tag bias that TTD removes.
 
 from __future__ import annotations
 
+from ttd.errors import InputError
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,7 +71,7 @@ def _shape_mask(shape: str, size: float, cx: float, cy: float, angle: float, n: 
     if shape == "heart":
         u, v = x / r * 1.2, -y / r * 1.2 + 0.25
         return (u * u + v * v - 1) ** 3 - u * u * v**3 <= 0
-    raise ValueError(f"unknown shape {shape!r}")
+    raise InputError(f"unknown shape {shape!r}")
 
 
 def _background(rng: np.random.Generator, name: str, n: int) -> np.ndarray:

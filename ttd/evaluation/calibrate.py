@@ -13,6 +13,7 @@ sorted critical margins, exactly, without a grid.
 
 from __future__ import annotations
 
+from ttd.errors import InputError
 import json
 import math
 from dataclasses import asdict, dataclass, replace
@@ -53,7 +54,7 @@ def critical_margins(logits: np.ndarray, threshold: float) -> np.ndarray:
     """m*_k [B, K] from the views' margin-free logits [V, B, K, h, w]: tag k is selected at δ =
     `threshold` exactly when negative_margin ≤ m*_k."""
     if not 0 < threshold < 1:
-        raise ValueError(f"threshold δ must be in (0, 1) for the negatives score, got {threshold}")
+        raise InputError(f"threshold δ must be in (0, 1) for the negatives score, got {threshold}")
     offset = math.log(threshold / (1 - threshold))
     if logits.shape[0] == 1:
         return logits[0].max(axis=(-2, -1)) - offset
@@ -72,9 +73,9 @@ def best_margin(critical: np.ndarray, relevant: np.ndarray, min_precision: float
     none reaches it), placed halfway between the last selected and the first rejected tag."""
     critical, relevant = np.asarray(critical, np.float64).ravel(), np.asarray(relevant, bool).ravel()
     if critical.size == 0:
-        raise ValueError("calibration needs at least one candidate tag")
+        raise InputError("calibration needs at least one candidate tag")
     if not relevant.any():
-        raise ValueError("calibration needs at least one relevant (present) tag among the candidates")
+        raise InputError("calibration needs at least one relevant (present) tag among the candidates")
     order = np.argsort(-critical, kind="stable")
     ranked, hits = critical[order], relevant[order]
     # a cut can only fall between distinct critical margins: the last index of each run of ties
@@ -113,7 +114,7 @@ def sample_critical_margins(tagger: Tagger, samples: list[EvalSample], batch_siz
             critical.append(margins)
             relevant.append(np.array([t in sample.relevant_tags for t in tags]))
     if not critical:
-        raise ValueError("no sample has a caption with candidate tags: nothing to calibrate on")
+        raise InputError("no sample has a caption with candidate tags: nothing to calibrate on")
     return np.concatenate(critical), np.concatenate(relevant)
 
 
@@ -148,7 +149,7 @@ def calibrate_checkpoint(checkpoint: Path, fit: MarginFit | float, record: dict 
 
     path = config_path(Path(checkpoint))
     if not path.is_file():
-        raise ValueError(f"{path} does not exist: calibration writes into a checkpoint's config (.json beside it)")
+        raise InputError(f"{path} does not exist: calibration writes into a checkpoint's config (.json beside it)")
     config = ModelConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
     margin = fit.margin if isinstance(fit, MarginFit) else fit
     save_config(Path(checkpoint), fitted_config(config, margin, record or {"method": "labelled"}, negative_prompts))

@@ -26,6 +26,7 @@ so the margin comes from what an *absent* tag looks like on these images, with t
 
 from __future__ import annotations
 
+from ttd.errors import InputError
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from statistics import NormalDist
@@ -84,7 +85,7 @@ def shuffled_null_tags(tag_lists: list[list[str]], draws: int = NULL_DRAWS, seed
     The captions are put in a random order and image i takes the captions 1..draws places after
     its own in it, so no image is ever paired with its own caption."""
     if len(tag_lists) < 2:
-        raise ValueError(f"label-free calibration needs at least 2 image–caption pairs with tags (each image is "
+        raise InputError(f"label-free calibration needs at least 2 image–caption pairs with tags (each image is "
                          f"scored against other captions' tags); got {len(tag_lists)}")
     order = np.random.default_rng(seed).permutation(len(tag_lists))
     place = np.empty_like(order)
@@ -103,7 +104,7 @@ def empirical_null(values: np.ndarray) -> tuple[float, float]:
     values = np.sort(np.asarray(values, np.float64).ravel())
     values = values[np.isfinite(values)]
     if values.size < 10:
-        raise ValueError(f"the null needs at least 10 critical margins to find its peak; got {values.size}")
+        raise InputError(f"the null needs at least 10 critical margins to find its peak; got {values.size}")
     if values.size > MAX_DENSITY_POINTS:
         values = values[np.linspace(0, values.size - 1, MAX_DENSITY_POINTS).round().astype(int)]
     q25, q75 = np.percentile(values, [25, 75])
@@ -117,14 +118,14 @@ def empirical_null(values: np.ndarray) -> tuple[float, float]:
     below = centre - values[values <= centre]
     scale = float(np.median(below)) / HALF_NORMAL_MEDIAN if below.size else 0.0
     if not scale > 0:
-        raise ValueError("the critical margins have no spread below their peak: too few distinct pairs to calibrate on")
+        raise InputError("the critical margins have no spread below their peak: too few distinct pairs to calibrate on")
     return centre, scale
 
 
 def null_margin(centre: float, scale: float, max_false_rate: float) -> float:
     """The margin at which a Gaussian null N(centre, scale²) has `max_false_rate` above it."""
     if not 0 < max_false_rate < 1:
-        raise ValueError(f"max false rate must be in (0, 1), got {max_false_rate}")
+        raise InputError(f"max false rate must be in (0, 1), got {max_false_rate}")
     return centre + scale * NormalDist().inv_cdf(1 - max_false_rate)
 
 
@@ -180,7 +181,7 @@ def margins_of_pairs(tagger: Tagger, images: Sequence, captions: Sequence[str], 
                 own[s].append(margins[: len(tag_lists[r])])
                 null[s].append(margins[len(tag_lists[r]) :])
     if not own[0]:
-        raise ValueError("no pair has both a readable image and a caption with candidate tags: nothing to calibrate on")
+        raise InputError("no pair has both a readable image and a caption with candidate tags: nothing to calibrate on")
     return [(np.concatenate(o), np.concatenate(n)) for o, n in zip(own, null)], used
 
 

@@ -6,6 +6,7 @@ FPR = FP / (FP + TN) and FNR = FN / (FN + TP) over the pixels of one mask, avera
 
 from __future__ import annotations
 
+from ttd.errors import InputError
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -105,14 +106,14 @@ class SegmentationCounts:
 
     def add(self, predicted: np.ndarray, truth: np.ndarray) -> None:
         if predicted.shape != truth.shape:
-            raise ValueError(f"prediction {predicted.shape} and ground truth {truth.shape} differ in size")
+            raise InputError(f"prediction {predicted.shape} and ground truth {truth.shape} differ in size")
         keep = truth != self.ignore_index
         truth, predicted = truth[keep].astype(np.int64), predicted[keep].astype(np.int64)
         if truth.size and (truth.max() >= self.num_classes or truth.min() < 0):
-            raise ValueError(f"ground-truth label {int(truth.max())} outside 0..{self.num_classes - 1} "
+            raise InputError(f"ground-truth label {int(truth.max())} outside 0..{self.num_classes - 1} "
                              f"(and not the ignore label {self.ignore_index})")
         if predicted.size and (predicted.max() >= self.num_classes or predicted.min() < 0):
-            raise ValueError(f"predicted label {int(predicted.max())} outside 0..{self.num_classes - 1}")
+            raise InputError(f"predicted label {int(predicted.max())} outside 0..{self.num_classes - 1}")
         self.confusion += np.bincount(truth * self.num_classes + predicted,
                                       minlength=self.num_classes ** 2).reshape(self.num_classes, self.num_classes)
 

@@ -6,6 +6,7 @@ RLE in JSON is pycocotools' compressed form: {"size": [height, width], "counts":
 
 from __future__ import annotations
 
+from ttd.errors import InputError, RuntimeProblem
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ def _mask_api():
     try:
         from pycocotools import mask as mask_api
     except ImportError as error:  # an optional extra of the package
-        raise RuntimeError("COCO RLE masks need pycocotools: pip install 'ttd-toolkit[segment]' "
+        raise RuntimeProblem("COCO RLE masks need pycocotools: pip install 'ttd-toolkit[segment]' "
                            "(or pip install pycocotools)") from error
     return mask_api
 
@@ -29,7 +30,7 @@ def check_available() -> None:
 def encode_rle(mask: np.ndarray) -> dict:
     """bool [H, W] -> {"size": [H, W], "counts": str} (compressed RLE, JSON-ready)."""
     if mask.ndim != 2:
-        raise ValueError(f"a mask must be 2-D [height, width], got shape {mask.shape}")
+        raise InputError(f"a mask must be 2-D [height, width], got shape {mask.shape}")
     rle = _mask_api().encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
@@ -41,7 +42,7 @@ def decode_rle(rle: dict) -> np.ndarray:
         height, width = (int(v) for v in rle["size"])
         counts = rle["counts"]
     except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"not an RLE mask (needs size [h, w] and counts): {str(rle)[:80]}") from error
+        raise InputError(f"not an RLE mask (needs size [h, w] and counts): {str(rle)[:80]}") from error
     if isinstance(counts, list):  # uncompressed RLE, as COCO's iscrowd annotations store it
         compressed = api.frPyObjects({"size": [height, width], "counts": counts}, height, width)
     else:

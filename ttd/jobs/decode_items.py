@@ -4,6 +4,7 @@ and hundreds of MB; tests/jobs/test_decoding_pool.py holds it)."""
 
 from __future__ import annotations
 
+from ttd.errors import InputError
 import numpy as np
 
 from ttd.data.inputs import Item
@@ -22,12 +23,12 @@ def caption_tags(item: Item) -> list[str]:
 def tags_of_caption(caption: str | None) -> list[str]:
     """A caption's candidate tags, or the ValueError that names what is wrong with it."""
     if caption is None or not caption.strip():
-        raise ValueError("empty caption")
+        raise InputError("empty caption")
     tags = candidate_tags(caption)
     if not tags:
-        raise ValueError(f"caption {caption!r} has no candidate tags (only stopwords or punctuation)")
+        raise InputError(f"caption {caption!r} has no candidate tags (only stopwords or punctuation)")
     if len(tags) > MAX_CAPTION_TAGS:
-        raise ValueError(f"caption has {len(tags)} candidate tags, more than the limit of {MAX_CAPTION_TAGS} "
+        raise InputError(f"caption has {len(tags)} candidate tags, more than the limit of {MAX_CAPTION_TAGS} "
                          "(the served tagger's cap); split it into shorter captions")
     return tags
 
@@ -36,7 +37,7 @@ def _prepare(item: Item, vocabulary_mode: bool,
              preprocess: Preprocess) -> tuple[np.ndarray, list[str] | None, tuple[int, int]]:
     """(uint8 image at the model's size, candidate tags (None in vocabulary mode), the image's own (width, height))."""
     if item.error:
-        raise ValueError(item.error)
+        raise InputError(item.error)
     tags = None if vocabulary_mode else caption_tags(item)
     data = getattr(item, "data", None)  # a webdataset sample's bytes (ttd.data.items.ShardItem)
     image, size = preprocess.with_size(item.path if data is None else data, item.image)

@@ -12,6 +12,7 @@ ttd.jobs.decode_items: Pillow and numpy), and hand decoded images back through s
 
 from __future__ import annotations
 
+from ttd.errors import InputError
 import multiprocessing
 import os
 import time
@@ -102,7 +103,7 @@ class DecodingPool:
 
     def __init__(self, workers: int) -> None:
         if workers < 1:
-            raise ValueError("a decoding pool needs at least one worker (0: decode in a thread of the job)")
+            raise InputError("a decoding pool needs at least one worker (0: decode in a thread of the job)")
         self.workers = workers
         self.executor: ProcessPoolExecutor | None = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"))
         self.slots: list[_Slot] = []

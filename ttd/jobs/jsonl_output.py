@@ -18,6 +18,7 @@ both have this module's interface: `done`, `complete`, `write(records)`, `finish
 
 from __future__ import annotations
 
+from ttd.errors import InputError
 import json
 import os
 from collections import Counter
@@ -49,7 +50,7 @@ def output_format_of(output: Path, output_format: str = "auto") -> str:
     """`auto`: Parquet shards when OUT's name ends in .parquet (a folder, as Spark and duckdb write
     them), JSON lines otherwise."""
     if output_format not in OUTPUT_FORMATS:
-        raise ValueError(f"output format {output_format!r}: use one of {', '.join(OUTPUT_FORMATS)}")
+        raise InputError(f"output format {output_format!r}: use one of {', '.join(OUTPUT_FORMATS)}")
     if output_format == "auto":
         return "parquet" if Path(output).suffix.lower() == ".parquet" else "jsonl"
     return output_format
@@ -67,13 +68,13 @@ def check_same_job(job_file: Path, job: dict, what: Path) -> None:
     try:
         saved = json.loads(job_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        raise ValueError(f"{what} has no readable job description ({job_file}), so it cannot be checked to come "
+        raise InputError(f"{what} has no readable job description ({job_file}), so it cannot be checked to come "
                          "from this job; run without --resume to start over") from None
     if "captions_file" not in saved:  # a job begun before inputs were fingerprinted
         job = {k: v for k, v in job.items() if k != "captions_file"}
     elif saved["captions_file"] != job.get("captions_file"):
         before, now = saved["captions_file"], job.get("captions_file") or {}
-        raise ValueError(f"{what}: the captions file {job.get('captions')} changed since the job began (size "
+        raise InputError(f"{what}: the captions file {job.get('captions')} changed since the job began (size "
                          f"{before.get('size')} -> {now.get('size')} bytes"
                          f"{'' if before.get('head_sha256') == now.get('head_sha256') else ', other first lines'}), "
                          "so its items are not the ones already written; restore it, or run without --resume to "
@@ -81,7 +82,7 @@ def check_same_job(job_file: Path, job: dict, what: Path) -> None:
     changed = [f"{k}: {saved.get(k)!r} -> {job.get(k)!r}" for k in sorted(set(saved) | set(job))
                if saved.get(k) != job.get(k)]
     if changed:
-        raise ValueError(f"{what} belongs to a job with other settings ({'; '.join(changed)}); resume "
+        raise InputError(f"{what} belongs to a job with other settings ({'; '.join(changed)}); resume "
                          "with the same settings, or run without --resume to start over")
 
 
@@ -147,7 +148,7 @@ def check_record(record, job: dict, count: int, where: str) -> None:
         found = f"{json.dumps(record)[:60]} (no index)"
     else:
         found = f"index {record['index']!r}" if record["index"] != want else "a line that is not a record (no image)"
-    raise ValueError(f"{where}: expected the record of input item {want}, found {found}: the output was changed "
+    raise InputError(f"{where}: expected the record of input item {want}, found {found}: the output was changed "
                      "after the job wrote it; restore it, or run without --resume to start over")
 
 
@@ -160,7 +161,7 @@ def scan(path: Path, job: dict) -> Progress:
             try:
                 record = json.loads(line)
             except ValueError as error:
-                raise ValueError(f"{path}:{number}: not a record written by `ttd tag` ({error}); "
+                raise InputError(f"{path}:{number}: not a record written by `ttd tag` ({error}); "
                                  "delete the file to start over") from None
             check_record(record, job, progress.lines, f"{path}:{number}")
             progress.add(record)

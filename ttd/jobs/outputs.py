@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ttd.errors import InputError
 from pathlib import Path
 
 from ttd.jobs.jsonl_output import ResumableJsonl, output_format_of
@@ -15,11 +16,11 @@ def open_output(output: Path, job: dict, resume: bool, output_format: str = "aut
     output = Path(output)
     parquet = output_format_of(output, output_format) == "parquet"
     if not parquet and output.is_dir():
-        raise ValueError(f"{output} is a folder; JSON lines go to a file (for Parquet shards in a folder use "
+        raise InputError(f"{output} is a folder; JSON lines go to a file (for Parquet shards in a folder use "
                          "--format parquet or a name ending in .parquet)")
     folder = next(p for p in (output.parent, *output.parent.parents) if p.exists())
     if not folder.is_dir():
-        raise ValueError(f"cannot write {output}: {folder} is a file, not a folder")
+        raise InputError(f"cannot write {output}: {folder} is a file, not a folder")
     lock = OutputLock.acquire(output)
     try:
         if parquet:

@@ -23,6 +23,7 @@ a null read as an absent field.
 
 from __future__ import annotations
 
+from ttd.errors import InputError, RuntimeProblem
 import json
 import os
 import re
@@ -42,7 +43,7 @@ def _pyarrow():
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        raise RuntimeError("Parquet output needs pyarrow: pip install 'ttd-toolkit[parquet]' "
+        raise RuntimeProblem("Parquet output needs pyarrow: pip install 'ttd-toolkit[parquet]' "
                            "(or pip install 'pyarrow>=14,<21')") from None
     return pa, pq
 
@@ -76,7 +77,7 @@ def shard_files(folder: Path) -> list[Path]:
     numbered = _numbered(folder)
     for expected, (number, path) in enumerate(numbered):
         if number != expected:
-            raise ValueError(f"{folder}: shard part-{expected:05d}.parquet is missing (found {path.name}); "
+            raise InputError(f"{folder}: shard part-{expected:05d}.parquet is missing (found {path.name}); "
                              "run without --resume to start over")
     return [p for _, p in numbered]
 
@@ -109,7 +110,7 @@ class ParquetShards:
         self.lock = lock
         _pyarrow()  # the clear error before anything is written
         if rows_per_file < 1:
-            raise ValueError(f"rows per Parquet file must be ≥ 1, got {rows_per_file}")
+            raise InputError(f"rows per Parquet file must be ≥ 1, got {rows_per_file}")
         self.output, self.job, self.rows_per_file = Path(output), json.loads(json.dumps(job)), rows_per_file
         self.job_file, self.success_file = self.output / JOB_FILE, self.output / SUCCESS_FILE
         self.schema = record_schema(self.job.get("vocabulary") is not None)
@@ -118,7 +119,7 @@ class ParquetShards:
         self._buffer: list[dict] = []
         self._closed = False
         if self.output.exists() and not self.output.is_dir():
-            raise ValueError(f"{self.output} is a file; Parquet output is a folder of shard files (give a new name, "
+            raise InputError(f"{self.output} is a file; Parquet output is a folder of shard files (give a new name, "
                              "e.g. tags.parquet, or --format jsonl)")
         if resume and self.job_file.exists():
             check_same_job(self.job_file, self.job, self.output)
@@ -132,7 +133,7 @@ class ParquetShards:
 
     def _start_over(self) -> None:
         if self.output.is_dir() and any(self.output.iterdir()) and not self.job_file.exists():
-            raise ValueError(f"{self.output} is a folder that `ttd tag` did not write (no {JOB_FILE}); refusing to "
+            raise InputError(f"{self.output} is a folder that `ttd tag` did not write (no {JOB_FILE}); refusing to "
                              "write into it: give a new or empty folder")
         self.output.mkdir(parents=True, exist_ok=True)
         self.success_file.unlink(missing_ok=True)  # first: the folder stops claiming to be complete
@@ -164,7 +165,7 @@ class ParquetShards:
         for record in records:
             unknown = set(record) - set(self.schema.names)
             if unknown:
-                raise ValueError(f"record field(s) {sorted(unknown)} have no Parquet column")
+                raise InputError(f"record field(s) {sorted(unknown)} have no Parquet column")
         self._buffer.extend(records)
         while len(self._buffer) >= self.rows_per_file:
             self._write_shard(self._buffer[: self.rows_per_file])

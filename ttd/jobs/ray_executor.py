@@ -10,6 +10,7 @@ local`: the records are the same (the Ray equality tests hold this).
 
 from __future__ import annotations
 
+from ttd.errors import InputError
 import inspect
 import json
 import os
@@ -97,7 +98,7 @@ def run_ray_job(job: RayJob, step: Step, description: dict | None = None, option
     try:
         import ray
     except ImportError:
-        raise ValueError("--engine ray needs Ray Data: pip install 'ttd-toolkit[ray]'") from None
+        raise InputError("--engine ray needs Ray Data: pip install 'ttd-toolkit[ray]'") from None
     from ray.data import ActorPoolStrategy
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask

@@ -15,6 +15,7 @@ HTML-escaped.
 
 from __future__ import annotations
 
+from ttd.errors import InputError
 import base64
 import html
 import io
@@ -91,7 +92,7 @@ def _check_mask_size(height: int, width: int, size: tuple[int, int], what: str, 
         return
     if crop_ok and height == width and 0 < height <= MAX_CROP_SIDE:
         return
-    raise ValueError(f"{what} is {width}x{height}, the image {size[0]}x{size[1]}")
+    raise InputError(f"{what} is {width}x{height}, the image {size[0]}x{size[1]}")
 
 
 def _rle_mask(rle: object, size: tuple[int, int], what: str, crop_ok: bool) -> np.ndarray:
@@ -99,7 +100,7 @@ def _rle_mask(rle: object, size: tuple[int, int], what: str, crop_ok: bool) -> n
 
     if not isinstance(rle, dict) or not isinstance(rle.get("size"), list) or len(rle["size"]) != 2 \
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in rle["size"]):
-        raise ValueError(f"{what} is not an RLE mask (needs size [h, w] and counts)")
+        raise InputError(f"{what} is not an RLE mask (needs size [h, w] and counts)")
     _check_mask_size(*rle["size"], size, what, crop_ok)
     return decode_rle(rle)
 
@@ -182,10 +183,10 @@ def _masks(record: dict, image_size: tuple[int, int], access: FileAccess) -> lis
     pngs = (record.get("masks") or {}) if not (segments or tag_rles) else {}
     for name, value, kind in (("segments", segments, list), ("rle_masks", tag_rles, dict), ("masks", pngs, dict)):
         if not isinstance(value, kind):
-            raise ValueError(f"'{name}' is {type(value).__name__}, not {'a list' if kind is list else 'an object'}")
+            raise InputError(f"'{name}' is {type(value).__name__}, not {'a list' if kind is list else 'an object'}")
     for k, segment in enumerate(segments):
         if not isinstance(segment, dict) or "label" not in segment:
-            raise ValueError(f"segments[{k}] is not an object with a 'label'")
+            raise InputError(f"segments[{k}] is not an object with a 'label'")
         mask = _rle_mask(segment.get("rle"), image_size, f"mask {segment['label']!r}", crop_ok=False)
         score = segment.get("score") if _finite(segment.get("score")) else None
         masks.append((str(segment["label"]), str(segment.get("kind", "")), score, mask))
@@ -194,7 +195,7 @@ def _masks(record: dict, image_size: tuple[int, int], access: FileAccess) -> lis
         masks.append((str(label), "tag", None, _crop_mask_in_image(mask.astype(np.uint8) * 255, image_size)))
     for label, png in pngs.items():
         if not isinstance(png, str):
-            raise ValueError(f"mask {label!r} is {type(png).__name__}, not a file name")
+            raise InputError(f"mask {label!r} is {type(png).__name__}, not a file name")
         masks.append((str(label), "tag", None, _tag_png_mask(access.path(png, "mask"), image_size, f"mask {label!r}")))
     return masks
 
@@ -256,7 +257,7 @@ def read_records(path: Path) -> list[tuple[int, dict]]:
             try:
                 record = json.loads(line)
                 if not isinstance(record, dict):
-                    raise ValueError("not a JSON object")
+                    raise InputError("not a JSON object")
             except ValueError as error:
                 record = {"image": f"line {number}", "error": f"{path.name} line {number}: not a record ({error})"}
             out.append((number, record))
@@ -393,7 +394,7 @@ def write_report(records_path: Path, html_path: Path, per_page: int = 50, max_si
     path is an error of its item, not embedded."""
     records = read_records(records_path)
     if not records:
-        raise ValueError(f"{records_path}: no records to report")
+        raise InputError(f"{records_path}: no records to report")
     root = images_root or job_images_root(records_path) or records_path.parent
     images = FileAccess.under(root, confined=not allow_any_path)
     masks = FileAccess.under(root, records_path if records_path.is_dir() else records_path.parent,

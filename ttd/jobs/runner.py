@@ -127,7 +127,7 @@ def refuse_input_as_output(output: Path, items: list[Item], inputs: Sequence[Pat
         candidates = [*inputs, *(item.path for item in items if item.path.name == target.name)]
         for path in candidates:
             if path.exists() and os.path.samefile(path, target):
-                raise ValueError(f"output {target} is an input of this job ({path}); choose another output file")
+                raise InputError(f"output {target} is an input of this job ({path}); choose another output file")
 
 
 def refusing_output(items: Iterable[Item], output: Path) -> Iterator[Item]:

@@ -9,6 +9,7 @@ Record: {"image", "width", "height", ["caption"], "candidates": [{"tag", "score"
 
 from __future__ import annotations
 
+from ttd.errors import InputError
 import dataclasses
 import functools
 import json
@@ -74,7 +75,7 @@ def decode_whole(items: list[Item], captions: bool, max_pixels: int) -> list:
     for item in items:
         try:
             if item.error:
-                raise ValueError(item.error)
+                raise InputError(item.error)
             if captions:
                 caption_tags(item)
             data = getattr(item, "data", None)  # a webdataset sample's own image bytes (ttd.data.items.ShardItem)

@@ -4,6 +4,7 @@ are still tagged and written."""
 
 from __future__ import annotations
 
+from ttd.errors import InputError
 import re
 import warnings
 from pathlib import Path
@@ -25,7 +26,7 @@ def contained_path(root: Path, *parts: str) -> Path:
     """root/parts..., refusing anything that would resolve outside root."""
     path = root.joinpath(*parts).resolve()
     if not path.is_relative_to(root.resolve()):
-        raise ValueError(f"refusing to write {path}: outside {root}")
+        raise InputError(f"refusing to write {path}: outside {root}")
     return path
 
 

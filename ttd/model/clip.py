@@ -3,6 +3,7 @@ learnable mask calibration (w, b) of DESIGN §3.3."""
 
 from __future__ import annotations
 
+from ttd.errors import InputError
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
@@ -19,7 +20,7 @@ class TTDModel(nn.Module):
     def __init__(self, config: ModelConfig, clip: CLIP) -> None:
         super().__init__()
         if config.dense_mode not in DENSE_MODES:
-            raise ValueError(f"unknown dense mode {config.dense_mode!r}; choose one of {', '.join(DENSE_MODES)}")
+            raise InputError(f"unknown dense mode {config.dense_mode!r}; choose one of {', '.join(DENSE_MODES)}")
         check_supported(clip.visual)
         self.config = config
         self.clip = clip

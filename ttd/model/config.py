@@ -3,6 +3,7 @@ need. Free of torch, so that runtimes (the Triton Python backend among them) can
 
 from __future__ import annotations
 
+from ttd.errors import InputError
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -64,7 +65,7 @@ def canonical_precision(name: str, allowed: tuple[str, ...] = PRECISIONS) -> str
     """`name` (or its torch alias: float32, bfloat16, float16) as one of `allowed`; ValueError otherwise."""
     canonical = PRECISION_ALIASES.get(name, name)
     if canonical not in allowed:
-        raise ValueError(f"unknown precision {name!r}; choose one of {', '.join(allowed)}")
+        raise InputError(f"unknown precision {name!r}; choose one of {', '.join(allowed)}")
     return canonical
 
 
@@ -113,15 +114,15 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+            raise InputError(f"unknown model config keys: {sorted(unknown)}")
         missing = {"name", "model_cfg", "tokenizer"} - set(data)
         if missing:
-            raise ValueError(f"model config lacks {', '.join(sorted(missing))}")
+            raise InputError(f"model config lacks {', '.join(sorted(missing))}")
         data = dict(data)
         for key in ("mean", "std", "prompt_templates", "negative_prompts"):
             if key in data:
                 if not isinstance(data[key], (list, tuple)):
-                    raise ValueError(f"model config {key} must be a list, got {data[key]!r}")
+                    raise InputError(f"model config {key} must be a list, got {data[key]!r}")
                 data[key] = tuple(data[key])
         config = cls(**data)
         config.check()
@@ -133,31 +134,31 @@ class ModelConfig:
         cfg = self.model_cfg
         if not isinstance(cfg, dict) or not all(isinstance(cfg.get(k), dict) for k in ("vision_cfg", "text_cfg")) \
                 or not isinstance(cfg.get("embed_dim"), int):
-            raise ValueError("model config model_cfg must hold embed_dim, vision_cfg and text_cfg")
+            raise InputError("model config model_cfg must hold embed_dim, vision_cfg and text_cfg")
         vision_size = cfg["vision_cfg"].get("image_size", 224)
         sides = [("image_size", self.image_size)] + [("model_cfg.vision_cfg.image_size", v) for v in
                                                       (vision_size if isinstance(vision_size, (list, tuple)) else [vision_size])]
         for name, size in sides:
             if not isinstance(size, int) or not 8 <= size <= MAX_IMAGE_SIZE:
-                raise ValueError(f"model config {name} {size!r} must be an integer in 8..{MAX_IMAGE_SIZE}")
+                raise InputError(f"model config {name} {size!r} must be an integer in 8..{MAX_IMAGE_SIZE}")
         if not isinstance(self.tau, (int, float)) or not math.isfinite(self.tau) or self.tau <= 0:
-            raise ValueError(f"model config tau {self.tau!r} must be a finite number > 0")
+            raise InputError(f"model config tau {self.tau!r} must be a finite number > 0")
         if len(self.mean) != 3 or len(self.std) != 3 or not all(isinstance(v, (int, float)) and v > 0 for v in self.std):
-            raise ValueError(f"model config mean/std must be 3 numbers each, std > 0; got {self.mean}, {self.std}")
+            raise InputError(f"model config mean/std must be 3 numbers each, std > 0; got {self.mean}, {self.std}")
         if self.dense_mode not in DENSE_MODES:
-            raise ValueError(f"model config dense_mode {self.dense_mode!r} must be one of {', '.join(DENSE_MODES)}")
+            raise InputError(f"model config dense_mode {self.dense_mode!r} must be one of {', '.join(DENSE_MODES)}")
         if not self.negative_prompts or not all(isinstance(p, str) and p.strip() for p in self.negative_prompts):
-            raise ValueError(f"model config negative_prompts {self.negative_prompts!r} must be a non-empty list of words")
+            raise InputError(f"model config negative_prompts {self.negative_prompts!r} must be a non-empty list of words")
         if not isinstance(self.negative_margin, (int, float)) or not math.isfinite(self.negative_margin):
-            raise ValueError(f"model config negative_margin {self.negative_margin!r} must be a finite number")
+            raise InputError(f"model config negative_margin {self.negative_margin!r} must be a finite number")
         if self.margin_fit is not None and not (isinstance(self.margin_fit, dict) and "method" in self.margin_fit):
-            raise ValueError(f"model config margin_fit {self.margin_fit!r} must be null or an object with a method")
+            raise InputError(f"model config margin_fit {self.margin_fit!r} must be null or an object with a method")
         if not self.prompt_templates:
-            raise ValueError("model config prompt_templates is empty")
+            raise InputError("model config prompt_templates is empty")
         for template in self.prompt_templates:
             try:
                 ok = isinstance(template, str) and template.format("x") != template.format("y")
             except (IndexError, KeyError, ValueError):
                 ok = False
             if not ok:
-                raise ValueError(f"model config prompt template {template!r} must be text with one {{}} for the tag")
+                raise InputError(f"model config prompt template {template!r} must be text with one {{}} for the tag")

@@ -8,7 +8,8 @@ torch, so that the Triton Python-backend stubs can import it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from ttd.errors import InputError
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 from ttd.model.config import SCORE_METHODS
 
@@ -29,6 +30,16 @@ CONTRACT_VERSION = 2
 
 # The rows of `tag_scores`: every pixel-tag score (ttd/model/scoring.py), then the raw best-pixel cosine.
 SCORE_ROWS: tuple[str, ...] = (*SCORE_METHODS, "peak_cosine")
+
+ScoreArray = TypeVar("ScoreArray")  # a numpy array or a torch tensor: the row is cut the same way
+
+
+def score_row(tag_scores: ScoreArray, score: str) -> ScoreArray:
+    """One score [..., K] out of the tag head's [..., len(SCORE_ROWS), K] (numpy or torch): the one
+    place a score's row is looked up, for training, the runtime Tagger and whole-image maps."""
+    if score not in SCORE_ROWS:
+        raise InputError(f"unknown score {score!r}; choose one of {', '.join(SCORE_ROWS)}")
+    return tag_scores[..., SCORE_ROWS.index(score), :]  # type: ignore[index]
 
 
 class TagHeadOutputs(NamedTuple):

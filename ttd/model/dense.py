@@ -11,6 +11,7 @@ and the dense mode decides what the last block does for the patch tokens:
 
 from __future__ import annotations
 
+from ttd.errors import InputError
 from typing import Literal
 
 import torch
@@ -25,16 +26,16 @@ DenseMode = Literal["avg", "maskclip", "clearclip"]
 def check_supported(visual: torch.nn.Module) -> VisionTransformer:
     """The tower, if it is a plain open_clip ViT; a clear error otherwise."""
     if not isinstance(visual, VisionTransformer):
-        raise ValueError(
+        raise InputError(
             f"dense features need an open_clip VisionTransformer tower, got {type(visual).__name__} "
             "(timm, ResNet and HF towers are not supported)"
         )
     if visual.attn_pool is not None:
-        raise ValueError("dense features are not defined for attention-pooled towers (CoCa-style)")
+        raise InputError("dense features are not defined for attention-pooled towers (CoCa-style)")
     if not all(isinstance(b, ResidualAttentionBlock) for b in visual.transformer.resblocks):
-        raise ValueError("dense features need open_clip's standard ResidualAttentionBlock blocks")
+        raise InputError("dense features need open_clip's standard ResidualAttentionBlock blocks")
     if not visual.transformer.batch_first:
-        raise ValueError("dense features need a batch-first transformer (open_clip >= 2.24)")
+        raise InputError("dense features need a batch-first transformer (open_clip >= 2.24)")
     return visual
 
 
@@ -66,7 +67,7 @@ def encode_image_dense(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(global embedding [B, D], patch embeddings [B, D, h, w]); neither is normalised."""
     if mode not in DENSE_MODES:
-        raise ValueError(f"unknown dense mode {mode!r}; choose one of {', '.join(DENSE_MODES)}")
+        raise InputError(f"unknown dense mode {mode!r}; choose one of {', '.join(DENSE_MODES)}")
     x = visual._embeds(pixel_values)
     *blocks, last = visual.transformer.resblocks
     for block in blocks:

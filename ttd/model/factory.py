@@ -4,7 +4,7 @@ nothing is ever unpickled."""
 
 from __future__ import annotations
 
-from ttd.errors import TTDError
+from ttd.errors import InputError, TTDError
 import dataclasses
 import json
 import os
@@ -175,7 +175,7 @@ def save_checkpoint(model: TTDModel, path: str | Path, state_dict: dict[str, tor
     """Write `path` (.safetensors) and its config JSON (`config`, default the model's) beside it, each atomically."""
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"checkpoint path must end in .safetensors, got {path}")
+        raise InputError(f"checkpoint path must end in .safetensors, got {path}")
     tensors = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "ttd-checkpoint/1"}))
     save_config(path, config or model.config)

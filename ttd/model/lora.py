@@ -7,6 +7,7 @@ adapted weight without knowing about LoRA. Merging bakes W' in and removes the a
 
 from __future__ import annotations
 
+from ttd.errors import InputError
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -49,7 +50,7 @@ def _target_weights(model: TTDModel, config: LoRAConfig) -> Iterator[tuple[nn.Mo
     towers = {"vision": model.clip.visual.transformer, "text": model.clip.transformer}
     for tower in config.towers:
         if tower not in towers:
-            raise ValueError(f"unknown LoRA tower {tower!r}; choose from {', '.join(towers)}")
+            raise InputError(f"unknown LoRA tower {tower!r}; choose from {', '.join(towers)}")
         for block in towers[tower].resblocks:
             if "attn" in config.targets:
                 yield block.attn, "in_proj_weight"
@@ -59,7 +60,7 @@ def _target_weights(model: TTDModel, config: LoRAConfig) -> Iterator[tuple[nn.Mo
                 yield block.mlp.c_proj, "weight"
     unknown = set(config.targets) - set(LORA_TARGETS)
     if unknown:
-        raise ValueError(f"unknown LoRA targets {sorted(unknown)}; choose from {', '.join(LORA_TARGETS)}")
+        raise InputError(f"unknown LoRA targets {sorted(unknown)}; choose from {', '.join(LORA_TARGETS)}")
 
 
 def inject_lora(model: TTDModel, config: LoRAConfig) -> list[nn.Parameter]:

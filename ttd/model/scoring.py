@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from ttd.model.contract import SCORE_ROWS
+from ttd.model.contract import SCORE_ROWS, score_row  # noqa: F401 - score_row: part of the scoring API
 
 MASKED_LOGIT = -1.0e4  # τ·cos lies in [−τ, τ]: exp of this is exactly 0 in float32, and never NaN as −inf can be
 NO_VALUE = 1.0e4  # an out-of-range cosine that padded tags take in the min and max over tags
@@ -87,13 +87,6 @@ def minmax_over_tags(raw: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     high = torch.where(valid, raw, torch.full_like(raw, -NO_VALUE)).amax(dim=1, keepdim=True)
     span = high - low
     return torch.where(span > 0, (raw - low) / torch.where(span > 0, span, torch.ones_like(span)), torch.ones_like(raw))
-
-
-def score_row(tag_scores: torch.Tensor, score: str) -> torch.Tensor:
-    """One score [..., K] out of `tag_head`'s [..., len(SCORE_ROWS), K]."""
-    if score not in SCORE_ROWS:
-        raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORE_ROWS)}")
-    return tag_scores[..., SCORE_ROWS.index(score), :]
 
 
 def combine_windows(tag_scores: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ embedding would otherwise dwarf the rest of a tiny model.
 
 from __future__ import annotations
 
-from ttd.errors import TTDWarning
+from ttd.errors import InputError, TTDWarning
 import re
 import warnings
 from dataclasses import dataclass
@@ -92,4 +92,4 @@ def build_tokenizer(spec: dict[str, Any], context_length: int) -> Tokenizer:
         return WordTokenizer(list(spec["vocabulary"]), context_length)
     if kind == "open_clip":
         return OpenClipTokenizer(spec["name"], context_length)
-    raise ValueError(f"unknown tokenizer kind {kind!r}; expected 'words' or 'open_clip'")
+    raise InputError(f"unknown tokenizer kind {kind!r}; expected 'words' or 'open_clip'")

@@ -6,7 +6,7 @@ record it for that item and carry on with the rest of a batch.
 
 from __future__ import annotations
 
-from ttd.errors import TTDError
+from ttd.errors import InputError, TTDError
 import io
 import math
 import stat
@@ -155,7 +155,7 @@ class Preprocess:
 
     def __post_init__(self) -> None:
         if self.interpolation not in RESAMPLING:
-            raise ValueError(f"unknown interpolation {self.interpolation!r}; choose one of {', '.join(RESAMPLING)}")
+            raise InputError(f"unknown interpolation {self.interpolation!r}; choose one of {', '.join(RESAMPLING)}")
 
     @classmethod
     def for_model(cls, config) -> Preprocess:

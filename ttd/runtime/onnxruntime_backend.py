@@ -6,6 +6,7 @@ provider is checked after session creation, so a session never falls back to the
 
 from __future__ import annotations
 
+from ttd.errors import InputError, RuntimeProblem
 import numpy as np
 
 from ttd.model.contract import GRAPH_NAMES, IMAGE_ENCODER, TAG_HEAD, TEXT_ENCODER, ImageEmbeddings, TagHeadOutputs
@@ -24,10 +25,10 @@ def choose_providers(device: str | None, available: list[str]) -> list[str]:
     }
     key = device.split(":")[0] if device else None
     if key not in wanted:
-        raise ValueError(f"unknown device {device!r} for onnxruntime; choose auto, cpu, cuda or tensorrt")
+        raise InputError(f"unknown device {device!r} for onnxruntime; choose auto, cpu, cuda or tensorrt")
     providers = [p for p in wanted[key] if p in available]
     if not providers or (key in ("cuda", "tensorrt") and providers[0] != wanted[key][0]):
-        raise ValueError(f"device {device!r} needs {wanted[key][0]}, but this onnxruntime offers {', '.join(available)}")
+        raise InputError(f"device {device!r} needs {wanted[key][0]}, but this onnxruntime offers {', '.join(available)}")
     return providers
 
 
@@ -57,7 +58,7 @@ class OnnxRuntimeBackend:
             session = ort.InferenceSession(str(export.graph(name)), options, providers=self.providers)
             active = session.get_providers()
             if active[0] != self.providers[0]:
-                raise RuntimeError(f"{name}: asked for {self.providers[0]} but onnxruntime activated {active}")
+                raise RuntimeProblem(f"{name}: asked for {self.providers[0]} but onnxruntime activated {active}")
             self.sessions[name] = session
         self.precision = export.precision
 

@@ -8,12 +8,13 @@ the one scoring function (ttd/model/scoring.py) that the tag head runs.
 
 from __future__ import annotations
 
+from ttd.errors import InputError
 from dataclasses import dataclass
 
 import numpy as np
 
 from ttd.model.config import DEFAULT_SCORE_METHOD, DEFAULT_THRESHOLD, SCORE_METHODS, ModelConfig
-from ttd.model.contract import SCORE_ROWS, TagHeadOutputs
+from ttd.model.contract import SCORE_ROWS, TagHeadOutputs, score_row
 from ttd.model.tokenizer import build_tokenizer
 from ttd.runtime.backend import (Backend, BatchScores, HeadRequest, ImagePreprocessing, Pending, Ready, patch_views,
                                  with_flipped)
@@ -50,7 +51,7 @@ class Tagger:
                  score_method: str = DEFAULT_SCORE_METHOD, mask_weight: float | None = None,
                  mask_bias: float | None = None) -> None:
         if score_method not in SCORE_METHODS:
-            raise ValueError(f"unknown score {score_method!r}; choose one of {', '.join(SCORE_METHODS)}")
+            raise InputError(f"unknown score {score_method!r}; choose one of {', '.join(SCORE_METHODS)}")
         self.backend, self.config = backend, config
         self.threshold, self.flip_tta, self.score_method = threshold, flip_tta, score_method
         self.mask_weight = config.mask_weight_init if mask_weight is None else mask_weight
@@ -102,7 +103,7 @@ class Tagger:
         if self._negatives is None:
             prompts = list(self.config.negative_prompts)
             if not prompts:
-                raise ValueError("the model config has no negative prompts: the `negatives` score needs at least one")
+                raise InputError("the model config has no negative prompts: the `negatives` score needs at least one")
             self._negatives = self.encode_tags(prompts)
         return self._negatives
 
@@ -170,10 +171,6 @@ class Tagger:
         """M = sigmoid(w·cos + b) of cosine maps."""
         return sigmoid(self.mask_weight * cosines.astype(np.float32) + self.mask_bias).astype(np.float32)
 
-    def chosen(self, tag_scores: np.ndarray) -> np.ndarray:
-        """This Tagger's score [..., K] out of a head's [..., len(SCORE_ROWS), K]."""
-        return tag_scores[..., SCORE_ROWS.index(self.score_method), :]
-
     def tag(self, images: np.ndarray, tag_lists: list[list[str]], with_masks: bool = False) -> list[TagResult]:
         """Tag a batch: images uint8 [B, S, S, 3] (already at the model's size), one tag list each.
         One head call for the batch: the lists are padded, and the validity mask makes that exact."""
@@ -200,10 +197,10 @@ class Tagger:
             return submit(images, self.preprocessing, request, row, top_k,
                           self._rows_per_call(request.tag_embeds.shape[1]))
         outputs = self.tag_images(images, request)
-        return Ready(BatchScores(self.chosen(outputs.tag_scores).astype(np.float32), None, outputs.tag_cosines))
+        return Ready(BatchScores(score_row(outputs.tag_scores, self.score_method).astype(np.float32), None, outputs.tag_cosines))
 
     def _results(self, outputs: TagHeadOutputs, tag_lists: list[list[str]]) -> list[TagResult]:
-        return self.results(self.chosen(outputs.tag_scores).astype(np.float32), outputs.tag_cosines, tag_lists)
+        return self.results(score_row(outputs.tag_scores, self.score_method).astype(np.float32), outputs.tag_cosines, tag_lists)
 
     def results(self, scores: np.ndarray, cosines: np.ndarray | None, tag_lists: list[list[str]]) -> list[TagResult]:
         """TagResults of a batch's chosen scores [B, K] (and cosine maps, for masks)."""

@@ -15,6 +15,7 @@ from (ttd.model.scoring), so the answer is the same.
 
 from __future__ import annotations
 
+from ttd.errors import InputError, RuntimeProblem
 import re
 from dataclasses import dataclass
 
@@ -75,7 +76,7 @@ class EngineRunner:
         names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
         expected = set(GRAPHS[graph].inputs) | set(GRAPHS[graph].outputs)
         if names != expected:
-            raise RuntimeError(f"the {graph} engine has tensors {sorted(names)}, expected {sorted(expected)}: "
+            raise RuntimeProblem(f"the {graph} engine has tensors {sorted(names)}, expected {sorted(expected)}: "
                                "it was not built from this export's graph")
         self.profiles = {}
         for name in GRAPHS[graph].inputs:
@@ -84,14 +85,14 @@ class EngineRunner:
         self.dtypes = {name: self._torch_dtype(name) for name in expected}
         self.context = engine.create_execution_context()
         if self.context is None:
-            raise RuntimeError(f"TensorRT could not create an execution context for the {graph} engine "
+            raise RuntimeProblem(f"TensorRT could not create an execution context for the {graph} engine "
                                "(out of GPU memory?)")
 
     def _torch_dtype(self, name: str):
         dtype = self.engine.get_tensor_dtype(name)
         key = getattr(dtype, "name", str(dtype).rsplit(".", 1)[-1])
         if key not in TORCH_DTYPES:
-            raise RuntimeError(f"the {self.graph} engine's tensor {name} has type {key}, which this runtime cannot hold")
+            raise RuntimeProblem(f"the {self.graph} engine's tensor {name} has type {key}, which this runtime cannot hold")
         return getattr(self.torch, TORCH_DTYPES[key])
 
     @property
@@ -107,11 +108,11 @@ class EngineRunner:
         for name, array in feeds.items():
             profile = self.profiles[name]
             if array.ndim != len(profile.max):
-                raise ValueError(f"{self.graph}: {name} has shape {tuple(array.shape)}, the engine expects "
+                raise InputError(f"{self.graph}: {name} has shape {tuple(array.shape)}, the engine expects "
                                  f"{len(profile.max)} axes")
             for axis in range(1, array.ndim):
                 if not self.accepts(name, axis, array.shape[axis]):
-                    raise ValueError(f"{self.graph}: {name} has shape {tuple(array.shape)}; the engine's profile accepts "
+                    raise InputError(f"{self.graph}: {name} has shape {tuple(array.shape)}; the engine's profile accepts "
                                      f"{profile.min[axis]}..{profile.max[axis]} on axis {axis} "
                                      "(rebuild the engines with larger limits)")
 
@@ -136,7 +137,7 @@ class EngineRunner:
         for name in GRAPHS[self.graph].outputs:
             shape = [0] + [int(d) for d in self.engine.get_tensor_shape(name)][1:]
             if any(d < 0 for d in shape):
-                raise ValueError(f"{self.graph}: an empty batch has no defined {name} shape")
+                raise InputError(f"{self.graph}: an empty batch has no defined {name} shape")
             outputs.append(self.torch.zeros(shape, dtype=self.torch.float32))  # every float output of the contract is float32
         return tuple(outputs)
 
@@ -149,21 +150,21 @@ class EngineRunner:
             tensor = tensor.to(self.device, self.dtypes[name], non_blocking=True).contiguous()
             keep.append(tensor)
             if not context.set_input_shape(name, tuple(tensor.shape)):
-                raise RuntimeError(f"TensorRT refused shape {tuple(tensor.shape)} for {self.graph} input {name} "
+                raise RuntimeProblem(f"TensorRT refused shape {tuple(tensor.shape)} for {self.graph} input {name} "
                                    f"(profile {self.profiles[name].min}..{self.profiles[name].max})")
             if not context.set_tensor_address(name, tensor.data_ptr()):
-                raise RuntimeError(f"TensorRT refused the buffer of {self.graph} input {name}")
+                raise RuntimeProblem(f"TensorRT refused the buffer of {self.graph} input {name}")
         outputs = []
         for name in GRAPHS[self.graph].outputs:
             shape = tuple(int(d) for d in context.get_tensor_shape(name))
             if any(d < 0 for d in shape):
-                raise RuntimeError(f"TensorRT could not infer the shape of {self.graph} output {name} ({shape})")
+                raise RuntimeProblem(f"TensorRT could not infer the shape of {self.graph} output {name} ({shape})")
             out = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
             if not context.set_tensor_address(name, out.data_ptr()):
-                raise RuntimeError(f"TensorRT refused the buffer of {self.graph} output {name}")
+                raise RuntimeProblem(f"TensorRT refused the buffer of {self.graph} output {name}")
             outputs.append(out)
         if not context.execute_async_v3(self.stream.cuda_stream if self.stream is not None else 0):
-            raise RuntimeError(f"TensorRT execution of {self.graph} failed (see the TensorRT log above)")
+            raise RuntimeProblem(f"TensorRT execution of {self.graph} failed (see the TensorRT log above)")
         # no synchronise: what reads the outputs (the next engine, the copy to the host) is queued
         # on this stream after the execution; inputs freed here are reused only by later work on it
         # the contract's outputs are float32 whatever precision the engine computes in
@@ -186,23 +187,23 @@ def _load_engines(export: ExportDir, device: str = "cuda") -> dict:
     try:
         import tensorrt as trt
     except ImportError as error:
-        raise RuntimeError("the tensorrt backend needs the tensorrt package and an NVIDIA GPU "
+        raise RuntimeProblem("the tensorrt backend needs the tensorrt package and an NVIDIA GPU "
                            "(pip install tensorrt on such a machine)") from error
     import torch
 
     if not torch.cuda.is_available():
-        raise RuntimeError("the tensorrt backend needs an NVIDIA GPU; none is visible")
+        raise RuntimeProblem("the tensorrt backend needs an NVIDIA GPU; none is visible")
     names = export.manifest.get("tensorrt", {}).get("engines", {})
     missing = [g for g in GRAPH_NAMES if g not in names]
     if missing:
-        raise RuntimeError(f"{export.root} has no TensorRT engines for {missing}; run `ttd export --tensorrt`")
+        raise RuntimeProblem(f"{export.root} has no TensorRT engines for {missing}; run `ttd export --tensorrt`")
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engines = {}
     with _on_device(device):
         for graph in GRAPH_NAMES:
             engine = runtime.deserialize_cuda_engine(export.file(names[graph]).read_bytes())
             if engine is None:  # TensorRT logs the details and returns None rather than raising
-                raise RuntimeError(deserialisation_failure(names[graph], trt.__version__,
+                raise RuntimeProblem(deserialisation_failure(names[graph], trt.__version__,
                                                            torch.cuda.get_device_capability(device)))
             engines[graph] = engine
     return engines

@@ -9,6 +9,7 @@ power of two so that a job's last, smaller batch does not trigger a new compilat
 
 from __future__ import annotations
 
+from ttd.errors import InputError
 import numpy as np
 import torch
 
@@ -29,7 +30,7 @@ def pick_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine (use cpu or auto)")
+        raise InputError(f"--device {device}: CUDA is not available on this machine (use cpu or auto)")
     return torch.device(device)
 
 

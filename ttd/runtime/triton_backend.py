@@ -4,6 +4,7 @@ served max batch size and sent with bounded concurrency."""
 
 from __future__ import annotations
 
+from ttd.errors import InputError
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ def parse_url(url: str) -> tuple[str, str]:
     if "://" in url:
         scheme, address = url.split("://", 1)
         if scheme not in ("http", "grpc"):
-            raise ValueError(f"Triton URL {url!r}: scheme must be http:// or grpc://")
+            raise InputError(f"Triton URL {url!r}: scheme must be http:// or grpc://")
         return scheme, address.rstrip("/")
     return "http", url.rstrip("/")
 

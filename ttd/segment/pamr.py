@@ -11,6 +11,7 @@ background channel θ) stays constant.
 
 from __future__ import annotations
 
+from ttd.errors import InputError
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -43,7 +44,7 @@ def pamr(image: np.ndarray, masks: np.ndarray, iterations: int = 10,
          dilations: tuple[int, ...] = DILATIONS) -> np.ndarray:
     """Refined masks [K, H, W] (float32 in [0, 1]) of an image uint8 [H, W, 3] of the same size."""
     if image.shape[:2] != masks.shape[-2:]:
-        raise ValueError(f"PAMR: image {image.shape[:2]} and masks {masks.shape[-2:]} differ in size")
+        raise InputError(f"PAMR: image {image.shape[:2]} and masks {masks.shape[-2:]} differ in size")
     with torch.inference_mode():
         weights = affinities(image, dilations)
         out = np.empty(masks.shape, np.float32)

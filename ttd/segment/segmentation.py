@@ -12,6 +12,7 @@ Both tasks are the runtime Tagger's tag-head maps over the whole image (ttd/segm
 
 from __future__ import annotations
 
+from ttd.errors import InputError
 import dataclasses
 from dataclasses import dataclass
 
@@ -82,7 +83,7 @@ def segment_caption(tagger: Tagger, image: Image.Image, caption: str, options: S
     (`caption_embed` [D]: the caption's text embedding, if encoded already, e.g. with a batch's)."""
     tags = candidate_tags(caption)
     if not tags:
-        raise ValueError(f"caption {caption!r} has no candidate tags (only stopwords or punctuation)")
+        raise InputError(f"caption {caption!r} has no candidate tags (only stopwords or punctuation)")
     features = features or encode(tagger, image, options)
     tag_maps = score_maps(tagger, features, tags, tagger.encode_tags(tags))
     caption_embeds = tagger.encode_texts([caption]) if caption_embed is None else caption_embed[None]
@@ -105,7 +106,7 @@ def class_maps(tagger: Tagger, features: WindowFeatures, classes: list[str], opt
                class_embeds: np.ndarray | None = None) -> ScoreMaps:
     """The class maps of semantic segmentation (PAMR-refined if asked)."""
     if not classes:
-        raise ValueError("give at least one class name")
+        raise InputError("give at least one class name")
     embeds = tagger.encode_tags(classes) if class_embeds is None else class_embeds
     maps = score_maps(tagger, features, classes, embeds)
     return refine_maps(maps, features.canvas_image) if options.pamr else maps

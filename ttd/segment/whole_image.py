@@ -18,6 +18,7 @@ holds K full-size float maps).
 
 from __future__ import annotations
 
+from ttd.errors import InputError
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ttd.model.contract import score_row
 from ttd.model.scoring import combine_windows
 from ttd.runtime.images import RESAMPLING
 from ttd.runtime.tagger import Tagger
@@ -70,18 +72,18 @@ def center_crop_box(width: int, height: int, size: int) -> tuple[float, float, f
 def plan_scale(width: int, height: int, size: int, scale: float, stride: int, crop: str = "whole") -> ScalePlan:
     """The windows of one scale of a width×height image for a model of input size `size`."""
     if crop not in CROPS:
-        raise ValueError(f"unknown crop {crop!r}; choose one of {', '.join(CROPS)}")
+        raise InputError(f"unknown crop {crop!r}; choose one of {', '.join(CROPS)}")
     if not (scale > 0 and np.isfinite(scale)):
-        raise ValueError(f"scale {scale!r} must be a finite number > 0")
+        raise InputError(f"scale {scale!r} must be a finite number > 0")
     if stride < 1:
-        raise ValueError(f"stride {stride} must be at least 1 pixel")
+        raise InputError(f"stride {stride} must be at least 1 pixel")
     new_w, new_h = resized_size(width, height, max(1, round(size * scale)))
     if crop == "center":
         return ScalePlan(scale, new_w, new_h, (((new_w - size) // 2 if new_w > size else 0,
                                                 (new_h - size) // 2 if new_h > size else 0),))
     xs, ys = window_starts(new_w, size, stride), window_starts(new_h, size, stride)
     if len(xs) * len(ys) > MAX_WINDOWS:
-        raise ValueError(f"{width}x{height} at scale {scale} needs {len(xs) * len(ys)} windows of {size} px at "
+        raise InputError(f"{width}x{height} at scale {scale} needs {len(xs) * len(ys)} windows of {size} px at "
                          f"stride {stride}, more than {MAX_WINDOWS}; use a larger stride or smaller scale")
     return ScalePlan(scale, new_w, new_h, tuple((x, y) for y in ys for x in xs))
 
@@ -127,9 +129,9 @@ def encode_windows_of(tagger: Tagger, images: list[Image.Image], crop: str = "wh
     config = tagger.config
     size = config.image_size
     if not scales:
-        raise ValueError("give at least one scale")
+        raise InputError("give at least one scale")
     if crop == "center" and len(scales) > 1:
-        raise ValueError("--crop center sees one window; multi-scale needs --crop whole")
+        raise InputError("--crop center sees one window; multi-scale needs --crop whole")
     stride = default_stride(size) if stride is None else stride
     fill = tuple(int(round(255 * m)) for m in config.mean)
     planned = []  # per image: (plans, canvas, window counts per scale)
@@ -224,7 +226,7 @@ class ScoreMaps:
 
 def _logit(p: float) -> float:
     if not 0 < p < 1:
-        raise ValueError(f"mask threshold {p!r} must be strictly between 0 and 1")
+        raise InputError(f"mask threshold {p!r} must be strictly between 0 and 1")
     return float(np.log(p / (1 - p)))
 
 
@@ -243,7 +245,7 @@ def score_maps(tagger: Tagger, features: WindowFeatures, tags: list[str], tag_em
         logits = (tagger.mask_weight * outputs.tag_cosines + tagger.mask_bias).astype(np.float32)
         total += _resize_maps(_stitch(plan, logits, size), canvas_h, canvas_w)
     combined = combine_windows(torch.from_numpy(np.concatenate(window_scores))).numpy()
-    return ScoreMaps(list(tags), tagger.chosen(combined).astype(np.float32), total / len(features.plans),
+    return ScoreMaps(list(tags), score_row(combined, tagger.score_method).astype(np.float32), total / len(features.plans),
                      features.width, features.height)
 
 

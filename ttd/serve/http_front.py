@@ -23,7 +23,7 @@ and every such event is one log line, rate-limited (RateLimitedLog).
 
 from __future__ import annotations
 
-from ttd.errors import TTDError
+from ttd.errors import InputError, TTDError
 import asyncio
 import json
 import re
@@ -144,7 +144,7 @@ def decompress(body: bytes, encoding: str, limits: FrontLimits) -> bytes:
 
 
 def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a JSON number")
+    raise InputError(f"{name} is not a JSON number")
 
 
 def parse_json(text: bytes, what: str) -> object:

@@ -3,7 +3,6 @@ repository: a workspace with the server and the stub for this Python, the librar
 interpreter the stub needs, 127.0.0.1 by default, readiness wait, clean stop.
 
 The stub embeds Python and ignores PYTHONPATH: it takes its prefix (and so its site-packages)
-from ttd.errors import TTDError
 from the first `python3` on PATH. So PATH starts with this interpreter's folder, which makes a
 `ttd serve` started by absolute path (systemd, cron, container entrypoints) find the same
 packages as one started from an activated environment, and the `ttd` package that runs the
@@ -11,6 +10,7 @@ server is linked into the stub's own folder, so the models import the same code.
 
 from __future__ import annotations
 
+from ttd.errors import TTDError
 import os
 import re
 import resource

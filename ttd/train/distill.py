@@ -7,6 +7,7 @@ or zero (rejected). Targets are computed without gradient.
 
 from __future__ import annotations
 
+from ttd.errors import InputError
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -64,7 +65,7 @@ def distill_targets(
     does not depend on where the cosines sit on the sigmoid: once they drift into its lower tail,
     minmax(M_k) is a peak of a few pixels (docs/training.md: the collapse of issue 24)."""
     if target_norm not in TARGET_NORMS:
-        raise ValueError(f"unknown target normalisation {target_norm!r}; choose one of {', '.join(TARGET_NORMS)}")
+        raise InputError(f"unknown target normalisation {target_norm!r}; choose one of {', '.join(TARGET_NORMS)}")
     with torch.no_grad():
         if target_norm == "mask":
             maps = minmax_over_pixels(torch.sigmoid(tag_logits))
@@ -92,7 +93,7 @@ def stage1_scores(patch_embeds: torch.Tensor, tag_embeds: torch.Tensor, valid: t
     """Stage 1's scores [B, K] by the one scoring function (ttd.model.scoring.tag_head)."""
     if negative_embeds is None:
         if score_method == "negatives":
-            raise ValueError("the negatives Stage-1 score needs negative_embeds (the negative prompts, encoded)")
+            raise InputError("the negatives Stage-1 score needs negative_embeds (the negative prompts, encoded)")
         negative_embeds = patch_embeds.new_zeros(1, patch_embeds.shape[1])  # its row is not read
     margin = patch_embeds.new_tensor([float(negative_margin)])
     tag_scores, _ = tag_head(patch_embeds[:, None], tag_embeds, valid, negative_embeds.detach()[None], margin, tau,

@@ -8,6 +8,7 @@ with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+from ttd.errors import InputError, RuntimeProblem
 import copy
 import dataclasses
 import json
@@ -87,7 +88,7 @@ class TrainConfig:
         """The config of `objective` with its own defaults (OBJECTIVE_DEFAULTS) under the
         settings given; a setting given as None keeps the default."""
         if objective not in OBJECTIVE_DEFAULTS:
-            raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVE_DEFAULTS)}")
+            raise InputError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVE_DEFAULTS)}")
         given = {k: v for k, v in settings.items() if v is not None}
         return cls(objective=objective, **{**OBJECTIVE_DEFAULTS[objective], **given})
 
@@ -162,7 +163,7 @@ class BatchLoader:
             images.append(image)
             captions.append(caption)
         if len(images) < 2:
-            raise RuntimeError(f"step {step}: fewer than 2 readable samples in the batch; last error: {self.skipped[-1:]}")
+            raise RuntimeProblem(f"step {step}: fewer than 2 readable samples in the batch; last error: {self.skipped[-1:]}")
         return np.stack(images), captions
 
 
@@ -175,7 +176,7 @@ def _trainable(model: TTDModel, config: TrainConfig) -> list[torch.nn.Parameter]
         return [p for p in model.parameters() if p.requires_grad]
     if config.objective == "ttd":
         return inject_lora(model, config.lora)
-    raise ValueError(f"unknown objective {config.objective!r}; choose 'clip' or 'ttd'")
+    raise InputError(f"unknown objective {config.objective!r}; choose 'clip' or 'ttd'")
 
 
 def _step_losses(model: TTDModel, teacher: TTDModel | None, pixels: torch.Tensor, captions: list[str],
@@ -244,10 +245,10 @@ def _load_state(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        raise ValueError(f"{path} is not a training state written by `ttd train` ({reason}); "
+        raise InputError(f"{path} is not a training state written by `ttd train` ({reason}); "
                          "delete it or pass --no-resume to start over") from None
     if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "torch_rng", "step"} <= state.keys():
-        raise ValueError(f"{path} is not a training state written by `ttd train`; delete it or pass --no-resume")
+        raise InputError(f"{path} is not a training state written by `ttd train`; delete it or pass --no-resume")
     return state
 
 
@@ -260,7 +261,7 @@ def _refuse_changed_settings(path: Path, state: dict, config: TrainConfig) -> No
     changed = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in current
                if k in saved and k not in RESUMABLE_CHANGES and saved[k] != current[k]]
     if changed:
-        raise ValueError(f"{path} was written with other settings ({'; '.join(changed)}); resume with the saved "
+        raise InputError(f"{path} was written with other settings ({'; '.join(changed)}); resume with the saved "
                          "settings, or pass --no-resume (or another --out) to start a new run")
 
 
