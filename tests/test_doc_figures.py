@@ -1,0 +1,62 @@
+"""The figures the README and docs quote are the ones in their JSON under benchmarks/results: each
+quoted table row or sentence below is recomputed from its file (percent, one decimal)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ("precision", "recall", "f1", "map", "r_precision")
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def _row(page: str, label: str) -> list[str]:
+    for line in (ROOT / page).read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] == label:
+            return cells[1:]
+    raise AssertionError(f"{page}: no table row {label!r}")
+
+
+BIAS = json.loads((ROOT / "benchmarks/results/bias.json").read_text())["base"]["tags"]
+
+
+@pytest.mark.parametrize(("label", "scorer"), [
+    ("image-tag (base)", "image-tag"),
+    ("text-tag (base)", "text-tag"),
+    ("pixel-tag, the paper's softmax (base)", "pixel-tag"),
+    ("pixel-tag-negatives, the default (base)", "pixel-tag-negatives"),
+])
+def test_readme_bias_table_is_bias_json(label, scorer):
+    assert _row("README.md", label) == [_percent(BIAS[scorer][c]) for c in COLUMNS]
+
+
+@pytest.mark.parametrize(("label", "scorer"), [("pixel-tag (base)", "pixel-tag"),
+                                               ("pixel-tag-negatives (base)", "pixel-tag-negatives")])
+def test_benchmarks_bias_table_is_bias_json(label, scorer):
+    cells = _row("docs/benchmarks.md", label)
+    assert cells[:3] == [_percent(BIAS[scorer][c]) for c in ("precision", "recall", "f1")]
+    assert cells[4:6] == [_percent(BIAS[scorer][c]) for c in ("map", "r_precision")]
+
+
+def test_architecture_quotes_bias_json():
+    text = " ".join((ROOT / "docs/architecture.md").read_text(encoding="utf-8").split())
+    negatives, softmax = BIAS["pixel-tag-negatives"], BIAS["pixel-tag"]
+    quoted = (f"P {_percent(negatives['precision'])}, R {_percent(negatives['recall'])}, "
+              f"F1 {_percent(negatives['f1'])} on the base, against {_percent(softmax['f1'])} for softmax")
+    assert quoted in text and "benchmarks/results/bias.json" in text
+
+
+def test_no_comment_cites_an_issue_or_a_design_outside_the_repository():
+    cited = [f"{p.relative_to(ROOT)}:{n}" for d in ("ttd", "export", "triton_repo", "tests", "benchmarks")
+             for p in sorted((ROOT / d).rglob("*.py")) if p.name != Path(__file__).name
+             for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1)
+             if re.search(r"\bissues? \d+\b|DESIGN §", line)]
+    assert cited == []
