@@ -223,10 +223,9 @@ def run(job: Job, log: Callable[[str], None] | None = None) -> JobSummary:
     if job.engine == "ray":
         from ttd.jobs.ray_executor import RayJob, run_ray_job
 
-        tagger_options = {k: v for k, v in job.settings.items() if k != "mask_threshold"}
-        summary: JobSummary = run_ray_job(RayJob(None if captions is None else str(captions), [str(i) for i in images], output,
-                                     tagger_options, job.actors, job.ray_address, templates=templates),
-                              step, description, options)
+        ray_job = RayJob(None if captions is None else str(captions), [str(i) for i in images], output,
+                         dict(job.settings), job.actors, job.ray_address, templates=templates)
+        summary: JobSummary = run_ray_job(ray_job, step, description, options)
     else:
         tagger = _load(job, say)
         if templates is not None:

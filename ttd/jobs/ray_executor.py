@@ -28,7 +28,7 @@ class RayJob:
     captions: str | None
     images: list[str]
     output: Path
-    tagger_options: dict = field(default_factory=dict)  # ttd.runtime.load_tagger's, in every actor
+    tagger_options: dict = field(default_factory=dict)  # ttd.load's keyword arguments, in every actor
     actors: int | None = None
     address: str | None = None
     num_cpus: int | None = None  # a local Ray's CPUs (default: all)
@@ -68,10 +68,10 @@ class TaggerActor:
     """One Tagger per actor, running the job's step on the batches Ray Data hands it."""
 
     def __init__(self, tagger_options: dict, step: Step, templates: tuple[str, ...] | None = None) -> None:
-        from ttd.runtime import load_tagger
+        from ttd.api import load
         from ttd.segment.segmentation import with_templates
 
-        self.tagger = with_templates(load_tagger(**tagger_options), templates)
+        self.tagger = with_templates(load(**tagger_options).runtime, templates)
         self.step = step.bound(self.tagger, False)
         self.decode = self.step.decoder(self.tagger)
 
