@@ -330,7 +330,8 @@ def step_tag_end_to_end(args, state) -> dict:
     import torch
 
     from ttd.data.annotations import write_world_split
-    from ttd.data.inputs import Item, read_captions
+    from ttd.data.inputs import Item
+    from ttd.data.items import read_captions
     from ttd.jobs.decoding import DecodingPool, default_decode_workers
     from ttd.jobs.stream_job import tag_stream
 

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any, Union, overload
 import numpy as np
 from PIL import Image
 
-from ttd.data.inputs import InputError
+from ttd.errors import InputError
 from ttd.model.config import ModelConfig
-from ttd.jobs.decode_items import tags_of_caption
+from ttd.model.tags import tags_of_caption
 from ttd.model.config import DEFAULT_MASK_THRESHOLD, DEFAULT_SCORE_METHOD, DEFAULT_THRESHOLD
 from ttd.options import DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_THREADS
 from ttd.runtime.images import ImageError, decode_image
@@ -160,7 +160,7 @@ class Tagger:
 
     def _tag(self, batch: list[ImageInput], tag_lists: list[list[str]], vocabulary_embeds: np.ndarray[Any, Any] | None,
              masks: bool) -> list[TagResult]:
-        from ttd.jobs.mask_files import boolean_mask
+        from ttd.segment.masks import boolean_mask
 
         runtime, results = self.runtime, []
         for start in range(0, len(batch), BATCH_SIZE):

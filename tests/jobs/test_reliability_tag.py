@@ -13,7 +13,7 @@ from PIL import Image
 from ttd.cli import main
 from ttd.data.world import make_sample
 from ttd.runtime.images import ImageError, decode_image
-from ttd.data.inputs import read_captions
+from ttd.data.items import read_captions
 from ttd.runtime.tagger import TagResult
 from ttd.jobs.stream_job import tag_stream
 from ttd.jobs.tag_job import write_masks

@@ -19,8 +19,7 @@ from PIL import Image
 
 from ttd.data.world import make_sample
 from ttd.runtime.images import Preprocess
-from ttd.data.inputs import read_captions
-from ttd.data.items import open_items, select_shard, stream_captions, stream_images, stream_shards
+from ttd.data.items import open_items, read_captions, select_shard, stream_captions, stream_images, stream_shards
 from ttd.jobs.jsonl_output import partial_path
 
 ROOT = Path(__file__).resolve().parents[2]

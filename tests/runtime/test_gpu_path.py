@@ -219,7 +219,7 @@ def test_decoding_worker_processes_write_what_the_main_process_writes(tiny_model
     """`ttd tag` with decoding processes (overlapping the model) gives the records, errors
     included and in input order, that decoding in the main process gives."""
     from ttd.data.annotations import write_world_split
-    from ttd.data.inputs import read_captions
+    from ttd.data.items import read_captions
     from ttd.jobs.stream_job import tag_stream
 
     annotations = write_world_split(tmp_path / "world", seed=2, count=9, progress=False)

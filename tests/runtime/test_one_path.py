@@ -148,7 +148,7 @@ def test_ttd_tag_scores_what_tagger_prepare_gives(tmp_path, tiny_model):
     from PIL import Image
 
     from ttd.data.world import make_sample
-    from ttd.data.inputs import read_captions
+    from ttd.data.items import read_captions
     from ttd.runtime import torch_tagger
     from ttd.jobs.stream_job import tag_stream
 

@@ -31,15 +31,6 @@ def _pick(record: dict, keys: tuple[str, ...]) -> object | None:
 BAD_BYTES = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of bytes that are not UTF-8
 
 
-def read_captions(path: Path) -> list[Item]:
-    """Items of a .jsonl ({"image", "caption"} per line) or .csv (header with image, caption): the
-    one reader, ttd.data.items.stream_captions, gathered. A line that cannot be used becomes an
-    item with an error naming the file and line; the other lines are still read."""
-    from ttd.data.items import stream_captions
-
-    return list(stream_captions(path))
-
-
 def read_vocabulary(path: Path) -> list[str]:
     """One tag per line (blank lines and '#' comments ignored), de-duplicated in order."""
     if not path.is_file():

@@ -126,6 +126,11 @@ def stream_captions(path: Path) -> Iterator[Item]:
     return (_item_of(record, n, path.parent, path.name) for n, record in records)
 
 
+def read_captions(path: Path) -> list[Item]:
+    """All the items of a captions file at once (`stream_captions`, gathered): the one reader."""
+    return list(stream_captions(path))
+
+
 def _chain_one(first, rest: Iterator) -> Iterator:
     yield first
     yield from rest

@@ -8,29 +8,13 @@ from ttd.errors import InputError
 import numpy as np
 
 from ttd.data.inputs import Item
-from ttd.model.tags import candidate_tags
+from ttd.model.tags import MAX_CAPTION_TAGS, tags_of_caption  # noqa: F401 - MAX_CAPTION_TAGS: where callers find it
 from ttd.runtime.images import ImageError, Preprocess
-
-MAX_CAPTION_TAGS = 1024  # as `ttd triton build --max-tags`: a 5,000-word caption is not a caption
-
 
 def caption_tags(item: Item) -> list[str]:
     """An item's candidate tags, or the ValueError that names what is wrong with its caption
     (every mode that tags a caption checks it here)."""
     return tags_of_caption(item.caption)
-
-
-def tags_of_caption(caption: str | None) -> list[str]:
-    """A caption's candidate tags, or the ValueError that names what is wrong with it."""
-    if caption is None or not caption.strip():
-        raise InputError("empty caption")
-    tags = candidate_tags(caption)
-    if not tags:
-        raise InputError(f"caption {caption!r} has no candidate tags (only stopwords or punctuation)")
-    if len(tags) > MAX_CAPTION_TAGS:
-        raise InputError(f"caption has {len(tags)} candidate tags, more than the limit of {MAX_CAPTION_TAGS} "
-                         "(the served tagger's cap); split it into shorter captions")
-    return tags
 
 
 def _prepare(item: Item, vocabulary_mode: bool,

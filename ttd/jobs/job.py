@@ -245,7 +245,7 @@ def run(job: Job, log: Callable[[str], None] | None = None) -> JobSummary:
 def _load(job: Job, say: Callable[[str], None]) -> Any:
     """The runtime Tagger of the job's settings; an int8 export's CPU re-check goes to `say`."""
     from ttd.api import load
-    from ttd.runtime import PortabilityNotice
+    from ttd.runtime.portability import PortabilityNotice
 
     with warnings.catch_warnings(record=True) as notices:
         warnings.simplefilter("always", PortabilityNotice)

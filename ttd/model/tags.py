@@ -13,6 +13,8 @@ Only the stopwords below (English) are dropped.
 
 from __future__ import annotations
 
+from ttd.errors import InputError
+
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -117,3 +119,20 @@ def candidate_tags(
                 tags.append(caption_words[i])
             i += 1
     return list(dict.fromkeys(tags))
+
+
+MAX_CAPTION_TAGS = 1024  # as `ttd triton build --max-tags`: a 5,000-word caption is not a caption
+
+
+def tags_of_caption(caption: str | None) -> list[str]:
+    """A caption's candidate tags, or the InputError that names what is wrong with it (every mode
+    that tags a caption checks it here)."""
+    if caption is None or not caption.strip():
+        raise InputError("empty caption")
+    tags = candidate_tags(caption)
+    if not tags:
+        raise InputError(f"caption {caption!r} has no candidate tags (only stopwords or punctuation)")
+    if len(tags) > MAX_CAPTION_TAGS:
+        raise InputError(f"caption has {len(tags)} candidate tags, more than the limit of {MAX_CAPTION_TAGS} "
+                         "(the served tagger's cap); split it into shorter captions")
+    return tags

@@ -9,12 +9,9 @@ from __future__ import annotations
 from ttd.errors import TTDWarning
 from ttd.model.config import DEFAULT_SCORE_METHOD, DEFAULT_THRESHOLD
 from ttd.runtime.backends import BACKENDS
+from ttd.runtime.portability import PortabilityNotice
 from ttd.runtime.tagger import Backend, Tagger, TagResult
 
-
-
-class PortabilityNotice(TTDWarning):
-    """Whether a reduced-precision export was re-checked on this CPU (ttd/runtime/portability.py)."""
 
 
 class UnfittedMarginWarning(TTDWarning):

@@ -29,7 +29,7 @@ def _torch(model: str | None, pretrained: str | None, checkpoint: str | None, de
            device: str | None, dtype: str, export_dir: str | None, threads: int, compile: bool,
            **options: Any) -> Tagger:
     from ttd.model.factory import load_model
-    from ttd.runtime import torch_tagger
+    from ttd.runtime.torch_backend import TorchBackend
 
     if threads:
         import torch
@@ -39,7 +39,9 @@ def _torch(model: str | None, pretrained: str | None, checkpoint: str | None, de
         from ttd.runtime.export_dir import read_export
 
         checkpoint = str(read_export(export_dir).torch_weights())
-    return torch_tagger(load_model(model, pretrained, checkpoint, dense_mode), device, dtype, compile, **options)
+    loaded = load_model(model, pretrained, checkpoint, dense_mode)
+    return Tagger(TorchBackend(loaded, device, dtype, compile=compile), loaded.config,
+                  mask_weight=loaded.mask_weight.item(), mask_bias=loaded.mask_bias.item(), **options)
 
 
 def _export(export_dir: str | None, name: str) -> Any:
@@ -64,8 +66,7 @@ def _onnxruntime(export_dir: str | None, device: str | None, threads: int, url: 
     if runner.providers[0] == "CPUExecutionProvider" and export.precision != "fp32":
         import warnings
 
-        from ttd.runtime import PortabilityNotice
-        from ttd.runtime.portability import check_here
+        from ttd.runtime.portability import PortabilityNotice, check_here
 
         warnings.warn(check_here(export.root, export.manifest, runner).message, PortabilityNotice, stacklevel=3)
     return _export_tagger(runner, export, options)

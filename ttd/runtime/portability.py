@@ -9,7 +9,7 @@ is refused; an export without samples says plainly that it was not checked here.
 
 from __future__ import annotations
 
-from ttd.errors import TTDError
+from ttd.errors import TTDError, TTDWarning
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,10 @@ from ttd.runtime.hardware import Capabilities, cpu_capabilities
 REFERENCE_SAMPLES = "reference_samples.npz"
 MIN_COSINE = 0.99  # the variant gate of export/checks.py
 SAMPLE_COUNT = 4
+
+
+class PortabilityNotice(TTDWarning):
+    """Whether a reduced-precision export was re-checked on this CPU."""
 
 
 class PortabilityError(TTDError, RuntimeError):
