@@ -273,7 +273,8 @@ def records(args) -> None:
             result = compare_decisions(caption_rows(outputs["old"]), caption_rows(outputs["new"]))
         if kind == "segment":
             result["masks"] = segment_ious(outputs["old"], outputs["new"])
-        if kind == "captions" and score == "negatives":  # where did the old numpy path floor probabilities?
+        old_numpy_path = (trees["old"] / "ttd/negatives.py").exists()  # the trees before the one-engine restructure
+        if kind == "captions" and score == "negatives" and old_numpy_path:  # where did the old path floor probabilities?
             diagnosis = old_negatives_floor(trees["old"], split, annotations, outputs["old"], flip)
             result["old_path_floor"] = floor_census(diagnosis)
             by_item = {d["item"]: d["tags"] for d in diagnosis}
