@@ -25,6 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ttd.jobs.input_identity import describe_change, input_fingerprint
 from ttd.jobs.output_lock import OutputLock, open_beside_output
 
 CHUNK = 1 << 20
@@ -91,8 +92,16 @@ def check_same_job(job_file: Path, job: dict, what: Path) -> None:
     except (OSError, ValueError):
         raise ValueError(f"{what} has no readable job description ({job_file}), so it cannot be checked to come "
                          "from this job; run without --resume to start over") from None
-    if "captions_file" not in saved:  # a job begun before inputs were fingerprinted
-        job = {k: v for k, v in job.items() if k != "captions_file"}
+    # a job begun before its inputs and model were recorded resumes with the checks it had
+    job = {k: v for k, v in job.items() if k not in ("inputs", "model_files") or k in saved}
+    if "captions_file" in saved and "captions_file" not in job and job.get("captions"):
+        job["captions_file"] = input_fingerprint(job["captions"])
+    for key in ("inputs", "model_files"):
+        if key in saved and saved[key] != job.get(key):
+            raise ValueError(f"{what}: {describe_change(key, saved[key], job.get(key), job.get('captions'))}; "
+                             "restore it, or run without --resume to start over")
+    if "captions_file" not in saved:
+        job.pop("captions_file", None)
     elif saved["captions_file"] != job.get("captions_file"):
         before, now = saved["captions_file"], job.get("captions_file") or {}
         raise ValueError(f"{what}: the captions file {job.get('captions')} changed since the job began (size "
