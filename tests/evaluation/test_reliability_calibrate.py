@@ -77,3 +77,42 @@ def test_calibrate_writes_nothing_when_the_fit_is_refused(tmp_path, world_pairs,
     assert result.exit_code == 2, result.output
     assert "at least 30 shuffled tags" in result.output and "give 0" in result.output
     assert digest(checkpoint.with_suffix(".json")) == before and not (tmp_path / "fit.json").exists()
+
+
+def test_calibrate_refuses_outputs_over_its_inputs_before_any_work(tmp_path, world_pairs, checkpoint):
+    pairs = write_pairs(tmp_path, world_pairs[:4])
+    config = checkpoint.with_suffix(".json")
+    before = digest(config)
+    runner = CliRunner()
+    for args, named in (
+            (["--json", str(config)], f"{config} is also an input ({config}): --json would replace it"),
+            (["--json", str(pairs)], f"{pairs} is also an input ({pairs}): --json would replace it"),
+            (["--out", str(checkpoint.parent)], f"is also an input ({checkpoint}): --out would replace it")):
+        result = runner.invoke(main, ["calibrate", "--checkpoint", str(checkpoint), "--captions", str(pairs),
+                                      "--device", "cpu", *args])
+        # before: the fit ran (4 pairs: refused only then) or, with enough pairs, the config was replaced by the fit
+        assert result.exit_code == 2 and named in result.output, result.output
+        assert "calibrate (label-free)" not in result.output  # refused before any image was read
+    assert digest(config) == before and digest(pairs) == digest(pairs)
+
+
+def test_calibrating_an_exported_checkpoint_in_place_is_refused(tmp_path, world_pairs):
+    from export.pipeline import run_export
+    from ttd.runtime.export_dir import read_export
+
+    export = tmp_path / "export"
+    run_export(load_model(None, None, None, None), export, check_count=4)
+    pairs = write_pairs(tmp_path, world_pairs)
+    result = CliRunner().invoke(main, ["calibrate", "--checkpoint", str(export / "model.safetensors"), "--captions",
+                                       str(pairs), "--device", "cpu"])
+    # before: model.json was rewritten and every later load refused the export (sha256 differs)
+    assert result.exit_code == 2, result.output
+    assert (f"{export / 'model.safetensors'} belongs to the export {export} (its manifest.json holds the hash of "
+            "model.json)") in result.output and "Calibrate the checkpoint it was exported from" in result.output
+    read_export(export)  # still valid
+    copy = tmp_path / "calibrated"
+    result = CliRunner().invoke(main, ["calibrate", "--checkpoint", str(export / "model.safetensors"), "--captions",
+                                       str(pairs), "--device", "cpu", "--out", str(copy)])
+    assert result.exit_code == 0, result.output
+    read_export(export)
+    assert json.loads((copy / "model.json").read_text())["margin_fit"]["method"] == "label-free"

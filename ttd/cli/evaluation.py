@@ -126,7 +126,8 @@ def calibrate(model, pretrained, checkpoint, dense_mode, captions, data_dir, max
     """
     from ttd.data.annotations import labelled_samples
     from ttd.data.inputs import InputError
-    from ttd.evaluation.calibrate import calibrate_checkpoint, fit_negative_margin, fitted_config, labelled_record
+    from ttd.evaluation.calibrate import (calibrate_checkpoint, check_calibration_outputs, fit_negative_margin,
+                                          fitted_config, labelled_record)
     from ttd.model.factory import ModelLoadError, load_model, save_checkpoint
     from ttd.runtime import torch_tagger
 
@@ -136,6 +137,8 @@ def calibrate(model, pretrained, checkpoint, dense_mode, captions, data_dir, max
         fail("calibration writes into a checkpoint's config: pass --checkpoint FILE, or --out DIR to write a "
              "calibrated checkpoint (e.g. of --model NAME --pretrained FILE), or --dry-run to only report")
     try:
+        check_calibration_outputs(checkpoint, out_dir, json_path,
+                                  [captions, data_dir and data_dir / "annotations.jsonl", pretrained], dry_run)
         loaded = load_model(model, pretrained, checkpoint, dense_mode)
         tagger = torch_tagger(loaded, device, threshold=threshold, flip_tta=flip_tta, score_method="negatives")
         skipped: list[str] = []

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ttd.errors import TTDError
 from ttd.model.config import DEFAULT_MIN_PRECISION, ModelConfig
 from ttd.data.annotations import EvalSample
 from ttd.runtime.tagger import Tagger, sigmoid
@@ -138,6 +139,40 @@ def fitted_config(config: ModelConfig, margin: float, record: dict,
     """`config` with a fitted margin (and negative prompts, when calibration chose them) and how."""
     return replace(config, negative_margin=round(float(margin), 4), margin_fit=record,
                    negative_prompts=tuple(negative_prompts or config.negative_prompts))
+
+
+class CalibrationRefused(TTDError, ValueError):
+    """A calibration whose writes would damage what it reads (an export, its own inputs)."""
+
+
+def check_calibration_outputs(checkpoint: Path | None, out_dir: Path | None, json_path: Path | None,
+                              inputs: list, dry_run: bool = False) -> None:
+    """Before any work (a fit takes minutes): refuse to write into an exported checkpoint (its
+    manifest's hash of model.json would no longer match, and every later load would refuse the
+    export) and refuse an output (--json, --out's files) that is one of the command's inputs."""
+    from ttd.data.inputs import refuse_output_over_input
+    from ttd.model.factory import config_path
+
+    read = [p for p in inputs if p is not None]
+    if checkpoint is not None:
+        read += [Path(checkpoint), config_path(Path(checkpoint))]
+        if out_dir is None and not dry_run:
+            manifest = Path(checkpoint).parent / "manifest.json"
+            try:
+                listed = json.loads(manifest.read_text(encoding="utf-8")).get("files", {})
+            except (OSError, ValueError, AttributeError):
+                listed = {}
+            if isinstance(listed, dict) and config_path(Path(checkpoint)).name in listed:
+                raise CalibrationRefused(
+                    f"{checkpoint} belongs to the export {Path(checkpoint).parent} (its {manifest.name} holds the hash "
+                    f"of {config_path(Path(checkpoint)).name}): calibrating it in place would make every later load "
+                    "refuse the export. Calibrate the checkpoint it was exported from, then export again; or write a "
+                    "calibrated copy with --out DIR")
+    if json_path is not None:
+        refuse_output_over_input(json_path, read, "--json")
+    if out_dir is not None:
+        for name in ("model.safetensors", "model.json"):
+            refuse_output_over_input(Path(out_dir) / name, read + ([json_path] if json_path else []), "--out")
 
 
 def calibrate_checkpoint(checkpoint: Path, fit: MarginFit | float, record: dict | None = None,
