@@ -33,7 +33,7 @@ from ttd.runtime.images import Preprocess, normalize
 from ttd.model.lora import has_lora, merge_lora
 from ttd.model.clip import TTDModel
 from ttd.runtime import model_tagger
-from ttd.runtime.export_dir import CONFIG, MANIFEST, TORCH_WEIGHTS, ExportDir, sha256
+from ttd.runtime.export_dir import CONFIG, MANIFEST, TORCH_WEIGHTS, ExportDir, ExportError, sha256
 from ttd.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from ttd.runtime.portability import REFERENCE_SAMPLES, write_reference_samples
 from ttd.runtime.tagger import Tagger
@@ -106,6 +106,8 @@ def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mod
 
         preflight(precision)
     int8_settings = int8_settings or portable_settings(int8_mode)
+    # before minutes of work: the names this export may write
+    refuse_foreign_files(out_dir, [n for n in EXPORT_NAMES if torch_weights or n != TORCH_WEIGHTS])
     model = model.float().cpu().eval()
     if has_lora(model):
         model = merge_lora(model)
@@ -195,6 +197,43 @@ def staging_dir(out_dir: Path) -> Path:
     return staging
 
 
+# every name an export writes besides its manifest (TensorRT engines are named by the manifest alone)
+EXPORT_NAMES = (CONFIG, TORCH_WEIGHTS, REFERENCE_SAMPLES, "stopwords.txt", "bpe_simple_vocab_16e6.txt.gz",
+                *(f"{g}.onnx{x}" for g in GRAPH_NAMES for x in ("", ".data")))
+# the old manifest while a swap is under way: a swap killed half-way still says which files were the export's
+PREVIOUS_MANIFEST = ".ttd-export-previous-manifest.json"
+
+
+def exported_files(out_dir: Path) -> set[str]:
+    """The files an earlier export wrote into `out_dir`, as its manifest lists them (the manifest of
+    a swap that was killed half-way included); empty when there is none to read."""
+    owned: set[str] = set()
+    for manifest in (out_dir / MANIFEST, out_dir / PREVIOUS_MANIFEST):
+        try:
+            files = json.loads(manifest.read_text(encoding="utf-8")).get("files", {})
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(files, dict):
+            owned |= {name for name in files if isinstance(name, str) and Path(name).name == name
+                      and name not in (".", "..")}  # a manifest's names never lead out of the folder
+    return owned
+
+
+def refuse_foreign_files(out_dir: Path, names) -> None:
+    """An export replaces or removes only what an earlier export wrote (its manifest says which):
+    a checkpoint's model.json / model.safetensors in OUT, or any file of the user's under an
+    export's name, is refused, named (docs/reliability.md, "Exports")."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return
+    owned = exported_files(out_dir)
+    foreign = sorted(name for name in names if name not in owned and os.path.lexists(out_dir / name))
+    if foreign:
+        raise ExportError(f"{out_dir / foreign[0]} is not a file an earlier export wrote (no manifest in {out_dir} "
+                          f"lists it{'; also ' + ', '.join(foreign[1:]) if foreign[1:] else ''}): an export would "
+                          "replace it; export into another folder, or move it away first")
+
+
 def swap_in(staging: Path, out_dir: Path) -> None:
     """Move the finished export in `staging` into `out_dir`. A new `out_dir` is one rename. An
     existing one keeps the user's own files: its old manifest goes first (so a kill in the middle
@@ -203,30 +242,33 @@ def swap_in(staging: Path, out_dir: Path) -> None:
     if not out_dir.exists():
         staging.rename(out_dir)
         return
-    old = out_dir / MANIFEST
-    try:
-        stale = set(json.loads(old.read_text()).get("files", {}))
-    except (OSError, ValueError, AttributeError):
-        stale = set()
-    stale |= {CONFIG, TORCH_WEIGHTS, REFERENCE_SAMPLES, *(f"{g}.onnx{x}" for g in GRAPH_NAMES for x in ("", ".data"))}
-    old.unlink(missing_ok=True)
     new = {p.name for p in staging.iterdir()} - {MANIFEST}
+    try:  # checked again: a file may have been put there while the gates ran
+        refuse_foreign_files(out_dir, new)
+    except ExportError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    stale = exported_files(out_dir)
+    old = out_dir / MANIFEST
+    if old.is_file() and not old.is_symlink():
+        os.replace(old, out_dir / PREVIOUS_MANIFEST)
+    else:
+        old.unlink(missing_ok=True)
     for name in stale - new:
         path = out_dir / name
-        if Path(name).name == name and name not in (".", "..") and (path.is_file() or path.is_symlink()):
-            path.unlink()  # a manifest's names never lead out of the folder, nor to a folder
+        if path.is_file() or path.is_symlink():
+            path.unlink()  # never a folder
     for name in sorted(new):
         os.replace(staging / name, out_dir / name)
     os.replace(staging / MANIFEST, out_dir / MANIFEST)
+    (out_dir / PREVIOUS_MANIFEST).unlink(missing_ok=True)
     staging.rmdir()
 
 
 def _manifest(model: TTDModel, out_dir: Path, precision: str, opset: int) -> dict:
     """What an export is beyond its model config (CONFIG, the one source of that): the head's
     fitted mask weight and bias, precision, versions, where the gates ran, and file hashes."""
-    written = [CONFIG, TORCH_WEIGHTS, REFERENCE_SAMPLES, "stopwords.txt", "bpe_simple_vocab_16e6.txt.gz",
-               *(f"{g}.onnx{x}" for g in GRAPH_NAMES for x in ("", ".data"))]
-    files = sorted(name for name in written if (out_dir / name).is_file())  # what the export wrote, not what was there
+    files = sorted(name for name in EXPORT_NAMES if (out_dir / name).is_file())  # what the export wrote, not what was there
     return {
         "format": "ttd-export/1",
         "contract": CONTRACT_VERSION,

@@ -93,8 +93,14 @@ def test_unfitted_model_warns_and_calibrate_out_writes_a_fitted_checkpoint(tmp_p
 
     pairs = write_pairs(tmp_path)
     runner = CliRunner()
-    result = runner.invoke(main, ["calibrate", "--model", "world-tiny", "--captions", str(pairs), "--out",
-                                  str(tmp_path / "fitted"), "--device", "cpu"])
+    command = ["calibrate", "--model", "world-tiny", "--captions", str(pairs), "--out", str(tmp_path / "fitted"),
+               "--device", "cpu"]
+    # a random-init model barely tells its captions' tags from shuffled ones: at the default false
+    # rate its margin would select 1.4 % of them, which is refused with nothing written
+    refused = runner.invoke(main, command)
+    assert refused.exit_code == 2 and "selects 1.4 % of the captions' own tags (below 5 %)" in refused.output
+    assert not (tmp_path / "fitted").exists()
+    result = runner.invoke(main, command + ["--max-false-rate", "0.05"])  # selects 11.6 %
     assert result.exit_code == 0, result.output
     assert "label-free" in result.output and "skipped" in result.output and "missing.png" in result.output
     config = json.loads((tmp_path / "fitted" / "model.json").read_text())

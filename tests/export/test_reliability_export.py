@@ -150,3 +150,43 @@ def test_staging_folders_of_killed_exports_are_removed_by_the_next(tmp_path):
     assert running.is_dir() and other.is_dir() and not left.exists()
     fresh = staging_dir(tmp_path / "out")
     assert fresh.name.startswith(f"{STAGING_PREFIX}out.{os.getpid()}.") and fresh.parent == tmp_path
+
+
+def test_an_export_into_a_checkpoint_folder_never_touches_the_checkpoint(tmp_path):
+    """`ttd export --checkpoint D/model.safetensors --no-torch-weights D` deleted the checkpoint's
+    weights (the swap took model.json / model.safetensors in OUT for an old export's): only files
+    an earlier export's manifest lists may be replaced or removed."""
+    import hashlib
+
+    from click.testing import CliRunner
+
+    from ttd.cli import main
+    from ttd.model.factory import save_checkpoint
+
+    checkpoint = save_checkpoint(create_model("world-tiny", seed=0), tmp_path / "d" / "model.safetensors")
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "d").iterdir()}
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "d"), "--checkpoint", str(checkpoint),
+                                       "--no-torch-weights"])
+    assert result.exit_code == 2, result.output
+    assert f"{tmp_path / 'd' / 'model.json'} is not a file an earlier export wrote" in result.output
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "d").iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["d"]  # refused before any staging folder was made
+    # a file put there while the gates ran is refused at the swap, and the staging folder goes
+    from export.pipeline import PREVIOUS_MANIFEST, staging_dir, swap_in
+
+    out = tmp_path / "e"
+    out.mkdir()
+    staging = staging_dir(out)
+    (staging / "model.json").write_text("{}")
+    (staging / MANIFEST).write_text(json.dumps({"files": {"model.json": "0"}}))
+    (out / "model.json").write_text("the user's")
+    with pytest.raises(ExportError, match="e/model.json is not a file an earlier export wrote"):
+        swap_in(staging, out)
+    assert (out / "model.json").read_text() == "the user's" and not staging.exists()
+    # an export whose swap was killed after the old manifest was set aside is still known as one
+    (out / PREVIOUS_MANIFEST).write_text(json.dumps({"files": {"model.json": "0"}}))
+    staging = staging_dir(out)
+    (staging / "model.json").write_text("{}")
+    (staging / MANIFEST).write_text(json.dumps({"files": {"model.json": "0"}}))
+    swap_in(staging, out)
+    assert (out / "model.json").read_text() == "{}" and sorted(p.name for p in out.iterdir()) == [MANIFEST, "model.json"]

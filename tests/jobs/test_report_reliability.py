@@ -121,8 +121,13 @@ def test_images_are_found_where_the_jobs_captions_file_is(tmp_path):
     tagged = runner.invoke(main, ["tag", "--model", "world-tiny", "--captions", str(tmp_path / "w" / "annotations.jsonl"),
                                   "-o", str(tmp_path / "out" / "x.jsonl"), "--quiet", "--device", "cpu"])
     assert tagged.exit_code == 0, tagged.output
+    # the job record that travels with the records may name any folder, so it is never the root by
+    # itself: a missing image says where the job read its captions and the option that opens it
     page = items(report(tmp_path / "out" / "x.jsonl", tmp_path / "r.html"))
     assert len(page) == 2
+    for item in page.values():
+        assert f"(the job read its captions in {tmp_path / 'w'}: pass --images-root {tmp_path / 'w'} if you " in item
+    page = items(report(tmp_path / "out" / "x.jsonl", tmp_path / "r.html", "--images-root", tmp_path / "w"))
     for item in page.values():
         assert "error" not in item and '<img class="base" src="data:image/jpeg;base64,' in item
 
@@ -156,3 +161,48 @@ def test_no_file_outside_the_images_root_is_embedded(grey, tmp_path):
     opened = items(report(records, tmp_path / "r2.html", "--images-root", root, "--allow-any-path"))
     assert all('<img class="base"' in opened[k] for k in (2, 3, 4))
     assert " is outside " not in "".join(opened.values())
+
+
+def test_a_job_record_beside_the_records_never_widens_the_root(grey, tmp_path):
+    """The default --images-root came from `RECORDS.job.json`, which travels with the records:
+    `{"captions": "/x/c.jsonl"}` there made any file under /x embeddable without --allow-any-path."""
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(outside / "secret.png")
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    records = write_records(folder, [{**GOOD, "image": str(outside / "secret.png")},
+                                     {**GOOD, "image": "../secret/secret.png"}])
+    (folder / "out.jsonl.job.json").write_text(json.dumps({"captions": str(outside / "c.jsonl")}))
+    page = items(report(records, tmp_path / "r.html"))
+    for item in page.values():
+        assert "is outside" in item and "not embedded" in item and "data:image/jpeg" not in item
+
+
+def test_outputs_over_inputs_and_pages_over_other_files_are_refused(grey, tmp_path):
+    records = write_records(grey, [GOOD] * 3)
+    before = records.read_bytes()
+    for html in (records, grey / "." / "out.jsonl"):  # was: the records replaced by HTML
+        result = CliRunner().invoke(main, ["report", str(records), "--html", str(html)])
+        assert result.exit_code == 2 and records.read_bytes() == before
+        assert f"error: {html} is also an input ({records}): the report would replace it" in result.output
+    (tmp_path / "r-2.html").write_text("my notes")  # was overwritten silently by the second page
+    result = CliRunner().invoke(main, ["report", str(records), "--html", str(tmp_path / "r.html"), "--per-page", "2"])
+    assert result.exit_code == 2 and (tmp_path / "r-2.html").read_text() == "my notes"
+    assert f"{tmp_path / 'r-2.html'} exists and is not a page of a ttd report" in result.output
+    (tmp_path / "r-2.html").unlink()
+    for _ in range(2):  # its own earlier pages are replaced
+        result = CliRunner().invoke(main, ["report", str(records), "--html", str(tmp_path / "r.html"), "--per-page", "2"])
+        assert result.exit_code == 0, result.output
+
+
+def test_a_mask_path_naming_a_fifo_is_an_error_of_its_item(grey, tmp_path):
+    """Image paths were checked, mask paths were not: a FIFO hung `ttd report` on open."""
+    os.mkfifo(grey / "pipe.png")
+    records = write_records(grey, [{**GOOD, "masks": {"good": "pipe.png"}}, GOOD])
+    started = time.monotonic()
+    page = items(report(records, tmp_path / "r.html"))
+    assert time.monotonic() - started < 30
+    assert "cannot show masks (mask &#x27;good&#x27;" in page[1] and "pipe.png is not a file" in page[1]
+    assert "error" not in page[2]
+

@@ -16,7 +16,7 @@ from ttd.model.config import (
     DEFAULT_MIN_PRECISION,
     DEFAULT_THRESHOLD,
 )
-from ttd.cli.common import echo_line, fail, main, make_segment_options, whole_image_options
+from ttd.cli.common import echo_line, main, make_segment_options, whole_image_options
 from ttd.options import RUNTIME, setting_options
 
 
@@ -70,9 +70,8 @@ def evaluate_command(data_dir, count, seed, batch_size, json_path, **settings):
 @click.option("--dry-run", is_flag=True, help="Report the fitted margin without writing it.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the fit here as JSON.")
-def calibrate(model, pretrained, checkpoint, dense_mode, backend, export_dir, url, device, dtype, threads, threshold,
-              flip_tta, captions, data_dir, max_false_rate, max_pairs, choose_negatives, count, seed, min_precision,
-              batch_size, out_dir, dry_run, json_path):
+def calibrate(captions, data_dir, max_false_rate, max_pairs, choose_negatives, count, seed, min_precision, batch_size,
+              out_dir, dry_run, json_path, **settings):
     """Fit the default score's margin (negative_margin) to a model and write it, with how it was
     fitted, into the model's config.
 
@@ -90,59 +89,18 @@ def calibrate(model, pretrained, checkpoint, dense_mode, backend, export_dir, ur
         ttd calibrate --checkpoint runs/ttd/model.safetensors --data labelled/
     Export again after calibrating an exported checkpoint.
     """
-    from ttd.data.annotations import labelled_samples
-    from ttd.data.inputs import InputError
-    from ttd.evaluation.calibrate import calibrate_checkpoint, fit_negative_margin, fitted_config, labelled_record
-    from ttd.model.factory import ModelLoadError, load_model, save_checkpoint
-    from ttd.api import load
-    from ttd.runtime import torch_tagger
+    from ttd.evaluation.calibrate import calibrate_model
 
-    if captions is not None and data_dir is not None:
-        fail("give --captions (pairs without labels) or --data (a labelled folder), not both")
-    if checkpoint is None and out_dir is None and not dry_run:
-        fail("calibration writes into a checkpoint's config: pass --checkpoint FILE, or --out DIR to write a "
-             "calibrated checkpoint (e.g. of --model NAME --pretrained FILE), or --dry-run to only report")
-    if backend != "torch" and not dry_run:
-        fail(f"--backend {backend}: calibrating an export writes nothing into it (its files are hashed); "
-             "use --dry-run (and --json), or calibrate the source checkpoint and export again")
-    loaded = load_model(model, pretrained, checkpoint, dense_mode) if backend == "torch" else None
-    tagger = (torch_tagger(loaded, device, dtype, threshold=threshold, flip_tta=flip_tta, score_method="negatives")
-              if loaded is not None else
-              load(checkpoint, model, pretrained, backend, export_dir, device, dtype, dense_mode=dense_mode, url=url,
-                   threshold=threshold, flip_tta=flip_tta, score_method="negatives", threads=threads,
-                   warn_unfitted=False).runtime)
-    skipped: list[str] = []
-    if captions is not None:
-        from ttd.data.items import read_pairs
-        from ttd.evaluation.label_free import fit_label_free
-
-        images, texts = read_pairs(captions, max_pairs, skipped)
-        fit = fit_label_free(tagger, images, texts, max_false_rate, choose_prompts=choose_negatives,
-                             batch_size=batch_size, skipped=skipped)
-        record, prompts = fit.record(str(captions), threshold, flip_tta), fit.negative_prompts
-    else:
-        samples = labelled_samples(data_dir, tagger.preprocess, seed, count, skipped)
-        fit = fit_negative_margin(tagger, samples, min_precision, batch_size)
-        where = str(data_dir) if data_dir else f"world seed {seed} ({count} pairs)"
-        record, prompts = labelled_record(fit, where, threshold, flip_tta), None
-    for reason in skipped[:20]:
-        click.echo(f"skipped {reason}", err=True)
-    if len(skipped) > 20:
-        click.echo(f"skipped {len(skipped) - 20} more", err=True)
-    click.echo(fit.line())
-    if json_path:
-        json_path.write_text(json.dumps({**fit.as_dict(), "margin_fit": record}, indent=1))
-    if dry_run:
-        return
-    if out_dir is not None:
-        path = save_checkpoint(loaded.float(), out_dir / "model.safetensors",
-                               config=fitted_config(loaded.config, fit.margin, record, prompts))
-        click.echo(f"wrote {path} (+ {path.with_suffix('.json').name}) with negative_margin {fit.margin:.4g}; "
-                   f"tag with --checkpoint {path}", err=True)
-    else:
-        old = calibrate_checkpoint(Path(checkpoint), fit.margin, record, prompts)
-        click.echo(f"wrote negative_margin {old:g} -> {fit.margin:.4g} into {Path(checkpoint).with_suffix('.json')}; "
-                   "export again if this checkpoint was exported", err=True)
+    result = calibrate_model(settings, captions, data_dir, max_false_rate=max_false_rate, max_pairs=max_pairs,
+                             choose_negatives=choose_negatives, count=count, seed=seed, min_precision=min_precision,
+                             batch_size=batch_size, out_dir=out_dir, dry_run=dry_run, json_path=json_path)
+    for reason in result.skipped[:20]:
+        echo_line(f"skipped {reason}")
+    if len(result.skipped) > 20:
+        echo_line(f"skipped {len(result.skipped) - 20} more")
+    click.echo(result.fit.line())
+    if result.written:
+        echo_line(result.written)
 
 
 @main.command("eval-segmentation")

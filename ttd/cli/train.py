@@ -66,12 +66,14 @@ from ttd.options import UNIT_INTERVAL
 @click.option("--checkpoint-every", type=click.IntRange(1), default=100, show_default=True,
               help="Steps between resumable checkpoints (OUT/last.pt).")
 @click.option("--no-resume", is_flag=True, help="Start over even if OUT/last.pt exists.")
+@click.option("--no-calibrate", is_flag=True,
+              help="Do not fit the negatives margin after training (fit it later with `ttd calibrate`).")
 @click.option("--device", default="auto", show_default=True,
               help="auto (cuda if available; under torchrun cuda:LOCAL_RANK), cpu, cuda, cuda:1 ...")
 def train(model, pretrained, checkpoint, dense_mode, objective, captions, out_dir, steps, batch_size, lr, warmup_steps,
           lambda_tag, lambda_clip, threshold, score_method, lora_rank, lora_alpha, lora_targets, frozen_teacher,
           target_norm, target_mask_share, teacher_momentum, no_collapse_guard, precision, seed, data_seed,
-          checkpoint_every, no_resume, device):
+          checkpoint_every, no_resume, no_calibrate, device):
     """Pre-train (clip) or TTD-fine-tune (ttd) a model; resumes from OUT/last.pt when present.
 
     Writes OUT/model.safetensors (+ .json; LoRA merged) and, for ttd, OUT/adapter.safetensors.
@@ -91,7 +93,7 @@ def train(model, pretrained, checkpoint, dense_mode, objective, captions, out_di
         lambda_tag=lambda_tag, lambda_clip=lambda_clip, threshold=threshold,
         score_method=score_method, frozen_teacher=frozen_teacher, precision=precision, seed=seed, data_seed=data_seed,
         checkpoint_every=checkpoint_every, target_norm=target_norm, target_mask_share=target_mask_share,
-        teacher_momentum=teacher_momentum, collapse_guard=not no_collapse_guard,
+        teacher_momentum=teacher_momentum, collapse_guard=not no_collapse_guard, calibrate_margin=not no_calibrate,
         lora=LoRAConfig(rank=lora_rank, alpha=lora_alpha, targets=tuple(t for t in lora_targets.split(",") if t)),
     )
     run_training(base, config, resume=not no_resume)

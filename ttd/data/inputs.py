@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ttd.errors import InputError  # noqa: F401 - re-exported: where callers have always found it
 import codecs
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,3 +53,14 @@ def read_vocabulary(path: Path) -> list[str]:
     if not tags:
         raise InputError(f"vocabulary file {path} has no tags")
     return tags
+
+
+def refuse_output_over_input(output, inputs, what: str) -> None:
+    """Refuse an output that is one of the command's inputs, compared as resolved paths (a link or
+    `..` names the same file): writing it would replace what is being read (docs/reliability.md)."""
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    real = Path(os.path.abspath(output)).resolve()
+    for given in inputs:
+        if given is not None and Path(os.path.abspath(given)).resolve() == real:
+            raise InputError(f"{output} is also an input ({given}): {what} would replace it; choose another output")

@@ -34,6 +34,7 @@ from statistics import NormalDist
 import numpy as np
 from tqdm import tqdm
 
+from ttd.errors import TTDError
 from ttd.evaluation.calibrate import view_critical_margins
 from ttd.model.config import DEFAULT_MAX_FALSE_RATE, NEGATIVE_PROMPT_CANDIDATES
 from ttd.model.tags import candidate_tags
@@ -45,6 +46,19 @@ HALF_NORMAL_MEDIAN = 0.6745  # Φ⁻¹(0.75): median distance from the mean of a
 DENSITY_GRID = 512
 MAX_DENSITY_POINTS = 20_000  # the mode is found on at most this many values (evenly spaced order statistics)
 FEW_PAIRS = 100
+# A fit refuses rather than write a margin nobody can trust (docs/calibration.md, docs/reliability.md):
+# measured on world pairs with the embedded model, 2 pairs (7 shuffled tags) gave 17.0 and 3 pairs
+# (17) 11.0 where 40 pairs give 4.6; from 34 shuffled tags (5 pairs) on, the fit is within 1.1 of it.
+MIN_NULL_TAGS = 30
+# A margin above every own tag of the captions would tag nothing: identical captions (no shuffled
+# tag) gave 162.9, selecting 0.0 % of them. Captions name what they show, so far more than this
+# share of their own tags is present in any real set (world: 62 %).
+MIN_SELECTED_SHARE = 0.05
+
+
+class LabelFreeFitError(TTDError, ValueError):
+    """The pairs cannot support a label-free fit (too few shuffled tags, or a margin that selects
+    almost none of the captions' own tags): nothing is written."""
 
 
 @dataclass
@@ -198,9 +212,22 @@ def fit_label_free(tagger: Tagger, images: Sequence, captions: Sequence[str],
     separations = [separation(own, null) for own, null in margins]
     best = int(np.argmax(separations))  # ties keep the model's own set (first)
     own, null = margins[best]
+    if null.size < MIN_NULL_TAGS:
+        raise LabelFreeFitError(
+            f"label-free calibration needs at least {MIN_NULL_TAGS} shuffled tags (tags of other captions that an "
+            f"image's own caption does not name) to find the null; these {pairs} pairs give {null.size}"
+            + (" (their captions all name the same tags)" if null.size == 0 else "")
+            + ": give more pairs with varied captions, or calibrate on labelled data with --data")
     centre, scale = empirical_null(np.concatenate([own, null]))
     margin = null_margin(centre, scale, max_false_rate)
+    share = float(np.mean(own >= margin))
+    if share < MIN_SELECTED_SHARE:
+        raise LabelFreeFitError(
+            f"label-free fit refused: its margin {margin:.3g} selects {100 * share:.1f} % of the captions' own tags "
+            f"(below {100 * MIN_SELECTED_SHARE:g} %), so the model would tag (almost) nothing; the null "
+            f"({null.size} shuffled tags from {pairs} pairs) does not look like absent tags: give more pairs with "
+            "varied captions, or calibrate on labelled data with --data")
     return LabelFreeFit(margin, max_false_rate, centre, scale, pairs, int(own.size), int(null.size),
-                        float(np.mean(own >= margin)), prompt_sets[best], separations[best],
+                        share, prompt_sets[best], separations[best],
                         [(p, round(s, 4)) for p, s in zip(prompt_sets, separations)])
 

@@ -21,11 +21,13 @@ from __future__ import annotations
 from ttd.errors import InputError
 import json
 import os
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ttd.jobs.output_lock import OutputLock
+from ttd.jobs.input_identity import describe_change, input_fingerprint
+from ttd.jobs.output_lock import OutputLock, open_beside_output
 
 CHUNK = 1 << 20
 
@@ -56,11 +58,32 @@ def output_format_of(output: Path, output_format: str = "auto") -> str:
     return output_format
 
 
+def _umask() -> int:
+    """The process's umask, from /proc where it shows it (os.umask changes it for a moment)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_job(path: Path, job: dict) -> None:
-    """Write a job description atomically (a kill leaves the old one or the new one)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(job, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    """Write a job description atomically (a kill leaves the old one or the new one), through a new
+    temporary file (never an existing name, which may be a planted link) renamed over it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(job, indent=1, sort_keys=True))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from a service of another user
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def check_same_job(job_file: Path, job: dict, what: Path) -> None:
@@ -70,8 +93,16 @@ def check_same_job(job_file: Path, job: dict, what: Path) -> None:
     except (OSError, ValueError):
         raise InputError(f"{what} has no readable job description ({job_file}), so it cannot be checked to come "
                          "from this job; run without --resume to start over") from None
-    if "captions_file" not in saved:  # a job begun before inputs were fingerprinted
-        job = {k: v for k, v in job.items() if k != "captions_file"}
+    # a job begun before its inputs and model were recorded resumes with the checks it had
+    job = {k: v for k, v in job.items() if k not in ("inputs", "model_files") or k in saved}
+    if "captions_file" in saved and "captions_file" not in job and job.get("captions"):
+        job["captions_file"] = input_fingerprint(job["captions"])
+    for key in ("inputs", "model_files"):
+        if key in saved and saved[key] != job.get(key):
+            raise InputError(f"{what}: {describe_change(key, saved[key], job.get(key), job.get('captions'))}; "
+                             "restore it, or run without --resume to start over")
+    if "captions_file" not in saved:
+        job.pop("captions_file", None)
     elif saved["captions_file"] != job.get("captions_file"):
         before, now = saved["captions_file"], job.get("captions_file") or {}
         raise InputError(f"{what}: the captions file {job.get('captions')} changed since the job began (size "
@@ -181,7 +212,8 @@ class ResumableJsonl:
         self.done = Progress()
         self.complete = False
         self.torn_bytes = 0
-        if resume and self.partial.exists():
+        if resume and os.path.lexists(self.partial):
+            os.close(open_beside_output(self.partial, os.O_RDONLY))  # never a link or a FIFO
             check_same_job(self.job_file, self.job, self.partial)
             self.torn_bytes = _cut_torn_tail(self.partial)
             self.done = scan(self.partial, self.job)
@@ -191,9 +223,11 @@ class ResumableJsonl:
             self._file = None
             return
         else:
-            self.partial.write_bytes(b"")
+            if os.path.islink(self.partial):  # a link planted there is removed, never written through
+                self.partial.unlink()
+            os.close(open_beside_output(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
             write_job(self.job_file, self.job)
-        self._file = self.partial.open("ab")
+        self._file = os.fdopen(open_beside_output(self.partial, os.O_WRONLY | os.O_APPEND), "ab")
 
     def write(self, records: list[dict]) -> None:
         """Append whole lines and hand them to the OS: after this returns, a SIGKILL loses none of them."""

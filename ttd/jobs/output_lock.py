@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ class OutputLock:
         output = Path(output)
         path = lock_path(output)
         path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        descriptor = open_beside_output(path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -60,6 +61,30 @@ class OutputLock:
         if self._descriptor >= 0:
             os.close(self._descriptor)  # closing drops the flock
             self._descriptor = -1
+
+
+class UnsafeOutputPath(TTDError, ValueError):
+    """A file the toolkit writes beside an output is a symbolic link or not a plain file."""
+
+
+def open_beside_output(path: Path, flags: int, mode: int = 0o644) -> int:
+    """Open a file the toolkit keeps beside a user's output (a lock, a partial output) without
+    following a symbolic link and without blocking on a FIFO: in a shared folder a planted
+    `.out.jsonl.lock -> victim.txt` would otherwise make the job truncate and overwrite the
+    victim (docs/reliability.md, "One job per output"). Returns the descriptor of a plain file."""
+    try:
+        descriptor = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as error:
+        if os.path.islink(path):
+            raise UnsafeOutputPath(f"{path} is a symbolic link; a job never writes through one beside its output: "
+                                   "remove it (or choose another output)") from None
+        raise OSError(error.errno, f"cannot open {path}: {error.strerror or error}") from None
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise UnsafeOutputPath(f"{path} is not a plain file (a FIFO, a device or a folder); a job keeps only plain "
+                               "files beside its output: remove it (or choose another output)")
+    os.set_blocking(descriptor, True)
+    return descriptor
 
 
 def _read_holder(descriptor: int) -> str:

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from ttd.runtime.images import ImageError, decode_image
+from ttd.data.inputs import refuse_output_over_input
 from ttd.jobs.mask_files import mask_image
 
 COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
@@ -107,6 +108,8 @@ def _rle_mask(rle: object, size: tuple[int, int], what: str, crop_ok: bool) -> n
 
 def _tag_png_mask(path: Path, size: tuple[int, int], what: str = "mask") -> np.ndarray:
     """A `ttd tag` mask PNG as a bool mask in the image's geometry (its size checked before decoding)."""
+    if not path.is_file():  # a FIFO or a device would block the report forever; a folder is no mask
+        raise InputError(f"{what} {path} is not a file" if path.exists() else f"{what} {path}: file not found")
     with Image.open(path) as png:
         _check_mask_size(png.height, png.width, size, what, crop_ok=True)
         return _crop_mask_in_image(np.asarray(png.convert("L")), size)
@@ -131,10 +134,11 @@ class FileAccess:
     root: Path
     allowed: tuple[Path, ...]
     confined: bool = True
+    hint: str = ""  # said beside an image that is not found (where the job read its captions)
 
     @classmethod
-    def under(cls, root: Path, *more: Path, confined: bool = True) -> FileAccess:
-        return cls(root, tuple(dict.fromkeys(p.resolve() for p in (root, *more))), confined)
+    def under(cls, root: Path, *more: Path, confined: bool = True, hint: str = "") -> FileAccess:
+        return cls(root, tuple(dict.fromkeys(p.resolve() for p in (root, *more))), confined, hint)
 
     def path(self, name: str, what: str) -> Path:
         path = Path(name)
@@ -226,7 +230,8 @@ def _fill(entry: Entry, record: dict, access: FileAccess, mask_access: FileAcces
             image = decode_image(access.path(record["image"], "image"), entry.title)
         except (ImageError, PermissionError) as error:
             if not entry.errors or isinstance(error, PermissionError):  # an error record already says why
-                entry.errors.append(f"report: {error}")
+                missing = isinstance(error, ImageError) and not access.path(record["image"], "image").exists()
+                entry.errors.append(f"report: {error}{access.hint if missing else ''}")
     if image is not None:
         entry.size = image.size
         display = _display_size(*image.size, max_side)
@@ -384,6 +389,17 @@ def job_images_root(records_path: Path) -> Path | None:
     return None
 
 
+REPORT_MARK = '<h1>ttd report: '  # in every page render_page writes (its title heading)
+
+
+def _written_by_report(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return REPORT_MARK in f.read(1 << 16)
+    except OSError:
+        return False
+
+
 def write_report(records_path: Path, html_path: Path, per_page: int = 50, max_side: int = 480,
                  images_root: Path | None = None, allow_any_path: bool = False) -> list[Path]:
     """Write the report of `records_path` (JSONL) to `html_path` (+ further pages); returns the pages.
@@ -392,15 +408,28 @@ def write_report(records_path: Path, html_path: Path, per_page: int = 50, max_si
     the captions file the job recorded, else the records file's folder). Unless `allow_any_path`,
     an image must resolve inside that root and a mask inside it or the records' folder; any other
     path is an error of its item, not embedded."""
+    refuse_output_over_input(html_path, records_path, "the report")
     records = read_records(records_path)
     if not records:
         raise InputError(f"{records_path}: no records to report")
-    root = images_root or job_images_root(records_path) or records_path.parent
-    images = FileAccess.under(root, confined=not allow_any_path)
+    # the default root is where the records file is, never a folder named by data that travels with
+    # it: a job record saying {"captions": "/x"} would otherwise open /x to embedding (docs/formats.md,
+    # "Reports and metrics"); where the job read its captions elsewhere, a missing image says so
+    root = images_root or records_path.parent
+    hint = ""
+    captions_root = job_images_root(records_path)
+    if images_root is None and captions_root is not None and captions_root.resolve() != root.resolve():
+        hint = (f" (the job read its captions in {captions_root}: pass --images-root {captions_root} if you "
+                "trust these records)")
+    images = FileAccess.under(root, confined=not allow_any_path, hint=hint)
     masks = FileAccess.under(root, records_path if records_path.is_dir() else records_path.parent,
                              confined=not allow_any_path)
     html_path.parent.mkdir(parents=True, exist_ok=True)
     pages = max(1, -(-len(records) // per_page))
+    for page in range(2, pages + 1):  # further pages go beside the first: never over a file of the user's
+        if page_name(html_path, page).exists() and not _written_by_report(page_name(html_path, page)):
+            raise InputError(f"{page_name(html_path, page)} exists and is not a page of a ttd report: the report "
+                             f"needs {pages} pages beside {html_path}; choose another --html name, or move it away")
     totals = {"items": len(records), "errors": sum(1 for _, r in records if r.get("error"))}
     written = []
     colours: dict[str, tuple[int, int, int]] = {}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -25,6 +24,8 @@ from ttd.jobs.decoding import DecodingPool, Positioned
 from ttd.jobs.mask_files import rle_masks as tag_rle_masks
 from ttd.jobs.runner import JobOptions, JobSummary, run_job
 from ttd.jobs.decode_items import prepare_items
+from ttd.jobs.input_identity import (captions_identity, images_identity, input_fingerprint,  # noqa: F401
+                                     model_files, model_identity)
 from ttd.jobs.tag_job import item_record, split_outcomes, warn_indistinct_tags, write_masks
 from ttd.runtime.backend import BatchScores, Pending
 from ttd.runtime.images import DEFAULT_MAX_PIXELS
@@ -44,26 +45,15 @@ def _resolved_if_local(spec) -> str | None:
     return None if spec is None else _resolved(spec) if Path(spec).exists() else str(spec)
 
 
-HEAD_BYTES = 1 << 20
-
-
-def input_fingerprint(path) -> dict | None:
-    """A local captions file's size and the SHA-256 of its first MiB: a resume after the file was
-    edited (lines deleted, appended, replaced) would number its items otherwise, so it is refused."""
-    if path is None or not Path(path).is_file():
-        return None
-    with open(path, "rb") as f:
-        head = hashlib.sha256(f.read(HEAD_BYTES)).hexdigest()
-    return {"size": Path(path).stat().st_size, "head_sha256": head}
-
-
 def tag_job_description(captions, images, backend, model, pretrained, checkpoint, export_dir, dense_mode, dtype,
                         threshold, score_method, flip_tta) -> dict:
     """What makes a tagging job's records: a resumed run must match it (batch size, workers may change).
     Paths are resolved (absolute), so a resume may name the inputs another way (issue 23, item 20);
     a captions file must hold what it held (issue 23, item 7)."""
-    fingerprint = input_fingerprint(captions)
-    return {"captions": _resolved(captions), **({"captions_file": fingerprint} if fingerprint else {}),
+    # what the job read and with which model, for --resume to refuse changed ones (ttd/jobs/input_identity.py)
+    inputs = {"captions": captions_identity(captions), "images": images_identity(images)}
+    return {"captions": _resolved(captions), "inputs": inputs,
+            "model_files": model_identity(model_files(checkpoint, export_dir, pretrained, model)),
             "images": [_resolved(i) for i in images],
             "backend": backend, "model": model, "pretrained": pretrained, "checkpoint": _resolved_if_local(checkpoint),
             "export_dir": _resolved_if_local(export_dir), "dense_mode": dense_mode, "dtype": dtype,

@@ -31,7 +31,7 @@ from ttd.data.shard_stream import ShardStreamLoader
 from ttd.data.sources import open_source
 from ttd.train.distill import clip_loss, ttd_losses
 from ttd.train.guard import CollapseGuard
-from ttd.model.factory import atomic_write, save_checkpoint
+from ttd.model.factory import atomic_write, save_checkpoint, save_config
 from ttd.runtime.images import ImageError, Preprocess, normalize
 from ttd.data.items import is_shard_pattern
 from ttd.model.lora import LoRAConfig, adapter_state_dict, inject_lora, merged_state_dict
@@ -235,7 +235,9 @@ def _save_state(path: Path, model, optimizer, scheduler, step: int, config: Trai
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-RESUMABLE_CHANGES = ("out_dir", "checkpoint_every", "max_bad_steps")  # settings a resumed run may change
+# settings a resumed run may change (the margin fit happens after the last step: a run whose fit
+# failed is resumed with --no-calibrate to write its model without one)
+RESUMABLE_CHANGES = ("out_dir", "checkpoint_every", "max_bad_steps", "calibrate_margin")
 
 
 def _load_state(path: Path) -> dict:
@@ -399,9 +401,24 @@ def finish(run: TrainingRun) -> TTDModel:
             if guard["kept_step"] is not None:
                 tqdm.write(f"collapse guard: kept the weights of step {guard['kept_step']} (ratio {guard['kept_ratio']:.2f}), "
                            f"not the last (ratio {guard['final_ratio']:.2f})")
-        run.model.config, calibration = _calibrated_config(run.model, run.config)
-        _write_outputs(run.model, run.config, Path(run.config.out_dir), run.loader.skipped, calibration, guard)
-        _plot_metrics(Path(run.config.out_dir))
+        out = Path(run.config.out_dir)
+        # the weights first, with an unfitted margin: a fit that fails (too few pairs, a degenerate
+        # null) or is interrupted never costs the trained model (docs/reliability.md, "Training")
+        run.model.config = dataclasses.replace(run.model.config, margin_fit=None)
+        _write_outputs(run.model, run.config, out, run.loader.skipped, None, guard)
+        try:
+            fitted, calibration = _calibrated_config(run.model, run.config)
+        except ValueError as error:  # TTDError's fit refusals are ValueErrors too
+            tqdm.write(f"warning: the negatives margin was not fitted ({error}); the model keeps "
+                       f"negative_margin {run.model.config.negative_margin:g}: fit it with `ttd calibrate --checkpoint "
+                       f"{out / 'model.safetensors'} --captions PAIRS.jsonl` (or --data LABELLED_DIR)")
+            calibration = {"error": str(error)}
+        else:
+            run.model.config = fitted
+            if calibration is not None:
+                save_config(out / "model.safetensors", _checkpoint_config(run.model, run.config))
+        _write_train_config(run.config, out, run.loader.skipped, calibration, guard)
+        _plot_metrics(out)
     return run.model
 
 
@@ -447,10 +464,21 @@ def _write_outputs(model: TTDModel, config: TrainConfig, out: Path, skipped: lis
         adapter = adapter_state_dict(model)
         save_file(adapter, str(out / "adapter.safetensors"),
                   metadata={"lora": json.dumps(config.lora.to_dict()), "base": model.config.source})
-        save_checkpoint(model, out / "model.safetensors", merged_state_dict(model),
-                        dataclasses.replace(model.config, source=f"ttd:{model.config.source}"))
+        save_checkpoint(model, out / "model.safetensors", merged_state_dict(model), _checkpoint_config(model, config))
     else:
         save_checkpoint(model, out / "model.safetensors")
+    _write_train_config(config, out, skipped, calibration, guard)
+
+
+def _checkpoint_config(model: TTDModel, config: TrainConfig):
+    """The config written beside the trained weights (a TTD model names its base as its source)."""
+    if config.objective == "ttd":
+        return dataclasses.replace(model.config, source=f"ttd:{model.config.source}")
+    return model.config
+
+
+def _write_train_config(config: TrainConfig, out: Path, skipped: list[str], calibration: dict | None,
+                        guard: dict | None) -> None:
     (out / "train_config.json").write_text(json.dumps({**config.to_dict(), "skipped_samples": len(skipped),
                                                        "margin_calibration": calibration, "collapse_guard": guard},
                                                       indent=1))

@@ -1,0 +1,118 @@
+"""What calibration refuses rather than write (docs/reliability.md, "What is refused"): a label-free
+fit without a null to trust, a fit whose margin would tag nothing, outputs over its inputs,
+unbounded captions, and calibrating an exported checkpoint in place."""
+
+import hashlib
+import json
+import random
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from ttd.cli import main
+from ttd.data.world import make_sample
+from ttd.errors import TTDError
+from ttd.evaluation.label_free import LabelFreeFitError, fit_label_free
+from ttd.model.factory import load_model, save_checkpoint
+from ttd.runtime import load_tagger
+
+PAIRS = 40
+
+
+@pytest.fixture(scope="module")
+def world_pairs():
+    return [make_sample(7, i) for i in range(PAIRS)]
+
+
+@pytest.fixture(scope="module")
+def tagger():
+    return load_tagger("torch", device="cpu")
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_label_free_fit_without_a_trustworthy_null_is_refused(world_pairs, tagger):
+    images = [s.image for s in world_pairs]
+    good = fit_label_free(tagger, images, [s.caption for s in world_pairs], progress=False)
+    assert 3.0 < good.margin < 6.0 and good.selected_share > 0.5, good.line()  # 4.59 with these 40 pairs
+    # every caption the same: no image is ever scored against a tag its caption does not name
+    # (before: margin 162.9, "selects 0.0 %", written)
+    with pytest.raises(LabelFreeFitError, match=r"at least 30 shuffled tags .* give 0 \(their captions all name"):
+        fit_label_free(tagger, images, ["a red square on sand"] * PAIRS, progress=False)
+    # two pairs: a handful of shuffled tags (before: 2 pairs of `ttd world generate --seed 3` gave 17.0, written)
+    with pytest.raises(LabelFreeFitError, match=r"these 2 pairs give [0-9]+:"):
+        fit_label_free(tagger, images[:2], [s.caption for s in world_pairs[:2]], progress=False)
+    # captions that name nothing in their images: a margin above all of them would tag nothing
+    words = "piano violin trumpet banjo guitar cello flute harp drum organ tuba oboe".split()
+    rng = random.Random(0)
+    with pytest.raises(LabelFreeFitError, match=r"selects 0\.0 % of the captions' own tags \(below 5 %\)"):
+        fit_label_free(tagger, images, [" ".join(rng.sample(words, 3)) for _ in images], progress=False)
+    assert issubclass(LabelFreeFitError, TTDError)
+
+
+def write_pairs(folder, samples, caption=None):
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, sample in enumerate(samples):
+        Image.fromarray(sample.image).save(folder / "images" / f"{i}.png")
+        lines.append(json.dumps({"image": f"images/{i}.png", "caption": caption or sample.caption}))
+    (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "pairs.jsonl"
+
+
+@pytest.fixture()
+def checkpoint(tmp_path):
+    path = save_checkpoint(load_model(None, None, None, None), tmp_path / "ck" / "model.safetensors")
+    return path
+
+
+def test_calibrate_writes_nothing_when_the_fit_is_refused(tmp_path, world_pairs, checkpoint):
+    pairs = write_pairs(tmp_path, world_pairs, caption="a red square on sand")
+    before = digest(checkpoint.with_suffix(".json"))
+    result = CliRunner().invoke(main, ["calibrate", "--checkpoint", str(checkpoint), "--captions", str(pairs),
+                                       "--device", "cpu", "--json", str(tmp_path / "fit.json")])
+    assert result.exit_code == 2, result.output
+    assert "at least 30 shuffled tags" in result.output and "give 0" in result.output
+    assert digest(checkpoint.with_suffix(".json")) == before and not (tmp_path / "fit.json").exists()
+
+
+def test_calibrate_refuses_outputs_over_its_inputs_before_any_work(tmp_path, world_pairs, checkpoint):
+    pairs = write_pairs(tmp_path, world_pairs[:4])
+    config = checkpoint.with_suffix(".json")
+    before = digest(config)
+    runner = CliRunner()
+    for args, named in (
+            (["--json", str(config)], f"{config} is also an input ({config}): --json would replace it"),
+            (["--json", str(pairs)], f"{pairs} is also an input ({pairs}): --json would replace it"),
+            (["--out", str(checkpoint.parent)], f"is also an input ({checkpoint}): --out would replace it")):
+        result = runner.invoke(main, ["calibrate", "--checkpoint", str(checkpoint), "--captions", str(pairs),
+                                      "--device", "cpu", *args])
+        # before: the fit ran (4 pairs: refused only then) or, with enough pairs, the config was replaced by the fit
+        assert result.exit_code == 2 and named in result.output, result.output
+        assert "calibrate (label-free)" not in result.output  # refused before any image was read
+    assert digest(config) == before and digest(pairs) == digest(pairs)
+
+
+def test_calibrating_an_exported_checkpoint_in_place_is_refused(tmp_path, world_pairs):
+    from export.pipeline import run_export
+    from ttd.runtime.export_dir import read_export
+
+    export = tmp_path / "export"
+    run_export(load_model(None, None, None, None), export, check_count=4)
+    pairs = write_pairs(tmp_path, world_pairs)
+    result = CliRunner().invoke(main, ["calibrate", "--checkpoint", str(export / "model.safetensors"), "--captions",
+                                       str(pairs), "--device", "cpu"])
+    # before: model.json was rewritten and every later load refused the export (sha256 differs)
+    assert result.exit_code == 2, result.output
+    assert (f"{export / 'model.safetensors'} belongs to the export {export} (its manifest.json holds the hash of "
+            "model.json)") in result.output and "Calibrate the checkpoint it was exported from" in result.output
+    read_export(export)  # still valid
+    copy = tmp_path / "calibrated"
+    result = CliRunner().invoke(main, ["calibrate", "--checkpoint", str(export / "model.safetensors"), "--captions",
+                                       str(pairs), "--device", "cpu", "--out", str(copy)])
+    assert result.exit_code == 0, result.output
+    read_export(export)
+    assert json.loads((copy / "model.json").read_text())["margin_fit"]["method"] == "label-free"
