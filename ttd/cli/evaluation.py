@@ -89,7 +89,7 @@ def calibrate(captions, data_dir, max_false_rate, max_pairs, choose_negatives, c
         ttd calibrate --checkpoint runs/ttd/model.safetensors --data labelled/
     Export again after calibrating an exported checkpoint.
     """
-    from ttd.evaluation.calibrate import calibrate_model
+    from ttd.evaluation.calibration import calibrate_model
 
     result = calibrate_model(settings, captions, data_dir, max_false_rate=max_false_rate, max_pairs=max_pairs,
                              choose_negatives=choose_negatives, count=count, seed=seed, min_precision=min_precision,
