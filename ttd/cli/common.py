@@ -20,16 +20,6 @@ def model_options(f):
     return setting_options(*MODEL)(f)
 
 
-def given_options(*names: str) -> list[str]:
-    """The options among `names` (parameter names) that the user gave on the command line, as typed
-    (--batch-size), so a mode that cannot honour them refuses them instead of ignoring them."""
-    from click.core import ParameterSource
-
-    context = click.get_current_context()
-    params = {p.name: p for p in context.command.params}
-    return [params[n].opts[0] for n in names if context.get_parameter_source(n) == ParameterSource.COMMANDLINE]
-
-
 def fail(message: str | BaseException) -> None:
     """Exit with status 2 after one line: the message, or an exception as a user reads it (an
     OSError as "PATH: cause", without its errno)."""
