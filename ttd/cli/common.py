@@ -45,16 +45,16 @@ def echo_line(line: str) -> None:
 
 
 class TTDGroup(click.Group):
-    """The `ttd` group: an error the user can cause (a TTDError, or an OSError naming a path) is one
-    line and exit status 2; anything else is a bug and keeps its traceback."""
+    """The `ttd` group: an error the user can cause (a TTDError, or the system's OSError about a path
+    or a device) is one line and exit status 2; anything else is a bug and keeps its traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except TTDError as error:
             fail(error)
-        except OSError as error:
-            if error.filename is None:
+        except OSError as error:  # the system's answer about a path or a device (disk full, permission)
+            if error.filename is None and error.errno is None:
                 raise
             fail(error)
 

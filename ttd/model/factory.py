@@ -25,6 +25,10 @@ class ModelLoadError(TTDError, RuntimeError):
     """A model could not be created or loaded; the message says what to do instead."""
 
 
+class HubUnreachable(ModelLoadError, ConnectionError):
+    """The model hub cannot be reached (offline): the message says how to load local weights."""
+
+
 class ModelConfigError(ModelLoadError, ValueError):
     """A checkpoint's config JSON is malformed or holds settings that cannot work."""
 
@@ -118,7 +122,7 @@ def _check_hub_reachable(timeout_s: float = 3.0) -> None:
     try:
         socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError as error:
-        raise ConnectionError(
+        raise HubUnreachable(
             f"the model hub {host}:{port} is unreachable ({error}); weights already in the local hub cache "
             "load with HF_HUB_OFFLINE=1"
         ) from error

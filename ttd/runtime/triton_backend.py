@@ -4,7 +4,7 @@ served max batch size and sent with bounded concurrency."""
 
 from __future__ import annotations
 
-from ttd.errors import InputError
+from ttd.errors import InputError, TTDError
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +28,10 @@ def parse_url(url: str) -> tuple[str, str]:
     return "http", url.rstrip("/")
 
 
+class TritonUnreachable(TTDError, ConnectionError):
+    """No Triton server answers at the URL, or it is not ready."""
+
+
 class TritonBackend:
     name = "triton"
 
@@ -44,9 +48,9 @@ class TritonBackend:
         try:
             ready = self.client.is_server_ready()
         except Exception as error:
-            raise ConnectionError(f"no Triton server answers at {url}: {error}") from error
+            raise TritonUnreachable(f"no Triton server answers at {url}: {error}") from error
         if not ready:
-            raise ConnectionError(f"the Triton server at {url} is not ready")
+            raise TritonUnreachable(f"the Triton server at {url} is not ready")
         self.max_batch = {}
         for model in (g.served_as for g in GRAPHS.values()):
             config = self.client.get_model_config(model)  # HTTP: a dict; gRPC: a ModelConfigResponse
