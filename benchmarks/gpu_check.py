@@ -437,8 +437,9 @@ STEP_LIMITS = {"environment": 30, "matmul_peak": 30, "parity": 75, "tag_cli": 75
 TOTAL_LIMIT_S = 465.0
 
 
-class StepTimeout(Exception):
-    pass
+class StepTimeout(BaseException):
+    """A step past its limit. A BaseException, as KeyboardInterrupt: no `except Exception` on the
+    way (a decoding worker's failure handling, a job's error records) may swallow it and go on."""
 
 
 def _alarm(signum, frame):

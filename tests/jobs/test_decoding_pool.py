@@ -83,3 +83,54 @@ def test_the_decoding_thread_works_on_the_next_batch_while_the_model_runs_this_o
     assert started.wait(5.0) and seen == ["0.png", "2.png"]  # before the consumer asked for it
     rest = [outcomes for _, outcomes in batches]
     assert rest == [["2.png", "3.png"], ["4.png", "5.png"]]
+
+
+def _read_raw(items):
+    """A worker's decode that reads its files as they are (here: a FIFO with no writer, which hangs)."""
+    return [item.path.read_bytes() for item in items]
+
+
+def test_a_timeout_while_waiting_for_workers_ends_the_job_and_is_not_a_worker_failure(tmp_path):
+    """A step limit (SIGALRM) raised while the job waits on a hung decode must reach the caller at
+    once: not be taken for a dead worker (then decoding would go on in this process without
+    limit), and not wait for the hung worker on the way out (docs/gpu.md, the GPU check)."""
+    import signal
+    import threading
+    import time
+    import warnings
+
+    from ttd.data.inputs import Item
+
+    fifo = tmp_path / "stalled.png"
+    os.mkfifo(fifo)  # opening it for reading blocks until a writer comes: a decode that hangs
+
+    def release():  # the safety net that keeps a red run from hanging the suite
+        descriptor = os.open(fifo, os.O_WRONLY)
+        os.close(descriptor)
+
+    prepare = _read_raw
+    items = [(0, Item("stalled.png", fifo, None))]
+
+    def alarm(signum, frame):
+        raise TimeoutError("the step ran past its limit")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    safety = threading.Timer(20.0, release)
+    safety.start()
+    try:
+        with DecodingPool(1) as pool, warnings.catch_warnings():
+            warnings.simplefilter("error")  # a "decoding workers failed" warning fails the test
+            pool.executor.submit(decoding.loaded_modules).result()  # the worker is up
+            started = time.perf_counter()
+            signal.alarm(2)
+            with pytest.raises(TimeoutError):
+                list(decoding.decoded_batches(items, 1, 1, prepare, pool=pool))
+            waited = time.perf_counter() - started
+            assert not pool.alive  # its hung worker was terminated, not waited for
+        assert waited < 10.0
+        assert safety.is_alive()  # ended by the timeout, not by the safety net's release
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        if safety.is_alive():
+            safety.cancel()

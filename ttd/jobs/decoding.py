@@ -19,6 +19,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from itertools import islice
 from multiprocessing import shared_memory
@@ -118,9 +119,15 @@ class DecodingPool:
     def alive(self) -> bool:
         return self.executor is not None
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop the workers and free the blocks. wait=False does not wait for a decode in progress
+        (a job aborted by a timeout or an interrupt): the workers are terminated instead."""
         if self.executor is not None:
-            self.executor.shutdown(cancel_futures=True)
+            processes = list((getattr(self.executor, "_processes", None) or {}).values())
+            self.executor.shutdown(wait=wait, cancel_futures=True)
+            if not wait:
+                for process in processes:
+                    process.terminate()
             self.executor = None
         for slot in self.slots:
             slot.block.close()
@@ -220,6 +227,7 @@ def decoded_batches(items: Iterable[tuple[int, Item]], batch_size: int, workers:
     def add(name: str, seconds: float) -> None:
         stages[name] = stages.get(name, 0.0) + seconds
 
+    aborted = False
     try:
         while True:
             while failure is None and len(pending) < (prefetch if pool is not None or thread is not None else 1):
@@ -231,7 +239,7 @@ def decoded_batches(items: Iterable[tuple[int, Item]], batch_size: int, workers:
                 if failure is not None:
                     raise failure
                 return
-            batch, slot, futures = pending.popleft()
+            batch, slot, futures = pending[0]
             chunk = [item for _, item in batch]
             waited = time.perf_counter()
             if not futures:
@@ -241,19 +249,30 @@ def decoded_batches(items: Iterable[tuple[int, Item]], batch_size: int, workers:
             else:
                 try:
                     seconds, outcomes = pool.collect(slot, futures, len(chunk))
-                except Exception as error:  # noqa: BLE001 - a dead worker: decode here from now on
+                except BrokenProcessPool as error:  # a dead worker: decode here from now on
+                    # only a dead worker: a timeout or interrupt raised while this thread waits
+                    # (e.g. benchmarks/gpu_check.py's step limit) must end the job, not be taken
+                    # for a worker failure and decode on without limit (docs/gpu.md)
                     warnings.warn(f"decoding workers failed ({type(error).__name__}: {error}); decoding in this process")
                     pool.close()
                     pool = None
                     pending = deque((b, None, []) for b, _, _ in pending)
                     seconds, outcomes = _timed(prepare, chunk)
+            pending.popleft()
             add("decode_wait", time.perf_counter() - waited)
             add("decode", seconds)
             yield batch, outcomes
+    except GeneratorExit:  # the consumer stopped early: an orderly end
+        raise
+    except BaseException:
+        aborted = True  # raised here (a timeout, an interrupt, an input error): nothing waits on a worker
+        raise
     finally:
         if thread is not None:
-            thread.shutdown(cancel_futures=True)
-        if own_pool and pool is not None:
+            thread.shutdown(wait=not aborted, cancel_futures=True)
+        if pool is not None and aborted and any(not f.done() for _, _, futures in pending for f in futures):
+            pool.close(wait=False)  # a decode in progress may hang (a stalled mount): end the workers
+        elif own_pool and pool is not None:
             pool.close()
         elif pool is not None:  # a job that stops early: its batches in flight must not write into the next job's blocks
             for _, _, futures in pending:
