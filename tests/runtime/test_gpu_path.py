@@ -52,23 +52,36 @@ def test_batched_tag_head_equals_one_image_at_a_time(tiny_model, score_method, f
         assert batched[i].selected == alone.selected
 
 
-def test_head_calls_are_chunked_to_the_element_budget(tiny_model, monkeypatch):
+def _counting(backend) -> dict[str, list[int]]:
+    """Rows of every image-encoder and tag-head call the torch backend makes (wrapped, still run)."""
+    calls: dict[str, list[int]] = {"encoder": [], "head": []}
+    encoder, head = backend.image_encoder, backend.tag_head
+    backend.image_encoder = lambda pixels: calls["encoder"].append(len(pixels)) or encoder(pixels)
+    backend.tag_head = lambda views, *rest: calls["head"].append(len(views)) or head(views, *rest)
+    return calls
+
+
+@pytest.mark.parametrize("flip_tta", [False, True])
+def test_the_encoder_runs_the_batch_once_and_only_the_head_is_split(tiny_model, monkeypatch, flip_tta):
+    """A batch whose maps exceed the head's element budget: one encoder call of the whole batch
+    (one compiled shape, no padded remainders), the head in chunks; plain and pipelined alike."""
     import ttd.runtime.tagger as tagger_module
 
-    tagger = _tagger(tiny_model)
-    calls = []
-    tag_images = tagger.backend.tag_images
-    monkeypatch.setattr(tagger.backend, "tag_images", lambda i, p, r: calls.append(len(i)) or tag_images(i, p, r))
+    tagger = _tagger(tiny_model, flip_tta=flip_tta)
     images = np.random.default_rng(1).integers(0, 256, (7, 64, 64, 3), dtype=np.uint8)
     vocabulary = ["red", "blue", "circle"]
     whole = tagger.tag_vocabulary(images, vocabulary)
-    assert calls == [7]  # one call for the batch
-    calls.clear()
-    monkeypatch.setattr(tagger_module, "HEAD_ELEMENTS", 2 * 3 * 8 * 8)  # two images' maps per call
-    chunked = tagger.tag(images, [vocabulary] * 7)  # per-image lists, chunked the same way
-    assert calls == [2, 2, 2, 1]
+    calls = _counting(tagger.backend)
+    views = 2 if flip_tta else 1
+    monkeypatch.setattr(tagger_module, "HEAD_ELEMENTS", 2 * views * 3 * 8 * 8)  # two images' maps per call
+    chunked = tagger.tag(images, [vocabulary] * 7)  # per-image lists, chunked
+    assert calls == {"encoder": [7 * views], "head": [2, 2, 2, 1]}
     for a, b in zip(whole, chunked, strict=True):
         np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
+    calls["encoder"].clear(), calls["head"].clear()
+    scores = tagger.submit(images, [vocabulary] * 7).wait().scores
+    assert calls == {"encoder": [7 * views], "head": [2, 2, 2, 1]}
+    np.testing.assert_array_equal(scores, np.stack([r.scores for r in chunked]))
 
 
 def test_padded_batch_is_the_next_power_of_two():

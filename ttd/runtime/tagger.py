@@ -151,7 +151,11 @@ class Tagger:
 
     def tag_images(self, images: np.ndarray, request: HeadRequest) -> TagHeadOutputs:
         """Every score (and the cosine maps if the request asks) of uint8 images [B, S, S, 3],
-        encoder and head together on the backend's device."""
+        encoder and head together on the backend's device. A backend that splits only its head
+        (`splits_head`: torch) encodes the batch in one call; others run in chunks of both."""
+        if getattr(self.backend, "splits_head", False):
+            return self.backend.tag_images(images, self.preprocessing, request,
+                                           rows_per_call=self._rows_per_call(request.tag_embeds.shape[1]))
         return self._chunked(lambda rows, part: self.backend.tag_images(images[rows], self.preprocessing, part),
                              len(images), request)
 

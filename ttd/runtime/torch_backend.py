@@ -121,27 +121,43 @@ class TorchBackend:
     def encode_texts(self, input_ids: np.ndarray) -> np.ndarray:
         return self._run(self.text_encoder, input_ids)[0]
 
-    def _head(self, views: torch.Tensor, request: HeadRequest) -> TagHeadOutputs:
+    def _head(self, views: torch.Tensor, request: HeadRequest, rows_per_call: int | None = None) -> TagHeadOutputs:
         # the head is a softmax at τ = 100: always float32, whatever the encoders run in
         arrays = [self._to_device(a, torch.float32) for a in request.arrays()]
-        scores, cosines = self.tag_head(views.float(), *arrays)
-        host = self._to_host((scores, cosines) if request.with_cosines else (scores,))
+        n = len(views)
+        step = n if rows_per_call is None else max(1, rows_per_call)
+        scores, cosines = [], []
+        for begin in range(0, n, step):  # the head's working memory bounded: rows in calls of `step`
+            rows = slice(begin, begin + step)
+            part = self.tag_head(views[rows].float(), *(a if len(a) == 1 else a[rows] for a in arrays))
+            scores.append(part[0])
+            if request.with_cosines:
+                cosines.append(part[1])
+        joined = (torch.cat(scores), *((torch.cat(cosines),) if request.with_cosines else ()))
+        host = self._to_host(joined)
         return TagHeadOutputs(host[0], host[1] if request.with_cosines else None)
 
     def score_tags(self, patch_views: np.ndarray, request: HeadRequest) -> TagHeadOutputs:
         with torch.inference_mode():
             return self._head(self._to_device(patch_views, torch.float32), request)
 
+    splits_head = True  # tag_images takes rows_per_call: the encoder runs once, only the head is split
+
     def tag_images(self, images: np.ndarray, preprocessing: ImagePreprocessing,
-                   request: HeadRequest) -> TagHeadOutputs:
+                   request: HeadRequest, rows_per_call: int | None = None) -> TagHeadOutputs:
         """Encoder and tag head on the device: only the scores (and the cosine maps if asked for)
-        come back to the host, never the patch embeddings."""
+        come back to the host, never the patch embeddings. The encoder runs the whole batch in
+        one call (one compiled shape); only the head runs in calls of `rows_per_call` rows, its
+        memory budget (ttd/runtime/tagger.py HEAD_ELEMENTS)."""
         with torch.inference_mode():
             _, patch_embeds = self.image_encoder(self._normalised(images, preprocessing))
-            n = len(images)
-            views = patch_embeds[:n, None] if not preprocessing.flip else \
-                torch.stack([patch_embeds[:n], patch_embeds[n : 2 * n].flip(-1)], dim=1)
-            return self._head(views, request)
+            return self._head(self._views(patch_embeds, len(images), preprocessing.flip), request, rows_per_call)
+
+    @staticmethod
+    def _views(patch_embeds: torch.Tensor, n: int, flip: bool) -> torch.Tensor:
+        """The encoder's [V·B(+padding), D, h, w] -> the head's views [B, V, D, h, w] (mirrored views flipped back)."""
+        return patch_embeds[:n, None] if not flip else \
+            torch.stack([patch_embeds[:n], patch_embeds[n : 2 * n].flip(-1)], dim=1)
 
     # -- the pipelined path (issue 21, item 1) -------------------------------------------------
 
@@ -165,8 +181,9 @@ class TorchBackend:
         head run on the compute stream after the upload's event, and the chosen score row (plus,
         with `top_k`, the indices of the highest scores, found on the device, and the cosine maps
         when the request asks) is copied back into pinned host buffers; `wait()` on the result
-        blocks on this batch's event only. Rows run in calls of `rows_per_call` exactly as the
-        Tagger's plain path chunks them, so both give the same numbers. On a CPU it all runs here."""
+        blocks on this batch's event only. The encoder runs the batch once; the head's rows run in
+        calls of `rows_per_call` exactly as the plain path (`tag_images`) splits them, so both give
+        the same numbers. On a CPU it all runs here."""
         cuda = self.device.type == "cuda"
         if cuda and self._slots is None:
             self._slots, self._compute = UploadSlots(self.device), torch.cuda.Stream(self.device)
@@ -191,21 +208,21 @@ class TorchBackend:
             tensors = [t if t.dtype == torch.bool else t.float() for t in tensors]
             chosen, cosines = [], []
             with stream_context(compute):
+                # the encoder once for the whole batch (one compiled shape, no padded remainders);
+                # only the tag head is split to its memory budget, as Tagger.tag_images splits it
+                start = clock.mark(compute)
+                _, patch_embeds = self.image_encoder(self._normalised(pixels, preprocessing))
+                middle = clock.mark(compute)
+                clock.span("encode", start, middle)
+                views = self._views(patch_embeds, n, preprocessing.flip)
                 for begin in range(0, n, step):
                     rows = slice(begin, begin + step)
-                    start = clock.mark(compute)
-                    _, patch_embeds = self.image_encoder(self._normalised(pixels[rows], preprocessing))
-                    middle = clock.mark(compute)
-                    clock.span("encode", start, middle)
-                    m = len(pixels[rows])
-                    views = patch_embeds[:m, None] if not preprocessing.flip else \
-                        torch.stack([patch_embeds[:m], patch_embeds[m : 2 * m].flip(-1)], dim=1)
                     part = [t if len(t) == 1 else t[rows] for t in tensors]
-                    scores, maps = self.tag_head(views.float(), *part)
+                    scores, maps = self.tag_head(views[rows].float(), *part)
                     chosen.append(scores[:, score_row, :].float())
                     if request.with_cosines:
                         cosines.append(maps.float())
-                    clock.span("head", middle, clock.mark(compute))
+                clock.span("head", middle, clock.mark(compute))
                 start = clock.mark(compute)
                 outputs = {"scores": torch.cat(chosen) if len(chosen) > 1 else chosen[0]}
                 if top_k:
