@@ -84,6 +84,34 @@ def test_the_encoder_runs_the_batch_once_and_only_the_head_is_split(tiny_model, 
     np.testing.assert_array_equal(scores, np.stack([r.scores for r in chunked]))
 
 
+def test_new_tags_are_text_encoded_in_large_fixed_calls_once(tiny_model):
+    """The text encoder runs `text_rows` texts a call (a GPU's 256: few calls, one synchronise
+    each), every call the same shape, each tag once per Tagger; an embedding does not depend on
+    the call's size or company (the bytes of a resumed job)."""
+    import ttd.runtime.torch_backend as torch_backend
+
+    backend = TorchBackend(tiny_model, "cpu")
+    backend.text_rows = 64  # as the device's setting, at a size the CPU runs quickly
+    large, small = _tagger(tiny_model), _tagger(tiny_model)
+    large.backend = backend
+    large.text_rows = backend.text_rows
+    large.negative_embeds  # the model's negative prompts, encoded once before counting
+    calls = []
+    encode = backend.encode_texts
+    backend.encode_texts = lambda ids: calls.append(len(ids)) or encode(ids)
+    templates = len(tiny_model.config.prompt_templates)
+    words = [f"w{i}" for i in range(100)]
+    tag_lists = [words[i : i + 10] for i in range(0, 100, 10)]
+    request = large.request(tag_lists)  # a batch's 100 new tags: together
+    assert calls == [64] * -(-100 * templates // 64)
+    calls.clear()
+    large.request(tag_lists[::-1])  # cached: no text-encoder call
+    assert calls == []
+    np.testing.assert_allclose(request.tag_embeds[3, :10], small.encode_tags(words[30:40]), atol=1e-5)
+    # a CPU pads less (8 a call); on cuda the backend takes the device's 256
+    assert TorchBackend(tiny_model, "cpu").text_rows == 8 and torch_backend.DEVICE_TEXT_ROWS == 256
+
+
 def test_padded_batch_is_the_next_power_of_two():
     assert [padded_batch(n) for n in (1, 2, 3, 4, 5, 100, 256, 257)] == [1, 2, 4, 4, 8, 128, 256, 512]
 

@@ -24,6 +24,9 @@ from ttd.runtime.images import Preprocess, normalize
 # differ in the last bits, and a text's embedding must not depend on which texts came with it (a
 # resumed or sharded job writes the uninterrupted job's bytes).
 TEXT_ROWS = 8
+# A backend may fix a larger call (its `text_rows`): the torch backend on a GPU encodes 256 texts a
+# call, so an open vocabulary of 20,000 caption words is ~230 calls (one host synchronisation
+# each), not ~7,500; on a CPU 8 rows a call costs no more per text and pads less.
 HEAD_ELEMENTS = 1 << 24  # map elements (B·V·K·h·w) per tag-head call: bounds the head's working memory
 MAX_CACHED_TAGS = 200_000  # ~400 MB at D = 512; the cache restarts when a corpus has more distinct tags
 
@@ -58,6 +61,7 @@ class Tagger:
         self.tokenizer = build_tokenizer(config.tokenizer, config.context_length)
         self.preprocess = Preprocess.for_model(config)
         self.preprocessing = ImagePreprocessing(tuple(config.mean), tuple(config.std), flip_tta)
+        self.text_rows = int(getattr(backend, "text_rows", TEXT_ROWS))  # fixed per Tagger (see TEXT_ROWS)
         self._tag_cache: dict[str, np.ndarray] = {}
         self._negatives: np.ndarray | None = None
 
@@ -70,16 +74,17 @@ class Tagger:
         return np.stack([self.preprocess(s, n) for s, n in zip(sources, names, strict=True)])
 
     def encode_texts(self, texts: list[str], progress: bool = False) -> np.ndarray:
-        """Text embeddings [T, D], always TEXT_ROWS texts per backend call (see TEXT_ROWS)."""
-        starts = range(0, len(texts), TEXT_ROWS)
+        """Text embeddings [T, D], always `text_rows` texts per backend call (see TEXT_ROWS)."""
+        rows = self.text_rows
+        starts = range(0, len(texts), rows)
         if progress:
             from tqdm import tqdm
 
             starts = tqdm(starts, desc="encode texts", unit="chunk")
         chunks = []
         for i in starts:
-            chunk = texts[i : i + TEXT_ROWS]
-            padded = chunk + chunk[-1:] * (TEXT_ROWS - len(chunk))
+            chunk = texts[i : i + rows]
+            padded = chunk + chunk[-1:] * (rows - len(chunk))
             chunks.append(self.backend.encode_texts(self.tokenizer(padded))[: len(chunk)])
         return np.concatenate(chunks) if chunks else np.zeros((0, self.config.embed_dim), np.float32)
 

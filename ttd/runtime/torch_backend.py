@@ -18,9 +18,12 @@ from ttd.model.contract import ImageEmbeddings, TagHeadOutputs
 from ttd.model.graphs import ImageEncoderGraph, TagHeadGraph, TextEncoderGraph
 from ttd.runtime.backend import HeadRequest, ImagePreprocessing
 from ttd.runtime.device_pipeline import InFlight, StageClock, UploadSlots, stream_context, to_host
+from ttd.runtime.tagger import TEXT_ROWS
 
 CONSTANT_BYTES = 8 << 20  # request arrays shared by every image up to this size stay on the device
 TOP_SLACK = 32  # extra top-k candidates handed back: records rank by scores rounded to 6 decimals
+
+DEVICE_TEXT_ROWS = 256  # texts per text-encoder call on a GPU (ttd/runtime/tagger.py TEXT_ROWS)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # ttd.model.config.PRECISIONS names
 
@@ -53,6 +56,7 @@ class TorchBackend:
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
             self.image_encoder = torch.compile(self.image_encoder, mode=mode, dynamic=False)
         self.text_encoder = TextEncoderGraph(model)
+        self.text_rows = DEVICE_TEXT_ROWS if self.device.type == "cuda" else TEXT_ROWS
         self.tag_head = TagHeadGraph(model.config.tau, model.mask_weight.item(), model.mask_bias.item())
         self._normalisation: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._constants: dict[tuple, torch.Tensor] = {}  # negatives, margin, a vocabulary: uploaded once
