@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -134,3 +135,40 @@ def test_a_timeout_while_waiting_for_workers_ends_the_job_and_is_not_a_worker_fa
         signal.signal(signal.SIGALRM, previous)
         if safety.is_alive():
             safety.cancel()
+
+
+def test_a_pool_batch_lands_in_the_backends_upload_slot_and_is_not_copied_again(captions, tmp_path):
+    """One host copy per batch: the pool's images are copied out of shared memory once, into the
+    memory the backend stages uploads from (a pinned slot on a GPU; here plain arrays in its place),
+    and that very memory is what the backend is handed: no np.stack, no second staging copy."""
+    from ttd.runtime import load_tagger
+
+    tagger = load_tagger("torch", device="cpu")
+    want_path = tmp_path / "thread.jsonl"
+    tag_stream(tagger, open_items(captions), want_path, batch_size=2, progress=False, decode_workers=0)
+    slots = []
+
+    def staging(shape):  # the stand-in for UploadSlots.staging's pinned memory (a CUDA allocation)
+        slots.append(np.empty(shape, np.uint8))
+        return slots[-1]
+
+    handed = []
+    submit = tagger.backend.submit
+
+    def recording_submit(images, *rest, **options):
+        handed.append(images)
+        return submit(images, *rest, **options)
+
+    tagger.backend.staging, tagger.backend.submit = staging, recording_submit
+    with DecodingPool(1) as pool:
+        out = tmp_path / "pool.jsonl"
+        tag_stream(tagger, open_items(captions), out, batch_size=2, progress=False, decoding_pool=pool)
+    assert out.read_bytes() == want_path.read_bytes()
+    # every host copy of an image batch is a staging call, one per batch: 0-1 and 2-3 were sent
+    # before the pool knew the image shape, so they travel pickled and are stacked once; 4-5 ...
+    # 12-13 are copied out of shared memory once, and that very memory (for 4-5, whose item 5 is
+    # missing, the row of item 4 in it) is what the backend is handed
+    assert [len(images) for images in handed] == [2, 2, 1, 2, 2, 2, 2]
+    assert [slot.shape[0] for slot in slots] == [2] * 7
+    for images, slot in zip(handed, slots, strict=True):
+        assert images.base is slot or images is slot

@@ -29,6 +29,9 @@ import numpy as np
 from ttd.data.inputs import Item
 
 Positioned = list[tuple[int, Item]]
+# (shape) -> a uint8 array of that shape for a decoded batch to land in (None: a fresh one); the
+# torch backend on a GPU gives its next pinned upload slot (ttd/runtime/device_pipeline.py)
+Destination = Callable[[tuple[int, ...]], "np.ndarray | None"]
 
 
 def default_decode_workers() -> int:
@@ -157,8 +160,12 @@ class DecodingPool:
         return slot, [self.executor.submit(decode_into, prepare, chunk[i : i + step], name, i, self.row_shape)
                       for i in range(0, len(chunk), step)]
 
-    def collect(self, slot: _Slot | None, futures: list[Future], count: int) -> tuple[float, list]:
-        """(decoding seconds summed over the workers, outcomes) of a submitted chunk, images copied out of its block."""
+    def collect(self, slot: _Slot | None, futures: list[Future], count: int,
+                destination: Destination | None = None) -> tuple[float, list]:
+        """(decoding seconds summed over the workers, outcomes) of a submitted chunk, its images
+        copied out of the block in one copy into one batch array (`destination`'s, e.g. a pinned
+        upload slot, when it gives one): each image is a row of that array, so the batch needs no
+        other copy on its way to the device (ttd.jobs.stream_job.batch_images)."""
         seconds, outcomes = 0.0, []
         for future in futures:
             spent, part = future.result()
@@ -166,7 +173,10 @@ class DecodingPool:
             outcomes.extend(part)
         images = None
         if slot is not None:
-            images = np.ndarray((count, *self.row_shape), np.uint8, buffer=slot.block.buf).copy()
+            shape = (count, *self.row_shape)
+            images = destination(shape) if destination is not None else None
+            images = np.empty(shape, np.uint8) if images is None else images
+            np.copyto(images, np.ndarray(shape, np.uint8, buffer=slot.block.buf))
         for offset, outcome in enumerate(outcomes):
             if isinstance(outcome, tuple) and outcome[0] is None:
                 outcomes[offset] = (images[offset], *outcome[1:])
@@ -178,7 +188,8 @@ class DecodingPool:
 
 def decoded_batches(items: Iterable[tuple[int, Item]], batch_size: int, workers: int, prepare: Callable[[list[Item]], list],
                     prefetch: int = 2, pool: DecodingPool | None = None,
-                    stages: dict[str, float] | None = None) -> Iterator[tuple[Positioned, list]]:
+                    stages: dict[str, float] | None = None,
+                    destination: Destination | None = None) -> Iterator[tuple[Positioned, list]]:
     """(batch of (position, item), outcomes): each outcome is (uint8 image, tags or None, the image's own size) or the
     error message of that item, as `prepare` (e.g. ttd.jobs.decode_items.prepare_items with its settings bound)
     after the items).
@@ -190,7 +201,8 @@ def decoded_batches(items: Iterable[tuple[int, Item]], batch_size: int, workers:
     `prefetch` batches are decoded ahead. A worker that dies (e.g. killed for memory) costs no
     item: the pool is dropped and the batches in flight are decoded here. `stages` (if given)
     accumulates "decode" (seconds spent decoding, summed over workers) and "decode_wait" (seconds
-    this thread waited for a decoded batch)."""
+    this thread waited for a decoded batch). `destination`: where a pool's batch lands (see
+    DecodingPool.collect); the images of a batch are valid until the next batch is asked for."""
     stream = iter(items)
     if pool is not None and not pool.alive:  # a pool broken by an earlier job's dead worker
         pool = None
@@ -248,7 +260,7 @@ def decoded_batches(items: Iterable[tuple[int, Item]], batch_size: int, workers:
                 seconds, outcomes = futures[0].result()
             else:
                 try:
-                    seconds, outcomes = pool.collect(slot, futures, len(chunk))
+                    seconds, outcomes = pool.collect(slot, futures, len(chunk), destination)
                 except BrokenProcessPool as error:  # a dead worker: decode here from now on
                     # only a dead worker: a timeout or interrupt raised while this thread waits
                     # (e.g. benchmarks/gpu_check.py's step limit) must end the job, not be taken

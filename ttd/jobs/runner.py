@@ -226,6 +226,12 @@ def open_job_output(output: Path, description: dict, options: JobOptions):
     return writer, summary
 
 
+def step_destination(step: Step, tagger: Tagger):
+    """Where a step wants its decoded batches to land (ttd.jobs.decoding.Destination), if anywhere."""
+    destination = getattr(step, "destination", None)
+    return destination(tagger) if destination is not None else None
+
+
 def run_job(tagger: Tagger, step: Step, items: Iterable[Item], output: Path, job: dict | None = None,
             options: JobOptions = JobOptions(), inputs: Sequence[Path] = (),
             explicit_images: Sequence[Path] = ()) -> JobSummary:
@@ -254,7 +260,7 @@ def run_job(tagger: Tagger, step: Step, items: Iterable[Item], output: Path, job
             recording: dict[str, float] = {}
             batches = decoded_batches(select_shard(counted, options.shard, options.num_shards, skip=summary.resumed),
                                       options.batch_size, workers, step.decoder(tagger), options.prefetch,
-                                      options.decoding_pool, decoding)
+                                      options.decoding_pool, decoding, step_destination(step, tagger))
 
             def write(ran: Any) -> None:
                 started = time.perf_counter()

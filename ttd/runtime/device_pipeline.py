@@ -73,6 +73,22 @@ class UploadSlots:
         self.events: list[torch.cuda.Event | None] = [None] * count
         self.next = 0
 
+    def staging(self, shape: tuple[int, ...]) -> np.ndarray | None:
+        """A uint8 array of `shape` at the start of the slot the next `upload` uses (its previous
+        copy waited for): images decoded or stacked there are not copied again by that upload
+        (one host copy per batch, docs/gpu.md). None on a CPU, where nothing is staged."""
+        if not self.cuda:
+            return None
+        slot = self.next
+        if self.events[slot] is not None:
+            self.events[slot].synchronize()
+            self.events[slot] = None
+        nbytes = int(np.prod(shape))
+        buffer = self.buffers[slot]
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = self.buffers[slot] = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True)
+        return buffer[:nbytes].numpy().reshape(shape)
+
     def upload(self, arrays: list[np.ndarray], compute: torch.cuda.Stream | None) -> list[torch.Tensor]:
         """The arrays (uint8 images, float32 tag embeddings, ...) on the device, ready for `compute`."""
         if not self.cuda:
@@ -84,12 +100,18 @@ class UploadSlots:
         offsets = np.cumsum([0] + [-(-a.nbytes // ALIGN) * ALIGN for a in arrays])  # each array 64-byte aligned
         buffer = self.buffers[slot]
         if buffer is None or buffer.numel() < offsets[-1]:
-            buffer = self.buffers[slot] = torch.empty(max(int(offsets[-1]), 1), dtype=torch.uint8, pin_memory=True)
+            grown = torch.empty(max(int(offsets[-1]), 1), dtype=torch.uint8, pin_memory=True)
+            if buffer is not None and arrays and _lies_at(arrays[0], buffer):
+                grown[: arrays[0].nbytes].numpy()[:] = arrays[0].reshape(-1).view(np.uint8)  # staged, then outgrown
+                arrays = [grown[: arrays[0].nbytes].numpy().view(arrays[0].dtype).reshape(arrays[0].shape),
+                          *arrays[1:]]
+            buffer = self.buffers[slot] = grown
         staged = []
         for array, offset in zip(arrays, offsets):
             array = np.ascontiguousarray(array)
             host = buffer[int(offset) : int(offset) + array.nbytes]
-            np.copyto(host.numpy(), array.reshape(-1).view(np.uint8))
+            if not (offset == 0 and _lies_at(array, buffer)):  # staged there already: no second copy
+                np.copyto(host.numpy(), array.reshape(-1).view(np.uint8))
             staged.append(host.view(torch.from_numpy(array[:0]).dtype).view(array.shape))
         with torch.cuda.stream(self.stream):
             on_device = [h.to(self.device, non_blocking=True) for h in staged]
@@ -100,6 +122,11 @@ class UploadSlots:
         for tensor in on_device:
             tensor.record_stream(compute)  # allocated on the upload stream, freed after compute used it
         return on_device
+
+
+def _lies_at(array: np.ndarray, buffer: torch.Tensor) -> bool:
+    """Whether `array` is the memory at the start of `buffer` (a batch staged in its slot)."""
+    return array.flags.c_contiguous and array.__array_interface__["data"][0] == buffer.data_ptr()
 
 
 @dataclass

@@ -165,6 +165,17 @@ class TorchBackend:
 
     # -- the pipelined path (issue 21, item 1) -------------------------------------------------
 
+    def _pipeline(self) -> UploadSlots:
+        if self._slots is None:
+            self._slots = UploadSlots(self.device)
+            self._compute = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        return self._slots
+
+    def staging(self, shape: tuple[int, ...]) -> np.ndarray | None:
+        """Host memory for the next submitted batch's uint8 images (its pinned upload slot on a
+        GPU, so decoding lands where the upload reads: UploadSlots.staging); None on a CPU."""
+        return self._pipeline().staging(shape) if self.device.type == "cuda" else None
+
     def _constant(self, array: np.ndarray) -> torch.Tensor | None:
         """A request array shared by every image (leading dim 1: negatives, margin, a vocabulary)
         as a device tensor made once; None for per-image arrays, which travel with the batch."""
@@ -189,9 +200,7 @@ class TorchBackend:
         calls of `rows_per_call` exactly as the plain path (`tag_images`) splits them, so both give
         the same numbers. On a CPU it all runs here."""
         cuda = self.device.type == "cuda"
-        if cuda and self._slots is None:
-            self._slots, self._compute = UploadSlots(self.device), torch.cuda.Stream(self.device)
-        slots = self._slots or UploadSlots(self.device)
+        slots = self._pipeline()
         compute = self._compute
         clock = StageClock(cuda)
         arrays = request.arrays()
