@@ -30,8 +30,11 @@ def captions(tmp_path_factory) -> Path:
 
 
 def test_default_workers_leave_two_cores_and_small_machines_decode_in_a_thread(monkeypatch):
+    """Counted on the cores this process may use (its affinity), not the machine's: a 64-core host
+    that gives a job 4 cores gets 2 workers, not 62."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
     for cores, workers in ((2, 0), (3, 0), (4, 2), (16, 14)):
-        monkeypatch.setattr(os, "cpu_count", lambda: cores)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
         assert default_decode_workers() == workers
 
 

@@ -112,6 +112,48 @@ def test_new_tags_are_text_encoded_in_large_fixed_calls_once(tiny_model):
     assert TorchBackend(tiny_model, "cpu").text_rows == 8 and torch_backend.DEVICE_TEXT_ROWS == 256
 
 
+def test_batch_size_auto_is_chosen_by_device(tmp_path):
+    """--batch-size auto: 256 images a batch on a GPU (32 is launch-bound there), the CPU defaults
+    on a CPU; whole images fewer (each full-size image is held in memory)."""
+    import click
+
+    from ttd.cli.common import BatchSize
+    from ttd.data.world import make_sample
+    from ttd.runtime.hardware import auto_batch_size
+
+    assert [auto_batch_size(d) for d in ("cpu", "cuda", "cuda:1", "tensorrt")] == [32, 256, 256, 256]
+    assert [auto_batch_size(d, "whole") for d in ("cpu", "cuda:0")] == [8, 64]
+    if not CUDA:
+        assert auto_batch_size("auto") == auto_batch_size(None) == 32
+    kind = BatchSize()
+    assert [kind.convert(v, None, None) for v in ("auto", "64", 7, None)] == ["auto", 64, 7, None]
+    for bad in ("0", "-3", "big"):
+        with pytest.raises(click.BadParameter, match="number of images ≥ 1 or auto"):
+            kind.convert(bad, None, None)
+    sample = make_sample(2, 0)
+    from PIL import Image
+
+    Image.fromarray(sample.image).save(tmp_path / "a.png")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"image": "a.png", "caption": sample.caption}) + "\n")
+    done = CliRunner().invoke(main, ["tag", "--captions", str(tmp_path / "c.jsonl"), "-o", str(tmp_path / "o.jsonl"),
+                                     "--device", "cpu", "--batch-size", "auto", "--quiet"])
+    assert done.exit_code == 0, done.output
+    assert "wrote 1 record" in done.output
+
+
+def test_onnxruntime_gets_the_gpu_index_of_cuda_n():
+    from ttd.runtime.onnxruntime_backend import with_device_id
+
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert with_device_id(providers, "cuda:1") == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    assert with_device_id(["TensorrtExecutionProvider", *providers], "tensorrt:2")[:2] == \
+        [("TensorrtExecutionProvider", {"device_id": 2}), ("CUDAExecutionProvider", {"device_id": 2})]
+    assert with_device_id(providers, "cuda") == providers and with_device_id(["CPUExecutionProvider"], "cpu") == \
+        ["CPUExecutionProvider"]
+    with pytest.raises(ValueError, match="GPU index after ':' must be a number"):
+        with_device_id(providers, "cuda:first")
+
+
 def test_padded_batch_is_the_next_power_of_two():
     assert [padded_batch(n) for n in (1, 2, 3, 4, 5, 100, 256, 257)] == [1, 2, 4, 4, 8, 128, 256, 512]
 

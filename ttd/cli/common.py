@@ -52,6 +52,31 @@ class Precision(click.ParamType):
                       f"(or {', '.join(a for a, c in PRECISION_ALIASES.items() if c in self.choices)})", param, ctx)
 
 
+class BatchSize(click.ParamType):
+    """A number of images ≥ 1, or "auto": chosen for the device (ttd.runtime.hardware.auto_batch_size)."""
+
+    name = "batch_size"
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return "[N|auto]"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int) or value == "auto":
+            return value
+        if str(value).isdigit() and int(value) >= 1:
+            return int(value)
+        self.fail(f"{value!r} is not a number of images ≥ 1 or auto", param, ctx)
+
+
+def resolve_batch_size(batch_size, device: str | None, crop: str, default: int) -> int:
+    """--batch-size as given; auto: by device; unset: `default`."""
+    if batch_size == "auto":
+        from ttd.runtime.hardware import auto_batch_size
+
+        return auto_batch_size(device, crop)
+    return batch_size or default
+
+
 def given_options(*names: str) -> list[str]:
     """The options among `names` (parameter names) that the user gave on the command line, as typed
     (--batch-size), so a mode that cannot honour them refuses them instead of ignoring them."""
@@ -113,10 +138,11 @@ def long_job_options(command):
         click.option("--num-shards", type=click.IntRange(1), default=1, show_default=True,
                      help="Number of --shard jobs; their outputs concatenate into the whole job's output "
                           "(each record has its input position in \"index\")."),
-        click.option("--batch-size", type=click.IntRange(1), default=None,
+        click.option("--batch-size", type=BatchSize(), default=None,
                      help="Images per batch, decoded together ahead of the model: the centre crop's encoder call "
                           "(default 32); whole images: also the windows per encoder call, whichever images they "
-                          "come from (default 8: full-size images are held in memory)."),
+                          "come from (default 8: full-size images are held in memory). auto: by device (a GPU: "
+                          "256, whole images 64; a CPU: the defaults)."),
         click.option("--decode-workers", type=click.IntRange(0), default=None,
                      help="Processes that decode the next batches while the model runs the current one "
                           "(0: one decoding thread in this process); they import no torch and hand images back "

@@ -12,7 +12,7 @@ from ttd.model.config import (
 )
 
 from ttd.cli.common import (check_inputs, fail, long_job_options, main, make_segment_options, model_options, read_classes,
-                             run_on_engine, whole_image_options)
+                             resolve_batch_size, run_on_engine, whole_image_options)
 
 
 @main.command()
@@ -73,7 +73,7 @@ def segment(captions, classes, images, output, coco, masks_dir, model, pretraine
     if output_format == "parquet" or output_format_of(output) == "parquet":
         fail(f"{'--format parquet' if output_format == 'parquet' else output}: segmentation records hold masks as "
              "RLE segments and are written as JSON lines (Parquet output is for `ttd tag --crop center`)")
-    batch_size = batch_size or 8
+    batch_size = resolve_batch_size(batch_size, device, crop, 8)
     options = dataclasses.replace(make_segment_options(crop, scales, stride, mask_threshold, pamr), batch_size=batch_size)
     tagger_options = dict(backend=backend, model=model, pretrained=pretrained, checkpoint=checkpoint,
                           dense_mode=dense_mode, device=device, export_dir=export_dir, url=url, threshold=threshold,

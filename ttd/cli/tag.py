@@ -13,7 +13,7 @@ from ttd.model.config import (
 )
 from ttd.runtime import BACKENDS
 
-from ttd.cli.common import Precision, fail, given_options, long_job_options, main, check_inputs, model_options, run_on_engine
+from ttd.cli.common import Precision, fail, given_options, long_job_options, main, check_inputs, model_options, run_on_engine, resolve_batch_size
 
 
 @main.command()
@@ -134,7 +134,7 @@ def tag(captions, vocabulary, images, output, model, pretrained, checkpoint, den
                           threshold=threshold, flip_tta=flip_tta, score_method=score_method, threads=threads,
                           **({"compile": True} if compile_encoder else {}))
     vocab = None
-    batch_size = batch_size or (32 if crop == "center" else 8)
+    batch_size = resolve_batch_size(batch_size, device, crop, 32 if crop == "center" else 8)
 
     def local_tagger():
         nonlocal tagger_options

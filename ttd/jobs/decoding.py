@@ -34,13 +34,19 @@ Positioned = list[tuple[int, Item]]
 Destination = Callable[[tuple[int, ...]], "np.ndarray | None"]
 
 
+def usable_cores() -> int:
+    """The CPUs this process may run on (os.sched_getaffinity where the OS has it), not the machine's."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+
+
 def default_decode_workers() -> int:
     """Decoding processes: none on small machines (the main process decodes, in one thread), else
     cores − 2 (the main process feeds the device, the record stage builds and writes records).
 
     Processes, not threads: with threads, Python-level decoding work holds the GIL and starves
     the thread that feeds the GPU (measured on an H200 host: 8 threads ran no faster than one)."""
-    cores = os.cpu_count() or 1
+    cores = usable_cores()  # the cores this process may run on (a container's or a scheduler's share)
     return 0 if cores < 4 else cores - 2
 
 
