@@ -26,6 +26,11 @@ import time
 import traceback
 from pathlib import Path
 
+# before torch initialises CUDA: the pipelined and plain jobs' records are compared byte for byte,
+# so cuBLAS must pick the same kernels on the compute stream as on the default one (a fixed
+# workspace per stream, as torch's deterministic mode asks; docs/gpu.md)
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 

@@ -167,9 +167,13 @@ def job_total(inputs: Sequence[Path]) -> int | None:
 # The stage timers of a job. decode: seconds spent decoding (summed over workers); decode_wait: the
 # model's thread waiting for a decoded batch; submit: the model's thread handing a batch to the
 # backend (on a CPU, where nothing is asynchronous, that is the model's work itself); upload,
-# encode, head, download: the backend's own clocks (CUDA events on a GPU, perf_counter on a CPU);
-# wait: the record stage waiting for a batch's results; host: building records; write: the writer.
-STAGES = ("decode", "decode_wait", "submit", "upload", "encode", "head", "download", "wait", "host", "write")
+# encode, head, download: the backend's own clocks (CUDA events on a GPU, perf_counter on a CPU;
+# "upload" is the transfer alone, "stage" the host's copying into the pinned slot before it);
+# wait: the record stage waiting for a batch's results; host: building records; write: the writer;
+# main_cpu: the CPU seconds of the thread that feeds the model (time.thread_time), the figure that
+# limits a GPU job when the device waits on Python (docs/gpu.md).
+STAGES = ("decode", "decode_wait", "submit", "stage", "upload", "encode", "head", "download", "wait", "host", "write",
+          "main_cpu")
 
 # backends whose graphs may run from two threads at once (a TensorRT execution context may not;
 # the triton backend gives each thread its own client)
@@ -274,6 +278,7 @@ def run_job(tagger: Tagger, step: Step, items: Iterable[Item], output: Path, job
                 bar.update(len(records))
 
             stage = _RecordStage(write, threaded=getattr(tagger.backend, "name", None) in THREAD_SAFE_BACKENDS)
+            main_started = time.thread_time()
             try:
                 for batch, outcomes in batches:
                     submitted = time.perf_counter()
@@ -281,6 +286,7 @@ def run_job(tagger: Tagger, step: Step, items: Iterable[Item], output: Path, job
                     add_stages(decoding, {"submit": time.perf_counter() - submitted})
                     stage.put(ran)
             finally:
+                add_stages(decoding, {"main_cpu": time.thread_time() - main_started})
                 stage.close()
                 add_stages(summary.stages, decoding)
                 add_stages(summary.stages, recording)

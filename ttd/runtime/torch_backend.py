@@ -17,7 +17,7 @@ from ttd.model.clip import TTDModel
 from ttd.model.contract import ImageEmbeddings, TagHeadOutputs
 from ttd.model.graphs import ImageEncoderGraph, TagHeadGraph, TextEncoderGraph
 from ttd.runtime.backend import HeadRequest, ImagePreprocessing
-from ttd.runtime.device_pipeline import InFlight, StageClock, UploadSlots, stream_context, to_host
+from ttd.runtime.device_pipeline import HostBuffers, InFlight, StageClock, UploadSlots, stream_context, to_host
 from ttd.runtime.tagger import TEXT_ROWS
 
 CONSTANT_BYTES = 8 << 20  # request arrays shared by every image up to this size stay on the device
@@ -62,6 +62,7 @@ class TorchBackend:
         self._constants: dict[tuple, torch.Tensor] = {}  # negatives, margin, a vocabulary: uploaded once
         self._slots: UploadSlots | None = None  # the pipelined path's upload slots, made on first use
         self._compute: torch.cuda.Stream | None = None
+        self._outputs = HostBuffers(pin=self.device.type == "cuda")  # the pipelined path's pinned outputs, reused
 
     def _to_device(self, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         array = np.ascontiguousarray(array)
@@ -209,9 +210,7 @@ class TorchBackend:
         n = len(images)
         step = n if rows_per_call is None else max(1, rows_per_call)
         with torch.inference_mode():
-            start = clock.mark(slots.stream)
-            uploaded = slots.upload([images, *varying], compute)
-            clock.span("upload", start, clock.mark(slots.stream))
+            uploaded = slots.upload([images, *varying], compute, clock)  # stages "stage" (host) and "upload"
             pixels, per_image = uploaded[0], iter(uploaded[1:])
             tensors = [c if c is not None else next(per_image) for c in constants]
             if cuda:
@@ -243,10 +242,10 @@ class TorchBackend:
                     outputs["top"] = torch.topk(outputs["scores"], k, dim=1).indices
                 if request.with_cosines:
                     outputs["cosines"] = torch.cat(cosines) if len(cosines) > 1 else cosines[0]
-                host = to_host(outputs, compute)
+                host = to_host(outputs, compute, self._outputs)
                 done = None
                 if cuda:
                     done = torch.cuda.Event()
                     done.record(compute)
                 clock.span("download", start, clock.mark(compute))
-        return InFlight(host, done, clock)
+        return InFlight(host, done, clock, buffers=self._outputs if cuda else None)
