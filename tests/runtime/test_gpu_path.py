@@ -154,6 +154,28 @@ def test_onnxruntime_gets_the_gpu_index_of_cuda_n():
         with_device_id(providers, "cuda:first")
 
 
+def test_texts_run_at_their_own_length_with_the_full_contexts_embeddings():
+    """A causal text tower pooled at the end token: ids cut after it give the full context's
+    embedding, so each text runs at its length rounded up to PREFIX_STEP (a third of the work for
+    a world caption); texts are grouped by that length, so an embedding depends on its text alone."""
+    from ttd.data.world import make_sample
+    from ttd.runtime.tagger import PREFIX_STEP
+
+    tagger = load_tagger("torch", device="cpu")
+    captions = [make_sample(7, i).caption for i in range(12)] + ["circle", "a red circle on grass"]
+    full = tagger.backend.encode_texts(tagger.tokenizer(captions))  # the whole context, as exported graphs run it
+    widths = []
+    encode = tagger.backend.encode_texts
+    tagger.backend.encode_texts = lambda ids: widths.append(ids.shape) or encode(ids)
+    cut = tagger.encode_texts(captions)
+    np.testing.assert_allclose(cut, full, atol=2e-6)
+    context = tagger.config.context_length
+    assert all(rows == tagger.text_rows and width % PREFIX_STEP == 0 and width < context for rows, width in widths)
+    assert len({width for _, width in widths}) >= 2 and sum(width for _, width in widths) <= len(widths) * context / 2
+    alone = tagger.encode_texts(["circle"])
+    assert np.array_equal(alone[0], cut[12])  # the same bits with or without long companions
+
+
 def test_padded_batch_is_the_next_power_of_two():
     assert [padded_batch(n) for n in (1, 2, 3, 4, 5, 100, 256, 257)] == [1, 2, 4, 4, 8, 128, 256, 512]
 

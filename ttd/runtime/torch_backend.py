@@ -56,6 +56,7 @@ class TorchBackend:
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
             self.image_encoder = torch.compile(self.image_encoder, mode=mode, dynamic=False)
         self.text_encoder = TextEncoderGraph(model)
+        self.text_prefix = self.text_encoder.accepts_prefix  # ids cut after the end token (tagger.py PREFIX_STEP)
         self.text_rows = DEVICE_TEXT_ROWS if self.device.type == "cuda" else TEXT_ROWS
         self.tag_head = TagHeadGraph(model.config.tau, model.mask_weight.item(), model.mask_bias.item())
         self._normalisation: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
