@@ -347,21 +347,43 @@ def test_decoding_worker_processes_write_what_the_main_process_writes(tiny_model
     assert "cannot decode image" in outputs[2][9]["error"] and "error" not in outputs[2][0]
 
 
-def test_gpu_check_dry_run_lists_every_step_and_runs_nothing(tmp_path):
+def test_gpu_check_dry_run_lists_every_step_checks_the_device_imports_and_runs_nothing(tmp_path):
+    """The dry run lists every step and says, for every module the steps import on the device,
+    whether the device has it or a carried wheel brings it; a missing one makes it NOT READY."""
     import subprocess
     import sys
     from pathlib import Path
 
+    import benchmarks.gpu_check as gpu_check
+
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.sh"
-    done = subprocess.run(["bash", str(script), "--dry-run", "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
-    assert done.returncode == 0, done.stderr
+    wheels, inputs = tmp_path / "wheels", tmp_path / "inputs"
+    wheels.mkdir(), inputs.mkdir()
+    for name in ("open_clip_torch-3.3.0-py3-none-any.whl", "ftfy-6.3.1-py3-none-any.whl",
+                 "wcwidth-0.2.13-py2.py3-none-any.whl", "regex-2026.12.2-cp312-cp312-manylinux_2_28_x86_64.whl",
+                 "torchvision-0.26.0-cp312-cp312-manylinux_2_28_x86_64.whl"):
+        (wheels / name).write_bytes(b"")
+    for name in gpu_check.PHOTO_NAMES:
+        (inputs / name).write_bytes(b"")
+
+    def dry_run():
+        return subprocess.run(["bash", str(script), "--dry-run", "--out", str(tmp_path / "out"), "--inputs", str(inputs)],
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHON": sys.executable, "TTD_WHEELS": str(wheels)})
+
+    done = dry_run()
+    assert done.returncode == 0, done.stdout + done.stderr
     for step in ("environment", "matmul_peak", "parity", "tag_cli", "throughput", "compile", "tag_end_to_end",
-                 "train_eval"):
+                 "device_decode", "train_eval"):
         assert f"  {step}: (≤ " in done.stdout
-    assert "32768 images per run" in done.stdout and "camera JPEGs of 4032x3024" in done.stdout
-    assert "batches [1, 8, 64, 256]" in done.stdout and "dry run; would install" in done.stderr
-    assert not (tmp_path / "out").exists()
+    assert "tuned 16384 images per run (bf16, batch auto), default 4096 (fp32, eager, batch 32)" in done.stdout
+    assert "224-px PNGs, 500x375 JPEGs, 1024x768 JPEGs" in done.stdout and "open vocabulary of 5000" in done.stdout
+    assert "torchvision: carried (torchvision-0.26.0" in done.stdout and "not accounted for: none" in done.stdout
+    assert "CUBLAS_WORKSPACE_CONFIG=:4096:8" in done.stdout and done.stdout.rstrip().endswith("READY")
+    assert "dry run; would install 5 wheels" in done.stderr and not (tmp_path / "out").exists()
+    (wheels / "torchvision-0.26.0-cp312-cp312-manylinux_2_28_x86_64.whl").unlink()
+    done = dry_run()
+    assert done.returncode == 2 and "torchvision: MISSING" in done.stdout and "NOT READY" in done.stdout
 
 
 def test_gpu_check_runs_end_to_end_on_the_cpu_with_small_settings(tmp_path):
@@ -371,16 +393,20 @@ def test_gpu_check_runs_end_to_end_on_the_cpu_with_small_settings(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
+    prepared = subprocess.run([sys.executable, str(script), "--prepare", "--inputs", str(tmp_path / "photos")],
+                              capture_output=True, text=True, timeout=120)
+    if prepared.returncode != 0:
+        pytest.skip(f"no real photos to make inputs from: {prepared.stdout}{prepared.stderr}")
+    steps = ["environment", "matmul_peak", "parity", "tag_cli", "throughput", "tag_end_to_end", "device_decode"]
     done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--vit-model", "world-tiny",
-                           "--batches", "2", "--compile-batches", "--world-images", "4", "--e2e-images", "8", "--parity-pairs", "8",
-                           "--photo-size", "320", "240", "--vocabulary-tags", "40", "--decode-workers", "1",
-                           "--steps", "environment", "matmul_peak", "parity", "tag_cli", "throughput", "tag_end_to_end",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "2"})
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+                           "--batches", "2", "--compile-batches", "--world-images", "4", "--e2e-images", "8",
+                           "--default-images", "8", "--parity-pairs", "8", "--photos", "4", "--inputs",
+                           str(tmp_path / "photos"), "--open-words", "40", "--vocabulary-tags", "40",
+                           "--decode-workers", "1", "--steps", *steps, "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert report["ok"] and set(report["steps"]) == {"environment", "matmul_peak", "parity", "tag_cli", "throughput",
-                                                      "tag_end_to_end"}
+    assert report["ok"] and set(report["steps"]) == set(steps)
     parity = report["steps"]["parity"]["result"]["rows"]
     assert parity["world-base float32"]["gate"] == "pass" and parity["world-base float32"]["tag_agreement"] == 1.0
     assert report["steps"]["tag_cli"]["result"]["rows"]["cpu bfloat16"]["agreement"] >= 0.95
@@ -388,6 +414,14 @@ def test_gpu_check_runs_end_to_end_on_the_cpu_with_small_settings(tmp_path):
     e2e = report["steps"]["tag_end_to_end"]["result"]["rows"]
     assert e2e["pipelined vs plain records"]["identical_captions"] == 1.0
     assert e2e["pipelined vs plain records"]["identical_vocabulary"] == 1.0
-    for mode in ("captions, world PNGs", "captions, camera JPEGs", "vocabulary of 40 tags, world PNGs"):
-        row = e2e[f"ttd tag, {mode}"]
-        assert row["images"] == 8 and row["errors"] == 0 and row["encode_ms_per_1k"] > 0 and row["decode_ms_per_1k"] > 0
+    for name in ("tuned", "default"):
+        assert e2e[f"{name}: encoder alone"]["images_per_s"] > 0
+        for kind in ("224-px PNGs", "500x375 JPEGs", "1024x768 JPEGs"):
+            row = e2e[f"{name}: ttd tag, {kind}"]
+            assert row["images"] == 8 and row["errors"] == 0 and row["encode_ms_per_1k"] > 0
+            assert row["decode_ms_per_1k"] > 0 and row["main_cpu_ms_per_1k"] > 0 and row["gpu_ms_per_1k"] > 0
+    assert e2e["tuned: ttd tag, open vocabulary of 40 caption words, 500x375 JPEGs"]["errors"] == 0
+    decoded = report["steps"]["device_decode"]["result"]["rows"]
+    assert decoded["agreement, world JPEGs, captions"]["agreement"] >= 0.99
+    assert decoded["agreement, 500x375 JPEGs (real photos), world vocabulary"]["images"] == 4
+    assert decoded["nvJPEG, 1024x768 JPEGs"]["tag_from_bytes_images_per_s"] > 0
