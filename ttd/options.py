@@ -48,6 +48,31 @@ class Precision(click.ParamType):  # type: ignore[type-arg]  # generic only in c
                       f"(or {', '.join(a for a, c in PRECISION_ALIASES.items() if c in self.choices)})", param, ctx)
 
 
+class BatchSize(click.ParamType):  # type: ignore[type-arg]  # generic only in click's stubs
+    """A number of images ≥ 1, or "auto": chosen for the device (ttd.runtime.hardware.auto_batch_size)."""
+
+    name = "batch_size"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "[N|auto]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str | None:
+        if value is None or isinstance(value, int) or value == "auto":
+            return value  # type: ignore[no-any-return]
+        if str(value).isdigit() and int(value) >= 1:
+            return int(value)
+        self.fail(f"{value!r} is not a number of images ≥ 1 or auto", param, ctx)
+
+
+def resolved_batch_size(batch_size: int | str | None, device: str | None, crop: str, default: int) -> int:
+    """--batch-size as given; "auto": by device (a GPU's batch, or the CPU default); unset: `default`."""
+    if batch_size == "auto":
+        from ttd.runtime.hardware import auto_batch_size
+
+        return auto_batch_size(device, crop)
+    return int(batch_size) if batch_size else default
+
+
 UNIT_INTERVAL = click.FloatRange(0, 1, min_open=True, max_open=True)
 
 

@@ -87,11 +87,17 @@ def test_job_reports_its_stage_times(taggers, captions, tmp_path):
     summary = tag_stream(taggers[False], open_items(captions), tmp_path / "t.jsonl", batch_size=5, progress=False,
                          decode_workers=0, inputs=[captions])
     stages = summary.stages
-    for name in ("decode", "decode_wait", "submit", "upload", "encode", "head", "download", "wait", "host", "write"):
+    for name in ("decode", "decode_wait", "submit", "stage", "upload", "encode", "head", "download", "wait", "host",
+                 "write", "main_cpu"):
         assert name in stages and stages[name] >= 0.0, name
-    assert stages["encode"] > 0 and stages["decode"] > 0
+    assert stages["encode"] > 0 and stages["decode"] > 0 and stages["main_cpu"] > 0
     # on a CPU the backend's work happens while the model's thread submits: its clocks are inside that time
-    assert stages["upload"] + stages["encode"] + stages["head"] + stages["download"] <= stages["submit"] + 1e-3
+    # (host staging apart from the transfer, which on a CPU is nothing)
+    assert stages["stage"] + stages["upload"] + stages["encode"] + stages["head"] + stages["download"] \
+        <= stages["submit"] + 1e-3
+    assert stages["upload"] == 0.0
+    # the model's thread's own CPU time is within its wall time (thread_time: this thread alone)
+    assert stages["main_cpu"] <= summary.seconds
     # each stage is a part of the job's wall time (the model's thread submits 5 batches in it)
     assert stages["submit"] + stages["decode_wait"] <= summary.seconds
     assert summary.profile().startswith("stages (s): decode ")
@@ -109,3 +115,29 @@ def test_tag_profile_prints_the_stage_times(captions, tmp_path):
     times = dict(part.rsplit(" ", 1) for part in line.removeprefix("stages (s): ").replace(";", ",").split(", "))
     assert {"decode", "encode", "head", "host", "write", "wall"} <= set(times)
     assert float(times["encode"]) > 0 and float(times["wall"]) >= float(times["encode"])
+
+
+def test_pinned_output_buffers_are_reused_once_nothing_holds_them():
+    """The pipelined path's output buffers (pinned on a GPU: a slow driver call each) are taken
+    again instead of allocated per batch, but never while a result made from them is alive."""
+    import gc
+
+    import torch
+
+    from ttd.runtime.device_pipeline import HostBuffers
+
+    buffers = HostBuffers(pin=False)  # pin=True on a GPU; the reuse is the same
+    first = buffers.take("scores", (4, 10), torch.float32)
+    address = first.data_ptr()
+    held = buffers.as_numpy(first)[1, :3]  # a row of a batch's scores, as a TagResult keeps it
+    del first
+    gc.collect()
+    second = buffers.take("scores", (4, 10), torch.float32)
+    assert second.data_ptr() != address  # the first is still held through its numpy row
+    del held
+    gc.collect()
+    third = buffers.take("scores", (4, 7), torch.float32)  # a smaller batch: the freed buffer again
+    assert third.data_ptr() == address and third.shape == (4, 7)
+    del third
+    assert buffers.take("scores", (2, 3), torch.int64).data_ptr() == address
+    assert len(buffers.buffers["scores"]) == 2  # two buffers served four batches

@@ -52,23 +52,128 @@ def test_batched_tag_head_equals_one_image_at_a_time(tiny_model, score_method, f
         assert batched[i].selected == alone.selected
 
 
-def test_head_calls_are_chunked_to_the_element_budget(tiny_model, monkeypatch):
+def _counting(backend) -> dict[str, list[int]]:
+    """Rows of every image-encoder and tag-head call the torch backend makes (wrapped, still run)."""
+    calls: dict[str, list[int]] = {"encoder": [], "head": []}
+    encoder, head = backend.image_encoder, backend.tag_head
+    backend.image_encoder = lambda pixels: calls["encoder"].append(len(pixels)) or encoder(pixels)
+    backend.tag_head = lambda views, *rest: calls["head"].append(len(views)) or head(views, *rest)
+    return calls
+
+
+@pytest.mark.parametrize("flip_tta", [False, True])
+def test_the_encoder_runs_the_batch_once_and_only_the_head_is_split(tiny_model, monkeypatch, flip_tta):
+    """A batch whose maps exceed the head's element budget: one encoder call of the whole batch
+    (one compiled shape, no padded remainders), the head in chunks; plain and pipelined alike."""
     import ttd.runtime.tagger as tagger_module
 
-    tagger = _tagger(tiny_model)
-    calls = []
-    tag_images = tagger.backend.tag_images
-    monkeypatch.setattr(tagger.backend, "tag_images", lambda i, p, r: calls.append(len(i)) or tag_images(i, p, r))
+    tagger = _tagger(tiny_model, flip_tta=flip_tta)
     images = np.random.default_rng(1).integers(0, 256, (7, 64, 64, 3), dtype=np.uint8)
     vocabulary = ["red", "blue", "circle"]
     whole = tagger.tag_vocabulary(images, vocabulary)
-    assert calls == [7]  # one call for the batch
-    calls.clear()
-    monkeypatch.setattr(tagger_module, "HEAD_ELEMENTS", 2 * 3 * 8 * 8)  # two images' maps per call
-    chunked = tagger.tag(images, [vocabulary] * 7)  # per-image lists, chunked the same way
-    assert calls == [2, 2, 2, 1]
+    calls = _counting(tagger.backend)
+    views = 2 if flip_tta else 1
+    monkeypatch.setattr(tagger_module, "HEAD_ELEMENTS", 2 * views * 3 * 8 * 8)  # two images' maps per call
+    chunked = tagger.tag(images, [vocabulary] * 7)  # per-image lists, chunked
+    assert calls == {"encoder": [7 * views], "head": [2, 2, 2, 1]}
     for a, b in zip(whole, chunked, strict=True):
         np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
+    calls["encoder"].clear(), calls["head"].clear()
+    scores = tagger.submit(images, [vocabulary] * 7).wait().scores
+    assert calls == {"encoder": [7 * views], "head": [2, 2, 2, 1]}
+    np.testing.assert_array_equal(scores, np.stack([r.scores for r in chunked]))
+
+
+def test_new_tags_are_text_encoded_in_large_fixed_calls_once(tiny_model):
+    """The text encoder runs `text_rows` texts a call (a GPU's 256: few calls, one synchronise
+    each), every call the same shape, each tag once per Tagger; an embedding does not depend on
+    the call's size or company (the bytes of a resumed job)."""
+    import ttd.runtime.torch_backend as torch_backend
+
+    backend = TorchBackend(tiny_model, "cpu")
+    backend.text_rows = 64  # as the device's setting, at a size the CPU runs quickly
+    large, small = _tagger(tiny_model), _tagger(tiny_model)
+    large.backend = backend
+    large.text_rows = backend.text_rows
+    large.negative_embeds  # the model's negative prompts, encoded once before counting
+    calls = []
+    encode = backend.encode_texts
+    backend.encode_texts = lambda ids: calls.append(len(ids)) or encode(ids)
+    templates = len(tiny_model.config.prompt_templates)
+    words = [f"w{i}" for i in range(100)]
+    tag_lists = [words[i : i + 10] for i in range(0, 100, 10)]
+    request = large.request(tag_lists)  # a batch's 100 new tags: together
+    assert calls == [64] * -(-100 * templates // 64)
+    calls.clear()
+    large.request(tag_lists[::-1])  # cached: no text-encoder call
+    assert calls == []
+    np.testing.assert_allclose(request.tag_embeds[3, :10], small.encode_tags(words[30:40]), atol=1e-5)
+    # a CPU pads less (8 a call); on cuda the backend takes the device's 256
+    assert TorchBackend(tiny_model, "cpu").text_rows == 8 and torch_backend.DEVICE_TEXT_ROWS == 256
+
+
+def test_batch_size_auto_is_chosen_by_device(tmp_path):
+    """--batch-size auto: 256 images a batch on a GPU (32 is launch-bound there), the CPU defaults
+    on a CPU; whole images fewer (each full-size image is held in memory)."""
+    import click
+
+    from ttd.cli.common import BatchSize
+    from ttd.data.world import make_sample
+    from ttd.runtime.hardware import auto_batch_size
+
+    assert [auto_batch_size(d) for d in ("cpu", "cuda", "cuda:1", "tensorrt")] == [32, 256, 256, 256]
+    assert [auto_batch_size(d, "whole") for d in ("cpu", "cuda:0")] == [8, 64]
+    if not CUDA:
+        assert auto_batch_size("auto") == auto_batch_size(None) == 32
+    kind = BatchSize()
+    assert [kind.convert(v, None, None) for v in ("auto", "64", 7, None)] == ["auto", 64, 7, None]
+    for bad in ("0", "-3", "big"):
+        with pytest.raises(click.BadParameter, match="number of images ≥ 1 or auto"):
+            kind.convert(bad, None, None)
+    sample = make_sample(2, 0)
+    from PIL import Image
+
+    Image.fromarray(sample.image).save(tmp_path / "a.png")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"image": "a.png", "caption": sample.caption}) + "\n")
+    done = CliRunner().invoke(main, ["tag", "--captions", str(tmp_path / "c.jsonl"), "-o", str(tmp_path / "o.jsonl"),
+                                     "--device", "cpu", "--batch-size", "auto", "--quiet"])
+    assert done.exit_code == 0, done.output
+    assert "wrote 1 record" in done.output
+
+
+def test_onnxruntime_gets_the_gpu_index_of_cuda_n():
+    from ttd.runtime.onnxruntime_backend import with_device_id
+
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert with_device_id(providers, "cuda:1") == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    assert with_device_id(["TensorrtExecutionProvider", *providers], "tensorrt:2")[:2] == \
+        [("TensorrtExecutionProvider", {"device_id": 2}), ("CUDAExecutionProvider", {"device_id": 2})]
+    assert with_device_id(providers, "cuda") == providers and with_device_id(["CPUExecutionProvider"], "cpu") == \
+        ["CPUExecutionProvider"]
+    with pytest.raises(ValueError, match="GPU index after ':' must be a number"):
+        with_device_id(providers, "cuda:first")
+
+
+def test_texts_run_at_their_own_length_with_the_full_contexts_embeddings():
+    """A causal text tower pooled at the end token: ids cut after it give the full context's
+    embedding, so each text runs at its length rounded up to PREFIX_STEP (a third of the work for
+    a world caption); texts are grouped by that length, so an embedding depends on its text alone."""
+    from ttd.data.world import make_sample
+    from ttd.runtime.tagger import PREFIX_STEP
+
+    tagger = load_tagger("torch", device="cpu")
+    captions = [make_sample(7, i).caption for i in range(12)] + ["circle", "a red circle on grass"]
+    full = tagger.backend.encode_texts(tagger.tokenizer(captions))  # the whole context, as exported graphs run it
+    widths = []
+    encode = tagger.backend.encode_texts
+    tagger.backend.encode_texts = lambda ids: widths.append(ids.shape) or encode(ids)
+    cut = tagger.encode_texts(captions)
+    np.testing.assert_allclose(cut, full, atol=2e-6)
+    context = tagger.config.context_length
+    assert all(rows == tagger.text_rows and width % PREFIX_STEP == 0 and width < context for rows, width in widths)
+    assert len({width for _, width in widths}) >= 2 and sum(width for _, width in widths) <= len(widths) * context / 2
+    alone = tagger.encode_texts(["circle"])
+    assert np.array_equal(alone[0], cut[12])  # the same bits with or without long companions
 
 
 def test_padded_batch_is_the_next_power_of_two():
@@ -242,21 +347,43 @@ def test_decoding_worker_processes_write_what_the_main_process_writes(tiny_model
     assert "cannot decode image" in outputs[2][9]["error"] and "error" not in outputs[2][0]
 
 
-def test_gpu_check_dry_run_lists_every_step_and_runs_nothing(tmp_path):
+def test_gpu_check_dry_run_lists_every_step_checks_the_device_imports_and_runs_nothing(tmp_path):
+    """The dry run lists every step and says, for every module the steps import on the device,
+    whether the device has it or a carried wheel brings it; a missing one makes it NOT READY."""
     import subprocess
     import sys
     from pathlib import Path
 
+    import benchmarks.gpu_check as gpu_check
+
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.sh"
-    done = subprocess.run(["bash", str(script), "--dry-run", "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
-    assert done.returncode == 0, done.stderr
+    wheels, inputs = tmp_path / "wheels", tmp_path / "inputs"
+    wheels.mkdir(), inputs.mkdir()
+    for name in ("open_clip_torch-3.3.0-py3-none-any.whl", "ftfy-6.3.1-py3-none-any.whl",
+                 "wcwidth-0.2.13-py2.py3-none-any.whl", "regex-2026.12.2-cp312-cp312-manylinux_2_28_x86_64.whl",
+                 "torchvision-0.26.0-cp312-cp312-manylinux_2_28_x86_64.whl"):
+        (wheels / name).write_bytes(b"")
+    for name in gpu_check.PHOTO_NAMES:
+        (inputs / name).write_bytes(b"")
+
+    def dry_run():
+        return subprocess.run(["bash", str(script), "--dry-run", "--out", str(tmp_path / "out"), "--inputs", str(inputs)],
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHON": sys.executable, "TTD_WHEELS": str(wheels)})
+
+    done = dry_run()
+    assert done.returncode == 0, done.stdout + done.stderr
     for step in ("environment", "matmul_peak", "parity", "tag_cli", "throughput", "compile", "tag_end_to_end",
-                 "train_eval"):
+                 "device_decode", "train_eval"):
         assert f"  {step}: (≤ " in done.stdout
-    assert "32768 images per run" in done.stdout and "camera JPEGs of 4032x3024" in done.stdout
-    assert "batches [1, 8, 64, 256]" in done.stdout and "dry run; would install" in done.stderr
-    assert not (tmp_path / "out").exists()
+    assert "tuned 16384 images per run (bf16, batch auto), default 4096 (fp32, eager, batch 32)" in done.stdout
+    assert "224-px PNGs, 500x375 JPEGs, 1024x768 JPEGs" in done.stdout and "open vocabulary of 5000" in done.stdout
+    assert "torchvision: carried (torchvision-0.26.0" in done.stdout and "not accounted for: none" in done.stdout
+    assert "CUBLAS_WORKSPACE_CONFIG=:4096:8" in done.stdout and done.stdout.rstrip().endswith("READY")
+    assert "dry run; would install 5 wheels" in done.stderr and not (tmp_path / "out").exists()
+    (wheels / "torchvision-0.26.0-cp312-cp312-manylinux_2_28_x86_64.whl").unlink()
+    done = dry_run()
+    assert done.returncode == 2 and "torchvision: MISSING" in done.stdout and "NOT READY" in done.stdout
 
 
 def test_gpu_check_runs_end_to_end_on_the_cpu_with_small_settings(tmp_path):
@@ -266,16 +393,20 @@ def test_gpu_check_runs_end_to_end_on_the_cpu_with_small_settings(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
+    prepared = subprocess.run([sys.executable, str(script), "--prepare", "--inputs", str(tmp_path / "photos")],
+                              capture_output=True, text=True, timeout=120)
+    if prepared.returncode != 0:
+        pytest.skip(f"no real photos to make inputs from: {prepared.stdout}{prepared.stderr}")
+    steps = ["environment", "matmul_peak", "parity", "tag_cli", "throughput", "tag_end_to_end", "device_decode"]
     done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--vit-model", "world-tiny",
-                           "--batches", "2", "--compile-batches", "--world-images", "4", "--e2e-images", "8", "--parity-pairs", "8",
-                           "--photo-size", "320", "240", "--vocabulary-tags", "40", "--decode-workers", "1",
-                           "--steps", "environment", "matmul_peak", "parity", "tag_cli", "throughput", "tag_end_to_end",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "2"})
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+                           "--batches", "2", "--compile-batches", "--world-images", "4", "--e2e-images", "8",
+                           "--default-images", "8", "--parity-pairs", "8", "--photos", "4", "--inputs",
+                           str(tmp_path / "photos"), "--open-words", "40", "--vocabulary-tags", "40",
+                           "--decode-workers", "1", "--steps", *steps, "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert report["ok"] and set(report["steps"]) == {"environment", "matmul_peak", "parity", "tag_cli", "throughput",
-                                                      "tag_end_to_end"}
+    assert report["ok"] and set(report["steps"]) == set(steps)
     parity = report["steps"]["parity"]["result"]["rows"]
     assert parity["world-base float32"]["gate"] == "pass" and parity["world-base float32"]["tag_agreement"] == 1.0
     assert report["steps"]["tag_cli"]["result"]["rows"]["cpu bfloat16"]["agreement"] >= 0.95
@@ -283,6 +414,14 @@ def test_gpu_check_runs_end_to_end_on_the_cpu_with_small_settings(tmp_path):
     e2e = report["steps"]["tag_end_to_end"]["result"]["rows"]
     assert e2e["pipelined vs plain records"]["identical_captions"] == 1.0
     assert e2e["pipelined vs plain records"]["identical_vocabulary"] == 1.0
-    for mode in ("captions, world PNGs", "captions, camera JPEGs", "vocabulary of 40 tags, world PNGs"):
-        row = e2e[f"ttd tag, {mode}"]
-        assert row["images"] == 8 and row["errors"] == 0 and row["encode_ms_per_1k"] > 0 and row["decode_ms_per_1k"] > 0
+    for name in ("tuned", "default"):
+        assert e2e[f"{name}: encoder alone"]["images_per_s"] > 0
+        for kind in ("224-px PNGs", "500x375 JPEGs", "1024x768 JPEGs"):
+            row = e2e[f"{name}: ttd tag, {kind}"]
+            assert row["images"] == 8 and row["errors"] == 0 and row["encode_ms_per_1k"] > 0
+            assert row["decode_ms_per_1k"] > 0 and row["main_cpu_ms_per_1k"] > 0 and row["gpu_ms_per_1k"] > 0
+    assert e2e["tuned: ttd tag, open vocabulary of 40 caption words, 500x375 JPEGs"]["errors"] == 0
+    decoded = report["steps"]["device_decode"]["result"]["rows"]
+    assert decoded["agreement, world JPEGs, captions"]["agreement"] >= 0.99
+    assert decoded["agreement, 500x375 JPEGs (real photos), world vocabulary"]["images"] == 4
+    assert decoded["nvJPEG, 1024x768 JPEGs"]["tag_from_bytes_images_per_s"] > 0

@@ -279,3 +279,37 @@ def test_tag_crop_whole_finds_tags_outside_the_centre_crop(tmp_path):
     result = CliRunner().invoke(main, ["tag", "--vocabulary", str(tmp_path / "c.jsonl"), str(tmp_path / "wide.png"),
                                        "-o", str(tmp_path / "v.jsonl"), "--crop", "whole"])
     assert result.exit_code == 2 and "ttd segment --classes" in result.output
+
+
+def test_whole_image_batch_runs_the_head_once_per_request_and_builds_only_the_records_masks(tmp_path):
+    """A batch of whole images: the tag head over every window of every image in one request for
+    the tags and one for the captions (not two per image), canvas maps only for the masks a record
+    holds (the caption's and the selected tags'), and the per-image path's records."""
+    from ttd.data.inputs import Item
+    from ttd.jobs.segment_job import WholeImageStep
+    from ttd.segment.whole_image import WindowMaps
+
+    tagger = load_tagger("torch", device="cpu")
+    samples = [make_sample(3, i) for i in range(6)]
+    images = [Image.fromarray(s.image) for s in samples]
+    batch = [(i, Item(f"{i}.png", tmp_path / f"{i}.png", s.caption)) for i, s in enumerate(samples)]
+    step = WholeImageStep(None, SegmentOptions(batch_size=8))
+    heads, canvases = [], []
+    score_tags = tagger.backend.score_tags
+    tagger.backend.score_tags = lambda views, request: heads.append(len(views)) or score_tags(views, request)
+    canvas = WindowMaps.canvas_logits
+    WindowMaps.canvas_logits = lambda self, tags: canvases.append(tags) or canvas(self, tags)
+    try:
+        records = step.records(tagger, step.run(tagger, batch, list(images)))
+    finally:
+        WindowMaps.canvas_logits = canvas
+        tagger.backend.score_tags = score_tags
+    assert heads == [6, 6]  # one window per image: tags, then captions
+    masks = sum(len(r["segments"]) for r in records)
+    assert len(canvases) == masks and all(tags != slice(None) for tags in canvases)
+    for sample, image, record in zip(samples, images, records):
+        alone = segment_caption(tagger, image, sample.caption)
+        assert [c["tag"] for c in record["candidates"]] == [t for t, _ in alone.candidates]
+        np.testing.assert_allclose([c["score"] for c in record["candidates"]], [s for _, s in alone.candidates],
+                                   atol=2e-6)
+        assert record["selected"] == alone.selected

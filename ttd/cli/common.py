@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ttd.errors import TTDError
-from ttd.options import MODEL, SETTINGS, Precision, setting_options
+from ttd.options import MODEL, SETTINGS, BatchSize, Precision, setting_options
 
 __all__ = ["Precision", "TTDGroup", "echo_line", "fail", "main", "model_options"]
 
@@ -91,10 +91,11 @@ def long_job_options(command):
         click.option("--num-shards", type=click.IntRange(1), default=1, show_default=True,
                      help="Number of --shard jobs; their outputs concatenate into the whole job's output "
                           "(each record has its input position in \"index\")."),
-        click.option("--batch-size", type=click.IntRange(1), default=None,
+        click.option("--batch-size", type=BatchSize(), default=None,
                      help="Images per batch, decoded together ahead of the model: the centre crop's encoder call "
                           "(default 32); whole images: also the windows per encoder call, whichever images they "
-                          "come from (default 8: full-size images are held in memory)."),
+                          "come from (default 8: full-size images are held in memory). auto: by device (a GPU: "
+                          "256, whole images 64; a CPU: the defaults)."),
         click.option("--decode-workers", type=click.IntRange(0), default=None,
                      help="Processes that decode the next batches while the model runs the current one "
                           "(0: one decoding thread in this process); they import no torch and hand images back "

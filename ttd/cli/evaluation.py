@@ -17,7 +17,7 @@ from ttd.model.config import (
     DEFAULT_THRESHOLD,
 )
 from ttd.cli.common import echo_line, main, make_segment_options, whole_image_options
-from ttd.options import RUNTIME, setting_options
+from ttd.options import RUNTIME, BatchSize, resolved_batch_size, setting_options
 
 
 @main.command("eval")
@@ -26,7 +26,8 @@ from ttd.options import RUNTIME, setting_options
               help="An evaluation folder (annotations.jsonl). Default: the held-out world split in memory.")
 @click.option("--count", type=click.IntRange(1), default=500, show_default=True, help="World samples when --data is not given.")
 @click.option("--seed", type=int, default=2, show_default=True, help="World seed when --data is not given.")
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Images per encoder call.")
+@click.option("--batch-size", type=BatchSize(), default=64, show_default=True,
+              help="Images per encoder call (auto: by device).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the metrics here as JSON.")
 def evaluate_command(data_dir, count, seed, batch_size, json_path, **settings):
@@ -34,6 +35,7 @@ def evaluate_command(data_dir, count, seed, batch_size, json_path, **settings):
     through the same runtime as `ttd tag` (so an export can be evaluated: --backend onnxruntime --export-dir)."""
     from ttd.evaluation.evaluate import evaluate_model, format_table
 
+    batch_size = resolved_batch_size(batch_size, settings["device"], "center", 64)
     result = evaluate_model(settings, data_dir, count, seed, batch_size, log=echo_line)
     click.echo(format_table(result))
     if json_path:
@@ -63,7 +65,8 @@ def evaluate_command(data_dir, count, seed, batch_size, json_path, **settings):
 @click.option("--seed", type=int, default=CALIBRATION_SEED, show_default=True, help="World seed when --data is not given.")
 @click.option("--min-precision", type=click.FloatRange(0, 1), default=DEFAULT_MIN_PRECISION, show_default=True,
               help="Labelled fit: the margin of best F1 among those with at least this precision.")
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Images per encoder call.")
+@click.option("--batch-size", type=BatchSize(), default=32, show_default=True,
+              help="Images per encoder call (auto: by device).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write a calibrated checkpoint DIR/model.safetensors (+ .json) instead of into --checkpoint: "
                    "how a plain open_clip model (--model NAME --pretrained FILE) gets its margin.")
@@ -91,6 +94,7 @@ def calibrate(captions, data_dir, max_false_rate, max_pairs, choose_negatives, c
     """
     from ttd.evaluation.calibration import calibrate_model
 
+    batch_size = resolved_batch_size(batch_size, settings["device"], "center", 32)
     result = calibrate_model(settings, captions, data_dir, max_false_rate=max_false_rate, max_pairs=max_pairs,
                              choose_negatives=choose_negatives, count=count, seed=seed, min_precision=min_precision,
                              batch_size=batch_size, out_dir=out_dir, dry_run=dry_run, json_path=json_path)

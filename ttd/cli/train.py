@@ -17,7 +17,7 @@ from ttd.model.config import (
 )
 
 from ttd.cli.common import Precision, fail, main, model_options
-from ttd.options import UNIT_INTERVAL
+from ttd.options import UNIT_INTERVAL, BatchSize
 
 
 @main.command()
@@ -30,7 +30,8 @@ from ttd.options import UNIT_INTERVAL
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default="runs/ttd", show_default=True,
               help="Run folder: model.safetensors (+ .json), last.pt for resuming, metrics.jsonl and metrics.png.")
 @click.option("--steps", type=click.IntRange(1), default=None, help="Default: 300 (ttd) or 1500 (clip).")
-@click.option("--batch-size", type=click.IntRange(2), default=None, help="Per process. Default: 64 (ttd) or 128 (clip).")
+@click.option("--batch-size", type=BatchSize(), default=None,
+              help="Pairs per step and process, at least 2. Default (or auto): 64 (ttd) or 128 (clip).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate. Default: 1e-3.")
 @click.option("--warmup", "warmup_steps", type=click.IntRange(0), default=None,
               help="Linear warm-up steps of the learning rate. Default: the objective's.")
@@ -84,6 +85,9 @@ def train(model, pretrained, checkpoint, dense_mode, objective, captions, out_di
     from ttd.train.loop import TrainConfig, init_distributed, training_device
     from ttd.train.loop import train as run_training
 
+    batch_size = None if batch_size == "auto" else batch_size
+    if batch_size is not None and batch_size < 2:
+        fail(f"--batch-size {batch_size}: a contrastive step needs at least 2 pairs")
     if precision not in ("fp32", "bf16"):
         fail(f"--precision {precision}: training runs in fp32 or with bf16 autocast; {precision} is an export precision")
     init_distributed(device)

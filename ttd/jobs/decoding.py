@@ -20,6 +20,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from itertools import islice
 from multiprocessing import shared_memory
@@ -29,6 +30,15 @@ import numpy as np
 from ttd.data.inputs import Item
 
 Positioned = list[tuple[int, Item]]
+# (shape) -> a uint8 array of that shape for a decoded batch to land in (None: a fresh one); the
+# torch backend on a GPU gives its next pinned upload slot (ttd/runtime/device_pipeline.py)
+Destination = Callable[[tuple[int, ...]], "np.ndarray | None"]
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (os.sched_getaffinity where the OS has it), not the machine's."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
 
 
 def default_decode_workers() -> int:
@@ -37,7 +47,7 @@ def default_decode_workers() -> int:
 
     Processes, not threads: with threads, Python-level decoding work holds the GIL and starves
     the thread that feeds the GPU (measured on an H200 host: 8 threads ran no faster than one)."""
-    cores = os.cpu_count() or 1
+    cores = usable_cores()  # the cores this process may run on (a container's or a scheduler's share)
     return 0 if cores < 4 else cores - 2
 
 
@@ -119,9 +129,15 @@ class DecodingPool:
     def alive(self) -> bool:
         return self.executor is not None
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop the workers and free the blocks. wait=False does not wait for a decode in progress
+        (a job aborted by a timeout or an interrupt): the workers are terminated instead."""
         if self.executor is not None:
-            self.executor.shutdown(cancel_futures=True)
+            processes = list((getattr(self.executor, "_processes", None) or {}).values())
+            self.executor.shutdown(wait=wait, cancel_futures=True)
+            if not wait:
+                for process in processes:
+                    process.terminate()
             self.executor = None
         for slot in self.slots:
             slot.block.close()
@@ -151,8 +167,12 @@ class DecodingPool:
         return slot, [self.executor.submit(decode_into, prepare, chunk[i : i + step], name, i, self.row_shape)
                       for i in range(0, len(chunk), step)]
 
-    def collect(self, slot: _Slot | None, futures: list[Future], count: int) -> tuple[float, list]:
-        """(decoding seconds summed over the workers, outcomes) of a submitted chunk, images copied out of its block."""
+    def collect(self, slot: _Slot | None, futures: list[Future], count: int,
+                destination: Destination | None = None) -> tuple[float, list]:
+        """(decoding seconds summed over the workers, outcomes) of a submitted chunk, its images
+        copied out of the block in one copy into one batch array (`destination`'s, e.g. a pinned
+        upload slot, when it gives one): each image is a row of that array, so the batch needs no
+        other copy on its way to the device (ttd.jobs.stream_job.batch_images)."""
         seconds, outcomes = 0.0, []
         for future in futures:
             spent, part = future.result()
@@ -160,7 +180,10 @@ class DecodingPool:
             outcomes.extend(part)
         images = None
         if slot is not None:
-            images = np.ndarray((count, *self.row_shape), np.uint8, buffer=slot.block.buf).copy()
+            shape = (count, *self.row_shape)
+            images = destination(shape) if destination is not None else None
+            images = np.empty(shape, np.uint8) if images is None else images
+            np.copyto(images, np.ndarray(shape, np.uint8, buffer=slot.block.buf))
         for offset, outcome in enumerate(outcomes):
             if isinstance(outcome, tuple) and outcome[0] is None:
                 outcomes[offset] = (images[offset], *outcome[1:])
@@ -172,7 +195,8 @@ class DecodingPool:
 
 def decoded_batches(items: Iterable[tuple[int, Item]], batch_size: int, workers: int, prepare: Callable[[list[Item]], list],
                     prefetch: int = 2, pool: DecodingPool | None = None,
-                    stages: dict[str, float] | None = None) -> Iterator[tuple[Positioned, list]]:
+                    stages: dict[str, float] | None = None,
+                    destination: Destination | None = None) -> Iterator[tuple[Positioned, list]]:
     """(batch of (position, item), outcomes): each outcome is (uint8 image, tags or None, the image's own size) or the
     error message of that item, as `prepare` (e.g. ttd.jobs.decode_items.prepare_items with its settings bound)
     after the items).
@@ -184,7 +208,8 @@ def decoded_batches(items: Iterable[tuple[int, Item]], batch_size: int, workers:
     `prefetch` batches are decoded ahead. A worker that dies (e.g. killed for memory) costs no
     item: the pool is dropped and the batches in flight are decoded here. `stages` (if given)
     accumulates "decode" (seconds spent decoding, summed over workers) and "decode_wait" (seconds
-    this thread waited for a decoded batch)."""
+    this thread waited for a decoded batch). `destination`: where a pool's batch lands (see
+    DecodingPool.collect); the images of a batch are valid until the next batch is asked for."""
     stream = iter(items)
     if pool is not None and not pool.alive:  # a pool broken by an earlier job's dead worker
         pool = None
@@ -221,6 +246,7 @@ def decoded_batches(items: Iterable[tuple[int, Item]], batch_size: int, workers:
     def add(name: str, seconds: float) -> None:
         stages[name] = stages.get(name, 0.0) + seconds
 
+    aborted = False
     try:
         while True:
             while failure is None and len(pending) < (prefetch if pool is not None or thread is not None else 1):
@@ -232,7 +258,7 @@ def decoded_batches(items: Iterable[tuple[int, Item]], batch_size: int, workers:
                 if failure is not None:
                     raise failure
                 return
-            batch, slot, futures = pending.popleft()
+            batch, slot, futures = pending[0]
             chunk = [item for _, item in batch]
             waited = time.perf_counter()
             if not futures:
@@ -241,20 +267,31 @@ def decoded_batches(items: Iterable[tuple[int, Item]], batch_size: int, workers:
                 seconds, outcomes = futures[0].result()
             else:
                 try:
-                    seconds, outcomes = pool.collect(slot, futures, len(chunk))
-                except Exception as error:  # noqa: BLE001 - a dead worker: decode here from now on
+                    seconds, outcomes = pool.collect(slot, futures, len(chunk), destination)
+                except BrokenProcessPool as error:  # a dead worker: decode here from now on
+                    # only a dead worker: a timeout or interrupt raised while this thread waits
+                    # (e.g. benchmarks/gpu_check.py's step limit) must end the job, not be taken
+                    # for a worker failure and decode on without limit (docs/gpu.md)
                     warnings.warn(f"decoding workers failed ({type(error).__name__}: {error}); decoding in this process")
                     pool.close()
                     pool = None
                     pending = deque((b, None, []) for b, _, _ in pending)
                     seconds, outcomes = _timed(prepare, chunk)
+            pending.popleft()
             add("decode_wait", time.perf_counter() - waited)
             add("decode", seconds)
             yield batch, outcomes
+    except GeneratorExit:  # the consumer stopped early: an orderly end
+        raise
+    except BaseException:
+        aborted = True  # raised here (a timeout, an interrupt, an input error): nothing waits on a worker
+        raise
     finally:
         if thread is not None:
-            thread.shutdown(cancel_futures=True)
-        if own_pool and pool is not None:
+            thread.shutdown(wait=not aborted, cancel_futures=True)
+        if pool is not None and aborted and any(not f.done() for _, _, futures in pending for f in futures):
+            pool.close(wait=False)  # a decode in progress may hang (a stalled mount): end the workers
+        elif own_pool and pool is not None:
             pool.close()
         elif pool is not None:  # a job that stops early: its batches in flight must not write into the next job's blocks
             for _, _, futures in pending:

@@ -52,7 +52,7 @@ class Job:
     stride: int | None = None
     pamr: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
-    batch_size: int | None = None
+    batch_size: int | str | None = None  # "auto": by device
     decode_workers: int | None = None
     resume: bool = False
     shard: int = 0
@@ -161,8 +161,12 @@ def _templates_of(job: Job) -> tuple[str, ...] | None:
 
 
 def _batch_size(job: Job) -> int:
-    """Images per batch: 32 centre crops, or 8 whole images (held in memory at full size)."""
-    return job.batch_size or (32 if job.mode_crop == "center" and not job.segment else 8)
+    """Images per batch: 32 centre crops, or 8 whole images (held in memory at full size); "auto": by device."""
+    from ttd.options import resolved_batch_size
+
+    whole = job.segment or job.mode_crop == "whole"
+    return resolved_batch_size(job.batch_size, job.settings.get("device"), "whole" if whole else "center",
+                               8 if whole else 32)
 
 
 def _step(job: Job, vocabulary: list[str] | None) -> Any:

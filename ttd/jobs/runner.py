@@ -167,9 +167,13 @@ def job_total(inputs: Sequence[Path]) -> int | None:
 # The stage timers of a job. decode: seconds spent decoding (summed over workers); decode_wait: the
 # model's thread waiting for a decoded batch; submit: the model's thread handing a batch to the
 # backend (on a CPU, where nothing is asynchronous, that is the model's work itself); upload,
-# encode, head, download: the backend's own clocks (CUDA events on a GPU, perf_counter on a CPU);
-# wait: the record stage waiting for a batch's results; host: building records; write: the writer.
-STAGES = ("decode", "decode_wait", "submit", "upload", "encode", "head", "download", "wait", "host", "write")
+# encode, head, download: the backend's own clocks (CUDA events on a GPU, perf_counter on a CPU;
+# "upload" is the transfer alone, "stage" the host's copying into the pinned slot before it);
+# wait: the record stage waiting for a batch's results; host: building records; write: the writer;
+# main_cpu: the CPU seconds of the thread that feeds the model (time.thread_time), the figure that
+# limits a GPU job when the device waits on Python (docs/gpu.md).
+STAGES = ("decode", "decode_wait", "submit", "stage", "upload", "encode", "head", "download", "wait", "host", "write",
+          "main_cpu")
 
 def _thread_safe(tagger: Tagger) -> bool:
     """Whether the backend's graphs may run from two threads at once (a TensorRT execution context may not)."""
@@ -229,6 +233,12 @@ def open_job_output(output: Path, description: dict, options: JobOptions):
     return writer, summary
 
 
+def step_destination(step: Step, tagger: Tagger):
+    """Where a step wants its decoded batches to land (ttd.jobs.decoding.Destination), if anywhere."""
+    destination = getattr(step, "destination", None)
+    return destination(tagger) if destination is not None else None
+
+
 def run_job(tagger: Tagger, step: Step, items: Iterable[Item], output: Path, job: dict | None = None,
             options: JobOptions = JobOptions(), inputs: Sequence[Path] = (),
             explicit_images: Sequence[Path] = ()) -> JobSummary:
@@ -257,7 +267,7 @@ def run_job(tagger: Tagger, step: Step, items: Iterable[Item], output: Path, job
             recording: dict[str, float] = {}
             batches = decoded_batches(select_shard(counted, options.shard, options.num_shards, skip=summary.resumed),
                                       options.batch_size, workers, step.decoder(tagger), options.prefetch,
-                                      options.decoding_pool, decoding)
+                                      options.decoding_pool, decoding, step_destination(step, tagger))
 
             def write(ran: Any) -> None:
                 started = time.perf_counter()
@@ -271,6 +281,7 @@ def run_job(tagger: Tagger, step: Step, items: Iterable[Item], output: Path, job
                 bar.update(len(records))
 
             stage = _RecordStage(write, threaded=_thread_safe(tagger))
+            main_started = time.thread_time()
             try:
                 for batch, outcomes in batches:
                     submitted = time.perf_counter()
@@ -278,6 +289,7 @@ def run_job(tagger: Tagger, step: Step, items: Iterable[Item], output: Path, job
                     add_stages(decoding, {"submit": time.perf_counter() - submitted})
                     stage.put(ran)
             finally:
+                add_stages(decoding, {"main_cpu": time.thread_time() - main_started})
                 stage.close()
                 add_stages(summary.stages, decoding)
                 add_stages(summary.stages, recording)

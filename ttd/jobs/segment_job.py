@@ -25,8 +25,8 @@ from ttd.data.voc import PALETTE_SIZE, palette
 from ttd.runtime.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from ttd.data.inputs import Item
 from ttd.runtime.tagger import Tagger
-from ttd.segment.segmentation import SegmentOptions, Segmentation, segment_caption, segment_classes
-from ttd.segment.whole_image import encode_windows_of
+from ttd.segment.segmentation import SegmentOptions, Segmentation, segment_captions, segment_classes
+from ttd.segment.whole_image import WindowFeatures, encode_windows_of
 from ttd.jobs.decoding import Positioned
 from ttd.jobs.decode_items import caption_tags
 from ttd.jobs.tag_job import contained_path, safe_name
@@ -86,6 +86,16 @@ def decode_whole(items: list[Item], captions: bool, max_pixels: int) -> list:
 
 
 @dataclass
+class EncodedBatch:
+    """A batch after the image encoder: its items, their decoded images (or errors) and each
+    decoded image's window features, by offset in the batch."""
+
+    batch: Positioned
+    outcomes: list
+    features: dict[int, WindowFeatures]
+
+
+@dataclass
 class WholeImageStep:
     """The whole-image step (`ttd segment`, `ttd tag --crop whole`): each image covered by windows at
     its own size; the windows of a batch's images share encoder calls (`options.batch_size` windows
@@ -110,26 +120,43 @@ class WholeImageStep:
     def decoder(self, tagger: Tagger) -> Callable[[list[Item]], list]:
         return functools.partial(decode_whole, captions=self.classes is None, max_pixels=self.max_pixels)
 
-    def run(self, tagger: Tagger, batch: Positioned, outcomes: list) -> list[tuple[int, Item, Segmentation | str]]:
+    def run(self, tagger: Tagger, batch: Positioned, outcomes: list) -> EncodedBatch:
+        """The image encoder over the windows of the batch's images (this thread: the one that feeds
+        the device); the rest of the batch's work is the record stage's (`records`), which runs
+        in a second thread while this one encodes the next batch."""
         decoded = [k for k, outcome in enumerate(outcomes) if not isinstance(outcome, str)]
-        results: list = list(outcomes)
+        features = {}
         if decoded:
             options = self.options
-            features = encode_windows_of(tagger, [outcomes[k] for k in decoded], options.crop, options.scales,
-                                         options.stride, options.batch_size)
-            captions = None if self.classes is not None else tagger.encode_texts([batch[k][1].caption for k in decoded])
-            for n, (k, feature) in enumerate(zip(decoded, features)):
-                image, item = outcomes[k], batch[k][1]
-                try:
-                    results[k] = (segment_classes(tagger, image, self.classes, options, self.class_embeds, feature)
-                                  if captions is None else
-                                  segment_caption(tagger, image, item.caption, options, feature, captions[n]))
-                except ValueError as error:
-                    results[k] = str(error)
-        return [(position, item, result) for (position, item), result in zip(batch, results)]
+            encoded = encode_windows_of(tagger, [outcomes[k] for k in decoded], options.crop, options.scales,
+                                        options.stride, options.batch_size)
+            features = dict(zip(decoded, encoded))
+        return EncodedBatch(batch, outcomes, features)
 
-    def records(self, tagger: Tagger, ran: list[tuple[int, Item, Segmentation | str]]) -> list[dict]:
-        return [self._record(position, item, result) for position, item, result in ran]
+    def segmented(self, tagger: Tagger, encoded: EncodedBatch) -> list[Segmentation | str]:
+        """Each item's segmentation (or error): the tag head over all the batch's windows at once,
+        masks only for what the record holds."""
+        results: list = list(encoded.outcomes)
+        keys = sorted(encoded.features)
+        if not keys:
+            return results
+        if self.classes is None:
+            segmented = segment_captions(tagger, [encoded.features[k] for k in keys],
+                                         [encoded.batch[k][1].caption for k in keys], self.options)
+            for k, result in zip(keys, segmented):
+                results[k] = result
+            return results
+        for k in keys:
+            try:
+                results[k] = segment_classes(tagger, encoded.outcomes[k], self.classes, self.options, self.class_embeds,
+                                             encoded.features[k])
+            except ValueError as error:
+                results[k] = str(error)
+        return results
+
+    def records(self, tagger: Tagger, ran: EncodedBatch) -> list[dict]:
+        results = self.segmented(tagger, ran)
+        return [self._record(position, item, result) for (position, item), result in zip(ran.batch, results)]
 
     def _record(self, position: int, item: Item, result: Segmentation | str) -> dict:
         """The output line of one item: its segmentation, or the error that names its problem."""

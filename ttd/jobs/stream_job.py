@@ -92,6 +92,26 @@ def ranked_top(row: list[float], top: np.ndarray | None, top_k: int) -> list[int
     return sorted(candidates, key=lambda i: (-round(row[i], 6), i))[:top_k]
 
 
+def batch_images(images: list[np.ndarray], destination=None) -> np.ndarray:
+    """The batch [B, S, S, 3] of decoded images with as few copies as possible: no copy when they
+    are consecutive rows of one array (a decoding pool's batch, DecodingPool.collect), else one
+    stack (into `destination`'s buffer when it gives one: a pinned upload slot on a GPU)."""
+    first = images[0]
+    base = first.base
+    if isinstance(base, np.ndarray) and base.ndim == first.ndim + 1 and base.flags.c_contiguous \
+            and base.shape[1:] == first.shape and all(image.base is base for image in images):
+        origin, row = base.__array_interface__["data"][0], first.nbytes
+        start, remainder = divmod(first.__array_interface__["data"][0] - origin, row)
+        if remainder == 0 and all(image.__array_interface__["data"][0] == origin + (start + i) * row
+                                  for i, image in enumerate(images)):
+            return base[start : start + len(images)]
+    shape = (len(images), *first.shape)
+    out = destination(shape) if destination is not None else None
+    if out is None or (isinstance(base, np.ndarray) and np.may_share_memory(out, base)):  # never stack onto itself
+        return np.stack(images)
+    return np.stack(images, out=out)
+
+
 @dataclass
 class CentreStep:
     """The centre-crop step: encoder and tag head together on the backend's device, one call per
@@ -122,6 +142,11 @@ class CentreStep:
         warn_indistinct_tags(tagger, self.vocabulary)
         return dataclasses.replace(self, vocabulary_embeds=tagger.encode_tags(self.vocabulary, progress))
 
+    def destination(self, tagger: Tagger):
+        """Where decoded batches land: the backend's next upload slot (pinned, on a GPU), so a
+        batch takes one host copy on its way to the device (docs/gpu.md); None: anywhere."""
+        return getattr(tagger.backend, "staging", None) if self.pipelined else None
+
     def decoder(self, tagger: Tagger) -> Callable[[list[Item]], list]:
         return functools.partial(prepare_items, vocabulary_mode=self.vocabulary is not None,
                                  preprocess=dataclasses.replace(tagger.preprocess, max_pixels=self.max_pixels))
@@ -132,14 +157,14 @@ class CentreStep:
         sizes = {k: prepared[k][2] for k in prepared}
         if prepared and self.pipelined:
             keys = sorted(prepared)
-            images = np.stack([prepared[k][0] for k in keys])
+            images = batch_images([prepared[k][0] for k in keys], self.destination(tagger))
             tag_lists = [prepared[k][1] for k in keys]
             pending = tagger.submit(images, None if self.vocabulary is not None else tag_lists, self.vocabulary_embeds,
                                     self.with_masks, self.top_k if self.vocabulary is not None else 0)
             return TaggedBatch(batch, records, results, sizes, pending, keys, tag_lists)
         if prepared:
             keys = sorted(prepared)
-            images = np.stack([prepared[k][0] for k in keys])
+            images = batch_images([prepared[k][0] for k in keys])
             if self.vocabulary is not None:
                 tagged = tagger.tag_vocabulary(images, self.vocabulary, self.vocabulary_embeds, self.with_masks)
             else:

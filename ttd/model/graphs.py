@@ -7,6 +7,7 @@ PyTorch and ONNX compute the same thing by construction.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ttd.model.clip import TTDModel
@@ -33,7 +34,32 @@ class TextEncoderGraph(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[1] < self.model.clip.positional_embedding.shape[0]:
+            return self._prefix(input_ids)
         return self.model.encode_text(input_ids).float()
+
+    @property
+    def accepts_prefix(self) -> bool:
+        """Whether ids cut after their end-of-text token give the full context's embedding: true
+        of a causal text transformer pooled at that token (each position sees only the ones
+        before it, so the padding after it changes nothing), which CLIP's is."""
+        clip = self.model.clip
+        return getattr(clip, "attn_mask", None) is not None and getattr(clip, "text_pool_type", None) == "argmax"
+
+    def _prefix(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """open_clip's CLIP.encode_text (3.x) on the first L positions only (accepts_prefix): the
+        text transformer's work shrinks with the texts' own length, not the context's."""
+        from open_clip.transformer import text_global_pool
+
+        clip, length = self.model.clip, input_ids.shape[1]
+        cast_dtype = clip.transformer.get_cast_dtype()
+        x = clip.token_embedding(input_ids).to(cast_dtype) + clip.positional_embedding[:length].to(cast_dtype)
+        x = clip.transformer(x, attn_mask=clip.attn_mask[:length, :length])
+        x = clip.ln_final(x)
+        x = text_global_pool(x, input_ids, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
+        if clip.text_projection is not None:
+            x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
+        return F.normalize(x, dim=-1).float()
 
 
 class TagHeadGraph(nn.Module):

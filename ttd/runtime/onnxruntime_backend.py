@@ -32,6 +32,18 @@ def choose_providers(device: str | None, available: list[str]) -> list[str]:
     return providers
 
 
+def with_device_id(providers: list[str], device: str | None) -> list:
+    """The providers as onnxruntime takes them, `cuda:N` / `tensorrt:N` giving the GPU's index to
+    the GPU providers (`device_id`; without it onnxruntime runs on GPU 0 whatever was asked)."""
+    _, _, index = (device or "").partition(":")
+    if not index:
+        return list(providers)
+    if not index.isdigit():
+        raise InputError(f"device {device!r}: the GPU index after ':' must be a number (e.g. cuda:1)")
+    gpu = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+    return [(p, {"device_id": int(index)}) if p in gpu else p for p in providers]
+
+
 def session_options(precision: str, on_cpu: bool, threads: int = 0):
     """onnxruntime SessionOptions for a graph of `precision` (the backend and the Triton graph
     models share them): every optimisation, except that onnxruntime 1.32's CPU layout
@@ -55,7 +67,8 @@ class OnnxRuntimeBackend:
         options = session_options(export.precision, self.providers[0] == "CPUExecutionProvider", threads)
         self.sessions = {}
         for name in GRAPH_NAMES:
-            session = ort.InferenceSession(str(export.graph(name)), options, providers=self.providers)
+            session = ort.InferenceSession(str(export.graph(name)), options,
+                                           providers=with_device_id(self.providers, device))
             active = session.get_providers()
             if active[0] != self.providers[0]:
                 raise RuntimeProblem(f"{name}: asked for {self.providers[0]} but onnxruntime activated {active}")

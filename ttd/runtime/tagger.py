@@ -25,6 +25,14 @@ from ttd.runtime.images import Preprocess, normalize
 # differ in the last bits, and a text's embedding must not depend on which texts came with it (a
 # resumed or sharded job writes the uninterrupted job's bytes).
 TEXT_ROWS = 8
+# A backend may fix a larger call (its `text_rows`): the torch backend on a GPU encodes 256 texts a
+# call, so an open vocabulary of 20,000 caption words is ~230 calls (one host synchronisation
+# each), not ~7,500; on a CPU 8 rows a call costs no more per text and pads less.
+# A backend whose text encoder takes ids cut after the end-of-text token (`text_prefix`: torch on a
+# causal CLIP text tower) gets each text at its own length rounded up to PREFIX_STEP positions:
+# a world caption (11 of 32 tokens) or a prompt ("a {}": 4) costs a third of the full context.
+# Texts are grouped by that length, so a text's embedding still depends on the text alone.
+PREFIX_STEP = 8
 HEAD_ELEMENTS = 1 << 24  # map elements (B·V·K·h·w) per tag-head call: bounds the head's working memory
 MAX_CACHED_TAGS = 200_000  # ~400 MB at D = 512; the cache restarts when a corpus has more distinct tags
 
@@ -59,6 +67,7 @@ class Tagger:
         self.tokenizer = build_tokenizer(config.tokenizer, config.context_length)
         self.preprocess = Preprocess.for_model(config)
         self.preprocessing = ImagePreprocessing(tuple(config.mean), tuple(config.std), flip_tta)
+        self.text_rows = int(getattr(backend, "text_rows", TEXT_ROWS))  # fixed per Tagger (see TEXT_ROWS)
         self._tag_cache: dict[str, np.ndarray] = {}
         self._negatives: np.ndarray | None = None
 
@@ -71,18 +80,30 @@ class Tagger:
         return np.stack([self.preprocess(s, n) for s, n in zip(sources, names, strict=True)])
 
     def encode_texts(self, texts: list[str], progress: bool = False) -> np.ndarray:
-        """Text embeddings [T, D], always TEXT_ROWS texts per backend call (see TEXT_ROWS)."""
-        starts = range(0, len(texts), TEXT_ROWS)
+        """Text embeddings [T, D], always `text_rows` texts per backend call (see TEXT_ROWS), each
+        call of texts of one length bucket when the backend takes cut ids (see PREFIX_STEP)."""
+        if not texts:
+            return np.zeros((0, self.config.embed_dim), np.float32)
+        ids = self.tokenizer(texts)
+        lengths = np.full(len(texts), ids.shape[1])
+        if getattr(self.backend, "text_prefix", False):
+            last = (ids != 0)[:, ::-1].argmax(axis=1)
+            lengths = np.minimum(ids.shape[1], -(-(ids.shape[1] - last) // PREFIX_STEP) * PREFIX_STEP)
+        rows = self.text_rows
+        calls = []  # (indices of the texts, cut length)
+        for length in np.unique(lengths):
+            members = np.flatnonzero(lengths == length)
+            calls += [(members[i : i + rows], int(length)) for i in range(0, len(members), rows)]
         if progress:
             from tqdm import tqdm
 
-            starts = tqdm(starts, desc="encode texts", unit="chunk")
-        chunks = []
-        for i in starts:
-            chunk = texts[i : i + TEXT_ROWS]
-            padded = chunk + chunk[-1:] * (TEXT_ROWS - len(chunk))
-            chunks.append(self.backend.encode_texts(self.tokenizer(padded))[: len(chunk)])
-        return np.concatenate(chunks) if chunks else np.zeros((0, self.config.embed_dim), np.float32)
+            calls = tqdm(calls, desc="encode texts", unit="chunk")
+        embeds = np.zeros((len(texts), self.config.embed_dim), np.float32)
+        for members, length in calls:
+            padded = np.concatenate([members, members[-1:].repeat(rows - len(members))])
+            chunk = np.ascontiguousarray(ids[padded, :length])
+            embeds[members] = self.backend.encode_texts(chunk)[: len(members)]
+        return embeds
 
     def encode_tags(self, tags: list[str], progress: bool = False) -> np.ndarray:
         """Prompt-ensemble embeddings [K, D]; each tag is encoded once per Tagger (cached)."""
@@ -152,7 +173,11 @@ class Tagger:
 
     def tag_images(self, images: np.ndarray, request: HeadRequest) -> TagHeadOutputs:
         """Every score (and the cosine maps if the request asks) of uint8 images [B, S, S, 3],
-        encoder and head together on the backend's device."""
+        encoder and head together on the backend's device. A backend that splits only its head
+        (`splits_head`: torch) encodes the batch in one call; others run in chunks of both."""
+        if getattr(self.backend, "splits_head", False):
+            return self.backend.tag_images(images, self.preprocessing, request,
+                                           rows_per_call=self._rows_per_call(request.tag_embeds.shape[1]))
         return self._chunked(lambda rows, part: self.backend.tag_images(images[rows], self.preprocessing, part),
                              len(images), request)
 

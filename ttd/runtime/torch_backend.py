@@ -18,10 +18,13 @@ from ttd.model.clip import TTDModel
 from ttd.model.contract import ImageEmbeddings, TagHeadOutputs
 from ttd.model.graphs import ImageEncoderGraph, TagHeadGraph, TextEncoderGraph
 from ttd.runtime.backend import HeadRequest, ImagePreprocessing
-from ttd.runtime.device_pipeline import InFlight, StageClock, UploadSlots, stream_context, to_host
+from ttd.runtime.device_pipeline import HostBuffers, InFlight, StageClock, UploadSlots, stream_context, to_host
+from ttd.runtime.tagger import TEXT_ROWS
 
 CONSTANT_BYTES = 8 << 20  # request arrays shared by every image up to this size stay on the device
 TOP_SLACK = 32  # extra top-k candidates handed back: records rank by scores rounded to 6 decimals
+
+DEVICE_TEXT_ROWS = 256  # texts per text-encoder call on a GPU (ttd/runtime/tagger.py TEXT_ROWS)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # ttd.model.config.PRECISIONS names
 
@@ -54,11 +57,14 @@ class TorchBackend:
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
             self.image_encoder = torch.compile(self.image_encoder, mode=mode, dynamic=False)
         self.text_encoder = TextEncoderGraph(model)
+        self.text_prefix = self.text_encoder.accepts_prefix  # ids cut after the end token (tagger.py PREFIX_STEP)
+        self.text_rows = DEVICE_TEXT_ROWS if self.device.type == "cuda" else TEXT_ROWS
         self.tag_head = TagHeadGraph(model.config.tau, model.mask_weight.item(), model.mask_bias.item())
         self._normalisation: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._constants: dict[tuple, torch.Tensor] = {}  # negatives, margin, a vocabulary: uploaded once
         self._slots: UploadSlots | None = None  # the pipelined path's upload slots, made on first use
         self._compute: torch.cuda.Stream | None = None
+        self._outputs = HostBuffers(pin=self.device.type == "cuda")  # the pipelined path's pinned outputs, reused
 
     def _to_device(self, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         array = np.ascontiguousarray(array)
@@ -122,29 +128,56 @@ class TorchBackend:
     def encode_texts(self, input_ids: np.ndarray) -> np.ndarray:
         return self._run(self.text_encoder, input_ids)[0]
 
-    def _head(self, views: torch.Tensor, request: HeadRequest) -> TagHeadOutputs:
+    def _head(self, views: torch.Tensor, request: HeadRequest, rows_per_call: int | None = None) -> TagHeadOutputs:
         # the head is a softmax at τ = 100: always float32, whatever the encoders run in
         arrays = [self._to_device(a, torch.float32) for a in request.arrays()]
-        scores, cosines = self.tag_head(views.float(), *arrays)
-        host = self._to_host((scores, cosines) if request.with_cosines else (scores,))
+        n = len(views)
+        step = n if rows_per_call is None else max(1, rows_per_call)
+        scores, cosines = [], []
+        for begin in range(0, n, step):  # the head's working memory bounded: rows in calls of `step`
+            rows = slice(begin, begin + step)
+            part = self.tag_head(views[rows].float(), *(a if len(a) == 1 else a[rows] for a in arrays))
+            scores.append(part[0])
+            if request.with_cosines:
+                cosines.append(part[1])
+        joined = (torch.cat(scores), *((torch.cat(cosines),) if request.with_cosines else ()))
+        host = self._to_host(joined)
         return TagHeadOutputs(host[0], host[1] if request.with_cosines else None)
 
     def score_tags(self, patch_views: np.ndarray, request: HeadRequest) -> TagHeadOutputs:
         with torch.inference_mode():
             return self._head(self._to_device(patch_views, torch.float32), request)
 
+    splits_head = True  # tag_images takes rows_per_call: the encoder runs once, only the head is split
+
     def tag_images(self, images: np.ndarray, preprocessing: ImagePreprocessing,
-                   request: HeadRequest) -> TagHeadOutputs:
+                   request: HeadRequest, rows_per_call: int | None = None) -> TagHeadOutputs:
         """Encoder and tag head on the device: only the scores (and the cosine maps if asked for)
-        come back to the host, never the patch embeddings."""
+        come back to the host, never the patch embeddings. The encoder runs the whole batch in
+        one call (one compiled shape); only the head runs in calls of `rows_per_call` rows, its
+        memory budget (ttd/runtime/tagger.py HEAD_ELEMENTS)."""
         with torch.inference_mode():
             _, patch_embeds = self.image_encoder(self._normalised(images, preprocessing))
-            n = len(images)
-            views = patch_embeds[:n, None] if not preprocessing.flip else \
-                torch.stack([patch_embeds[:n], patch_embeds[n : 2 * n].flip(-1)], dim=1)
-            return self._head(views, request)
+            return self._head(self._views(patch_embeds, len(images), preprocessing.flip), request, rows_per_call)
+
+    @staticmethod
+    def _views(patch_embeds: torch.Tensor, n: int, flip: bool) -> torch.Tensor:
+        """The encoder's [V·B(+padding), D, h, w] -> the head's views [B, V, D, h, w] (mirrored views flipped back)."""
+        return patch_embeds[:n, None] if not flip else \
+            torch.stack([patch_embeds[:n], patch_embeds[n : 2 * n].flip(-1)], dim=1)
 
     # -- the pipelined path (issue 21, item 1) -------------------------------------------------
+
+    def _pipeline(self) -> UploadSlots:
+        if self._slots is None:
+            self._slots = UploadSlots(self.device)
+            self._compute = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        return self._slots
+
+    def staging(self, shape: tuple[int, ...]) -> np.ndarray | None:
+        """Host memory for the next submitted batch's uint8 images (its pinned upload slot on a
+        GPU, so decoding lands where the upload reads: UploadSlots.staging); None on a CPU."""
+        return self._pipeline().staging(shape) if self.device.type == "cuda" else None
 
     def _constant(self, array: np.ndarray) -> torch.Tensor | None:
         """A request array shared by every image (leading dim 1: negatives, margin, a vocabulary)
@@ -166,12 +199,11 @@ class TorchBackend:
         head run on the compute stream after the upload's event, and the chosen score row (plus,
         with `top_k`, the indices of the highest scores, found on the device, and the cosine maps
         when the request asks) is copied back into pinned host buffers; `wait()` on the result
-        blocks on this batch's event only. Rows run in calls of `rows_per_call` exactly as the
-        Tagger's plain path chunks them, so both give the same numbers. On a CPU it all runs here."""
+        blocks on this batch's event only. The encoder runs the batch once; the head's rows run in
+        calls of `rows_per_call` exactly as the plain path (`tag_images`) splits them, so both give
+        the same numbers. On a CPU it all runs here."""
         cuda = self.device.type == "cuda"
-        if cuda and self._slots is None:
-            self._slots, self._compute = UploadSlots(self.device), torch.cuda.Stream(self.device)
-        slots = self._slots or UploadSlots(self.device)
+        slots = self._pipeline()
         compute = self._compute
         clock = StageClock(cuda)
         arrays = request.arrays()
@@ -180,9 +212,7 @@ class TorchBackend:
         n = len(images)
         step = n if rows_per_call is None else max(1, rows_per_call)
         with torch.inference_mode():
-            start = clock.mark(slots.stream)
-            uploaded = slots.upload([images, *varying], compute)
-            clock.span("upload", start, clock.mark(slots.stream))
+            uploaded = slots.upload([images, *varying], compute, clock)  # stages "stage" (host) and "upload"
             pixels, per_image = uploaded[0], iter(uploaded[1:])
             tensors = [c if c is not None else next(per_image) for c in constants]
             if cuda:
@@ -192,21 +222,21 @@ class TorchBackend:
             tensors = [t if t.dtype == torch.bool else t.float() for t in tensors]
             chosen, cosines = [], []
             with stream_context(compute):
+                # the encoder once for the whole batch (one compiled shape, no padded remainders);
+                # only the tag head is split to its memory budget, as Tagger.tag_images splits it
+                start = clock.mark(compute)
+                _, patch_embeds = self.image_encoder(self._normalised(pixels, preprocessing))
+                middle = clock.mark(compute)
+                clock.span("encode", start, middle)
+                views = self._views(patch_embeds, n, preprocessing.flip)
                 for begin in range(0, n, step):
                     rows = slice(begin, begin + step)
-                    start = clock.mark(compute)
-                    _, patch_embeds = self.image_encoder(self._normalised(pixels[rows], preprocessing))
-                    middle = clock.mark(compute)
-                    clock.span("encode", start, middle)
-                    m = len(pixels[rows])
-                    views = patch_embeds[:m, None] if not preprocessing.flip else \
-                        torch.stack([patch_embeds[:m], patch_embeds[m : 2 * m].flip(-1)], dim=1)
                     part = [t if len(t) == 1 else t[rows] for t in tensors]
-                    scores, maps = self.tag_head(views.float(), *part)
+                    scores, maps = self.tag_head(views[rows].float(), *part)
                     chosen.append(scores[:, score_row, :].float())
                     if request.with_cosines:
                         cosines.append(maps.float())
-                    clock.span("head", middle, clock.mark(compute))
+                clock.span("head", middle, clock.mark(compute))
                 start = clock.mark(compute)
                 outputs = {"scores": torch.cat(chosen) if len(chosen) > 1 else chosen[0]}
                 if top_k:
@@ -214,10 +244,10 @@ class TorchBackend:
                     outputs["top"] = torch.topk(outputs["scores"], k, dim=1).indices
                 if request.with_cosines:
                     outputs["cosines"] = torch.cat(cosines) if len(cosines) > 1 else cosines[0]
-                host = to_host(outputs, compute)
+                host = to_host(outputs, compute, self._outputs)
                 done = None
                 if cuda:
                     done = torch.cuda.Event()
                     done.record(compute)
                 clock.span("download", start, clock.mark(compute))
-        return InFlight(host, done, clock)
+        return InFlight(host, done, clock, buffers=self._outputs if cuda else None)

@@ -21,7 +21,8 @@ from PIL import Image
 
 from ttd.runtime.tagger import Tagger
 from ttd.model.tags import candidate_tags
-from ttd.segment.whole_image import ScoreMaps, WindowFeatures, encode_windows, refine_maps, score_maps
+from ttd.segment.whole_image import (ScoreMaps, WindowFeatures, encode_windows, refine_maps, score_maps,
+                                     score_maps_of)
 
 
 @dataclass(frozen=True)
@@ -85,21 +86,46 @@ def segment_caption(tagger: Tagger, image: Image.Image, caption: str, options: S
     if not tags:
         raise InputError(f"caption {caption!r} has no candidate tags (only stopwords or punctuation)")
     features = features or encode(tagger, image, options)
-    tag_maps = score_maps(tagger, features, tags, tagger.encode_tags(tags))
-    caption_embeds = tagger.encode_texts([caption]) if caption_embed is None else caption_embed[None]
-    caption_maps = score_maps(tagger, features, ["caption"], caption_embeds)
-    candidates = [(t, float(s)) for t, s in zip(tags, tag_maps.scores)]
-    selected = [t for t, s in candidates if s >= tagger.threshold]
-    segments = []
-    caption_probability = caption_maps.probabilities(0)
-    caption_mask = caption_probability >= options.mask_threshold
-    segments.append(Segment(caption, "caption",
+    return segment_captions(tagger, [features], [caption], options,
+                            None if caption_embed is None else caption_embed[None])[0]
+
+
+def segment_captions(tagger: Tagger, features: list[WindowFeatures], captions: list[str],
+                     options: SegmentOptions = SegmentOptions(),
+                     caption_embeds: np.ndarray | None = None) -> list[Segmentation | str]:
+    """`segment_caption` of a batch of encoded images: the captions text-encoded together, the tag
+    head run over every window of every image in one request for the tags and one for the captions
+    (ttd.segment.whole_image.score_maps_of), and only the masks the record holds (the caption's and
+    the selected tags') built at the image's size. An image whose caption has no candidate tags
+    gets the error message instead."""
+    tag_lists = [candidate_tags(caption) for caption in captions]
+    usable = [n for n, tags in enumerate(tag_lists) if tags]
+    results: list[Segmentation | str] = [f"caption {caption!r} has no candidate tags (only stopwords or punctuation)"
+                                         for caption in captions]
+    if not usable:
+        return results
+    if caption_embeds is None:
+        caption_embeds = tagger.encode_texts([captions[n] for n in usable])
+    else:
+        caption_embeds = caption_embeds[usable]
+    chosen = [features[n] for n in usable]
+    tag_maps = score_maps_of(tagger, chosen, [tag_lists[n] for n in usable],
+                             [tagger.encode_tags(tag_lists[n]) for n in usable])
+    caption_maps = score_maps_of(tagger, chosen, [["caption"]] * len(usable), [e[None] for e in caption_embeds])
+    for n, tags, caption_map in zip(usable, tag_maps, caption_maps):
+        caption = captions[n]
+        candidates = [(t, float(s)) for t, s in zip(tags.tags, tags.scores)]
+        selected = [t for t, s in candidates if s >= tagger.threshold]
+        caption_probability = caption_map.probabilities(0)
+        caption_mask = caption_probability >= options.mask_threshold
+        segments = [Segment(caption, "caption",
                             float(caption_probability[caption_mask].mean()) if caption_mask.any() else 0.0,
-                            caption_mask))
-    for k, (tag, score) in enumerate(candidates):
-        if tag in selected:
-            segments.append(Segment(tag, "tag", score, tag_maps.binary_mask(k, options.mask_threshold)))
-    return Segmentation(features.width, features.height, candidates, selected, segments)
+                            caption_mask)]
+        for k, (tag, score) in enumerate(candidates):
+            if tag in selected:
+                segments.append(Segment(tag, "tag", score, tags.binary_mask(k, options.mask_threshold)))
+        results[n] = Segmentation(features[n].width, features[n].height, candidates, selected, segments)
+    return results
 
 
 def class_maps(tagger: Tagger, features: WindowFeatures, classes: list[str], options: SegmentOptions,

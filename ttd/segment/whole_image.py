@@ -22,12 +22,9 @@ from ttd.errors import InputError
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from ttd.model.contract import score_row
-from ttd.model.scoring import combine_windows
 from ttd.runtime.images import RESAMPLING
 from ttd.runtime.tagger import Tagger
 
@@ -165,6 +162,11 @@ def encode_windows_of(tagger: Tagger, images: list[Image.Image], crop: str = "wh
 
 def _stitch(plan: ScalePlan, logits: np.ndarray, size: int) -> np.ndarray:
     """Window logits [N, K, h, w] -> canvas logits [K, H', W'] of the scale (overlaps averaged)."""
+    if len(plan.windows) == 1 and plan.windows[0] == (0, 0) and (plan.width, plan.height) == (size, size):
+        return _resize_maps(logits[0], size, size)  # one window that is the canvas: its upsampled maps
+    import torch
+    import torch.nn.functional as F
+
     k = logits.shape[1]
     total = torch.zeros((k, plan.height, plan.width), dtype=torch.float32)
     count = torch.zeros((plan.height, plan.width), dtype=torch.float32)
@@ -182,25 +184,61 @@ def _stitch(plan: ScalePlan, logits: np.ndarray, size: int) -> np.ndarray:
 def _resize_maps(maps: np.ndarray, height: int, width: int) -> np.ndarray:
     if maps.shape[-2:] == (height, width):
         return maps
+    import torch
+    import torch.nn.functional as F
+
     with torch.inference_mode():
-        return F.interpolate(torch.from_numpy(np.ascontiguousarray(maps))[None], size=(height, width),
+        return F.interpolate(torch.from_numpy(np.ascontiguousarray(maps, np.float32))[None], size=(height, width),
                              mode="bilinear", align_corners=False)[0].numpy()
 
 
 @dataclass
+class WindowMaps:
+    """The tag head's cosine maps of an image's windows, per scale [N, K, h, w], with what turns
+    them into canvas logits: kept low-resolution until a tag's map is asked for (docs/architecture.md:
+    masks at the image's size are built only when asked for)."""
+
+    plans: list[ScalePlan]
+    cosines: list[np.ndarray]
+    weight: float
+    bias: float
+    size: int
+    canvas: tuple[int, int]  # (height, width) of the finest scale's canvas
+
+    def canvas_logits(self, tags: slice | list[int]) -> np.ndarray:
+        """w·cos + b of the chosen tags [K', Hc, Wc] on the canvas: windows stitched, scales averaged."""
+        height, width = self.canvas
+        total = None
+        for plan, cosines in zip(self.plans, self.cosines):
+            logits = (self.weight * cosines[:, tags] + self.bias).astype(np.float32)
+            part = _resize_maps(_stitch(plan, logits, self.size), height, width)
+            total = part if total is None else total + part
+        return total / len(self.plans) if len(self.plans) > 1 else total
+
+
 class ScoreMaps:
     """Mask logits of K tags over a whole image, at canvas resolution, with their image-level
-    scores; every accessor answers in the original image's geometry (height × width)."""
+    scores; every accessor answers in the original image's geometry (height × width). The canvas
+    logits of a tag are made when first asked for (`windows`), or given whole (`logits`)."""
 
-    tags: list[str]
-    scores: np.ndarray  # [K] the Tagger's score method, best over windows and scales
-    logits: np.ndarray  # [K, Hc, Wc] w·cos + b on the canvas
-    width: int
-    height: int
+    def __init__(self, tags: list[str], scores: np.ndarray, logits: np.ndarray | None, width: int, height: int,
+                 windows: WindowMaps | None = None) -> None:
+        self.tags, self.scores, self.width, self.height = tags, scores, width, height
+        self._logits, self._windows = logits, windows  # scores [K]: the Tagger's score, best over windows and scales
+
+    @property
+    def logits(self) -> np.ndarray:
+        """[K, Hc, Wc] w·cos + b on the canvas, every tag."""
+        if self._logits is None:
+            self._logits = self._windows.canvas_logits(slice(None))
+        return self._logits
+
+    def _canvas(self, k: int) -> np.ndarray:
+        return self._logits[k : k + 1] if self._logits is not None else self._windows.canvas_logits([k])
 
     def mask_logits(self, k: int) -> np.ndarray:
         """float32 [H, W]: tag k's mask logit at every pixel of the original image."""
-        return _resize_maps(self.logits[k : k + 1], self.height, self.width)[0]
+        return _resize_maps(self._canvas(k), self.height, self.width)[0]
 
     def probabilities(self, k: int) -> np.ndarray:
         """float32 [H, W]: M_k = sigmoid(w·cos + b) at every pixel of the original image."""
@@ -215,6 +253,7 @@ class ScoreMaps:
         1 + the index of the tag with the highest mask (DESIGN §3.5)."""
         best = np.full((self.height, self.width), -np.inf, np.float32)
         labels = np.zeros((self.height, self.width), np.uint16)
+        self.logits  # every class is needed: stitched together, once
         for k in range(len(self.tags)):
             logits = self.mask_logits(k)
             better = logits > best
@@ -231,22 +270,56 @@ def _logit(p: float) -> float:
 
 
 def score_maps(tagger: Tagger, features: WindowFeatures, tags: list[str], tag_embeds: np.ndarray) -> ScoreMaps:
-    """The tag head over every window of `features` for `tags` (embeddings [K, D]), stitched into
-    maps of the whole image. Scores: the Tagger's, combined over windows and scales by
+    """The tag head over every window of `features` for `tags` (embeddings [K, D]), as maps of the
+    whole image. Scores: the Tagger's, combined over windows and scales by
     ttd.model.scoring.combine_windows (the best pixel of the image; minmax over its best cosines)."""
+    return score_maps_of(tagger, [features], [list(tags)], [tag_embeds])[0]
+
+
+def score_maps_of(tagger: Tagger, features: list[WindowFeatures], tag_lists: list[list[str]],
+                  tag_embeds: list[np.ndarray]) -> list[ScoreMaps]:
+    """`score_maps` of several images at once: every window of every image and scale in one tag-head
+    request (each window its own image's tags, padded, with the validity mask that makes padding
+    exact; the Tagger splits it to the head's memory budget), instead of a call per image and scale."""
+    import torch
+
+    from ttd.model.scoring import combine_windows
+    from ttd.runtime.backend import HeadRequest
+
     size = tagger.config.image_size
-    canvas_h, canvas_w = features.canvas_image.shape[:2]
-    total = np.zeros((len(tags), canvas_h, canvas_w), np.float32)
-    request = tagger.request(vocabulary_embeds=tag_embeds, with_cosines=True)
-    window_scores = []
-    for plan, views in zip(features.plans, features.patch_views):
-        outputs = tagger.score_views(views, request)
-        window_scores.append(outputs.tag_scores)
-        logits = (tagger.mask_weight * outputs.tag_cosines + tagger.mask_bias).astype(np.float32)
-        total += _resize_maps(_stitch(plan, logits, size), canvas_h, canvas_w)
-    combined = combine_windows(torch.from_numpy(np.concatenate(window_scores))).numpy()
-    return ScoreMaps(list(tags), score_row(combined, tagger.score_method).astype(np.float32), total / len(features.plans),
-                     features.width, features.height)
+    width = max(1, max((len(t) for t in tag_lists), default=1))
+    views, rows, owners = [], [], []
+    for n, feature in enumerate(features):
+        for scale, part in enumerate(feature.patch_views):
+            views.append(part)
+            rows.append(tag_embeds[n])
+            owners.extend([(n, scale)] * len(part))
+    views_all = np.concatenate(views)
+    embeds = np.zeros((len(views_all), width, tagger.config.embed_dim), np.float32)
+    valid = np.zeros((len(views_all), width), np.bool_)
+    start = 0
+    for part, own in zip(views, rows):
+        embeds[start : start + len(part), : len(own)] = own
+        valid[start : start + len(part), : len(own)] = True
+        start += len(part)
+    negatives = tagger.negative_embeds
+    request = HeadRequest(embeds, valid, negatives[None], np.array([[tagger.config.negative_margin]], np.float32), True)
+    outputs = tagger.score_views(views_all, request)
+    results, start = [], 0
+    for n, feature in enumerate(features):
+        k = len(tag_lists[n])
+        scores, cosines = [], []
+        for part in feature.patch_views:
+            scores.append(outputs.tag_scores[start : start + len(part), :, :k])
+            cosines.append(outputs.tag_cosines[start : start + len(part), :k])
+            start += len(part)
+        with torch.inference_mode():
+            combined = combine_windows(torch.from_numpy(np.concatenate(scores))).numpy()
+        windows = WindowMaps(feature.plans, cosines, tagger.mask_weight, tagger.mask_bias, size,
+                             feature.canvas_image.shape[:2])
+        results.append(ScoreMaps(list(tag_lists[n]), score_row(combined, tagger.score_method).astype(np.float32), None,
+                                 feature.width, feature.height, windows))
+    return results
 
 
 def refine_maps(maps: ScoreMaps, image: np.ndarray, iterations: int = 10) -> ScoreMaps:
