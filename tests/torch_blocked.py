@@ -1,4 +1,4 @@
-"""Run Python with torch, torchvision and open_clip made unimportable: what the base install
+"""Run Python with the `torch` extra (torch, torchvision, open_clip, safetensors, onnx) unimportable: what the base install
 (no `torch` extra) sees, inside the full test environment (docs/edge.md).
 
     python tests/torch_blocked.py -m ttd tag ...      # a module, as `python -m`
@@ -11,7 +11,7 @@ import importlib.abc
 import runpy
 import sys
 
-BLOCKED = ("torch", "torchvision", "open_clip")
+BLOCKED = ("torch", "torchvision", "open_clip", "safetensors", "onnx", "onnxscript")  # the `torch` extra
 
 
 class BlockTorch(importlib.abc.MetaPathFinder):

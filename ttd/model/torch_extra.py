@@ -35,3 +35,16 @@ def require_torch(what: str) -> None:
     """TorchMissing naming `what` and the extra that brings torch, where torch is not installed."""
     if not torch_installed():
         raise TorchMissing(f"{what} needs torch, which this install leaves out: {INSTALL_TORCH}")
+
+
+# what the `torch` extra installs, as import names (safetensors: the torch checkpoints' format)
+TORCH_MODULES = ("torch", "torchvision", "open_clip", "safetensors", "onnx", "onnxscript")
+
+
+def as_torch_missing(error: ModuleNotFoundError, what: str) -> TorchMissing | None:
+    """The one-line TorchMissing for an import of the `torch` extra that failed while doing
+    `what` (e.g. "`ttd train`"); None when the missing module is not the extra's (a bug or
+    another extra)."""
+    if (error.name or "").split(".")[0] not in TORCH_MODULES:
+        return None
+    return TorchMissing(f"{what} needs {error.name.split('.')[0]}, which this install leaves out: {INSTALL_TORCH}")

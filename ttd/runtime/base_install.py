@@ -29,7 +29,7 @@ def export_for_torch_request(model: str | None, pretrained: str | None, checkpoi
     named = [flag for flag, value in (("--model", model), ("--pretrained", pretrained),
                                       ("--checkpoint", checkpoint)) if value]
     if named:
-        raise TorchMissing(f"{' and '.join(named)} load a model with torch, which this install leaves out: "
+        raise TorchMissing(f"{' and '.join(named)} {'loads' if len(named) == 1 else 'load'} a model with torch, which this install leaves out: "
                            f"{INSTALL_TORCH}, or run an export of it with --backend onnxruntime --export-dir DIR")
     if dtype not in ("fp32", "auto") or compile:
         what = "--compile" if compile else f"--dtype {dtype}"
