@@ -69,7 +69,7 @@ def test_the_runtime_modules_import_without_torch(tmp_path):
     assert "No module named 'torch' (blocked" in refused.stderr  # the blocker itself works
 
 
-def test_main_job_without_torch_equals_the_torch_default(tmp_path):
+def test_main_job_without_torch_equals_the_torch_default(tmp_path, monkeypatch):
     """`ttd tag --captions ... --masks-dir m` with no model named: torch's embedded default on the full
     install, its export on onnxruntime where torch is missing; the same records and masks."""
     job = ["--captions", str(WORLD / "annotations.jsonl"), "--quiet"]
@@ -79,7 +79,7 @@ def test_main_job_without_torch_equals_the_torch_default(tmp_path):
 
     from ttd.cli import main
 
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, ["tag", *job, "-o", "full.jsonl", "--masks-dir", "full_masks"])
     assert result.exit_code == 0, result.output
     base, full = records(tmp_path / "base.jsonl"), records(tmp_path / "full.jsonl")
@@ -93,7 +93,7 @@ def test_main_job_without_torch_equals_the_torch_default(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["vocabulary", "whole"])
-def test_vocabulary_and_whole_image_modes_without_torch_equal_torch(tmp_path, mode):
+def test_vocabulary_and_whole_image_modes_without_torch_equal_torch(tmp_path, monkeypatch, mode):
     (tmp_path / "vocab.txt").write_text("circle\nheart\nred\nsquare\ngrass\ndog\nstar\nblue\n")
     if mode == "vocabulary":
         job = ["tag", "--vocabulary", str(tmp_path / "vocab.txt"), str(WORLD / "images"), "--no-vocab-cache"]
@@ -105,7 +105,7 @@ def test_vocabulary_and_whole_image_modes_without_torch_equal_torch(tmp_path, mo
 
     from ttd.cli import main
 
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, [*job, "--quiet", "-o", "full.jsonl"])
     assert result.exit_code == 0, result.output
     base, full = records(tmp_path / "base.jsonl"), records(tmp_path / "full.jsonl")
@@ -113,7 +113,7 @@ def test_vocabulary_and_whole_image_modes_without_torch_equal_torch(tmp_path, mo
         for a, b in zip(base, full):
             assert [c["tag"] for c in a["top"]] == [c["tag"] for c in b["top"]]
             assert max(abs(c["score"] - d["score"]) for c, d in zip(a["top"], b["top"])) <= 1e-5
-            assert a["selected"] == b["selected"]
+            assert [c["tag"] for c in a["selected"]] == [c["tag"] for c in b["selected"]]
     else:
         assert_same_records(base, full)
 
@@ -172,7 +172,7 @@ def tiny_bpe_model() -> TTDModel:
         model_cfg={"embed_dim": 32,
                    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16,
                                   "pool_type": "avg"},
-                   "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}})
+                   "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}})
     return TTDModel(config, _build_clip(config.model_cfg)).eval()
 
 
@@ -183,8 +183,8 @@ def test_an_open_clip_export_tokenises_without_torch(tmp_path):
     run_export(model, out, check_count=8, torch_weights=False)
     export = read_export(out)
     assert TOKENIZER in export.manifest["files"] and export.config.tokenizer["kind"] == "clip_bpe"
-    texts = ["Café crème on a 東京 street &amp; a dog", "a " * 30 + "very long caption"]
-    ours = load_tagger("onnxruntime", export_dir=str(out), threads=1)
+    texts = ["Café crème on a 東京 street &amp; a dog", "a " * 40 + "very long caption"]
+    ours = load_tagger("onnxruntime", export_dir=str(out), threads=1, warn_unfitted=False)
     with pytest.warns(TruncationWarning):
         ids = ours.tokenizer(texts)
     with pytest.warns(TruncationWarning):
