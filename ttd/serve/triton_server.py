@@ -27,7 +27,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ttd.errors import TTDError
 from ttd.model.contract import TAGGER_MODEL
 
 
