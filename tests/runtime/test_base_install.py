@@ -202,3 +202,12 @@ def test_an_open_clip_export_tokenises_without_torch(tmp_path):
     (out / TOKENIZER).write_text(json.dumps({**spec, "merges": "../elsewhere.gz"}))
     with pytest.raises(Exception, match="tokenizer.json|sha256"):
         read_export(out)
+
+
+def test_the_wheel_carries_the_embedded_export():
+    """pyproject's package data globs (as setuptools expands them) include every file of the export."""
+    import tomllib
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["ttd"]
+    packaged = {path for pattern in patterns for path in (ROOT / "ttd").glob(pattern)}
+    assert set(DEFAULT_EXPORT.iterdir()) <= packaged
