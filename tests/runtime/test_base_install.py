@@ -4,7 +4,6 @@ default's export in step with its weights, and an open_clip model's export token
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -23,7 +22,6 @@ from ttd.model.tokenizer import TruncationWarning
 from ttd.runtime import load_tagger, model_tagger, torch_tagger
 from ttd.runtime.base_install import DEFAULT_EXPORT, export_for_torch_request
 from ttd.runtime.export_dir import TOKENIZER, read_export, sha256
-from ttd.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from ttd.runtime.torch_backend import TorchBackend
 
 ROOT = Path(__file__).parents[2]

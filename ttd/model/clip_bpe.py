@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ttd.model.truncation import warn_truncated
+
 MERGES_FILE = "bpe_simple_vocab_16e6.txt.gz"
 MERGE_COUNT = 49152 - 256 - 2  # the merges CLIP's vocabulary uses (lines 1..48894 of the file)
 SPECIAL_TOKENS = ("<start_of_text>", "<end_of_text>")
@@ -150,8 +152,6 @@ class ClipBpeTokenizer:
         return ids
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        from ttd.model.tokenizer import warn_truncated
-
         ids = np.zeros((len(texts), self.context_length), dtype=np.int64)
         for row, text in enumerate(texts):
             tokens = [self.start_id, *self.encode(text), self.end_id]

@@ -9,37 +9,23 @@ embedding would otherwise dwarf the rest of a tiny model.
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from ttd.errors import InputError, TTDWarning
+from ttd.errors import InputError
 from ttd.model.torch_extra import INSTALL_TORCH, TorchMissing, installed
+from ttd.model.truncation import TruncationWarning, warn_truncated  # noqa: F401 - part of this module's API
 
 WORD_PATTERN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
-
-
-class TruncationWarning(TTDWarning):
-    """A text was longer than the model's context length and was cut."""
 
 
 class Tokenizer(Protocol):
     context_length: int
 
     def __call__(self, texts: list[str]) -> np.ndarray: ...
-
-
-def warn_truncated(text: str, n_tokens: int, context_length: int) -> None:
-    shown = text if len(text) <= 60 else text[:57] + "..."
-    warnings.warn(
-        f"text {shown!r} has {n_tokens} tokens, more than the {context_length - 2} that fit the "
-        f"context length {context_length}; it was truncated",
-        TruncationWarning,
-        stacklevel=3,
-    )
 
 
 @dataclass
