@@ -209,3 +209,24 @@ def test_the_wheel_carries_the_embedded_export():
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["ttd"]
     packaged = {path for pattern in patterns for path in (ROOT / "ttd").glob(pattern)}
     assert set(DEFAULT_EXPORT.iterdir()) <= packaged
+
+
+def test_auto_without_torch_picks_onnxruntime_on_the_embedded_export(tmp_path):
+    from ttd.runtime.auto_choice import choose_fast_path
+    from ttd.runtime.hardware import Capabilities
+
+    amx = Capabilities("Intel Xeon Platinum 8481C", ("avx2", "avx512f", "avx512_bf16", "amx_tile"))
+    assert choose_fast_path(amx, export_precision="fp32").backend == "onnxruntime"
+    assert choose_fast_path(amx).backend == "torch"  # with torch: bf16 weights on AMX
+    without = choose_fast_path(amx, export_precision="fp32", torch_available=False)
+    assert (without.backend, without.dtype, without.device) == ("onnxruntime", "fp32", "cpu")
+    assert without.reason.startswith("torch is not installed (the base install): ")
+    gpu = Capabilities("AMD EPYC", ("avx2",), gpu="NVIDIA H100 80GB HBM3")  # an export's own weights go to torch
+    assert choose_fast_path(gpu, export_precision="fp32", export_torch_weights=True).backend == "torch"
+    assert choose_fast_path(gpu, export_precision="fp32", export_torch_weights=True,
+                            torch_available=False).backend == "onnxruntime"
+    code = ("from ttd.runtime.auto_choice import resolve_auto\n"
+            "print(resolve_auto('auto', 'auto', 'auto', None).line())")
+    done = blocked("-c", code, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("auto: onnxruntime fp32 on cpu — torch is not installed (the base install)")
