@@ -55,7 +55,7 @@ def assert_same_records(ours: list[dict], reference: list[dict], tolerance: floa
 def test_the_runtime_modules_import_without_torch(tmp_path):
     modules = ["ttd.cli", "ttd.api", "ttd.runtime.tagger", "ttd.runtime.onnxruntime_backend", "ttd.jobs.runner",
                "ttd.jobs.mask_files", "ttd.jobs.segment_job", "ttd.jobs.report", "ttd.segment.whole_image",
-               "ttd.segment.pamr", "ttd.model.scoring", "ttd.evaluation.calibrate", "ttd.evaluation.label_free",
+               "ttd.segment.pamr", "ttd.model.scoring", "ttd.evaluation.calibrate", "ttd.evaluation.calibration", "ttd.evaluation.label_free", "ttd.jobs.job",
                "ttd.serve.service", "ttd.model.clip_bpe"]
     code = ("import importlib, sys\n"
             f"for name in {modules!r}:\n    importlib.import_module(name)\n"
@@ -127,6 +127,16 @@ def test_a_command_of_the_torch_extra_says_which_extra_in_one_line(tmp_path):
     assert named.stderr.strip().splitlines() == [
         "error: --model loads a model with torch, which this install leaves out: pip install "
         "'ttd-toolkit[torch]', or run an export of it with --backend onnxruntime --export-dir DIR"]
+
+
+def test_calibrate_fits_the_embedded_exports_margin_without_torch(tmp_path):
+    done = blocked("-m", "ttd", "calibrate", "--captions", str(WORLD / "annotations.jsonl"), "--dry-run",
+                   "--json", "fit.json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("negative_margin ")
+    assert json.loads((tmp_path / "fit.json").read_text())["margin_fit"]["method"] == "label-free"
+    refused = blocked("-m", "ttd", "calibrate", "--captions", str(WORLD / "annotations.jsonl"), cwd=tmp_path)
+    assert refused.returncode == 2 and "calibration writes into a checkpoint's config" in refused.stderr
 
 
 def test_a_torch_request_without_torch_runs_only_the_same_fp32_model():
