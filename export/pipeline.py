@@ -33,7 +33,8 @@ from ttd.runtime.images import Preprocess, normalize
 from ttd.model.lora import has_lora, merge_lora
 from ttd.model.clip import TTDModel
 from ttd.runtime import model_tagger
-from ttd.runtime.export_dir import CONFIG, MANIFEST, TORCH_WEIGHTS, ExportDir, ExportError, sha256
+from ttd.model.tokenizer import torch_free_spec
+from ttd.runtime.export_dir import CONFIG, MANIFEST, TOKENIZER, TORCH_WEIGHTS, ExportDir, ExportError, sha256
 from ttd.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from ttd.runtime.portability import REFERENCE_SAMPLES, write_reference_samples
 from ttd.runtime.tagger import Tagger
@@ -74,6 +75,9 @@ def _write_side_files(model: TTDModel, out_dir: Path, torch_weights: bool) -> No
         vocab = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
         if vocab.is_file():
             shutil.copy(vocab, out_dir / vocab.name)
+            spec = torch_free_spec(model.tokenizer)  # what the runtime without torch tokenises with
+            if spec is not None:
+                (out_dir / TOKENIZER).write_text(json.dumps(spec, indent=1) + "\n")
 
 
 def _gate(model: TTDModel, out_dir: Path, manifest: dict, reference: Tagger, images: np.ndarray,
@@ -198,7 +202,7 @@ def staging_dir(out_dir: Path) -> Path:
 
 
 # every name an export writes besides its manifest (TensorRT engines are named by the manifest alone)
-EXPORT_NAMES = (CONFIG, TORCH_WEIGHTS, REFERENCE_SAMPLES, "stopwords.txt", "bpe_simple_vocab_16e6.txt.gz",
+EXPORT_NAMES = (CONFIG, TORCH_WEIGHTS, REFERENCE_SAMPLES, "stopwords.txt", "bpe_simple_vocab_16e6.txt.gz", TOKENIZER,
                 *(f"{g}.onnx{x}" for g in GRAPH_NAMES for x in ("", ".data")))
 # the old manifest while a swap is under way: a swap killed half-way still says which files were the export's
 PREVIOUS_MANIFEST = ".ttd-export-previous-manifest.json"

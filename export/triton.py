@@ -29,7 +29,7 @@ from ttd.model.contract import (
     TAGGER_OUTPUTS,
     TRITON_ENGINES,
 )
-from ttd.runtime.export_dir import CONFIG, MANIFEST, TORCH_WEIGHTS, read_export, sha256
+from ttd.runtime.export_dir import CONFIG, MANIFEST, TOKENIZER, TORCH_WEIGHTS, read_export, sha256
 from ttd.serve.repository import record_problems, write_record
 
 TEMPLATES = Path(triton_repo.__file__).parent
@@ -204,6 +204,9 @@ def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engi
     shutil.copy(TEMPLATES / "tagger_model.py", version / "model.py")
     for name in (CONFIG, MANIFEST):
         shutil.copy(export.root / name, version / name)
+    if export.config.tokenizer.get("kind") == "clip_bpe":  # the tagger tokenises without torch (docs/edge.md)
+        for path in (export.root / TOKENIZER, Path(export.config.tokenizer["path"])):
+            shutil.copy(path, version / path.name)
     h, w = export.config.grid_size
     tagger_inputs = [(n, *t) for n, t in zip(TAGGER_INPUTS, [("TYPE_STRING", [1]), ("TYPE_STRING", [1]),
                                                                ("TYPE_STRING", [-1]), ("TYPE_BOOL", [1])], strict=True)]

@@ -17,6 +17,7 @@ from ttd.model.config import DEFAULT_SCORE_METHOD, DEFAULT_THRESHOLD, ModelConfi
 from ttd.model.contract import IMAGE_ENCODER, TAG_HEAD, TEXT_ENCODER, ImageEmbeddings, TagHeadOutputs
 from ttd.runtime.images import ImageError
 from ttd.runtime.backend import tag_images_on_host
+from ttd.runtime.export_dir import with_export_tokenizer
 from ttd.runtime.onnxruntime_backend import head_feeds
 from ttd.runtime.tagger import Tagger
 from ttd.model.tags import candidate_tags
@@ -86,7 +87,9 @@ class TritonPythonModel:
         parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         folder = Path(args["model_repository"]) / args["model_version"]
         manifest = json.loads((folder / "manifest.json").read_text())
-        model_config = ModelConfig.from_dict(json.loads((folder / "model.json").read_text()))
+        # the export's own tokenizer files where it has them: no torch in the server (docs/edge.md)
+        model_config = with_export_tokenizer(folder, manifest,
+                                             ModelConfig.from_dict(json.loads((folder / "model.json").read_text())))
         self.max_tags = int(parameters.get("max_tags", "1024"))
         self.max_image_bytes = int(parameters.get("max_image_bytes", str(20 << 20)))
         self.tagger = Tagger(BlsBackend(int(parameters["encoder_max_batch_size"])), model_config,

@@ -53,6 +53,13 @@ class TTDGroup(click.Group):
             return super().invoke(ctx)
         except TTDError as error:
             fail(error)
+        except ModuleNotFoundError as error:  # a command of the `torch` extra on the base install (docs/edge.md)
+            from ttd.model.torch_extra import as_torch_missing
+
+            missing = as_torch_missing(error, f"`ttd {ctx.invoked_subcommand}`")
+            if missing is None:
+                raise
+            fail(missing)
         except OSError as error:  # the system's answer about a path or a device (disk full, permission)
             if error.filename is None and error.errno is None:
                 raise

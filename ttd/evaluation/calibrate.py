@@ -151,10 +151,11 @@ def check_calibration_outputs(checkpoint: Path | None, out_dir: Path | None, jso
     manifest's hash of model.json would no longer match, and every later load would refuse the
     export) and refuse an output (--json, --out's files) that is one of the command's inputs."""
     from ttd.data.inputs import refuse_output_over_input
-    from ttd.model.factory import config_path
 
     read = [p for p in inputs if p is not None]
-    if checkpoint is not None:
+    if checkpoint is not None:  # a checkpoint is torch's: the base install calibrates exports (docs/edge.md)
+        from ttd.model.factory import config_path
+
         read += [Path(checkpoint), config_path(Path(checkpoint))]
         if out_dir is None and not dry_run:
             manifest = Path(checkpoint).parent / "manifest.json"

@@ -38,10 +38,12 @@ def calibrate_model(settings: dict, captions: Path | None = None, data_dir: Path
     (`data_dir`, default: the world's calibration split). What `ttd calibrate` runs."""
     from ttd.api import load
     from ttd.data.annotations import labelled_samples
-    from ttd.model.factory import load_model, save_checkpoint
+    from ttd.model.torch_extra import torch_installed
     from ttd.runtime import torch_tagger
 
     checkpoint, backend = settings.get("checkpoint"), settings.get("backend", "torch")
+    if backend == "torch" and not torch_installed():  # the base install calibrates an export (docs/edge.md)
+        backend = "onnxruntime"
     threshold, flip_tta = settings.get("threshold", DEFAULT_THRESHOLD), settings.get("flip_tta", False)
     if captions is not None and data_dir is not None:
         raise InputError("give --captions (pairs without labels) or --data (a labelled folder), not both")
@@ -56,6 +58,8 @@ def calibrate_model(settings: dict, captions: Path | None = None, data_dir: Path
                               dry_run)
     loaded = None
     if backend == "torch":
+        from ttd.model.factory import load_model
+
         loaded = load_model(settings.get("model"), settings.get("pretrained"), checkpoint, settings.get("dense_mode"))
         tagger = torch_tagger(loaded, settings.get("device"), settings.get("dtype", "fp32"), threshold=threshold,
                               flip_tta=flip_tta, score_method="negatives")
@@ -81,6 +85,8 @@ def calibrate_model(settings: dict, captions: Path | None = None, data_dir: Path
     if dry_run:
         return result
     if out_dir is not None:
+        from ttd.model.factory import save_checkpoint
+
         path = save_checkpoint(loaded.float(), Path(out_dir) / "model.safetensors",
                                config=fitted_config(loaded.config, fit.margin, record, prompts))
         result.written = (f"wrote {path} (+ {path.with_suffix('.json').name}) with negative_margin {fit.margin:.4g}; "

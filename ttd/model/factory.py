@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ttd.model.config import ModelConfig
+from ttd.model.file_modes import current_umask, keep_mode  # noqa: F401 - keep_mode: part of this module's API
 from ttd.model.clip import TTDModel
 
 DEFAULT_CHECKPOINT = Path(__file__).parents[1] / "assets" / "world-base.safetensors"
@@ -130,32 +131,6 @@ def _check_hub_reachable(timeout_s: float = 3.0) -> None:
 
 def config_path(checkpoint: Path) -> Path:
     return checkpoint.with_suffix(".json")
-
-
-def current_umask() -> int:
-    """The process's umask, read without changing it where /proc shows it (os.umask, which
-    sets it for a moment, only as the fallback)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def keep_mode(tmp: str | Path, path: str | Path) -> None:
-    """Give `tmp` (a temporary file made by mkstemp, mode 600) the mode that `path` should keep
-    when `tmp` replaces it: the old file's mode if there is one, else what the umask gives a new
-    file (as open() would), so that a service running as another user can still read it."""
-    try:
-        mode = os.stat(path).st_mode & 0o7777
-    except OSError:
-        mode = 0o666 & ~current_umask()
-    os.chmod(tmp, mode)
 
 
 def atomic_write(path: Path, write) -> None:

@@ -1,41 +1,31 @@
 """Tokenizers that return int64 numpy ids and warn (never silently) when a text is truncated.
 
-Two kinds: open_clip's own tokenizer for a named architecture, and a small word-level
-tokenizer (vocabulary stored in the checkpoint) used by the world models, whose token
+Three kinds: open_clip's own tokenizer for a named architecture; the same CLIP BPE without torch
+from an export's files (ttd/model/clip_bpe.py: the base install, docs/edge.md); and a small
+word-level tokenizer (vocabulary stored in the checkpoint) used by the world models, whose token
 embedding would otherwise dwarf the rest of a tiny model.
 """
 
 from __future__ import annotations
 
-from ttd.errors import InputError, TTDWarning
 import re
-import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from ttd.errors import InputError
+from ttd.model.torch_extra import INSTALL_TORCH, TorchMissing, installed
+from ttd.model.truncation import TruncationWarning, warn_truncated  # noqa: F401 - part of this module's API
+
 WORD_PATTERN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
-
-
-class TruncationWarning(TTDWarning):
-    """A text was longer than the model's context length and was cut."""
 
 
 class Tokenizer(Protocol):
     context_length: int
 
     def __call__(self, texts: list[str]) -> np.ndarray: ...
-
-
-def _warn_truncated(text: str, n_tokens: int, context_length: int) -> None:
-    shown = text if len(text) <= 60 else text[:57] + "..."
-    warnings.warn(
-        f"text {shown!r} has {n_tokens} tokens, more than the {context_length - 2} that fit the "
-        f"context length {context_length}; it was truncated",
-        TruncationWarning,
-        stacklevel=3,
-    )
 
 
 @dataclass
@@ -59,7 +49,7 @@ class WordTokenizer:
         for row, text in enumerate(texts):
             words = [self.word_to_id.get(w, 1) for w in WORD_PATTERN.findall(text.lower())]
             if len(words) > self.context_length - 2:
-                _warn_truncated(text, len(words), self.context_length)
+                warn_truncated(text, len(words), self.context_length)
                 words = words[: self.context_length - 2]
             tokens = [self.start_id, *words, self.end_id]
             ids[row, : len(tokens)] = tokens
@@ -81,7 +71,7 @@ class OpenClipTokenizer:
             for text in texts:
                 n_tokens = len(encode(text))
                 if n_tokens > self.context_length - 2:
-                    _warn_truncated(text, n_tokens, self.context_length)
+                    warn_truncated(text, n_tokens, self.context_length)
         return np.asarray(self.inner(texts, context_length=self.context_length), dtype=np.int64)
 
 
@@ -90,6 +80,33 @@ def build_tokenizer(spec: dict[str, Any], context_length: int) -> Tokenizer:
     kind = spec.get("kind")
     if kind == "words":
         return WordTokenizer(list(spec["vocabulary"]), context_length)
+    if kind == "clip_bpe":  # an export's own BPE files (ttd.runtime.export_dir): no torch needed
+        from ttd.model.clip_bpe import SPECIAL_TOKENS, ClipBpeTokenizer
+
+        return ClipBpeTokenizer(Path(spec["path"]), context_length, spec.get("clean", "lower"),
+                                tuple(spec.get("special_tokens", SPECIAL_TOKENS)))
     if kind == "open_clip":
+        if not installed("open_clip"):
+            raise TorchMissing(f"the tokenizer of {spec.get('name')!r} is open_clip's, which this install leaves out: "
+                               f"{INSTALL_TORCH}, or tokenise with an export made by `ttd export` (it carries a "
+                               "torch-free tokenizer)")
         return OpenClipTokenizer(spec["name"], context_length)
-    raise InputError(f"unknown tokenizer kind {kind!r}; expected 'words' or 'open_clip'")
+    raise InputError(f"unknown tokenizer kind {kind!r}; expected 'words', 'open_clip' or 'clip_bpe'")
+
+
+def torch_free_spec(tokenizer: Tokenizer) -> dict[str, Any] | None:
+    """What an export writes (tokenizer.json, beside the BPE merges file) so that a runtime without
+    torch tokenises as `tokenizer` does: {"kind": "clip_bpe", "merges": file name, "clean": mode,
+    "special_tokens": [...]} for open_clip's CLIP BPE; None for a tokenizer that needs no files
+    (words) or that only its own library reproduces (open_clip's Hugging Face tokenizers)."""
+    inner = getattr(tokenizer, "inner", None)
+    if inner is None or type(inner).__name__ != "SimpleTokenizer" or getattr(inner, "reduction_fn", None):
+        return None
+    from ttd.model.clip_bpe import CLEAN_MODES, MERGES_FILE
+
+    modes = {f"_clean_{mode}": mode for mode in CLEAN_MODES}
+    mode = modes.get(getattr(inner.clean_fn, "__name__", ""))
+    if mode is None:
+        return None
+    specials = [inner.decoder[i] for i in inner.all_special_ids]
+    return {"kind": "clip_bpe", "merges": MERGES_FILE, "clean": mode, "special_tokens": specials}

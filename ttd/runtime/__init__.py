@@ -93,7 +93,14 @@ def _load_tagger(backend, model, pretrained, checkpoint, dense_mode, device, dty
                  flip_tta, score_method, threads, compile) -> Tagger:
     from ttd.runtime.backends import backend_entry
 
+    from ttd.runtime.base_install import DEFAULT_EXPORT, export_for_torch_request, torch_installed
+
     options = {"threshold": threshold, "flip_tta": flip_tta, "score_method": score_method}
+    if backend == "torch" and not torch_installed():  # the base install: the same model's export (docs/edge.md)
+        backend = "onnxruntime"
+        export_dir = export_for_torch_request(model, pretrained, checkpoint, export_dir, dtype, compile)
+    elif backend == "onnxruntime" and not (export_dir or model or pretrained or checkpoint):
+        export_dir = str(DEFAULT_EXPORT)  # nothing named: the embedded default, as on torch
     entry = backend_entry(backend)
     if entry.name == "torch":
         return entry.build(model, pretrained, checkpoint, dense_mode, device, dtype, export_dir, threads, compile,

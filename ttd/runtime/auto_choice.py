@@ -45,11 +45,14 @@ def _torch_dtype(caps: Capabilities, device: str) -> tuple[str, str]:
 
 def choose_fast_path(caps: Capabilities, backend: str = "auto", dtype: str = "auto", device: str | None = "auto",
                      export_precision: str | None = None, export_torch_weights: bool = False,
-                     onnxruntime_gpu: bool = False) -> FastPath:
+                     onnxruntime_gpu: bool = False, torch_available: bool = True) -> FastPath:
     """Resolve 'auto' in backend / dtype / device; explicit choices are kept as they are.
 
     `export_torch_weights`: the export carries its torch weights (model.safetensors);
-    `onnxruntime_gpu`: this onnxruntime build has a GPU provider."""
+    `onnxruntime_gpu`: this onnxruntime build has a GPU provider; `torch_available`: torch is
+    installed (the base install has none: an export, the embedded default's if none is given)."""
+    if backend == "auto" and not torch_available:
+        backend = "onnxruntime"
     if backend == "auto":
         # on a GPU without onnxruntime's GPU provider, the export's own weights run in torch on CUDA
         gpu_torch = caps.gpu and export_torch_weights and not onnxruntime_gpu and device in (None, "auto", "cuda")
@@ -71,13 +74,19 @@ def choose_fast_path(caps: Capabilities, backend: str = "auto", dtype: str = "au
                f"int8 export: 7-bit weights keep it exact on this {caps.isa_class} CPU, still faster than fp32")
     else:
         why = f"the export directory's {precision} graphs (re-export with --precision int8 for a faster CPU path)"
+    if not torch_available:
+        why = f"torch is not installed (the base install): {why}"
     return FastPath(backend, device, precision, why)
 
 
 def resolve_auto(backend: str, dtype: str, device: str | None, export_dir: str | None,
                  caps: Capabilities | None = None) -> FastPath:
     """choose_fast_path for this machine and the export directory given (if any)."""
-    precision, weights = None, False
+    from ttd.runtime.base_install import DEFAULT_EXPORT, torch_installed
+
+    precision, weights, torch_available = None, False, torch_installed()
+    if not export_dir and not torch_available and backend == "auto":
+        export_dir = str(DEFAULT_EXPORT)  # what the base install runs when no model is named
     if export_dir and (Path(export_dir) / "manifest.json").is_file():
         manifest = json.loads((Path(export_dir) / "manifest.json").read_text())
         precision, weights = manifest.get("precision"), "model.safetensors" in manifest.get("files", {})
@@ -87,4 +96,5 @@ def resolve_auto(backend: str, dtype: str, device: str | None, export_dir: str |
         ort_gpu = bool({"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(onnxruntime.get_available_providers()))
     except ImportError:
         ort_gpu = False
-    return choose_fast_path(caps or cpu_capabilities(), backend, dtype, device, precision, weights, ort_gpu)
+    return choose_fast_path(caps or cpu_capabilities(), backend, dtype, device, precision, weights, ort_gpu,
+                            torch_available)

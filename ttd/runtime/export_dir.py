@@ -4,6 +4,7 @@ config, and the graphs, with every file's sha256 checked against the manifest.""
 from __future__ import annotations
 
 from ttd.errors import TTDError
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from ttd.model.contract import CONTRACT_VERSION, GRAPH_NAMES
 MANIFEST = "manifest.json"
 CONFIG = "model.json"
 TORCH_WEIGHTS = "model.safetensors"  # a TTD checkpoint with CONFIG as its config: the torch engine's weights
+TOKENIZER = "tokenizer.json"  # the torch-free tokenizer of an open_clip model (ttd/model/clip_bpe.py)
 
 
 class ExportError(TTDError, ValueError):
@@ -111,4 +113,20 @@ def read_export(root: str | Path, verify: bool = True) -> ExportDir:
         config = ModelConfig.from_dict(json.loads((root / CONFIG).read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise ExportError(f"{root / CONFIG} is not a usable model config ({type(error).__name__}: {error})") from None
-    return ExportDir(root, manifest, config)
+    return ExportDir(root, manifest, with_export_tokenizer(root, manifest, config))
+
+
+def with_export_tokenizer(root: Path, manifest: dict, config: ModelConfig) -> ModelConfig:
+    """`config` tokenising with the export's own files (TOKENIZER and its merges) where it has
+    them: the same ids as open_clip's tokenizer, without torch (docs/edge.md)."""
+    if TOKENIZER not in manifest.get("files", {}):
+        return config
+    try:
+        spec = json.loads(contained(root, TOKENIZER).read_text(encoding="utf-8"))
+        merges = contained(root, spec["merges"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ExportError(f"{root / TOKENIZER} is not a usable tokenizer description ({error}); "
+                          "re-export with `ttd export`") from None
+    if spec["merges"] not in manifest["files"]:
+        raise ExportError(f"{root}: {spec['merges']!r} has no sha256 in the manifest; refusing to use it")
+    return dataclasses.replace(config, tokenizer={**spec, "path": str(merges)})

@@ -74,6 +74,7 @@ class OnnxRuntimeBackend:
                 raise RuntimeProblem(f"{name}: asked for {self.providers[0]} but onnxruntime activated {active}")
             self.sessions[name] = session
         self.precision = export.precision
+        self.export_root = export.root  # the vocabulary cache's key, also for the embedded default's export
 
     def _run(self, graph, *arrays: np.ndarray) -> list[np.ndarray]:
         return self.sessions[graph.name].run(list(graph.outputs), dict(zip(graph.inputs, arrays)))

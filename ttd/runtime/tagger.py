@@ -242,16 +242,14 @@ class Tagger:
                         negative_embeds: np.ndarray | None = None) -> np.ndarray:
         """The margin-free logits ℓ [V, B, K, h, w] of the `negatives` score (N = sigmoid(ℓ − m))
         for patch views [B, V, D, h, w] and tag embeddings [B, K, D]: what calibration fits m on.
-        `negative_embeds` [N, D] replaces the model's negative prompts (calibration comparing sets)."""
-        import torch
-
+        `negative_embeds` [N, D] replaces the model's negative prompts (calibration comparing sets).
+        In float64 numpy: calibration runs without torch too (docs/edge.md)."""
         from ttd.model.scoring import negative_logits, view_cosines
 
-        with torch.inference_mode():
-            patches = torch.from_numpy(np.ascontiguousarray(views, np.float32))
-            cosines = view_cosines(patches, torch.from_numpy(np.ascontiguousarray(tag_embeds, np.float32)))
-            chosen = self.negative_embeds if negative_embeds is None else negative_embeds
-            negatives = view_cosines(patches, torch.from_numpy(np.ascontiguousarray(chosen, np.float32)[None]))
-            logits = negative_logits(cosines.double(), negatives.double(), self.config.tau)
+        patches = np.asarray(views, np.float32)
+        cosines = view_cosines(patches, np.asarray(tag_embeds, np.float32))
+        chosen = self.negative_embeds if negative_embeds is None else negative_embeds
+        negatives = view_cosines(patches, np.asarray(chosen, np.float32)[None])
+        logits = negative_logits(cosines.astype(np.float64), negatives.astype(np.float64), self.config.tau)
         b, v, _, h, w = views.shape
-        return logits.reshape(b, v, -1, h, w).permute(1, 0, 2, 3, 4).numpy()
+        return logits.reshape(b, v, -1, h, w).transpose(1, 0, 2, 3, 4)

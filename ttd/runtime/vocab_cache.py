@@ -79,7 +79,7 @@ def load_or_encode(tagger, tags: list[str], model_key: str, cache_dir: Path | No
     meta = json.dumps({"format": FORMAT, "model_key": model_key, "vocabulary_hash": vocab_key, "tags": list(tags)})
     with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".tmp", delete=False) as tmp:
         np.savez(tmp, meta=np.array(meta), embeds=embeds)
-    from ttd.model.factory import keep_mode
+    from ttd.model.file_modes import keep_mode
 
     keep_mode(tmp.name, path)  # not NamedTemporaryFile's 600: a cache shared with a service stays readable
     os.replace(tmp.name, path)  # atomic: a reader never sees half an entry
@@ -92,6 +92,7 @@ def model_key_for(tagger, export_dir: str | Path | None = None) -> str | None:
     from ttd.runtime.backends import REGISTRY
 
     entry = REGISTRY.get(getattr(tagger.backend, "name", ""))
+    export_dir = export_dir or getattr(tagger.backend, "export_root", None)
     if export_dir and entry is not None and entry.keyed_by_export:
         manifest = json.loads((Path(export_dir) / "manifest.json").read_text())
         return hashlib.sha256(f"{tagger.backend.name}:{export_key(manifest)}".encode()).hexdigest()

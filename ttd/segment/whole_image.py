@@ -160,6 +160,31 @@ def encode_windows_of(tagger: Tagger, images: list[Image.Image], crop: str = "wh
     return features
 
 
+def _axis_weights(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear sampling along one axis, half-pixel centres (align_corners=False, no antialiasing).
+    The source position scale·(i + ½) − ½ is rounded to float32 once, as the fused multiply-add of
+    torch's `F.interpolate` kernel does, so the runtime without torch (docs/edge.md) writes the
+    same masks (a position rounded twice moves λ by ~1e-5 on large upsamplings). Returns (i0, i1, λ0, λ1)."""
+    scale = np.float64(np.float32(source) / np.float32(target))
+    centres = (np.arange(target, dtype=np.float32) + np.float32(0.5)).astype(np.float64)
+    position = np.maximum((scale * centres - 0.5).astype(np.float32), np.float32(0))
+    low = position.astype(np.int64)
+    high = np.minimum(low + 1, source - 1)
+    frac = (position - low).astype(np.float32)
+    return low, high, (np.float32(1) - frac).astype(np.float32), frac
+
+
+def bilinear_resize(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+    """float32 maps [C, H, W] resized to [C, height, width] bilinearly (half-pixel centres)."""
+    maps = np.asarray(maps, np.float32)
+    if maps.shape[-2:] == (height, width):
+        return maps
+    w0, w1, wl0, wl1 = _axis_weights(maps.shape[-1], width)
+    rows = maps[..., w0] * wl0 + maps[..., w1] * wl1  # [C, H, width]
+    h0, h1, hl0, hl1 = _axis_weights(maps.shape[-2], height)
+    return rows[..., h0, :] * hl0[:, None] + rows[..., h1, :] * hl1[:, None]
+
+
 def _stitch(plan: ScalePlan, logits: np.ndarray, size: int) -> np.ndarray:
     """Window logits [N, K, h, w] -> canvas logits [K, H', W'] of the scale (overlaps averaged)."""
     if len(plan.windows) == 1 and plan.windows[0] == (0, 0) and (plan.width, plan.height) == (size, size):
@@ -168,28 +193,18 @@ def _stitch(plan: ScalePlan, logits: np.ndarray, size: int) -> np.ndarray:
     import torch.nn.functional as F
 
     k = logits.shape[1]
-    total = torch.zeros((k, plan.height, plan.width), dtype=torch.float32)
-    count = torch.zeros((plan.height, plan.width), dtype=torch.float32)
-    with torch.inference_mode():
-        for n, (left, top) in enumerate(plan.windows):
-            up = F.interpolate(torch.from_numpy(logits[n : n + 1]), size=(size, size), mode="bilinear",
-                               align_corners=False)[0]
-            h, w = min(size, plan.height - top), min(size, plan.width - left)
-            total[:, top : top + h, left : left + w] += up[:, :h, :w]
-            count[top : top + h, left : left + w] += 1
-        canvas = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, UNSCORED_LOGIT))
-    return canvas.numpy()
+    total = np.zeros((k, plan.height, plan.width), np.float32)
+    count = np.zeros((plan.height, plan.width), np.float32)
+    for n, (left, top) in enumerate(plan.windows):
+        up = bilinear_resize(logits[n], size, size)
+        h, w = min(size, plan.height - top), min(size, plan.width - left)
+        total[:, top : top + h, left : left + w] += up[:, :h, :w]
+        count[top : top + h, left : left + w] += 1
+    return np.where(count > 0, total / np.maximum(count, 1), np.float32(UNSCORED_LOGIT)).astype(np.float32)
 
 
 def _resize_maps(maps: np.ndarray, height: int, width: int) -> np.ndarray:
-    if maps.shape[-2:] == (height, width):
-        return maps
-    import torch
-    import torch.nn.functional as F
-
-    with torch.inference_mode():
-        return F.interpolate(torch.from_numpy(np.ascontiguousarray(maps, np.float32))[None], size=(height, width),
-                             mode="bilinear", align_corners=False)[0].numpy()
+    return bilinear_resize(maps, height, width)
 
 
 @dataclass
@@ -281,9 +296,6 @@ def score_maps_of(tagger: Tagger, features: list[WindowFeatures], tag_lists: lis
     """`score_maps` of several images at once: every window of every image and scale in one tag-head
     request (each window its own image's tags, padded, with the validity mask that makes padding
     exact; the Tagger splits it to the head's memory budget), instead of a call per image and scale."""
-    import torch
-
-    from ttd.model.scoring import combine_windows
     from ttd.runtime.backend import HeadRequest
 
     size = tagger.config.image_size
@@ -313,8 +325,7 @@ def score_maps_of(tagger: Tagger, features: list[WindowFeatures], tag_lists: lis
             scores.append(outputs.tag_scores[start : start + len(part), :, :k])
             cosines.append(outputs.tag_cosines[start : start + len(part), :k])
             start += len(part)
-        with torch.inference_mode():
-            combined = combine_windows(torch.from_numpy(np.concatenate(scores))).numpy()
+        combined = combine_windows(np.concatenate(scores))
         windows = WindowMaps(feature.plans, cosines, tagger.mask_weight, tagger.mask_bias, size,
                              feature.canvas_image.shape[:2])
         results.append(ScoreMaps(list(tag_lists[n]), score_row(combined, tagger.score_method).astype(np.float32), None,

@@ -1,0 +1,50 @@
+"""Whether the `torch` extra is installed, and the one-line error of what needs it.
+
+The base install (`pip install ttd-toolkit`) runs exports on onnxruntime; torch, torchvision and
+open_clip come with `pip install 'ttd-toolkit[torch]'` (docs/edge.md). Here, at the bottom of the
+layers, so that the model package (tokenizers) and the runtime say the same thing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from ttd.errors import TTDError
+
+TORCH_EXTRA = "torch"
+INSTALL_TORCH = f"pip install 'ttd-toolkit[{TORCH_EXTRA}]'"
+
+
+class TorchMissing(TTDError, ImportError):
+    """A command or setting needs torch (or open_clip), which the base install leaves out."""
+
+
+def installed(module: str) -> bool:
+    """Whether `import module` can succeed here, without importing it (torch takes seconds)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def torch_installed() -> bool:
+    return installed("torch")
+
+
+def require_torch(what: str) -> None:
+    """TorchMissing naming `what` and the extra that brings torch, where torch is not installed."""
+    if not torch_installed():
+        raise TorchMissing(f"{what} needs torch, which this install leaves out: {INSTALL_TORCH}")
+
+
+# what the `torch` extra installs, as import names (safetensors: the torch checkpoints' format)
+TORCH_MODULES = ("torch", "torchvision", "open_clip", "safetensors", "onnx", "onnxscript")
+
+
+def as_torch_missing(error: ModuleNotFoundError, what: str) -> TorchMissing | None:
+    """The one-line TorchMissing for an import of the `torch` extra that failed while doing
+    `what` (e.g. "`ttd train`"); None when the missing module is not the extra's (a bug or
+    another extra)."""
+    if (error.name or "").split(".")[0] not in TORCH_MODULES:
+        return None
+    return TorchMissing(f"{what} needs {error.name.split('.')[0]}, which this install leaves out: {INSTALL_TORCH}")
