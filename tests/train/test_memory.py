@@ -57,5 +57,9 @@ def test_training_steps_log_the_same_losses_with_and_without_the_savings(tmp_pat
         logged.append([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()])
     assert len(logged[0]) == len(logged[1]) == 3
     for before, after in zip(*logged):
+        # the first step is at the same weights; after it, AdamW's first update (about lr·sign(g) per
+        # weight) can turn a rounding-level difference in a near-zero gradient into a visible one
+        # (ViT-B-16: up to 1.6e-4 at the second step, benchmarks/results/train_memory_vit_b_16.json)
+        tolerance = 1e-5 if before["step"] == 0 else 1e-3
         for key in ("loss", "distill", "tag", "clip"):
-            assert after[key] == pytest.approx(before[key], abs=1e-5), (before["step"], key)
+            assert after[key] == pytest.approx(before[key], abs=tolerance), (before["step"], key)

@@ -72,7 +72,7 @@ def _normalised_maps(tag_logits: torch.Tensor, target_norm: str, mask_share: flo
 
 def distill_targets(
     tag_logits: torch.Tensor, selected: torch.Tensor, target_norm: str = "mask", mask_share: float = 0.5,
-    caption_norm: str | None = None, floor: bool = False,
+    caption_norm: str | None = None, floor: bool = False, caption_floor: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Y [B, K, h, w], U [B, h, w]) from mask logits and the selection [B, K], without gradient.
 
@@ -86,15 +86,18 @@ def distill_targets(
     and the two need not be trained to the same shape (docs/training.md, "split targets").
     `floor`: before the sigmoid, a selected tag whose mean cosine sank below the midpoint −b/w
     has its cosines lifted so that the mean sits on it (docs/training.md, "the floor"): the
-    collapse starts exactly when that mean crosses the midpoint."""
+    collapse starts exactly when that mean crosses the midpoint. `caption_floor`: the floor of the
+    caption's maps alone (None: `floor`)."""
+    caption_norm = target_norm if caption_norm is None else caption_norm
+    caption_floor = floor if caption_floor is None else caption_floor
     with torch.no_grad():
         keep = selected[:, :, None, None]
         maps = _normalised_maps(tag_logits, target_norm, mask_share, floor)
         tag_targets = maps * keep
-        if caption_norm is None or caption_norm == target_norm:
+        if (caption_norm, caption_floor) == (target_norm, floor):
             union = tag_targets.amax(dim=1)
         else:
-            union = (_normalised_maps(tag_logits, caption_norm, mask_share, floor) * keep).amax(dim=1)
+            union = (_normalised_maps(tag_logits, caption_norm, mask_share, caption_floor) * keep).amax(dim=1)
     return tag_targets, union
 
 
@@ -149,6 +152,7 @@ def ttd_losses(
     mask_share: float = 0.5,
     caption_norm: str | None = None,
     floor: bool = False,
+    caption_floor: bool | None = None,
 ) -> DistillLosses:
     """The TTD loss of a batch. `teacher` = (patch_embeds, tag_embeds) of a frozen teacher; the
     default online teacher is the current model without gradient.
@@ -168,7 +172,8 @@ def ttd_losses(
         selected = select_tags(scores, threshold, valid)
         teacher_cosines = pixel_cosines(teacher_patch.detach(), teacher_tags.detach())
         teacher_logits = mask_weight.detach() * teacher_cosines + mask_bias.detach()
-    tag_targets, union = distill_targets(teacher_logits, selected, target_norm, mask_share, caption_norm, floor)
+    tag_targets, union = distill_targets(teacher_logits, selected, target_norm, mask_share, caption_norm, floor,
+                                         caption_floor)
 
     tag_logits = mask_weight * pixel_cosines(patch_embeds, tag_embeds) + mask_bias
     per_tag = F.binary_cross_entropy_with_logits(tag_logits, tag_targets, reduction="none").mean(dim=(2, 3))
