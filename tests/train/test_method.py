@@ -139,3 +139,37 @@ def test_a_short_ttd_run_improves_ranking_and_caption_masks_over_the_base(tmp_pa
         "caption FPR": tuned["caption_mask"]["fpr"] < base["caption_mask"]["fpr"] - 0.15,
     }.items() if not passed]
     assert not missed, f"missed {missed}; (base, TTD): {figures}"
+
+
+def test_caption_targets_of_their_own_leave_the_tag_targets_alone():
+    # docs/training.md, "split targets": the tags keep the paper's targets, the union U is built from the other maps
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 4, dtype=torch.float64) * 3 - 2
+    selected = torch.tensor([[True, False, True], [False, True, True]])
+    paper_tags, paper_union = distill_targets(logits, selected, "mask")
+    tags, union = distill_targets(logits, selected, "mask", 0.75, caption_norm="cosine")
+    torch.testing.assert_close(tags, paper_tags, rtol=0, atol=0)
+    torch.testing.assert_close(union, distill_targets(logits, selected, "cosine")[1], rtol=0, atol=0)
+    assert (union - paper_union).abs().max() > 0.05
+
+
+def test_floor_lifts_only_a_map_whose_mean_cosine_sank_below_the_midpoint():
+    # one tag sits above the sigmoid's midpoint on average (mean logit +1), one sank below it (mean logit -3)
+    healthy = torch.tensor([[-1.0, 1.0, 3.0]], dtype=torch.float64)
+    sunk = torch.tensor([[-5.0, -3.0, -1.0]], dtype=torch.float64)
+    logits = torch.stack([healthy, sunk])[None]  # [1, 2, 1, 3]
+    selected = torch.tensor([[True, True]])
+    tags, _ = distill_targets(logits, selected, "mask", floor=True)
+    paper, _ = distill_targets(logits, selected, "mask")
+    torch.testing.assert_close(tags[0, 0], paper[0, 0], rtol=0, atol=0)
+    lifted = torch.sigmoid(sunk + 3.0)  # the mean moved onto the midpoint: logit 0
+    torch.testing.assert_close(tags[0, 1], (lifted - lifted.min()) / (lifted.max() - lifted.min()), rtol=0, atol=1e-12)
+    assert tags[0, 1, 0, 1] > paper[0, 1, 0, 1]  # the middle pixel is no longer pushed towards 0
+
+
+def test_schedule_switches_to_the_paper_targets_at_its_step():
+    from ttd.train.loop import TrainConfig, _target_norm
+
+    config = TrainConfig(target_norm="mixed", mask_after_step=150)
+    assert [_target_norm(config, s) for s in (0, 149, 150, 299)] == ["mixed", "mixed", "mask", "mask"]
+    assert _target_norm(TrainConfig(target_norm="mixed"), 299) == "mixed"

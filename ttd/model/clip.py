@@ -17,6 +17,13 @@ from ttd.model.tokenizer import Tokenizer, build_tokenizer
 class TTDModel(nn.Module):
     """CLIP + dense features + mask calibration. Embeddings it returns are L2-normalised."""
 
+    # Encode a batch of texts only up to its longest text's pooled token rather than the whole context
+    # (77 tokens for open_clip's towers; tag prompts are ~10): with a causal attention mask and the
+    # pooled token taken at the end of the text, the tokens after it cannot change it, so the
+    # embedding is the same (to float rounding) for a fraction of the memory and time of training
+    # (docs/training.md, "Memory"). False: open_clip's own encode_text over the whole context.
+    trim_text_context: bool = True
+
     def __init__(self, config: ModelConfig, clip: CLIP) -> None:
         super().__init__()
         if config.dense_mode not in DENSE_MODES:
@@ -44,7 +51,38 @@ class TTDModel(nn.Module):
         return F.normalize(image_embeds, dim=-1), F.normalize(patch_embeds, dim=1)
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.clip.encode_text(input_ids), dim=-1)
+        length = self._pooled_context(input_ids)
+        if length is None:
+            return F.normalize(self.clip.encode_text(input_ids), dim=-1)
+        return F.normalize(self._encode_text_trimmed(input_ids[:, :length]), dim=-1)
+
+    def _pooled_context(self, input_ids: torch.Tensor) -> int | None:
+        """How many leading tokens decide every row's pooled embedding, or None when the tower's
+        attention is not causal or it pools somewhere that trimming would move."""
+        clip = self.clip
+        if not self.trim_text_context or getattr(clip, "attn_mask", None) is None or input_ids.ndim != 2:
+            return None
+        pool = getattr(clip, "text_pool_type", "argmax")
+        if pool == "argmax":  # open_clip pools the highest token id (the end-of-text token)
+            return int(input_ids.argmax(dim=-1).max()) + 1
+        eos = getattr(clip, "text_eos_id", None)
+        if pool == "eos" and eos is not None and bool((input_ids == eos).any(dim=-1).all()):
+            return int((input_ids == eos).int().argmax(dim=-1).max()) + 1
+        return None
+
+    def _encode_text_trimmed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """open_clip's CLIP.encode_text (unnormalised) over input_ids' own length, which is at most the context."""
+        from open_clip.transformer import text_global_pool
+
+        clip, length = self.clip, input_ids.shape[1]
+        cast_dtype = clip.transformer.get_cast_dtype()
+        x = clip.token_embedding(input_ids).to(cast_dtype) + clip.positional_embedding[:length].to(cast_dtype)
+        x = clip.transformer(x, attn_mask=clip.attn_mask[:length, :length])
+        x = clip.ln_final(x)
+        x = text_global_pool(x, input_ids, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
+        if clip.text_projection is not None:
+            x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
+        return x
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return torch.from_numpy(self.tokenizer(texts)).to(self.device)

@@ -15,6 +15,7 @@ from ttd.errors import InputError
 from typing import Literal
 
 import torch
+from torch.utils.checkpoint import checkpoint
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
@@ -70,9 +71,12 @@ def encode_image_dense(
         raise InputError(f"unknown dense mode {mode!r}; choose one of {', '.join(DENSE_MODES)}")
     x = visual._embeds(pixel_values)
     *blocks, last = visual.transformer.resblocks
+    # open_clip's gradient checkpointing (set_grad_checkpointing), which its own forward applies and
+    # this one must too: each block's activations are recomputed in the backward pass instead of kept
+    recompute = getattr(visual.transformer, "grad_checkpointing", False) and torch.is_grad_enabled()
     for block in blocks:
-        x = block(x)
-    full = last(x)
+        x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+    full = checkpoint(last, x, use_reentrant=False) if recompute else last(x)
     pooled, _ = visual._pool(full)
     image_embeds = pooled @ visual.proj
     if mode == "avg":

@@ -55,26 +55,50 @@ def mask_diagnostics(caption_logits: torch.Tensor, union: torch.Tensor, evidence
 
 
 
+def _normalised_maps(tag_logits: torch.Tensor, target_norm: str, mask_share: float, floor: bool) -> torch.Tensor:
+    """The per-tag maps [B, K, h, w] that `target_norm` min-max normalises over the pixels."""
+    if target_norm not in TARGET_NORMS:
+        raise InputError(f"unknown target normalisation {target_norm!r}; choose one of {', '.join(TARGET_NORMS)}")
+    mask_logits = tag_logits
+    if floor:  # a tag's mean logit below 0 = its mean cosine below the sigmoid's midpoint −b/w: lift it to 0
+        mean = tag_logits.mean(dim=(2, 3), keepdim=True)
+        mask_logits = tag_logits + (-mean).clamp_min(0.0)
+    if target_norm == "mask":
+        return minmax_over_pixels(torch.sigmoid(mask_logits))
+    if target_norm == "cosine":
+        return minmax_over_pixels(tag_logits)
+    # mixed: mask_share of the mask's, the rest of the cosine's
+    return mask_share * minmax_over_pixels(torch.sigmoid(mask_logits)) + (1 - mask_share) * minmax_over_pixels(tag_logits)
+
+
 def distill_targets(
-    tag_logits: torch.Tensor, selected: torch.Tensor, target_norm: str = "mask", mask_share: float = 0.5
+    tag_logits: torch.Tensor, selected: torch.Tensor, target_norm: str = "mask", mask_share: float = 0.5,
+    caption_norm: str | None = None, floor: bool = False, caption_floor: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Y [B, K, h, w], U [B, h, w]) from mask logits and the selection [B, K], without gradient.
 
     `target_norm`: what is min-max normalised over the pixels. `mask` (the paper's): the sigmoid
     mask M_k. `cosine`: the logit w·cos + b, i.e. the cosine itself (w > 0), so the target's shape
     does not depend on where the cosines sit on the sigmoid: once they drift into its lower tail,
-    minmax(M_k) is a peak of a few pixels (docs/training.md: the collapse of issue 24)."""
-    if target_norm not in TARGET_NORMS:
-        raise InputError(f"unknown target normalisation {target_norm!r}; choose one of {', '.join(TARGET_NORMS)}")
+    minmax(M_k) is a peak of a few pixels (docs/training.md: the collapse of issue 24).
+
+    `caption_norm`: the normalisation of the maps whose union U is the caption's target, when it
+    is not `target_norm`: the tag masks make the segmentation, the caption mask the caption IoU,
+    and the two need not be trained to the same shape (docs/training.md, "split targets").
+    `floor`: before the sigmoid, a selected tag whose mean cosine sank below the midpoint −b/w
+    has its cosines lifted so that the mean sits on it (docs/training.md, "the floor"): the
+    collapse starts exactly when that mean crosses the midpoint. `caption_floor`: the floor of the
+    caption's maps alone (None: `floor`)."""
+    caption_norm = target_norm if caption_norm is None else caption_norm
+    caption_floor = floor if caption_floor is None else caption_floor
     with torch.no_grad():
-        if target_norm == "mask":
-            maps = minmax_over_pixels(torch.sigmoid(tag_logits))
-        elif target_norm == "cosine":
-            maps = minmax_over_pixels(tag_logits)
-        else:  # mixed: mask_share of the mask's, the rest of the cosine's
-            maps = mask_share * minmax_over_pixels(torch.sigmoid(tag_logits)) + (1 - mask_share) * minmax_over_pixels(tag_logits)
-        tag_targets = maps * selected[:, :, None, None]
-        union = tag_targets.amax(dim=1)
+        keep = selected[:, :, None, None]
+        maps = _normalised_maps(tag_logits, target_norm, mask_share, floor)
+        tag_targets = maps * keep
+        if (caption_norm, caption_floor) == (target_norm, floor):
+            union = tag_targets.amax(dim=1)
+        else:
+            union = (_normalised_maps(tag_logits, caption_norm, mask_share, caption_floor) * keep).amax(dim=1)
     return tag_targets, union
 
 
@@ -127,6 +151,9 @@ def ttd_losses(
     negative_margin: float = DEFAULT_NEGATIVE_MARGIN,
     target_norm: str = "mask",
     mask_share: float = 0.5,
+    caption_norm: str | None = None,
+    floor: bool = False,
+    caption_floor: bool | None = None,
 ) -> DistillLosses:
     """The TTD loss of a batch. `teacher` = (patch_embeds, tag_embeds) of a frozen teacher; the
     default online teacher is the current model without gradient.
@@ -146,7 +173,8 @@ def ttd_losses(
         selected = select_tags(scores, threshold, valid)
         teacher_cosines = pixel_cosines(teacher_patch.detach(), teacher_tags.detach())
         teacher_logits = mask_weight.detach() * teacher_cosines + mask_bias.detach()
-    tag_targets, union = distill_targets(teacher_logits, selected, target_norm, mask_share)
+    tag_targets, union = distill_targets(teacher_logits, selected, target_norm, mask_share, caption_norm, floor,
+                                         caption_floor)
 
     tag_logits = mask_weight * pixel_cosines(patch_embeds, tag_embeds) + mask_bias
     per_tag = F.binary_cross_entropy_with_logits(tag_logits, tag_targets, reduction="none").mean(dim=(2, 3))

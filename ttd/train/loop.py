@@ -71,6 +71,13 @@ class TrainConfig:
     # benchmarks/seeds.py, docs/training.md
     target_norm: str = DEFAULT_TARGET_NORM
     target_mask_share: float = DEFAULT_TARGET_MASK_SHARE
+    # the caption's target U from other maps than the tags' (None: the same); docs/training.md "split targets"
+    caption_target_norm: str | None = None
+    # from this step on the targets are the paper's (`mask`), before it `target_norm` (None: never)
+    mask_after_step: int | None = None
+    # lift a selected tag's cosines so that their mean is not below the sigmoid's midpoint −b/w before the targets
+    target_floor: bool = False
+    caption_target_floor: bool | None = None  # the floor of the caption's target alone (None: target_floor)
     # label-free guard against the caption-mask collapse (ttd/train/guard.py): flags it, keeps the last healthy weights
     collapse_guard: bool = True
     calibration_lr_scale: float = 10.0  # w and b are two scalars: AdamW at the base lr barely moves them
@@ -79,6 +86,11 @@ class TrainConfig:
     calibrate_margin: bool = True
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     max_bad_steps: int = 20
+    # recompute each transformer block's activations in the backward pass (open_clip's gradient
+    # checkpointing): the same losses and gradients for less memory and one more forward pass
+    # (docs/training.md, "Memory"). None: on for models above CHECKPOINTING_PARAMETERS (an open_clip
+    # ViT-B/16: 0.23 -> 0.08 GB per sample, +20 % time), off for the world models (1.7 M parameters)
+    grad_checkpointing: bool | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,6 +111,15 @@ OBJECTIVE_DEFAULTS: dict[str, dict] = {
     "clip": {"steps": 1500, "batch_size": 128, "lr": 1e-3, "warmup_steps": 100, "weight_decay": 0.1},
 }
 assert tuple(OBJECTIVE_DEFAULTS) == OBJECTIVES, "ttd.model.config.OBJECTIVES names the objectives defined here"
+
+
+CHECKPOINTING_PARAMETERS = 50_000_000
+
+
+def _grad_checkpointing(model: TTDModel, config: TrainConfig) -> bool:
+    if config.grad_checkpointing is not None:
+        return config.grad_checkpointing
+    return sum(p.numel() for p in model.parameters()) > CHECKPOINTING_PARAMETERS
 
 
 def _lr_factor(step: int, warmup: int, total: int) -> float:
@@ -180,7 +201,7 @@ def _trainable(model: TTDModel, config: TrainConfig) -> list[torch.nn.Parameter]
 
 
 def _step_losses(model: TTDModel, teacher: TTDModel | None, pixels: torch.Tensor, captions: list[str],
-                 config: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+                 config: TrainConfig, step: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
     image_embeds, patch_embeds = model.encode_image(pixels)
     text_embeds = model.encode_texts(captions)
     contrastive = clip_loss(_gather(image_embeds.float()), _gather(text_embeds.float()), model.clip.logit_scale)
@@ -207,9 +228,17 @@ def _step_losses(model: TTDModel, teacher: TTDModel | None, pixels: torch.Tensor
     losses = ttd_losses(patch_embeds.float(), text_embeds.float(), tag_embeds.float(), valid, model.mask_weight,
                         model.mask_bias, contrastive, model.config.tau, config.threshold, config.lambda_tag,
                         config.lambda_clip, config.score_method, teacher_out, _global_share,
-                        negative_embeds, model.config.negative_margin, config.target_norm,
-                        config.target_mask_share)
+                        negative_embeds, model.config.negative_margin, _target_norm(config, step),
+                        config.target_mask_share, config.caption_target_norm, config.target_floor,
+                        config.caption_target_floor)
     return losses.total, {**losses.as_floats(), **losses.diagnostics}
+
+
+def _target_norm(config: TrainConfig, step: int) -> str:
+    """The Stage-2 target normalisation of `step`: `target_norm`, the paper's `mask` from `mask_after_step` on."""
+    if config.mask_after_step is not None and step >= config.mask_after_step:
+        return "mask"
+    return config.target_norm
 
 
 def _ema_teacher(config: TrainConfig) -> bool:
@@ -237,7 +266,7 @@ def _save_state(path: Path, model, optimizer, scheduler, step: int, config: Trai
 
 # settings a resumed run may change (the margin fit happens after the last step: a run whose fit
 # failed is resumed with --no-calibrate to write its model without one)
-RESUMABLE_CHANGES = ("out_dir", "checkpoint_every", "max_bad_steps", "calibrate_margin")
+RESUMABLE_CHANGES = ("out_dir", "checkpoint_every", "max_bad_steps", "calibrate_margin", "grad_checkpointing")
 
 
 def _load_state(path: Path) -> dict:
@@ -322,6 +351,7 @@ def setup(model: TTDModel, config: TrainConfig, resume: bool = True) -> Training
         source = open_source(config.data, Preprocess.for_model(model.config), config.data_seed)
         loader = BatchLoader(source, config.batch_size, config.data_seed, rank, world)
     model.train()
+    model.clip.set_grad_checkpointing(_grad_checkpointing(model, config))
     guard = CollapseGuard() if config.collapse_guard and config.objective == "ttd" and rank == 0 else None
     if guard is not None and state is not None and "guard" in state:
         guard.load_state_dict(state["guard"])
@@ -335,7 +365,7 @@ def train_step(run: TrainingRun, step: int, images: np.ndarray, captions: list[s
     model, config = run.model, run.config
     pixels = torch.from_numpy(normalize(images, model.config.mean, model.config.std)).to(model.device)
     with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-        loss, logs = _step_losses(model, run.teacher, pixels, captions, config)
+        loss, logs = _step_losses(model, run.teacher, pixels, captions, config, step)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if run.world > 1:
@@ -392,6 +422,7 @@ class MetricsLog:
 def finish(run: TrainingRun) -> TTDModel:
     """The trained model in eval mode; rank 0 writes model.safetensors (+ adapter, train_config.json)."""
     run.model.eval()
+    run.model.clip.set_grad_checkpointing(False)
     if run.rank == 0:
         if run.loader.skipped:
             tqdm.write(f"skipped {len(run.loader.skipped)} unreadable samples; first: {run.loader.skipped[0]}")
