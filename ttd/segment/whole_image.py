@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from ttd.model.contract import score_row
+from ttd.model.scoring import combine_windows
 from ttd.runtime.images import RESAMPLING
 from ttd.runtime.tagger import Tagger
 
