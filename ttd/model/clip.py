@@ -62,6 +62,10 @@ class TTDModel(nn.Module):
         clip = self.clip
         if not self.trim_text_context or getattr(clip, "attn_mask", None) is None or input_ids.ndim != 2:
             return None
+        # training only: a traced graph (ONNX export) would bake the example's length in, and
+        # inference keeps open_clip's own arithmetic, so tagging writes the bytes it always wrote
+        if not torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return None
         pool = getattr(clip, "text_pool_type", "argmax")
         if pool == "argmax":  # open_clip pools the highest token id (the end-of-text token)
             return int(input_ids.argmax(dim=-1).max()) + 1
