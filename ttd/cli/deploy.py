@@ -139,11 +139,14 @@ def _batching_options(f):
 @click.argument("repo", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--flavour", type=click.Choice(tuple(TRITON_ENGINES)), default="python", show_default=True,
               help="python: Python-backend models (any tritonserver, e.g. nvidia-pytriton's); "
-                   "native: onnxruntime_onnx / tensorrt_plan platforms (NVIDIA's container).")
+                   "native: onnxruntime_onnx / tensorrt_plan platforms (NVIDIA's container); "
+                   "fused: ttd_tagger alone, one Python-backend model running decode, encoder and tag head "
+                   "in-process (any tritonserver; the fastest served path).")
 @click.option("--graph-engine", "engine", type=click.Choice(sorted({e for engines in TRITON_ENGINES.values() for e in engines})),
               default="onnx", show_default=True,
               help="What the graph models run. python flavour: onnx (onnxruntime, CPU) or torch (the export's "
-                   "weights; GPU with --kind KIND_GPU); native flavour: onnx or tensorrt (the export's engines).")
+                   "weights; GPU with --kind KIND_GPU); native flavour: onnx or tensorrt (the export's engines); "
+                   "fused flavour: the runtime backend it holds, onnx (onnxruntime, CPU), torch or tensorrt (GPU).")
 @click.option("--torch-dtype", type=Precision(("fp32", "bf16", "fp16")), default="fp32",
               show_default=True, help="Torch engine: weight precision of the encoders (the tag head stays float32).")
 @_batching_options
