@@ -95,7 +95,7 @@ def test_metrics_count_a_known_load(tmp_path):
         assert post(port, "/v2/repository/models/ttd_tagger/load", b"{}") == 404
         assert post(port, "/v2/models/ttd_tagger/infer", b"--x--", "multipart/form-data; boundary=x") == 415
         assert post(port, "/v2/models/ttd_tagger/infer", b"{not json") == 400
-        # passed on, refused by the model: a bad image (Triton counts it as a failure)
+        # passed on, refused by the model: a bad image
         assert post(port, "/v2/models/ttd_tagger/infer", infer_body(b"junk", "a red circle")) == 400
         metrics = scrape(metrics_port)
         assert metrics[("ttd_front_requests_total", (("code", "200"), ("model", "ttd_tagger")))] == good
