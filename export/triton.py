@@ -236,6 +236,14 @@ def _tagger_io(config, fused: bool) -> tuple[list, list]:
     return inputs, outputs
 
 
+def _decode_threads(kind: str) -> int:
+    """The fused tagger's decoding threads: on a GPU instance a pool decodes while the device runs
+    the model; on a CPU instance decoding and the model share the cores, and a pool only added
+    CPU time (0.15 ms per world image on 2 cores: docs/serving.md, "The fused flavour"), so
+    requests decode in the model's own thread. Operators change it in config.pbtxt."""
+    return 0 if kind == "KIND_CPU" else 2
+
+
 def _build_fused(export, export_dir: Path, repo: Path, engine: str, batching: BatchingOptions, kind: str,
                  template: Template, threshold: float, max_tags: int, torch_dtype: str, score_method: str) -> Path:
     """`ttd_tagger` alone, holding the runtime: the export (every file its manifest lists, so the
@@ -251,7 +259,7 @@ def _build_fused(export, export_dir: Path, repo: Path, engine: str, batching: Ba
     shutil.copy(TEMPLATES / "fused_model.py", version / "model.py")
     inputs, outputs = _tagger_io(export.config, fused=True)
     parameters = {"engine": engine, "threshold": str(threshold), "max_tags": str(max_tags), "score_method": score_method,
-                  "intra_op_threads": "1", "dtype": torch_dtype, "decode_threads": "2",
+                  "intra_op_threads": "1", "dtype": torch_dtype, "decode_threads": str(_decode_threads(kind)),
                   "model_batch": str(min(batching.preferred_batch_sizes, default=batching.max_batch_size))}
     common = {"source": str(export_dir), "max_batch_size": batching.max_batch_size,
               "preferred_batch_sizes": ", ".join(map(str, batching.preferred_batch_sizes)),

@@ -9,9 +9,11 @@ so they are the ones `ttd tag` writes for the same export, score and threshold (
 "The fused flavour").
 
 Images come as encoded bytes (`image`) or as uint8 RGB already at the model's size
-(`image_rgb`), never as float pixels. Decoding runs in a thread pool (PIL releases the GIL):
-every request of a batch is submitted at once, and the model starts on the first `model_batch`
-images while the pool decodes the rest, so under load decoding overlaps the model.
+(`image_rgb`), never as float pixels. With `decode_threads` > 0 (the default on GPU instances)
+decoding runs in a thread pool (PIL releases the GIL): every request of a batch is submitted at
+once, and the model starts on the first `model_batch` images while the pool decodes the rest, so
+decoding overlaps the model. With 0 (the default on CPU instances, where the pool only competes
+with the model for the same cores) each request is decoded in execute's own thread.
 
 Parameters (config.pbtxt): engine (onnx | torch | tensorrt), threshold, score_method, max_tags,
 intra_op_threads (onnx), dtype (torch), decode_threads, model_batch.
@@ -66,8 +68,8 @@ class TritonPythonModel:
         self.max_tags = int(parameters.get("max_tags", "1024"))
         self.max_image_bytes = int(parameters.get("max_image_bytes", str(MAX_IMAGE_BYTES)))
         self.model_batch = max(1, int(parameters.get("model_batch", "8")))
-        self.decode = ThreadPoolExecutor(max(1, int(parameters.get("decode_threads", "2"))),
-                                         thread_name_prefix="ttd-decode")
+        threads = int(parameters.get("decode_threads", "2"))  # 0: decode in execute's own thread
+        self.decode = ThreadPoolExecutor(threads, thread_name_prefix="ttd-decode") if threads > 0 else None
 
     def _prepare(self, request):
         """(uint8 image [S, S, 3], tags, masks wanted) of one request; ValueError names a bad one."""
@@ -102,11 +104,14 @@ class TritonPythonModel:
 
     def execute(self, requests):
         responses = [None] * len(requests)
-        pending = [self.decode.submit(self._prepare, r) for r in requests]
+        if self.decode is not None:
+            pending = [self.decode.submit(self._prepare, r).result for r in requests]
+        else:
+            pending = [lambda r=r: self._prepare(r) for r in requests]
         ready = []
-        for index, future in enumerate(pending):
+        for index, prepared in enumerate(pending):
             try:
-                image, tags, wants_masks = future.result()
+                image, tags, wants_masks = prepared()
             except (ImageError, ValueError, UnicodeDecodeError) as error:
                 responses[index] = _client_error(str(error))
                 continue
@@ -123,4 +128,5 @@ class TritonPythonModel:
         return responses
 
     def finalize(self):
-        self.decode.shutdown(wait=False, cancel_futures=True)
+        if self.decode is not None:
+            self.decode.shutdown(wait=False, cancel_futures=True)

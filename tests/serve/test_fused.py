@@ -55,6 +55,7 @@ def test_fused_repository_is_the_tagger_alone(export_dir, tmp_path):
     assert 'name: "image_rgb" data_type: TYPE_UINT8 dims: [ 64, 64, 3 ]' in config
     assert 'key: "engine" value: { string_value: "onnx" }' in config and "kind: KIND_CPU" in config
     assert 'key: "model_batch" value: { string_value: "4" }' in config
+    assert 'key: "decode_threads" value: { string_value: "0" }' in config  # CPU instance: decode inline
     assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["ttd_repository.json", "ttd_tagger"]
 
 
@@ -75,6 +76,12 @@ def test_fused_tagger_answers_what_ttd_tag_writes(export_dir, tmp_path, monkeypa
     assert len(records) == 8 and any(r["selected"] for r in records)
     runtime = load_tagger("onnxruntime", export_dir=str(export_dir), device="cpu", threads=1, warn_unfitted=False)
     repo = build_repository(export_dir, tmp_path / "repo", "fused")
+    # the decoding pool of GPU instances, with model calls of 2 images: decoding overlaps the model
+    config = repo / "ttd_tagger" / "config.pbtxt"
+    config.write_text(config.read_text().replace('"decode_threads" value: { string_value: "0" }',
+                                                 '"decode_threads" value: { string_value: "2" }')
+                      .replace('"model_batch" value: { string_value: "8" }', '"model_batch" value: { string_value: "2" }'))
+    assert '"decode_threads" value: { string_value: "2" }' in config.read_text() and '"model_batch" value: { string_value: "2" }' in config.read_text()
     with start_server(repo, http_port=free_port(), grpc_port=None, timeout_s=120) as server:
         client = http.InferenceServerClient(server.http_url, network_timeout=60)
         mismatches = 0
