@@ -238,8 +238,9 @@ def served_round(url: str, process: subprocess.Popen, queues: list, results, ind
 
 
 def tune(repo: Path, flavour: str) -> None:
-    """`fused:decode_threads=0,queue_delay_us=8000`: set ttd_tagger's config parameters and its
-    dynamic batcher's queue delay (config.pbtxt is what operators tune; the build does not hash it)."""
+    """`fused:decode_threads=0,queue_delay_us=8000,instances=2`: set ttd_tagger's config parameters,
+    its dynamic batcher's queue delay and its instance count (config.pbtxt is what operators tune;
+    the build does not hash it)."""
     if ":" not in flavour:
         return
     config = repo / "ttd_tagger" / "config.pbtxt"
@@ -248,6 +249,9 @@ def tune(repo: Path, flavour: str) -> None:
         key, value = setting.split("=")
         if key == "queue_delay_us":
             text = re.sub(r"max_queue_delay_microseconds: \d+", f"max_queue_delay_microseconds: {value}", text)
+            continue
+        if key == "instances":
+            text = re.sub(r"count: \d+", f"count: {value}", text)
             continue
         pattern = re.compile(rf'(key: "{re.escape(key)}" value: {{ string_value: ")[^"]*(")')
         if not pattern.search(text):

@@ -9,11 +9,10 @@ so they are the ones `ttd tag` writes for the same export, score and threshold (
 "The fused flavour").
 
 Images come as encoded bytes (`image`) or as uint8 RGB already at the model's size
-(`image_rgb`), never as float pixels. With `decode_threads` > 0 (the default on GPU instances)
-decoding runs in a thread pool (PIL releases the GIL): every request of a batch is submitted at
-once, and the model starts on the first `model_batch` images while the pool decodes the rest, so
-decoding overlaps the model. With 0 (the default on CPU instances, where the pool only competes
-with the model for the same cores) each request is decoded in execute's own thread.
+(`image_rgb`), never as float pixels. Decoding runs in a thread pool of `decode_threads` (PIL
+releases the GIL): every request of a batch is submitted at once, and the model starts on the
+first `model_batch` images while the pool decodes the rest, so decoding overlaps the model.
+With `decode_threads` 0 each request is decoded in execute's own thread.
 
 Parameters (config.pbtxt): engine (onnx | torch | tensorrt), threshold, score_method, max_tags,
 intra_op_threads (onnx), dtype (torch), decode_threads, model_batch.
@@ -68,7 +67,7 @@ class TritonPythonModel:
         self.max_tags = int(parameters.get("max_tags", "1024"))
         self.max_image_bytes = int(parameters.get("max_image_bytes", str(MAX_IMAGE_BYTES)))
         self.model_batch = max(1, int(parameters.get("model_batch", "8")))
-        threads = int(parameters.get("decode_threads", "2"))  # 0: decode in execute's own thread
+        threads = int(parameters.get("decode_threads", "2"))
         self.decode = ThreadPoolExecutor(threads, thread_name_prefix="ttd-decode") if threads > 0 else None
 
     def _prepare(self, request):

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from ports import free_port
 
 from export.pipeline import run_export
-from export.triton import build_repository, validate_repository
+from export.triton import BatchingOptions, build_repository, validate_repository
 from ttd.cli import main
 from ttd.model.factory import create_model
 
@@ -54,9 +54,19 @@ def test_fused_repository_is_the_tagger_alone(export_dir, tmp_path):
     config = (tmp_path / "repo" / "ttd_tagger" / "config.pbtxt").read_text()
     assert 'name: "image_rgb" data_type: TYPE_UINT8 dims: [ 64, 64, 3 ]' in config
     assert 'key: "engine" value: { string_value: "onnx" }' in config and "kind: KIND_CPU" in config
-    assert 'key: "model_batch" value: { string_value: "4" }' in config
-    assert 'key: "decode_threads" value: { string_value: "0" }' in config  # CPU instance: decode inline
+    assert 'key: "model_batch" value: { string_value: "2" }' in config  # CPU: half the smallest preferred batch
+    assert 'key: "decode_threads" value: { string_value: "2" }' in config
     assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["ttd_repository.json", "ttd_tagger"]
+    # on a GPU: the torch backend in the instance's device, larger model calls (config only: no GPU here)
+    gpu = build_repository(export_dir, tmp_path / "gpu", "fused", "torch",
+                           BatchingOptions(kind="KIND_GPU"), torch_dtype="bf16")
+    config = (gpu / "ttd_tagger" / "config.pbtxt").read_text()
+    assert "kind: KIND_GPU" in config and 'key: "engine" value: { string_value: "torch" }' in config
+    assert 'key: "dtype" value: { string_value: "bf16" }' in config and 'key: "model_batch" value: { string_value: "8" }' in config
+    assert (gpu / "ttd_tagger" / "1" / "export" / "model.safetensors").is_file()
+    validate_repository(gpu)
+    with pytest.raises(ValueError, match="has no TensorRT engine for"):
+        build_repository(export_dir, tmp_path / "trt", "fused", "tensorrt")
 
 
 def test_fused_tagger_answers_what_ttd_tag_writes(export_dir, tmp_path, monkeypatch):
@@ -76,14 +86,16 @@ def test_fused_tagger_answers_what_ttd_tag_writes(export_dir, tmp_path, monkeypa
     assert len(records) == 8 and any(r["selected"] for r in records)
     runtime = load_tagger("onnxruntime", export_dir=str(export_dir), device="cpu", threads=1, warn_unfitted=False)
     repo = build_repository(export_dir, tmp_path / "repo", "fused")
-    # the decoding pool of GPU instances, with model calls of 2 images: decoding overlaps the model
+    # model calls of 2 images: under concurrent clients decoding overlaps the model (the default 4
+    # would rarely split a batch of this load)
     config = repo / "ttd_tagger" / "config.pbtxt"
-    config.write_text(config.read_text().replace('"decode_threads" value: { string_value: "0" }',
-                                                 '"decode_threads" value: { string_value: "2" }')
-                      .replace('"model_batch" value: { string_value: "8" }', '"model_batch" value: { string_value: "2" }'))
-    assert '"decode_threads" value: { string_value: "2" }' in config.read_text() and '"model_batch" value: { string_value: "2" }' in config.read_text()
+    config.write_text(config.read_text().replace('"model_batch" value: { string_value: "4" }',
+                                                 '"model_batch" value: { string_value: "2" }'))
+    assert '"model_batch" value: { string_value: "2" }' in config.read_text()
     with start_server(repo, http_port=free_port(), grpc_port=None, timeout_s=120) as server:
         client = http.InferenceServerClient(server.http_url, network_timeout=60)
+        with pytest.raises(ValueError, match="does not serve ttd_image_encoder .*: --backend triton runs the graph models"):
+            load_tagger("triton", url=f"http://{server.http_url}", export_dir=str(export_dir))
         mismatches = 0
         for record in records:
             data = (WORLD / record["image"]).read_bytes()
