@@ -76,3 +76,13 @@ def test_serving_table_is_serve_load_json():
         assert cells[4] == f"{side['p50_ms']:.0f} / {side['p99_ms']:.0f} ms"
         assert cells[6:] == [str(side["errors"]), str(side["mismatches"])]
     assert _row("docs/serving.md", "direct, 1 onnxruntime thread")[0] == f"{summary['direct']['cpu_ms_per_image']:.2f}"
+
+
+def test_serving_vit_table_is_its_json():
+    summary = json.loads((ROOT / "benchmarks/results/serve_load_vit_b_16.json").read_text())["summary"]
+    for label, side in (("fused, ViT-B/16", summary["fused"]), ("python (BLS), ViT-B/16", summary["python"])):
+        cells = _row("docs/serving.md", label)
+        assert cells[0].startswith(f"{side['cpu_ms_per_image']:.0f} (")
+        assert cells[1] == f"{side['served_over_direct_by_cpu']:.2f}"
+        assert cells[4] == f"{side['p50_ms'] / 1000:.2f} / {side['p99_ms'] / 1000:.2f} s"
+        assert cells[6:] == [str(side["errors"]), str(side["mismatches"])]
