@@ -1,10 +1,24 @@
-"""Load test of the served tagger, and served vs direct onnxruntime throughput, in one run.
+"""Served vs direct tagging, measured so that the comparison holds on a shared machine.
 
-    python benchmarks/serve_load.py --export-dir out/export --clients 8 --requests 400
+    python benchmarks/serve_load.py --export-dir runs/export_default --flavours fused python \\
+        --clients 8 --requests 512 --rounds 5
 
-Builds a python-flavour repository from the export, starts the bundled tritonserver on
-127.0.0.1, tags world images with N concurrent clients (every answer checked against direct
-onnxruntime), sends malformed requests between them, then checks the server is still healthy.
+For each flavour a repository is built with `ttd triton build`'s defaults and served with
+`ttd serve` (front + tritonserver + its Python stubs, in subprocesses); the direct side is one
+process holding the runtime Tagger (onnxruntime, 1 thread: the engine settings the served models
+use) that decodes the same PNG bytes and tags them in batches of 8. All sides are warmed first
+(sessions, tag-embedding caches), then measured in alternating rounds (direct, then each
+flavour, the order rotating each round), so a change in the machine's load hits every side.
+
+- **CPU time per image** (the headline, robust where other work shares the cores): the serving
+  processes' user + system time (`/proc/<pid>/stat` of `ttd serve` and every descendant) per
+  answered request, against the direct process's own CPU time per image. The clients are
+  separate processes and not counted.
+- **Wall clock** beside it: images/s of each side, and the served/direct ratio (the clients run
+  on the same cores, so this ratio is pessimistic for the served side where cores are few).
+- Latency p50 / p99 of the served requests; errors; answers different from direct (tags,
+  selection, scores within 1e-5).
+- Malformed requests after the rounds (each must be refused with a reason), then health.
 """
 
 from __future__ import annotations
@@ -12,24 +26,30 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import multiprocessing as mp
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
 import tempfile
 import time
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from export.triton import BatchingOptions, build_repository
-from ttd.data.world import make_sample
-from ttd.runtime import load_tagger
-from ttd.serve.triton_server import start_server
-from ttd.model.tags import candidate_tags
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_client import load_test, tagger_request  # noqa: E402
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+DIRECT_SIDES = {"direct": 1, "direct_all_cores": 0}  # onnxruntime threads: the served models' 1, `ttd tag`'s default
 
 
 def world_pairs(count: int, size: int) -> tuple[np.ndarray, list[tuple[bytes, str]]]:
+    """World image-caption pairs (seed 2): the images at `size` (uint8), and (PNG bytes, caption)."""
+    from ttd.data.world import make_sample
+
     images, pairs = [], []
     for i in range(count):
         sample = make_sample(2, i)
@@ -44,18 +64,23 @@ def malformed_requests(url: str) -> dict[str, str]:
     """Each malformed request and the error the server answered with."""
     import tritonclient.http as http
 
+    from load_client import tagger_request
+    from ttd.data.world import make_sample
+
     client = http.InferenceServerClient(url)
     good_image = io.BytesIO()
     Image.fromarray(make_sample(2, 0).image).save(good_image, "PNG")
-    answers = {}
+    fp32 = http.InferInput("image", [1, 1], "FP32")
+    fp32.set_data_from_numpy(np.zeros((1, 1), np.float32))
     cases = {
         "not an image": lambda: tagger_request(http, client, b"\x00garbage", "a red circle"),
         "empty caption": lambda: tagger_request(http, client, good_image.getvalue(), ""),
         "only stopwords": lambda: tagger_request(http, client, good_image.getvalue(), "and the of"),
         "too many tags": lambda: tagger_request(http, client, good_image.getvalue(), tags=[f"t{i}" for i in range(5000)]),
         "oversized payload": lambda: tagger_request(http, client, b"\x89PNG" + b"\0" * (21 << 20), "a red circle"),
-        "wrong dtype": lambda: client.infer("ttd_tagger", [_fp32_image(http)]),
+        "wrong dtype": lambda: client.infer("ttd_tagger", [fp32]),
     }
+    answers = {}
     for name, call in cases.items():
         try:
             call()
@@ -65,54 +90,296 @@ def malformed_requests(url: str) -> dict[str, str]:
     return answers
 
 
-def _fp32_image(http):
-    tensor = http.InferInput("image", [1, 1], "FP32")
-    tensor.set_data_from_numpy(np.zeros((1, 1), np.float32))
-    return tensor
+def mean_batch(url: str) -> float:
+    """ttd_tagger's requests per execution so far (what the dynamic batcher formed)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{url}/v2/models/ttd_tagger/stats", timeout=10) as answer:
+        stats = json.load(answer)["model_stats"][0]
+    return stats["inference_count"] / max(1, stats["execution_count"])
 
 
-def run(export_dir: Path, clients: int, requests: int, port: int, pairs_count: int = 64, batch: int = 8) -> dict:
-    direct = load_tagger("onnxruntime", export_dir=str(export_dir), device="cpu")
-    images, pairs = world_pairs(pairs_count, direct.config.image_size)
-    tag_lists = [candidate_tags(c) for _, c in pairs]
-    start = time.perf_counter()
-    results = []
-    for i in range(0, len(images), batch):
-        results += direct.tag(images[i : i + batch], tag_lists[i : i + batch])
-    direct_seconds = time.perf_counter() - start
-    expected = [{"tags": r.tags, "scores": r.scores, "selected": np.array([t in r.selected for t in r.tags])}
-                for r in results]
+def healthy(url: str) -> bool:
+    import tritonclient.http as http
+
+    client = http.InferenceServerClient(url)
+    return bool(client.is_server_live() and client.is_server_ready() and client.is_model_ready("ttd_tagger"))
+
+
+def process_tree_cpu_s(root: int) -> float:
+    """User + system seconds of `root` and every live descendant."""
+    return sum(process_tree_cpu_by_name(root).values())
+
+
+def process_tree_cpu_by_name(root: int) -> dict[str, float]:
+    """User + system seconds of `root` and every live descendant, summed by process kind: the
+    front (`ttd serve` itself), tritonserver, and the Python-backend stubs."""
+    parents, times, names = {}, {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        names[int(entry)] = stat[stat.index("(") + 1 : stat.rindex(")")]
+        parents[int(entry)] = int(fields[1])
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    tree, frontier = {root}, [root]
+    while frontier:
+        pid = frontier.pop()
+        for child, parent in parents.items():
+            if parent == pid and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    kinds: dict[str, float] = {}
+    for pid in tree:
+        kind = "front" if pid == root else "tritonserver" if names.get(pid) == "tritonserver" else "stubs"
+        kinds[kind] = kinds.get(kind, 0.0) + times.get(pid, 0.0)
+    return kinds
+
+
+def direct_worker(export_dir: str, pairs: list, batch: int, threads: int, commands, results) -> None:
+    """The direct job: one process, the runtime Tagger on onnxruntime with `threads` threads
+    (1: the served models' setting; 0: every core, `ttd tag`'s default)."""
+    from ttd.model.tags import tags_of_caption
+    from ttd.runtime import load_tagger
+
+    tagger = load_tagger("onnxruntime", export_dir=export_dir, device="cpu", threads=threads, warn_unfitted=False)
+    tag_lists = [tags_of_caption(caption) for _, caption in pairs]
+
+    def run(indices: list[int]) -> list:
+        out = []
+        for start in range(0, len(indices), batch):
+            chunk = indices[start : start + batch]
+            out += tagger.tag(tagger.prepare([pairs[k][0] for k in chunk]), [tag_lists[k] for k in chunk])
+        return out
+
+    expected = run(list(range(len(pairs))))  # also warms the sessions and the tag cache
+    results.put([(r.tags, r.scores.tolist(), [t in r.selected for t in r.tags]) for r in expected])
+    while (indices := commands.get()) is not None:
+        cpu, wall = time.process_time(), time.perf_counter()
+        run(indices)
+        results.put((time.process_time() - cpu, time.perf_counter() - wall))
+
+
+def client_worker(pairs: list, commands, results) -> None:
+    """One load-generating process: a persistent HTTP client per server; each command is
+    (url, indices), answered with (index, latency s, answer or None, error or None) per request."""
+    import tritonclient.http as http
+
+    from load_client import tagger_request
+
+    clients: dict = {}
+    while (command := commands.get()) is not None:
+        url, indices = command
+        client = clients.setdefault(url, http.InferenceServerClient(url, network_timeout=120))
+        out = []
+        for index in indices:
+            image, caption = pairs[index]
+            start = time.perf_counter()
+            try:
+                got = tagger_request(http, client, image, caption)
+                out.append((index, time.perf_counter() - start,
+                            (got["tags"], got["scores"].tolist(), got["selected"].tolist()), None))
+            except Exception as error:
+                out.append((index, time.perf_counter() - start, None, str(error)[:300]))
+        results.put(out)
+
+
+def same(got, want, atol: float = 1e-5) -> bool:
+    return got[0] == want[0] and list(got[2]) == list(want[2]) and np.allclose(got[1], want[1], atol=atol)
+
+
+def start_serve(repo: Path, port: int, timeout_s: float = 180) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    process = subprocess.Popen([sys.executable, "-m", "ttd", "serve", str(repo), "--http-port", str(port)],
+                               stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if "serving" in line:
+            return process
+        if not line and process.poll() is not None:
+            break
+    process.kill()
+    raise RuntimeError(f"ttd serve {repo} did not start")
+
+
+def stop_serve(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def served_round(url: str, process: subprocess.Popen, queues: list, results, indices: list[int],
+                 expected: list) -> dict:
+    shares = [indices[k :: len(queues)] for k in range(len(queues))]
+    before, wall = process_tree_cpu_by_name(process.pid), time.perf_counter()
+    for queue, share in zip(queues, shares):
+        queue.put((url, share))
+    answers = [a for _ in queues for a in results.get(timeout=600)]
+    wall = time.perf_counter() - wall
+    after = process_tree_cpu_by_name(process.pid)
+    by_kind = {kind: after[kind] - before.get(kind, 0.0) for kind in after}
+    cpu = sum(by_kind.values())
+    errors = [e for *_, e in answers if e is not None]
+    ok = [(i, lat, got) for i, lat, got, e in answers if e is None]
+    mismatches = sum(not same(got, expected[i]) for i, _, got in ok)
+    latency_ms = np.array([lat for _, lat, _ in ok]) * 1000 if ok else np.zeros(1)
+    return {"requests": len(answers), "errors": len(errors), "mismatches": mismatches, "first_errors": errors[:3],
+            "cpu_ms_per_image": 1000 * cpu / max(1, len(ok)), "images_per_s": len(ok) / wall,
+            "cpu_ms_per_image_by_process": {k: 1000 * v / max(1, len(ok)) for k, v in sorted(by_kind.items())},
+            "p50_ms": float(np.percentile(latency_ms, 50)), "p99_ms": float(np.percentile(latency_ms, 99))}
+
+
+def tune(repo: Path, flavour: str) -> None:
+    """`fused:decode_threads=0,queue_delay_us=8000,instances=2`: set ttd_tagger's config parameters,
+    its dynamic batcher's queue delay and its instance count (config.pbtxt is what operators tune;
+    the build does not hash it)."""
+    if ":" not in flavour:
+        return
+    config = repo / "ttd_tagger" / "config.pbtxt"
+    text = config.read_text()
+    for setting in flavour.split(":", 1)[1].split(","):
+        key, value = setting.split("=")
+        if key == "queue_delay_us":
+            text = re.sub(r"max_queue_delay_microseconds: \d+", f"max_queue_delay_microseconds: {value}", text)
+            continue
+        if key == "instances":
+            text = re.sub(r"count: \d+", f"count: {value}", text)
+            continue
+        pattern = re.compile(rf'(key: "{re.escape(key)}" value: {{ string_value: ")[^"]*(")')
+        if not pattern.search(text):
+            raise SystemExit(f"{flavour}: ttd_tagger has no parameter {key!r}")
+        text = pattern.sub(rf"\g<1>{value}\g<2>", text)
+    config.write_text(text)
+
+
+def cpu_name() -> dict:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), [])
+    return {"model": model, "cores": os.cpu_count(),
+            "isa": sorted(f for f in flags if f.startswith(("amx", "avx512f", "avx512_vnni", "avx2")))}
+
+
+def median(rows: list[dict], key: str) -> float:
+    return float(np.median([r[key] for r in rows]))
+
+
+def run(export_dir: Path, flavours: list[str], clients: int, requests: int, rounds: int, pairs_count: int = 64,
+        batch: int = 8) -> dict:
+    from export.triton import build_repository
+    from ttd.serve.service import free_loopback_port
+
+    context = mp.get_context("spawn")
+    _, pairs = world_pairs(pairs_count, 64)
+    directs = {}  # side -> (process, commands, results)
+    for side, threads in DIRECT_SIDES.items():
+        commands, results = context.Queue(), context.Queue()
+        process = context.Process(target=direct_worker, args=(str(export_dir), pairs, batch, threads, commands, results))
+        process.start()
+        directs[side] = (process, commands, results)
+    client_queues = [context.Queue() for _ in range(clients)]
+    client_results = context.Queue()
+    workers = [context.Process(target=client_worker, args=(pairs, q, client_results)) for q in client_queues]
+    for w in workers:
+        w.start()
+    indices = [k % pairs_count for k in range(requests)]
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        repo = build_repository(export_dir, Path(tmp) / "repo", "python",
-                                batching=BatchingOptions(max_batch_size=32, preferred_batch_sizes=(batch,)))
-        with start_server(repo, http_port=port, grpc_port=port + 1) as server:
-            url = server.http_url
-            load_test(url, pairs, expected, clients, min(len(pairs), 16))  # warm the tag cache and the sessions
-            first = load_test(url, pairs, expected, clients, requests // 2)
-            bad = malformed_requests(url)
-            second = load_test(url, pairs, expected, clients, requests - requests // 2)
-            import tritonclient.http as http
-
-            client = http.InferenceServerClient(url)
-            healthy = client.is_server_live() and client.is_server_ready() and client.is_model_ready("ttd_tagger")
-    merged = first.summary() | {"second_half": second.summary()}
-    return {"direct_images_per_s": len(images) / direct_seconds, "served": merged, "malformed": bad,
-            "healthy_after": bool(healthy), "clients": clients, "batch": batch,
-            "errors": first.errors[:3] + second.errors[:3], "mismatches": first.mismatches[:3] + second.mismatches[:3]}
+        servers = {}
+        try:
+            expected = directs["direct"][2].get(timeout=600)
+            if directs["direct_all_cores"][2].get(timeout=600) is None:
+                raise RuntimeError("the all-cores direct job did not start")
+            for flavour in flavours:
+                repo = build_repository(export_dir, Path(tmp) / flavour.replace(":", "_").replace("=", "-"),
+                                        flavour.split(":")[0])
+                tune(repo, flavour)
+                port = free_loopback_port()
+                servers[flavour] = (f"127.0.0.1:{port}", start_serve(repo, port))
+            for flavour, (url, process) in servers.items():  # warm: sessions, tag caches, connections
+                warm = served_round(url, process, client_queues, client_results, list(range(pairs_count)), expected)
+                if warm["errors"]:
+                    raise RuntimeError(f"{flavour}: warm-up errors {warm['first_errors']}")
+            sides = [*DIRECT_SIDES, *flavours]
+            measured: dict[str, list[dict]] = {side: [] for side in sides}
+            for r in range(rounds):
+                for side in sides[r % len(sides):] + sides[: r % len(sides)]:
+                    if side in directs:
+                        directs[side][1].put(indices)
+                        cpu, wall = directs[side][2].get(timeout=600)
+                        measured[side].append({"cpu_ms_per_image": 1000 * cpu / len(indices),
+                                               "images_per_s": len(indices) / wall})
+                    else:
+                        url, process = servers[side]
+                        measured[side].append(served_round(url, process, client_queues, client_results, indices,
+                                                           expected))
+            batches = {flavour: mean_batch(url) for flavour, (url, _) in servers.items()}
+            malformed = {flavour: malformed_requests(url) for flavour, (url, _) in servers.items()}
+            health = {flavour: healthy(url) for flavour, (url, _) in servers.items()}
+        finally:
+            for _, process in servers.values():
+                stop_serve(process)
+            for process, commands, _ in directs.values():
+                commands.put(None)
+            for q in client_queues:
+                q.put(None)
+            for process, _, _ in directs.values():
+                process.join(30)
+            for w in workers:
+                w.join(30)
+    summary = {side: {"cpu_ms_per_image": median(measured[side], "cpu_ms_per_image"),
+                      "images_per_s": median(measured[side], "images_per_s")} for side in DIRECT_SIDES}
+    direct_cpu, direct_ips = summary["direct"]["cpu_ms_per_image"], summary["direct"]["images_per_s"]
+    for flavour in flavours:
+        rows = measured[flavour]
+        summary[flavour] = {
+            "cpu_ms_per_image": median(rows, "cpu_ms_per_image"), "images_per_s": median(rows, "images_per_s"),
+            "p50_ms": median(rows, "p50_ms"), "p99_ms": median(rows, "p99_ms"),
+            "errors": sum(r["errors"] for r in rows), "mismatches": sum(r["mismatches"] for r in rows),
+            "served_over_direct_by_cpu": direct_cpu / median(rows, "cpu_ms_per_image"),
+            "served_over_direct_by_wall": median(rows, "images_per_s") / direct_ips,
+            "served_over_direct_all_cores_by_cpu": summary["direct_all_cores"]["cpu_ms_per_image"]
+                                                   / median(rows, "cpu_ms_per_image"),
+            "p99_over_p50": median(rows, "p99_ms") / median(rows, "p50_ms"),
+            "mean_batch": batches[flavour],
+            "cpu_ms_per_image_by_process": {k: float(np.median([r["cpu_ms_per_image_by_process"].get(k, 0.0)
+                                                                 for r in rows]))
+                                            for k in rows[0]["cpu_ms_per_image_by_process"]},
+        }
+    return {"summary": summary, "rounds": measured, "malformed": malformed, "healthy_after": health,
+            "settings": {"clients": clients, "client_processes": clients, "requests_per_round": requests,
+                         "rounds": rounds, "pairs": pairs_count, "direct_batch": batch, "direct_threads": DIRECT_SIDES,
+                         "served_intra_op_threads": 1, "repository": "ttd triton build defaults (max batch 32, "
+                                                                       "preferred 8,16, queue delay 2 ms, 1 instance)",
+                         "export": str(export_dir)},
+            "cpu": cpu_name(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
+            "shared_machine": "the cores were shared with other jobs during the run (see load averages); "
+                              "CPU time per image is the robust figure, wall clock is indicative"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--export-dir", type=Path, required=True)
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=400)
-    parser.add_argument("--port", type=int, default=18200)
+    parser.add_argument("--flavours", nargs="+", default=["fused", "python"],
+                        help="Repository flavours to serve, each optionally tuned: fused:decode_threads=2,queue_delay_us=4000")
+    parser.add_argument("--clients", type=int, default=8, help="Client processes (one request at a time each).")
+    parser.add_argument("--requests", type=int, default=512, help="Requests (images) per round and side.")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_load.json"))
     args = parser.parse_args()
-    report = run(args.export_dir, args.clients, args.requests, args.port)
+    report = run(args.export_dir, args.flavours, args.clients, args.requests, args.rounds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1, default=str))
-    print(json.dumps(report, indent=1, default=str))
+    print(json.dumps(report["summary"], indent=1))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ NVIDIA's server container) and `python` (Python-backend models for servers with 
 backend only, running the ONNX graphs with onnxruntime on the CPU, or the export's weights with
 torch — on the GPU with `--kind KIND_GPU`). Both get the BLS `ttd_tagger`, which always runs on
 the CPU (it decodes images and calls the graph models).
+
+The third flavour, `fused`, is `ttd_tagger` alone: one Python-backend model that holds the
+runtime backend (onnxruntime, torch or TensorRT) and the Tagger, with the export copied beside it
+(docs/serving.md, "The fused flavour").
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import onnx
 import triton_repo
 from ttd.model.config import DEFAULT_SCORE_METHOD, DEFAULT_THRESHOLD, SCORE_METHODS, canonical_precision
 from ttd.model.contract import (
+    FUSED_IMAGE_INPUT,
     INSTANCE_KINDS,
     SERVED_GRAPHS,
     TAG_HEAD,
@@ -30,7 +35,7 @@ from ttd.model.contract import (
     TRITON_ENGINES,
 )
 from ttd.runtime.export_dir import CONFIG, MANIFEST, TOKENIZER, TORCH_WEIGHTS, read_export, sha256
-from ttd.serve.repository import record_problems, write_record
+from ttd.serve.repository import RECORD, record_problems, write_record
 
 TEMPLATES = Path(triton_repo.__file__).parent
 ENGINES = TRITON_ENGINES
@@ -151,7 +156,7 @@ def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engi
     if score_method not in SCORE_METHODS:
         raise InputError(f"unknown score method {score_method!r}; choose one of {', '.join(SCORE_METHODS)}")
     if flavour not in ENGINES:
-        raise InputError(f"unknown flavour {flavour!r}; choose python or native")
+        raise InputError(f"unknown flavour {flavour!r}; choose {', '.join(ENGINES)}")
     if engine not in ENGINES[flavour]:
         raise InputError(f"the {flavour} flavour serves engines {' or '.join(ENGINES[flavour])}, not {engine!r}")
     torch_dtype = canonical_precision(torch_dtype, TORCH_DTYPES)
@@ -168,6 +173,9 @@ def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engi
     if repo.exists() and any(repo.iterdir()):
         raise InputError(f"{repo} exists and is not empty; choose a new folder")
     template = Template((TEMPLATES / "model.pbtxt.in").read_text())
+    if flavour == "fused":
+        return _build_fused(export, export_dir, repo, engine, batching, kind, template, threshold, max_tags,
+                            torch_dtype, score_method)
     common = {"source": str(export_dir), "max_batch_size": batching.max_batch_size,
               "preferred_batch_sizes": ", ".join(map(str, batching.preferred_batch_sizes)),
               "queue_delay_us": batching.queue_delay_us, "instances": batching.instances, "kind": kind}
@@ -207,11 +215,7 @@ def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engi
     if export.config.tokenizer.get("kind") == "clip_bpe":  # the tagger tokenises without torch (docs/edge.md)
         for path in (export.root / TOKENIZER, Path(export.config.tokenizer["path"])):
             shutil.copy(path, version / path.name)
-    h, w = export.config.grid_size
-    tagger_inputs = [(n, *t) for n, t in zip(TAGGER_INPUTS, [("TYPE_STRING", [1]), ("TYPE_STRING", [1]),
-                                                               ("TYPE_STRING", [-1]), ("TYPE_BOOL", [1])], strict=True)]
-    tagger_outputs = [(n, *t) for n, t in zip(TAGGER_OUTPUTS, [("TYPE_STRING", [-1]), ("TYPE_FP32", [-1]),
-                                                                ("TYPE_BOOL", [-1]), ("TYPE_FP32", [-1, h, w])], strict=True)]
+    tagger_inputs, tagger_outputs = _tagger_io(export.config, fused=False)
     parameters = {"threshold": str(threshold), "max_tags": str(max_tags), "score_method": score_method,
                   "encoder_max_batch_size": str(batching.max_batch_size)}
     (repo / TAGGER_MODEL / "config.pbtxt").write_text(template.substitute(
@@ -222,11 +226,67 @@ def build_repository(export_dir: Path, repo: Path, flavour: str = "python", engi
     return repo
 
 
+def _tagger_io(config, fused: bool) -> tuple[list, list]:
+    """ttd_tagger's inputs and outputs as (name, Triton type, dims); the fused tagger also takes
+    uint8 RGB at the model's size, and then neither image input is required on its own."""
+    h, w = config.grid_size
+    inputs = [(n, *t) for n, t in zip(TAGGER_INPUTS, [("TYPE_STRING", [1]), ("TYPE_STRING", [1]),
+                                                        ("TYPE_STRING", [-1]), ("TYPE_BOOL", [1])], strict=True)]
+    if fused:
+        inputs.insert(1, (FUSED_IMAGE_INPUT, "TYPE_UINT8", [config.image_size, config.image_size, 3]))
+    outputs = [(n, *t) for n, t in zip(TAGGER_OUTPUTS, [("TYPE_STRING", [-1]), ("TYPE_FP32", [-1]),
+                                                         ("TYPE_BOOL", [-1]), ("TYPE_FP32", [-1, h, w])], strict=True)]
+    return inputs, outputs
+
+
+def _model_batch(kind: str, preferred: tuple[int, ...], max_batch_size: int) -> int:
+    """Images per model call in the fused tagger: its decoding pool goes on decoding the rest of a
+    batch while the model runs these. On a GPU, the smallest preferred batch (the device wants
+    large calls); on a CPU half of it: a world image costs the same CPU time per image at batch 4
+    as at 8, and the split lets decoding overlap the model (docs/serving.md, "The fused flavour")."""
+    smallest = min(preferred, default=max_batch_size)
+    return smallest if kind != "KIND_CPU" else max(1, smallest // 2)
+
+
+def _build_fused(export, export_dir: Path, repo: Path, engine: str, batching: BatchingOptions, kind: str,
+                 template: Template, threshold: float, max_tags: int, torch_dtype: str, score_method: str) -> Path:
+    """`ttd_tagger` alone, holding the runtime: the export (every file its manifest lists, so the
+    runtime re-checks their hashes when it loads them) goes into the version folder's `export/`."""
+    if engine == "torch":
+        export.torch_weights()  # refused now (no model.safetensors) rather than when the server loads it
+    version = repo / TAGGER_MODEL / "1"
+    target = version / "export"
+    target.mkdir(parents=True)
+    for name in [*export.manifest["files"], MANIFEST]:
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(export.root / name, target / name)
+    shutil.copy(TEMPLATES / "fused_model.py", version / "model.py")
+    inputs, outputs = _tagger_io(export.config, fused=True)
+    parameters = {"engine": engine, "threshold": str(threshold), "max_tags": str(max_tags), "score_method": score_method,
+                  "intra_op_threads": "1", "dtype": torch_dtype, "decode_threads": "2",
+                  "model_batch": str(_model_batch(kind, batching.preferred_batch_sizes, batching.max_batch_size))}
+    common = {"source": str(export_dir), "max_batch_size": batching.max_batch_size,
+              "preferred_batch_sizes": ", ".join(map(str, batching.preferred_batch_sizes)),
+              "queue_delay_us": batching.queue_delay_us, "instances": batching.instances, "kind": kind}
+    (repo / TAGGER_MODEL / "config.pbtxt").write_text(template.substitute(
+        common, name=TAGGER_MODEL, engine='backend: "python"', inputs=_tensor_block(inputs, {n for n, *_ in inputs}),
+        outputs=_tensor_block(outputs), extra=_parameters(parameters)))
+    write_record(repo, {"flavour": "fused", "engine": engine, "export": str(export_dir)})
+    return repo
+
+
 def _parse(path: Path):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def _recorded_flavour(repo: Path) -> str | None:
+    try:
+        return json.loads((repo / RECORD).read_text()).get("flavour")
+    except (OSError, ValueError, AttributeError):
+        return None  # record_problems names what is wrong with the record
 
 
 def validate_repository(repo: Path) -> list[str]:
@@ -239,7 +299,7 @@ def validate_repository(repo: Path) -> list[str]:
         raise RepositoryError(f"{repo} is not a folder")
     models = sorted(p for p in repo.iterdir() if p.is_dir())
     names = {p.name for p in models}
-    for expected in [*SERVED_GRAPHS, TAGGER_MODEL]:
+    for expected in [TAGGER_MODEL] if _recorded_flavour(repo) == "fused" else [*SERVED_GRAPHS, TAGGER_MODEL]:
         if expected not in names:
             problems.append(f"model {expected} is missing")
     batch_sizes, engines, tagger = {}, {}, None
@@ -266,9 +326,10 @@ def validate_repository(repo: Path) -> list[str]:
         if not (version / expected_file).is_file():
             problems.append(f"{folder.name}/{version.name}: {expected_file} is missing")
         if config.parameters.get("engine") is not None and config.parameters["engine"].string_value == "torch":
+            held = "export/" if (version / "export").is_dir() else ""  # the fused tagger holds the whole export
             for needed in (TORCH_WEIGHTS, CONFIG):
-                if not (version / needed).is_file():
-                    problems.append(f"{folder.name}/{version.name}: {needed} is missing (torch engine)")
+                if not (version / held / needed).is_file():
+                    problems.append(f"{folder.name}/{version.name}: {held}{needed} is missing (torch engine)")
         batch_sizes[folder.name] = config.max_batch_size
         if config.max_batch_size < 1:
             problems.append(f"{folder.name}: max_batch_size must be ≥ 1 for dynamic batching")

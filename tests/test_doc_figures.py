@@ -60,3 +60,29 @@ def test_no_comment_cites_an_issue_or_a_design_outside_the_repository():
              for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1)
              if re.search(r"\bissues? \d+\b|DESIGN §", line)]
     assert cited == []
+
+
+def test_serving_table_is_serve_load_json():
+    """docs/serving.md's served-against-direct rows are benchmarks/results/serve_load.json."""
+    summary = json.loads((ROOT / "benchmarks/results/serve_load.json").read_text())["summary"]
+    fused, python = summary["fused"], summary["python"]
+    for label, side in (("**fused**", fused), ("python (BLS)", python)):
+        cells = _row("docs/serving.md", label)
+        cpu = side["cpu_ms_per_image_by_process"]
+        assert cells[0].replace("*", "").startswith(f"{side['cpu_ms_per_image']:.2f} "
+                                                    f"({cpu['front']:.2f} + {cpu['tritonserver']:.2f} + {cpu['stubs']:.2f})")
+        assert cells[1].replace("*", "").startswith(f"{side['served_over_direct_by_cpu']:.2f}")
+        assert cells[2] == f"{side['images_per_s']:.0f}" and cells[3] == f"{side['served_over_direct_by_wall']:.2f}"
+        assert cells[4] == f"{side['p50_ms']:.0f} / {side['p99_ms']:.0f} ms"
+        assert cells[6:] == [str(side["errors"]), str(side["mismatches"])]
+    assert _row("docs/serving.md", "direct, 1 onnxruntime thread")[0] == f"{summary['direct']['cpu_ms_per_image']:.2f}"
+
+
+def test_serving_vit_table_is_its_json():
+    summary = json.loads((ROOT / "benchmarks/results/serve_load_vit_b_16.json").read_text())["summary"]
+    for label, side in (("fused, ViT-B/16", summary["fused"]), ("python (BLS), ViT-B/16", summary["python"])):
+        cells = _row("docs/serving.md", label)
+        assert cells[0].startswith(f"{side['cpu_ms_per_image']:.0f} (")
+        assert cells[1] == f"{side['served_over_direct_by_cpu']:.2f}"
+        assert cells[4] == f"{side['p50_ms'] / 1000:.2f} / {side['p99_ms'] / 1000:.2f} s"
+        assert cells[6:] == [str(side["errors"]), str(side["mismatches"])]

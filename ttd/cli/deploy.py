@@ -139,11 +139,14 @@ def _batching_options(f):
 @click.argument("repo", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--flavour", type=click.Choice(tuple(TRITON_ENGINES)), default="python", show_default=True,
               help="python: Python-backend models (any tritonserver, e.g. nvidia-pytriton's); "
-                   "native: onnxruntime_onnx / tensorrt_plan platforms (NVIDIA's container).")
+                   "native: onnxruntime_onnx / tensorrt_plan platforms (NVIDIA's container); "
+                   "fused: ttd_tagger alone, one Python-backend model running decode, encoder and tag head "
+                   "in-process (any tritonserver; the fastest served path).")
 @click.option("--graph-engine", "engine", type=click.Choice(sorted({e for engines in TRITON_ENGINES.values() for e in engines})),
               default="onnx", show_default=True,
               help="What the graph models run. python flavour: onnx (onnxruntime, CPU) or torch (the export's "
-                   "weights; GPU with --kind KIND_GPU); native flavour: onnx or tensorrt (the export's engines).")
+                   "weights; GPU with --kind KIND_GPU); native flavour: onnx or tensorrt (the export's engines); "
+                   "fused flavour: the runtime backend it holds, onnx (onnxruntime, CPU), torch or tensorrt (GPU).")
 @click.option("--torch-dtype", type=Precision(("fp32", "bf16", "fp16")), default="fp32",
               show_default=True, help="Torch engine: weight precision of the encoders (the tag head stays float32).")
 @_batching_options
@@ -199,8 +202,14 @@ def triton_validate(repo):
                    "previous answer (also the keep-alive idle time).")
 @click.option("--body-timeout", "body_timeout_s", type=click.FloatRange(0.1), default=60, show_default=True,
               help="Seconds a request may take to send its body (408 after that).")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              help="Serve Prometheus metrics (the front's requests, refusals, latency and restarts, and "
+                   "tritonserver's own) at http://--metrics-host:PORT/metrics. Off by default; Triton's usual port "
+                   "is 8002.")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              help="Address the metrics port binds (loopback unless you expose it on purpose).")
 def serve(repo, host, http_port, grpc_port, timeout_s, max_restarts, max_body_mb, max_connections, idle_timeout_s,
-          body_timeout_s):
+          body_timeout_s, metrics_port, metrics_host):
     """Serve a model repository with the tritonserver bundled by nvidia-pytriton, behind an HTTP
     front on --host:--http-port that refuses malformed requests (4xx with a JSON reason) and
     retries a request once when tritonserver dies under it; tritonserver itself listens on a
@@ -210,16 +219,19 @@ def serve(repo, host, http_port, grpc_port, timeout_s, max_restarts, max_body_mb
     files are checked against the hashes `ttd triton build` recorded before anything is served."""
     from ttd.serve.http_front import FrontError, FrontLimits
     from ttd.serve.service import serve_repository
+    from ttd.errors import RuntimeProblem
     from ttd.serve.triton_server import ServerError
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: binding {host} exposes the server to the network, without authentication", err=True)
+    if metrics_port and metrics_host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: binding {metrics_host} exposes the metrics to the network", err=True)
     try:
         code = serve_repository(repo, host, http_port, grpc_port, timeout_s, max_restarts,
                                 FrontLimits(max_body_bytes=int(max_body_mb * (1 << 20)), idle_timeout_s=idle_timeout_s,
                                             body_timeout_s=body_timeout_s, max_connections=max_connections),
-                                lambda line: click.echo(line, err=True))
-    except (ServerError, FrontError) as error:
+                                lambda line: click.echo(line, err=True), metrics_port, metrics_host)
+    except (ServerError, FrontError, RuntimeProblem) as error:
         fail(str(error))
     except KeyboardInterrupt:
         code = 0

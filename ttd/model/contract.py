@@ -74,5 +74,8 @@ TAGGER_OUTPUTS: tuple[str, ...] = ("tags", "scores", "selected", "masks")
 EMBEDDING_NAMES: tuple[str, ...] = (*ImageEmbeddings._fields, *TEXT_ENCODER.outputs)  # what gates compare
 
 # Triton model repositories: flavour -> the engines its graph models can run, and instance kinds
-TRITON_ENGINES: dict[str, tuple[str, ...]] = {"python": ("onnx", "torch"), "native": ("onnx", "tensorrt")}
+# (fused: one Python-backend tagger holding the runtime backend of that engine, docs/serving.md)
+TRITON_ENGINES: dict[str, tuple[str, ...]] = {"python": ("onnx", "torch"), "native": ("onnx", "tensorrt"),
+                                              "fused": ("onnx", "torch", "tensorrt")}
+FUSED_IMAGE_INPUT = "image_rgb"  # the fused tagger's other image input: uint8 RGB at the model's size
 INSTANCE_KINDS: tuple[str, ...] = ("KIND_CPU", "KIND_GPU", "KIND_AUTO")

@@ -53,7 +53,12 @@ class TritonBackend:
             raise TritonUnreachable(f"the Triton server at {url} is not ready")
         self.max_batch = {}
         for model in (g.served_as for g in GRAPHS.values()):
-            config = self.client.get_model_config(model)  # HTTP: a dict; gRPC: a ModelConfigResponse
+            try:
+                config = self.client.get_model_config(model)  # HTTP: a dict; gRPC: a ModelConfigResponse
+            except Exception as error:  # a fused repository serves ttd_tagger alone (docs/serving.md)
+                raise InputError(f"the Triton server at {url} does not serve {model} ({error}): --backend triton "
+                                 "runs the graph models of a python- or native-flavour repository; a fused one "
+                                 "is called through its ttd_tagger model") from None
             self.max_batch[model] = int(config["max_batch_size"] if isinstance(config, dict) else config.config.max_batch_size)
 
     @property

@@ -290,6 +290,7 @@ def shape_problem(request: dict, shapes: ModelShapes) -> str | None:
 REQUEST_HEADERS = ("Inference-Header-Content-Length", "Accept", "Accept-Encoding")
 RESPONSE_HEADERS = ("Content-Type", "Inference-Header-Content-Length", "Content-Encoding")
 BACKEND: web.AppKey = web.AppKey("backend", object)
+METRICS: web.AppKey = web.AppKey("metrics", object)  # a FrontMetrics (ttd/serve/metrics.py), or None
 
 
 class Backend:
@@ -399,6 +400,8 @@ async def refuse(request: web.BaseRequest, refusal: Refusal) -> web.Response:
     (10 s; never buffered), so a client that sends the whole body before reading still gets the
     413 rather than a reset connection."""
     response = refusal_response(refusal)
+    if request.app.get(METRICS) is not None:
+        request.app[METRICS].refused(refusal.status)
     if refusal.status == 413:
         response.force_close()
     return response
@@ -410,11 +413,19 @@ async def handle(request: web.BaseRequest) -> web.StreamResponse:
     connection = request.protocol
     if isinstance(connection, FrontConnection):
         connection.busy += 1
+    metrics, status = request.app.get(METRICS), 500
+    started = asyncio.get_running_loop().time()
     try:
-        return await _handle(request)
+        response = await _handle(request)
+        status = response.status
+        return response
     finally:
         if isinstance(connection, FrontConnection):
             connection.busy -= 1
+        if metrics is not None:  # counted per answer (docs/serving.md, "Metrics")
+            infer = INFER_PATH.match(request.path) if request.method == "POST" else None
+            metrics.answered(infer["model"] if infer else "", status,
+                             asyncio.get_running_loop().time() - started if infer else None)
 
 
 async def _handle(request: web.BaseRequest) -> web.StreamResponse:
@@ -446,10 +457,13 @@ async def _handle(request: web.BaseRequest) -> web.StreamResponse:
         return await refuse(request, refusal)
 
 
-def create_front(backend_url: str, limits: FrontLimits, say: Callable[[str], None]) -> web.Application:
-    """The front as an aiohttp application forwarding to tritonserver at `backend_url` (host:port)."""
+def create_front(backend_url: str, limits: FrontLimits, say: Callable[[str], None],
+                 metrics: object | None = None) -> web.Application:
+    """The front as an aiohttp application forwarding to tritonserver at `backend_url` (host:port),
+    counting into `metrics` (a FrontMetrics) when given."""
     app = web.Application(client_max_size=limits.max_body_bytes)
     app[BACKEND] = Backend(backend_url, limits, say)
+    app[METRICS] = metrics
 
     async def close_backend(app: web.Application) -> None:
         await app[BACKEND].close()
@@ -497,13 +511,13 @@ class Front:
 
 
 def start_front(host: str, port: int, backend_url: str, limits: FrontLimits = FrontLimits(),
-                say: Callable[[str], None] = print) -> Front:
+                say: Callable[[str], None] = print, metrics: object | None = None) -> Front:
     """Bind host:port and serve the front there; raises FrontError when it cannot."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="ttd-http-front", daemon=True)
     thread.start()
     log = RateLimitedLog(say, limits.log_interval_s)
-    runner = web.AppRunner(create_front(backend_url, limits, say), access_log=None, handle_signals=False,
+    runner = web.AppRunner(create_front(backend_url, limits, say, metrics), access_log=None, handle_signals=False,
                            shutdown_timeout=10)  # requests in flight at a stop get this long to finish
     connections = Connections(connection_cap(limits.max_connections))
 

@@ -147,9 +147,11 @@ def server_ready(http_url: str) -> bool:
 
 
 def start_server(repo: Path, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int | None = 8001,
-                 timeout_s: float = 120, log_verbose: int = 0) -> TritonServer:
+                 timeout_s: float = 120, log_verbose: int = 0, metrics_port: int | None = None) -> TritonServer:
     """Start tritonserver on `repo` and wait until it is ready; raises ServerError with its log.
-    `grpc_port` None: no gRPC endpoint at all."""
+    `grpc_port` None: no gRPC endpoint at all. `metrics_port`: tritonserver's Prometheus
+    endpoint, on 127.0.0.1 only (ttd/serve/metrics.py serves it on through the metrics port);
+    None: no metrics."""
     if not (repo / TAGGER_MODEL / "config.pbtxt").is_file():
         raise ServerError(f"{repo} is not a TTD model repository (create one with `ttd triton build`)")
     workspace = tempfile.TemporaryDirectory(prefix="ttd-triton-")
@@ -158,7 +160,8 @@ def start_server(repo: Path, host: str = "127.0.0.1", http_port: int = 8000, grp
     command = [str(server / "bin" / "tritonserver"), f"--model-repository={repo.resolve()}",
                f"--backend-directory={server / 'backends'}", f"--http-address={host}", f"--http-port={http_port}",
                *([f"--grpc-address={host}", f"--grpc-port={grpc_port}"] if grpc_port else ["--allow-grpc=false"]),
-               "--allow-metrics=false",
+               *(["--allow-metrics=true", "--metrics-address=127.0.0.1", f"--metrics-port={metrics_port}"]
+                 if metrics_port else ["--allow-metrics=false"]),
                f"--log-verbose={log_verbose}", "--exit-on-error=true", "--strict-readiness=true"]
     log = log_path.open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=server_environment(),
