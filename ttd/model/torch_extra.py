@@ -37,14 +37,17 @@ def require_torch(what: str) -> None:
         raise TorchMissing(f"{what} needs torch, which this install leaves out: {INSTALL_TORCH}")
 
 
-# what the `torch` extra installs, as import names (safetensors: the torch checkpoints' format)
-TORCH_MODULES = ("torch", "torchvision", "open_clip", "safetensors", "onnx", "onnxscript")
+# import name -> the extra that installs it (safetensors: the torch checkpoints' format)
+MODULE_EXTRAS = {**{m: TORCH_EXTRA for m in ("torch", "torchvision", "open_clip", "safetensors", "onnx", "onnxscript")},
+                 **{m: "serve" for m in ("aiohttp", "tritonclient", "pytriton")}, "pyarrow": "parquet", "ray": "ray"}
 
 
 def as_torch_missing(error: ModuleNotFoundError, what: str) -> TorchMissing | None:
-    """The one-line TorchMissing for an import of the `torch` extra that failed while doing
-    `what` (e.g. "`ttd train`"); None when the missing module is not the extra's (a bug or
-    another extra)."""
-    if (error.name or "").split(".")[0] not in TORCH_MODULES:
+    """The one-line TorchMissing for an import of an extra's module (torch's, or serve's, parquet's,
+    ray's) that failed while doing `what` (e.g. "`ttd train`"); None when the missing module is
+    no extra's (a bug)."""
+    module = (error.name or "").split(".")[0]
+    extra = MODULE_EXTRAS.get(module)
+    if extra is None:
         return None
-    return TorchMissing(f"{what} needs {error.name.split('.')[0]}, which this install leaves out: {INSTALL_TORCH}")
+    return TorchMissing(f"{what} needs {module}, which this install leaves out: pip install 'ttd-toolkit[{extra}]'")
