@@ -243,9 +243,9 @@ def test_auto_without_torch_picks_onnxruntime_on_the_embedded_export(tmp_path):
 
 
 def test_a_missing_extra_is_named_with_its_install_command():
-    from ttd.model.torch_extra import as_torch_missing
+    from ttd.model.torch_extra import as_missing_extra
 
-    assert str(as_torch_missing(ModuleNotFoundError("x", name="aiohttp"), "`ttd serve`")) == (
+    assert str(as_missing_extra(ModuleNotFoundError("x", name="aiohttp"), "`ttd serve`")) == (
         "`ttd serve` needs aiohttp, which this install leaves out: pip install 'ttd-toolkit[serve]'")
-    assert "ttd-toolkit[torch]" in str(as_torch_missing(ModuleNotFoundError("x", name="open_clip.model"), "x"))
-    assert as_torch_missing(ModuleNotFoundError("x", name="ttd.nothing"), "x") is None  # a bug stays a traceback
+    assert "ttd-toolkit[torch]" in str(as_missing_extra(ModuleNotFoundError("x", name="open_clip.model"), "x"))
+    assert as_missing_extra(ModuleNotFoundError("x", name="ttd.nothing"), "x") is None  # a bug stays a traceback

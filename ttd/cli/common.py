@@ -54,9 +54,9 @@ class TTDGroup(click.Group):
         except TTDError as error:
             fail(error)
         except ModuleNotFoundError as error:  # a command of the `torch` extra on the base install (docs/edge.md)
-            from ttd.model.torch_extra import as_torch_missing
+            from ttd.model.torch_extra import as_missing_extra
 
-            missing = as_torch_missing(error, f"`ttd {ctx.invoked_subcommand}`")
+            missing = as_missing_extra(error, f"`ttd {ctx.invoked_subcommand}`")
             if missing is None:
                 raise
             fail(missing)

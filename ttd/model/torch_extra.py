@@ -1,4 +1,4 @@
-"""Whether the `torch` extra is installed, and the one-line error of what needs it.
+"""Whether the `torch` extra is installed, and the one-line error of what needs it (or another extra).
 
 The base install (`pip install ttd-toolkit`) runs exports on onnxruntime; torch, torchvision and
 open_clip come with `pip install 'ttd-toolkit[torch]'` (docs/edge.md). Here, at the bottom of the
@@ -15,7 +15,11 @@ TORCH_EXTRA = "torch"
 INSTALL_TORCH = f"pip install 'ttd-toolkit[{TORCH_EXTRA}]'"
 
 
-class TorchMissing(TTDError, ImportError):
+class MissingExtra(TTDError, ImportError):
+    """A command needs a package of an extra (serve, parquet, ray, torch) that this install leaves out."""
+
+
+class TorchMissing(MissingExtra):
     """A command or setting needs torch (or open_clip), which the base install leaves out."""
 
 
@@ -42,12 +46,12 @@ MODULE_EXTRAS = {**{m: TORCH_EXTRA for m in ("torch", "torchvision", "open_clip"
                  **{m: "serve" for m in ("aiohttp", "tritonclient", "pytriton")}, "pyarrow": "parquet", "ray": "ray"}
 
 
-def as_torch_missing(error: ModuleNotFoundError, what: str) -> TorchMissing | None:
-    """The one-line TorchMissing for an import of an extra's module (torch's, or serve's, parquet's,
-    ray's) that failed while doing `what` (e.g. "`ttd train`"); None when the missing module is
-    no extra's (a bug)."""
+def as_missing_extra(error: ModuleNotFoundError, what: str) -> MissingExtra | None:
+    """The one-line MissingExtra (TorchMissing for torch's) for an import of an extra's module that
+    failed while doing `what` (e.g. "`ttd train`"); None when the missing module is no extra's (a bug)."""
     module = (error.name or "").split(".")[0]
     extra = MODULE_EXTRAS.get(module)
     if extra is None:
         return None
-    return TorchMissing(f"{what} needs {module}, which this install leaves out: pip install 'ttd-toolkit[{extra}]'")
+    error_class = TorchMissing if extra == TORCH_EXTRA else MissingExtra
+    return error_class(f"{what} needs {module}, which this install leaves out: pip install 'ttd-toolkit[{extra}]'")
