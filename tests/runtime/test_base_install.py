@@ -249,3 +249,24 @@ def test_a_missing_extra_is_named_with_its_install_command():
         "`ttd serve` needs aiohttp, which this install leaves out: pip install 'ttd-toolkit[serve]'")
     assert "ttd-toolkit[torch]" in str(as_missing_extra(ModuleNotFoundError("x", name="open_clip.model"), "x"))
     assert as_missing_extra(ModuleNotFoundError("x", name="ttd.nothing"), "x") is None  # a bug stays a traceback
+
+
+def test_segment_over_several_windows_and_scales_without_torch_equals_torch(tmp_path, monkeypatch):
+    """Windows stitched, scales averaged and PAMR in numpy: what the base install runs for images
+    larger than the model's input (a scale of 1.5 makes four windows of each world image)."""
+    (tmp_path / "classes.txt").write_text("circle\nheart\nsquare\nstar\ngrass\nsand\n")
+    job = ["segment", "--classes", str(tmp_path / "classes.txt"), str(WORLD / "images" / "010000.png"),
+           str(WORLD / "images" / "010003.png"), "--scales", "1,1.5", "--pamr", "--quiet"]
+    done = blocked("-m", "ttd", *job, "-o", "base.jsonl", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from click.testing import CliRunner
+
+    from ttd.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, [*job, "-o", "full.jsonl"])
+    assert result.exit_code == 0, result.output
+    base, full = records(tmp_path / "base.jsonl"), records(tmp_path / "full.jsonl")
+    assert_same_records(base, full)
+    for a, b in zip(base, full):
+        assert [(s["label"], s["area"]) for s in a["segments"]] == [(s["label"], s["area"]) for s in b["segments"]]

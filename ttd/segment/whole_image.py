@@ -190,9 +190,6 @@ def _stitch(plan: ScalePlan, logits: np.ndarray, size: int) -> np.ndarray:
     """Window logits [N, K, h, w] -> canvas logits [K, H', W'] of the scale (overlaps averaged)."""
     if len(plan.windows) == 1 and plan.windows[0] == (0, 0) and (plan.width, plan.height) == (size, size):
         return _resize_maps(logits[0], size, size)  # one window that is the canvas: its upsampled maps
-    import torch
-    import torch.nn.functional as F
-
     k = logits.shape[1]
     total = np.zeros((k, plan.height, plan.width), np.float32)
     count = np.zeros((plan.height, plan.width), np.float32)
