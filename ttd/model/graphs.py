@@ -36,9 +36,7 @@ class TextEncoderGraph(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[1] < self.model.clip.positional_embedding.shape[0]:
             return self._prefix(input_ids)
-        # open_clip's encode_text over the whole context, never TTDModel's trimmed one: its length is
-        # a Python int read from the ids, which a trace would bake in as the example's length
-        return F.normalize(self.model.clip.encode_text(input_ids), dim=-1).float()
+        return self.model.encode_text(input_ids).float()
 
     @property
     def accepts_prefix(self) -> bool:
