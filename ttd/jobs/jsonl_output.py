@@ -18,6 +18,7 @@ both have this module's interface: `done`, `complete`, `write(records)`, `finish
 
 from __future__ import annotations
 
+from ttd.model.file_modes import current_umask
 from ttd.errors import InputError
 import json
 import os
@@ -58,20 +59,6 @@ def output_format_of(output: Path, output_format: str = "auto") -> str:
     return output_format
 
 
-def _umask() -> int:
-    """The process's umask, from /proc where it shows it (os.umask changes it for a moment)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def write_job(path: Path, job: dict) -> None:
     """Write a job description atomically (a kill leaves the old one or the new one), through a new
     temporary file (never an existing name, which may be a planted link) renamed over it."""
@@ -79,7 +66,7 @@ def write_job(path: Path, job: dict) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(json.dumps(job, indent=1, sort_keys=True))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from a service of another user
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would hide it from a service of another user
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -54,7 +54,7 @@ class TTDModel(nn.Module):
         length = self._pooled_context(input_ids)
         if length is None:
             return F.normalize(self.clip.encode_text(input_ids), dim=-1)
-        return F.normalize(self._encode_text_trimmed(input_ids[:, :length]), dim=-1)
+        return F.normalize(self.encode_text_prefix(input_ids[:, :length]), dim=-1)
 
     def _pooled_context(self, input_ids: torch.Tensor) -> int | None:
         """How many leading tokens decide every row's pooled embedding, or None when the tower's
@@ -74,8 +74,9 @@ class TTDModel(nn.Module):
             return int((input_ids == eos).int().argmax(dim=-1).max()) + 1
         return None
 
-    def _encode_text_trimmed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """open_clip's CLIP.encode_text (unnormalised) over input_ids' own length, which is at most the context."""
+    def encode_text_prefix(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """open_clip's CLIP.encode_text (unnormalised) over input_ids' own length, which is at most the
+        context: with a causal mask, the positions after a text's pooled token cannot change it."""
         from open_clip.transformer import text_global_pool
 
         clip, length = self.clip, input_ids.shape[1]

@@ -47,19 +47,9 @@ class TextEncoderGraph(nn.Module):
         return getattr(clip, "attn_mask", None) is not None and getattr(clip, "text_pool_type", None) == "argmax"
 
     def _prefix(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """open_clip's CLIP.encode_text (3.x) on the first L positions only (accepts_prefix): the
-        text transformer's work shrinks with the texts' own length, not the context's."""
-        from open_clip.transformer import text_global_pool
-
-        clip, length = self.model.clip, input_ids.shape[1]
-        cast_dtype = clip.transformer.get_cast_dtype()
-        x = clip.token_embedding(input_ids).to(cast_dtype) + clip.positional_embedding[:length].to(cast_dtype)
-        x = clip.transformer(x, attn_mask=clip.attn_mask[:length, :length])
-        x = clip.ln_final(x)
-        x = text_global_pool(x, input_ids, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
-        if clip.text_projection is not None:
-            x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
-        return F.normalize(x, dim=-1).float()
+        """open_clip's CLIP.encode_text on the first L positions only (accepts_prefix): the text
+        transformer's work shrinks with the texts' own length, not the context's."""
+        return F.normalize(self.model.encode_text_prefix(input_ids), dim=-1).float()
 
 
 class TagHeadGraph(nn.Module):
