@@ -116,3 +116,22 @@ def test_calibrating_an_exported_checkpoint_in_place_is_refused(tmp_path, world_
     assert result.exit_code == 0, result.output
     read_export(export)
     assert json.loads((copy / "model.json").read_text())["margin_fit"]["method"] == "label-free"
+
+
+def test_an_unbounded_caption_is_a_skipped_pair_not_the_fit(world_pairs, tagger):
+    """A 20,000-word caption kept `ttd calibrate --captions` busy for minutes (its tags were all
+    encoded and scored); a 1,500-word one dominated the null. The tag limit of `ttd tag` applies."""
+    import time
+
+    images = [s.image for s in world_pairs]
+    captions = [s.caption for s in world_pairs]
+    clean = fit_label_free(tagger, images, captions, progress=False)
+    for words in (1_500, 20_000):
+        skipped: list[str] = []
+        started = time.monotonic()
+        fit = fit_label_free(tagger, images + [images[0]], captions + [" ".join(f"junk{i}" for i in range(words))],
+                             progress=False, skipped=skipped)
+        assert time.monotonic() - started < 30
+        assert skipped == [f"pair {PAIRS + 1}: caption has {words} candidate tags, more than the limit of 1024 (the "
+                           "served tagger's cap); split it into shorter captions"]
+        assert fit.pairs == PAIRS and fit.margin == pytest.approx(clean.margin, abs=1e-9)

@@ -39,3 +39,21 @@ def test_a_failed_margin_fit_keeps_the_trained_weights(tmp_path):
     again = CliRunner().invoke(main, ["train", "--data", str(data), "--out", str(out), "--no-calibrate"] + SMALL)
     assert again.exit_code == 0, again.output
     assert "negative_margin stays 2.2" in again.output and (out / "model.safetensors").is_file()
+
+
+def test_an_unbounded_caption_is_a_skipped_sample_not_the_run(tmp_path):
+    """One 20,000-word caption grew `ttd train` to 23 GB (every word a tag, each embedded)."""
+    from ttd.data.sources import open_source
+    from ttd.runtime.images import Preprocess
+    from ttd.train.loop import BatchLoader
+
+    write_world_split(tmp_path / "d", seed=3, count=6, progress=False)
+    path = tmp_path / "d" / "annotations.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[2]["caption"] = " ".join(f"junk{i}" for i in range(20_000))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loader = BatchLoader(open_source(str(path), Preprocess(64), 1), batch_size=6, seed=1, rank=0, world=1)
+    images, captions = loader.batch(0)
+    assert len(captions) == 5 and all(len(c) < 200 for c in captions)
+    assert loader.skipped == ["2: caption has 20000 candidate tags, more than the limit of 1024 (the served tagger's "
+                              "cap); split it into shorter captions"]

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from ttd.errors import TTDError
 from ttd.evaluation.calibrate import view_critical_margins
 from ttd.model.config import DEFAULT_MAX_FALSE_RATE, NEGATIVE_PROMPT_CANDIDATES
-from ttd.model.tags import candidate_tags
+from ttd.model.tags import CaptionError, bounded_tags
 from ttd.runtime.images import ImageError
 from ttd.runtime.tagger import Tagger
 
@@ -167,8 +167,17 @@ def margins_of_pairs(tagger: Tagger, images: Sequence, captions: Sequence[str], 
 
     `images` are what the tagger's preprocessing takes (files, bytes, RGB arrays); a pair whose
     image cannot be read is left out, its reason appended to `skipped`."""
-    kept = [i for i, caption in enumerate(captions) if candidate_tags(caption or "")]
-    tag_lists = [candidate_tags(captions[i]) for i in kept]
+    kept, tag_lists = [], []
+    for i, caption in enumerate(captions):
+        try:
+            tags = bounded_tags(caption or "")
+        except CaptionError as error:  # one unbounded caption would dominate the null, or never end
+            if skipped is not None:
+                skipped.append(f"pair {i + 1}: {error}")
+            continue
+        if tags:
+            kept.append(i)
+            tag_lists.append(tags)
     null_lists = shuffled_null_tags(tag_lists, seed=seed)
     negative_sets = [tagger.encode_tags(list(prompts)) for prompts in prompt_sets]
     used = 0

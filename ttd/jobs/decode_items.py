@@ -7,10 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from ttd.data.inputs import Item
-from ttd.model.tags import candidate_tags
+from ttd.model.tags import MAX_CAPTION_TAGS, bounded_tags  # noqa: F401 - MAX_CAPTION_TAGS importable here too
 from ttd.runtime.images import ImageError, Preprocess
-
-MAX_CAPTION_TAGS = 1024  # as `ttd triton build --max-tags`: a 5,000-word caption is not a caption
 
 
 def caption_tags(item: Item) -> list[str]:
@@ -18,12 +16,9 @@ def caption_tags(item: Item) -> list[str]:
     (every mode that tags a caption checks it here)."""
     if item.caption is None or not item.caption.strip():
         raise ValueError("empty caption")
-    tags = candidate_tags(item.caption)
+    tags = bounded_tags(item.caption)
     if not tags:
         raise ValueError(f"caption {item.caption!r} has no candidate tags (only stopwords or punctuation)")
-    if len(tags) > MAX_CAPTION_TAGS:
-        raise ValueError(f"caption has {len(tags)} candidate tags, more than the limit of {MAX_CAPTION_TAGS} "
-                         "(the served tagger's cap); split it into shorter captions")
     return tags
 
 

@@ -17,6 +17,8 @@ import re
 import unicodedata
 from collections.abc import Iterable
 
+from ttd.errors import TTDError
+
 # A fixed English stopword list (function words, pronouns, auxiliaries, frequent caption fillers
 # that never name a visible thing are *not* here: they stay candidates, as in the paper).
 STOPWORDS = frozenset(
@@ -117,3 +119,23 @@ def candidate_tags(
                 tags.append(caption_words[i])
             i += 1
     return list(dict.fromkeys(tags))
+
+
+# a caption's candidate tags are bounded in every command that reads captions (tag, segment, train,
+# calibrate), as `ttd triton build --max-tags`: a 20,000-word caption grew `ttd train` to 23 GB and
+# kept `ttd calibrate` busy for minutes; the item is reported, the run goes on (docs/reliability.md)
+MAX_CAPTION_TAGS = 1024
+
+
+class CaptionError(TTDError, ValueError):
+    """A caption no command can use: too many candidate tags, or none."""
+
+
+def bounded_tags(caption: str, phrases: Iterable[str] = ()) -> list[str]:
+    """The caption's candidate tags, or CaptionError when it has more than MAX_CAPTION_TAGS."""
+    tags = candidate_tags(caption, phrases)
+    if len(tags) > MAX_CAPTION_TAGS:
+        raise CaptionError(f"caption has {len(tags)} candidate tags, more than the limit of {MAX_CAPTION_TAGS} "
+                           "(the served tagger's cap); split it into shorter captions")
+    return tags
+

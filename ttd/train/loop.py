@@ -36,7 +36,7 @@ from ttd.data.items import is_shard_pattern
 from ttd.model.lora import LoRAConfig, adapter_state_dict, inject_lora, merged_state_dict
 from ttd.model.clip import TTDModel
 from ttd.model.scoring import pad_tags
-from ttd.model.tags import candidate_tags
+from ttd.model.tags import bounded_tags, candidate_tags
 
 
 @dataclass
@@ -156,6 +156,7 @@ class BatchLoader:
         for index in self.indices(step):
             try:
                 image, caption = self.source.get(index)
+                bounded_tags(caption)  # an unbounded caption is this sample's error, not the run's (CaptionError)
             except (ImageError, OSError, KeyError, ValueError) as error:
                 self.skipped.append(f"{index}: {error}")
                 continue
