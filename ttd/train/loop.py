@@ -325,6 +325,8 @@ def setup(model: TTDModel, config: TrainConfig, resume: bool = True) -> Training
     guard = CollapseGuard() if config.collapse_guard and config.objective == "ttd" and rank == 0 else None
     if guard is not None and state is not None and "guard" in state:
         guard.load_state_dict(state["guard"])
+    if guard is not None:  # a run that collapses within the guard's warm-up ends with these (docs/training.md)
+        guard.keep_initial(params, start)
     return TrainingRun(model, teacher, config, params, optimizer, scheduler, loader, state_path, start, rank, world,
                        guard=guard)
 
@@ -399,7 +401,9 @@ def finish(run: TrainingRun) -> TTDModel:
         if run.guard is not None:  # before the margin is fitted: it is fitted to the weights that are kept
             guard = run.guard.restore(run.params).as_dict()
             if guard["kept_step"] is not None:
-                tqdm.write(f"collapse guard: kept the weights of step {guard['kept_step']} (ratio {guard['kept_ratio']:.2f}), "
+                kept = (f"ratio {guard['kept_ratio']:.2f}" if guard["kept_ratio"] is not None
+                        else "the weights it started from: no step was seen healthy")
+                tqdm.write(f"collapse guard: kept the weights of step {guard['kept_step']} ({kept}), "
                            f"not the last (ratio {guard['final_ratio']:.2f})")
         out = Path(run.config.out_dir)
         # the weights first, with an unfitted margin: a fit that fails (too few pairs, a degenerate
