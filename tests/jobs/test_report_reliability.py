@@ -196,6 +196,7 @@ def test_outputs_over_inputs_and_pages_over_other_files_are_refused(grey, tmp_pa
         assert result.exit_code == 0, result.output
 
 
+@pytest.mark.deadline(60)
 def test_a_mask_path_naming_a_fifo_is_an_error_of_its_item(grey, tmp_path):
     """Image paths were checked, mask paths were not: a FIFO hung `ttd report` on open."""
     os.mkfifo(grey / "pipe.png")

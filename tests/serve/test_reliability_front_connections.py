@@ -20,6 +20,9 @@ from ttd.serve.front_connections import RateLimitedLog, connection_cap
 from ttd.serve.http_front import (FrontLimits, ModelShapes, declared_shape_problem,
                                   shape_problem, start_front)
 
+# each test starts the HTTP front: a hang fails the test in minutes (tests/conftest.py)
+pytestmark = pytest.mark.deadline(180)
+
 TAGGER_CONFIG = {"name": "ttd_tagger", "max_batch_size": 4, "parameters": {"max_tags": {"string_value": "1024"}},
                  "input": [{"name": "image", "dims": ["1"]}, {"name": "caption", "dims": ["1"]},
                            {"name": "tags", "dims": ["-1"]}]}
