@@ -65,8 +65,9 @@ class ShardStreamLoader:
                     raise ImageError(item.error)
                 if not item.caption or not item.caption.strip():
                     raise ImageError(f"{item.image}: empty caption")
-                try:
-                    bounded_tags(item.caption)  # a 20,000-word caption is this sample's error, not the run's
+                try:  # a 20,000-word caption, or one of stopwords only, is this sample's error, not the run's
+                    if not bounded_tags(item.caption):
+                        raise CaptionError("caption has no candidate tags (only stopwords or punctuation)")
                 except CaptionError as error:
                     raise CaptionError(f"{item.image}: {error}") from None
                 image = self.preprocess(item.data, item.image)

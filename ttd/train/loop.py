@@ -36,7 +36,8 @@ from ttd.data.items import is_shard_pattern
 from ttd.model.lora import LoRAConfig, adapter_state_dict, inject_lora, merged_state_dict
 from ttd.model.clip import TTDModel
 from ttd.model.scoring import pad_tags
-from ttd.model.tags import bounded_tags, candidate_tags
+from ttd.errors import TTDError
+from ttd.model.tags import CaptionError, bounded_tags, candidate_tags
 
 
 @dataclass
@@ -100,6 +101,10 @@ OBJECTIVE_DEFAULTS: dict[str, dict] = {
 assert tuple(OBJECTIVE_DEFAULTS) == OBJECTIVES, "ttd.model.config.OBJECTIVES names the objectives defined here"
 
 
+class TrainingDiverged(TTDError, FloatingPointError, RuntimeError):
+    """Too many non-finite steps: the learning rate is too high for this model and data."""
+
+
 def _lr_factor(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -133,6 +138,13 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
+def _check_caption(caption: str) -> None:
+    """A caption training can use, or the CaptionError that makes it a skipped sample (the run goes
+    on): an unbounded one (too many tags) or one with no candidate tag (only stopwords)."""
+    if not bounded_tags(caption):
+        raise CaptionError(f"caption {caption[:80]!r} has no candidate tags (only stopwords or punctuation)")
+
+
 class BatchLoader:
     """Batch `step` of rank `rank`: indices drawn from a seeded permutation of the source."""
 
@@ -156,7 +168,7 @@ class BatchLoader:
         for index in self.indices(step):
             try:
                 image, caption = self.source.get(index)
-                bounded_tags(caption)  # an unbounded caption is this sample's error, not the run's (CaptionError)
+                _check_caption(caption)
             except (ImageError, OSError, KeyError, ValueError) as error:
                 self.skipped.append(f"{index}: {error}")
                 continue
@@ -349,7 +361,9 @@ def train_step(run: TrainingRun, step: int, images: np.ndarray, captions: list[s
     if not (math.isfinite(loss.item()) and grads_finite):
         run.bad_steps += 1
         if run.bad_steps > config.max_bad_steps:
-            raise FloatingPointError(f"{run.bad_steps} non-finite steps; last at step {step}; lower --lr")
+            raise TrainingDiverged(f"training diverged: {run.bad_steps} non-finite steps (the last at step {step}) at "
+                                   f"lr {config.lr:g}: lower --lr (the last checkpoint, {run.state_path}, is from "
+                                   "before; pass --no-resume to start over with the new rate)")
         tqdm.write(f"step {step}: non-finite loss or gradient, update skipped")
         run.optimizer.zero_grad(set_to_none=True)
     else:
@@ -382,8 +396,23 @@ class MetricsLog:
     def __init__(self, path: Path, start: int) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [line for line in (path.read_text().splitlines() if path.is_file() and start > 0 else [])
-                if line.strip() and json.loads(line).get("step", 0) < start]
+        lines = path.read_text(encoding="utf-8", errors="replace").split("\n") if path.is_file() and start > 0 else []
+        kept = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                step = row.get("step", 0) if isinstance(row, dict) else None
+            except ValueError:
+                step = None
+            if step is None:
+                if number >= len(lines) - 1:  # the last line, torn by a kill: cut, as a torn record is
+                    continue
+                raise ValueError(f"{path}:{number} is not a metrics line written by `ttd train`; delete the file "
+                                 "(or pass --no-resume) to go on")
+            if step < start:
+                kept.append(line)
         path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, step: int, logs: dict[str, float]) -> None:
