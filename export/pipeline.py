@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 from importlib import metadata
@@ -172,9 +173,12 @@ def remove_dead_staging(out_dir: Path) -> list[Path]:
     """Staging folders of `out_dir` left by exports that were killed (SIGKILL, SIGTERM, a power
     cut) — those whose process is gone; a running export's folder is kept. Returns what went."""
     removed = []
+    # exactly .ttd-export-NAME.PID.XXXXXXXX (mkdtemp's 8-character suffix): a loose match took the
+    # staging folder of a running export to NAME.99991 for a dead export's to NAME (pid 99991)
+    exact = re.compile(re.escape(f"{STAGING_PREFIX}{out_dir.name}.") + r"(\d+)\.[A-Za-z0-9_]{8}")
     for folder in out_dir.parent.glob(f"{STAGING_PREFIX}{out_dir.name}.*.*"):
-        pid = folder.name[len(STAGING_PREFIX) + len(out_dir.name) + 1 :].split(".", 1)[0]
-        if folder.is_dir() and pid.isdigit() and not _process_alive(int(pid)):
+        match = exact.fullmatch(folder.name)
+        if match and folder.is_dir() and not folder.is_symlink() and not _process_alive(int(match.group(1))):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed

@@ -190,3 +190,20 @@ def test_an_export_into_a_checkpoint_folder_never_touches_the_checkpoint(tmp_pat
     (staging / MANIFEST).write_text(json.dumps({"files": {"model.json": "0"}}))
     swap_in(staging, out)
     assert (out / "model.json").read_text() == "{}" and sorted(p.name for p in out.iterdir()) == [MANIFEST, "model.json"]
+
+
+def test_an_export_never_removes_the_staging_folder_of_another_running_export(tmp_path):
+    """An export to `ec` removed the live staging folder of a running export to `ec.99991` (it
+    read 99991, a dead pid, out of the name), which then died with a traceback."""
+    import subprocess
+
+    from export.pipeline import STAGING_PREFIX, remove_dead_staging
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    running = tmp_path / f"{STAGING_PREFIX}ec.{dead.pid}.{os.getpid()}.abcd1234"  # exporting to ec.<dead pid>
+    running.mkdir()
+    left = tmp_path / f"{STAGING_PREFIX}ec.{dead.pid}.abcd_123"  # a killed export to ec
+    left.mkdir()
+    assert remove_dead_staging(tmp_path / "ec") == [left]
+    assert running.is_dir()
