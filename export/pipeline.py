@@ -111,11 +111,25 @@ def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mod
     model = model.float().cpu().eval()
     if has_lora(model):
         model = merge_lora(model)
-    staging = staging_dir(out_dir)
+    try:
+        staging = staging_dir(out_dir)
+    except OSError as error:  # an unwritable or read-only parent: the export is staged beside OUT_DIR
+        raise ExportError(f"cannot export to {out_dir}: cannot make its staging folder in "
+                          f"{Path(os.path.abspath(out_dir)).parent} ({error.strerror or error}); an export is staged "
+                          "beside its folder (the same file system, so that it moves in at once): export where that "
+                          "folder is writable") from None
     try:
         manifest = _gated_export(model, staging, precision, int8_mode, opset, check_count, torch_weights,
                                  int8_settings)
-    except BaseException:  # a refused gate, an error or Ctrl-C: OUT_DIR is untouched
+    except Exception as error:
+        reason = _write_failure(error)
+        if reason is None:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        shutil.rmtree(staging, ignore_errors=True)  # a full disk, a quota: one line, and OUT_DIR is untouched
+        raise ExportError(f"cannot write the export in {staging.parent} ({reason}); {out_dir} is left as it "
+                          "was") from None
+    except BaseException:  # a refused gate, Ctrl-C: OUT_DIR is untouched
         shutil.rmtree(staging, ignore_errors=True)
         raise
     try:
@@ -130,6 +144,15 @@ def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mod
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
         swap_in(staging, out_dir)
     return manifest
+
+
+def _write_failure(error: BaseException) -> str | None:
+    """Why a write failed (a full disk, a quota, a file-size limit), or None for another error.
+    safetensors reports its write failures as its own error, "I/O error: REASON (os error N)"."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    found = re.search(r"I/O error: (.+?) \(os error \d+\)", str(error))
+    return found.group(1) if found else None
 
 
 def _gated_export(model: TTDModel, out_dir: Path, precision: str, int8_mode: str, opset: int, check_count: int,

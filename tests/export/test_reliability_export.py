@@ -207,3 +207,33 @@ def test_an_export_never_removes_the_staging_folder_of_another_running_export(tm
     left.mkdir()
     assert remove_dead_staging(tmp_path / "ec") == [left]
     assert running.is_dir()
+
+
+@pytest.mark.deadline(300)
+def test_a_full_disk_during_an_export_is_one_line_and_leaves_the_old_export(export_dir, tmp_path):
+    """A full disk (here a 200 kB file-size limit: EFBIG instead of ENOSPC) printed a traceback."""
+    import hashlib
+    import resource
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    work = tmp_path / "work"
+    shutil.copytree(export_dir, work)
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in work.iterdir()}
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{root}:{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-m", "ttd", "export", str(work), "--model", "world-tiny"],
+                          preexec_fn=small_disk, capture_output=True, text=True, env=env, timeout=280)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot write the export") and last.endswith(f"(File too large); {work} is left as "
+                                                                               "it was"), last
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in work.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
