@@ -135,3 +135,20 @@ def test_an_unbounded_caption_is_a_skipped_pair_not_the_fit(world_pairs, tagger)
         assert skipped == [f"pair {PAIRS + 1}: caption has {words} candidate tags, more than the limit of 1024 (the "
                            "served tagger's cap); split it into shorter captions"]
         assert fit.pairs == PAIRS and fit.margin == pytest.approx(clean.margin, abs=1e-9)
+
+
+def test_a_failed_fit_says_why_pairs_were_skipped(tmp_path, world_pairs, checkpoint):
+    pairs = write_pairs(tmp_path, world_pairs[:3])
+    with pairs.open("a") as f:
+        for i in range(7):
+            f.write(json.dumps({"image": f"images/gone{i}.png", "caption": "a red square"}) + "\n")
+    result = CliRunner().invoke(main, ["calibrate", "--checkpoint", str(checkpoint), "--captions", str(pairs),
+                                       "--device", "cpu", "--dry-run"])
+    # before: only "these 3 pairs give N" — not that 7 more were never read
+    assert result.exit_code == 2, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert "at least 30 shuffled tags" in last and "; 7 skipped (7 file not found), first: " in last
+    assert "gone0.png" in last and "gone3.png" not in last
+    tiny = CliRunner().invoke(main, ["calibrate", "--checkpoint", str(checkpoint), "--captions", str(pairs),
+                                     "--dry-run", "--max-false-rate", "1e-300"])
+    assert tiny.exit_code == 2 and "max false rate 1e-300 is too small to place a margin" in tiny.output

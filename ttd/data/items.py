@@ -345,5 +345,28 @@ def read_pairs(captions: str | Path, max_pairs: int, skipped: list[str]) -> tupl
         texts.append(item.caption)
     if len(texts) < 2:
         raise InputError(f"{captions}: {len(texts)} usable image-caption pair(s); label-free calibration needs at "
-                         "least 2 (a few hundred for a stable margin)")
+                         f"least 2 (a few hundred for a stable margin){skipped_summary(skipped)}")
     return images, texts
+
+
+def _skip_kind(reason: str) -> str:
+    text = reason.lower()
+    if "cannot read the shard" in text:
+        return "unreadable or missing shard"
+    if "not found" in text or "no such file" in text or "does not exist" in text:
+        return "file not found"
+    if "caption" in text:
+        return "caption"
+    return "image"
+
+
+def skipped_summary(skipped: list[str], first: int = 3) -> str:
+    """"; N items skipped (counts by kind; the first few)", for a refusal whose cause may be what was
+    skipped (a fit that failed for want of pairs says why they were missing), or "" if none."""
+    if not skipped:
+        return ""
+    kinds: dict[str, int] = {}
+    for reason in skipped:
+        kinds[_skip_kind(reason)] = kinds.get(_skip_kind(reason), 0) + 1
+    counts = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    return f"; {len(skipped)} skipped ({counts}), first: " + "; ".join(skipped[:first])

@@ -139,6 +139,9 @@ def null_margin(centre: float, scale: float, max_false_rate: float) -> float:
     """The margin at which a Gaussian null N(centre, scale²) has `max_false_rate` above it."""
     if not 0 < max_false_rate < 1:
         raise ValueError(f"max false rate must be in (0, 1), got {max_false_rate}")
+    if not 0 < 1 - max_false_rate < 1:  # 1e-300: 1 - rate rounds to 1.0, past any Gaussian quantile
+        raise ValueError(f"max false rate {max_false_rate:g} is too small to place a margin (below about 1e-16, "
+                         "1 - rate is 1 in floating point); use 1e-12 or more")
     return centre + scale * NormalDist().inv_cdf(1 - max_false_rate)
 
 
@@ -216,6 +219,19 @@ def fit_label_free(tagger: Tagger, images: Sequence, captions: Sequence[str],
     prompt_sets = [tuple(tagger.config.negative_prompts)]
     if choose_prompts:
         prompt_sets += [c for c in NEGATIVE_PROMPT_CANDIDATES if c != prompt_sets[0]]
+    try:
+        return _fit(tagger, images, captions, max_false_rate, prompt_sets, seed, batch_size, progress, skipped)
+    except ValueError as error:  # why pairs were missing is often why the fit failed: say it
+        from ttd.data.items import skipped_summary
+
+        if skipped and "skipped (" not in str(error):
+            error.args = (f"{error}{skipped_summary(skipped)}",)
+        raise
+
+
+def _fit(tagger: Tagger, images: Sequence, captions: Sequence[str], max_false_rate: float,
+         prompt_sets: list[tuple[str, ...]], seed: int, batch_size: int, progress: bool,
+         skipped: list[str] | None) -> LabelFreeFit:
     margins, pairs = margins_of_pairs(tagger, images, captions, prompt_sets, seed, batch_size, progress, skipped)
     separations = [separation(own, null) for own, null in margins]
     best = int(np.argmax(separations))  # ties keep the model's own set (first)
