@@ -156,3 +156,13 @@ def test_resume_refuses_another_model(tmp_path):
     assert result.exit_code == 2, result.output
     assert (f"the model changed since the job began ({checkpoint.with_suffix('.json').resolve()} is not the file it "
             "was): its records would mix two models") in result.output
+
+
+def test_an_output_that_names_a_folder_is_one_line(tmp_path):
+    captions = world_job(tmp_path, 1)
+    for output in (".", "/"):
+        result = tag("--captions", captions, "-o", output)
+        # was: "PosixPath('.') has an empty name"
+        assert result.exit_code == 2 and result.output.strip().splitlines()[-1] == (
+            f"error: -o {output} names a folder, not an output file: give a file name (or, for Parquet shards, a "
+            "new folder name ending in .parquet)")

@@ -25,6 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ttd.data.inputs import InputError
 from ttd.jobs.input_identity import describe_change, input_fingerprint
 from ttd.jobs.output_lock import OutputLock, open_beside_output
 
@@ -32,6 +33,9 @@ CHUNK = 1 << 20
 
 
 def partial_path(output: Path) -> Path:
+    if Path(output).name in ("", ".", ".."):  # `-o .` or `-o /`: was "PosixPath('.') has an empty name"
+        raise InputError(f"-o {output} names a folder, not an output file: give a file name (or, for Parquet "
+                         "shards, a new folder name ending in .parquet)")
     return output.with_name(output.name + ".partial")
 
 
