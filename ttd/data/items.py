@@ -278,7 +278,10 @@ def _sample_item(sample: dict, url: str) -> Item:
     data = next((sample[k] for k in SHARD_IMAGE_KEYS if k in sample), None)
     caption = None
     if "txt" in sample:
-        caption = sample["txt"].decode("utf-8", "replace")
+        try:  # strict, as a JSONL captions file is read: U+FFFD would be tagged as if it were a word
+            caption = sample["txt"].decode("utf-8")
+        except UnicodeDecodeError as error:
+            return ShardItem(name, Path(url), None, f"{name}: caption is not valid UTF-8 (byte {error.start})")
     elif "json" in sample:
         try:
             meta = json.loads(sample["json"])
