@@ -100,6 +100,12 @@ def check_same_job(job_file: Path, job: dict, what: Path) -> None:
     job = {k: v for k, v in job.items() if k not in ("inputs", "model_files") or k in saved}
     if "captions_file" in saved and "captions_file" not in job and job.get("captions"):
         job["captions_file"] = input_fingerprint(job["captions"])
+    identity = ("inputs", "model_files", "captions_file")  # what the inputs and model hold, checked below
+    changed = [f"{k}: {saved.get(k)!r} -> {job.get(k)!r}" for k in sorted(set(saved) | set(job))
+               if k not in identity and saved.get(k) != job.get(k)]
+    if changed:  # other arguments or settings first: another job, not a changed input
+        raise ValueError(f"{what} belongs to a job with other settings ({'; '.join(changed)}); resume "
+                         "with the same settings, or run without --resume to start over")
     for key in ("inputs", "model_files"):
         if key in saved and saved[key] != job.get(key):
             raise ValueError(f"{what}: {describe_change(key, saved[key], job.get(key), job.get('captions'))}; "
