@@ -37,3 +37,15 @@ def test_a_non_utf8_caption_and_an_undecodable_image_are_named(tmp_path):
     with pytest.raises(ImageError) as error:
         decode_image(b"garbage", "000.tar#0002")
     assert "BytesIO" not in str(error.value) and "cannot identify image file it" in str(error.value)
+
+
+def test_a_captions_folder_is_named_as_a_folder(tmp_path):
+    from ttd.data.inputs import InputError, read_captions
+    from ttd.data.items import stream_captions
+
+    (tmp_path / "captions").mkdir()
+    for read in (read_captions, lambda p: list(stream_captions(p))):
+        with pytest.raises(InputError, match=r"captions file .*captions is a folder: give the file itself"):
+            read(tmp_path / "captions")  # was: "does not exist"
+        with pytest.raises(InputError, match=r"captions file .*nope.jsonl does not exist$"):
+            read(tmp_path / "nope.jsonl")

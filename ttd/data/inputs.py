@@ -80,7 +80,7 @@ def read_captions(path: Path) -> list[Item]:
     A line that cannot be used (bad JSON, bad UTF-8, a caption that is not text) becomes an
     item with an error naming the file and line; the other lines are still read."""
     if not path.is_file():
-        raise InputError(f"captions file {path} does not exist")
+        raise missing_file(path, "captions")
     base = path.parent
     if path.suffix.lower() == ".csv":
         rows = _csv_rows(path)
@@ -108,10 +108,21 @@ def read_captions(path: Path) -> list[Item]:
     return items
 
 
+def missing_file(path: Path, what: str) -> InputError:
+    """Why `path` cannot be read as a `what` file: a folder, something else, or nothing there."""
+    if path.is_dir():
+        return InputError(f"{what} file {path} is a folder: give the file itself (a .jsonl or .csv file; images "
+                          "in a folder are tagged against a --vocabulary)" if what == "captions" else
+                          f"{what} file {path} is a folder: give the file itself")
+    if path.exists():
+        return InputError(f"{what} file {path} is not a regular file (a FIFO or a device)")
+    return InputError(f"{what} file {path} does not exist")
+
+
 def read_vocabulary(path: Path) -> list[str]:
     """One tag per line (blank lines and '#' comments ignored), de-duplicated in order."""
     if not path.is_file():
-        raise InputError(f"vocabulary file {path} does not exist")
+        raise missing_file(path, "vocabulary")
     data = path.read_bytes()
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8):]

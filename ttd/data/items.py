@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from itertools import islice, takewhile
 from pathlib import Path
 
-from ttd.data.inputs import BAD_BYTES, CAPTION_KEYS, IMAGE_KEYS, IMAGE_SUFFIXES, InputError, Item, _pick
+from ttd.data.inputs import BAD_BYTES, CAPTION_KEYS, IMAGE_KEYS, IMAGE_SUFFIXES, InputError, Item, _pick, missing_file
 
 SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
@@ -112,7 +112,7 @@ def stream_captions(path: Path) -> Iterator[Item]:
     """Items of a .jsonl or .csv captions file, read lazily (same items as ttd.data.inputs.read_captions)."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"captions file {path} does not exist")
+        raise missing_file(path, "captions")
     suffix = path.suffix.lower()
     if suffix == ".csv":
         records = _csv_records(path)
