@@ -397,7 +397,8 @@ def render_page(title: str, entries: list[Entry], page: int, pages: int, html_pa
 
 def job_images_root(records_path: Path) -> Path | None:
     """The folder of the captions file the job recorded (relative image paths in its records start
-    there: issue 23, item 12), or None (images given as arguments, no job record)."""
+    there), or None (images given as arguments, no job record). Data that travels with the records:
+    a report names it in a hint, and never takes it as its root (docs/reliability.md, "Reports")."""
     if records_path.is_dir():
         from ttd.jobs.parquet_output import JOB_FILE
 
