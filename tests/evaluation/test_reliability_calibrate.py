@@ -82,7 +82,7 @@ def test_calibrate_writes_nothing_when_the_fit_is_refused(tmp_path, world_pairs,
 def test_calibrate_refuses_outputs_over_its_inputs_before_any_work(tmp_path, world_pairs, checkpoint):
     pairs = write_pairs(tmp_path, world_pairs[:4])
     config = checkpoint.with_suffix(".json")
-    before = digest(config)
+    before, pairs_before = digest(config), digest(pairs)
     runner = CliRunner()
     for args, named in (
             (["--json", str(config)], f"{config} is also an input ({config}): --json would replace it"),
@@ -93,7 +93,7 @@ def test_calibrate_refuses_outputs_over_its_inputs_before_any_work(tmp_path, wor
         # before: the fit ran (4 pairs: refused only then) or, with enough pairs, the config was replaced by the fit
         assert result.exit_code == 2 and named in result.output, result.output
         assert "calibrate (label-free)" not in result.output  # refused before any image was read
-    assert digest(config) == before and digest(pairs) == digest(pairs)
+    assert digest(config) == before and digest(pairs) == pairs_before
 
 
 def test_calibrating_an_exported_checkpoint_in_place_is_refused(tmp_path, world_pairs):
