@@ -15,6 +15,7 @@ from ttd.errors import InputError
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 from importlib import metadata
@@ -115,11 +116,25 @@ def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mod
     model = model.float().cpu().eval()
     if has_lora(model):
         model = merge_lora(model)
-    staging = staging_dir(out_dir)
+    try:
+        staging = staging_dir(out_dir)
+    except OSError as error:  # an unwritable or read-only parent: the export is staged beside OUT_DIR
+        raise ExportError(f"cannot export to {out_dir}: cannot make its staging folder in "
+                          f"{Path(os.path.abspath(out_dir)).parent} ({error.strerror or error}); an export is staged "
+                          "beside its folder (the same file system, so that it moves in at once): export where that "
+                          "folder is writable") from None
     try:
         manifest = _gated_export(model, staging, precision, int8_mode, opset, check_count, torch_weights,
                                  int8_settings)
-    except BaseException:  # a refused gate, an error or Ctrl-C: OUT_DIR is untouched
+    except Exception as error:
+        reason = _write_failure(error)
+        if reason is None:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        shutil.rmtree(staging, ignore_errors=True)  # a full disk, a quota: one line, and OUT_DIR is untouched
+        raise ExportError(f"cannot write the export in {staging.parent} ({reason}); {out_dir} is left as it "
+                          "was") from None
+    except BaseException:  # a refused gate, Ctrl-C: OUT_DIR is untouched
         shutil.rmtree(staging, ignore_errors=True)
         raise
     try:
@@ -134,6 +149,15 @@ def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mod
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
         swap_in(staging, out_dir)
     return manifest
+
+
+def _write_failure(error: BaseException) -> str | None:
+    """Why a write failed (a full disk, a quota, a file-size limit), or None for another error.
+    safetensors reports its write failures as its own error, "I/O error: REASON (os error N)"."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    found = re.search(r"I/O error: (.+?) \(os error \d+\)", str(error))
+    return found.group(1) if found else None
 
 
 def _gated_export(model: TTDModel, out_dir: Path, precision: str, int8_mode: str, opset: int, check_count: int,
@@ -177,9 +201,12 @@ def remove_dead_staging(out_dir: Path) -> list[Path]:
     """Staging folders of `out_dir` left by exports that were killed (SIGKILL, SIGTERM, a power
     cut) — those whose process is gone; a running export's folder is kept. Returns what went."""
     removed = []
+    # exactly .ttd-export-NAME.PID.XXXXXXXX (mkdtemp's 8-character suffix): a loose match took the
+    # staging folder of a running export to NAME.99991 for a dead export's to NAME (pid 99991)
+    exact = re.compile(re.escape(f"{STAGING_PREFIX}{out_dir.name}.") + r"(\d+)\.[A-Za-z0-9_]{8}")
     for folder in out_dir.parent.glob(f"{STAGING_PREFIX}{out_dir.name}.*.*"):
-        pid = folder.name[len(STAGING_PREFIX) + len(out_dir.name) + 1 :].split(".", 1)[0]
-        if folder.is_dir() and pid.isdigit() and not _process_alive(int(pid)):
+        match = exact.fullmatch(folder.name)
+        if match and folder.is_dir() and not folder.is_symlink() and not _process_alive(int(match.group(1))):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed

@@ -26,3 +26,7 @@ def tiny_model():
 @pytest.fixture()
 def fresh_tiny_model():
     return create_model("world-tiny", seed=0)
+
+
+# Every test has a deadline, so that a regression fails, never hangs the suite (tests/deadlines.py)
+from deadlines import DEFAULT_DEADLINE, DeadlineExceeded, pytest_configure, pytest_runtest_call  # noqa: E402,F401

@@ -61,18 +61,52 @@ ENTRY_POINTS = {"__init__.py", "__main__.py"}  # at the top of ttd/, besides the
 PROJECT_PACKAGES = ("ttd.", "export.", "triton_repo.")
 
 
-def ttd_imports(path: Path) -> set[str]:
-    """The project modules (ttd, export, triton_repo) a file imports, lazily or not (absolute imports)."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+PROJECT_ROOTS = tuple(name.rstrip(".") for name in PROJECT_PACKAGES)
+
+
+def _is_module(name: str) -> bool:
+    """Whether a dotted name is a module or a package of the project (a file or a folder)."""
+    path = PACKAGE.parent / name.replace(".", "/")
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
+def ttd_imports(path: Path, source: str | None = None) -> set[str]:
+    """The project modules (ttd, export, triton_repo) a file imports, lazily or not: absolute
+    imports, `from ttd import cli` (a package's submodule named as an attribute) and relative
+    imports (`from .. import cli`, `from .runner import x`), resolved against the file's package."""
+    tree = ast.parse(source if source is not None else path.read_text(), filename=str(path))
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    package = parts[:-1]  # the package a module (or a package's __init__) sits in
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith(PROJECT_PACKAGES))
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.startswith(PROJECT_PACKAGES):
-            found.add(node.module)
-            found.update(f"{node.module}.{a.name}" for a in node.names
-                         if (PACKAGE.parent / node.module.replace(".", "/") / f"{a.name}.py").exists())
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: `.` is the file's own package, each further dot one up
+                base = package[: len(package) - (node.level - 1)] if node.level - 1 <= len(package) else ()
+                module = ".".join((*base, *(node.module.split(".") if node.module else ())))
+            else:
+                module = node.module or ""
+            if not (module in PROJECT_ROOTS or module.startswith(PROJECT_PACKAGES)):
+                continue
+            if module not in PROJECT_ROOTS:
+                found.add(module)
+            found.update(f"{module}.{a.name}" for a in node.names if _is_module(f"{module}.{a.name}"))
     return found
+
+
+def test_the_import_finder_resolves_package_attributes_and_relative_imports():
+    """`from ttd import cli` and `from .. import cli` inside ttd/jobs both import ttd.cli (the
+    finder missed both, so an upward import written that way passed)."""
+    inside = PACKAGE / "jobs" / "example.py"
+    assert ttd_imports(inside, "from ttd import cli\n") == {"ttd.cli"}
+    assert ttd_imports(inside, "from .. import cli\n") == {"ttd.cli"}
+    assert ttd_imports(inside, "from ..cli import common\n") == {"ttd.cli", "ttd.cli.common"}
+    # as for absolute imports, `from PACKAGE import x` counts PACKAGE (its __init__) too
+    assert ttd_imports(inside, "from .runner import run_job\nfrom . import report\n") == {
+        "ttd.jobs.runner", "ttd.jobs", "ttd.jobs.report"}
+    assert ttd_imports(PACKAGE / "jobs" / "__init__.py", "from . import runner\n") == {"ttd.jobs", "ttd.jobs.runner"}
+    assert ttd_imports(inside, "import ttd.model.tags\nfrom ttd.model.tags import words\n") == {"ttd.model.tags"}
 
 
 def module_name(path: Path) -> str:

@@ -82,7 +82,7 @@ def test_calibrate_writes_nothing_when_the_fit_is_refused(tmp_path, world_pairs,
 def test_calibrate_refuses_outputs_over_its_inputs_before_any_work(tmp_path, world_pairs, checkpoint):
     pairs = write_pairs(tmp_path, world_pairs[:4])
     config = checkpoint.with_suffix(".json")
-    before = digest(config)
+    before, pairs_before = digest(config), digest(pairs)
     runner = CliRunner()
     for args, named in (
             (["--json", str(config)], f"{config} is also an input ({config}): --json would replace it"),
@@ -93,7 +93,7 @@ def test_calibrate_refuses_outputs_over_its_inputs_before_any_work(tmp_path, wor
         # before: the fit ran (4 pairs: refused only then) or, with enough pairs, the config was replaced by the fit
         assert result.exit_code == 2 and named in result.output, result.output
         assert "calibrate (label-free)" not in result.output  # refused before any image was read
-    assert digest(config) == before and digest(pairs) == digest(pairs)
+    assert digest(config) == before and digest(pairs) == pairs_before
 
 
 def test_calibrating_an_exported_checkpoint_in_place_is_refused(tmp_path, world_pairs):
@@ -116,3 +116,39 @@ def test_calibrating_an_exported_checkpoint_in_place_is_refused(tmp_path, world_
     assert result.exit_code == 0, result.output
     read_export(export)
     assert json.loads((copy / "model.json").read_text())["margin_fit"]["method"] == "label-free"
+
+
+def test_an_unbounded_caption_is_a_skipped_pair_not_the_fit(world_pairs, tagger):
+    """A 20,000-word caption kept `ttd calibrate --captions` busy for minutes (its tags were all
+    encoded and scored); a 1,500-word one dominated the null. The tag limit of `ttd tag` applies."""
+    import time
+
+    images = [s.image for s in world_pairs]
+    captions = [s.caption for s in world_pairs]
+    clean = fit_label_free(tagger, images, captions, progress=False)
+    for words in (1_500, 20_000):
+        skipped: list[str] = []
+        started = time.monotonic()
+        fit = fit_label_free(tagger, images + [images[0]], captions + [" ".join(f"junk{i}" for i in range(words))],
+                             progress=False, skipped=skipped)
+        assert time.monotonic() - started < 30
+        assert skipped == [f"pair {PAIRS + 1}: caption has {words} candidate tags, more than the limit of 1024 (the "
+                           "served tagger's cap); split it into shorter captions"]
+        assert fit.pairs == PAIRS and fit.margin == pytest.approx(clean.margin, abs=1e-9)
+
+
+def test_a_failed_fit_says_why_pairs_were_skipped(tmp_path, world_pairs, checkpoint):
+    pairs = write_pairs(tmp_path, world_pairs[:3])
+    with pairs.open("a") as f:
+        for i in range(7):
+            f.write(json.dumps({"image": f"images/gone{i}.png", "caption": "a red square"}) + "\n")
+    result = CliRunner().invoke(main, ["calibrate", "--checkpoint", str(checkpoint), "--captions", str(pairs),
+                                       "--device", "cpu", "--dry-run"])
+    # before: only "these 3 pairs give N" — not that 7 more were never read
+    assert result.exit_code == 2, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert "at least 30 shuffled tags" in last and "; 7 skipped (7 file not found), first: " in last
+    assert "gone0.png" in last and "gone3.png" not in last
+    tiny = CliRunner().invoke(main, ["calibrate", "--checkpoint", str(checkpoint), "--captions", str(pairs),
+                                     "--dry-run", "--max-false-rate", "1e-300"])
+    assert tiny.exit_code == 2 and "max false rate 1e-300 is too small to place a margin" in tiny.output

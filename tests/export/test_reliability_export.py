@@ -190,3 +190,50 @@ def test_an_export_into_a_checkpoint_folder_never_touches_the_checkpoint(tmp_pat
     (staging / MANIFEST).write_text(json.dumps({"files": {"model.json": "0"}}))
     swap_in(staging, out)
     assert (out / "model.json").read_text() == "{}" and sorted(p.name for p in out.iterdir()) == [MANIFEST, "model.json"]
+
+
+def test_an_export_never_removes_the_staging_folder_of_another_running_export(tmp_path):
+    """An export to `ec` removed the live staging folder of a running export to `ec.99991` (it
+    read 99991, a dead pid, out of the name), which then died with a traceback."""
+    import subprocess
+
+    from export.pipeline import STAGING_PREFIX, remove_dead_staging
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    running = tmp_path / f"{STAGING_PREFIX}ec.{dead.pid}.{os.getpid()}.abcd1234"  # exporting to ec.<dead pid>
+    running.mkdir()
+    left = tmp_path / f"{STAGING_PREFIX}ec.{dead.pid}.abcd_123"  # a killed export to ec
+    left.mkdir()
+    assert remove_dead_staging(tmp_path / "ec") == [left]
+    assert running.is_dir()
+
+
+@pytest.mark.deadline(300)
+def test_a_full_disk_during_an_export_is_one_line_and_leaves_the_old_export(export_dir, tmp_path):
+    """A full disk (here a 200 kB file-size limit: EFBIG instead of ENOSPC) printed a traceback."""
+    import hashlib
+    import resource
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    work = tmp_path / "work"
+    shutil.copytree(export_dir, work)
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in work.iterdir()}
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{root}:{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-m", "ttd", "export", str(work), "--model", "world-tiny"],
+                          preexec_fn=small_disk, capture_output=True, text=True, env=env, timeout=280)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot write the export") and last.endswith(f"(File too large); {work} is left as "
+                                                                               "it was"), last
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in work.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]

@@ -58,6 +58,7 @@ def test_a_second_job_on_an_output_in_use_is_refused_at_once_naming_the_holder(t
     assert tag(captions, output, *extra).exit_code == 0  # and a finished job leaves no lock held
 
 
+@pytest.mark.deadline(120)
 def test_the_lock_dies_with_a_killed_job(tmp_path):
     output = tmp_path / "tags.jsonl"
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
@@ -137,6 +138,7 @@ def test_resume_refuses_a_captions_file_that_changed(tmp_path, change):
 
 # item 15: a full disk is one line, and the partial output stays ---------------------------------
 
+@pytest.mark.deadline(300)
 def test_a_full_disk_is_one_line_and_the_partial_output_resumes(tmp_path):
     captions = world_job(tmp_path, 40)
     output = tmp_path / "tags.jsonl"

@@ -156,3 +156,38 @@ def test_resume_refuses_another_model(tmp_path):
     assert result.exit_code == 2, result.output
     assert (f"the model changed since the job began ({checkpoint.with_suffix('.json').resolve()} is not the file it "
             "was): its records would mix two models") in result.output
+
+
+def test_an_output_that_names_a_folder_is_one_line(tmp_path):
+    captions = world_job(tmp_path, 1)
+    for output in (".", "/"):
+        result = tag("--captions", captions, "-o", output)
+        # was: "PosixPath('.') has an empty name"
+        assert result.exit_code == 2 and result.output.strip().splitlines()[-1] == (
+            f"error: -o {output} names a folder, not an output file: give a file name (or, for Parquet shards, a "
+            "new folder name ending in .parquet)")
+
+
+def test_a_symlinked_output_is_written_through(tmp_path):
+    captions = world_job(tmp_path, 2)
+    (tmp_path / "store").mkdir()
+    target = tmp_path / "store" / "tags.jsonl"
+    target.write_text("old\n")
+    link = tmp_path / "tags.jsonl"
+    link.symlink_to(target)
+    assert tag("--captions", captions, "-o", link).exit_code == 0
+    # was: the link replaced by a plain file, its target left with the old records
+    assert link.is_symlink() and len(target.read_text().splitlines()) == 2
+
+
+def test_a_symlinked_config_is_written_through(tmp_path):
+    from ttd.evaluation.calibrate import calibrate_checkpoint
+    from ttd.model.factory import load_model, save_checkpoint
+
+    checkpoint = save_checkpoint(load_model(), tmp_path / "real" / "model.safetensors")
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "model.safetensors").symlink_to(checkpoint)
+    (tmp_path / "ck" / "model.json").symlink_to(checkpoint.with_suffix(".json"))
+    calibrate_checkpoint(tmp_path / "ck" / "model.safetensors", 7.5, {"method": "labelled"})
+    assert (tmp_path / "ck" / "model.json").is_symlink()
+    assert json.loads(checkpoint.with_suffix(".json").read_text())["negative_margin"] == 7.5

@@ -196,6 +196,7 @@ def test_outputs_over_inputs_and_pages_over_other_files_are_refused(grey, tmp_pa
         assert result.exit_code == 0, result.output
 
 
+@pytest.mark.deadline(60)
 def test_a_mask_path_naming_a_fifo_is_an_error_of_its_item(grey, tmp_path):
     """Image paths were checked, mask paths were not: a FIFO hung `ttd report` on open."""
     os.mkfifo(grey / "pipe.png")
@@ -206,3 +207,21 @@ def test_a_mask_path_naming_a_fifo_is_an_error_of_its_item(grey, tmp_path):
     assert "cannot show masks (mask &#x27;good&#x27;" in page[1] and "pipe.png is not a file" in page[1]
     assert "error" not in page[2]
 
+
+
+def test_a_segment_record_shows_the_pixels_each_class_won(grey, tmp_path):
+    """A class scored 1.000 was listed "rejected" with no reason (it lost the per-pixel argmax), and
+    every class score read 0.000 or 1.000: the share of pixels each class won is shown beside it."""
+    mask = np.zeros((100, 200), bool)
+    mask[:, :150] = True
+    record = {"image": "grey.png", "width": 200, "height": 100,
+              "candidates": [{"tag": "sky", "score": 1.0}, {"tag": "sea", "score": 1.0}, {"tag": "cat", "score": 0.0}],
+              "selected": ["sky"],
+              "segments": [{"label": "sky", "kind": "class", "score": 1.0, "area": int(mask.sum()),
+                            "rle": encode_rle(mask)}]}
+    page = items(report(write_records(grey, [record]), tmp_path / "r.html"))[1]
+    assert "<th>pixels won</th>" in page
+    assert "<td>sky</td><td>1.000</td><td>75.0 %</td><td>selected</td>" in page
+    assert "<td>sea</td><td>1.000</td><td>0.0 %</td><td>rejected: 0 % of pixels (another class won each)</td>" in page
+    plain = items(report(write_records(grey, [GOOD], "plain.jsonl"), tmp_path / "p.html"))[1]
+    assert "pixels won" not in plain and "<td>good</td><td>0.750</td><td>selected</td>" in plain

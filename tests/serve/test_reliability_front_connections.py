@@ -20,6 +20,9 @@ from ttd.serve.front_connections import RateLimitedLog, connection_cap
 from ttd.serve.http_front import (FrontLimits, ModelShapes, declared_shape_problem,
                                   shape_problem, start_front)
 
+# each test starts the HTTP front: a hang fails the test in minutes (tests/conftest.py)
+pytestmark = pytest.mark.deadline(180)
+
 TAGGER_CONFIG = {"name": "ttd_tagger", "max_batch_size": 4, "parameters": {"max_tags": {"string_value": "1024"}},
                  "input": [{"name": "image", "dims": ["1"]}, {"name": "caption", "dims": ["1"]},
                            {"name": "tags", "dims": ["-1"]}]}
@@ -170,7 +173,7 @@ def test_a_slow_header_or_body_is_cut_off(front):
 def test_slow_clients_at_the_cap_make_room_for_good_ones(front):
     """Item 8: 1,250 sockets sending a header a byte a second starved good requests. At the cap
     the longest-waiting connection without a request under way is closed for the new one."""
-    host, port, lines = front(max_connections=4, idle_timeout_s=30)
+    host, port, lines = front(max_connections=4, max_per_client=4, idle_timeout_s=30)  # all on 127.0.0.1
     slow = [socket.create_connection((host, port)) for _ in range(4)]
     try:
         for s in slow:
@@ -197,7 +200,7 @@ def test_slow_clients_at_the_cap_make_room_for_good_ones(front):
 def test_connections_past_the_cap_all_in_requests_get_503_and_one_log_line(front):
     """Item 8: past the cap, with every connection inside a request (here: sending its body), a
     new connection is answered 503 and closed at once, and logged once per 10 s, not a traceback."""
-    host, port, lines = front(max_connections=4, body_timeout_s=30)
+    host, port, lines = front(max_connections=4, max_per_client=4, body_timeout_s=30)  # all on 127.0.0.1
     held = [socket.create_connection((host, port)) for _ in range(4)]
     try:
         for s in held:
@@ -303,3 +306,38 @@ def test_a_client_that_goes_away_is_one_line_not_a_traceback(front, caplog):
             time.sleep(0.1)
     assert [r for r in caplog.records if r.exc_info] == []
     assert len(lines) == 1 and "front: client went away during GET /v2/models/ttd_tagger/stats" in lines[0], lines
+
+
+def test_clients_that_never_read_their_answers_hold_no_slot(front):
+    """Four clients asking for a large answer and reading none of it held every slot of
+    `--max-connections 4` (busy, so never evicted; no write timeout): every other client got 503
+    for 75 s. Now one address holds at most half the slots, and a stalled answer is cut off."""
+    host, port, lines = front(max_connections=4, write_timeout_s=2)
+    stalled = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the answer stalls at once
+        s.connect((host, port))
+        s.sendall(b"GET /v2/models/stats HTTP/1.1\r\nHost: x\r\n\r\n")
+        stalled.append(s)
+    try:
+        time.sleep(0.5)
+        # from another address (127.0.0.2 is loopback too) a good client is served at once
+        connection = http.client.HTTPConnection(host, port, timeout=10, source_address=("127.0.0.2", 0))
+        connection.request("POST", INFER, REQUEST)
+        assert connection.getresponse().status == 200
+        started = time.monotonic()
+        while not any("read none of its answer for 2 s" in line for line in lines) and time.monotonic() - started < 20:
+            time.sleep(0.1)
+        assert any(line.startswith("front: closed a connection from 127.0.0.1:") and line.endswith(
+            "read none of its answer for 2 s") for line in lines), lines  # the stall really happened, and ended
+        # the third and fourth met the per-address limit (2 of 4): refused, or an idle one of its own closed
+        per_address = [line for line in lines if "2 connections open from 127.0.0.1 (the limit per address)" in line]
+        assert per_address, lines
+        time.sleep(0.3)
+        status, _, _ = post(host, port, INFER, REQUEST)  # the stalled ones are gone: 127.0.0.1 is served again
+        assert status == 200
+    finally:
+        for s in stalled:
+            s.close()
+

@@ -12,6 +12,9 @@ from ttd.data.world import make_sample
 from ttd.data.inputs import InputError, read_vocabulary
 
 
+# tests here start servers: a hang fails the test in minutes (tests/conftest.py)
+pytestmark = pytest.mark.deadline(300)
+
 def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 

@@ -26,6 +26,9 @@ from ttd.serve.triton_server import server_ready
 pytest.importorskip("tritonclient")
 pytest.importorskip("pytriton")
 
+# each test starts tritonserver: a hang fails the test in minutes (tests/conftest.py)
+pytestmark = pytest.mark.deadline(600)
+
 ROOT = Path(__file__).resolve().parents[2]
 TTD_SCRIPT = Path(sys.executable).parent / "ttd"  # the environment's console script, by absolute path
 

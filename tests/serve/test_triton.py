@@ -49,6 +49,7 @@ def test_invalid_repositories_are_rejected(export_dir, tmp_path):
         build_repository(export_dir, tmp_path / "other", batching=BatchingOptions(preferred_batch_sizes=(64,)))
 
 
+@pytest.mark.deadline(600)
 def test_real_tritonserver_serves_the_same_tags_as_onnxruntime(export_dir, tmp_path, monkeypatch):
     from ttd.data.annotations import write_world_split
     from benchmarks.load_client import load_test, tagger_request
@@ -120,6 +121,7 @@ def test_serve_refuses_a_folder_that_is_not_a_repository(tmp_path):
     assert result.exit_code == 2 and "is not a TTD model repository" in result.output
 
 
+@pytest.mark.deadline(300)
 def test_ttd_serve_stops_cleanly_on_ctrl_c(export_dir, tmp_path):
     import signal
     import subprocess
@@ -165,6 +167,7 @@ def test_python_graph_models_of_an_fp16_export_avoid_the_crashing_optimisations(
     assert session_options("fp32", True).graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 
 
+@pytest.mark.deadline(120)
 def test_a_flipped_byte_in_a_repository_is_refused_by_validate_and_serve(export_dir, tmp_path):
     """Issue 23, item 16: `ttd triton validate` said "valid" for a repository whose model.onnx had
     one byte flipped, and `ttd serve` served it. The build records every file's sha256."""

@@ -79,3 +79,63 @@ def test_training_flags_collapsed_caption_masks_and_records_it(tmp_path, capsys,
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and {"caption_area", "target_area", "evidence_area", "w", "b", "selected"} <= rows[0].keys()
     assert (tmp_path / "run" / "metrics.png").stat().st_size > 1000
+
+
+def _scripted_diagnostics(monkeypatch, healthy_steps):
+    """The real training loop, with the guard's two diagnostics scripted per step (healthy, then
+    collapsed), and the trainable weights recorded as each step begins (= after the step before)."""
+    real = loop_module._step_losses
+    seen = {"step": 0, "weights": []}
+
+    def scripted(model, teacher, pixels, captions, config):
+        step = seen["step"]
+        seen["weights"].append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        loss, logs = real(model, teacher, pixels, captions, config)
+        seen["step"] += 1
+        return loss, {**logs, "caption_above": 0.8 if step < healthy_steps else 0.05, "evidence_area": 0.85}
+
+    monkeypatch.setattr(loop_module, "_step_losses", scripted)
+    return seen
+
+
+def _saved_adapter_equals(path, weights):
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path))  # the LoRA adapters and the mask head's w and b: every trained weight
+    assert set(saved) == set(weights) and any("lora" in n for n in saved)
+    return all(torch.equal(saved[n], w) for n, w in weights.items())
+
+
+def test_a_run_that_collapses_after_a_healthy_stretch_saves_exactly_the_kept_weights(tmp_path, monkeypatch):
+    """The guard's restore was only tested on its own: the loop calling `guard.report` instead of
+    `guard.restore` left the suite green. Healthy for 6 steps, collapsed for 4: the weights kept
+    after step 6 (the last in-band snapshot) are the ones written."""
+    monkeypatch.setattr(loop_module, "CollapseGuard",
+                        functools.partial(CollapseGuard, warmup=2, every=2, smoothing=1.0))
+    seen = _scripted_diagnostics(monkeypatch, healthy_steps=6)
+    torch.manual_seed(0)
+    config = TrainConfig(out_dir=str(tmp_path / "run"), steps=10, batch_size=4, warmup_steps=1, lr=1e-2,
+                         checkpoint_every=10, calibrate_margin=False)
+    train(create_model("world-tiny", seed=0), config, resume=False, progress=False)
+    recorded = json.loads((tmp_path / "run" / "train_config.json").read_text())["collapse_guard"]
+    assert recorded["flagged"] and recorded["first_flagged_step"] == 6 and recorded["kept_step"] == 6
+    assert len(seen["weights"]) == 10
+    kept = seen["weights"][6]  # the weights after steps 0..5, as step 6 began
+    assert _saved_adapter_equals(tmp_path / "run" / "adapter.safetensors", kept)
+    assert not _saved_adapter_equals(tmp_path / "run" / "adapter.safetensors", seen["weights"][9])
+
+
+def test_a_run_that_collapses_within_the_warm_up_ends_with_its_initial_weights(tmp_path, monkeypatch, capsys):
+    """The first snapshot came at step 20: a run collapsing earlier (`--lr 0.3 --steps 30
+    --batch-size 4`) wrote the collapsed weights after saying it would keep healthy ones."""
+    monkeypatch.setattr(loop_module, "CollapseGuard",
+                        functools.partial(CollapseGuard, warmup=4, every=2, smoothing=1.0))
+    seen = _scripted_diagnostics(monkeypatch, healthy_steps=0)
+    torch.manual_seed(0)
+    config = TrainConfig(out_dir=str(tmp_path / "run"), steps=6, batch_size=4, warmup_steps=1, lr=1e-2,
+                         checkpoint_every=6, calibrate_margin=False)
+    train(create_model("world-tiny", seed=0), config, resume=False, progress=False)
+    recorded = json.loads((tmp_path / "run" / "train_config.json").read_text())["collapse_guard"]
+    assert recorded["flagged"] and recorded["kept_step"] == 0 and recorded["kept_ratio"] is None
+    assert _saved_adapter_equals(tmp_path / "run" / "adapter.safetensors", seen["weights"][0])
+    assert "kept the weights of step 0 (the weights it started from: no step was seen healthy)" in capsys.readouterr().out

@@ -35,7 +35,7 @@ BAD_BYTES = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes
 def read_vocabulary(path: Path) -> list[str]:
     """One tag per line (blank lines and '#' comments ignored), de-duplicated in order."""
     if not path.is_file():
-        raise InputError(f"vocabulary file {path} does not exist")
+        raise missing_file(path, "vocabulary")
     data = path.read_bytes()
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8):]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from itertools import islice, takewhile
 from pathlib import Path
 
-from ttd.data.inputs import BAD_BYTES, CAPTION_KEYS, IMAGE_KEYS, IMAGE_SUFFIXES, InputError, Item, _pick
+from ttd.data.inputs import BAD_BYTES, CAPTION_KEYS, IMAGE_KEYS, IMAGE_SUFFIXES, InputError, Item, _pick, missing_file
 
 SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
@@ -112,7 +112,7 @@ def stream_captions(path: Path) -> Iterator[Item]:
     """Items of a .jsonl or .csv captions file, read lazily (same items as ttd.data.inputs.read_captions)."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"captions file {path} does not exist")
+        raise missing_file(path, "captions")
     suffix = path.suffix.lower()
     if suffix == ".csv":
         records = _csv_records(path)
@@ -283,7 +283,10 @@ def _sample_item(sample: dict, url: str) -> Item:
     data = next((sample[k] for k in SHARD_IMAGE_KEYS if k in sample), None)
     caption = None
     if "txt" in sample:
-        caption = sample["txt"].decode("utf-8", "replace")
+        try:  # strict, as a JSONL captions file is read: U+FFFD would be tagged as if it were a word
+            caption = sample["txt"].decode("utf-8")
+        except UnicodeDecodeError as error:
+            return ShardItem(name, Path(url), None, f"{name}: caption is not valid UTF-8 (byte {error.start})")
     elif "json" in sample:
         try:
             meta = json.loads(sample["json"])
@@ -350,5 +353,28 @@ def read_pairs(captions: str | Path, max_pairs: int, skipped: list[str]) -> tupl
         texts.append(item.caption)
     if len(texts) < 2:
         raise InputError(f"{captions}: {len(texts)} usable image-caption pair(s); label-free calibration needs at "
-                         "least 2 (a few hundred for a stable margin)")
+                         f"least 2 (a few hundred for a stable margin){skipped_summary(skipped)}")
     return images, texts
+
+
+def _skip_kind(reason: str) -> str:
+    text = reason.lower()
+    if "cannot read the shard" in text:
+        return "unreadable or missing shard"
+    if "not found" in text or "no such file" in text or "does not exist" in text:
+        return "file not found"
+    if "caption" in text:
+        return "caption"
+    return "image"
+
+
+def skipped_summary(skipped: list[str], first: int = 3) -> str:
+    """"; N items skipped (counts by kind; the first few)", for a refusal whose cause may be what was
+    skipped (a fit that failed for want of pairs says why they were missing), or "" if none."""
+    if not skipped:
+        return ""
+    kinds: dict[str, int] = {}
+    for reason in skipped:
+        kinds[_skip_kind(reason)] = kinds.get(_skip_kind(reason), 0) + 1
+    counts = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    return f"; {len(skipped)} skipped ({counts}), first: " + "; ".join(skipped[:first])

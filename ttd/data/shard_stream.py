@@ -16,6 +16,7 @@ from itertools import islice
 
 import numpy as np
 
+from ttd.model.tags import CaptionError, bounded_tags
 from ttd.runtime.images import ImageError, Preprocess
 from ttd.data.inputs import Item
 from ttd.data.items import shard_urls, stream_shards
@@ -65,6 +66,11 @@ class ShardStreamLoader:
                     raise ImageError(item.error)
                 if not item.caption or not item.caption.strip():
                     raise ImageError(f"{item.image}: empty caption")
+                try:  # a 20,000-word caption, or one of stopwords only, is this sample's error, not the run's
+                    if not bounded_tags(item.caption):
+                        raise CaptionError("caption has no candidate tags (only stopwords or punctuation)")
+                except CaptionError as error:
+                    raise CaptionError(f"{item.image}: {error}") from None
                 image = self.preprocess(item.data, item.image)
             except (ImageError, OSError, ValueError) as error:
                 self.skipped.append(str(error))

@@ -85,7 +85,10 @@ class ShardSource:
         for sample in wds.WebDataset(pattern, shardshuffle=False, empty_check=False):
             key = sample.get("__key__", "?")
             data = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), b"")
-            caption = sample.get("txt", b"").decode("utf-8", "replace") if "txt" in sample else ""
+            try:  # strict, as a JSONL captions file is read: U+FFFD would be tagged as if it were a word
+                caption = sample.get("txt", b"").decode("utf-8") if "txt" in sample else ""
+            except UnicodeDecodeError as error:
+                caption = f"\0caption is not valid UTF-8 (byte {error.start})"  # \0: no text starts so
             if not caption and "json" in sample:
                 try:
                     caption = str(json.loads(sample["json"]).get("caption", ""))
@@ -100,6 +103,8 @@ class ShardSource:
 
     def get(self, index: int) -> tuple[np.ndarray, str]:
         key, data, caption = self.samples[index]
+        if caption.startswith("\0"):
+            raise ImageError(f"sample {key}: {caption[1:]}")
         if not caption.strip():
             raise ImageError(f"sample {key}: empty caption")
         return self.preprocess(data, f"sample {key}"), caption

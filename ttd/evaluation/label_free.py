@@ -37,7 +37,7 @@ from tqdm import tqdm
 from ttd.errors import TTDError
 from ttd.evaluation.calibrate import view_critical_margins
 from ttd.model.config import DEFAULT_MAX_FALSE_RATE, NEGATIVE_PROMPT_CANDIDATES
-from ttd.model.tags import candidate_tags
+from ttd.model.tags import CaptionError, bounded_tags
 from ttd.runtime.images import ImageError
 from ttd.runtime.tagger import Tagger
 
@@ -140,6 +140,9 @@ def null_margin(centre: float, scale: float, max_false_rate: float) -> float:
     """The margin at which a Gaussian null N(centre, scale²) has `max_false_rate` above it."""
     if not 0 < max_false_rate < 1:
         raise InputError(f"max false rate must be in (0, 1), got {max_false_rate}")
+    if not 0 < 1 - max_false_rate < 1:  # 1e-300: 1 - rate rounds to 1.0, past any Gaussian quantile
+        raise InputError(f"max false rate {max_false_rate:g} is too small to place a margin (below about 1e-16, "
+                         "1 - rate is 1 in floating point); use 1e-12 or more")
     return centre + scale * NormalDist().inv_cdf(1 - max_false_rate)
 
 
@@ -168,8 +171,17 @@ def margins_of_pairs(tagger: Tagger, images: Sequence, captions: Sequence[str], 
 
     `images` are what the tagger's preprocessing takes (files, bytes, RGB arrays); a pair whose
     image cannot be read is left out, its reason appended to `skipped`."""
-    kept = [i for i, caption in enumerate(captions) if candidate_tags(caption or "")]
-    tag_lists = [candidate_tags(captions[i]) for i in kept]
+    kept, tag_lists = [], []
+    for i, caption in enumerate(captions):
+        try:
+            tags = bounded_tags(caption or "")
+        except CaptionError as error:  # one unbounded caption would dominate the null, or never end
+            if skipped is not None:
+                skipped.append(f"pair {i + 1}: {error}")
+            continue
+        if tags:
+            kept.append(i)
+            tag_lists.append(tags)
     null_lists = shuffled_null_tags(tag_lists, seed=seed)
     negative_sets = [tagger.encode_tags(list(prompts)) for prompts in prompt_sets]
     used = 0
@@ -208,6 +220,19 @@ def fit_label_free(tagger: Tagger, images: Sequence, captions: Sequence[str],
     prompt_sets = [tuple(tagger.config.negative_prompts)]
     if choose_prompts:
         prompt_sets += [c for c in NEGATIVE_PROMPT_CANDIDATES if c != prompt_sets[0]]
+    try:
+        return _fit(tagger, images, captions, max_false_rate, prompt_sets, seed, batch_size, progress, skipped)
+    except ValueError as error:  # why pairs were missing is often why the fit failed: say it
+        from ttd.data.items import skipped_summary
+
+        if skipped and "skipped (" not in str(error):
+            error.args = (f"{error}{skipped_summary(skipped)}",)
+        raise
+
+
+def _fit(tagger: Tagger, images: Sequence, captions: Sequence[str], max_false_rate: float,
+         prompt_sets: list[tuple[str, ...]], seed: int, batch_size: int, progress: bool,
+         skipped: list[str] | None) -> LabelFreeFit:
     margins, pairs = margins_of_pairs(tagger, images, captions, prompt_sets, seed, batch_size, progress, skipped)
     separations = [separation(own, null) for own, null in margins]
     best = int(np.argmax(separations))  # ties keep the model's own set (first)

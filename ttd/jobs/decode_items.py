@@ -11,10 +11,12 @@ from ttd.data.inputs import Item
 from ttd.model.tags import MAX_CAPTION_TAGS, tags_of_caption  # noqa: F401 - MAX_CAPTION_TAGS: where callers find it
 from ttd.runtime.images import ImageError, Preprocess
 
+
 def caption_tags(item: Item) -> list[str]:
     """An item's candidate tags, or the ValueError that names what is wrong with its caption
     (every mode that tags a caption checks it here)."""
     return tags_of_caption(item.caption)
+
 
 
 def _prepare(item: Item, vocabulary_mode: bool,

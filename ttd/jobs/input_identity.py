@@ -81,9 +81,11 @@ def images_identity(images) -> list[dict]:
                 size, mtime = info.st_size, info.st_mtime_ns
             except OSError:
                 size, mtime = -1, -1  # missing: an error item now, and it must stay one
-            digest.update(f"{item.image}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
+            # resolved: the same files named relative or absolute, or through a link, are the same input
+            digest.update(f"{os.path.realpath(item.path)}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
             count, total = count + 1, total + max(size, 0)
-        identities.append({"input": str(spec), "files": count, "bytes": total, "listing_sha256": digest.hexdigest()})
+        identities.append({"input": os.path.realpath(os.path.abspath(os.path.expanduser(str(spec)))), "files": count,
+                           "bytes": total, "listing_sha256": digest.hexdigest()})
     return identities
 
 

@@ -27,6 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ttd.data.inputs import InputError
 from ttd.jobs.input_identity import describe_change, input_fingerprint
 from ttd.jobs.output_lock import OutputLock, open_beside_output
 
@@ -34,6 +35,9 @@ CHUNK = 1 << 20
 
 
 def partial_path(output: Path) -> Path:
+    if Path(output).name in ("", ".", ".."):  # `-o .` or `-o /`: was "PosixPath('.') has an empty name"
+        raise InputError(f"-o {output} names a folder, not an output file: give a file name (or, for Parquet "
+                         "shards, a new folder name ending in .parquet)")
     return output.with_name(output.name + ".partial")
 
 
@@ -84,6 +88,12 @@ def check_same_job(job_file: Path, job: dict, what: Path) -> None:
     job = {k: v for k, v in job.items() if k not in ("inputs", "model_files") or k in saved}
     if "captions_file" in saved and "captions_file" not in job and job.get("captions"):
         job["captions_file"] = input_fingerprint(job["captions"])
+    identity = ("inputs", "model_files", "captions_file")  # what the inputs and model hold, checked below
+    changed = [f"{k}: {saved.get(k)!r} -> {job.get(k)!r}" for k in sorted(set(saved) | set(job))
+               if k not in identity and saved.get(k) != job.get(k)]
+    if changed:  # other arguments or settings first: another job, not a changed input
+        raise InputError(f"{what} belongs to a job with other settings ({'; '.join(changed)}); resume "
+                         "with the same settings, or run without --resume to start over")
     for key in ("inputs", "model_files"):
         if key in saved and saved[key] != job.get(key):
             raise InputError(f"{what}: {describe_change(key, saved[key], job.get(key), job.get('captions'))}; "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ttd.errors import InputError
+import os
 from pathlib import Path
 
 from ttd.jobs.jsonl_output import ResumableJsonl, output_format_of
@@ -14,6 +15,8 @@ def open_output(output: Path, job: dict, resume: bool, output_format: str = "aut
     `rows_per_file` records each). `job` describes the job (a resume must match it). The output is
     locked until the writer's `close()`: a second job on it is refused at once (OutputInUse)."""
     output = Path(output)
+    if os.path.islink(output):  # written through: the link stays, its target (and the lock beside it) is the output
+        output = Path(os.path.realpath(output))
     parquet = output_format_of(output, output_format) == "parquet"
     if not parquet and output.is_dir():
         raise InputError(f"{output} is a folder; JSON lines go to a file (for Parquet shards in a folder use "

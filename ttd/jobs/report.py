@@ -56,6 +56,10 @@ class Entry:
     overlays: list[Overlay] = field(default_factory=list)
     candidates: list[tuple[str, float, bool]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    # `ttd segment` records: the share of the image's pixels each class won in the label map (its
+    # per-pixel argmax). Its scores are 0 or 1 for most classes and tell a reader little: a class
+    # scored 1.000 can still win no pixel, and is rejected for that
+    pixel_shares: dict[str, float] | None = None
 
 
 def _data_uri(image: Image.Image, fmt: str = "PNG") -> str:
@@ -245,6 +249,21 @@ def _fill(entry: Entry, record: dict, access: FileAccess, mask_access: FileAcces
             colour = colours.setdefault(label, COLOURS[len(colours) % len(COLOURS)])
             entry.overlays.append(Overlay(label, kind, score, colour, _overlay_uri(mask, colour, display)))
     _candidates(record, entry)
+    entry.pixel_shares = _pixel_shares(record)
+
+
+def _pixel_shares(record: dict) -> dict[str, float] | None:
+    """label -> share of the image's pixels its segments cover, for a record with segments and
+    its size; None for any other record (or one whose areas cannot be read)."""
+    segments, width, height = record.get("segments"), record.get("width"), record.get("height")
+    if not isinstance(segments, list) or not segments or not all(isinstance(v, int) and v > 0 for v in (width, height)):
+        return None
+    shares: dict[str, float] = {}
+    for segment in segments:
+        if not isinstance(segment, dict) or not isinstance(segment.get("label"), str) or not _finite(segment.get("area")):
+            return None
+        shares[segment["label"]] = shares.get(segment["label"], 0.0) + float(segment["area"]) / (width * height)
+    return shares
 
 
 def read_records(path: Path) -> list[tuple[int, dict]]:
@@ -326,11 +345,20 @@ def _render_entry(entry: Entry) -> str:
                          f'<small>{e(overlay.kind)}{score}</small></label>')
         parts.append("</div>")
     if entry.candidates:
-        parts.append("<table><tr><th>tag</th><th>score</th><th></th><th></th></tr>")
+        shares = entry.pixel_shares
+        pixels_head = "<th>pixels won</th>" if shares is not None else ""
+        parts.append(f"<table><tr><th>tag</th><th>score</th>{pixels_head}<th></th><th></th></tr>")
         for tag, score, chosen in entry.candidates:
             width = max(0, min(100, round(100 * score)))
+            status = "selected" if chosen else "rejected"
+            pixels = ""
+            if shares is not None:
+                share = shares.get(tag, 0.0)
+                pixels = f"<td>{100 * share:.1f} %</td>"
+                if not chosen and share == 0:
+                    status = "rejected: 0 % of pixels (another class won each)"
             parts.append(f'<tr class="{"selected" if chosen else "rejected"}"><td>{e(tag)}</td>'
-                         f"<td>{score:.3f}</td><td>{'selected' if chosen else 'rejected'}</td>"
+                         f"<td>{score:.3f}</td>{pixels}<td>{e(status)}</td>"
                          f'<td><span class="bar" style="width:{width}px"></span></td></tr>')
         parts.append("</table>")
     parts.append("</div></section>")
@@ -370,7 +398,8 @@ def render_page(title: str, entries: list[Entry], page: int, pages: int, html_pa
 
 def job_images_root(records_path: Path) -> Path | None:
     """The folder of the captions file the job recorded (relative image paths in its records start
-    there: issue 23, item 12), or None (images given as arguments, no job record)."""
+    there), or None (images given as arguments, no job record). Data that travels with the records:
+    a report names it in a hint, and never takes it as its root (docs/reliability.md, "Reports")."""
     if records_path.is_dir():
         from ttd.jobs.parquet_output import JOB_FILE
 

@@ -136,7 +136,10 @@ def config_path(checkpoint: Path) -> Path:
 def atomic_write(path: Path, write) -> None:
     """Write `path` through a temporary file beside it, renamed over it when `write(tmp)` has
     returned: a reader sees the old file or the new one. The new file keeps the old one's mode
-    (or the umask's for a new file), not the temporary file's 600."""
+    (or the umask's for a new file), not the temporary file's 600. A symbolic link is written
+    through (its target replaced), never replaced by a plain file."""
+    if os.path.islink(path):
+        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

@@ -13,11 +13,11 @@ Only the stopwords below (English) are dropped.
 
 from __future__ import annotations
 
-from ttd.errors import InputError
-
 import re
 import unicodedata
 from collections.abc import Iterable
+
+from ttd.errors import InputError, TTDError
 
 # A fixed English stopword list (function words, pronouns, auxiliaries, frequent caption fillers
 # that never name a visible thing are *not* here: they stay candidates, as in the paper).
@@ -121,18 +121,33 @@ def candidate_tags(
     return list(dict.fromkeys(tags))
 
 
-MAX_CAPTION_TAGS = 1024  # as `ttd triton build --max-tags`: a 5,000-word caption is not a caption
+# a caption's candidate tags are bounded in every command that reads captions (tag, segment, train,
+# calibrate), as `ttd triton build --max-tags`: a 20,000-word caption grew `ttd train` to 23 GB and
+# kept `ttd calibrate` busy for minutes; the item is reported, the run goes on (docs/reliability.md)
+MAX_CAPTION_TAGS = 1024
+
+
+class CaptionError(TTDError, ValueError):
+    """A caption no command can use: too many candidate tags, or none."""
+
+
+def bounded_tags(caption: str, phrases: Iterable[str] = ()) -> list[str]:
+    """The caption's candidate tags, or CaptionError when it has more than MAX_CAPTION_TAGS."""
+    tags = candidate_tags(caption, phrases)
+    if len(tags) > MAX_CAPTION_TAGS:
+        raise CaptionError(f"caption has {len(tags)} candidate tags, more than the limit of {MAX_CAPTION_TAGS} "
+                           "(the served tagger's cap); split it into shorter captions")
+    return tags
 
 
 def tags_of_caption(caption: str | None) -> list[str]:
-    """A caption's candidate tags, or the InputError that names what is wrong with it (every mode
+    """A caption's candidate tags, or the CaptionError that names what is wrong with it (every mode
     that tags a caption checks it here)."""
     if caption is None or not caption.strip():
-        raise InputError("empty caption")
-    tags = candidate_tags(caption)
+        raise CaptionError("empty caption")
+    tags = bounded_tags(caption)
     if not tags:
-        raise InputError(f"caption {caption!r} has no candidate tags (only stopwords or punctuation)")
-    if len(tags) > MAX_CAPTION_TAGS:
-        raise InputError(f"caption has {len(tags)} candidate tags, more than the limit of {MAX_CAPTION_TAGS} "
-                         "(the served tagger's cap); split it into shorter captions")
+        raise CaptionError(f"caption {caption!r} has no candidate tags (only stopwords or punctuation)")
     return tags
+
+

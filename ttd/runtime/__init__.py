@@ -18,6 +18,30 @@ class UnfittedMarginWarning(TTDWarning):
     """The `negatives` score's margin was never fitted to the model's weights: its selections mean little."""
 
 
+class MarginFitMismatchWarning(UnfittedMarginWarning):
+    """The margin was fitted for another δ or flip TTA than the tagger uses: its selections differ
+    from what the fit measured (world: precision 1.000 at the fit's δ 0.95, 0.978 at δ 0.5)."""
+
+
+def margin_fit_mismatch(config, threshold: float, flip_tta: bool) -> str | None:
+    """One line when the config's recorded fit used another δ or flip TTA than `threshold` /
+    `flip_tta`, naming both and the command that fits for these; None when they agree or the
+    fit does not record them."""
+    fit = config.margin_fit if isinstance(config.margin_fit, dict) else {}
+    fitted_threshold, fitted_flip = fit.get("threshold"), fit.get("flip_tta")
+    changed = []
+    if isinstance(fitted_threshold, (int, float)) and abs(float(fitted_threshold) - float(threshold)) > 1e-9:
+        changed.append(f"for δ {fitted_threshold:g} (tagging at {threshold:g})")
+    if isinstance(fitted_flip, bool) and fitted_flip != bool(flip_tta):
+        changed.append(f"{'with' if fitted_flip else 'without'} flip TTA (tagging {'with' if flip_tta else 'without'} it)")
+    if not changed:
+        return None
+    options = f"--threshold {threshold:g}" + (" --flip-tta" if flip_tta else "")
+    return (f"negative_margin {config.negative_margin:g} was fitted {' and '.join(changed)}: its selections "
+            f"differ from what the fit measured; tag with the fit's settings, or fit for these with `ttd calibrate "
+            f"... {options}`")
+
+
 def unfitted_margin_notice(config, model: str | None = None, pretrained: str | None = None,
                            checkpoint: str | None = None, export_dir: str | None = None) -> str | None:
     """One line naming the command that fits the margin, or None when the config records a fit."""
@@ -35,7 +59,7 @@ def unfitted_margin_notice(config, model: str | None = None, pretrained: str | N
     return (f"negative_margin {config.negative_margin:g} of {where} was never fitted to this model, so its "
             f"selections mean little; fit it on your image-caption pairs (no labels needed): {command}")
 
-__all__ = ["BACKENDS", "Backend", "Tagger", "TagResult", "UnfittedMarginWarning", "load_tagger", "model_tagger",
+__all__ = ["BACKENDS", "Backend", "MarginFitMismatchWarning", "Tagger", "TagResult", "UnfittedMarginWarning", "load_tagger", "model_tagger",
            "torch_tagger", "unfitted_margin_notice"]
 
 
@@ -86,6 +110,11 @@ def load_tagger(
         import warnings
 
         warnings.warn(notice, UnfittedMarginWarning, stacklevel=2)
+    mismatch = margin_fit_mismatch(tagger.config, tagger.threshold, tagger.flip_tta)
+    if warn_unfitted and score_method == "negatives" and mismatch:
+        import warnings
+
+        warnings.warn(mismatch, MarginFitMismatchWarning, stacklevel=2)
     return tagger
 
 

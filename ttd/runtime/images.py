@@ -9,6 +9,7 @@ from __future__ import annotations
 from ttd.errors import InputError, TTDError
 import io
 import math
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,7 +127,8 @@ def decode_image(data: bytes | Path | str, name: str | None = None, max_pixels: 
     except Image.DecompressionBombError as error:
         raise ImageError(f"{label}: decompression bomb refused ({error})") from error
     except (OSError, SyntaxError, ValueError) as error:
-        raise ImageError(f"{label}: cannot decode image ({type(error).__name__}: {error})") from error
+        reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "it", str(error))  # Pillow names its buffer
+        raise ImageError(f"{label}: cannot decode image ({type(error).__name__}: {reason})") from error
 
 
 def resize_center_crop(image: Image.Image, size: int, interpolation: str = "bicubic") -> np.ndarray:

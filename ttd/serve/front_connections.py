@@ -63,13 +63,20 @@ class Connections:
     """The open connections of one front, oldest first, against its cap."""
 
     cap: int
+    per_client: int = 0  # connections one address may hold; 0: half the cap (at least 1)
     opened: dict[FrontConnection, float] = field(default_factory=dict)
 
-    def make_room(self, now: float) -> FrontConnection | None:
+    def __post_init__(self) -> None:
+        if self.per_client <= 0:
+            self.per_client = max(1, self.cap // 2)
+
+    def make_room(self, now: float, host: str | None = None) -> FrontConnection | None:
         """At the cap: the longest-open connection that is not inside a request — a slow client
-        that has not completed its header, or an idle keep-alive one — taken out to be closed;
-        None when every connection is in a request or newer than MIN_AGE_S."""
+        that has not completed its header, or an idle keep-alive one — taken out to be closed
+        (of `host` only, when given); None when every connection is in a request or newer than MIN_AGE_S."""
         for connection, since in self.opened.items():
+            if host is not None and connection.peer.rsplit(":", 1)[0] != host:
+                continue
             if not connection.busy and now - since >= MIN_AGE_S:
                 del self.opened[connection]
                 return connection
@@ -84,10 +91,41 @@ class FrontConnection(RequestHandler):
     rate-limited log line instead of a traceback per bad or vanished client. `busy` counts the
     requests the front is handling on this connection (ttd/serve/http_front.py sets it)."""
 
-    def __init__(self, manager: web.Server, connections: Connections, log: RateLimitedLog, **kwargs) -> None:
+    def __init__(self, manager: web.Server, connections: Connections, log: RateLimitedLog,
+                 write_timeout_s: float = 30.0, **kwargs) -> None:
         super().__init__(manager, **kwargs)
-        self.connections, self.log = connections, log
+        self.connections, self.log, self.write_timeout_s = connections, log, write_timeout_s
         self.started, self.busy, self.peer = False, 0, "?"
+        self._write_stall: asyncio.TimerHandle | None = None
+
+    # A write deadline (docs/serving.md, "The HTTP front"): a client that asks for a large answer
+    # and never reads it fills the socket's buffers, and the transport pauses the writer. Paused
+    # longer than `write_timeout_s`, the connection is aborted: four such clients had held every
+    # slot of `--max-connections 4` (each busy, so never evicted) for 75 s and more.
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_stall is None and self.write_timeout_s > 0:
+            self._write_stall = asyncio.get_event_loop().call_later(self.write_timeout_s, self._stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_stall is not None:
+            self._write_stall.cancel()
+            self._write_stall = None
+
+    def _stalled(self) -> None:
+        self._write_stall = None
+        self.log("stalled", f"front: closed a connection from {self.peer}: it read none of its answer for "
+                            f"{self.write_timeout_s:g} s")
+        if self.transport is not None:
+            self.transport.abort()  # close() would wait for the buffer to drain, which it never will
+        self.force_close()
+
+    def _refuse(self, transport: asyncio.BaseTransport, kind: str, reason: str, line: str) -> None:
+        body = json.dumps({"error": reason})
+        transport.write(BUSY % (len(body), body.encode()))
+        transport.close()
+        self.log(kind, line)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.peer = _peer(transport)
@@ -105,11 +143,29 @@ class FrontConnection(RequestHandler):
             victim.force_close()  # its connection_lost finds it already out of `opened`
             self.log("evict", f"front: {self.connections.cap} connections open (the limit): closed the longest idle "
                               f"one (from {victim.peer}, no request under way) for a new one from {self.peer}")
+        host = self.peer.rsplit(":", 1)[0]
+        same = sum(1 for c in self.connections.opened if c.peer.rsplit(":", 1)[0] == host)
+        if same >= self.connections.per_client:  # one address cannot take every slot
+            victim = self.connections.make_room(now, host)
+            if victim is not None:
+                victim.force_close()
+                self.log("evict-address", f"front: {same} connections open from {host} (the limit per address): closed its "
+                                  f"longest idle one (from {victim.peer}, no request under way) for a new one")
+                same -= 1
+        if same >= self.connections.per_client:
+            self._refuse(transport, "per-client", f"the server allows {self.connections.per_client} connections from "
+                         "one address; close one, or retry later",
+                         f"front: refused a connection from {self.peer}: {same} connections open from {host} (the "
+                         "limit per address)")
+            return
         self.started = True
         self.connections.opened[self] = now
         super().connection_made(transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if self._write_stall is not None:
+            self._write_stall.cancel()
+            self._write_stall = None
         if not self.started:  # refused at the cap: aiohttp never saw it
             return
         self.connections.opened.pop(self, None)

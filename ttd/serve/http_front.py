@@ -50,6 +50,8 @@ class FrontLimits:
     idle_timeout_s: float = 15.0  # connection open (or last answer) -> complete request header
     body_timeout_s: float = 60.0  # request header -> complete body (64 MiB at 9 Mbit/s)
     max_connections: int = 1024  # lowered to fit the file-descriptor limit (connection_cap)
+    max_per_client: int = 0  # connections one address may hold; 0: half of max_connections
+    write_timeout_s: float = 30.0  # an answer the client reads none of for this long: the connection is closed
     log_interval_s: float = 10.0  # at most one log line per kind of event in this long
 
 
@@ -519,13 +521,17 @@ def start_front(host: str, port: int, backend_url: str, limits: FrontLimits = Fr
     log = RateLimitedLog(say, limits.log_interval_s)
     runner = web.AppRunner(create_front(backend_url, limits, say, metrics), access_log=None, handle_signals=False,
                            shutdown_timeout=10)  # requests in flight at a stop get this long to finish
-    connections = Connections(connection_cap(limits.max_connections))
+    cap = connection_cap(limits.max_connections)
+    if cap < limits.max_connections:  # said once: the operator asked for more
+        say(f"front: at most {cap} connections, not {limits.max_connections}: the file-descriptor limit (ulimit -n) "
+            "leaves room for no more (each may hold one to tritonserver); raise it for more")
+    connections = Connections(cap, min(limits.max_per_client, cap) if limits.max_per_client else 0)
 
     def connection() -> FrontConnection:
         # keepalive_timeout: aiohttp closes a connection that has not completed a request header this
         # long after it opened or after its last answer (bytes arriving do not extend it); bodies are
         # inflated by the front itself, under its bound (auto_decompress=False: never twice)
-        return FrontConnection(runner.server, connections, log, loop=loop, access_log=None,
+        return FrontConnection(runner.server, connections, log, limits.write_timeout_s, loop=loop, access_log=None,
                                keepalive_timeout=limits.idle_timeout_s, lingering_time=10.0, auto_decompress=False)
 
     async def open_site() -> asyncio.Server:

@@ -68,6 +68,13 @@ class CollapseGuard:
         ratio = self.ratio
         return ratio is None or self.low <= ratio <= self.high
 
+    def keep_initial(self, params: list[torch.nn.Parameter], step: int = 0) -> None:
+        """The weights the run starts from, kept as the first snapshot: a run that collapses before
+        the guard's first decision (warm-up) then ends with them, never with the collapsed ones."""
+        if self._kept is None:
+            self._kept = [p.detach().clone() for p in params]
+            self._kept_step, self._kept_ratio = step, None
+
     def observe(self, step: int, logs: dict[str, float], params: list[torch.nn.Parameter]) -> str | None:
         """Update the averages with one step; returns the one line to print when the run first
         leaves the band, else None."""
@@ -114,5 +121,6 @@ class CollapseGuard:
             with torch.no_grad():
                 for p, kept in zip(params, self._kept):
                     p.copy_(kept)
-            self.report.kept_step, self.report.kept_ratio = self._kept_step, round(self._kept_ratio, 4)
+            self.report.kept_step = self._kept_step
+            self.report.kept_ratio = None if self._kept_ratio is None else round(self._kept_ratio, 4)
         return self.report

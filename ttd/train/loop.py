@@ -37,7 +37,8 @@ from ttd.data.items import is_shard_pattern
 from ttd.model.lora import LoRAConfig, adapter_state_dict, inject_lora, merged_state_dict
 from ttd.model.clip import TTDModel
 from ttd.model.scoring import pad_tags
-from ttd.model.tags import candidate_tags
+from ttd.errors import TTDError
+from ttd.model.tags import CaptionError, bounded_tags, candidate_tags
 
 
 @dataclass
@@ -122,6 +123,10 @@ def _grad_checkpointing(model: TTDModel, config: TrainConfig) -> bool:
     return sum(p.numel() for p in model.parameters()) > CHECKPOINTING_PARAMETERS
 
 
+class TrainingDiverged(TTDError, FloatingPointError, RuntimeError):
+    """Too many non-finite steps: the learning rate is too high for this model and data."""
+
+
 def _lr_factor(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -155,6 +160,13 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
+def _check_caption(caption: str) -> None:
+    """A caption training can use, or the CaptionError that makes it a skipped sample (the run goes
+    on): an unbounded one (too many tags) or one with no candidate tag (only stopwords)."""
+    if not bounded_tags(caption):
+        raise CaptionError(f"caption {caption[:80]!r} has no candidate tags (only stopwords or punctuation)")
+
+
 class BatchLoader:
     """Batch `step` of rank `rank`: indices drawn from a seeded permutation of the source."""
 
@@ -178,6 +190,7 @@ class BatchLoader:
         for index in self.indices(step):
             try:
                 image, caption = self.source.get(index)
+                _check_caption(caption)
             except (ImageError, OSError, KeyError, ValueError) as error:
                 self.skipped.append(f"{index}: {error}")
                 continue
@@ -355,6 +368,8 @@ def setup(model: TTDModel, config: TrainConfig, resume: bool = True) -> Training
     guard = CollapseGuard() if config.collapse_guard and config.objective == "ttd" and rank == 0 else None
     if guard is not None and state is not None and "guard" in state:
         guard.load_state_dict(state["guard"])
+    if guard is not None:  # a run that collapses within the guard's warm-up ends with these (docs/training.md)
+        guard.keep_initial(params, start)
     return TrainingRun(model, teacher, config, params, optimizer, scheduler, loader, state_path, start, rank, world,
                        guard=guard)
 
@@ -377,7 +392,9 @@ def train_step(run: TrainingRun, step: int, images: np.ndarray, captions: list[s
     if not (math.isfinite(loss.item()) and grads_finite):
         run.bad_steps += 1
         if run.bad_steps > config.max_bad_steps:
-            raise FloatingPointError(f"{run.bad_steps} non-finite steps; last at step {step}; lower --lr")
+            raise TrainingDiverged(f"training diverged: {run.bad_steps} non-finite steps (the last at step {step}) at "
+                                   f"lr {config.lr:g}: lower --lr (the last checkpoint, {run.state_path}, is from "
+                                   "before; pass --no-resume to start over with the new rate)")
         tqdm.write(f"step {step}: non-finite loss or gradient, update skipped")
         run.optimizer.zero_grad(set_to_none=True)
     else:
@@ -410,8 +427,23 @@ class MetricsLog:
     def __init__(self, path: Path, start: int) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [line for line in (path.read_text().splitlines() if path.is_file() and start > 0 else [])
-                if line.strip() and json.loads(line).get("step", 0) < start]
+        lines = path.read_text(encoding="utf-8", errors="replace").split("\n") if path.is_file() and start > 0 else []
+        kept = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                step = row.get("step", 0) if isinstance(row, dict) else None
+            except ValueError:
+                step = None
+            if step is None:
+                if number >= len(lines) - 1:  # the last line, torn by a kill: cut, as a torn record is
+                    continue
+                raise InputError(f"{path}:{number} is not a metrics line written by `ttd train`; delete the file "
+                                 "(or pass --no-resume) to go on")
+            if step < start:
+                kept.append(line)
         path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, step: int, logs: dict[str, float]) -> None:
@@ -430,7 +462,9 @@ def finish(run: TrainingRun) -> TTDModel:
         if run.guard is not None:  # before the margin is fitted: it is fitted to the weights that are kept
             guard = run.guard.restore(run.params).as_dict()
             if guard["kept_step"] is not None:
-                tqdm.write(f"collapse guard: kept the weights of step {guard['kept_step']} (ratio {guard['kept_ratio']:.2f}), "
+                kept = (f"ratio {guard['kept_ratio']:.2f}" if guard["kept_ratio"] is not None
+                        else "the weights it started from: no step was seen healthy")
+                tqdm.write(f"collapse guard: kept the weights of step {guard['kept_step']} ({kept}), "
                            f"not the last (ratio {guard['final_ratio']:.2f})")
         out = Path(run.config.out_dir)
         # the weights first, with an unfitted margin: a fit that fails (too few pairs, a degenerate
