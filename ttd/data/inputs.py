@@ -32,6 +32,17 @@ def _pick(record: dict, keys: tuple[str, ...]) -> object | None:
 BAD_BYTES = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of bytes that are not UTF-8
 
 
+def missing_file(path: Path, what: str) -> InputError:
+    """Why `path` cannot be read as a `what` file: a folder, something else, or nothing there."""
+    if path.is_dir():
+        return InputError(f"{what} file {path} is a folder: give the file itself (a .jsonl or .csv file; images "
+                          "in a folder are tagged against a --vocabulary)" if what == "captions" else
+                          f"{what} file {path} is a folder: give the file itself")
+    if path.exists():
+        return InputError(f"{what} file {path} is not a regular file (a FIFO or a device)")
+    return InputError(f"{what} file {path} does not exist")
+
+
 def read_vocabulary(path: Path) -> list[str]:
     """One tag per line (blank lines and '#' comments ignored), de-duplicated in order."""
     if not path.is_file():
