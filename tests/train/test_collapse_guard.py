@@ -108,21 +108,21 @@ def _saved_adapter_equals(path, weights):
 
 def test_a_run_that_collapses_after_a_healthy_stretch_saves_exactly_the_kept_weights(tmp_path, monkeypatch):
     """The guard's restore was only tested on its own: the loop calling `guard.report` instead of
-    `guard.restore` left the suite green. Healthy for 6 steps, collapsed for 4: the weights kept
-    after step 6 (the last in-band snapshot) are the ones written."""
+    `guard.restore` left the suite green. Healthy for 4 steps, collapsed for 2: the weights kept
+    after step 4 (the last in-band snapshot) are the ones written."""
     monkeypatch.setattr(loop_module, "CollapseGuard",
                         functools.partial(CollapseGuard, warmup=2, every=2, smoothing=1.0))
-    seen = _scripted_diagnostics(monkeypatch, healthy_steps=6)
+    seen = _scripted_diagnostics(monkeypatch, healthy_steps=4)
     torch.manual_seed(0)
-    config = TrainConfig(out_dir=str(tmp_path / "run"), steps=10, batch_size=4, warmup_steps=1, lr=1e-2,
-                         checkpoint_every=10, calibrate_margin=False)
+    config = TrainConfig(out_dir=str(tmp_path / "run"), steps=6, batch_size=4, warmup_steps=1, lr=1e-2,
+                         checkpoint_every=6, calibrate_margin=False)
     train(create_model("world-tiny", seed=0), config, resume=False, progress=False)
     recorded = json.loads((tmp_path / "run" / "train_config.json").read_text())["collapse_guard"]
-    assert recorded["flagged"] and recorded["first_flagged_step"] == 6 and recorded["kept_step"] == 6
-    assert len(seen["weights"]) == 10
-    kept = seen["weights"][6]  # the weights after steps 0..5, as step 6 began
+    assert recorded["flagged"] and recorded["first_flagged_step"] == 4 and recorded["kept_step"] == 4
+    assert len(seen["weights"]) == 6
+    kept = seen["weights"][4]  # the weights after steps 0..3, as step 4 began
     assert _saved_adapter_equals(tmp_path / "run" / "adapter.safetensors", kept)
-    assert not _saved_adapter_equals(tmp_path / "run" / "adapter.safetensors", seen["weights"][9])
+    assert not _saved_adapter_equals(tmp_path / "run" / "adapter.safetensors", seen["weights"][5])
 
 
 def test_a_run_that_collapses_within_the_warm_up_ends_with_its_initial_weights(tmp_path, monkeypatch, capsys):
@@ -132,8 +132,8 @@ def test_a_run_that_collapses_within_the_warm_up_ends_with_its_initial_weights(t
                         functools.partial(CollapseGuard, warmup=4, every=2, smoothing=1.0))
     seen = _scripted_diagnostics(monkeypatch, healthy_steps=0)
     torch.manual_seed(0)
-    config = TrainConfig(out_dir=str(tmp_path / "run"), steps=6, batch_size=4, warmup_steps=1, lr=1e-2,
-                         checkpoint_every=6, calibrate_margin=False)
+    config = TrainConfig(out_dir=str(tmp_path / "run"), steps=4, batch_size=4, warmup_steps=1, lr=1e-2,
+                         checkpoint_every=4, calibrate_margin=False)
     train(create_model("world-tiny", seed=0), config, resume=False, progress=False)
     recorded = json.loads((tmp_path / "run" / "train_config.json").read_text())["collapse_guard"]
     assert recorded["flagged"] and recorded["kept_step"] == 0 and recorded["kept_ratio"] is None
