@@ -86,3 +86,25 @@ def test_serving_vit_table_is_its_json():
         assert cells[1] == f"{side['served_over_direct_by_cpu']:.2f}"
         assert cells[4] == f"{side['p50_ms'] / 1000:.2f} / {side['p99_ms'] / 1000:.2f} s"
         assert cells[6:] == [str(side["errors"]), str(side["mismatches"])]
+
+
+SCORERS = json.loads((ROOT / "benchmarks/results/scorers.json").read_text())["scorers"]
+SCORER_COLUMNS = ("precision", "recall", "f1", "colour recall", "shape recall", "background recall", "absent selected")
+
+
+def _scorer_rows() -> list[tuple[str, list[str]]]:
+    rows = []
+    for line in (ROOT / "docs/benchmarks.md").read_text(encoding="utf-8").splitlines():
+        cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+        label = re.sub(r" \(`negatives`, the default\)$", "", cells[0])
+        if len(cells) == 9 and label in SCORERS:
+            rows.append((label, cells[2:]))
+    return rows
+
+
+def test_benchmarks_scorer_table_is_scorers_json():
+    rows = _scorer_rows()
+    assert len(rows) == len(SCORERS) == 8
+    for label, cells in rows:
+        held_out = SCORERS[label]["held_out"]
+        assert cells == [f"{_percent(held_out[c]['mean'])} ± {_percent(held_out[c]['std'])}" for c in SCORER_COLUMNS], label
