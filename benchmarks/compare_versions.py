@@ -1,4 +1,4 @@
-"""Old tree vs this tree: are the records the same (issue 20, "behaviour unchanged"), and how many
+"""Old tree vs this tree: are the records the same ("behaviour unchanged"), and how many
 bytes does a backend hand back to the host per batch on the tagging path?
 
     git worktree add /work/old 94f2dd6        # the tree before the one-engine restructure

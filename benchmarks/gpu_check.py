@@ -1,4 +1,4 @@
-"""One bounded check of the toolkit on an NVIDIA GPU (issue 15): parity, tagging, throughput.
+"""One bounded check of the toolkit on an NVIDIA GPU: parity, tagging, throughput.
 
 Runs with the GPU machine's own python3 (torch on CUDA) plus a few carried wheels; see
 benchmarks/gpu_check.sh, which installs them and calls this script. Every step is bounded
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DTYPES = ("float32", "float16", "bfloat16")
-VIT_GFLOP = 35.0  # ViT-B/16 at 224 px: ~17.6 GMAC per image (issue 15's roofline figure)
+VIT_GFLOP = 35.0  # ViT-B/16 at 224 px: ~17.6 GMAC per image (the roofline figure)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -618,7 +618,7 @@ STEP_LIMITS = {"environment": 30, "matmul_peak": 30, "parity": 75, "tag_cli": 75
                "tag_end_to_end": 200, "device_decode": 60, "train_eval": 60}
 TOTAL_LIMIT_S = 465.0
 
-# What the GPU machine's own python3 has (docs/gpu.md; DESIGN §5): anything else must travel as a
+# What the GPU machine's own python3 has (docs/gpu.md; docs/architecture.md §5): anything else must travel as a
 # wheel in --wheels. The H100 image may differ from the H200's: the dry run says what is missing.
 DEVICE_PACKAGES = {"torch", "onnx", "onnxruntime", "timm", "click", "safetensors", "PIL", "numpy"}
 # what those bring along (torch's and timm's -> huggingface_hub's own dependencies)

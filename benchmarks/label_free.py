@@ -1,4 +1,4 @@
-"""Label-free margin calibration against the labelled fit, on world splits never used for fitting (issue 22).
+"""Label-free margin calibration against the labelled fit, on world splits never used for fitting.
 
 Splits: label-free and labelled fits on the calibration split (seed 7; the label-free fit reads
 its images and captions only); the default --max-false-rate chosen on seed 5 (labelled, held out

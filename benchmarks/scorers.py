@@ -1,4 +1,4 @@
-"""Choosing the pixel-tag score: candidate scorers on the held-out world split (issue 11).
+"""Choosing the pixel-tag score: candidate scorers on the held-out world split.
 
 Every candidate is a function of the same cosine maps cos(f_i, e_t) of a model, computed once for
 the whole world vocabulary. A candidate with a free threshold (peak cosine, margins, z-scores,

@@ -1,4 +1,4 @@
-"""TTD over N training seeds × M data seeds: every run, the worst, and mean ± std (issue 24).
+"""TTD over N training seeds × M data seeds: every run, the worst, and mean ± std.
 
 A method default is judged on its worst run: one run in six of the former default collapsed
 (caption IoU 34.6 against the base's 54.5) while three lucky seeds reported 60.9 ± 0.8.
@@ -9,7 +9,7 @@ benchmarks/segmentation.py (colour classes, seed 2, 64 px). The default seeds we
 before: training seeds 0-3 and data seeds 1, 2, 7, 11-13 and 4711 were.
 
     python benchmarks/seeds.py --threads 1 --out benchmarks/results/seeds.json
-    python benchmarks/seeds.py --train-seeds 3 --data-seeds 4711 --set target_norm=mask   # the collapse of issue 24
+    python benchmarks/seeds.py --train-seeds 3 --data-seeds 4711 --set target_norm=mask   # the collapse (docs/training.md)
 
 The report is written after every run and a rerun with the same --out skips the runs it holds;
 a run killed mid-way resumes from its last.pt (exact: the same weights as an uninterrupted run),
@@ -82,7 +82,7 @@ def run_one(base: Path, out: Path, seed: int, data_seed: int, overrides: dict) -
 
 
 def summary(runs: dict[str, dict], base: dict) -> dict:
-    """Worst (lowest caption IoU run), mean and std of every column, and the checks of issue 24."""
+    """Worst (lowest caption IoU run), mean and std of every column, and the collapse checks."""
     values = {c: [r[c] for r in runs.values() if c in r] for c in COLUMNS}
     worst_name = min(runs, key=lambda k: runs[k]["caption IoU"])
     checks = {

@@ -1,8 +1,8 @@
-"""Writing the three contract graphs (DESIGN §4) with the TorchScript-based ONNX exporter.
+"""Writing the three contract graphs (docs/architecture.md §4) with the TorchScript-based ONNX exporter.
 
 The dynamo exporter specialises a batch of 1 and writes side files; the TorchScript exporter
 with explicit dynamic axes and open_clip's MHA fast path disabled gives one self-contained file
-per graph with a dynamic batch (DESIGN §5).
+per graph with a dynamic batch (docs/architecture.md §5).
 """
 
 from __future__ import annotations

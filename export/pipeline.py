@@ -6,7 +6,7 @@ how much it missed.
 
 Everything is written into a staging folder beside OUT_DIR and moved into OUT_DIR only after the
 gates passed, so a refused, failed or interrupted export (Ctrl-C, a precision this CPU cannot run)
-leaves an earlier export in OUT_DIR as it was (issue 23, item 2).
+leaves an earlier export in OUT_DIR as it was.
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ def preflight(precision: str) -> tuple[str, tuple[int, int]]:
 @dataclass(frozen=True)
 class BatchLimits:
     opt_batch: int = 8
-    max_batch: int = 256  # the batch `ttd tag` runs on a data-centre GPU (issue 21)
+    max_batch: int = 256  # the batch `ttd tag` runs on a data-centre GPU
     opt_tags: int = 16
     max_tags: int = 1024  # what the Triton tagger accepts per request by default
 

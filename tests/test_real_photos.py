@@ -1,4 +1,4 @@
-"""Real photographs end to end (issue 22): scikit-image's bundled photos with hand-written captions,
+"""Real photographs end to end: scikit-image's bundled photos with hand-written captions,
 through label-free calibration, tagging, segmentation and the report, with ViT-B/16 at random
 weights (no accuracy expected: the pipeline must simply work on photos, not only on world images).
 

@@ -1,4 +1,4 @@
-"""Claims of the README with no test before issue 14: webdataset inputs, `ttd world generate` +
+"""Claims of the README with no test before: webdataset inputs, `ttd world generate` +
 `ttd eval --data`, --pretrained FILE, the hub fast-fail, the torch backend's --device / --threads /
 --dtype float16."""
 

@@ -1,5 +1,5 @@
 """Per-class segmentation metrics with exact ground truth, COCO RLE masks, and the VOC-style
-layout reader (issue 13)."""
+layout reader."""
 
 import json
 

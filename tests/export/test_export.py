@@ -113,7 +113,7 @@ def test_precision_variants_pass_their_quality_gate(tmp_path, precision, mode):
     pixels = normalize(np.stack([s.image for s in samples]), model.config.mean, model.config.std)
     tokens = model.tokenizer([s.caption for s in samples])
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # ALL segfaults on fp16 (DESIGN §5)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # ALL segfaults on fp16 (docs/architecture.md §5)
     image = ort.InferenceSession(str(tmp_path / "image_encoder.onnx"), options, providers=["CPUExecutionProvider"])
     text = ort.InferenceSession(str(tmp_path / "text_encoder.onnx"), options, providers=["CPUExecutionProvider"])
     got_image, got_patch = image.run(None, {"pixel_values": pixels})

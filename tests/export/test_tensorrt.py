@@ -263,7 +263,7 @@ def test_manifest_records_each_engine_and_its_profile(trt_export):
 
 def test_profile_limits_are_checked_when_given():
     config = create_model("world-tiny").config
-    # the default profile reaches the batch `ttd tag` runs on a data-centre GPU (issue 21)
+    # the default profile reaches the batch `ttd tag` runs on a data-centre GPU
     assert profiles("tag_head", config, BatchLimits(max_tags=4))["tag_embeds"] == ((1, 1, 128), (8, 4, 128), (256, 4, 128))
     assert profiles("image_encoder", config, BatchLimits())["pixel_values"][2] == (256, 3, 64, 64)
     with pytest.raises(ValueError, match="--opt-batch 64 must lie in 1..--max-batch 32"):

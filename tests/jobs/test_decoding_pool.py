@@ -1,4 +1,4 @@
-"""The persistent decoding pool (issue 21, item 2): torch-free workers, images through shared
+"""The persistent decoding pool: torch-free workers, images through shared
 memory, one pool reused by several jobs with the records of decoding in a thread."""
 
 import json

@@ -1,4 +1,4 @@
-"""Every cell of mode × engine × format × resume × shard (issue 20): each is honoured (the records
+"""Every cell of mode × engine × format × resume × shard: each is honoured (the records
 of the plain local run of that mode, the shard's share of them, the rest of a killed run after
 --resume) or refused with a reason before anything is written. Plus the options that go with a
 mode (--batch-size, --masks-dir, --rle-masks, --rows-per-file, --top-k): honoured or refused.

@@ -1,4 +1,4 @@
-"""The pipelined tagging path (issue 21, item 1) on a CPU, where streams and events are no-ops:
+"""The pipelined tagging path on a CPU, where streams and events are no-ops:
 its records are byte for byte those of the plain path in every mode, its top-k from the
 device's candidates is the full sort's, and the job reports its stage times."""
 

@@ -1,4 +1,4 @@
-"""`ttd tag --engine ray` (issue 12): on a local 2-CPU Ray, the same records as the local engine, and
+"""`ttd tag --engine ray`: on a local 2-CPU Ray, the same records as the local engine, and
 an actor that dies mid-job costs no item."""
 
 import os

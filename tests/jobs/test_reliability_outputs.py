@@ -1,4 +1,4 @@
-"""Reliability of job outputs (issue 23, items 1, 6, 7, 15, 17 and 18): one job per output (a lock
+"""Reliability of job outputs: one job per output (a lock
 that names its holder and dies with it), a resume that checks the index sequence and that its
 captions file is unchanged, a full disk as one line with the partial kept, records that do not
 depend on batch composition, and a progress total that counts CSV records."""

@@ -1,4 +1,4 @@
-"""`ttd report` (issue 13): a static, self-contained HTML page, checked in a real headless
+"""`ttd report`: a static, self-contained HTML page, checked in a real headless
 Chromium (Debian's `chromium`): it loads with no console message at all, its script runs, and
 the screenshot shows the coloured mask overlay exactly where the mask is."""
 

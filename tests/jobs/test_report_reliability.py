@@ -1,4 +1,4 @@
-"""`ttd report` on records it cannot trust (issue 23, items 10, 11, 12, 21): one bad record is an
+"""`ttd report` on records it cannot trust: one bad record is an
 error on its item and the rest renders; a mask is size-checked before it is decoded; images are
 found where the job's captions file is; and no file outside the images root is embedded."""
 

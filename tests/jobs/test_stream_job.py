@@ -1,4 +1,4 @@
-"""Tagging at scale (issue 12): exactly-once output across SIGKILL + --resume, sharding that covers
+"""Tagging at scale: exactly-once output across SIGKILL + --resume, sharding that covers
 every item once, streamed inputs (webdataset shards with bounded memory, folders, globs)."""
 
 import functools

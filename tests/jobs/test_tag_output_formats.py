@@ -1,4 +1,4 @@
-"""`ttd tag` outputs (issue 12, item 3): masks as COCO RLE in the records, Parquet shard folders
+"""`ttd tag` outputs: masks as COCO RLE in the records, Parquet shard folders
 with the records of the JSON-lines output and the same exactly-once resume, and a finished job
 that a resume with other settings cannot pass for its own."""
 

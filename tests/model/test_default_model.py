@@ -27,7 +27,7 @@ def test_eval_defaults_to_the_embedded_model(tmp_path):
                                     "pixel-tag-negatives"}
     # the embedded model has learned the world: its pixel-tag ranking beats chance by far
     assert metrics["tags"]["pixel-tag"]["map"] > 0.9
-    # ... and it shows the single tag bias (DESIGN §3.6): the best-pixel score finds far more of a caption's
+    # ... and it shows the single tag bias (docs/architecture.md §3.6): the best-pixel score finds far more of a caption's
     # tags than the global image or caption embedding does (32 samples: F1 0.79 vs 0.43 / 0.44), and ranks
     # them better without any threshold (R-precision 0.95 vs 0.86 / 0.80), so the gap is not only the cap
     # that a softmax over tags puts on thresholded recall
@@ -38,7 +38,7 @@ def test_eval_defaults_to_the_embedded_model(tmp_path):
         assert tags["pixel-tag"]["r_precision"] > tags[global_scorer]["r_precision"] + 0.05, global_scorer
         assert tags["pixel-tag"]["map"] > tags[global_scorer]["map"] + 0.02, global_scorer
     assert "pixel-tag" in result.output and "caption mask: IoU" in result.output
-    # issue 11's targets for the default score on the base model (these 32 samples: P 1.0, R 0.98,
+    # the targets for the default score on the base model (these 32 samples: P 1.0, R 0.98,
     # colour 1.0, shape 0.97; the held-out 3 × 500 figures are in benchmarks/results/scorers.json)
     chosen, by_kind = tags["pixel-tag-negatives"], metrics["by kind"]["pixel-tag-negatives"]
     assert chosen["f1"] >= 0.90 and chosen["precision"] >= 0.97

@@ -1,4 +1,4 @@
-"""The `negatives` pixel-tag score (issue 11): tags that share pixels both pass, an absent tag does
+"""The `negatives` pixel-tag score: tags that share pixels both pass, an absent tag does
 not, on every path that computes the score (the one scoring function, through Stage 1, the torch
 and onnxruntime Taggers, vocabulary mode), and the backends agree on it."""
 

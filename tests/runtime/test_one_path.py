@@ -1,4 +1,4 @@
-"""Evaluation runs through the runtime Tagger (issue 10): an export evaluates like its model."""
+"""Evaluation runs through the runtime Tagger: an export evaluates like its model."""
 
 import json
 
@@ -74,7 +74,7 @@ def test_evaluation_scores_are_the_taggers(tiny_model, score_method, scorer):
     assert precision == pytest.approx(tp / max(tp + fp, 1))
 
 
-# --- contracts named once (issue 10, items 2-6) ---------------------------------------------
+# --- contracts named once ---------------------------------------------
 
 
 def test_exported_graphs_and_backends_follow_the_contract(default_export, tiny_model):

@@ -1,4 +1,4 @@
-"""Whole-image inference and `ttd segment` (issue 13): masks in the input image's geometry for
+"""Whole-image inference and `ttd segment`: masks in the input image's geometry for
 non-square and large images, sliding windows that cover every pixel, flip TTA and multi-scale,
 and the same numbers as the evaluation path where the image is the model's own size."""
 

@@ -1,4 +1,4 @@
-"""The HTTP front against bad clients (issue 23, items 5, 8, 9, 19), run in-process in front of a
+"""The HTTP front against bad clients, run in-process in front of a
 stand-in backend (no tritonserver needed): compressed bodies inflated once, slow clients timed
 out, connections capped below the descriptor limit, malformed HTTP answered in JSON, and one
 rate-limited log line per event instead of a traceback."""

@@ -377,7 +377,7 @@ def test_malformed_requests_get_4xx_with_a_reason_and_no_server_paths(repo, tmp_
             client.infer("ttd_tag_head", inputs)
         assert error.value.status() == "400"
         assert "input 'tag_embeds': dimension 1 is 2000, more than the limit of 1024" in error.value.message()
-        # the tagger's own refusals (issue 14): each a 400 with the reason, nothing else disturbed
+        # the tagger's own refusals: each a 400 with the reason, nothing else disturbed
         from benchmarks.load_client import tagger_request
 
         png = io.BytesIO()

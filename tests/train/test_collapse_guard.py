@@ -1,4 +1,4 @@
-"""The caption-mask collapse of issue 24: its mechanism in the targets, and the label-free guard
+"""The caption-mask collapse: its mechanism in the targets, and the label-free guard
 that flags it in training (ttd/train/guard.py, docs/training.md). Offline, a few seconds."""
 
 import functools

@@ -1,4 +1,4 @@
-"""The method itself (DESIGN §3.4): Stage-2 targets, the stop-gradient, the selection they follow,
+"""The method itself (docs/architecture.md §3.4): Stage-2 targets, the stop-gradient, the selection they follow,
 and a short TTD run on the world that must improve the base where the paper says it should."""
 
 import math
@@ -57,7 +57,7 @@ def hand_batch():
 
 
 def reference_losses(patch, captions, tags, valid, selected, w, b):
-    """L_tag and L_distill written out from DESIGN §3.4 with the selection given, targets as constants."""
+    """L_tag and L_distill written out from docs/architecture.md §3.4 with the selection given, targets as constants."""
     with torch.no_grad():
         probs = torch.sigmoid(w * torch.einsum("bdhw,bkd->bkhw", patch, tags) + b)
         low, high = probs.amin(dim=(2, 3), keepdim=True), probs.amax(dim=(2, 3), keepdim=True)
@@ -118,7 +118,7 @@ def test_a_short_ttd_run_improves_ranking_and_caption_masks_over_the_base(tmp_pa
     Measured (seed 0): pixel-tag R-precision 0.958 -> 0.997, mAP 0.984 -> 0.999, caption IoU
     0.560 -> 0.584, caption FPR 0.63 -> 0.35. Broken losses, same run: targets that ignore the
     selection, all-zero targets, or L_tag dropped each miss at least one bound (see the closing
-    note of issue 14)."""
+    note of)."""
     from ttd.data.annotations import world_eval_samples
     from ttd.evaluation.evaluate import evaluate
     from ttd.model.factory import load_model

@@ -1,4 +1,4 @@
-"""The synthetic world (DESIGN §3.6): seeded images of coloured, textured shapes on textured
+"""The synthetic world (docs/architecture.md §3.6): seeded images of coloured, textured shapes on textured
 backgrounds, with captions that name some of the objects among distractor words, and exact
 ground truth: the relevant tags of each caption and a mask per tag and per caption.
 

@@ -1,4 +1,4 @@
-"""Evaluation of a TTD model on samples with ground truth (DESIGN §3.5): tag metrics for each
+"""Evaluation of a TTD model on samples with ground truth (docs/architecture.md §3.5): tag metrics for each
 scorer, caption-mask metrics. Runs through the runtime Tagger, so what is measured is what
 `ttd tag` runs, on any backend (`ttd eval --backend onnxruntime --export-dir DIR`)."""
 

@@ -1,5 +1,5 @@
 """Tag metrics over candidate decisions (P / R / F1 / accuracy, threshold-free AP and
-R-precision) and mask metrics (IoU, FPR, FNR) — DESIGN §3.5.
+R-precision) and mask metrics (IoU, FPR, FNR) — docs/architecture.md §3.5.
 
 FPR = FP / (FP + TN) and FNR = FN / (FN + TP) over the pixels of one mask, averaged over masks.
 """
@@ -90,7 +90,7 @@ class MaskCounts:
 
 @dataclass
 class SegmentationCounts:
-    """A confusion matrix of label maps over a dataset (DESIGN §3.5): per-class IoU, FPR and FNR
+    """A confusion matrix of label maps over a dataset (docs/architecture.md §3.5): per-class IoU, FPR and FNR
     over all pixels of all images, and their means over the classes.
 
     A class's IoU = TP / (TP + FP + FN) counts when the class is in the ground truth or the

@@ -1,4 +1,4 @@
-"""Open-vocabulary semantic segmentation measured per class (DESIGN §3.5): mIoU / mFPR / mFNR of
+"""Open-vocabulary semantic segmentation measured per class (docs/architecture.md §3.5): mIoU / mFPR / mFNR of
 the label maps `ttd segment --classes` makes, on a VOC-style folder or the world split.
 
 Label 0 of a dataset is the background: it is the θ channel, not a text class; classes 1..N go

@@ -92,7 +92,7 @@ MAX_CROP_SIDE = 4096  # a square mask of an older `ttd tag` covers the model's c
 
 def _check_mask_size(height: int, width: int, size: tuple[int, int], what: str, crop_ok: bool) -> None:
     """Refuse a mask whose declared size is neither the image's nor (for `ttd tag` masks) a model
-    crop's, before anything is decoded: a 122-byte RLE line can declare 40000 x 40000 (issue 23, item 11)."""
+    crop's, before anything is decoded: a 122-byte RLE line can declare 40000 x 40000."""
     if (height, width) == (size[1], size[0]):
         return
     if crop_ok and height == width and 0 < height <= MAX_CROP_SIDE:
@@ -133,7 +133,7 @@ class FileAccess:
     """Which files a report may embed. Relative paths in records start at `root`; with `confined`
     (the default) a path — relative, absolute, or through a link — must resolve inside one of
     `allowed`, so records cannot make a report that will be shared carry other files
-    (`../../secret.png`, `/etc/...`) (issue 23, item 21)."""
+    (`../../secret.png`, `/etc/...`)."""
 
     root: Path
     allowed: tuple[Path, ...]
@@ -212,7 +212,7 @@ def _entry(number: int, record: dict, access: FileAccess, max_side: int,
            colours: dict[str, tuple[int, int, int]] | None = None, mask_access: FileAccess | None = None) -> Entry:
     """One item of the report; `colours` (label -> colour, filled as labels appear) keeps a
     label's colour the same across the items of a report. Whatever is wrong with the record
-    becomes an error of this item: the rest of the report renders (issue 23, item 10)."""
+    becomes an error of this item: the rest of the report renders."""
     colours = {} if colours is None else colours
     title = str(record.get("image", f"line {number}"))
     caption = record.get("caption")

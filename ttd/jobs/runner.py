@@ -94,7 +94,7 @@ class JobSummary:
         self.errors.update(error_kind(str(r["error"])) for r in records if "error" in r)
 
     def profile(self) -> str:
-        """One line of the stage times: where a job's time goes (issue 21, item 4)."""
+        """One line of the stage times: where a job's time goes."""
         known = [name for name in STAGES if name in self.stages]
         return "stages (s): " + ", ".join(f"{name} {self.stages[name]:.3f}" for name in known) + \
             f"; wall {self.seconds:.3f}"
@@ -153,7 +153,7 @@ class CountedItems:
 
 def refuse_no_items(count: int, output: Path) -> None:
     """Before the output is replaced: a job whose input held no item at all is an error, and the
-    previous output stays as it was (issue 23, item 14)."""
+    previous output stays as it was."""
     if count == 0:
         raise InputError(f"the input holds no item (an empty captions file, or image arguments that name no image); "
                          f"{output} is left as it was")

@@ -48,8 +48,8 @@ def _resolved_if_local(spec) -> str | None:
 def tag_job_description(captions, images, backend, model, pretrained, checkpoint, export_dir, dense_mode, dtype,
                         threshold, score_method, flip_tta) -> dict:
     """What makes a tagging job's records: a resumed run must match it (batch size, workers may change).
-    Paths are resolved (absolute), so a resume may name the inputs another way (issue 23, item 20);
-    a captions file must hold what it held (issue 23, item 7)."""
+    Paths are resolved (absolute), so a resume may name the inputs another way;
+    a captions file must hold what it held."""
     # what the job read and with which model, for --resume to refuse changed ones (ttd/jobs/input_identity.py)
     inputs = {"captions": captions_identity(captions), "images": images_identity(images)}
     return {"captions": _resolved(captions), "inputs": inputs,

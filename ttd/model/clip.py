@@ -1,5 +1,5 @@
 """TTDModel: an open_clip ViT CLIP with dense patch features, tag prompt ensembles and the
-learnable mask calibration (w, b) of DESIGN §3.3."""
+learnable mask calibration (w, b) of docs/architecture.md §3.3."""
 
 from __future__ import annotations
 

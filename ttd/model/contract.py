@@ -1,4 +1,4 @@
-"""The export contract of DESIGN §4, named once: the three graphs, their input and output names,
+"""The export contract of docs/architecture.md §4, named once: the three graphs, their input and output names,
 the Triton models that serve them, and the named results every backend returns.
 
 The exporter, the backends, the Triton templates and the validator import these names; none of

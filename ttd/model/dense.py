@@ -1,4 +1,4 @@
-"""Dense (per-patch) features for open_clip ViT towers (DESIGN §3.1).
+"""Dense (per-patch) features for open_clip ViT towers (docs/architecture.md §3.1).
 
 The tower runs once up to its last block; the unmodified last block gives the global embedding,
 and the dense mode decides what the last block does for the patch tokens:

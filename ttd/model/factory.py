@@ -35,7 +35,7 @@ class ModelConfigError(ModelLoadError, ValueError):
 
 
 def registered_configs() -> dict[str, ModelConfig]:
-    """Configs this project defines (the world models of DESIGN §3.6)."""
+    """Configs this project defines (the world models of docs/architecture.md §3.6)."""
     from ttd.model.world_config import world_model_config
 
     return {"world-tiny": world_model_config()}

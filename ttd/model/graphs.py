@@ -1,4 +1,4 @@
-"""The three graphs of the export contract (DESIGN §4) as nn.Modules.
+"""The three graphs of the export contract (docs/architecture.md §4) as nn.Modules.
 
 The torch runtime runs exactly these modules, and `ttd export` traces exactly these, so
 PyTorch and ONNX compute the same thing by construction.

@@ -1,4 +1,4 @@
-"""Caption -> candidate tags (DESIGN §3.2): lower-case words without punctuation or stopwords,
+"""Caption -> candidate tags (docs/architecture.md §3.2): lower-case words without punctuation or stopwords,
 de-duplicated in order, with multi-word vocabulary names matched first, longest first.
 
 Words are Unicode words: the caption is normalised to NFC and case-folded (`str.casefold`, so

@@ -1,4 +1,4 @@
-"""The synthetic world's words and the config of the small CLIP learned on it (DESIGN §3.6).
+"""The synthetic world's words and the config of the small CLIP learned on it (docs/architecture.md §3.6).
 
 Here, below ttd.data, so that the factory can create the registered world model without
 importing the data package; ttd/data/world.py draws its images and captions from these words.

@@ -1,7 +1,7 @@
 """One inference interface, several backends (torch, onnxruntime, tensorrt, triton).
 
 `load_tagger` builds a Tagger around the backend a user names; the backends themselves only run
-the three contract graphs of DESIGN §4.
+the three contract graphs of docs/architecture.md §4.
 """
 
 from __future__ import annotations

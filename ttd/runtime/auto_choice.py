@@ -1,6 +1,6 @@
 """`--backend auto` / `--dtype auto`: the fastest gated path for the hardware at hand, and why.
 
-Measured facts behind the rules (DESIGN §5, benchmarks/results, README "ttd bench"):
+Measured facts behind the rules (docs/architecture.md §5, benchmarks/results, README "ttd bench"):
 - a CUDA GPU beats every CPU path: torch on CUDA in float16 (an export on onnxruntime's GPU provider
   where the build has one, else the export's own torch weights on CUDA: 9.4k img/s for ViT-B/16
   in float16 at batch 256 on an H200, benchmarks/results/gpu_h200);

@@ -1,4 +1,4 @@
-"""The CUDA plumbing of the pipelined tagging path (issue 21, item 1): an upload stream fed from a
+"""The CUDA plumbing of the pipelined tagging path: an upload stream fed from a
 few pinned uint8 slots, the compute stream ordered after it by events, stage clocks read from
 CUDA events, and batches whose results are waited on by their own event, never by a
 device-wide synchronise.

@@ -1,4 +1,4 @@
-"""Reading an export directory written by `ttd export` (DESIGN §4): the manifest, the model
+"""Reading an export directory written by `ttd export` (docs/architecture.md §4): the manifest, the model
 config, and the graphs, with every file's sha256 checked against the manifest."""
 
 from __future__ import annotations

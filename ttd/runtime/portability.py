@@ -2,7 +2,7 @@
 
 `ttd export` stores a few reference inputs with PyTorch fp32's outputs for them
 (`reference_samples.npz`, hashed in the manifest like every file) and the CPU it gated on. A
-reduced-precision export loaded on a CPU of another ISA class (DESIGN §5: int8 kernels differ
+reduced-precision export loaded on a CPU of another ISA class (docs/architecture.md §5: int8 kernels differ
 between AVX2, VNNI and AMX) is run on those inputs and must still reach the gate's cosine, or it
 is refused; an export without samples says plainly that it was not checked here.
 """

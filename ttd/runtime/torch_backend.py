@@ -166,7 +166,7 @@ class TorchBackend:
         return patch_embeds[:n, None] if not flip else \
             torch.stack([patch_embeds[:n], patch_embeds[n : 2 * n].flip(-1)], dim=1)
 
-    # -- the pipelined path (issue 21, item 1) -------------------------------------------------
+    # -- the pipelined path -------------------------------------------------
 
     def _pipeline(self) -> UploadSlots:
         if self._slots is None:

@@ -1,5 +1,5 @@
 """PAMR: pixel-adaptive mask refinement (Araslanov & Roth, CVPR 2020), the optional last step of
-open-vocabulary segmentation (DESIGN §3.5).
+open-vocabulary segmentation (docs/architecture.md §3.5).
 
 Patch-level masks are blocky; PAMR pulls each pixel's mask values towards those of its
 neighbours that look like it. For every pixel, neighbours at several dilations get an affinity

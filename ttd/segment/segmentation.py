@@ -1,4 +1,4 @@
-"""Caption masks and open-vocabulary semantic segmentation (DESIGN §3.5), in the image's own
+"""Caption masks and open-vocabulary semantic segmentation (docs/architecture.md §3.5), in the image's own
 geometry, on any runtime backend.
 
 Both tasks are the runtime Tagger's tag-head maps over the whole image (ttd/segment/whole_image.py):

@@ -1,4 +1,4 @@
-"""Whole-image inference (DESIGN §3.5): tag-head maps in the original image's geometry.
+"""Whole-image inference (docs/architecture.md §3.5): tag-head maps in the original image's geometry.
 
 A model sees S×S pixels. Two ways to cover an image of any size:
 
@@ -263,7 +263,7 @@ class ScoreMaps:
 
     def label_map(self, threshold: float = 0.5) -> np.ndarray:
         """uint16 [H, W]: 0 where every mask is below θ (the constant background channel), else
-        1 + the index of the tag with the highest mask (DESIGN §3.5)."""
+        1 + the index of the tag with the highest mask (docs/architecture.md §3.5)."""
         best = np.full((self.height, self.width), -np.inf, np.float32)
         labels = np.zeros((self.height, self.width), np.uint16)
         self.logits  # every class is needed: stitched together, once

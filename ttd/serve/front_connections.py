@@ -1,4 +1,4 @@
-"""The front's connections (issue 23, items 8 and 19): a cap on how many are open, refusals of
+"""The front's connections: a cap on how many are open, refusals of
 malformed HTTP in the front's JSON, and one rate-limited log line per event instead of a traceback.
 
 aiohttp's own options do the timeouts (`keepalive_timeout`: a connection must complete a request

@@ -13,7 +13,7 @@ server died and `ttd serve` restarts it) waits for the backend to be ready and i
 Request bodies are read whole (bounded) before forwarding: the checks and the one retry need
 them. gRPC does not pass through the front (see `ttd serve --help`).
 
-Connections are bounded too (issue 23, items 8 and 19): a connection must send a complete request
+Connections are bounded too: a connection must send a complete request
 header within `idle_timeout_s` of opening (or of its previous answer: aiohttp's keep-alive timer,
 which data does not reset) and its body within `body_timeout_s`; at most `max_connections` are
 open at once (kept below the file-descriptor limit, so accept() never fails for lack of one), and
@@ -226,7 +226,7 @@ def check_infer_body(body: bytes, header_length: int | None) -> dict:
 class ModelShapes:
     """What a model's config allows: the batch bound and, per input, its dims (-1: variable) and the
     bound of a variable dimension: the `max_variable_dim` parameter of the ttd graph models, or the
-    `max_tags` parameter of ttd_tagger, whose one variable input is the tag list (issue 23, item 9)."""
+    `max_tags` parameter of ttd_tagger, whose one variable input is the tag list."""
 
     max_batch_size: int
     dims: dict[str, list[int]]

@@ -3,8 +3,8 @@
 
 The record (`ttd_repository.json`) keeps the sha256 of every file the build put into the
 repository — graphs, engines, weights, the models' Python code, the export's config and manifest —
-so a flipped byte or a swapped file is refused with its name instead of being served (issue 23,
-item 16). `config.pbtxt` files are not hashed: operators tune them (instances, batching), and the
+so a flipped byte or a swapped file is refused with its name instead of being served
+. `config.pbtxt` files are not hashed: operators tune them (instances, batching), and the
 validator parses and checks them against the graphs.
 """
 

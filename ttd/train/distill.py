@@ -1,4 +1,4 @@
-"""Stage 2 of TTD (DESIGN §3.4): targets from the selected tags, and the losses.
+"""Stage 2 of TTD (docs/architecture.md §3.4): targets from the selected tags, and the losses.
 
 L = L_distill + λ_tag·L_tag + λ_clip·L_infonce, where the caption mask M_c learns the union U of
 the selected tags' masks, and each tag mask M_k learns its own min-max normalised map (selected)
@@ -35,7 +35,7 @@ class DistillLosses:
 def mask_diagnostics(caption_logits: torch.Tensor, union: torch.Tensor, evidence: torch.Tensor,
                      has_selection: torch.Tensor, mask_weight: torch.Tensor, mask_bias: torch.Tensor,
                      mask_threshold: float = DEFAULT_MASK_THRESHOLD) -> dict[str, float]:
-    """What a collapse of the caption masks shows (issue 24), over the pairs with a selection:
+    """What a collapse of the caption masks shows, over the pairs with a selection:
     mean area of M_c and of its target U, their shares ≥ θ, the label-free evidence area (pixels
     whose nearest candidate tag is a selected one) and the mask head's w and b.
 
@@ -80,7 +80,7 @@ def distill_targets(
     `target_norm`: what is min-max normalised over the pixels. `mask` (the paper's): the sigmoid
     mask M_k. `cosine`: the logit w·cos + b, i.e. the cosine itself (w > 0), so the target's shape
     does not depend on where the cosines sit on the sigmoid: once they drift into its lower tail,
-    minmax(M_k) is a peak of a few pixels (docs/training.md: the collapse of issue 24).
+    minmax(M_k) is a peak of a few pixels (docs/training.md: the collapse of).
 
     `caption_norm`: the normalisation of the maps whose union U is the caption's target, when it
     is not `target_norm`: the tag masks make the segmentation, the caption mask the caption IoU,

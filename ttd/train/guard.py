@@ -1,4 +1,4 @@
-"""A label-free guard against the caption-mask collapse of issue 24 (docs/training.md).
+"""A label-free guard against the caption-mask collapse (docs/training.md).
 
 The criterion compares two quantities that training has without labels, over the pairs of a
 step that have a selection:

@@ -68,7 +68,7 @@ class TrainConfig:
     # 0 = the current model (the paper's online teacher); ignored with frozen_teacher
     teacher_momentum: float = 0.0
     # Stage-2 targets (ttd.train.distill.distill_targets): "mask" is the paper's min-max of the sigmoid mask,
-    # which collapsed one run in six (issue 24); "mixed" (half mask, half cosine) is the default by
+    # which collapsed one run in six; "mixed" (half mask, half cosine) is the default by
     # benchmarks/seeds.py, docs/training.md
     target_norm: str = DEFAULT_TARGET_NORM
     target_mask_share: float = DEFAULT_TARGET_MASK_SHARE

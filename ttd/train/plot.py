@@ -2,7 +2,7 @@
 
 Panels share the step axis: the caption mask against its target and the label-free evidence
 (areas and shares ≥ θ), the mask head's w and b, the selection rate, and the losses. Enough to
-see a caption-mask collapse at a glance (issue 24; docs/training.md).
+see a caption-mask collapse at a glance (docs/training.md).
 """
 
 from __future__ import annotations
