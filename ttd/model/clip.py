@@ -61,6 +61,8 @@ class TTDModel(nn.Module):
         clip = self.clip
         if not self.trim_text_context or getattr(clip, "attn_mask", None) is None or input_ids.ndim != 2:
             return None
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():  # a traced graph would keep this batch's length
+            return None
         pool = getattr(clip, "text_pool_type", "argmax")
         if pool == "argmax":  # open_clip pools the highest token id (the end-of-text token)
             return int(input_ids.argmax(dim=-1).max()) + 1
