@@ -110,10 +110,11 @@ def markdown(report: dict) -> str:
     if runs:
         s = summary(runs, base)
         worst = runs[s["worst"]]
-        lines.append(f"| **worst** ({s['worst']}) | " + " | ".join(f"**{worst.get(c, '')}**" for c in COLUMNS) + " | |")
-        lines.append("| lowest of each column | " + " | ".join(str(s["min"].get(c, "")) for c in COLUMNS) + " | |")
-        lines.append("| mean ± std | " + " | ".join(f"{s['mean'][c]} ± {s['std'][c]}" for c in COLUMNS if c in s["mean"])
+        lines.append(f"| **worst** ({s['worst']}) | " + " | ".join(f"**{worst[c]}**" if c in worst else "" for c in COLUMNS)
                      + " | |")
+        lines.append("| lowest of each column | " + " | ".join(str(s["min"].get(c, "")) for c in COLUMNS) + " | |")
+        lines.append("| mean ± std | " + " | ".join(f"{s['mean'][c]} ± {s['std'][c]}" if c in s["mean"] else ""
+                                                 for c in COLUMNS) + " | |")
         lines += [""] + [f"- {name}: {'yes' if ok else 'NO'}" for name, ok in s["checks"].items()]
     return "\n".join(lines)
 
