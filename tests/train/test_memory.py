@@ -63,3 +63,20 @@ def test_training_steps_log_the_same_losses_with_and_without_the_savings(tmp_pat
         tolerance = 1e-5 if before["step"] == 0 else 1e-3
         for key in ("loss", "distill", "tag", "clip"):
             assert after[key] == pytest.approx(before[key], abs=tolerance), (before["step"], key)
+
+
+def test_a_traced_text_tower_keeps_the_whole_context(tiny_model):
+    # the ONNX export traces encode_text: a graph traced on short texts must not keep their length
+    short = tiny_model.tokenize(["a red circle", "a star"])
+    long = tiny_model.tokenize(["two blue squares next to a green star on sand with a dog and a car", "x"])
+    class TextTower(torch.nn.Module):  # how export/onnx_graphs.py wraps the model's entry points
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids):
+            return self.model.encode_text(ids)
+
+    with torch.no_grad():
+        traced = torch.jit.trace(TextTower(tiny_model), (short,), check_trace=False)
+        torch.testing.assert_close(traced(long), tiny_model.encode_text(long), rtol=0, atol=1e-5)

@@ -84,10 +84,11 @@ def distill_targets(
 
     `caption_norm`: the normalisation of the maps whose union U is the caption's target, when it
     is not `target_norm`: the tag masks make the segmentation, the caption mask the caption IoU,
-    and the two need not be trained to the same shape (docs/training.md, "split targets").
+    and the two need not be trained to the same shape (docs/training.md, "Segmentation too": split).
     `floor`: before the sigmoid, a selected tag whose mean cosine sank below the midpoint −b/w
-    has its cosines lifted so that the mean sits on it (docs/training.md, "the floor"): the
-    collapse starts exactly when that mean crosses the midpoint. `caption_floor`: the floor of the
+    has its cosines lifted so that the mean sits on it (docs/training.md, "Segmentation too": floor): the
+    collapse follows that mean's fall below the midpoint, though healthy runs end below it too,
+    which is why the floor over-corrects (measured there). `caption_floor`: the floor of the
     caption's maps alone (None: `floor`)."""
     caption_norm = target_norm if caption_norm is None else caption_norm
     caption_floor = floor if caption_floor is None else caption_floor

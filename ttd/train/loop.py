@@ -72,7 +72,7 @@ class TrainConfig:
     # benchmarks/seeds.py, docs/training.md
     target_norm: str = DEFAULT_TARGET_NORM
     target_mask_share: float = DEFAULT_TARGET_MASK_SHARE
-    # the caption's target U from other maps than the tags' (None: the same); docs/training.md "split targets"
+    # the caption's target U from other maps than the tags' (None: the same); docs/training.md "Segmentation too"
     caption_target_norm: str | None = None
     # from this step on the targets are the paper's (`mask`), before it `target_norm` (None: never)
     mask_after_step: int | None = None
@@ -90,7 +90,7 @@ class TrainConfig:
     # recompute each transformer block's activations in the backward pass (open_clip's gradient
     # checkpointing): the same losses and gradients for less memory and one more forward pass
     # (docs/training.md, "Memory"). None: on for models above CHECKPOINTING_PARAMETERS (an open_clip
-    # ViT-B/16: 0.23 -> 0.08 GB per sample, +20 % time), off for the world models (1.7 M parameters)
+    # ViT-B/16: 0.22 -> 0.10 GB per sample, +20 % time), off for the world models (1.7 M parameters)
     grad_checkpointing: bool | None = None
 
     def to_dict(self) -> dict:
