@@ -108,3 +108,35 @@ def test_benchmarks_scorer_table_is_scorers_json():
     for label, cells in rows:
         held_out = SCORERS[label]["held_out"]
         assert cells == [f"{_percent(held_out[c]['mean'])} ± {_percent(held_out[c]['std'])}" for c in SCORER_COLUMNS], label
+
+
+LABEL_FREE = json.loads((ROOT / "benchmarks/results/label_free.json").read_text())
+
+
+def _calibration_rows() -> list[list[str]]:
+    return [[c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+            for line in (ROOT / "docs/calibration.md").read_text(encoding="utf-8").splitlines()
+            if line.startswith("| base") or line.startswith("| TTD")]
+
+
+def _fit_cells(fit: dict) -> list[str]:
+    return [f"{fit['margin']:.3f}", f"{fit['precision']:.2f}", f"{fit['recall']:.2f}", f"{fit['f1']:.2f}"]
+
+
+def test_calibration_table_is_label_free_json():
+    rows = _calibration_rows()
+    expected = []
+    for model in LABEL_FREE["models"]:
+        short = "base" if model["model"].startswith("base") else "TTD"
+        expected += [(short, "labelled", model["labelled"]), (short, "label-free", model["label_free"]),
+                     (short, "label-free + `--choose-negatives`", model["label_free_chosen_prompts"])]
+    wrong = LABEL_FREE["wrong_margin"]
+    checked = 0
+    for model, fit, figures in expected:
+        found = [r for r in rows if r[0].split(" (")[0] == model and r[1].split(" (")[0] == fit]
+        for row in found[:1]:
+            assert row[2:6] == _fit_cells(figures), row
+            checked += 1
+    wrong_rows = [r for r in rows if r[0] == "base given a wrong margin"]
+    assert [r[2:6] for r in wrong_rows] == [_fit_cells(wrong["given"]), _fit_cells(wrong["after_label_free"])]
+    assert checked == len(expected) == 6
