@@ -121,8 +121,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "GPU, bf16 with AMX or avx512_bf16, else fp32.", Precision(DTYPES)),
     Setting("--threads", "threads", DEFAULT_THREADS,
             "CPU threads for the torch and onnxruntime backends (0: all cores).", click.IntRange(0)),
-    Setting("--threshold", "threshold", DEFAULT_THRESHOLD, "δ: a tag is selected when its score ≥ δ.",
-            UNIT_INTERVAL),
+    Setting("--threshold", "threshold", DEFAULT_THRESHOLD,
+            "δ: a tag is selected when its score ≥ δ (0 selects every candidate).", click.FloatRange(0, 1)),
     Setting("--score", "score_method", DEFAULT_SCORE_METHOD,
             "Pixel-tag score: negatives = each tag against the model's negative prompts at its best pixel (tags "
             "naming the same pixels, 'orange heart', both pass); softmax over the caption's tags (the paper's: "

@@ -40,7 +40,8 @@ def test_a_non_utf8_caption_and_an_undecodable_image_are_named(tmp_path):
 
 
 def test_a_captions_folder_is_named_as_a_folder(tmp_path):
-    from ttd.data.inputs import InputError, read_captions
+    from ttd.data.inputs import InputError
+    from ttd.data.items import read_captions
     from ttd.data.items import stream_captions
 
     (tmp_path / "captions").mkdir()

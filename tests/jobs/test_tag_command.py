@@ -138,7 +138,7 @@ def test_ten_thousand_tag_vocabulary(tmp_path):
         ([], "give exactly one of --captions FILE or --vocabulary FILE"),
         (["--vocabulary", "v.txt"], "--vocabulary needs image files or folders"),
         (["--captions", "nope.jsonl"], "captions file nope.jsonl does not exist"),
-        (["--captions", "c.jsonl", "--backend", "onnxruntime"], "pass --export-dir DIR"),
+        (["--captions", "c.jsonl", "--backend", "tensorrt"], "pass --export-dir DIR"),
         (["--captions", "c.jsonl", "--checkpoint", "x.pt"], "never unpickles"),
     ],
 )

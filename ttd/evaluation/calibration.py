@@ -45,6 +45,8 @@ def calibrate_model(settings: dict, captions: Path | None = None, data_dir: Path
     if backend == "torch" and not torch_installed():  # the base install calibrates an export (docs/edge.md)
         backend = "onnxruntime"
     threshold, flip_tta = settings.get("threshold", DEFAULT_THRESHOLD), settings.get("flip_tta", False)
+    if not 0 < threshold < 1:
+        raise InputError(f"--threshold {threshold:g}: a margin is fitted for a δ strictly between 0 and 1")
     if captions is not None and data_dir is not None:
         raise InputError("give --captions (pairs without labels) or --data (a labelled folder), not both")
     if checkpoint is None and out_dir is None and not dry_run:

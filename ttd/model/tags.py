@@ -17,7 +17,7 @@ import re
 import unicodedata
 from collections.abc import Iterable
 
-from ttd.errors import InputError, TTDError
+from ttd.errors import InputError
 
 # A fixed English stopword list (function words, pronouns, auxiliaries, frequent caption fillers
 # that never name a visible thing are *not* here: they stay candidates, as in the paper).
@@ -127,7 +127,7 @@ def candidate_tags(
 MAX_CAPTION_TAGS = 1024
 
 
-class CaptionError(TTDError, ValueError):
+class CaptionError(InputError):
     """A caption no command can use: too many candidate tags, or none."""
 
 
