@@ -87,10 +87,10 @@ def _scripted_diagnostics(monkeypatch, healthy_steps):
     real = loop_module._step_losses
     seen = {"step": 0, "weights": []}
 
-    def scripted(model, teacher, pixels, captions, config):
+    def scripted(model, teacher, pixels, captions, config, *rest):
         step = seen["step"]
         seen["weights"].append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
-        loss, logs = real(model, teacher, pixels, captions, config)
+        loss, logs = real(model, teacher, pixels, captions, config, *rest)
         seen["step"] += 1
         return loss, {**logs, "caption_above": 0.8 if step < healthy_steps else 0.05, "evidence_area": 0.85}
 

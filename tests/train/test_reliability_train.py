@@ -28,7 +28,7 @@ def same_captions(folder, count=10):
 def test_a_failed_margin_fit_keeps_the_trained_weights(tmp_path):
     data = same_captions(tmp_path / "d")
     out = tmp_path / "run"
-    result = CliRunner().invoke(main, ["train", "--data", str(data), "--out", str(out)] + SMALL)
+    result = CliRunner().invoke(main, ["train", "--captions", str(data), "--out", str(out)] + SMALL)
     # before: the fit ran first and wrote 210.9 (or, once refused, left only last.pt)
     assert result.exit_code == 0, result.output
     assert "warning: the negatives margin was not fitted" in result.output and "give 0" in result.output
@@ -38,7 +38,7 @@ def test_a_failed_margin_fit_keeps_the_trained_weights(tmp_path):
     logged = json.loads((out / "train_config.json").read_text())
     assert "shuffled tags" in logged["margin_calibration"]["error"]
     # the finished run resumes without the fit when asked (a setting a resume may change)
-    again = CliRunner().invoke(main, ["train", "--data", str(data), "--out", str(out), "--no-calibrate"] + SMALL)
+    again = CliRunner().invoke(main, ["train", "--captions", str(data), "--out", str(out), "--no-calibrate"] + SMALL)
     assert again.exit_code == 0, again.output
     assert "negative_margin stays 2.2" in again.output and (out / "model.safetensors").is_file()
 
@@ -72,7 +72,7 @@ def test_captions_without_tags_and_divergence_are_one_line(tmp_path):
     path = tmp_path / "d" / "annotations.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     path.write_text("".join(json.dumps({**r, "caption": "of the and a, on it!"}) + "\n" for r in rows))
-    result = CliRunner().invoke(main, ["train", "--data", str(path), "--out", str(tmp_path / "run")] + SMALL)
+    result = CliRunner().invoke(main, ["train", "--captions", str(path), "--out", str(tmp_path / "run")] + SMALL)
     # before: IndexError and its traceback
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert result.output.strip().splitlines()[-1].startswith("error: step 0: fewer than 2 readable samples in the batch")
