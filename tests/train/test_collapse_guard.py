@@ -106,18 +106,24 @@ def _saved_adapter_equals(path, weights):
     return all(torch.equal(saved[n], w) for n, w in weights.items())
 
 
+def _guarded_run(tmp_path, monkeypatch, warmup: int, healthy_steps: int, steps: int):
+    """A short world-tiny run under a guard checking every 2 steps after `warmup`, its diagnostics
+    scripted healthy for `healthy_steps`: (the guard's record, the weights as each step began)."""
+    monkeypatch.setattr(loop_module, "CollapseGuard",
+                        functools.partial(CollapseGuard, warmup=warmup, every=2, smoothing=1.0))
+    seen = _scripted_diagnostics(monkeypatch, healthy_steps=healthy_steps)
+    torch.manual_seed(0)
+    config = TrainConfig(out_dir=str(tmp_path / "run"), steps=steps, batch_size=4, warmup_steps=1, lr=1e-2,
+                         checkpoint_every=steps, calibrate_margin=False)
+    train(create_model("world-tiny", seed=0), config, resume=False, progress=False)
+    return json.loads((tmp_path / "run" / "train_config.json").read_text())["collapse_guard"], seen
+
+
 def test_a_run_that_collapses_after_a_healthy_stretch_saves_exactly_the_kept_weights(tmp_path, monkeypatch):
     """The guard's restore was only tested on its own: the loop calling `guard.report` instead of
     `guard.restore` left the suite green. Healthy for 4 steps, collapsed for 2: the weights kept
     after step 4 (the last in-band snapshot) are the ones written."""
-    monkeypatch.setattr(loop_module, "CollapseGuard",
-                        functools.partial(CollapseGuard, warmup=2, every=2, smoothing=1.0))
-    seen = _scripted_diagnostics(monkeypatch, healthy_steps=4)
-    torch.manual_seed(0)
-    config = TrainConfig(out_dir=str(tmp_path / "run"), steps=6, batch_size=4, warmup_steps=1, lr=1e-2,
-                         checkpoint_every=6, calibrate_margin=False)
-    train(create_model("world-tiny", seed=0), config, resume=False, progress=False)
-    recorded = json.loads((tmp_path / "run" / "train_config.json").read_text())["collapse_guard"]
+    recorded, seen = _guarded_run(tmp_path, monkeypatch, warmup=2, healthy_steps=4, steps=6)
     assert recorded["flagged"] and recorded["first_flagged_step"] == 4 and recorded["kept_step"] == 4
     assert len(seen["weights"]) == 6
     kept = seen["weights"][4]  # the weights after steps 0..3, as step 4 began
@@ -128,14 +134,7 @@ def test_a_run_that_collapses_after_a_healthy_stretch_saves_exactly_the_kept_wei
 def test_a_run_that_collapses_within_the_warm_up_ends_with_its_initial_weights(tmp_path, monkeypatch, capsys):
     """The first snapshot came at step 20: a run collapsing earlier (`--lr 0.3 --steps 30
     --batch-size 4`) wrote the collapsed weights after saying it would keep healthy ones."""
-    monkeypatch.setattr(loop_module, "CollapseGuard",
-                        functools.partial(CollapseGuard, warmup=4, every=2, smoothing=1.0))
-    seen = _scripted_diagnostics(monkeypatch, healthy_steps=0)
-    torch.manual_seed(0)
-    config = TrainConfig(out_dir=str(tmp_path / "run"), steps=4, batch_size=4, warmup_steps=1, lr=1e-2,
-                         checkpoint_every=4, calibrate_margin=False)
-    train(create_model("world-tiny", seed=0), config, resume=False, progress=False)
-    recorded = json.loads((tmp_path / "run" / "train_config.json").read_text())["collapse_guard"]
+    recorded, seen = _guarded_run(tmp_path, monkeypatch, warmup=4, healthy_steps=0, steps=4)
     assert recorded["flagged"] and recorded["kept_step"] == 0 and recorded["kept_ratio"] is None
     assert _saved_adapter_equals(tmp_path / "run" / "adapter.safetensors", seen["weights"][0])
     assert "kept the weights of step 0 (the weights it started from: no step was seen healthy)" in capsys.readouterr().out
