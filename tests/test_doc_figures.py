@@ -3,8 +3,10 @@ quoted table row or sentence below is recomputed from its file (percent, one dec
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import pytest
@@ -140,3 +142,310 @@ def test_calibration_table_is_label_free_json():
     wrong_rows = [r for r in rows if r[0] == "base given a wrong margin"]
     assert [r[2:6] for r in wrong_rows] == [_fit_cells(wrong["given"]), _fit_cells(wrong["after_label_free"])]
     assert checked == len(expected) == 6
+
+
+def _table(page: str, header: str) -> list[list[str]]:
+    """The rows (cells without bold marks) of the first table in `page` whose header row starts with `header`."""
+    lines = (ROOT / page).read_text(encoding="utf-8").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith(header)), None)
+    assert start is not None, f"{page}: no table with header {header!r}"
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip().replace("*", "") for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+def _table_after(page: str, marker: str) -> list[list[str]]:
+    """The rows of the first table after the line that starts with `marker`."""
+    lines = (ROOT / page).read_text(encoding="utf-8").splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(marker))
+    header = next(line for line in lines[at:] if line.startswith("|"))
+    return _table_from(lines[lines.index(header, at):])
+
+
+def _table_from(lines: list[str]) -> list[list[str]]:
+    rows = []
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip().replace("*", "") for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+def _results(name: str) -> dict:
+    return json.loads((ROOT / "benchmarks/results" / name).read_text())
+
+
+def _benchmark_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rendered_rows_missing(rendered: str, page: str) -> list[str]:
+    quoted = {line.strip() for line in (ROOT / page).read_text(encoding="utf-8").splitlines()}
+    return [line for line in rendered.splitlines()
+            if line.startswith("| ") and not line.startswith("|---") and line.strip() not in quoted]
+
+
+def test_every_bias_and_ttd_table_is_bias_json_as_its_script_renders_it():
+    rendered = _benchmark_module("bias").markdown(_results("bias.json"))
+    assert rendered.count("\n| ") >= 30 and _rendered_rows_missing(rendered, "docs/benchmarks.md") == []
+
+
+@pytest.mark.parametrize("name", ["bench_world_base", "bench_vit_b_16"])
+def test_bench_tables_are_bench_json_as_ttd_bench_renders_them(name):
+    from export.bench import to_markdown
+    result = _results(f"{name}.json")
+    rendered = to_markdown(result)
+    assert rendered.count("\n| ") == len(result["rows"]) + len(result["refused"]) + 1
+    assert _rendered_rows_missing(rendered, "docs/benchmarks.md") == []
+    assert (ROOT / f"benchmarks/results/{name}.md").read_text(encoding="utf-8") == rendered
+
+
+@pytest.mark.parametrize(("marker", "name"), [("**ViT-B/16** (the figure", "export_vit_b_16.json"),
+                                              ("**world-base** (the embedded model; its gates", "export_world.json")])
+def test_export_tables_are_export_speed_json(marker, name):
+    rows = {r[0]: r[1:] for r in _table_after("docs/benchmarks.md", marker)}
+    measured = _results(name)["rows"]
+    assert list(rows) == list(measured)
+    for label, r in measured.items():
+        cells = rows[label]
+        if "refused" in r:
+            assert cells[0].startswith("refused: ") and "bf16" in r["refused"], label
+            continue
+        quality = (["reference" if r["image_speedup"] == 1.0 else "—", "—", "—"] if label.startswith("torch") else
+                   [f"{r['min_cosine']:.5f}", f"{100 * r['tag_agreement']:.1f} %", f"{r['encoder_mb']:.0f}"])
+        speed = [f"{r['images_per_s']:.1f}", f"{r['image_speedup']:.2f}", f"{r['texts_per_s']:.0f}", f"{r['text_speedup']:.2f}"]
+        assert cells == quality + speed, label
+
+
+def _range(values: list[float], digits: int) -> str:
+    return f"{min(values):.{digits}f}–{max(values):.{digits}f}"
+
+
+def _p5_cells(p5: dict, digits: int) -> list[str]:
+    runs = p5["runs"]
+    return [str(p5["batch"]), _range([r["encoder_img_s"] for r in runs], digits) + " img/s",
+            _range([r["job_img_s"] for r in runs], digits) + " img/s",
+            f"{p5['p5_median']:.2f} ({p5['p5_min']:.2f}–{p5['p5_max']:.2f})"]
+
+
+def test_p5_table_is_tag_throughput_json():
+    rows = {r[0]: r[1:] for r in _table("docs/benchmarks.md", "| model | batch | encoder alone |")}
+    for label, name, digits in (("world (embedded default), before this round's changes", "p5_world_before.json", 0),
+                                ("world (embedded default)", "p5_world.json", 0),
+                                ("ViT-B/16 (random weights)", "p5_vit_b_16.json", 1)):
+        assert rows[label][:4] == _p5_cells(_results(name), digits), label
+
+
+def test_p5_before_and_after_table_is_its_json():
+    rows = {r[0]: r[1:] for r in _table("docs/benchmarks.md", "| tree | encoder alone | `ttd tag` | P5 (wall")}
+    for label, name in (("before, run 1", "p5_issue21_before_1.json"), ("after, run 1", "p5_issue21_after_1.json"),
+                        ("before, run 2", "p5_issue21_before_2.json"), ("after, run 2", "p5_issue21_after_2.json")):
+        p5 = _results(name)
+        cpu_s = sorted(r["job_cpu_s"] for r in p5["runs"])[len(p5["runs"]) // 2]
+        assert rows[label] == _p5_cells(p5, 0)[1:] + [f"{p5['p5_cpu_median']:.2f}", f"{cpu_s:.2f}"], label
+
+
+SEGMENTATION_COLUMNS = ("", "_target_mask", "_stage1_minmax_target_mask", "", "_stage1_minmax")
+
+
+@pytest.mark.parametrize("labelling", ["colours", "shapes"])
+def test_segmentation_tables_are_segmentation_json(labelling):
+    rows = _table("docs/benchmarks.md", f"| world classes: {labelling}")
+    runs = [_results(f"segmentation_{labelling}{suffix}.json")["rows"] for suffix in SEGMENTATION_COLUMNS]
+    assert [r[0].replace("whole image", "whole") for r in rows] == [r["setting"] for r in runs[0]]
+    for row, *measured in zip(rows, *runs):
+        figures = [m["base" if column == 0 else "ttd"] for column, m in enumerate(measured)]
+        assert row[1:] == [f"{f['miou']} / {f['mfpr']} / {f['mfnr']}" for f in figures], row[0]
+
+
+def _seed_cells(run: dict, columns: list[str]) -> list[str]:
+    return [str(run[c]) if c in run else "" for c in columns]
+
+
+def test_training_protocol_tables_are_seeds_json():
+    for header, name in (("| run | caption IoU | FPR | FNR | negatives F1 | colour mIoU θ 0.5 | colour mIoU θ 0.9 | train s | guard",
+                          "seeds_share75.json"),
+                         ("| run (share 0.5) |", "seeds.json")):
+        lines = (ROOT / "docs/training.md").read_text(encoding="utf-8").splitlines()
+        head = next(line for line in lines if line.startswith(header))
+        columns = [c.strip() for c in head.strip().strip("|").split("|")][1:]
+        columns = [c for c in columns if c != "guard"]
+        report = _results(name)
+        rows = {r[0]: r[1:] for r in _table("docs/training.md", header)}
+        for run_name, run in report["runs"].items():
+            cells = [c.rstrip("*") for c in rows[run_name][:len(columns)]]
+            assert cells == _seed_cells(run, columns), run_name
+        assert len([r for r in rows if r.startswith("data ")]) == len(report["runs"])
+        if "base" in rows:
+            assert rows["base"][:6] == _seed_cells(report["base"], columns[:6])
+        summary = report["summary"]
+        if any(r.startswith("worst") for r in rows):
+            worst = next(v for k, v in rows.items() if k.startswith("worst"))
+            assert worst[:6] == _seed_cells(report["runs"][summary["worst"]], columns[:6])
+            assert rows["mean ± std"][:6] == [f"{summary['mean'][c]} ± {summary['std'][c]}" for c in columns[:6]]
+
+
+def test_every_training_candidate_row_is_a_run_in_its_json():
+    seeds = _benchmark_module("seeds")
+    header = "| candidate | `--set` | pair |"
+    lines = (ROOT / "docs/training.md").read_text(encoding="utf-8").splitlines()
+    head = next(line for line in lines if line.startswith(header))
+    columns = [c.strip() for c in head.strip().strip("|").split("|")]
+    reports = [_results(p.name) for p in sorted((ROOT / "benchmarks/results").glob("seeds*.json"))]
+    checked = 0
+    for row in _table("docs/training.md", header):
+        cells = dict(zip(columns, row))
+        if not cells.get("caption IoU", "").replace(".", "").isdigit():
+            continue  # a run stopped before its evaluation says so in words
+        overrides = dict(seeds.parse_setting(s) for s in cells["`--set`"].strip("`").split())
+        data, seed = cells["pair"].split("/")
+        figures = [c for c in columns[3:] if c != "guard"]
+        candidates = [r["runs"].get(f"data {data} / seed {seed}") for r in reports if r["overrides"] == overrides
+                      or (not overrides and r["overrides"] == {"target_mask_share": 0.75})]
+        matching = [run for run in candidates if run and _seed_cells(run, figures) == [cells[c] for c in figures]]
+        assert matching, f"docs/training.md: no run in benchmarks/results/seeds*.json for {row[0]!r} on {cells['pair']}"
+        guard = matching[0].get("guard") or {}
+        assert cells["guard"].startswith("FLAGGED") == bool(guard.get("flagged")), row[0]
+        checked += 1
+    assert checked >= 9
+
+
+def test_training_memory_table_is_train_memory_json():
+    report = _results("train_memory_vit_b_16.json")
+    rows = _table("docs/training.md", "| variant | batch 2 (GB)")
+    labels = {"before": "before", "trim": "text trimmed", "trim+checkpointing": "text trimmed + gradient checkpointing"}
+    by_variant: dict[str, list[dict]] = {}
+    for r in report["rows"]:
+        by_variant.setdefault(r["variant"], []).append(r)
+    assert len(rows) == len(by_variant)
+    for row, (variant, measured) in zip(rows, by_variant.items()):
+        assert row[0].startswith(labels[variant]), row[0]
+        batches = [r["batch"] for r in measured]
+        peaks = [r["peak_gb"] for r in measured]
+        mean_b, mean_p = sum(batches) / len(batches), sum(peaks) / len(peaks)
+        slope = (sum((b - mean_b) * (p - mean_p) for b, p in zip(batches, peaks))
+                 / sum((b - mean_b) ** 2 for b in batches))
+        assert row[1:] == [f"{p:.2f}" for p in peaks] + [f"{slope:.2f}",
+                                                         " / ".join(f"{r['cpu_s_per_step']}" for r in measured)], variant
+
+
+def _flat(page: str) -> str:
+    return " ".join((ROOT / page).read_text(encoding="utf-8").split())
+
+
+def _mean_std_cell(cell: str, values: list[float]) -> None:
+    """A 'mean ± std (worst W; …)' cell: the mean ± std as benchmarks/bias.py writes it, the worst the lowest."""
+    bias = _benchmark_module("bias")
+    assert cell.split(" (")[0] == bias._mean_std(values), cell
+    worst = re.search(r"worst (\d+\.\d)", cell)
+    assert worst is None or worst.group(1) == f"{min(values):.1f}", cell
+
+
+def _ttd_runs(name: str, stage1: str) -> list[dict]:
+    return _benchmark_module("bias")._stage1_runs(_results(name))[stage1]
+
+
+def test_readme_ttd_row_and_caption_sentence_are_the_default_targets_json():
+    runs = _ttd_runs("bias_minmax_default_targets.json", "minmax")
+    cells = _row("README.md", "pixel-tag-negatives + TTD (the defaults)")
+    for cell, column in zip(cells, COLUMNS, strict=True):
+        _mean_std_cell(cell, [100 * r["tags"]["pixel-tag-negatives"][column] for r in runs])
+    ious = [100 * r["caption_mask"]["iou"] for r in runs]
+    mean_std = _benchmark_module("bias")._mean_std(ious)
+    assert f"base {_percent(BIAS_CAPTION['iou'])} → TTD {mean_std}, worst seed {min(ious):.1f}" in _flat("README.md")
+    seeds = " / ".join(f"{v:.1f}" for v in ious)
+    assert f"Caption mask IoU {mean_std} (seeds {seeds}; base {_percent(BIAS_CAPTION['iou'])})" in _flat("docs/benchmarks.md")
+
+
+BIAS_CAPTION = json.loads((ROOT / "benchmarks/results/bias.json").read_text())["base"]["caption_mask"]
+
+
+def test_mixed_targets_tables_are_their_reruns_json():
+    minmax = _ttd_runs("bias_minmax_default_targets.json", "minmax")
+    for row in _table("docs/benchmarks.md", "| scorer + TTD (Stage 1: minmax, mixed targets)"):
+        for cell, column in zip(row[1:], ("precision", "recall", "f1", "map"), strict=True):
+            _mean_std_cell(cell, [100 * r["tags"][row[0]][column] for r in minmax])
+    rerun = {s: _ttd_runs("bias_softmax_negatives_rerun.json", s) for s in ("softmax", "negatives")}
+    rows = {r[0]: r[1:] for r in _table("docs/benchmarks.md", "| scorer + TTD, mixed targets |")}
+    for scorer in ("text-tag", "pixel-tag", "pixel-tag-negatives"):
+        for cell, stage1 in zip(rows[scorer][:2], ("softmax", "negatives")):
+            _mean_std_cell(cell, [100 * r["tags"][scorer]["f1"] for r in rerun[stage1]])
+    for cell, stage1 in zip(rows["caption mask"][2:], ("softmax", "negatives")):
+        _mean_std_cell(cell, [100 * r["caption_mask"]["iou"] for r in rerun[stage1]])
+
+
+def test_calibration_stability_table_is_label_free_json():
+    rows = {r[0]: r[1:] for r in _table("docs/calibration.md", "| model | margins | margin spread")}
+    for model in LABEL_FREE["models"]:
+        cells = rows["base" if model["model"].startswith("base") else "TTD"]
+        assert cells == [", ".join(f"{s['margin']:.3f}" for s in model["subsets"]), f"{model['subset_margin_spread']:.2f}",
+                         ", ".join(f"{s['f1']:.2f}" for s in model["subsets"]), f"{model['subset_f1_spread']:.2f}"]
+
+
+def _gpu_run(name: str) -> dict:
+    return _results(f"gpu_h200/{name}/gpu_check.json")["steps"]
+
+
+def _half_up(value: float, digits: int) -> str:
+    """Rounded as the docs round by hand: halves up (594.5 -> 595), not to even."""
+    return str(Decimal(repr(value)).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP))
+
+
+def _thousands(value: float) -> str:
+    return f"{int(_half_up(value, 0)):,}"
+
+
+def test_gpu_tables_are_the_h200_reports():
+    full, final = _gpu_run("run2_full"), _gpu_run("run3_final")
+    agreement = {r[0]: r[4] for r in _table("docs/gpu.md", "| precision | world-base min cosine")}
+    for dtype, row in full["tag_cli"]["result"]["rows"].items():
+        if dtype.startswith("cuda "):
+            assert agreement[dtype.split()[1]] == f"{100 * row['agreement']:.1f} %", dtype
+    speed = {r[0]: r[1:] for r in _table("docs/gpu.md", "| dtype | batch 1 | batch 8")}
+    measured = full["throughput"]["result"]["rows"]
+    for dtype in ("float32", "float16", "bfloat16"):
+        rates = [_thousands(measured[f"{dtype} b{b}"]["images_per_s"]) for b in (1, 8, 64, 256)]
+        rates[0] += " img/s" if dtype == "float32" else ""
+        b256 = measured[f"{dtype} b256"]
+        assert speed[dtype] == rates + [f"{b256['peak_memory_mib'] / 1024:.1f} GiB", f"{100 * b256['of_bf16_peak']:.1f} %"]
+    end_to_end = {r[0]: r[1:] for r in _table("docs/gpu.md", "| run | images/s | ÷ encoder only")}
+    rows = final["tag_end_to_end"]["result"]["rows"]
+    captions, vocabulary = rows["ttd tag end-to-end, captions"], rows["ttd tag end-to-end, vocabulary (all world words)"]
+    assert end_to_end["+ 15 decoding worker processes overlapping the model"] == [
+        f"{_thousands(captions['images_per_s'])} / {_thousands(vocabulary['images_per_s'])}",
+        f"{captions['ratio_to_encoder_only']:.2f} / {vocabulary['ratio_to_encoder_only']:.2f}"]
+    assert f"÷ encoder only ({_thousands(captions['encoder_only_images_per_s'])})" in _flat("docs/gpu.md")
+
+
+def test_front_soak_and_huge_tag_tables_are_their_json():
+    front = _results("front_overhead.json")
+    rows = {r[0]: r[1:] for r in _table("docs/serving.md", "| load (2,000 requests per path)")}
+    for label, key in (("`ttd_tagger` (world image + caption)", "tagger"), ("one-row `ttd_text_encoder` (little model time)", "light")):
+        load = front[key]
+        assert rows[label] == [f"{_half_up(load[side]['throughput_rps'], 0)}, {_half_up(load[side]['p50_ms'], 0)} / "
+                               f"{_half_up(load[side]['p99_ms'], 0)} ms" for side in ("front", "direct")] + [
+                               f"{_half_up(load['front_cpu_ms_per_request'], 2)} ms"], label
+    soak = _results("soak_serve.json")
+    row = {r[0]: r[1:] for r in _table("docs/serving.md", "| requests | malformed | crashes")}["10,000 (behind the front)"]
+    statuses = ", ".join(f"{n} × {code}" for code, n in soak["malformed_statuses"].items())
+    assert row[:8] == [str(soak["malformed"]), f"{soak['crashes']} / {soak['restarts']}",
+                       f"{soak['lost']} of {soak['good']:,}", str(soak["mismatched"]),
+                       f"{soak['malformed_4xx_with_reason']} of {soak['malformed']} ({statuses})",
+                       f"{soak['throughput_rps']:.0f} req/s", f"{soak['p50_ms']:.0f} / {soak['p99_ms']:.0f} ms",
+                       f"{soak['rss_after_warmup_mib']:.0f} MiB after 500 requests → {soak['rss_end_mib']:.0f} MiB at the end "
+                       f"(+{100 * soak['rss_growth']:.1f} %; the front alone {soak['front_rss_after_warmup_mib']:.0f} → "
+                       f"{soak['front_rss_end_mib']:.0f} MiB)"]
+    huge = [c for c in _results("huge_tags_memory.json")["cases"] if c["answer"]]
+    quoted = _table("docs/serving.md", "| request | answer | peak | resident after |")
+    assert len(quoted) == len(huge)
+    for row, case in zip(quoted, huge):
+        assert row[0].split()[0].strip("`") == case["case"].split(",")[0], row[0]
+        assert row[1].split()[0] == case["answer"].split()[0], row[0]
+        assert row[2] == f"{_half_up(case['peak_mib'], 0)} MiB", row[0]
+        assert row[3].split(" (")[0] == f"{_half_up(case['resident_after_mib'], 0)} MiB", row[0]
