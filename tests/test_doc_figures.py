@@ -449,3 +449,115 @@ def test_front_soak_and_huge_tag_tables_are_their_json():
         assert row[1].split()[0] == case["answer"].split()[0], row[0]
         assert row[2] == f"{_half_up(case['peak_mib'], 0)} MiB", row[0]
         assert row[3].split(" (")[0] == f"{_half_up(case['resident_after_mib'], 0)} MiB", row[0]
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+@pytest.mark.parametrize(("label", "name"), [
+    ("decoding fixes, run 1", "p5_decode_gil_run1"), ("decoding fixes, run 2", "p5_decode_gil_run2"),
+    ("decoding fixes, alternating 1", "p5_decode_gil_alt1"), ("decoding fixes, alternating 2", "p5_decode_gil_alt2"),
+    ("final, alternating 1", "p5_final_alt1"), ("final, alternating 2", "p5_final_alt2"),
+    ("final, alternating 3", "p5_final_alt3")])
+def test_p5_round_rows_are_their_json(label, name):
+    p5 = _results(f"{name}.json")
+    runs = p5["runs"]
+    assert _row("docs/benchmarks.md", label) == [
+        _range([r["encoder_img_s"] for r in runs], 0) + " img/s", _range([r["job_img_s"] for r in runs], 0) + " img/s",
+        f"{_median([r['job_cpu_s'] for r in runs]):.2f}",
+        f"{p5['p5_median']:.3f} ({p5['p5_min']:.2f}–{p5['p5_max']:.2f})", f"{p5['p5_cpu_median']:.2f}"]
+
+
+def test_compare_versions_p5_table_is_its_summary():
+    trees = _results("compare_versions_p5_summary.json")["trees"]
+    rows = _table("docs/benchmarks.md", "| tree | encoder alone | `ttd tag` | job CPU s / 512 img | P5 wall (median, range)")
+    assert len(rows) == len(trees)
+    for row, tree in zip(rows, trees.values()):
+        assert tree["commit"] in row[0]
+        assert row[1:5] == [f"{tree['encoder_img_s_median']:.0f} img/s", f"{tree['job_img_s_median']:.0f} img/s",
+                            f"{tree['job_cpu_s_median']:.2f}",
+                            f"{tree['p5_median']:.2f} ({tree['p5_min']:.2f}–{tree['p5_max']:.2f})"], row[0]
+        assert row[5].split(" (")[0] == f"{tree['p5_cpu_median']:.2f}", row[0]
+
+
+def test_compare_versions_records_and_eval_tables_are_its_json():
+    report = _results("compare_versions.json")
+    rows = _table("docs/benchmarks.md", "| command | decisions | flips | max \\|Δscore\\|")
+    assert len(rows) == len(report["cases"])
+    for row, case in zip(rows, report["cases"]):
+        words = case["case"].split(" (")[0].split()
+        assert all(w in row[0] for w in words), (row[0], case["case"])
+        assert row[1:4] == [f"{case['decisions']:,}", str(case["flips"]),
+                            "0" if case["max_abs_score_diff"] == 0 else f"{case['max_abs_score_diff']:.0e}".replace("e-0", "e-")]
+    tables = {which: {line.split()[0]: line.split()[1:] for line in report["eval"][f"table_{which}"].splitlines()[1:7]}
+              for which in ("old", "new")}
+    quoted = _table_after("docs/benchmarks.md", "the largest difference in their `--json` metrics")
+    for row in quoted:
+        scorer = row[0].replace("pixel-tag (softmax)", "pixel-tag")
+        for cell, column in zip(row[1:], (0, 1, 2, 4), strict=True):
+            assert cell == f"{tables['old'][scorer][column]} / {tables['new'][scorer][column]}", (scorer, cell)
+
+
+# Every table of measured figures in the README and docs is read by a test above, or listed here with why it
+# cannot be: a new table of figures must do one or the other.
+CHECKED_TABLES = {
+    ("README.md", "| scorer | P | R | F1 | mAP | R-prec |"),
+    ("docs/benchmarks.md", "| scorer | δ |"), ("docs/benchmarks.md", "| scorer | P | R | F1 | Acc |"),
+    ("docs/benchmarks.md", "| caption mask | IoU |"), ("docs/benchmarks.md", "| scorer + TTD (Stage 1: minmax"),
+    ("docs/benchmarks.md", "| scorer + TTD, mixed targets"), ("docs/benchmarks.md", "| recall by kind"),
+    ("docs/benchmarks.md", "| ablation (seed 0)"), ("docs/benchmarks.md", "| world classes: colours"),
+    ("docs/benchmarks.md", "| world classes: shapes"), ("docs/benchmarks.md", "| variant | min cosine vs fp32"),
+    ("docs/benchmarks.md", "| backend | precision | batch |"), ("docs/benchmarks.md", "| model | batch | encoder alone"),
+    ("docs/benchmarks.md", "| tree | encoder alone | `ttd tag` | P5 (wall"),
+    ("docs/benchmarks.md", "| command | decisions | flips"), ("docs/benchmarks.md", "| scorer | P | R | F1 | mAP |"),
+    ("docs/benchmarks.md", "| tree | encoder alone | `ttd tag` | job CPU s / 512 img"),
+    ("docs/calibration.md", "| model | fit | margin"), ("docs/calibration.md", "| model | margins"),
+    ("docs/gpu.md", "| precision | world-base"), ("docs/gpu.md", "| dtype | batch 1"), ("docs/gpu.md", "| run | images/s"),
+    ("docs/serving.md", "| side |"), ("docs/serving.md", "| side (ViT-B/16)"), ("docs/serving.md", "| load (2,000"),
+    ("docs/serving.md", "| requests | malformed"), ("docs/serving.md", "| request | answer | peak"),
+    ("docs/training.md", "| run | caption IoU | FPR | FNR | negatives F1"), ("docs/training.md", "| run (share 0.5)"),
+    ("docs/training.md", "| candidate | `--set` | pair"), ("docs/training.md", "| variant | batch 2 (GB)"),
+}
+NOT_FIGURES = {  # tables of names, commands and code, no measurement
+    ("README.md", "| page |"), ("docs/api.md", "| `ttd.load` argument"), ("docs/architecture.md", "| file |"),
+    ("docs/calibration.md", "| you have |"), ("docs/edge.md", "| command | on the base install"),
+    ("docs/formats.md", "| column | type"), ("docs/formats.md", "| file |"), ("docs/gpu.md", "| command | what it does"),
+    ("docs/gpu.md", "| part | code"), ("docs/gpu.md", "| change | code"), ("docs/gpu.md", "| part | status"),
+    ("docs/reliability.md", "| item | found"),
+}
+WITHOUT_JSON = {  # measured before their runs kept a JSON; the command that re-measures is beside each table
+    ("docs/benchmarks.md", "| tree | encoder alone | `ttd segment --captions`"): "P9 rows: p9_whole_images_*.json "
+                                                                                 "hold runs, not the table's medians",
+    ("docs/benchmarks.md", "| graph | on the host"): "export.int8_portability prints, writes no JSON",
+    ("docs/benchmarks.md", "| | base install"): "benchmarks/cold_start.sh prints, writes no JSON",
+    ("docs/benchmarks.md", "| command | wall s"): "benchmarks/cold_start.sh prints, writes no JSON",
+    ("docs/benchmarks.md", "| command (idle cores)"): "benchmarks/cold_start.sh prints, writes no JSON",
+    ("docs/benchmarks.md", "| tree | P5 wall, median (min–max) of 5 | P5 by CPU time |"): "runs of an earlier round, not kept",
+    ("docs/benchmarks.md", "| model | batch | tags per image"): "a one-off proxy count in a session, not kept",
+    ("docs/reliability.md", "| recovery after tritonserver"): "benchmarks/serve_recovery.py prints, writes no JSON",
+    ("docs/training.md", "| run | caption IoU | FPR | FNR | fitted margin"): "runs of the collapse study, not kept",
+    ("docs/training.md", "| | start | good (seed 1)"): "per-step diagnostics of runs not kept",
+    ("docs/training.md", "| Stage 2 on the collapsing seeds"): "runs of the collapse study, not kept",
+    ("docs/training.md", "| run on 4711/3"): "per-step diagnostics of the screening runs, not kept",
+}
+
+
+def _tables_with_figures() -> list[tuple[str, str]]:
+    found = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        lines = page.read_text(encoding="utf-8").splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith("|") and (i == 0 or not lines[i - 1].startswith("|")):
+                found.append((str(page.relative_to(ROOT)), line))
+    return found
+
+
+def test_every_table_of_figures_is_checked_or_says_why_not():
+    known = CHECKED_TABLES | NOT_FIGURES | set(WITHOUT_JSON)
+    unknown = [f"{page}: {header}" for page, header in _tables_with_figures()
+               if not any(page == p and header.startswith(prefix) for p, prefix in known)]
+    assert unknown == []
+    stale = [k for k in known if not any(page == k[0] and header.startswith(k[1]) for page, header in _tables_with_figures())]
+    assert stale == []
