@@ -3,7 +3,9 @@ default, and `ttd.load` fed by the same spec."""
 
 from __future__ import annotations
 
+import ast
 import inspect
+import textwrap
 
 import click
 import pytest
@@ -71,3 +73,19 @@ def test_load_takes_the_specs_defaults():
     assert {name: parameters[name].default for name in SETTINGS if name in parameters} == \
         {name: s.default for name, s in SETTINGS.items() if name in parameters}
     assert set(SETTINGS) - set(parameters) == set()
+
+
+
+def _body_lines(function) -> int:
+    """Lines of a command's body after its docstring: the options come in, one library call, out."""
+    source = textwrap.dedent(inspect.getsource(inspect.unwrap(function)))
+    body = ast.parse(source).body[0].body
+    if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    return body[-1].end_lineno - body[0].lineno + 1
+
+
+def test_every_command_body_is_at_most_30_lines():
+    lengths = {path: _body_lines(command.callback) for path, command in _commands() if command.callback}
+    assert len(lengths) >= 15 and lengths["tag"] > 5
+    assert {path: n for path, n in lengths.items() if n > 30} == {}
