@@ -433,8 +433,8 @@ def write_report(records_path: Path, html_path: Path, per_page: int = 50, max_si
                  images_root: Path | None = None, allow_any_path: bool = False) -> list[Path]:
     """Write the report of `records_path` (JSONL) to `html_path` (+ further pages); returns the pages.
 
-    Relative image and mask paths in the records start at `images_root` (default: the folder of
-    the captions file the job recorded, else the records file's folder). Unless `allow_any_path`,
+    Relative image and mask paths in the records start at `images_root` (default: the records
+    file's folder; a missing image names the job's captions folder as a hint). Unless `allow_any_path`,
     an image must resolve inside that root and a mask inside it or the records' folder; any other
     path is an error of its item, not embedded."""
     refuse_output_over_input(html_path, records_path, "the report")
