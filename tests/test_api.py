@@ -125,6 +125,29 @@ def test_a_bad_image_is_a_ttd_error_naming_it(tagger, tmp_path):
         tagger.tag(str(WORLD / "images/010000.png"), "the of a")
 
 
+def test_empty_images_and_a_string_vocabulary_are_ttd_errors(tagger):
+    with pytest.raises(ttd.TTDError, match=r"image 0 \(array\): 0×5 pixels: nothing to tag"):
+        tagger.tag(np.zeros((5, 0, 3), np.uint8), "a red star")
+    with pytest.raises(ttd.TTDError, match=r"0×0 pixels: nothing to tag"):
+        tagger.tag(Image.new("RGB", (0, 0)), "a red star")
+    with pytest.raises(ttd.TTDError, match=r"tags: give a list of tags, not one string \('red': write \['red'\]\)"):
+        tagger.tag_vocabulary(str(WORLD / "images/010000.png"), "red")
+
+
+@pytest.mark.parametrize(("setting", "flag", "value"), [
+    ("threshold", "--threshold", 2), ("threshold", "--threshold", -0.1), ("mask_threshold", "--mask-threshold", 1),
+    ("threads", "--threads", -1), ("dtype", "--dtype", "fp8"), ("score_method", "--score", "cosine"),
+    ("dense_mode", "--dense-mode", "mean"), ("backend", "--backend", "tflite")])
+def test_load_refuses_what_the_cli_refuses_with_the_same_reason(tmp_path, setting, flag, value):
+    result = CliRunner().invoke(main, ["segment", "--captions", str(WORLD / "annotations.jsonl"), "-o",
+                                       str(tmp_path / "s.jsonl"), flag, str(value)])
+    assert result.exit_code == 2 and not (tmp_path / "s.jsonl").exists()
+    reason = result.output.strip().splitlines()[-1].split(f"'{flag}': ")[-1]
+    with pytest.raises(ttd.TTDError, match=f"^{setting}={value!r}: ") as refused:
+        ttd.load(**{setting: value})
+    assert str(refused.value).split(": ", 1)[1] == reason
+
+
 def test_an_impossible_job_is_refused_before_any_work(tmp_path):
     with pytest.raises(ttd.TTDError, match="--top-k lists a vocabulary's best tags"):
         ttd.run(ttd.Job(output=tmp_path / "t.jsonl", captions=WORLD / "annotations.jsonl", top_k=3))

@@ -26,7 +26,7 @@ from ttd.errors import InputError
 from ttd.model.config import ModelConfig
 from ttd.model.tags import tags_of_caption
 from ttd.model.config import DEFAULT_MASK_THRESHOLD, DEFAULT_SCORE_METHOD, DEFAULT_THRESHOLD
-from ttd.options import DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_THREADS
+from ttd.options import DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_THREADS, checked_settings
 from ttd.runtime.images import ImageError, decode_image
 from ttd.segment.segmentation import Segmentation
 
@@ -151,6 +151,8 @@ class Tagger:
     def tag_vocabulary(self, images: ImageInput | Images, tags: Sequence[str],
                        masks: bool = False) -> TagResult | list[TagResult]:
         """Which of `tags` each image shows (the vocabulary is encoded once per Tagger)."""
+        if isinstance(tags, str):
+            raise InputError(f"tags: give a list of tags, not one string ({tags!r}: write [{tags!r}])")
         vocabulary = [t.strip().lower() for t in tags if t.strip()]
         if not vocabulary:
             raise InputError("give at least one tag")
@@ -263,6 +265,9 @@ def load(
     """
     from ttd.runtime import load_tagger
 
+    checked_settings(checkpoint=checkpoint, dense_mode=dense_mode, backend=backend, export_dir=export_dir,
+                     dtype=dtype, threads=threads, threshold=threshold, score_method=score_method,
+                     mask_threshold=mask_threshold)
     choice = None
     if "auto" in (backend, dtype):
         from ttd.runtime.auto_choice import resolve_auto

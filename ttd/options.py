@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import click
 
+from ttd.errors import InputError
 from ttd.model.config import (DEFAULT_MASK_THRESHOLD, DEFAULT_SCORE_METHOD, DEFAULT_THRESHOLD, DENSE_MODES,
                               PRECISION_ALIASES, SCORE_METHODS, canonical_precision)
 from ttd.runtime.backends import BACKENDS
@@ -138,6 +139,19 @@ MODEL = ("model", "pretrained", "checkpoint", "dense_mode")
 # what every command that runs a model takes: which model, on what, how fast
 RUNTIME = (*MODEL, "backend", "export_dir", "url", "device", "dtype", "threads")
 SCORING = ("threshold", "score_method", "flip_tta")
+
+
+def checked_settings(**values: Any) -> None:
+    """Each value checked by its setting's own type, as the CLI checks it: `ttd.load(threshold=2)` is
+    refused like `ttd tag --threshold 2`, with the same reason."""
+    for name, value in values.items():
+        setting = SETTINGS[name]
+        if value is None or setting.type is None:
+            continue
+        try:
+            setting.type.convert(value, None, None)
+        except click.BadParameter as error:
+            raise InputError(f"{name}={value!r}: {error.message}") from None
 
 
 def setting_options(*names: str) -> Callable[[F], F]:

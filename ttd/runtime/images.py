@@ -174,6 +174,8 @@ class Preprocess:
         if isinstance(source, np.ndarray):
             source = Image.fromarray(source)
         image = source if isinstance(source, Image.Image) else decode_image(source, name, self.max_pixels, self.size)
+        if 0 in image.size:
+            raise ImageError(f"{name or 'image'}: {image.width}×{image.height} pixels: nothing to tag")
         return resize_center_crop(image, self.size, self.interpolation), original_size(image)
 
 
