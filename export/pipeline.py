@@ -4,7 +4,8 @@ The fp32 graphs are always exported and gated against PyTorch first. A precision
 made from them and gated against the same PyTorch fp32 reference; if it misses, the error says by
 how much it missed.
 
-Everything is written into a staging folder beside OUT_DIR and moved into OUT_DIR only after the
+Everything is written into a staging folder beside OUT_DIR (inside it where its parent is
+read-only) and moved into OUT_DIR only after the
 gates passed, so a refused, failed or interrupted export (Ctrl-C, a precision this CPU cannot run)
 leaves an earlier export in OUT_DIR as it was.
 """
@@ -12,6 +13,7 @@ leaves an earlier export in OUT_DIR as it was.
 from __future__ import annotations
 
 from ttd.errors import InputError
+import errno
 import json
 import os
 import platform
@@ -99,7 +101,7 @@ def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mod
                tensorrt_limits=None, torch_weights: bool = True, int8_settings: Int8Settings | None = None) -> dict:
     """Export `model` to `out_dir` and return the manifest; raises GateError when a gate fails.
 
-    The export is made in a staging folder beside `out_dir` and moved in only when its gates
+    The export is made in a staging folder beside `out_dir` (see staging_dir) and moved in only when its gates
     passed (see swap_in): an export that fails, is refused or is interrupted leaves `out_dir` as it
     was. The model is moved to the CPU in
     float32 and its LoRA adapters, if any, are merged in place. `torch_weights` also writes those
@@ -118,11 +120,11 @@ def run_export(model: TTDModel, out_dir: Path, precision: str = "fp32", int8_mod
         model = merge_lora(model)
     try:
         staging = staging_dir(out_dir)
-    except OSError as error:  # an unwritable or read-only parent: the export is staged beside OUT_DIR
+    except OSError as error:  # OUT_DIR does not exist and its parent cannot be written, or neither can
         raise ExportError(f"cannot export to {out_dir}: cannot make its staging folder in "
-                          f"{Path(os.path.abspath(out_dir)).parent} ({error.strerror or error}); an export is staged "
-                          "beside its folder (the same file system, so that it moves in at once): export where that "
-                          "folder is writable") from None
+                          f"{Path(os.path.abspath(out_dir)).parent} or in it ({error.strerror or error}); an export "
+                          "is staged beside its folder, or inside an existing one whose parent is read-only: export "
+                          "into a writable folder") from None
     try:
         manifest = _gated_export(model, staging, precision, int8_mode, opset, check_count, torch_weights,
                                  int8_settings)
@@ -184,7 +186,7 @@ def _gated_export(model: TTDModel, out_dir: Path, precision: str, int8_mode: str
     return manifest
 
 
-STAGING_PREFIX = ".ttd-export-"  # .ttd-export-NAME.PID.XXXX beside OUT_DIR while an export runs
+STAGING_PREFIX = ".ttd-export-"  # .ttd-export-NAME.PID.XXXX beside (or inside) OUT_DIR while an export runs
 
 
 def _process_alive(pid: int) -> bool:
@@ -199,29 +201,46 @@ def _process_alive(pid: int) -> bool:
 
 def remove_dead_staging(out_dir: Path) -> list[Path]:
     """Staging folders of `out_dir` left by exports that were killed (SIGKILL, SIGTERM, a power
-    cut) — those whose process is gone; a running export's folder is kept. Returns what went."""
+    cut) — those whose process is gone, beside `out_dir` or inside it (see staging_dir); a running
+    export's folder is kept. Returns what went."""
     removed = []
     # exactly .ttd-export-NAME.PID.XXXXXXXX (mkdtemp's 8-character suffix): a loose match took the
     # staging folder of a running export to NAME.99991 for a dead export's to NAME (pid 99991)
     exact = re.compile(re.escape(f"{STAGING_PREFIX}{out_dir.name}.") + r"(\d+)\.[A-Za-z0-9_]{8}")
-    for folder in out_dir.parent.glob(f"{STAGING_PREFIX}{out_dir.name}.*.*"):
-        match = exact.fullmatch(folder.name)
-        if match and folder.is_dir() and not folder.is_symlink() and not _process_alive(int(match.group(1))):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
+    for where in (out_dir.parent, out_dir):
+        for folder in where.glob(f"{STAGING_PREFIX}{out_dir.name}.*.*"):
+            match = exact.fullmatch(folder.name)
+            if match and folder.is_dir() and not folder.is_symlink() and not _process_alive(int(match.group(1))):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
     return removed
 
 
+# the parent cannot take a folder (read-only, no permission): an existing OUT_DIR may still
+_UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
 def staging_dir(out_dir: Path) -> Path:
-    """A new, empty folder beside `out_dir` (the same file system, so moving from it is a rename),
-    with the mode a new folder gets from the umask (mkdtemp would make it 0700). Folders that
-    killed exports left there are removed first."""
+    """A new, empty folder on `out_dir`'s file system, so that moving from it is a rename, with the
+    mode a new folder gets from the umask (mkdtemp would make it 0700). Beside `out_dir`, or inside
+    an existing `out_dir` that is a mount point of its own or whose parent cannot be written (a
+    volume in a read-only container; docs/reliability.md, "Exports"). Folders that killed exports
+    left there are removed first."""
     out_dir = Path(os.path.abspath(out_dir))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir} exists and is not a folder")
     remove_dead_staging(out_dir)
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{out_dir.name}.{os.getpid()}.", dir=out_dir.parent))
+    prefix = f"{STAGING_PREFIX}{out_dir.name}.{os.getpid()}."
+    if out_dir.is_dir() and out_dir.stat().st_dev != out_dir.parent.stat().st_dev:
+        staging = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir))  # beside it would be another file system
+    else:
+        try:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir.parent))
+        except OSError as error:
+            if error.errno not in _UNWRITABLE or not out_dir.is_dir():
+                raise
+            staging = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir))
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)

@@ -152,3 +152,26 @@ def test_a_failed_fit_says_why_pairs_were_skipped(tmp_path, world_pairs, checkpo
     tiny = CliRunner().invoke(main, ["calibrate", "--checkpoint", str(checkpoint), "--captions", str(pairs),
                                      "--dry-run", "--max-false-rate", "1e-300"])
     assert tiny.exit_code == 2 and "max false rate 1e-300 is too small to place a margin" in tiny.output
+
+
+def test_a_fit_over_shards_takes_their_images_as_it_reads_them(world_pairs, tagger, tmp_path):
+    """The images of a calibration over shards are read again as the fit takes them (one batch
+    decoded at a time, never every image's bytes held): the same fit as over the images in memory."""
+    import io
+    import tarfile
+
+    from ttd.data.items import ShardImages, read_pairs
+
+    with tarfile.open(tmp_path / "000.tar", "w") as tar:
+        for i, sample in enumerate(world_pairs):
+            buffer = io.BytesIO()
+            Image.fromarray(sample.image).save(buffer, "PNG")
+            for ext, data in (("png", buffer.getvalue()), ("txt", sample.caption.encode())):
+                info = tarfile.TarInfo(f"{i:04d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    images, captions = read_pairs(tmp_path / "000.tar", PAIRS, [])
+    assert isinstance(images, ShardImages)
+    streamed = fit_label_free(tagger, images, captions, progress=False, batch_size=8)
+    in_memory = fit_label_free(tagger, [s.image for s in world_pairs], captions, progress=False, batch_size=8)
+    assert streamed.as_dict() == in_memory.as_dict() and streamed.pairs == PAIRS

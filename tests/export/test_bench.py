@@ -30,3 +30,29 @@ def test_bench_rows_quality_refusals_and_report():
     table = to_markdown(result)
     assert f"CPU {result['cpu']['model']} ({result['cpu']['isa_class']}; flags:" in table
     assert table.count("\n| torch | ") == 4 and "| onnxruntime | bf16 | refused: bf16 export refused: why |" in table
+
+
+def test_the_markdown_file_has_one_line_per_measured_row_and_per_refusal(tmp_path, monkeypatch):
+    """`ttd bench --markdown` was reported writing the onnxruntime fp16 and int8 rows twice (9
+    rows for 6 measured; the JSON right). Not reproduced on this code; this pins the file to the
+    JSON through the CLI, a refused variant included: one line each, in the JSON's order."""
+    import export.pipeline as pipeline
+    from click.testing import CliRunner
+
+    from export.checks import GateError
+    from ttd.cli import main
+
+    def refused(job):
+        raise GateError("fp16 export refused: (a stand-in for a missed gate)")
+
+    monkeypatch.setitem(pipeline.CONVERTERS, "fp16", refused)
+    result = CliRunner().invoke(main, ["bench", "--model", "world-tiny", "--batch-sizes", "1", "--min-seconds", "0",
+                                       "--check-count", "4", "--tags", "8", "--text-batch", "4", "--threads", "1",
+                                       "--json", str(tmp_path / "b.json"), "--markdown", str(tmp_path / "b.md")])
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "b.json").read_text())
+    lines = [line for line in (tmp_path / "b.md").read_text().splitlines() if line.startswith("| ")][1:]  # no header
+    measured = [f"| {r['backend']} | {r['precision']} | {r['batch']} |" for r in written["rows"]]
+    refusals = [f"| {r['backend']} | {r['precision']} | refused:" for r in written["refused"]]
+    assert len(measured) == 5 and len(refusals) == 1  # torch fp32, bf16; onnxruntime fp32, int8 dynamic, static
+    assert len(lines) == 6 and [line[: len(want)] for line, want in zip(lines, measured + refusals)] == measured + refusals

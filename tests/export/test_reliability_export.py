@@ -237,3 +237,96 @@ def test_a_full_disk_during_an_export_is_one_line_and_leaves_the_old_export(expo
                                                                                "it was"), last
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in work.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+
+
+def _in_mount_namespace(mounts: str, *paths, check: str = "true"):
+    """A command prefix that runs a command in a mount namespace of its own after the shell
+    `mounts` ($1, $2: `paths`), or None where that is not permitted here (or `check` fails in it).
+    chmod cannot restrict root (CI runs as root); a read-only mount can."""
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return None
+    prefix = ["unshare", "-m", "sh", "-c", f"mount --make-rprivate / && {mounts} && shift {len(paths)} && exec \"$@\"",
+              "sh", *map(str, paths)]
+    probe = subprocess.run([*prefix, "sh", "-c", check], capture_output=True, timeout=30)
+    return prefix if probe.returncode == 0 else None
+
+
+def _ttd(prefix, *args):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{root}:{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run([*prefix, sys.executable, "-m", "ttd", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=280)
+
+
+@pytest.mark.deadline(300)
+def test_an_export_into_a_writable_folder_under_a_read_only_parent_is_staged_inside_it(export_dir, tmp_path):
+    """An export into a writable OUT whose parent is read-only (a volume in a read-only container)
+    always failed: its staging folder sat beside OUT. It is staged inside OUT then (the same file
+    system, so each file still moves in with one rename), and an OUT that does not exist there is
+    one line naming the parent."""
+    parent = tmp_path / "ro"
+    work = parent / "work"
+    shutil.copytree(export_dir, work)
+    prefix = _in_mount_namespace('mount --bind "$1" "$1" && mount --bind "$2" "$2" && mount -o remount,bind,ro "$1"',
+                                 parent, work, check=f'! touch "{parent}/.probe" 2>/dev/null')
+    if prefix is None:
+        pytest.skip("mount namespaces are not permitted here (unshare -m and a read-only bind mount make a "
+                    "read-only parent that root cannot write)")
+    old = json.loads((work / MANIFEST).read_text())["files"]
+    done = _ttd(prefix, "export", work, "--model", "world-tiny", "--no-torch-weights")
+    assert done.returncode == 0, done.stderr[-2000:]
+    new = read_export(work).manifest["files"]
+    assert "model.safetensors" in old and "model.safetensors" not in new  # the new export is in
+    assert sorted(p.name for p in work.iterdir()) == sorted([MANIFEST, "notes.txt", *new])  # no staging left
+    assert sorted(p.name for p in parent.iterdir()) == ["work"]
+    # an OUT that does not exist cannot be made there: one line naming the read-only parent
+    missing = parent / "new"
+    done = _ttd(prefix, "export", missing, "--model", "world-tiny")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot export to {missing}: ") and str(parent) in last, last
+    assert not missing.exists()
+
+
+def test_a_killed_export_staged_inside_its_folder_is_cleaned_by_the_next(export_dir, tmp_path):
+    """A kill while an export is staged inside OUT leaves the old export as it was (the staging
+    folder is hidden and no manifest lists it); the next export removes that folder."""
+    import subprocess
+
+    from export.pipeline import STAGING_PREFIX, remove_dead_staging
+
+    work = tmp_path / "work"
+    shutil.copytree(export_dir, work)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = work / f"{STAGING_PREFIX}work.{dead.pid}.abcd1234"
+    left.mkdir()
+    (left / "image_encoder.onnx").write_bytes(b"half written")
+    read_export(work)  # the old export still loads, its hashes checked
+    running = work / f"{STAGING_PREFIX}work.{os.getpid()}.efgh5678"
+    running.mkdir()
+    assert remove_dead_staging(work) == [left]
+    assert running.is_dir()
+
+
+@pytest.mark.deadline(300)
+def test_an_export_into_a_mount_point_is_staged_inside_it(tmp_path):
+    """An OUT that is a file system of its own (a mounted volume) cannot take files renamed from a
+    staging folder beside it (EXDEV, half-way through the swap): it is staged inside OUT."""
+    out = tmp_path / "volume"
+    out.mkdir()
+    prefix = _in_mount_namespace('mount -t tmpfs none "$1"', out)
+    if prefix is None:
+        pytest.skip("mount namespaces are not permitted here (unshare -m and a tmpfs mount make a volume)")
+    done = _ttd([*prefix, "sh", "-c", '"$@" && ls -A "$0"', out], "export", out, "--model", "world-tiny",
+                "--no-torch-weights")
+    assert done.returncode == 0, done.stderr[-2000:]
+    listed = done.stdout.split()
+    assert MANIFEST in listed and "image_encoder.onnx" in listed and not any(".ttd-export" in n for n in listed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["volume"]  # nothing staged beside it

@@ -191,3 +191,18 @@ def test_a_symlinked_config_is_written_through(tmp_path):
     calibrate_checkpoint(tmp_path / "ck" / "model.safetensors", 7.5, {"method": "labelled"})
     assert (tmp_path / "ck" / "model.json").is_symlink()
     assert json.loads(checkpoint.with_suffix(".json").read_text())["negative_margin"] == 7.5
+
+
+def test_an_output_that_is_a_fifo_or_a_device_is_refused(tmp_path):
+    """A FIFO at OUT was silently replaced by the finished records (a reader on it got nothing);
+    a device such as `-o /dev/null` would be replaced the same way, as root, by a plain file.
+    A job's output is a file it replaces when done: anything else at OUT is refused, kept."""
+    captions = world_job(tmp_path, 2)
+    output = tmp_path / "tags.jsonl"
+    os.mkfifo(output)
+    result = tag("--captions", captions, "-o", output)
+    assert result.exit_code == 2 and output.is_fifo(), result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: {output} is not a plain file (a FIFO or a device): a job writes its records to a new file that "
+        "replaces the output when the job is done; give a file name")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("tags", ".tags"))) == ["tags.jsonl"]

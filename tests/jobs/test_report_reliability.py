@@ -222,6 +222,11 @@ def test_a_segment_record_shows_the_pixels_each_class_won(grey, tmp_path):
     page = items(report(write_records(grey, [record]), tmp_path / "r.html"))[1]
     assert "<th>pixels won</th>" in page
     assert "<td>sky</td><td>1.000</td><td>75.0 %</td><td>selected</td>" in page
-    assert "<td>sea</td><td>1.000</td><td>0.0 %</td><td>rejected: 0 % of pixels (another class won each)</td>" in page
+    # a class wins no pixel where another class's mask is higher or every mask is below θ (the
+    # background): its score does not decide it, so a class scored 0.000 is not "beaten" either
+    won_none = ('<td title="each of its pixels went to a class with a higher mask there, or to the background">'
+                "rejected: won no pixel</td>")
+    assert f"<td>sea</td><td>1.000</td><td>0.0 %</td>{won_none}" in page
+    assert f"<td>cat</td><td>0.000</td><td>0.0 %</td>{won_none}" in page
     plain = items(report(write_records(grey, [GOOD], "plain.jsonl"), tmp_path / "p.html"))[1]
     assert "pixels won" not in plain and "<td>good</td><td>0.750</td><td>selected</td>" in plain

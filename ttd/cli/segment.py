@@ -64,8 +64,8 @@ def segment(captions, classes, images, output, coco, masks_dir, crop, scales, st
               help="Images are embedded at most this many pixels on their longer side.")
 @click.option("--images-root", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help="Folder that relative image paths in RECORDS start from, and that every embedded image must "
-                   "lie in [default: RECORDS' folder; never a folder named inside the records or their job record, "
-                   "which travel with them]. Masks may also lie in RECORDS' folder.")
+                   "lie in [default: RECORDS' folder; never a folder named by data in the records, such as the "
+                   "captions folder the job recorded]. Masks may also lie in RECORDS' folder.")
 @click.option("--allow-any-path", is_flag=True,
               help="Embed images and masks wherever RECORDS point (absolute paths, '..', links out of the root). "
                    "Off by default: a report is one file made to be shared, and records must not make it carry "

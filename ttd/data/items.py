@@ -337,24 +337,58 @@ def select_shard(items: Iterable[Item], shard: int, num_shards: int, skip: int =
     return islice(mine, skip, None)
 
 
-def read_pairs(captions: str | Path, max_pairs: int, skipped: list[str]) -> tuple[list[bytes | Path], list[str]]:
+class ShardImages:
+    """The encoded images of chosen samples of webdataset shards, read again from the shards as
+    they are iterated, one sample in memory at a time: holding them from the first read would
+    hold up to --max-pairs images' bytes (docs/reliability.md, "Smaller things"). Shards that
+    changed between the two reads are refused, never a caption paired with another image."""
+
+    def __init__(self, pattern: str, chosen: list[tuple[int, str]]) -> None:
+        self.pattern = pattern
+        self.chosen = chosen  # (position in the stream, sample name), in stream order
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def __iter__(self) -> Iterator[bytes]:
+        wanted = iter(self.chosen)
+        position, name = next(wanted, (-1, ""))
+        for index, item in enumerate(stream_shards(self.pattern)):
+            if position < 0:
+                return  # past the last chosen sample: the rest is never read
+            if index == position:
+                if item.image != name or item.error or not isinstance(item, ShardItem) or item.data is None:
+                    break
+                yield item.data
+                position, name = next(wanted, (-1, ""))
+        if position >= 0:
+            raise InputError(f"{self.pattern}: sample {name} is not where the first read found it: the shards changed "
+                             "while they were read; calibrate again once they are written")
+
+
+def read_pairs(captions: str | Path, max_pairs: int, skipped: list[str]) -> tuple[list[Path] | ShardImages, list[str]]:
     """(images, captions) of the first `max_pairs` usable items of a captions file or shard
-    pattern (what `ttd tag --captions` reads): the pairs label-free calibration fits on. An
-    unusable item is left out, its reason appended to `skipped`; InputError if none is usable."""
-    images: list[bytes | Path] = []
+    pattern (what `ttd tag --captions` reads): the pairs label-free calibration fits on. Images
+    are paths, or for shards a ShardImages that reads them again as they are taken. An unusable
+    item is left out, its reason appended to `skipped`; InputError if none is usable."""
+    paths: list[Path] = []
+    chosen: list[tuple[int, str]] = []
     texts: list[str] = []
-    for item in open_items(captions):
+    for index, item in enumerate(open_items(captions)):
         if len(texts) >= max_pairs:
             break
         if item.error or not (item.caption or "").strip():
             skipped.append(item.error or f"{item.image}: no caption")
             continue
-        images.append(item.data if isinstance(item, ShardItem) and item.data is not None else item.path)
+        if isinstance(item, ShardItem):
+            chosen.append((index, item.image))
+        else:
+            paths.append(item.path)
         texts.append(item.caption)
     if len(texts) < 2:
         raise InputError(f"{captions}: {len(texts)} usable image-caption pair(s); label-free calibration needs at "
                          f"least 2 (a few hundred for a stable margin){skipped_summary(skipped)}")
-    return images, texts
+    return (ShardImages(str(captions), chosen) if chosen else paths), texts
 
 
 def _skip_kind(reason: str) -> str:

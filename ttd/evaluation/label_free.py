@@ -27,7 +27,7 @@ so the margin comes from what an *absent* tag looks like on these images, with t
 from __future__ import annotations
 
 from ttd.errors import InputError
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from statistics import NormalDist
 
@@ -164,12 +164,13 @@ def separation(own: np.ndarray, null: np.ndarray) -> float:
     return float((ranks[: own.size].sum() - own.size * (own.size + 1) / 2) / (own.size * null.size))
 
 
-def margins_of_pairs(tagger: Tagger, images: Sequence, captions: Sequence[str], prompt_sets: Sequence[tuple[str, ...]],
+def margins_of_pairs(tagger: Tagger, images: Iterable, captions: Sequence[str], prompt_sets: Sequence[tuple[str, ...]],
                      seed: int = 0, batch_size: int = 32, progress: bool = True,
                      skipped: list[str] | None = None) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
     """((own, shuffled) critical margins under each prompt set, pairs used), each image encoded once.
 
-    `images` are what the tagger's preprocessing takes (files, bytes, RGB arrays); a pair whose
+    `images` are what the tagger's preprocessing takes (files, bytes, RGB arrays), in the order of
+    `captions`, iterated once (never indexed: shards are read as they are taken); a pair whose
     image cannot be read is left out, its reason appended to `skipped`."""
     kept, tag_lists = [], []
     for i, caption in enumerate(captions):
@@ -187,12 +188,16 @@ def margins_of_pairs(tagger: Tagger, images: Sequence, captions: Sequence[str], 
     used = 0
     own: list[list[np.ndarray]] = [[] for _ in prompt_sets]
     null: list[list[np.ndarray]] = [[] for _ in prompt_sets]
+    wanted = set(kept)
+    # taken in order, one batch decoded at a time: `images` may be read as it is iterated (shards)
+    kept_images = (image for i, image in zip(range(len(captions)), images) if i in wanted)
     for start in tqdm(range(0, len(kept), batch_size), disable=not progress, desc="calibrate (label-free)",
                       unit="batch"):
         rows, decoded = [], []
         for row in range(start, min(start + batch_size, len(kept))):
+            image = next(kept_images)
             try:
-                decoded.append(tagger.preprocess(images[kept[row]]))
+                decoded.append(tagger.preprocess(image))
                 rows.append(row)
             except (ImageError, OSError, ValueError) as error:
                 if skipped is not None:
@@ -211,7 +216,7 @@ def margins_of_pairs(tagger: Tagger, images: Sequence, captions: Sequence[str], 
     return [(np.concatenate(o), np.concatenate(n)) for o, n in zip(own, null)], used
 
 
-def fit_label_free(tagger: Tagger, images: Sequence, captions: Sequence[str],
+def fit_label_free(tagger: Tagger, images: Iterable, captions: Sequence[str],
                    max_false_rate: float = DEFAULT_MAX_FALSE_RATE, choose_prompts: bool = False, seed: int = 0,
                    batch_size: int = 32, progress: bool = True, skipped: list[str] | None = None) -> LabelFreeFit:
     """Fit the tagger's `negatives` margin (and, with `choose_prompts`, its negative prompts) on
@@ -230,7 +235,7 @@ def fit_label_free(tagger: Tagger, images: Sequence, captions: Sequence[str],
         raise
 
 
-def _fit(tagger: Tagger, images: Sequence, captions: Sequence[str], max_false_rate: float,
+def _fit(tagger: Tagger, images: Iterable, captions: Sequence[str], max_false_rate: float,
          prompt_sets: list[tuple[str, ...]], seed: int, batch_size: int, progress: bool,
          skipped: list[str] | None) -> LabelFreeFit:
     margins, pairs = margins_of_pairs(tagger, images, captions, prompt_sets, seed, batch_size, progress, skipped)

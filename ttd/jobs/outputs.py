@@ -21,6 +21,9 @@ def open_output(output: Path, job: dict, resume: bool, output_format: str = "aut
     if not parquet and output.is_dir():
         raise InputError(f"{output} is a folder; JSON lines go to a file (for Parquet shards in a folder use "
                          "--format parquet or a name ending in .parquet)")
+    if not parquet and output.exists() and not output.is_file():  # os.replace would put a file where it is
+        raise InputError(f"{output} is not a plain file (a FIFO or a device): a job writes its records to a new file "
+                         "that replaces the output when the job is done; give a file name")
     folder = next(p for p in (output.parent, *output.parent.parents) if p.exists())
     if not folder.is_dir():
         raise InputError(f"cannot write {output}: {folder} is a file, not a folder")

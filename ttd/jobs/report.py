@@ -57,9 +57,14 @@ class Entry:
     candidates: list[tuple[str, float, bool]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     # `ttd segment` records: the share of the image's pixels each class won in the label map (its
-    # per-pixel argmax). Its scores are 0 or 1 for most classes and tell a reader little: a class
-    # scored 1.000 can still win no pixel, and is rejected for that
+    # per-pixel argmax, background where every mask is below θ). Its scores are 0 or 1 for most
+    # classes and tell a reader little: a class scored 1.000 can still win no pixel, and is rejected for that
     pixel_shares: dict[str, float] | None = None
+
+
+# why a class of `ttd segment` won no pixel whatever its score (the label map is a per-pixel argmax
+# of the class masks, background where every mask is below θ): shown when the pointer is on it
+WON_NO_PIXEL_WHY = "each of its pixels went to a class with a higher mask there, or to the background"
 
 
 def _data_uri(image: Image.Image, fmt: str = "PNG") -> str:
@@ -350,15 +355,15 @@ def _render_entry(entry: Entry) -> str:
         parts.append(f"<table><tr><th>tag</th><th>score</th>{pixels_head}<th></th><th></th></tr>")
         for tag, score, chosen in entry.candidates:
             width = max(0, min(100, round(100 * score)))
-            status = "selected" if chosen else "rejected"
+            status = "<td>selected</td>" if chosen else "<td>rejected</td>"
             pixels = ""
             if shares is not None:
                 share = shares.get(tag, 0.0)
                 pixels = f"<td>{100 * share:.1f} %</td>"
-                if not chosen and share == 0:
-                    status = "rejected: 0 % of pixels (another class won each)"
+                if not chosen and share == 0:  # the label map decides, not the score (whole_image.label_map)
+                    status = f'<td title="{WON_NO_PIXEL_WHY}">rejected: won no pixel</td>'
             parts.append(f'<tr class="{"selected" if chosen else "rejected"}"><td>{e(tag)}</td>'
-                         f"<td>{score:.3f}</td>{pixels}<td>{e(status)}</td>"
+                         f"<td>{score:.3f}</td>{pixels}{status}"
                          f'<td><span class="bar" style="width:{width}px"></span></td></tr>')
         parts.append("</table>")
     parts.append("</div></section>")
@@ -433,8 +438,9 @@ def write_report(records_path: Path, html_path: Path, per_page: int = 50, max_si
                  images_root: Path | None = None, allow_any_path: bool = False) -> list[Path]:
     """Write the report of `records_path` (JSONL) to `html_path` (+ further pages); returns the pages.
 
-    Relative image and mask paths in the records start at `images_root` (default: the records
-    file's folder; a missing image names the job's captions folder as a hint). Unless `allow_any_path`,
+    Relative image and mask paths in the records start at `images_root` (default: the
+    records file's folder; where the job recorded captions elsewhere, a missing image names them
+    in a hint). Unless `allow_any_path`,
     an image must resolve inside that root and a mask inside it or the records' folder; any other
     path is an error of its item, not embedded."""
     refuse_output_over_input(html_path, records_path, "the report")
