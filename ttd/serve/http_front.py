@@ -114,6 +114,11 @@ async def read_body(request: web.BaseRequest, limits: FrontLimits) -> bytes:
     """The body, read in chunks and refused as soon as it passes the bound (a body without a
     declared length, i.e. chunked, is never buffered past it) or takes longer than
     `body_timeout_s` (a client trickling its body does not hold a connection for ever)."""
+    if request.content.is_eof():  # the whole body came with the header (most requests): no waiting
+        body = request.content.read_nowait()
+        if len(body) > limits.max_body_bytes:
+            raise Refusal(413, f"body exceeds the limit of {limits.max_body_bytes:,} bytes")
+        return body
     chunks, size = [], 0
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limits.body_timeout_s
