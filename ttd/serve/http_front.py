@@ -420,6 +420,7 @@ async def handle(request: web.BaseRequest) -> web.StreamResponse:
     connection = request.protocol
     if isinstance(connection, FrontConnection):
         connection.busy += 1
+        connection.partial = False
     metrics, status = request.app.get(METRICS), 500
     started = asyncio.get_running_loop().time()
     try:
@@ -531,12 +532,13 @@ def start_front(host: str, port: int, backend_url: str, limits: FrontLimits = Fr
         say(f"front: at most {cap} connections, not {limits.max_connections}: the file-descriptor limit (ulimit -n) "
             "leaves room for no more (each may hold one to tritonserver); raise it for more")
     connections = Connections(cap, min(limits.max_per_client, cap) if limits.max_per_client else 0)
+    count = metrics.connection_refused if metrics is not None else (lambda reason: None)
 
     def connection() -> FrontConnection:
         # keepalive_timeout: aiohttp closes a connection that has not completed a request header this
         # long after it opened or after its last answer (bytes arriving do not extend it); bodies are
         # inflated by the front itself, under its bound (auto_decompress=False: never twice)
-        return FrontConnection(runner.server, connections, log, limits.write_timeout_s, loop=loop, access_log=None,
+        return FrontConnection(runner.server, connections, log, limits.write_timeout_s, count, loop=loop, access_log=None,
                                keepalive_timeout=limits.idle_timeout_s, lingering_time=10.0, auto_decompress=False)
 
     async def open_site() -> asyncio.Server:
