@@ -48,10 +48,13 @@ def test_one_parser_reads_every_served_taggers_requests():
     assert (parsed.encoded, parsed.rgb, parsed.tags, parsed.wants_masks) == (b"png", None, ["red", "circle"], True)
     rgb = parse_request({"image_rgb": pixels, "tags": np.array([[b"Red", b"dog"]], dtype=object)}.get, 64, 10)
     assert rgb.encoded is None and rgb.rgb.shape == (64, 64, 3) and rgb.tags == ["red", "dog"] and not rgb.wants_masks
-    with pytest.raises(InputError, match="send one image: encoded bytes as 'image' or uint8 RGB as 'image_rgb'"):
+    with pytest.raises(InputError, match="send one image: encoded bytes as 'image' or uint8 RGB as 'image_rgb', not b"):
         parse_request({**sent, "image_rgb": pixels}.get, 64, 10)
-    with pytest.raises(InputError, match="^send one image: encoded bytes as 'image'$"):  # BLS: no image_rgb input
-        parse_request({"image_rgb": pixels, "caption": sent["caption"]}.get, None, 10)
+    with pytest.raises(InputError, match=r"^input 'image' is missing: send one image, as encoded bytes \('image'\) or "
+                                         r"as uint8 RGB at the model's size \('image_rgb'\)$"):
+        parse_request({"caption": sent["caption"]}.get, 64, 10)
+    with pytest.raises(InputError, match=r"^input 'image' is missing: send one image, as encoded bytes \('image'\)$"):
+        parse_request({"image_rgb": pixels, "caption": sent["caption"]}.get, None, 10)  # BLS: no image_rgb input
     with pytest.raises(InputError, match="image of 3 bytes exceeds the limit of 2"):
         parse_request(sent.get, None, 10, max_image_bytes=2)
 

@@ -77,8 +77,11 @@ def parse_request(read: Callable[[str], np.ndarray | None], size: int | None, ma
     """The request whose input arrays `read(name)` returns (None: not sent). `size`: the model's
     image size, which an `image_rgb` must have (None: the model takes encoded images only)."""
     encoded, rgb = read("image"), read("image_rgb") if size is not None else None
-    if (encoded is None) == (rgb is None):
-        raise InputError("send one image: encoded bytes as 'image'" + (" or uint8 RGB as 'image_rgb'" if size else ""))
+    if encoded is None and rgb is None:
+        raise InputError("input 'image' is missing: send one image, as encoded bytes ('image')"
+                         + (" or as uint8 RGB at the model's size ('image_rgb')" if size else ""))
+    if encoded is not None and rgb is not None:
+        raise InputError("send one image: encoded bytes as 'image' or uint8 RGB as 'image_rgb', not both")
     tags = request_tags(texts(read("caption")), texts(read("tags")), max_tags)
     masks = read("return_masks")
     wants_masks = masks is not None and bool(masks.reshape(-1)[0])
