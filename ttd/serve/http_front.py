@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from aiohttp import ClientConnectionError, ClientSession, ClientTimeout, TCPConnector, web
 
+from ttd.serve.backend_client import BackendGone, BackendPool
 from ttd.serve.front_connections import Connections, FrontConnection, RateLimitedLog, connection_cap
 
 
@@ -301,13 +302,16 @@ METRICS: web.AppKey = web.AppKey("metrics", object)  # a FrontMetrics (ttd/serve
 
 
 class Backend:
-    """The connection pool to tritonserver. After a broken connection (the server died) the pool
-    is replaced, so a retry never goes out on another of the dead server's connections."""
+    """The connections to tritonserver: requests are forwarded on `pool` (ttd/serve/backend_client.py);
+    the model configs the front reads once come through an aiohttp session. After a broken
+    connection (the server died) the pool's idle connections are closed, so a retry never goes out
+    on another of the dead server's connections."""
 
     def __init__(self, url: str, limits: FrontLimits, say: Callable[[str], None]) -> None:
         self.url, self.limits, self.say = url, limits, say
+        host, port = url.rsplit(":", 1)
+        self.pool = BackendPool(host, int(port), 5.0, limits.backend_timeout_s)
         self.session: ClientSession | None = None
-        self.retired: list[ClientSession] = []
         self.shapes: dict[str, ModelShapes | None] = {}  # per model, read once from its config
 
     async def model_shapes(self, model: str) -> ModelShapes | None:
@@ -330,14 +334,6 @@ class Backend:
                 timeout=ClientTimeout(total=None, sock_connect=5, sock_read=self.limits.backend_timeout_s))
         return self.session
 
-    def retire(self, session: ClientSession) -> None:
-        """After `session` broke, later requests get a new pool. The old one is closed only at the
-        end: other requests may still be failing out of it, and closing it under them would turn
-        their retry into an error."""
-        if self.session is session:
-            self.retired.append(session)
-            self.session = None
-
     async def ready(self) -> bool:
         try:
             async with ClientSession(f"http://{self.url}", timeout=ClientTimeout(total=2)) as probe:
@@ -355,9 +351,9 @@ class Backend:
         return False
 
     async def close(self) -> None:
-        for session in [self.session, *self.retired]:
-            if session is not None:
-                await session.close()
+        self.pool.reset()
+        if self.session is not None:
+            await self.session.close()
 
 
 async def forward(request: web.BaseRequest, backend: Backend, body: bytes | None) -> web.StreamResponse:
@@ -368,26 +364,28 @@ async def forward(request: web.BaseRequest, backend: Backend, body: bytes | None
     path = request.rel_url.raw_path_qs
     response: web.StreamResponse | None = None
     for attempt in (1, 2):
-        session = backend.open()
         try:
-            async with session.request(request.method, path, data=body, headers=headers,
-                                       allow_redirects=False) as answer:
-                out_headers = {name: answer.headers[name] for name in RESPONSE_HEADERS if name in answer.headers}
-                if answer.content_length is not None and answer.content_length <= backend.limits.stream_above_bytes:
+            answer = await backend.pool.send(request.method, path, headers, body)
+            try:
+                out_headers = {name: answer.headers[name.lower()] for name in RESPONSE_HEADERS
+                               if name.lower() in answer.headers}
+                if answer.length is not None and answer.length <= backend.limits.stream_above_bytes:
                     return web.Response(status=answer.status, body=await answer.read(), headers=out_headers)
                 response = web.StreamResponse(status=answer.status, headers=out_headers)
-                if answer.content_length is not None:
-                    response.content_length = answer.content_length
+                if answer.length is not None:
+                    response.content_length = answer.length
                 await response.prepare(request)
-                async for chunk in answer.content.iter_any():
+                async for chunk in answer.chunks():
                     await response.write(chunk)
                 await response.write_eof()
                 return response
-        except (ClientConnectionError, asyncio.TimeoutError) as error:
+            finally:
+                answer.release()
+        except (BackendGone, asyncio.TimeoutError) as error:
             # a response already begun cannot be taken back: the client sees the connection drop
             if response is not None and response.prepared:
                 raise
-            backend.retire(session)
+            backend.pool.reset()
             reason = f"{type(error).__name__}: {error}".rstrip(": ")
             if request.path.startswith("/v2/health/"):  # a probe wants the state now, not after a wait
                 raise Refusal(503, f"the inference server is not reachable ({reason}); restarting?") from error
