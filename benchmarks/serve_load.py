@@ -19,6 +19,10 @@ flavour, the order rotating each round), so a change in the machine's load hits 
 - Latency p50 / p99 of the served requests; errors; answers different from direct (tags,
   selection, scores within 1e-5).
 - Malformed requests after the rounds (each must be refused with a reason), then health.
+- `--no-front`: each flavour is also measured with the clients calling tritonserver's own
+  loopback port (KServe v2 HTTP), as a row of its own: what the served path costs without the
+  front, in the same processes and rounds.
+- The mean batch of each round from ttd_tagger's statistics (requests / executions).
 """
 
 from __future__ import annotations
@@ -90,13 +94,13 @@ def malformed_requests(url: str) -> dict[str, str]:
     return answers
 
 
-def mean_batch(url: str) -> float:
-    """ttd_tagger's requests per execution so far (what the dynamic batcher formed)."""
+def batch_counts(url: str) -> tuple[int, int]:
+    """ttd_tagger's (requests, executions) so far: their ratio is the batch the dynamic batcher formed."""
     import urllib.request
 
     with urllib.request.urlopen(f"http://{url}/v2/models/ttd_tagger/stats", timeout=10) as answer:
         stats = json.load(answer)["model_stats"][0]
-    return stats["inference_count"] / max(1, stats["execution_count"])
+    return int(stats["inference_count"]), int(stats["execution_count"])
 
 
 def healthy(url: str) -> bool:
@@ -192,7 +196,12 @@ def same(got, want, atol: float = 1e-5) -> bool:
     return got[0] == want[0] and list(got[2]) == list(want[2]) and np.allclose(got[1], want[1], atol=atol)
 
 
-def start_serve(repo: Path, port: int, timeout_s: float = 180) -> subprocess.Popen:
+TRITON_URL = re.compile(r"tritonserver on (\S+?)\)")
+NO_FRONT = " (tritonserver, no front)"  # the side of a flavour whose clients call tritonserver's port
+
+
+def start_serve(repo: Path, port: int, timeout_s: float = 180) -> tuple[subprocess.Popen, str]:
+    """`ttd serve repo` on `port`; returns the process and the loopback address of its tritonserver."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     process = subprocess.Popen([sys.executable, "-m", "ttd", "serve", str(repo), "--http-port", str(port)],
                                stderr=subprocess.PIPE, text=True, env=env)
@@ -200,7 +209,7 @@ def start_serve(repo: Path, port: int, timeout_s: float = 180) -> subprocess.Pop
     while time.monotonic() < deadline:
         line = process.stderr.readline()
         if "serving" in line:
-            return process
+            return process, TRITON_URL.search(line).group(1)
         if not line and process.poll() is not None:
             break
     process.kill()
@@ -219,12 +228,14 @@ def stop_serve(process: subprocess.Popen) -> None:
 def served_round(url: str, process: subprocess.Popen, queues: list, results, indices: list[int],
                  expected: list) -> dict:
     shares = [indices[k :: len(queues)] for k in range(len(queues))]
+    counts = batch_counts(url)
     before, wall = process_tree_cpu_by_name(process.pid), time.perf_counter()
     for queue, share in zip(queues, shares):
         queue.put((url, share))
     answers = [a for _ in queues for a in results.get(timeout=600)]
     wall = time.perf_counter() - wall
     after = process_tree_cpu_by_name(process.pid)
+    inferences, executions = (a - b for a, b in zip(batch_counts(url), counts))
     by_kind = {kind: after[kind] - before.get(kind, 0.0) for kind in after}
     cpu = sum(by_kind.values())
     errors = [e for *_, e in answers if e is not None]
@@ -233,6 +244,7 @@ def served_round(url: str, process: subprocess.Popen, queues: list, results, ind
     latency_ms = np.array([lat for _, lat, _ in ok]) * 1000 if ok else np.zeros(1)
     return {"requests": len(answers), "errors": len(errors), "mismatches": mismatches, "first_errors": errors[:3],
             "cpu_ms_per_image": 1000 * cpu / max(1, len(ok)), "images_per_s": len(ok) / wall,
+            "mean_batch": inferences / max(1, executions),
             "cpu_ms_per_image_by_process": {k: 1000 * v / max(1, len(ok)) for k, v in sorted(by_kind.items())},
             "p50_ms": float(np.percentile(latency_ms, 50)), "p99_ms": float(np.percentile(latency_ms, 99))}
 
@@ -274,7 +286,10 @@ def median(rows: list[dict], key: str) -> float:
 
 
 def run(export_dir: Path, flavours: list[str], clients: int, requests: int, rounds: int, pairs_count: int = 64,
-        batch: int = 8) -> dict:
+        batch: int = 8, no_front: bool = False) -> dict:
+    """`no_front`: each flavour also measured with its clients calling tritonserver's loopback
+    port (KServe v2 HTTP, what an operator's own front or a sidecar would call): the same
+    processes and CPU accounting, the front idle."""
     from export.triton import build_repository
     from ttd.serve.service import free_loopback_port
 
@@ -304,12 +319,15 @@ def run(export_dir: Path, flavours: list[str], clients: int, requests: int, roun
                                         flavour.split(":")[0])
                 tune(repo, flavour)
                 port = free_loopback_port()
-                servers[flavour] = (f"127.0.0.1:{port}", start_serve(repo, port))
+                process, triton_url = start_serve(repo, port)
+                servers[flavour] = (f"127.0.0.1:{port}", process)
+                if no_front:
+                    servers[flavour + NO_FRONT] = (triton_url, process)
             for flavour, (url, process) in servers.items():  # warm: sessions, tag caches, connections
                 warm = served_round(url, process, client_queues, client_results, list(range(pairs_count)), expected)
                 if warm["errors"]:
                     raise RuntimeError(f"{flavour}: warm-up errors {warm['first_errors']}")
-            sides = [*DIRECT_SIDES, *flavours]
+            sides = [*DIRECT_SIDES, *servers]
             measured: dict[str, list[dict]] = {side: [] for side in sides}
             for r in range(rounds):
                 for side in sides[r % len(sides):] + sides[: r % len(sides)]:
@@ -322,12 +340,13 @@ def run(export_dir: Path, flavours: list[str], clients: int, requests: int, roun
                         url, process = servers[side]
                         measured[side].append(served_round(url, process, client_queues, client_results, indices,
                                                            expected))
-            batches = {flavour: mean_batch(url) for flavour, (url, _) in servers.items()}
-            malformed = {flavour: malformed_requests(url) for flavour, (url, _) in servers.items()}
-            health = {flavour: healthy(url) for flavour, (url, _) in servers.items()}
+            # malformed requests go through the front only: tritonserver alone was seen to crash on some
+            malformed = {flavour: malformed_requests(servers[flavour][0]) for flavour in flavours}
+            health = {flavour: healthy(servers[flavour][0]) for flavour in flavours}
         finally:
-            for _, process in servers.values():
-                stop_serve(process)
+            for flavour in flavours:
+                if flavour in servers:
+                    stop_serve(servers[flavour][1])
             for process, commands, _ in directs.values():
                 commands.put(None)
             for q in client_queues:
@@ -339,7 +358,7 @@ def run(export_dir: Path, flavours: list[str], clients: int, requests: int, roun
     summary = {side: {"cpu_ms_per_image": median(measured[side], "cpu_ms_per_image"),
                       "images_per_s": median(measured[side], "images_per_s")} for side in DIRECT_SIDES}
     direct_cpu, direct_ips = summary["direct"]["cpu_ms_per_image"], summary["direct"]["images_per_s"]
-    for flavour in flavours:
+    for flavour in servers:
         rows = measured[flavour]
         summary[flavour] = {
             "cpu_ms_per_image": median(rows, "cpu_ms_per_image"), "images_per_s": median(rows, "images_per_s"),
@@ -350,7 +369,7 @@ def run(export_dir: Path, flavours: list[str], clients: int, requests: int, roun
             "served_over_direct_all_cores_by_cpu": summary["direct_all_cores"]["cpu_ms_per_image"]
                                                    / median(rows, "cpu_ms_per_image"),
             "p99_over_p50": median(rows, "p99_ms") / median(rows, "p50_ms"),
-            "mean_batch": batches[flavour],
+            "mean_batch": median(rows, "mean_batch"),
             "cpu_ms_per_image_by_process": {k: float(np.median([r["cpu_ms_per_image_by_process"].get(k, 0.0)
                                                                  for r in rows]))
                                             for k in rows[0]["cpu_ms_per_image_by_process"]},
@@ -360,7 +379,7 @@ def run(export_dir: Path, flavours: list[str], clients: int, requests: int, roun
                          "rounds": rounds, "pairs": pairs_count, "direct_batch": batch, "direct_threads": DIRECT_SIDES,
                          "served_intra_op_threads": 1, "repository": "ttd triton build defaults (max batch 32, "
                                                                        "preferred 8,16, queue delay 2 ms, 1 instance)",
-                         "export": str(export_dir)},
+                         "export": str(export_dir), "no_front": no_front},
             "cpu": cpu_name(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
             "shared_machine": "the cores were shared with other jobs during the run (see load averages); "
                               "CPU time per image is the robust figure, wall clock is indicative"}
@@ -374,9 +393,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8, help="Client processes (one request at a time each).")
     parser.add_argument("--requests", type=int, default=512, help="Requests (images) per round and side.")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-front", action="store_true",
+                        help="Also measure each flavour with the clients calling tritonserver's own port (no front).")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_load.json"))
     args = parser.parse_args()
-    report = run(args.export_dir, args.flavours, args.clients, args.requests, args.rounds)
+    report = run(args.export_dir, args.flavours, args.clients, args.requests, args.rounds, no_front=args.no_front)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1, default=str))
     print(json.dumps(report["summary"], indent=1))

@@ -67,8 +67,10 @@ def test_no_comment_cites_an_issue_or_a_design_outside_the_repository():
 def test_serving_table_is_serve_load_json():
     """docs/serving.md's served-against-direct rows are benchmarks/results/serve_load.json."""
     summary = json.loads((ROOT / "benchmarks/results/serve_load.json").read_text())["summary"]
-    fused, python = summary["fused"], summary["python"]
-    for label, side in (("**fused**", fused), ("python (BLS)", python)):
+    no_front = " (tritonserver, no front)"  # benchmarks/serve_load.py --no-front
+    for label, side in (("**fused**", summary["fused"]), ("python (BLS)", summary["python"]),
+                        ("fused, straight to tritonserver's port (no front)", summary["fused" + no_front]),
+                        ("python (BLS), straight to tritonserver's port (no front)", summary["python" + no_front])):
         cells = _row("docs/serving.md", label)
         cpu = side["cpu_ms_per_image_by_process"]
         assert cells[0].replace("*", "").startswith(f"{side['cpu_ms_per_image']:.2f} "

@@ -28,7 +28,7 @@ import triton_python_backend_utils as pb_utils
 from ttd.model.config import DEFAULT_SCORE_METHOD, DEFAULT_THRESHOLD
 from ttd.runtime import load_tagger
 from ttd.runtime.images import ImageError
-from ttd.serve.tagger_requests import MAX_IMAGE_BYTES, encoded_image, request_tags, rgb_image, texts
+from ttd.serve.tagger_requests import MAX_IMAGE_BYTES, answer_arrays, parse_request
 
 # what `ttd triton build --graph-engine` names -> the runtime backend (ttd/runtime/backends.py)
 BACKENDS = {"onnx": "onnxruntime", "torch": "torch", "tensorrt": "tensorrt"}
@@ -72,15 +72,9 @@ class TritonPythonModel:
 
     def _prepare(self, request):
         """(uint8 image [S, S, 3], tags, masks wanted) of one request; ValueError names a bad one."""
-        encoded, rgb = _input(request, "image"), _input(request, "image_rgb")
-        if (encoded is None) == (rgb is None):
-            raise ValueError("send one image: encoded bytes as 'image' or uint8 RGB as 'image_rgb'")
-        tags = request_tags(texts(_input(request, "caption")), texts(_input(request, "tags")), self.max_tags)
-        masks = _input(request, "return_masks")
-        wants_masks = masks is not None and bool(masks.reshape(-1)[0])
-        if rgb is not None:
-            return rgb_image(rgb, self.size), tags, wants_masks
-        return self.tagger.preprocess(encoded_image(encoded, self.max_image_bytes), "image"), tags, wants_masks
+        parsed = parse_request(lambda name: _input(request, name), self.size, self.max_tags, self.max_image_bytes)
+        image = parsed.rgb if parsed.rgb is not None else self.tagger.preprocess(parsed.encoded, "image")
+        return image, parsed.tags, parsed.wants_masks
 
     def _tag(self, ready, responses):
         """Tag the prepared requests `ready` [(index, image, tags, masks wanted)] in one Tagger call."""
@@ -93,13 +87,8 @@ class TritonPythonModel:
                     f"tagging failed ({type(error).__name__}: {error})"))
             return
         for (index, _, tags, wants_masks), result in zip(ready, results):
-            chosen = set(result.selected)
-            outputs = [pb_utils.Tensor("tags", np.array([t.encode() for t in tags], dtype=np.object_)[None]),
-                       pb_utils.Tensor("scores", result.scores.astype(np.float32)[None]),
-                       pb_utils.Tensor("selected", np.array([t in chosen for t in tags], np.bool_)[None])]
-            if wants_masks:
-                outputs.append(pb_utils.Tensor("masks", result.masks.astype(np.float32)[None]))
-            responses[index] = pb_utils.InferenceResponse(outputs)
+            arrays = answer_arrays(tags, result.scores, result.selected, result.masks if wants_masks else None)
+            responses[index] = pb_utils.InferenceResponse([pb_utils.Tensor(name, a) for name, a in arrays])
 
     def execute(self, requests):
         responses = [None] * len(requests)

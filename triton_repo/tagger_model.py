@@ -20,7 +20,7 @@ from ttd.runtime.backend import tag_images_on_host
 from ttd.runtime.export_dir import with_export_tokenizer
 from ttd.runtime.onnxruntime_backend import head_feeds
 from ttd.runtime.tagger import Tagger
-from ttd.model.tags import candidate_tags
+from ttd.serve.tagger_requests import MAX_IMAGE_BYTES, answer_arrays, parse_request
 
 
 class BlsBackend:
@@ -69,16 +69,9 @@ def _client_error(message):
     return pb_utils.InferenceResponse(error=error)
 
 
-def _wants_masks(request):
-    wanted = pb_utils.get_input_tensor_by_name(request, "return_masks")
-    return wanted is not None and bool(wanted.as_numpy().reshape(-1)[0])
-
-
-def _text(request, name):
+def _input(request, name):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return None
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in tensor.as_numpy().reshape(-1)]
+    return None if tensor is None else tensor.as_numpy()
 
 
 class TritonPythonModel:
@@ -91,7 +84,7 @@ class TritonPythonModel:
         model_config = with_export_tokenizer(folder, manifest,
                                              ModelConfig.from_dict(json.loads((folder / "model.json").read_text())))
         self.max_tags = int(parameters.get("max_tags", "1024"))
-        self.max_image_bytes = int(parameters.get("max_image_bytes", str(20 << 20)))
+        self.max_image_bytes = int(parameters.get("max_image_bytes", str(MAX_IMAGE_BYTES)))
         self.tagger = Tagger(BlsBackend(int(parameters["encoder_max_batch_size"])), model_config,
                              threshold=float(parameters.get("threshold", DEFAULT_THRESHOLD)),
                              score_method=parameters.get("score_method", DEFAULT_SCORE_METHOD),
@@ -100,29 +93,10 @@ class TritonPythonModel:
                                               max_pixels=int(parameters.get("max_pixels", "89478485")))
 
     def _prepare(self, request):
-        image_tensor = pb_utils.get_input_tensor_by_name(request, "image")
-        if image_tensor is None:
-            raise ValueError("input 'image' is missing: send the encoded image bytes")
-        images = image_tensor.as_numpy().reshape(-1)
-        if len(images) != 1:
-            raise ValueError(f"send exactly one image per request, got {len(images)}")
-        data = bytes(images[0])
-        if len(data) > self.max_image_bytes:
-            raise ValueError(f"image of {len(data):,} bytes exceeds the limit of {self.max_image_bytes:,}")
-        caption, tags = _text(request, "caption"), _text(request, "tags")
-        if tags:
-            tags = list(dict.fromkeys(t.strip().lower() for t in tags if t.strip()))
-        elif caption is not None:
-            if not caption[0].strip():
-                raise ValueError("empty caption")
-            tags = candidate_tags(caption[0])
-            if not tags:
-                raise ValueError(f"caption {caption[0]!r} has no candidate tags (only stopwords or punctuation)")
-        else:
-            raise ValueError("send a caption or a list of tags")
-        if len(tags) > self.max_tags:
-            raise ValueError(f"{len(tags)} tags exceed the limit of {self.max_tags} per request")
-        return self.preprocess(data, "image"), tags
+        """(preprocessed image, tags, masks wanted) of one request: the checks of every served
+        tagger (ttd/serve/tagger_requests.py); this model takes encoded images only."""
+        parsed = parse_request(lambda name: _input(request, name), None, self.max_tags, self.max_image_bytes)
+        return self.preprocess(parsed.encoded, "image"), parsed.tags, parsed.wants_masks
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -138,20 +112,14 @@ class TritonPythonModel:
         if prepared:
             keys = sorted(prepared)
             try:
-                with_masks = any(_wants_masks(requests[k]) for k in keys)
                 results = self.tagger.tag(np.stack([prepared[k][0] for k in keys]), [prepared[k][1] for k in keys],
-                                          with_masks)
+                                          any(prepared[k][2] for k in keys))
             except Exception as error:
                 results = None
                 for k in keys:
                     responses[k] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"tagging failed: {error}"))
             for k, result in zip(keys, results or []):
-                outputs = [
-                    pb_utils.Tensor("tags", np.array([t.encode() for t in result.tags], dtype=np.object_)[None]),
-                    pb_utils.Tensor("scores", result.scores.astype(np.float32)[None]),
-                    pb_utils.Tensor("selected", np.array([t in result.selected for t in result.tags])[None]),
-                ]
-                if _wants_masks(requests[k]):
-                    outputs.append(pb_utils.Tensor("masks", result.masks.astype(np.float32)[None]))
-                responses[k] = pb_utils.InferenceResponse(outputs)
+                arrays = answer_arrays(result.tags, result.scores, result.selected,
+                                       result.masks if prepared[k][2] else None)
+                responses[k] = pb_utils.InferenceResponse([pb_utils.Tensor(name, a) for name, a in arrays])
         return responses

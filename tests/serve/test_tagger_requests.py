@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from ttd.errors import InputError
-from ttd.serve.tagger_requests import encoded_image, request_tags, rgb_image, texts
+from ttd.serve.tagger_requests import (answer_arrays, encoded_image, parse_request, request_tags, rgb_image,
+                                      texts)
 
 
 def test_tags_come_from_the_tag_list_or_the_caption():
@@ -35,3 +36,35 @@ def test_images_are_one_encoded_image_or_one_uint8_image_at_the_model_size():
     with pytest.raises(InputError, match="got uint8 \\[2, 64, 64, 3\\]"):
         rgb_image(np.concatenate([pixels, pixels]), 64)
     assert texts(np.array([[b"a", "b"]], dtype=object)) == ["a", "b"] and texts(None) is None
+
+
+def test_one_parser_reads_every_served_taggers_requests():
+    """The fused model and the python flavour's BLS model both parse with parse_request: the fused
+    one takes `image_rgb` too (size given), the BLS one encoded images only (size None)."""
+    pixels = np.zeros((1, 64, 64, 3), np.uint8)
+    sent = {"image": np.array([[b"png"]], dtype=object), "caption": np.array([[b"a red circle"]], dtype=object),
+            "return_masks": np.array([[True]])}
+    parsed = parse_request(sent.get, 64, 10)
+    assert (parsed.encoded, parsed.rgb, parsed.tags, parsed.wants_masks) == (b"png", None, ["red", "circle"], True)
+    rgb = parse_request({"image_rgb": pixels, "tags": np.array([[b"Red", b"dog"]], dtype=object)}.get, 64, 10)
+    assert rgb.encoded is None and rgb.rgb.shape == (64, 64, 3) and rgb.tags == ["red", "dog"] and not rgb.wants_masks
+    with pytest.raises(InputError, match="send one image: encoded bytes as 'image' or uint8 RGB as 'image_rgb', not b"):
+        parse_request({**sent, "image_rgb": pixels}.get, 64, 10)
+    with pytest.raises(InputError, match=r"^input 'image' is missing: send one image, as encoded bytes \('image'\) or "
+                                         r"as uint8 RGB at the model's size \('image_rgb'\)$"):
+        parse_request({"caption": sent["caption"]}.get, 64, 10)
+    with pytest.raises(InputError, match=r"^input 'image' is missing: send one image, as encoded bytes \('image'\)$"):
+        parse_request({"image_rgb": pixels, "caption": sent["caption"]}.get, None, 10)  # BLS: no image_rgb input
+    with pytest.raises(InputError, match="image of 3 bytes exceeds the limit of 2"):
+        parse_request(sent.get, None, 10, max_image_bytes=2)
+
+
+def test_one_answer_builder_for_every_served_tagger():
+    arrays = dict(answer_arrays(["red", "circle", "dog"], np.array([0.9, 0.2, 0.7], np.float64), {"red", "dog"}, None))
+    assert list(arrays) == ["tags", "scores", "selected"]
+    assert arrays["tags"].tolist() == [[b"red", b"circle", b"dog"]]
+    assert arrays["scores"].dtype == np.float32 and arrays["scores"].tolist() == [[np.float32(0.9), np.float32(0.2),
+                                                                                   np.float32(0.7)]]
+    assert arrays["selected"].dtype == np.bool_ and arrays["selected"].tolist() == [[True, False, True]]
+    masks = dict(answer_arrays(["red"], np.ones(1), ["red"], np.ones((1, 8, 8))))["masks"]
+    assert masks.shape == (1, 1, 8, 8) and masks.dtype == np.float32

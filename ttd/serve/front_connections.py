@@ -88,14 +88,18 @@ class FrontConnection(RequestHandler):
     (at the cap the longest-waiting idle connection is closed to make room, so slow clients
     cannot starve good ones; when every connection is in a request, one more is answered 503 and
     closed at once), refusals of malformed HTTP as JSON like every other refusal, and one
-    rate-limited log line instead of a traceback per bad or vanished client. `busy` counts the
-    requests the front is handling on this connection (ttd/serve/http_front.py sets it)."""
+    rate-limited log line instead of a traceback per bad or vanished client. Every connection it
+    refuses or closes itself is counted by reason (`count`: the metrics port's
+    ttd_front_connection_refusals_total, docs/serving.md "Metrics"). `busy` counts the requests
+    the front is handling on this connection and `partial` says that a request header has begun
+    and not yet ended (ttd/serve/http_front.py clears it when the request is handled)."""
 
     def __init__(self, manager: web.Server, connections: Connections, log: RateLimitedLog,
-                 write_timeout_s: float = 30.0, **kwargs) -> None:
+                 write_timeout_s: float = 30.0, count: Callable[[str], None] = lambda reason: None,
+                 **kwargs) -> None:
         super().__init__(manager, **kwargs)
-        self.connections, self.log, self.write_timeout_s = connections, log, write_timeout_s
-        self.started, self.busy, self.peer = False, 0, "?"
+        self.connections, self.log, self.write_timeout_s, self.count = connections, log, write_timeout_s, count
+        self.started, self.busy, self.partial, self.peer = False, 0, False, "?"
         self._write_stall: asyncio.TimerHandle | None = None
 
     # A write deadline (docs/serving.md, "The HTTP front"): a client that asks for a large answer
@@ -115,6 +119,7 @@ class FrontConnection(RequestHandler):
 
     def _stalled(self) -> None:
         self._write_stall = None
+        self.count("write_stalled")
         self.log("stalled", f"front: closed a connection from {self.peer}: it read none of its answer for "
                             f"{self.write_timeout_s:g} s")
         if self.transport is not None:
@@ -133,6 +138,7 @@ class FrontConnection(RequestHandler):
         if len(self.connections.opened) >= self.connections.cap:
             victim = self.connections.make_room(now)
             if victim is None:
+                self.count("connection_cap")
                 body = json.dumps({"error": f"the server has {self.connections.cap} connections open, its limit, "
                                             "all in requests; retry later"})
                 transport.write(BUSY % (len(body), body.encode()))
@@ -141,6 +147,7 @@ class FrontConnection(RequestHandler):
                                  "open (the limit), all in requests")
                 return
             victim.force_close()  # its connection_lost finds it already out of `opened`
+            self.count("evicted_idle")
             self.log("evict", f"front: {self.connections.cap} connections open (the limit): closed the longest idle "
                               f"one (from {victim.peer}, no request under way) for a new one from {self.peer}")
         host = self.peer.rsplit(":", 1)[0]
@@ -149,10 +156,12 @@ class FrontConnection(RequestHandler):
             victim = self.connections.make_room(now, host)
             if victim is not None:
                 victim.force_close()
+                self.count("evicted_idle")
                 self.log("evict-address", f"front: {same} connections open from {host} (the limit per address): closed its "
                                   f"longest idle one (from {victim.peer}, no request under way) for a new one")
                 same -= 1
         if same >= self.connections.per_client:
+            self.count("per_client_cap")
             self._refuse(transport, "per-client", f"the server allows {self.connections.per_client} connections from "
                          "one address; close one, or retry later",
                          f"front: refused a connection from {self.peer}: {same} connections open from {host} (the "
@@ -161,6 +170,19 @@ class FrontConnection(RequestHandler):
         self.started = True
         self.connections.opened[self] = now
         super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.busy:  # bytes of a request header, until http_front.handle sees the request
+            self.partial = True
+        super().data_received(data)
+
+    def _process_keepalive(self) -> None:
+        """aiohttp's keep-alive timer (private API: where it is missing, only this count is lost):
+        a connection it closes in the middle of a request header timed out sending it."""
+        closing = self.partial and not getattr(self, "_force_close", True)
+        super()._process_keepalive()
+        if closing and getattr(self, "_force_close", False):
+            self.count("header_timeout")
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._write_stall is not None:
@@ -175,6 +197,7 @@ class FrontConnection(RequestHandler):
                      message: str | None = None) -> web.StreamResponse:
         gone = isinstance(exc, ConnectionError)
         if message:  # aiohttp's parser: a malformed request line, header or framing
+            self.count("malformed_http")
             reason = _parser_message(message)
             what = f"front: {status} to malformed HTTP from {request.remote}: {reason}"
         else:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from aiohttp import ClientConnectionError, ClientSession, ClientTimeout, TCPConnector, web
 
+from ttd.serve.backend_client import BackendGone, BackendPool
 from ttd.serve.front_connections import Connections, FrontConnection, RateLimitedLog, connection_cap
 
 
@@ -114,6 +115,11 @@ async def read_body(request: web.BaseRequest, limits: FrontLimits) -> bytes:
     """The body, read in chunks and refused as soon as it passes the bound (a body without a
     declared length, i.e. chunked, is never buffered past it) or takes longer than
     `body_timeout_s` (a client trickling its body does not hold a connection for ever)."""
+    if request.content.is_eof():  # the whole body came with the header (most requests): no waiting
+        body = request.content.read_nowait()
+        if len(body) > limits.max_body_bytes:
+            raise Refusal(413, f"body exceeds the limit of {limits.max_body_bytes:,} bytes")
+        return body
     chunks, size = [], 0
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limits.body_timeout_s
@@ -296,13 +302,16 @@ METRICS: web.AppKey = web.AppKey("metrics", object)  # a FrontMetrics (ttd/serve
 
 
 class Backend:
-    """The connection pool to tritonserver. After a broken connection (the server died) the pool
-    is replaced, so a retry never goes out on another of the dead server's connections."""
+    """The connections to tritonserver: requests are forwarded on `pool` (ttd/serve/backend_client.py);
+    the model configs the front reads once come through an aiohttp session. After a broken
+    connection (the server died) the pool's idle connections are closed, so a retry never goes out
+    on another of the dead server's connections."""
 
     def __init__(self, url: str, limits: FrontLimits, say: Callable[[str], None]) -> None:
         self.url, self.limits, self.say = url, limits, say
+        host, port = url.rsplit(":", 1)
+        self.pool = BackendPool(host, int(port), 5.0, limits.backend_timeout_s)
         self.session: ClientSession | None = None
-        self.retired: list[ClientSession] = []
         self.shapes: dict[str, ModelShapes | None] = {}  # per model, read once from its config
 
     async def model_shapes(self, model: str) -> ModelShapes | None:
@@ -325,14 +334,6 @@ class Backend:
                 timeout=ClientTimeout(total=None, sock_connect=5, sock_read=self.limits.backend_timeout_s))
         return self.session
 
-    def retire(self, session: ClientSession) -> None:
-        """After `session` broke, later requests get a new pool. The old one is closed only at the
-        end: other requests may still be failing out of it, and closing it under them would turn
-        their retry into an error."""
-        if self.session is session:
-            self.retired.append(session)
-            self.session = None
-
     async def ready(self) -> bool:
         try:
             async with ClientSession(f"http://{self.url}", timeout=ClientTimeout(total=2)) as probe:
@@ -350,9 +351,9 @@ class Backend:
         return False
 
     async def close(self) -> None:
-        for session in [self.session, *self.retired]:
-            if session is not None:
-                await session.close()
+        self.pool.reset()
+        if self.session is not None:
+            await self.session.close()
 
 
 async def forward(request: web.BaseRequest, backend: Backend, body: bytes | None) -> web.StreamResponse:
@@ -363,26 +364,28 @@ async def forward(request: web.BaseRequest, backend: Backend, body: bytes | None
     path = request.rel_url.raw_path_qs
     response: web.StreamResponse | None = None
     for attempt in (1, 2):
-        session = backend.open()
         try:
-            async with session.request(request.method, path, data=body, headers=headers,
-                                       allow_redirects=False) as answer:
-                out_headers = {name: answer.headers[name] for name in RESPONSE_HEADERS if name in answer.headers}
-                if answer.content_length is not None and answer.content_length <= backend.limits.stream_above_bytes:
+            answer = await backend.pool.send(request.method, path, headers, body)
+            try:
+                out_headers = {name: answer.headers[name.lower()] for name in RESPONSE_HEADERS
+                               if name.lower() in answer.headers}
+                if answer.length is not None and answer.length <= backend.limits.stream_above_bytes:
                     return web.Response(status=answer.status, body=await answer.read(), headers=out_headers)
                 response = web.StreamResponse(status=answer.status, headers=out_headers)
-                if answer.content_length is not None:
-                    response.content_length = answer.content_length
+                if answer.length is not None:
+                    response.content_length = answer.length
                 await response.prepare(request)
-                async for chunk in answer.content.iter_any():
+                async for chunk in answer.chunks():
                     await response.write(chunk)
                 await response.write_eof()
                 return response
-        except (ClientConnectionError, asyncio.TimeoutError) as error:
+            finally:
+                answer.release()
+        except (BackendGone, asyncio.TimeoutError) as error:
             # a response already begun cannot be taken back: the client sees the connection drop
             if response is not None and response.prepared:
                 raise
-            backend.retire(session)
+            backend.pool.reset()
             reason = f"{type(error).__name__}: {error}".rstrip(": ")
             if request.path.startswith("/v2/health/"):  # a probe wants the state now, not after a wait
                 raise Refusal(503, f"the inference server is not reachable ({reason}); restarting?") from error
@@ -415,6 +418,7 @@ async def handle(request: web.BaseRequest) -> web.StreamResponse:
     connection = request.protocol
     if isinstance(connection, FrontConnection):
         connection.busy += 1
+        connection.partial = False
     metrics, status = request.app.get(METRICS), 500
     started = asyncio.get_running_loop().time()
     try:
@@ -526,12 +530,13 @@ def start_front(host: str, port: int, backend_url: str, limits: FrontLimits = Fr
         say(f"front: at most {cap} connections, not {limits.max_connections}: the file-descriptor limit (ulimit -n) "
             "leaves room for no more (each may hold one to tritonserver); raise it for more")
     connections = Connections(cap, min(limits.max_per_client, cap) if limits.max_per_client else 0)
+    count = metrics.connection_refused if metrics is not None else (lambda reason: None)
 
     def connection() -> FrontConnection:
         # keepalive_timeout: aiohttp closes a connection that has not completed a request header this
         # long after it opened or after its last answer (bytes arriving do not extend it); bodies are
         # inflated by the front itself, under its bound (auto_decompress=False: never twice)
-        return FrontConnection(runner.server, connections, log, limits.write_timeout_s, loop=loop, access_log=None,
+        return FrontConnection(runner.server, connections, log, limits.write_timeout_s, count, loop=loop, access_log=None,
                                keepalive_timeout=limits.idle_timeout_s, lingering_time=10.0, auto_decompress=False)
 
     async def open_site() -> asyncio.Server:

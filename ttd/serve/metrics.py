@@ -21,6 +21,9 @@ from ttd.errors import RuntimeProblem
 # the front's refusals by HTTP status (the reason texts vary; these labels do not)
 REFUSAL_REASONS = {400: "malformed", 404: "not_found", 405: "method_not_allowed", 408: "body_timeout",
                    413: "body_too_large", 415: "unsupported_type", 502: "backend_failed", 503: "backend_unavailable"}
+# connections the front refused or closed itself (ttd/serve/front_connections.py)
+CONNECTION_REASONS = ("connection_cap", "per_client_cap", "evicted_idle", "header_timeout", "write_stalled",
+                      "malformed_http")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -37,6 +40,13 @@ class FrontMetrics:
                                 "inference) and HTTP status", ["model", "code"], registry=self.registry)
         self.refusals = Counter("ttd_front_refusals", "Requests the front refused itself before tritonserver saw "
                                 "them, by reason", ["reason"], registry=self.registry)
+        self.connection_refusals = Counter(
+            "ttd_front_connection_refusals", "Connections the front refused or closed itself, by reason: "
+            "connection_cap and per_client_cap (refused when opened), evicted_idle (an idle one closed at the cap "
+            "for a new one), header_timeout, write_stalled (an answer not read), malformed_http",
+            ["reason"], registry=self.registry)
+        for reason in CONNECTION_REASONS:  # each reason is a series from the start, at 0
+            self.connection_refusals.labels(reason)
         self.latency = Histogram("ttd_front_request_duration_seconds", "Inference requests through the front, "
                                  "from the request header to the answer (seconds)", ["model"],
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
@@ -47,6 +57,9 @@ class FrontMetrics:
 
     def refused(self, status: int) -> None:
         self.refusals.labels(REFUSAL_REASONS.get(status, str(status))).inc()
+
+    def connection_refused(self, reason: str) -> None:
+        self.connection_refusals.labels(reason).inc()
 
     def answered(self, model: str, status: int, seconds: float | None) -> None:
         self.requests.labels(model, str(status)).inc()

@@ -1,9 +1,14 @@
-"""What a `ttd_tagger` request asks for, checked the same way by every served tagger: the image
-(encoded bytes, or uint8 RGB already at the model's size), the caption or tag list, and whether
-masks are wanted. Pure functions of the request's arrays (no Triton import), so they are tested
-without a server; a refusal is a ValueError whose message the client gets with HTTP 400."""
+"""What a `ttd_tagger` request asks for and what its answer holds, the same for every served
+tagger (the fused model and the python flavour's BLS model): the image (encoded bytes, or uint8
+RGB already at the model's size), the caption or tag list, whether masks are wanted; and the
+answer's `tags`, `scores`, `selected` (and `masks`) arrays. Pure functions of the request's arrays
+(no Triton import), so they are tested without a server; a refusal is an InputError (a
+ValueError) whose message the client gets with HTTP 400."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -55,3 +60,44 @@ def rgb_image(array: np.ndarray, size: int) -> np.ndarray:
         raise InputError(f"image_rgb must be one uint8 image of shape [{size}, {size}, 3] (the model's input size), "
                          f"got {array.dtype} {list(array.shape)}")
     return array.reshape(size, size, 3)
+
+
+@dataclass(frozen=True)
+class TaggerRequest:
+    """One checked request: exactly one of `encoded` (image file bytes) and `rgb` (uint8 [S, S, 3])."""
+
+    encoded: bytes | None
+    rgb: np.ndarray | None
+    tags: list[str]
+    wants_masks: bool
+
+
+def parse_request(read: Callable[[str], np.ndarray | None], size: int | None, max_tags: int,
+                  max_image_bytes: int = MAX_IMAGE_BYTES) -> TaggerRequest:
+    """The request whose input arrays `read(name)` returns (None: not sent). `size`: the model's
+    image size, which an `image_rgb` must have (None: the model takes encoded images only)."""
+    encoded, rgb = read("image"), read("image_rgb") if size is not None else None
+    if encoded is None and rgb is None:
+        raise InputError("input 'image' is missing: send one image, as encoded bytes ('image')"
+                         + (" or as uint8 RGB at the model's size ('image_rgb')" if size else ""))
+    if encoded is not None and rgb is not None:
+        raise InputError("send one image: encoded bytes as 'image' or uint8 RGB as 'image_rgb', not both")
+    tags = request_tags(texts(read("caption")), texts(read("tags")), max_tags)
+    masks = read("return_masks")
+    wants_masks = masks is not None and bool(masks.reshape(-1)[0])
+    if rgb is not None:
+        return TaggerRequest(None, rgb_image(rgb, size), tags, wants_masks)
+    return TaggerRequest(encoded_image(encoded, max_image_bytes), None, tags, wants_masks)
+
+
+def answer_arrays(tags: list[str], scores: np.ndarray, selected: Collection[str],
+                  masks: np.ndarray | None) -> list[tuple[str, np.ndarray]]:
+    """The answer's output arrays (name, array with the batch axis of 1): the request's tags, their
+    scores, which are selected, and their masks when asked for."""
+    chosen = set(selected)
+    arrays = [("tags", np.array([t.encode() for t in tags], dtype=np.object_)[None]),
+              ("scores", np.asarray(scores, np.float32)[None]),
+              ("selected", np.array([t in chosen for t in tags], np.bool_)[None])]
+    if masks is not None:
+        arrays.append(("masks", np.asarray(masks, np.float32)[None]))
+    return arrays
