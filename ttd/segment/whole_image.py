@@ -136,7 +136,11 @@ def encode_windows_of(tagger: Tagger, images: list[Image.Image], crop: str = "wh
         raise InputError("--crop center sees one window; multi-scale needs --crop whole")
     stride = default_stride(size) if stride is None else stride
     fill = tuple(int(round(255 * m)) for m in config.mean)
-    plans_of = [[plan_scale(*image.size, size, scale, stride, crop) for scale in scales] for image in images]
+    plans_by_size: dict[tuple[int, int], list[ScalePlan]] = {}  # a batch's images mostly share a size
+    for image in images:
+        if image.size not in plans_by_size:
+            plans_by_size[image.size] = [plan_scale(*image.size, size, scale, stride, crop) for scale in scales]
+    plans_of = [plans_by_size[image.size] for image in images]
     # one window array for the batch, each image's windows cut straight into it (an image that is
     # exactly one window is copied once, as `ttd tag` copies its centre crop)
     stacked = np.empty((sum(len(plan.windows) for plans in plans_of for plan in plans), size, size, 3), np.uint8)
@@ -344,8 +348,8 @@ def score_maps_of(tagger: Tagger, features: list[WindowFeatures], tag_lists: lis
             start += len(part)
         windows = WindowMaps(feature.plans, cosines, tagger.mask_weight, tagger.mask_bias, size,
                              feature.canvas_image.shape[:2])
-        results.append(ScoreMaps(list(tag_lists[n]), score_row(combined[n][:, :k], tagger.score_method).astype(np.float32),
-                                 None, feature.width, feature.height, windows))
+        scores = score_row(combined[n][:, :k], tagger.score_method).astype(np.float32)
+        results.append(ScoreMaps(list(tag_lists[n]), scores, None, feature.width, feature.height, windows))
     return results
 
 
