@@ -158,8 +158,8 @@ def encode_windows_of(tagger: Tagger, images: list[Image.Image], crop: str = "wh
             crop_windows(pixels, plan, size, fill, stacked[filled : filled + len(plan.windows)])
             filled += len(plan.windows)
         planned.append((plans, canvas, [len(plan.windows) for plan in plans]))
-    views = np.concatenate([tagger.encode_images(stacked[i : i + batch_size])[1]
-                            for i in range(0, len(stacked), batch_size)])
+    parts = [tagger.encode_images(stacked[i : i + batch_size])[1] for i in range(0, len(stacked), batch_size)]
+    views = parts[0] if len(parts) == 1 else np.concatenate(parts)
     features, start = [], 0
     for image, (plans, canvas, counts) in zip(images, planned):
         parts = []
