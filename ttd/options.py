@@ -135,6 +135,16 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "θ: a pixel is in a mask when M ≥ θ; below θ for every class it is background.", UNIT_INTERVAL),
 )}
 
+# a job's setting, not the model's (so not in SETTINGS, which are ttd.load's): where `ttd tag`
+# decodes JPEGs (docs/gpu.md, "GPU decoding"); ttd.Job(decode=...) takes the same values
+DECODE_PLACES: tuple[str, ...] = ("host", "device")
+DECODE = Setting("--decode", "decode", "host",
+                 "Where ttd tag decodes JPEGs. host: PIL on the CPU cores (exact; the default). device: nvJPEG on "
+                 "the GPU (torchvision), turned by EXIF, resized and centre-cropped there; kept only if the first "
+                 "batch's tag decisions agree with PIL's on ≥ 99 %, else the job says so and PIL decodes. Other "
+                 "files (PNG, CMYK JPEGs, ...) always go through PIL. Needs a CUDA GPU, --backend torch and "
+                 "torchvision; centre crop only.", click.Choice(DECODE_PLACES))
+
 MODEL = ("model", "pretrained", "checkpoint", "dense_mode")
 # what every command that runs a model takes: which model, on what, how fast
 RUNTIME = (*MODEL, "backend", "export_dir", "url", "device", "dtype", "threads")

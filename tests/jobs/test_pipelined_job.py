@@ -88,16 +88,16 @@ def test_job_reports_its_stage_times(taggers, captions, tmp_path):
                          decode_workers=0, inputs=[captions])
     stages = summary.stages
     for name in ("decode", "decode_wait", "submit", "stage", "upload", "encode", "head", "download", "wait", "host",
-                 "write", "main_cpu"):
+                 "write", "main_cpu", "record_cpu"):
         assert name in stages and stages[name] >= 0.0, name
-    assert stages["encode"] > 0 and stages["decode"] > 0 and stages["main_cpu"] > 0
+    assert stages["encode"] > 0 and stages["decode"] > 0 and stages["main_cpu"] > 0 and stages["record_cpu"] > 0
     # on a CPU the backend's work happens while the model's thread submits: its clocks are inside that time
     # (host staging apart from the transfer, which on a CPU is nothing)
     assert stages["stage"] + stages["upload"] + stages["encode"] + stages["head"] + stages["download"] \
         <= stages["submit"] + 1e-3
     assert stages["upload"] == 0.0
     # the model's thread's own CPU time is within its wall time (thread_time: this thread alone)
-    assert stages["main_cpu"] <= summary.seconds
+    assert stages["main_cpu"] <= summary.seconds and stages["record_cpu"] <= summary.seconds
     # each stage is a part of the job's wall time (the model's thread submits 5 batches in it)
     assert stages["submit"] + stages["decode_wait"] <= summary.seconds
     assert summary.profile().startswith("stages (s): decode ")

@@ -129,6 +129,20 @@ def test_combine_windows_takes_the_best_window_and_minmax_over_the_whole_image()
     torch.testing.assert_close(combined, expected, atol=1e-6, rtol=0)
 
 
+def test_combine_windows_of_several_images_at_once_is_each_images_own_exactly():
+    """Images combined together (leading dimension, tags padded with their validity) give the
+    numbers each image gets alone, in numpy (the whole-image job's record stage) and torch."""
+    rng = np.random.default_rng(0)
+    scores = rng.random((3, 4, len(SCORE_ROWS), 5)).astype(np.float32)  # 3 images, 4 windows, 5 tag slots
+    counts = [5, 2, 1]
+    valid = np.arange(5)[None] < np.array(counts)[:, None]
+    together = combine_windows(scores, valid)
+    for n, k in enumerate(counts):
+        assert np.array_equal(together[n][:, :k], combine_windows(scores[n][:, :, :k]))
+    assert torch.equal(combine_windows(torch.from_numpy(scores), torch.from_numpy(valid))[1][:, :2],
+                       combine_windows(torch.from_numpy(scores[1][:, :, :2])))
+
+
 def test_global_scores_and_pad_tags():
     embeds = unit(1.0, 0.0)[None]
     tags = torch.stack([unit(1.0, 0.0), unit(0.0, 1.0), unit(1.0, 0.0)])[None]

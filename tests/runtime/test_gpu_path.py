@@ -428,3 +428,5 @@ def test_gpu_check_runs_end_to_end_on_the_cpu_with_small_settings(tmp_path):
     assert decoded["agreement, world JPEGs, captions"]["agreement"] >= 0.99
     assert decoded["agreement, 500x375 JPEGs (real photos), world vocabulary"]["images"] == 4
     assert decoded["nvJPEG, 1024x768 JPEGs"]["tag_from_bytes_images_per_s"] > 0
+    job = decoded["ttd tag --decode device, 1024x768 JPEGs"]
+    assert job["errors"] == 0 and job["images_per_s"] > 0 and "device decoding on" in job["gate"]

@@ -16,6 +16,7 @@ from ttd.segment.pamr import pamr
 from ttd.runtime import load_tagger, torch_tagger
 from ttd.segment.segmentation import SegmentOptions, segment_caption, segment_classes
 from ttd.model.tags import candidate_tags
+from ttd.segment import whole_image
 from ttd.segment.whole_image import center_crop_box, encode_windows, plan_scale, score_maps, window_starts
 
 
@@ -294,19 +295,25 @@ def test_whole_image_batch_runs_the_head_once_per_request_and_builds_only_the_re
     images = [Image.fromarray(s.image) for s in samples]
     batch = [(i, Item(f"{i}.png", tmp_path / f"{i}.png", s.caption)) for i, s in enumerate(samples)]
     step = WholeImageStep(None, SegmentOptions(batch_size=8))
-    heads, canvases = [], []
+    heads, canvases, combined = [], [], []
     score_tags = tagger.backend.score_tags
     tagger.backend.score_tags = lambda views, request: heads.append(len(views)) or score_tags(views, request)
     canvas = WindowMaps.canvas_logits
     WindowMaps.canvas_logits = lambda self, tags: canvases.append(tags) or canvas(self, tags)
+    combine = whole_image.combine_windows
+    whole_image.combine_windows = lambda scores, valid=None: combined.append(scores.shape[:2]) or combine(scores, valid)
     try:
         records = step.records(tagger, step.run(tagger, batch, list(images)))
     finally:
         WindowMaps.canvas_logits = canvas
         tagger.backend.score_tags = score_tags
+        whole_image.combine_windows = combine
     assert heads == [6, 6]  # one window per image: tags, then captions
-    masks = sum(len(r["segments"]) for r in records)
-    assert len(canvases) == masks and all(tags != slice(None) for tags in canvases)
+    assert combined == [(6, 1), (6, 1)]  # the six images' windows combined together, per request
+    # a record's masks: its caption's, then its selected tags' together (one canvas call each)
+    tag_masks = [[c["tag"] for c in r["candidates"]].index(s["label"]) for r in records for s in r["segments"][1:]]
+    assert sorted(k for tags in canvases for k in tags) == sorted([0] * len(records) + tag_masks)
+    assert len(canvases) == len(records) + sum(len(r["segments"]) > 1 for r in records)
     for sample, image, record in zip(samples, images, records):
         alone = segment_caption(tagger, image, sample.caption)
         assert [c["tag"] for c in record["candidates"]] == [t for t, _ in alone.candidates]

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ttd.cli.common import echo_line, long_job_options, main
-from ttd.options import RUNTIME, SCORING, setting_options
+from ttd.options import DECODE, RUNTIME, SCORING, setting_options
 
 
 @main.command()
@@ -53,10 +53,11 @@ from ttd.options import RUNTIME, SCORING, setting_options
               help="center: the model sees the centre crop (fast). whole: sliding windows cover the whole image, "
                    "so tags outside the crop are found too, and each line also holds the caption's and the "
                    "selected tags' masks in the image's own geometry (as `ttd segment --captions`).")
+@DECODE.option
 @long_job_options
 def tag(captions, vocabulary, images, output, output_format, rows_per_file, masks_dir, rle_masks, max_pixels, top_k,
-        compile_encoder, vocab_cache, no_vocab_cache, quiet, profile, crop, resume, shard, num_shards, batch_size,
-        decode_workers, engine, ray_address, actors, **settings):
+        compile_encoder, vocab_cache, no_vocab_cache, quiet, profile, crop, decode, resume, shard, num_shards,
+        batch_size, decode_workers, engine, ray_address, actors, **settings):
     """Tag images: with their captions (--captions) or against a vocabulary (--vocabulary IMAGES...).
 
     Each output line holds the candidate tags with their pixel-tag scores and the selected tags,
@@ -73,7 +74,8 @@ def tag(captions, vocabulary, images, output, output_format, rows_per_file, mask
     from ttd.jobs.job import Job, run
 
     summary = run(Job(output, captions, images, vocabulary, crop=crop, masks_dir=masks_dir, rle_masks=rle_masks,
-                      top_k=top_k, max_pixels=max_pixels, batch_size=batch_size, decode_workers=decode_workers,
+                      top_k=top_k, max_pixels=max_pixels, decode=decode, batch_size=batch_size,
+                      decode_workers=decode_workers,
                       resume=resume, shard=shard, num_shards=num_shards, output_format=output_format,
                       rows_per_file=rows_per_file, engine=engine, ray_address=ray_address, actors=actors,
                       vocab_cache=vocab_cache, use_vocab_cache=not no_vocab_cache, progress=not quiet,

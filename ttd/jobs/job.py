@@ -12,6 +12,7 @@ itself. Every mode runs on the one job runner (ttd/jobs/runner.py): exactly-once
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
 import warnings
 from collections.abc import Callable, Sequence
@@ -59,6 +60,7 @@ class Job:
     num_shards: int = 1
     output_format: str = "auto"
     rows_per_file: int | None = None  # Parquet: records per file (default 10,000)
+    decode: str = "host"  # or "device": JPEGs decoded on the GPU behind the agreement gate (ttd/options.py DECODE)
     engine: str = "local"  # or "ray"
     ray_address: str | None = None
     actors: int | None = None
@@ -127,6 +129,8 @@ class Job:
                                "--rle-masks and Parquet output are for --crop center")
         if self.engine not in ("local", "ray"):
             raise JobError(f"engine {self.engine!r}: choose local or ray")
+        if self.decode != "host":
+            decode_device(self)
         if self.engine == "ray":
             if "auto" in (backend, self.settings.get("dtype")):
                 raise JobError("--engine ray needs an explicit --backend and --dtype: auto would choose for this "
@@ -169,7 +173,39 @@ def _batch_size(job: Job) -> int:
                                8 if whole else 32)
 
 
-def _step(job: Job, vocabulary: list[str] | None) -> Any:
+def decode_device(job: Job) -> str:
+    """The CUDA device `--decode device` decodes JPEGs on, or the JobError that says why this job
+    cannot (docs/gpu.md, "GPU decoding"): nvJPEG needs a CUDA GPU, the torch backend (the batch
+    stays on its device) and torchvision; whole images are decoded at full size by PIL."""
+    from ttd.options import DECODE_PLACES
+
+    if job.decode not in DECODE_PLACES:
+        raise JobError(f"decode {job.decode!r}: choose {' or '.join(DECODE_PLACES)}")
+    if job.segment or job.mode_crop == "whole":
+        raise JobError("--decode device decodes the centre crop `ttd tag` feeds the model; whole images are decoded "
+                       "at their own size by PIL: leave it out")
+    if job.engine == "ray":
+        raise JobError("--decode device runs with --engine local (Ray actors decode their own batches)")
+    backend = job.settings.get("backend", "torch")
+    if backend != "torch":
+        raise JobError(f"--decode device hands the decoded batch to the torch backend on the GPU; --backend {backend} "
+                       "takes host arrays: use --backend torch or leave --decode out")
+    device = str(job.settings.get("device") or "auto")
+    import torch
+
+    if not device.startswith(("cuda", "auto")):
+        raise JobError(f"--decode device decodes JPEGs with nvJPEG on a CUDA GPU, not on --device {device}: "
+                       "use --device cuda, or leave --decode out (PIL on the CPU)")
+    if not torch.cuda.is_available():
+        raise JobError("--decode device decodes JPEGs with nvJPEG on a CUDA GPU, and this machine has none "
+                       "(torch sees no CUDA device): leave --decode out (PIL on the CPU)")
+    if importlib.util.find_spec("torchvision") is None:
+        raise JobError("--decode device needs torchvision (its decode_jpeg runs nvJPEG): pip install torchvision, "
+                       "or leave --decode out")
+    return "cuda" if device == "auto" else device
+
+
+def _step(job: Job, vocabulary: list[str] | None, say: Callable[[str], None] | None = None) -> Any:
     """The runner's step for the job's mode."""
     from ttd.jobs.segment_job import WholeImageStep
     from ttd.jobs.stream_job import CentreStep
@@ -184,7 +220,12 @@ def _step(job: Job, vocabulary: list[str] | None) -> Any:
                                              mask_threshold=job.settings.get("mask_threshold", DEFAULT_MASK_THRESHOLD))
         return WholeImageStep(list(job.classes) if job.classes is not None else None, segment_options, masks_dir,
                               job.max_pixels)
-    return CentreStep(vocabulary, masks_dir, job.top_k or 10, job.rle_masks, job.max_pixels)
+    decoding = None
+    if job.decode == "device":
+        from ttd.jobs.device_decoding import DeviceDecoding
+
+        decoding = DeviceDecoding(decode_device(job), say)
+    return CentreStep(vocabulary, masks_dir, job.top_k or 10, job.rle_masks, job.max_pixels, decoding=decoding)
 
 
 def _description(job: Job, templates: tuple[str, ...] | None) -> dict[str, Any]:
@@ -212,7 +253,7 @@ def run(job: Job, log: Callable[[str], None] | None = None) -> JobSummary:
     say = log or (lambda line: None)
     vocabulary = _vocabulary_of(job)
     templates = _templates_of(job)
-    step = _step(job, vocabulary)
+    step = _step(job, vocabulary, say)
     description = _description(job, templates)
     options = JobOptions(_batch_size(job), job.decode_workers, resume=job.resume, shard=job.shard,
                          num_shards=job.num_shards, output_format="jsonl" if job.segment else job.output_format,

@@ -171,9 +171,11 @@ def job_total(inputs: Sequence[Path]) -> int | None:
 # "upload" is the transfer alone, "stage" the host's copying into the pinned slot before it);
 # wait: the record stage waiting for a batch's results; host: building records; write: the writer;
 # main_cpu: the CPU seconds of the thread that feeds the model (time.thread_time), the figure that
-# limits a GPU job when the device waits on Python (docs/gpu.md).
+# limits a GPU job when the device waits on Python (docs/gpu.md); record_cpu: the record stage's
+# own CPU seconds (its thread's; within main_cpu where the backend runs it in the model's thread):
+# with main_cpu, what bounds a pipelined job on a core each (docs/benchmarks.md, P9).
 STAGES = ("decode", "decode_wait", "submit", "stage", "upload", "encode", "head", "download", "wait", "host", "write",
-          "main_cpu")
+          "main_cpu", "record_cpu")
 
 def _thread_safe(tagger: Tagger) -> bool:
     """Whether the backend's graphs may run from two threads at once (a TensorRT execution context may not)."""
@@ -270,13 +272,13 @@ def run_job(tagger: Tagger, step: Step, items: Iterable[Item], output: Path, job
                                       options.decoding_pool, decoding, step_destination(step, tagger))
 
             def write(ran: Any) -> None:
-                started = time.perf_counter()
+                started, cpu = time.perf_counter(), time.thread_time()
                 records = step.records(tagger, ran)
                 built = time.perf_counter()
                 writer.write(records)
                 own = getattr(ran, "stages", None) or {}
                 add_stages(recording, {**own, "host": built - started - own.get("wait", 0.0),
-                                       "write": time.perf_counter() - built})
+                                       "write": time.perf_counter() - built, "record_cpu": time.thread_time() - cpu})
                 summary.add(records)
                 bar.update(len(records))
 

@@ -23,12 +23,13 @@ from ttd.jobs.coco import check_available as check_rle_available
 from ttd.jobs.decoding import DecodingPool, Positioned
 from ttd.jobs.mask_files import rle_masks as tag_rle_masks
 from ttd.jobs.runner import JobOptions, JobSummary, run_job
-from ttd.jobs.decode_items import prepare_items
+from ttd.jobs.decode_items import jpegs_left_encoded, prepare_items
+from ttd.jobs.device_decoding import DeviceDecoding
 from ttd.jobs.input_identity import (captions_identity, images_identity, input_fingerprint,  # noqa: F401
                                      model_files, model_identity)
 from ttd.jobs.tag_job import item_record, split_outcomes, warn_indistinct_tags, write_masks
 from ttd.runtime.backend import BatchScores, Pending
-from ttd.runtime.images import DEFAULT_MAX_PIXELS
+from ttd.runtime.images import DEFAULT_MAX_PIXELS, Preprocess
 from ttd.runtime.tagger import Tagger, TagResult
 
 
@@ -124,11 +125,17 @@ class CentreStep:
     max_pixels: int = DEFAULT_MAX_PIXELS
     vocabulary_embeds: np.ndarray | None = None
     pipelined: bool = True  # the batch stays on the device until the record stage needs it (same records)
+    decoding: DeviceDecoding | None = None  # JPEGs decoded on the device behind the gate (`--decode device`)
 
     def description(self) -> dict:
         return {"vocabulary": self.vocabulary, "masks_dir": str(self.masks_dir) if self.masks_dir else None,
                 "max_pixels": self.max_pixels, "top_k": self.top_k,
-                **({"rle_masks": True} if self.rle_masks else {})}  # only when set: older partial outputs still resume
+                **({"rle_masks": True} if self.rle_masks else {}),  # only when set: older partial outputs still resume
+                **({"decode": "device"} if self.decoding is not None else {})}
+
+    def preprocess(self, tagger: Tagger) -> Preprocess:
+        """The Tagger's preprocessing with this job's size limit."""
+        return dataclasses.replace(tagger.preprocess, max_pixels=self.max_pixels)
 
     @property
     def with_masks(self) -> bool:
@@ -145,26 +152,46 @@ class CentreStep:
     def destination(self, tagger: Tagger):
         """Where decoded batches land: the backend's next upload slot (pinned, on a GPU), so a
         batch takes one host copy on its way to the device (docs/gpu.md); None: anywhere."""
+        if self.decoding is not None:
+            return None  # the batch is put together on the device
         return getattr(tagger.backend, "staging", None) if self.pipelined else None
 
     def decoder(self, tagger: Tagger) -> Callable[[list[Item]], list]:
-        return functools.partial(prepare_items, vocabulary_mode=self.vocabulary is not None,
-                                 preprocess=dataclasses.replace(tagger.preprocess, max_pixels=self.max_pixels))
+        decode = jpegs_left_encoded if self.decoding is not None else prepare_items
+        return functools.partial(decode, vocabulary_mode=self.vocabulary is not None,
+                                 preprocess=self.preprocess(tagger))
+
+    def _device_decoded(self, tagger: Tagger, batch: Positioned, records: dict, prepared: dict) -> tuple[list, object]:
+        """(the keys of the rows that decoded, their batch) of a batch whose JPEGs are still encoded;
+        a JPEG that neither the device nor PIL decodes becomes its error record."""
+        keys = sorted(prepared)
+        images, errors = self.decoding.batch(tagger, [prepared[k] for k in keys], [batch[k][1].image for k in keys],
+                                             self.preprocess(tagger), self.vocabulary_embeds)
+        for n, error in errors.items():
+            item = batch[keys[n]][1]
+            records[keys[n]] = {"image": item.image, "caption": item.caption, "error": error}
+            del prepared[keys[n]]
+        return [k for n, k in enumerate(keys) if n not in errors], images
 
     def run(self, tagger: Tagger, batch: Positioned, outcomes: list) -> TaggedBatch:
         records, prepared = split_outcomes([item for _, item in batch], outcomes, self.vocabulary)
         results: dict[int, TagResult] = {}
         sizes = {k: prepared[k][2] for k in prepared}
+        decoded = self._device_decoded(tagger, batch, records, prepared) if self.decoding and prepared else None
         if prepared and self.pipelined:
-            keys = sorted(prepared)
-            images = batch_images([prepared[k][0] for k in keys], self.destination(tagger))
+            keys, images = decoded or (sorted(prepared), None)
+            if images is None:
+                images = batch_images([prepared[k][0] for k in keys], self.destination(tagger))
             tag_lists = [prepared[k][1] for k in keys]
             pending = tagger.submit(images, None if self.vocabulary is not None else tag_lists, self.vocabulary_embeds,
                                     self.with_masks, self.top_k if self.vocabulary is not None else 0)
             return TaggedBatch(batch, records, results, sizes, pending, keys, tag_lists)
         if prepared:
-            keys = sorted(prepared)
-            images = batch_images([prepared[k][0] for k in keys])
+            keys, images = decoded or (sorted(prepared), None)
+            if images is None:
+                images = batch_images([prepared[k][0] for k in keys])
+            elif not isinstance(images, np.ndarray):  # decoded on the device: the plain path takes host arrays
+                images = images.cpu().numpy()
             if self.vocabulary is not None:
                 tagged = tagger.tag_vocabulary(images, self.vocabulary, self.vocabulary_embeds, self.with_masks)
             else:

@@ -146,16 +146,20 @@ def minmax_over_tags(raw: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return ops.where(span > 0, (raw - low) / ops.where(span > 0, span, ops.ones_like(span)), ops.ones_like(raw))
 
 
-def combine_windows(tag_scores: torch.Tensor) -> torch.Tensor:
-    """[W, len(SCORE_ROWS), K] scores of W windows (and scales) of one image -> that image's
-    [len(SCORE_ROWS), K]: a per-pixel score's best pixel is its best window's; minmax is taken
-    again over the tags' best cosines of the whole image. numpy arrays or torch tensors."""
+def combine_windows(tag_scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """[..., W, len(SCORE_ROWS), K] scores of W windows (and scales) of one image -> that image's
+    [..., len(SCORE_ROWS), K]: a per-pixel score's best pixel is its best window's; minmax is taken
+    again over the tags' best cosines of the whole image. Leading dimensions are images combined
+    together, `valid` [..., K] their real tags (padding is left out of the minmax). numpy arrays
+    or torch tensors."""
     ops = array_ops(tag_scores)
-    combined = ops.amax(tag_scores, 0, False)
-    peak = combined[SCORE_ROWS.index("peak_cosine")]
-    minmax = minmax_over_tags(peak[None], ops.ones_like(peak[None]) > 0)[0]
-    return ops.concat([combined[: SCORE_ROWS.index("minmax")], minmax[None],
-                       combined[SCORE_ROWS.index("minmax") + 1 :]])
+    combined = ops.amax(tag_scores, -3, False)
+    peak = combined[..., SCORE_ROWS.index("peak_cosine"), :]
+    rows = peak.reshape(-1, peak.shape[-1])
+    minmax = minmax_over_tags(rows, ops.ones_like(rows) > 0 if valid is None else valid.reshape(rows.shape))
+    at = SCORE_ROWS.index("minmax")
+    return ops.concat([combined[..., :at, :], minmax.reshape(peak.shape)[..., None, :], combined[..., at + 1 :, :]],
+                      -2)
 
 
 def global_tag_scores(embeds: torch.Tensor, tag_embeds: torch.Tensor, tau: float,

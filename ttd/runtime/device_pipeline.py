@@ -99,7 +99,15 @@ class UploadSlots:
                clock: StageClock | None = None) -> list[torch.Tensor]:
         """The arrays (uint8 images, float32 tag embeddings, ...) on the device, ready for `compute`.
         `clock` gets two stages: "stage", the host's copying into the pinned slot (perf_counter),
-        and "upload", the transfer alone (events on the upload stream, after the staging)."""
+        and "upload", the transfer alone (events on the upload stream, after the staging). A first
+        array that is a tensor already (images decoded on the device, docs/gpu.md "GPU decoding")
+        is used where it is, `compute` waiting for the stream that made it."""
+        if arrays and isinstance(arrays[0], torch.Tensor):
+            images = arrays[0].to(self.device)
+            if self.cuda and compute is not None:
+                compute.wait_stream(torch.cuda.current_stream(self.device))
+                images.record_stream(compute)
+            return [images, *self.upload(list(arrays[1:]), compute, clock)]
         staging = time.perf_counter()
         if not self.cuda:
             tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]

@@ -106,11 +106,7 @@ def decode_image(data: bytes | Path | str, name: str | None = None, max_pixels: 
         # (exif_transpose and convert would each copy it); the in-memory buffer needs no closing
         image = Image.open(io.BytesIO(data))
         width, height = image.size
-        if width * height > max_pixels:
-            raise ImageError(
-                f"{label}: {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,} "
-                "(possible decompression bomb; raise --max-pixels if the image is genuine)"
-            )
+        _check_pixels(label, width, height, max_pixels)
         if min_side is not None and min(width, height) >= 4 * min_side:
             scale = 2 * min_side / min(width, height)
             image.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
@@ -127,8 +123,36 @@ def decode_image(data: bytes | Path | str, name: str | None = None, max_pixels: 
     except Image.DecompressionBombError as error:
         raise ImageError(f"{label}: decompression bomb refused ({error})") from error
     except (OSError, SyntaxError, ValueError) as error:
-        reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "it", str(error))  # Pillow names its buffer
-        raise ImageError(f"{label}: cannot decode image ({type(error).__name__}: {reason})") from error
+        raise _undecodable(label, error) from error
+
+
+def _check_pixels(label: str, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageError(f"{label}: {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,} "
+                         "(possible decompression bomb; raise --max-pixels if the image is genuine)")
+
+
+def _undecodable(label: str, error: Exception) -> ImageError:
+    reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "it", str(error))  # Pillow names its buffer
+    return ImageError(f"{label}: cannot decode image ({type(error).__name__}: {reason})")
+
+
+def header_size(data: bytes, label: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """The upright (width, height) of encoded image bytes from their header alone (EXIF orientation
+    5-8 swaps them), refused as `decode_image` refuses it when over `max_pixels` or unreadable:
+    what a batch decoded elsewhere (on the device, ttd/runtime/device_decode.py) is checked by."""
+    if not data:
+        raise ImageError(f"{label}: empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            _check_pixels(label, width, height, max_pixels)
+            orientation = image.getexif().get(ORIENTATION_TAG)
+    except ImageError:
+        raise
+    except (OSError, SyntaxError, ValueError) as error:
+        raise _undecodable(label, error) from error
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def resize_center_crop(image: Image.Image, size: int, interpolation: str = "bicubic") -> np.ndarray:

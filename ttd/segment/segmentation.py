@@ -121,9 +121,9 @@ def segment_captions(tagger: Tagger, features: list[WindowFeatures], captions: l
         segments = [Segment(caption, "caption",
                             float(caption_probability[caption_mask].mean()) if caption_mask.any() else 0.0,
                             caption_mask)]
-        for k, (tag, score) in enumerate(candidates):
-            if tag in selected:
-                segments.append(Segment(tag, "tag", score, tags.binary_mask(k, options.mask_threshold)))
+        chosen_tags = [k for k, (tag, _) in enumerate(candidates) if tag in selected]
+        masks = tags.binary_masks(chosen_tags, options.mask_threshold)  # the record's masks, made together
+        segments += [Segment(candidates[k][0], "tag", candidates[k][1], mask) for k, mask in zip(chosen_tags, masks)]
         results[n] = Segmentation(features[n].width, features[n].height, candidates, selected, segments)
     return results
 

@@ -19,6 +19,7 @@ holds K full-size float maps).
 from __future__ import annotations
 
 from ttd.errors import InputError
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,12 +87,15 @@ def plan_scale(width: int, height: int, size: int, scale: float, stride: int, cr
     return ScalePlan(scale, new_w, new_h, tuple((x, y) for y in ys for x in xs))
 
 
-def crop_windows(resized: np.ndarray, plan: ScalePlan, size: int, fill: tuple[int, int, int]) -> np.ndarray:
-    """uint8 [N, S, S, 3] windows of a resized image (padded with `fill` where it is smaller than S)."""
-    windows = np.empty((len(plan.windows), size, size, 3), np.uint8)
-    windows[:] = np.asarray(fill, np.uint8)
+def crop_windows(resized: np.ndarray, plan: ScalePlan, size: int, fill: tuple[int, int, int],
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 [N, S, S, 3] windows of a resized image (padded with `fill` where it is smaller than S),
+    written into `out` when given (a slice of the batch's window array: no copy afterwards)."""
+    windows = np.empty((len(plan.windows), size, size, 3), np.uint8) if out is None else out
     for n, (left, top) in enumerate(plan.windows):
         part = resized[top : top + size, left : left + size]
+        if part.shape[:2] != (size, size):
+            windows[n] = np.asarray(fill, np.uint8)
         windows[n, : part.shape[0], : part.shape[1]] = part
     return windows
 
@@ -132,25 +136,30 @@ def encode_windows_of(tagger: Tagger, images: list[Image.Image], crop: str = "wh
         raise InputError("--crop center sees one window; multi-scale needs --crop whole")
     stride = default_stride(size) if stride is None else stride
     fill = tuple(int(round(255 * m)) for m in config.mean)
-    planned = []  # per image: (plans, canvas, window counts per scale)
-    windows: list[np.ndarray] = []
+    plans_by_size: dict[tuple[int, int], list[ScalePlan]] = {}  # a batch's images mostly share a size
     for image in images:
+        if image.size not in plans_by_size:
+            plans_by_size[image.size] = [plan_scale(*image.size, size, scale, stride, crop) for scale in scales]
+    plans_of = [plans_by_size[image.size] for image in images]
+    # one window array for the batch, each image's windows cut straight into it (an image that is
+    # exactly one window is copied once, as `ttd tag` copies its centre crop)
+    stacked = np.empty((sum(len(plan.windows) for plans in plans_of for plan in plans), size, size, 3), np.uint8)
+    planned = []  # per image: (plans, canvas, window counts per scale)
+    filled = 0
+    for image, plans in zip(images, plans_of):
         width, height = image.size
-        plans, counts, canvas = [], [], None
-        for scale in scales:
-            plan = plan_scale(width, height, size, scale, stride, crop)
+        canvas = None
+        for plan in plans:
             resized = image if (plan.width, plan.height) == (width, height) else \
                 image.resize((plan.width, plan.height), RESAMPLING[config.interpolation])
             pixels = np.asarray(resized, dtype=np.uint8)
             if canvas is None or plan.width * plan.height > canvas.shape[0] * canvas.shape[1]:
                 canvas = pixels
-            windows.append(crop_windows(pixels, plan, size, fill))
-            plans.append(plan)
-            counts.append(len(windows[-1]))
-        planned.append((plans, canvas, counts))
-    stacked = np.concatenate(windows)
-    views = np.concatenate([tagger.encode_images(stacked[i : i + batch_size])[1]
-                            for i in range(0, len(stacked), batch_size)])
+            crop_windows(pixels, plan, size, fill, stacked[filled : filled + len(plan.windows)])
+            filled += len(plan.windows)
+        planned.append((plans, canvas, [len(plan.windows) for plan in plans]))
+    parts = [tagger.encode_images(stacked[i : i + batch_size])[1] for i in range(0, len(stacked), batch_size)]
+    views = parts[0] if len(parts) == 1 else np.concatenate(parts)
     features, start = [], 0
     for image, (plans, canvas, counts) in zip(images, planned):
         parts = []
@@ -161,6 +170,7 @@ def encode_windows_of(tagger: Tagger, images: list[Image.Image], crop: str = "wh
     return features
 
 
+@functools.lru_cache(maxsize=256)
 def _axis_weights(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Bilinear sampling along one axis, half-pixel centres (align_corners=False, no antialiasing).
     The source position scale·(i + ½) − ½ is rounded to float32 once, as the fused multiply-add of
@@ -172,7 +182,10 @@ def _axis_weights(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.
     low = position.astype(np.int64)
     high = np.minimum(low + 1, source - 1)
     frac = (position - low).astype(np.float32)
-    return low, high, (np.float32(1) - frac).astype(np.float32), frac
+    weights = low, high, (np.float32(1) - frac).astype(np.float32), frac
+    for array in weights:  # shared by every call with these sizes (cached): never written
+        array.flags.writeable = False
+    return weights
 
 
 def bilinear_resize(maps: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -246,12 +259,16 @@ class ScoreMaps:
             self._logits = self._windows.canvas_logits(slice(None))
         return self._logits
 
-    def _canvas(self, k: int) -> np.ndarray:
-        return self._logits[k : k + 1] if self._logits is not None else self._windows.canvas_logits([k])
+    def _canvas(self, tags: list[int]) -> np.ndarray:
+        return self._logits[tags] if self._logits is not None else self._windows.canvas_logits(tags)
 
     def mask_logits(self, k: int) -> np.ndarray:
         """float32 [H, W]: tag k's mask logit at every pixel of the original image."""
-        return _resize_maps(self._canvas(k), self.height, self.width)[0]
+        return self.masks_logits([k])[0]
+
+    def masks_logits(self, tags: list[int]) -> np.ndarray:
+        """float32 [K', H, W]: `mask_logits` of several tags at once (the same values: every step is per pixel)."""
+        return _resize_maps(self._canvas(list(tags)), self.height, self.width)
 
     def probabilities(self, k: int) -> np.ndarray:
         """float32 [H, W]: M_k = sigmoid(w·cos + b) at every pixel of the original image."""
@@ -259,7 +276,13 @@ class ScoreMaps:
 
     def binary_mask(self, k: int, threshold: float = 0.5) -> np.ndarray:
         """bool [H, W]: M_k ≥ θ."""
-        return self.mask_logits(k) >= _logit(threshold)
+        return self.binary_masks([k], threshold)[0]
+
+    def binary_masks(self, tags: list[int], threshold: float = 0.5) -> np.ndarray:
+        """bool [K', H, W]: M_k ≥ θ of several tags, their maps made together."""
+        if not tags:
+            return np.zeros((0, self.height, self.width), np.bool_)
+        return self.masks_logits(tags) >= _logit(threshold)
 
     def label_map(self, threshold: float = 0.5) -> np.ndarray:
         """uint16 [H, W]: 0 where every mask is below θ (the constant background channel), else
@@ -315,20 +338,34 @@ def score_maps_of(tagger: Tagger, features: list[WindowFeatures], tag_lists: lis
     negatives = tagger.negative_embeds
     request = HeadRequest(embeds, valid, negatives[None], np.array([[tagger.config.negative_margin]], np.float32), True)
     outputs = tagger.score_views(views_all, request)
-    results, start = [], 0
+    starts = np.cumsum([0] + [sum(len(part) for part in f.patch_views) for f in features])
+    combined = _combined_scores(outputs.tag_scores, starts, valid)
+    results = []
     for n, feature in enumerate(features):
-        k = len(tag_lists[n])
-        scores, cosines = [], []
+        k, start, cosines = len(tag_lists[n]), starts[n], []
         for part in feature.patch_views:
-            scores.append(outputs.tag_scores[start : start + len(part), :, :k])
             cosines.append(outputs.tag_cosines[start : start + len(part), :k])
             start += len(part)
-        combined = combine_windows(np.concatenate(scores))
         windows = WindowMaps(feature.plans, cosines, tagger.mask_weight, tagger.mask_bias, size,
                              feature.canvas_image.shape[:2])
-        results.append(ScoreMaps(list(tag_lists[n]), score_row(combined, tagger.score_method).astype(np.float32), None,
-                                 feature.width, feature.height, windows))
+        scores = score_row(combined[n][:, :k], tagger.score_method).astype(np.float32)
+        results.append(ScoreMaps(list(tag_lists[n]), scores, None, feature.width, feature.height, windows))
     return results
+
+
+def _combined_scores(tag_scores: np.ndarray, starts: np.ndarray, valid: np.ndarray) -> list[np.ndarray]:
+    """Each image's [len(SCORE_ROWS), K] out of the request's window scores (image n: windows
+    starts[n]..starts[n+1]); the images with as many windows combined in one call (combine_windows
+    over padded tags with their validity: the same numbers as image by image)."""
+    counts = np.diff(starts)
+    combined: list = [None] * len(counts)
+    for count in np.unique(counts):
+        images = np.flatnonzero(counts == count)
+        windows = starts[images][:, None] + np.arange(count)  # [n, W] rows of the request
+        together = combine_windows(tag_scores[windows], valid[starts[images]])
+        for n, scores in zip(images, together):
+            combined[n] = scores
+    return combined
 
 
 def refine_maps(maps: ScoreMaps, image: np.ndarray, iterations: int = 10) -> ScoreMaps:
