@@ -515,6 +515,7 @@ CHECKED_TABLES = {
     ("docs/benchmarks.md", "| tree | encoder alone | `ttd tag` | P5 (wall"),
     ("docs/benchmarks.md", "| command | decisions | flips"), ("docs/benchmarks.md", "| scorer | P | R | F1 | mAP |"),
     ("docs/benchmarks.md", "| tree | encoder alone | `ttd tag` | job CPU s / 512 img"),
+    ("docs/benchmarks.md", "| run | encoder alone | `ttd segment --captions`"),
     ("docs/calibration.md", "| model | fit | margin"), ("docs/calibration.md", "| model | margins"),
     ("docs/gpu.md", "| precision | world-base"), ("docs/gpu.md", "| dtype | batch 1"), ("docs/gpu.md", "| run | images/s"),
     ("docs/serving.md", "| side |"), ("docs/serving.md", "| side (ViT-B/16)"), ("docs/serving.md", "| load (2,000"),
@@ -563,3 +564,20 @@ def test_every_table_of_figures_is_checked_or_says_why_not():
     assert unknown == []
     stale = [k for k in known if not any(page == k[0] and header.startswith(k[1]) for page, header in _tables_with_figures())]
     assert stale == []
+
+
+def test_p9_second_round_table_is_its_json():
+    rows = _table("docs/benchmarks.md", "| run | encoder alone | `ttd segment --captions` | `ttd tag --crop whole`")
+    assert rows
+    for row in rows:
+        tree, pair = row[0].split(", pair ")
+        report = _results(f"p9_whole_images_round4_{tree}_{pair}.json")
+        runs = report["runs"]
+        medians = [f"{report[f'{p}_median']:.3f}" for p in ("p9_segment", "p9_tag_whole", "p5_centre")]
+        by_cpu = [f"{report[f'{p}_by_cpu_median']:.3f}" for p in ("p9_segment", "p9_tag_whole", "p5_centre")]
+        bound = [f"{report[f'{p}_bound_median']:.3f}" for p in ("p9_segment", "p9_tag_whole", "p5_centre")]
+        assert row[1:] == [_range([v for r in runs for v in r["encoder_img_s"]], 0) + " img/s",
+                           _range([r["segment_windows_s"] for r in runs], 0) + " windows/s",
+                           _range([r["tag_whole_windows_s"] for r in runs], 0),
+                           _range([r["centre_img_s"] for r in runs], 0) + " img/s",
+                           " / ".join(medians[:2]), medians[2], " / ".join(by_cpu), " / ".join(bound)], row[0]
