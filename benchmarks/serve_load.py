@@ -22,6 +22,7 @@ flavour, the order rotating each round), so a change in the machine's load hits 
 - `--no-front`: each flavour is also measured with the clients calling tritonserver's own
   loopback port (KServe v2 HTTP), as a row of its own: what the served path costs without the
   front, in the same processes and rounds.
+- `--grpc`: the same over tritonserver's gRPC port (KServe v2 gRPC; `ttd serve --grpc-port`).
 - The mean batch of each round from ttd_tagger's statistics (requests / executions).
 """
 
@@ -169,8 +170,10 @@ def direct_worker(export_dir: str, pairs: list, batch: int, threads: int, comman
 
 
 def client_worker(pairs: list, commands, results) -> None:
-    """One load-generating process: a persistent HTTP client per server; each command is
-    (url, indices), answered with (index, latency s, answer or None, error or None) per request."""
+    """One load-generating process: a persistent client per server (gRPC for a `grpc://` url, HTTP
+    otherwise); each command is (url, indices), answered with (index, latency s, answer or None,
+    error or None) per request."""
+    import tritonclient.grpc as grpc
     import tritonclient.http as http
 
     from load_client import tagger_request
@@ -178,13 +181,16 @@ def client_worker(pairs: list, commands, results) -> None:
     clients: dict = {}
     while (command := commands.get()) is not None:
         url, indices = command
-        client = clients.setdefault(url, http.InferenceServerClient(url, network_timeout=120))
+        if url not in clients:
+            clients[url] = ((grpc, grpc.InferenceServerClient(url.removeprefix(GRPC))) if url.startswith(GRPC)
+                            else (http, http.InferenceServerClient(url, network_timeout=120)))
+        module, client = clients[url]
         out = []
         for index in indices:
             image, caption = pairs[index]
             start = time.perf_counter()
             try:
-                got = tagger_request(http, client, image, caption)
+                got = tagger_request(module, client, image, caption)
                 out.append((index, time.perf_counter() - start,
                             (got["tags"], got["scores"].tolist(), got["selected"].tolist()), None))
             except Exception as error:
@@ -198,12 +204,17 @@ def same(got, want, atol: float = 1e-5) -> bool:
 
 TRITON_URL = re.compile(r"tritonserver on (\S+?)\)")
 NO_FRONT = " (tritonserver, no front)"  # the side of a flavour whose clients call tritonserver's port
+NO_FRONT_GRPC = " (tritonserver gRPC, no front)"  # the same over tritonserver's gRPC port
+GRPC = "grpc://"
 
 
-def start_serve(repo: Path, port: int, timeout_s: float = 180) -> tuple[subprocess.Popen, str]:
-    """`ttd serve repo` on `port`; returns the process and the loopback address of its tritonserver."""
+def start_serve(repo: Path, port: int, timeout_s: float = 180,
+                grpc_port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """`ttd serve repo` on `port` (and tritonserver's gRPC on `grpc_port`); returns the process and
+    the loopback address of its tritonserver's HTTP port."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    process = subprocess.Popen([sys.executable, "-m", "ttd", "serve", str(repo), "--http-port", str(port)],
+    grpc = ["--grpc-port", str(grpc_port)] if grpc_port else []
+    process = subprocess.Popen([sys.executable, "-m", "ttd", "serve", str(repo), "--http-port", str(port), *grpc],
                                stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -226,16 +237,19 @@ def stop_serve(process: subprocess.Popen) -> None:
 
 
 def served_round(url: str, process: subprocess.Popen, queues: list, results, indices: list[int],
-                 expected: list) -> dict:
+                 expected: list, stats_url: str | None = None) -> dict:
+    """One round of `indices` through `url`; `stats_url`: where ttd_tagger's statistics are read
+    over HTTP (default `url`; a gRPC side reads tritonserver's HTTP port)."""
     shares = [indices[k :: len(queues)] for k in range(len(queues))]
-    counts = batch_counts(url)
+    stats_url = stats_url or url
+    counts = batch_counts(stats_url)
     before, wall = process_tree_cpu_by_name(process.pid), time.perf_counter()
     for queue, share in zip(queues, shares):
         queue.put((url, share))
     answers = [a for _ in queues for a in results.get(timeout=600)]
     wall = time.perf_counter() - wall
     after = process_tree_cpu_by_name(process.pid)
-    inferences, executions = (a - b for a, b in zip(batch_counts(url), counts))
+    inferences, executions = (a - b for a, b in zip(batch_counts(stats_url), counts))
     by_kind = {kind: after[kind] - before.get(kind, 0.0) for kind in after}
     cpu = sum(by_kind.values())
     errors = [e for *_, e in answers if e is not None]
@@ -286,10 +300,10 @@ def median(rows: list[dict], key: str) -> float:
 
 
 def run(export_dir: Path, flavours: list[str], clients: int, requests: int, rounds: int, pairs_count: int = 64,
-        batch: int = 8, no_front: bool = False) -> dict:
+        batch: int = 8, no_front: bool = False, grpc: bool = False) -> dict:
     """`no_front`: each flavour also measured with its clients calling tritonserver's loopback
     port (KServe v2 HTTP, what an operator's own front or a sidecar would call): the same
-    processes and CPU accounting, the front idle."""
+    processes and CPU accounting, the front idle. `grpc`: the same over tritonserver's gRPC port."""
     from export.triton import build_repository
     from ttd.serve.service import free_loopback_port
 
@@ -309,7 +323,7 @@ def run(export_dir: Path, flavours: list[str], clients: int, requests: int, roun
     indices = [k % pairs_count for k in range(requests)]
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        servers = {}
+        servers, stats_urls = {}, {}
         try:
             expected = directs["direct"][2].get(timeout=600)
             if directs["direct_all_cores"][2].get(timeout=600) is None:
@@ -319,12 +333,19 @@ def run(export_dir: Path, flavours: list[str], clients: int, requests: int, roun
                                         flavour.split(":")[0])
                 tune(repo, flavour)
                 port = free_loopback_port()
-                process, triton_url = start_serve(repo, port)
+                grpc_port = free_loopback_port() if grpc else None
+                process, triton_url = start_serve(repo, port, grpc_port=grpc_port)
                 servers[flavour] = (f"127.0.0.1:{port}", process)
+                stats_urls[flavour] = servers[flavour][0]
                 if no_front:
                     servers[flavour + NO_FRONT] = (triton_url, process)
+                    stats_urls[flavour + NO_FRONT] = triton_url
+                if grpc:
+                    servers[flavour + NO_FRONT_GRPC] = (f"{GRPC}127.0.0.1:{grpc_port}", process)
+                    stats_urls[flavour + NO_FRONT_GRPC] = triton_url
             for flavour, (url, process) in servers.items():  # warm: sessions, tag caches, connections
-                warm = served_round(url, process, client_queues, client_results, list(range(pairs_count)), expected)
+                warm = served_round(url, process, client_queues, client_results, list(range(pairs_count)), expected,
+                                    stats_urls[flavour])
                 if warm["errors"]:
                     raise RuntimeError(f"{flavour}: warm-up errors {warm['first_errors']}")
             sides = [*DIRECT_SIDES, *servers]
@@ -339,7 +360,7 @@ def run(export_dir: Path, flavours: list[str], clients: int, requests: int, roun
                     else:
                         url, process = servers[side]
                         measured[side].append(served_round(url, process, client_queues, client_results, indices,
-                                                           expected))
+                                                           expected, stats_urls[side]))
             # malformed requests go through the front only: tritonserver alone was seen to crash on some
             malformed = {flavour: malformed_requests(servers[flavour][0]) for flavour in flavours}
             health = {flavour: healthy(servers[flavour][0]) for flavour in flavours}
@@ -379,7 +400,7 @@ def run(export_dir: Path, flavours: list[str], clients: int, requests: int, roun
                          "rounds": rounds, "pairs": pairs_count, "direct_batch": batch, "direct_threads": DIRECT_SIDES,
                          "served_intra_op_threads": 1, "repository": "ttd triton build defaults (max batch 32, "
                                                                        "preferred 8,16, queue delay 2 ms, 1 instance)",
-                         "export": str(export_dir), "no_front": no_front},
+                         "export": str(export_dir), "no_front": no_front, "grpc": grpc},
             "cpu": cpu_name(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
             "shared_machine": "the cores were shared with other jobs during the run (see load averages); "
                               "CPU time per image is the robust figure, wall clock is indicative"}
@@ -395,9 +416,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-front", action="store_true",
                         help="Also measure each flavour with the clients calling tritonserver's own port (no front).")
+    parser.add_argument("--grpc", action="store_true",
+                        help="Also measure each flavour with the clients calling tritonserver's gRPC port (no front).")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_load.json"))
     args = parser.parse_args()
-    report = run(args.export_dir, args.flavours, args.clients, args.requests, args.rounds, no_front=args.no_front)
+    report = run(args.export_dir, args.flavours, args.clients, args.requests, args.rounds, no_front=args.no_front,
+                 grpc=args.grpc)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1, default=str))
     print(json.dumps(report["summary"], indent=1))
