@@ -23,6 +23,9 @@ flavour, the order rotating each round), so a change in the machine's load hits 
   loopback port (KServe v2 HTTP), as a row of its own: what the served path costs without the
   front, in the same processes and rounds.
 - `--grpc`: the same over tritonserver's gRPC port (KServe v2 gRPC; `ttd serve --grpc-port`).
+- `--engine torch|tensorrt --kind KIND_GPU`: the served models and the direct job on a GPU (the
+  direct job on `--direct-device`, cuda by default); there the wall-clock ratio is the figure
+  (the GPU's time is not CPU time).
 - The mean batch of each round from ttd_tagger's statistics (requests / executions).
 """
 
@@ -49,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 DIRECT_SIDES = {"direct": 1, "direct_all_cores": 0}  # onnxruntime threads: the served models' 1, `ttd tag`'s default
+RUNTIME_BACKENDS = {"onnx": "onnxruntime", "torch": "torch", "tensorrt": "tensorrt"}  # --engine -> load_tagger's
 
 
 def world_pairs(count: int, size: int) -> tuple[np.ndarray, list[tuple[bytes, str]]]:
@@ -145,13 +149,15 @@ def process_tree_cpu_by_name(root: int) -> dict[str, float]:
     return kinds
 
 
-def direct_worker(export_dir: str, pairs: list, batch: int, threads: int, commands, results) -> None:
+def direct_worker(export_dir: str, pairs: list, batch: int, threads: int, commands, results,
+                  engine: str = "onnx", device: str = "cpu", torch_dtype: str = "fp32") -> None:
     """The direct job: one process, the runtime Tagger on onnxruntime with `threads` threads
     (1: the served models' setting; 0: every core, `ttd tag`'s default)."""
     from ttd.model.tags import tags_of_caption
     from ttd.runtime import load_tagger
 
-    tagger = load_tagger("onnxruntime", export_dir=export_dir, device="cpu", threads=threads, warn_unfitted=False)
+    options = {"threads": threads} if engine == "onnx" else {"dtype": torch_dtype} if engine == "torch" else {}
+    tagger = load_tagger(RUNTIME_BACKENDS[engine], export_dir=export_dir, device=device, warn_unfitted=False, **options)
     tag_lists = [tags_of_caption(caption) for _, caption in pairs]
 
     def run(indices: list[int]) -> list:
@@ -196,6 +202,21 @@ def client_worker(pairs: list, commands, results) -> None:
             except Exception as error:
                 out.append((index, time.perf_counter() - start, None, str(error)[:300]))
         results.put(out)
+
+
+def answer_of(process, queue, timeout_s: float = 600):
+    """The next item `process` puts on `queue`; fails at once when the process has died (a direct
+    job that cannot load its engine, say) instead of after the whole timeout."""
+    import queue as queues
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            return queue.get(timeout=2)
+        except queues.Empty:
+            if not process.is_alive():
+                raise RuntimeError(f"{process.name} exited with code {process.exitcode} (its error is above)") from None
+    raise RuntimeError(f"{process.name} gave no answer in {timeout_s:.0f} s")
 
 
 def same(got, want, atol: float = 1e-5) -> bool:
@@ -300,19 +321,26 @@ def median(rows: list[dict], key: str) -> float:
 
 
 def run(export_dir: Path, flavours: list[str], clients: int, requests: int, rounds: int, pairs_count: int = 64,
-        batch: int = 8, no_front: bool = False, grpc: bool = False) -> dict:
+        batch: int = 8, no_front: bool = False, grpc: bool = False, engine: str = "onnx", kind: str | None = None,
+        torch_dtype: str = "fp32", direct_device: str | None = None) -> dict:
     """`no_front`: each flavour also measured with its clients calling tritonserver's loopback
     port (KServe v2 HTTP, what an operator's own front or a sidecar would call): the same
-    processes and CPU accounting, the front idle. `grpc`: the same over tritonserver's gRPC port."""
-    from export.triton import build_repository
+    processes and CPU accounting, the front idle. `grpc`: the same over tritonserver's gRPC port.
+    `engine`, `kind`, `torch_dtype`: what the served models run on (`ttd triton build`'s
+    --graph-engine, --kind, --torch-dtype); the direct side runs the same engine on
+    `direct_device` (cpu for onnx, else cuda), as one side ("direct")."""
+    direct_sides = DIRECT_SIDES if engine == "onnx" else {"direct": 0}
+    direct_device = direct_device or ("cpu" if engine == "onnx" else "cuda")
+    from export.triton import BatchingOptions, build_repository
     from ttd.serve.service import free_loopback_port
 
     context = mp.get_context("spawn")
     _, pairs = world_pairs(pairs_count, 64)
     directs = {}  # side -> (process, commands, results)
-    for side, threads in DIRECT_SIDES.items():
+    for side, threads in direct_sides.items():
         commands, results = context.Queue(), context.Queue()
-        process = context.Process(target=direct_worker, args=(str(export_dir), pairs, batch, threads, commands, results))
+        process = context.Process(target=direct_worker, args=(str(export_dir), pairs, batch, threads, commands, results,
+                                                              engine, direct_device, torch_dtype))
         process.start()
         directs[side] = (process, commands, results)
     client_queues = [context.Queue() for _ in range(clients)]
@@ -325,12 +353,14 @@ def run(export_dir: Path, flavours: list[str], clients: int, requests: int, roun
     with tempfile.TemporaryDirectory() as tmp:
         servers, stats_urls = {}, {}
         try:
-            expected = directs["direct"][2].get(timeout=600)
-            if directs["direct_all_cores"][2].get(timeout=600) is None:
+            expected = answer_of(directs["direct"][0], directs["direct"][2])
+            if "direct_all_cores" in directs and answer_of(directs["direct_all_cores"][0],
+                                                           directs["direct_all_cores"][2]) is None:
                 raise RuntimeError("the all-cores direct job did not start")
             for flavour in flavours:
                 repo = build_repository(export_dir, Path(tmp) / flavour.replace(":", "_").replace("=", "-"),
-                                        flavour.split(":")[0])
+                                        flavour.split(":")[0], engine, BatchingOptions(kind=kind),
+                                        torch_dtype=torch_dtype)
                 tune(repo, flavour)
                 port = free_loopback_port()
                 grpc_port = free_loopback_port() if grpc else None
@@ -348,13 +378,13 @@ def run(export_dir: Path, flavours: list[str], clients: int, requests: int, roun
                                     stats_urls[flavour])
                 if warm["errors"]:
                     raise RuntimeError(f"{flavour}: warm-up errors {warm['first_errors']}")
-            sides = [*DIRECT_SIDES, *servers]
+            sides = [*direct_sides, *servers]
             measured: dict[str, list[dict]] = {side: [] for side in sides}
             for r in range(rounds):
                 for side in sides[r % len(sides):] + sides[: r % len(sides)]:
                     if side in directs:
                         directs[side][1].put(indices)
-                        cpu, wall = directs[side][2].get(timeout=600)
+                        cpu, wall = answer_of(directs[side][0], directs[side][2])
                         measured[side].append({"cpu_ms_per_image": 1000 * cpu / len(indices),
                                                "images_per_s": len(indices) / wall})
                     else:
@@ -377,7 +407,7 @@ def run(export_dir: Path, flavours: list[str], clients: int, requests: int, roun
             for w in workers:
                 w.join(30)
     summary = {side: {"cpu_ms_per_image": median(measured[side], "cpu_ms_per_image"),
-                      "images_per_s": median(measured[side], "images_per_s")} for side in DIRECT_SIDES}
+                      "images_per_s": median(measured[side], "images_per_s")} for side in direct_sides}
     direct_cpu, direct_ips = summary["direct"]["cpu_ms_per_image"], summary["direct"]["images_per_s"]
     for flavour in servers:
         rows = measured[flavour]
@@ -387,20 +417,23 @@ def run(export_dir: Path, flavours: list[str], clients: int, requests: int, roun
             "errors": sum(r["errors"] for r in rows), "mismatches": sum(r["mismatches"] for r in rows),
             "served_over_direct_by_cpu": direct_cpu / median(rows, "cpu_ms_per_image"),
             "served_over_direct_by_wall": median(rows, "images_per_s") / direct_ips,
-            "served_over_direct_all_cores_by_cpu": summary["direct_all_cores"]["cpu_ms_per_image"]
-                                                   / median(rows, "cpu_ms_per_image"),
             "p99_over_p50": median(rows, "p99_ms") / median(rows, "p50_ms"),
             "mean_batch": median(rows, "mean_batch"),
             "cpu_ms_per_image_by_process": {k: float(np.median([r["cpu_ms_per_image_by_process"].get(k, 0.0)
                                                                  for r in rows]))
                                             for k in rows[0]["cpu_ms_per_image_by_process"]},
         }
+        if "direct_all_cores" in summary:
+            summary[flavour]["served_over_direct_all_cores_by_cpu"] = (summary["direct_all_cores"]["cpu_ms_per_image"]
+                                                                       / median(rows, "cpu_ms_per_image"))
     return {"summary": summary, "rounds": measured, "malformed": malformed, "healthy_after": health,
             "settings": {"clients": clients, "client_processes": clients, "requests_per_round": requests,
-                         "rounds": rounds, "pairs": pairs_count, "direct_batch": batch, "direct_threads": DIRECT_SIDES,
+                         "rounds": rounds, "pairs": pairs_count, "direct_batch": batch, "direct_threads": direct_sides,
                          "served_intra_op_threads": 1, "repository": "ttd triton build defaults (max batch 32, "
                                                                        "preferred 8,16, queue delay 2 ms, 1 instance)",
-                         "export": str(export_dir), "no_front": no_front, "grpc": grpc},
+                         "export": str(export_dir), "no_front": no_front, "grpc": grpc, "engine": engine,
+                         "kind": kind or "KIND_CPU (KIND_GPU for tensorrt)", "torch_dtype": torch_dtype,
+                         "direct_device": direct_device},
             "cpu": cpu_name(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
             "shared_machine": "the cores were shared with other jobs during the run (see load averages); "
                               "CPU time per image is the robust figure, wall clock is indicative"}
@@ -418,10 +451,17 @@ def main() -> None:
                         help="Also measure each flavour with the clients calling tritonserver's own port (no front).")
     parser.add_argument("--grpc", action="store_true",
                         help="Also measure each flavour with the clients calling tritonserver's gRPC port (no front).")
+    parser.add_argument("--engine", choices=sorted(RUNTIME_BACKENDS), default="onnx",
+                        help="What the served models and the direct job run (ttd triton build --graph-engine).")
+    parser.add_argument("--kind", choices=["KIND_CPU", "KIND_GPU"], default=None,
+                        help="The served models' instance kind (ttd triton build --kind); KIND_GPU with torch/tensorrt.")
+    parser.add_argument("--torch-dtype", default="fp32", help="Torch engine: weight precision (both sides).")
+    parser.add_argument("--direct-device", default=None, help="The direct job's device (default cpu for onnx, else cuda).")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_load.json"))
     args = parser.parse_args()
     report = run(args.export_dir, args.flavours, args.clients, args.requests, args.rounds, no_front=args.no_front,
-                 grpc=args.grpc)
+                 grpc=args.grpc, engine=args.engine, kind=args.kind, torch_dtype=args.torch_dtype,
+                 direct_device=args.direct_device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1, default=str))
     print(json.dumps(report["summary"], indent=1))
