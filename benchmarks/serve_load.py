@@ -22,6 +22,10 @@ flavour, the order rotating each round), so a change in the machine's load hits 
 - `--no-front`: each flavour is also measured with the clients calling tritonserver's own
   loopback port (KServe v2 HTTP), as a row of its own: what the served path costs without the
   front, in the same processes and rounds.
+- `--grpc`: the same over tritonserver's gRPC port (KServe v2 gRPC; `ttd serve --grpc-port`).
+- `--engine torch|tensorrt --kind KIND_GPU`: the served models and the direct job on a GPU (the
+  direct job on `--direct-device`, cuda by default); there the wall-clock ratio is the figure
+  (the GPU's time is not CPU time).
 - The mean batch of each round from ttd_tagger's statistics (requests / executions).
 """
 
@@ -48,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 DIRECT_SIDES = {"direct": 1, "direct_all_cores": 0}  # onnxruntime threads: the served models' 1, `ttd tag`'s default
+RUNTIME_BACKENDS = {"onnx": "onnxruntime", "torch": "torch", "tensorrt": "tensorrt"}  # --engine -> load_tagger's
 
 
 def world_pairs(count: int, size: int) -> tuple[np.ndarray, list[tuple[bytes, str]]]:
@@ -144,13 +149,15 @@ def process_tree_cpu_by_name(root: int) -> dict[str, float]:
     return kinds
 
 
-def direct_worker(export_dir: str, pairs: list, batch: int, threads: int, commands, results) -> None:
+def direct_worker(export_dir: str, pairs: list, batch: int, threads: int, commands, results,
+                  engine: str = "onnx", device: str = "cpu", torch_dtype: str = "fp32") -> None:
     """The direct job: one process, the runtime Tagger on onnxruntime with `threads` threads
     (1: the served models' setting; 0: every core, `ttd tag`'s default)."""
     from ttd.model.tags import tags_of_caption
     from ttd.runtime import load_tagger
 
-    tagger = load_tagger("onnxruntime", export_dir=export_dir, device="cpu", threads=threads, warn_unfitted=False)
+    options = {"threads": threads} if engine == "onnx" else {"dtype": torch_dtype} if engine == "torch" else {}
+    tagger = load_tagger(RUNTIME_BACKENDS[engine], export_dir=export_dir, device=device, warn_unfitted=False, **options)
     tag_lists = [tags_of_caption(caption) for _, caption in pairs]
 
     def run(indices: list[int]) -> list:
@@ -169,8 +176,10 @@ def direct_worker(export_dir: str, pairs: list, batch: int, threads: int, comman
 
 
 def client_worker(pairs: list, commands, results) -> None:
-    """One load-generating process: a persistent HTTP client per server; each command is
-    (url, indices), answered with (index, latency s, answer or None, error or None) per request."""
+    """One load-generating process: a persistent client per server (gRPC for a `grpc://` url, HTTP
+    otherwise); each command is (url, indices), answered with (index, latency s, answer or None,
+    error or None) per request."""
+    import tritonclient.grpc as grpc
     import tritonclient.http as http
 
     from load_client import tagger_request
@@ -178,18 +187,36 @@ def client_worker(pairs: list, commands, results) -> None:
     clients: dict = {}
     while (command := commands.get()) is not None:
         url, indices = command
-        client = clients.setdefault(url, http.InferenceServerClient(url, network_timeout=120))
+        if url not in clients:
+            clients[url] = ((grpc, grpc.InferenceServerClient(url.removeprefix(GRPC))) if url.startswith(GRPC)
+                            else (http, http.InferenceServerClient(url, network_timeout=120)))
+        module, client = clients[url]
         out = []
         for index in indices:
             image, caption = pairs[index]
             start = time.perf_counter()
             try:
-                got = tagger_request(http, client, image, caption)
+                got = tagger_request(module, client, image, caption)
                 out.append((index, time.perf_counter() - start,
                             (got["tags"], got["scores"].tolist(), got["selected"].tolist()), None))
             except Exception as error:
                 out.append((index, time.perf_counter() - start, None, str(error)[:300]))
         results.put(out)
+
+
+def answer_of(process, queue, timeout_s: float = 600):
+    """The next item `process` puts on `queue`; fails at once when the process has died (a direct
+    job that cannot load its engine, say) instead of after the whole timeout."""
+    import queue as queues
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            return queue.get(timeout=2)
+        except queues.Empty:
+            if not process.is_alive():
+                raise RuntimeError(f"{process.name} exited with code {process.exitcode} (its error is above)") from None
+    raise RuntimeError(f"{process.name} gave no answer in {timeout_s:.0f} s")
 
 
 def same(got, want, atol: float = 1e-5) -> bool:
@@ -198,12 +225,17 @@ def same(got, want, atol: float = 1e-5) -> bool:
 
 TRITON_URL = re.compile(r"tritonserver on (\S+?)\)")
 NO_FRONT = " (tritonserver, no front)"  # the side of a flavour whose clients call tritonserver's port
+NO_FRONT_GRPC = " (tritonserver gRPC, no front)"  # the same over tritonserver's gRPC port
+GRPC = "grpc://"
 
 
-def start_serve(repo: Path, port: int, timeout_s: float = 180) -> tuple[subprocess.Popen, str]:
-    """`ttd serve repo` on `port`; returns the process and the loopback address of its tritonserver."""
+def start_serve(repo: Path, port: int, timeout_s: float = 180,
+                grpc_port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """`ttd serve repo` on `port` (and tritonserver's gRPC on `grpc_port`); returns the process and
+    the loopback address of its tritonserver's HTTP port."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    process = subprocess.Popen([sys.executable, "-m", "ttd", "serve", str(repo), "--http-port", str(port)],
+    grpc = ["--grpc-port", str(grpc_port)] if grpc_port else []
+    process = subprocess.Popen([sys.executable, "-m", "ttd", "serve", str(repo), "--http-port", str(port), *grpc],
                                stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -226,16 +258,19 @@ def stop_serve(process: subprocess.Popen) -> None:
 
 
 def served_round(url: str, process: subprocess.Popen, queues: list, results, indices: list[int],
-                 expected: list) -> dict:
+                 expected: list, stats_url: str | None = None) -> dict:
+    """One round of `indices` through `url`; `stats_url`: where ttd_tagger's statistics are read
+    over HTTP (default `url`; a gRPC side reads tritonserver's HTTP port)."""
     shares = [indices[k :: len(queues)] for k in range(len(queues))]
-    counts = batch_counts(url)
+    stats_url = stats_url or url
+    counts = batch_counts(stats_url)
     before, wall = process_tree_cpu_by_name(process.pid), time.perf_counter()
     for queue, share in zip(queues, shares):
         queue.put((url, share))
     answers = [a for _ in queues for a in results.get(timeout=600)]
     wall = time.perf_counter() - wall
     after = process_tree_cpu_by_name(process.pid)
-    inferences, executions = (a - b for a, b in zip(batch_counts(url), counts))
+    inferences, executions = (a - b for a, b in zip(batch_counts(stats_url), counts))
     by_kind = {kind: after[kind] - before.get(kind, 0.0) for kind in after}
     cpu = sum(by_kind.values())
     errors = [e for *_, e in answers if e is not None]
@@ -286,19 +321,26 @@ def median(rows: list[dict], key: str) -> float:
 
 
 def run(export_dir: Path, flavours: list[str], clients: int, requests: int, rounds: int, pairs_count: int = 64,
-        batch: int = 8, no_front: bool = False) -> dict:
+        batch: int = 8, no_front: bool = False, grpc: bool = False, engine: str = "onnx", kind: str | None = None,
+        torch_dtype: str = "fp32", direct_device: str | None = None) -> dict:
     """`no_front`: each flavour also measured with its clients calling tritonserver's loopback
     port (KServe v2 HTTP, what an operator's own front or a sidecar would call): the same
-    processes and CPU accounting, the front idle."""
-    from export.triton import build_repository
+    processes and CPU accounting, the front idle. `grpc`: the same over tritonserver's gRPC port.
+    `engine`, `kind`, `torch_dtype`: what the served models run on (`ttd triton build`'s
+    --graph-engine, --kind, --torch-dtype); the direct side runs the same engine on
+    `direct_device` (cpu for onnx, else cuda), as one side ("direct")."""
+    direct_sides = DIRECT_SIDES if engine == "onnx" else {"direct": 0}
+    direct_device = direct_device or ("cpu" if engine == "onnx" else "cuda")
+    from export.triton import BatchingOptions, build_repository
     from ttd.serve.service import free_loopback_port
 
     context = mp.get_context("spawn")
     _, pairs = world_pairs(pairs_count, 64)
     directs = {}  # side -> (process, commands, results)
-    for side, threads in DIRECT_SIDES.items():
+    for side, threads in direct_sides.items():
         commands, results = context.Queue(), context.Queue()
-        process = context.Process(target=direct_worker, args=(str(export_dir), pairs, batch, threads, commands, results))
+        process = context.Process(target=direct_worker, args=(str(export_dir), pairs, batch, threads, commands, results,
+                                                              engine, direct_device, torch_dtype))
         process.start()
         directs[side] = (process, commands, results)
     client_queues = [context.Queue() for _ in range(clients)]
@@ -309,37 +351,46 @@ def run(export_dir: Path, flavours: list[str], clients: int, requests: int, roun
     indices = [k % pairs_count for k in range(requests)]
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        servers = {}
+        servers, stats_urls = {}, {}
         try:
-            expected = directs["direct"][2].get(timeout=600)
-            if directs["direct_all_cores"][2].get(timeout=600) is None:
+            expected = answer_of(directs["direct"][0], directs["direct"][2])
+            if "direct_all_cores" in directs and answer_of(directs["direct_all_cores"][0],
+                                                           directs["direct_all_cores"][2]) is None:
                 raise RuntimeError("the all-cores direct job did not start")
             for flavour in flavours:
                 repo = build_repository(export_dir, Path(tmp) / flavour.replace(":", "_").replace("=", "-"),
-                                        flavour.split(":")[0])
+                                        flavour.split(":")[0], engine, BatchingOptions(kind=kind),
+                                        torch_dtype=torch_dtype)
                 tune(repo, flavour)
                 port = free_loopback_port()
-                process, triton_url = start_serve(repo, port)
+                grpc_port = free_loopback_port() if grpc else None
+                process, triton_url = start_serve(repo, port, grpc_port=grpc_port)
                 servers[flavour] = (f"127.0.0.1:{port}", process)
+                stats_urls[flavour] = servers[flavour][0]
                 if no_front:
                     servers[flavour + NO_FRONT] = (triton_url, process)
+                    stats_urls[flavour + NO_FRONT] = triton_url
+                if grpc:
+                    servers[flavour + NO_FRONT_GRPC] = (f"{GRPC}127.0.0.1:{grpc_port}", process)
+                    stats_urls[flavour + NO_FRONT_GRPC] = triton_url
             for flavour, (url, process) in servers.items():  # warm: sessions, tag caches, connections
-                warm = served_round(url, process, client_queues, client_results, list(range(pairs_count)), expected)
+                warm = served_round(url, process, client_queues, client_results, list(range(pairs_count)), expected,
+                                    stats_urls[flavour])
                 if warm["errors"]:
                     raise RuntimeError(f"{flavour}: warm-up errors {warm['first_errors']}")
-            sides = [*DIRECT_SIDES, *servers]
+            sides = [*direct_sides, *servers]
             measured: dict[str, list[dict]] = {side: [] for side in sides}
             for r in range(rounds):
                 for side in sides[r % len(sides):] + sides[: r % len(sides)]:
                     if side in directs:
                         directs[side][1].put(indices)
-                        cpu, wall = directs[side][2].get(timeout=600)
+                        cpu, wall = answer_of(directs[side][0], directs[side][2])
                         measured[side].append({"cpu_ms_per_image": 1000 * cpu / len(indices),
                                                "images_per_s": len(indices) / wall})
                     else:
                         url, process = servers[side]
                         measured[side].append(served_round(url, process, client_queues, client_results, indices,
-                                                           expected))
+                                                           expected, stats_urls[side]))
             # malformed requests go through the front only: tritonserver alone was seen to crash on some
             malformed = {flavour: malformed_requests(servers[flavour][0]) for flavour in flavours}
             health = {flavour: healthy(servers[flavour][0]) for flavour in flavours}
@@ -356,7 +407,7 @@ def run(export_dir: Path, flavours: list[str], clients: int, requests: int, roun
             for w in workers:
                 w.join(30)
     summary = {side: {"cpu_ms_per_image": median(measured[side], "cpu_ms_per_image"),
-                      "images_per_s": median(measured[side], "images_per_s")} for side in DIRECT_SIDES}
+                      "images_per_s": median(measured[side], "images_per_s")} for side in direct_sides}
     direct_cpu, direct_ips = summary["direct"]["cpu_ms_per_image"], summary["direct"]["images_per_s"]
     for flavour in servers:
         rows = measured[flavour]
@@ -366,20 +417,23 @@ def run(export_dir: Path, flavours: list[str], clients: int, requests: int, roun
             "errors": sum(r["errors"] for r in rows), "mismatches": sum(r["mismatches"] for r in rows),
             "served_over_direct_by_cpu": direct_cpu / median(rows, "cpu_ms_per_image"),
             "served_over_direct_by_wall": median(rows, "images_per_s") / direct_ips,
-            "served_over_direct_all_cores_by_cpu": summary["direct_all_cores"]["cpu_ms_per_image"]
-                                                   / median(rows, "cpu_ms_per_image"),
             "p99_over_p50": median(rows, "p99_ms") / median(rows, "p50_ms"),
             "mean_batch": median(rows, "mean_batch"),
             "cpu_ms_per_image_by_process": {k: float(np.median([r["cpu_ms_per_image_by_process"].get(k, 0.0)
                                                                  for r in rows]))
                                             for k in rows[0]["cpu_ms_per_image_by_process"]},
         }
+        if "direct_all_cores" in summary:
+            summary[flavour]["served_over_direct_all_cores_by_cpu"] = (summary["direct_all_cores"]["cpu_ms_per_image"]
+                                                                       / median(rows, "cpu_ms_per_image"))
     return {"summary": summary, "rounds": measured, "malformed": malformed, "healthy_after": health,
             "settings": {"clients": clients, "client_processes": clients, "requests_per_round": requests,
-                         "rounds": rounds, "pairs": pairs_count, "direct_batch": batch, "direct_threads": DIRECT_SIDES,
+                         "rounds": rounds, "pairs": pairs_count, "direct_batch": batch, "direct_threads": direct_sides,
                          "served_intra_op_threads": 1, "repository": "ttd triton build defaults (max batch 32, "
                                                                        "preferred 8,16, queue delay 2 ms, 1 instance)",
-                         "export": str(export_dir), "no_front": no_front},
+                         "export": str(export_dir), "no_front": no_front, "grpc": grpc, "engine": engine,
+                         "kind": kind or "KIND_CPU (KIND_GPU for tensorrt)", "torch_dtype": torch_dtype,
+                         "direct_device": direct_device},
             "cpu": cpu_name(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
             "shared_machine": "the cores were shared with other jobs during the run (see load averages); "
                               "CPU time per image is the robust figure, wall clock is indicative"}
@@ -395,9 +449,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-front", action="store_true",
                         help="Also measure each flavour with the clients calling tritonserver's own port (no front).")
+    parser.add_argument("--grpc", action="store_true",
+                        help="Also measure each flavour with the clients calling tritonserver's gRPC port (no front).")
+    parser.add_argument("--engine", choices=sorted(RUNTIME_BACKENDS), default="onnx",
+                        help="What the served models and the direct job run (ttd triton build --graph-engine).")
+    parser.add_argument("--kind", choices=["KIND_CPU", "KIND_GPU"], default=None,
+                        help="The served models' instance kind (ttd triton build --kind); KIND_GPU with torch/tensorrt.")
+    parser.add_argument("--torch-dtype", default="fp32", help="Torch engine: weight precision (both sides).")
+    parser.add_argument("--direct-device", default=None, help="The direct job's device (default cpu for onnx, else cuda).")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_load.json"))
     args = parser.parse_args()
-    report = run(args.export_dir, args.flavours, args.clients, args.requests, args.rounds, no_front=args.no_front)
+    report = run(args.export_dir, args.flavours, args.clients, args.requests, args.rounds, no_front=args.no_front,
+                 grpc=args.grpc, engine=args.engine, kind=args.kind, torch_dtype=args.torch_dtype,
+                 direct_device=args.direct_device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1, default=str))
     print(json.dumps(report["summary"], indent=1))

@@ -184,6 +184,8 @@ class BackendPool:
         and releases the answer. Raises BackendGone or asyncio.TimeoutError."""
         link = await self._link()
         try:
+            if link.transport is None:
+                raise BackendGone("the connection to tritonserver was not made")
             lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
             lines += [f"{name}: {value}" for name, value in headers.items()]
             if body is not None:

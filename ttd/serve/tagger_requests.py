@@ -85,9 +85,10 @@ def parse_request(read: Callable[[str], np.ndarray | None], size: int | None, ma
     tags = request_tags(texts(read("caption")), texts(read("tags")), max_tags)
     masks = read("return_masks")
     wants_masks = masks is not None and bool(masks.reshape(-1)[0])
-    if rgb is not None:
-        return TaggerRequest(None, rgb_image(rgb, size), tags, wants_masks)
-    return TaggerRequest(encoded_image(encoded, max_image_bytes), None, tags, wants_masks)
+    if encoded is not None:
+        return TaggerRequest(encoded_image(encoded, max_image_bytes), None, tags, wants_masks)
+    assert rgb is not None and size is not None  # the one image sent (checked above)
+    return TaggerRequest(None, rgb_image(rgb, size), tags, wants_masks)
 
 
 def answer_arrays(tags: list[str], scores: np.ndarray, selected: Collection[str],
