@@ -18,7 +18,6 @@ the neighbours).
 
 from __future__ import annotations
 
-from ttd.errors import InputError
 import copy
 import statistics
 import tempfile
@@ -31,6 +30,7 @@ import numpy as np
 
 from export.checks import GateError, check_pairs, compare
 from export.pipeline import tool_versions
+from ttd.errors import InputError
 from ttd.runtime.hardware import cpu_capabilities
 from ttd.runtime.images import Preprocess
 from ttd.runtime.tagger import Tagger

@@ -4,11 +4,11 @@ fixed set of world image-caption pairs. A gate that fails stops the export with 
 
 from __future__ import annotations
 
-from ttd.errors import TTDError
 from dataclasses import dataclass
 
 import numpy as np
 
+from ttd.errors import TTDError
 from ttd.model.contract import EMBEDDING_NAMES
 from ttd.data.world import make_sample
 from ttd.runtime.images import Preprocess, normalize

@@ -12,7 +12,6 @@ leaves an earlier export in OUT_DIR as it was.
 
 from __future__ import annotations
 
-from ttd.errors import InputError
 import errno
 import json
 import os
@@ -29,6 +28,7 @@ from export.checks import FP32_GATE, VARIANT_GATE, GateError, check_pairs, compa
 from export.int8_portability import worst_pair_sum
 from export.onnx_graphs import DEFAULT_OPSET, export_graphs
 from export.precision import CONVERTERS, ENCODERS, PRECISIONS, Int8Settings, VariantJob, portable_settings
+from ttd.errors import InputError
 from ttd.model.contract import CONTRACT_VERSION, GRAPH_NAMES, IMAGE_ENCODER, TEXT_ENCODER
 from ttd.model.factory import save_checkpoint
 from ttd.runtime.hardware import cpu_capabilities

@@ -15,7 +15,6 @@ The tag head has no weights and stays fp32.
 
 from __future__ import annotations
 
-from ttd.errors import InputError
 import copy
 import shutil
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ttd.errors import InputError
 from ttd.model.config import INT8_MODES, PRECISIONS
 from ttd.model.contract import IMAGE_ENCODER, TEXT_ENCODER
 

@@ -22,12 +22,12 @@ itself needs an NVIDIA GPU.
 
 from __future__ import annotations
 
-from ttd.errors import InputError, RuntimeProblem, TTDError
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ttd.errors import InputError, RuntimeProblem, TTDError
 from ttd.model.config import ModelConfig
 from ttd.model.contract import GRAPH_NAMES, GRAPHS
 from ttd.runtime.tensorrt_backend import engine_name

@@ -13,7 +13,6 @@ runtime backend (onnxruntime, torch or TensorRT) and the Tagger, with the export
 
 from __future__ import annotations
 
-from ttd.errors import InputError, TTDError
 import json
 import shutil
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from string import Template
 import onnx
 
 import triton_repo
+from ttd.errors import InputError, TTDError
 from ttd.model.config import DEFAULT_SCORE_METHOD, DEFAULT_THRESHOLD, SCORE_METHODS, canonical_precision
 from ttd.model.contract import (
     FUSED_IMAGE_INPUT,

@@ -8,7 +8,6 @@ format; `convert_tagmask` reads the CC3M-TagMask layout into it.
 
 from __future__ import annotations
 
-from ttd.errors import InputError
 import json
 import os
 import warnings
@@ -20,6 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ttd.data.sources import read_jsonl
+from ttd.errors import InputError
 from ttd.runtime.images import Preprocess, decode_image, resize_center_crop
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from ttd.errors import InputError  # noqa: F401 - re-exported: where callers have always found it
 import codecs
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from ttd.errors import InputError  # noqa: F401 - re-exported: where callers have always found it
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGE_KEYS = ("image", "image_path", "path", "file", "filename", "url")

@@ -10,12 +10,12 @@ A sample that cannot be used is skipped and counted, as with the indexed sources
 
 from __future__ import annotations
 
-from ttd.errors import InputError, RuntimeProblem
 from collections.abc import Iterator
 from itertools import islice
 
 import numpy as np
 
+from ttd.errors import InputError, RuntimeProblem
 from ttd.model.tags import CaptionError, bounded_tags
 from ttd.runtime.images import ImageError, Preprocess
 from ttd.data.inputs import Item

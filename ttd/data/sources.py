@@ -7,13 +7,13 @@ A sample that cannot be read raises `ImageError`; the trainer skips and counts i
 
 from __future__ import annotations
 
-from ttd.errors import InputError
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ttd.errors import InputError
 from ttd.runtime.images import ImageError, Preprocess
 
 

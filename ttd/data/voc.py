@@ -15,13 +15,13 @@ object of that shape (colour) is visible.
 
 from __future__ import annotations
 
-from ttd.errors import InputError, TTDError
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ttd.errors import InputError, TTDError
 from ttd.runtime.images import ImageError, decode_image
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

@@ -9,11 +9,11 @@ caption mostly through one tag — the single tag bias that TTD removes.
 
 from __future__ import annotations
 
-from ttd.errors import InputError
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ttd.errors import InputError
 from ttd.model.tags import candidate_tags
 from ttd.model.world_config import (  # noqa: F401 - the world's words, re-exported
     IMAGE_SIZE, SHAPES, COLOURS, BACKGROUNDS, ABSENT_THINGS, FILLER_WORDS, FUNCTION_WORDS, TAG_TEMPLATES, vocabulary, world_model_config,

@@ -6,10 +6,11 @@ FPR = FP / (FP + TN) and FNR = FN / (FN + TP) over the pixels of one mask, avera
 
 from __future__ import annotations
 
-from ttd.errors import InputError
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from ttd.errors import InputError
 
 
 @dataclass

@@ -6,11 +6,12 @@ RLE in JSON is pycocotools' compressed form: {"size": [height, width], "counts":
 
 from __future__ import annotations
 
-from ttd.errors import InputError, RuntimeProblem
 import json
 from pathlib import Path
 
 import numpy as np
+
+from ttd.errors import InputError, RuntimeProblem
 
 
 def _mask_api():

@@ -4,10 +4,10 @@ and hundreds of MB; tests/jobs/test_decoding_pool.py holds it)."""
 
 from __future__ import annotations
 
-from ttd.errors import InputError
 import numpy as np
 
 from ttd.data.inputs import Item
+from ttd.errors import InputError
 from ttd.model.tags import MAX_CAPTION_TAGS, tags_of_caption  # noqa: F401 - MAX_CAPTION_TAGS: where callers find it
 from ttd.runtime.images import ImageError, Preprocess, header_size, max_file_bytes, read_image_file
 
@@ -16,7 +16,6 @@ def caption_tags(item: Item) -> list[str]:
     """An item's candidate tags, or the ValueError that names what is wrong with its caption
     (every mode that tags a caption checks it here)."""
     return tags_of_caption(item.caption)
-
 
 
 def _prepare(item: Item, vocabulary_mode: bool,

@@ -12,7 +12,6 @@ ttd.jobs.decode_items: Pillow and numpy), and hand decoded images back through s
 
 from __future__ import annotations
 
-from ttd.errors import InputError
 import multiprocessing
 import os
 import time
@@ -28,6 +27,7 @@ from multiprocessing import shared_memory
 import numpy as np
 
 from ttd.data.inputs import Item
+from ttd.errors import InputError
 
 Positioned = list[tuple[int, Item]]
 # (shape) -> a uint8 array of that shape for a decoded batch to land in (None: a fresh one); the

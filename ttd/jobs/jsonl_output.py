@@ -19,7 +19,6 @@ both have this module's interface: `done`, `complete`, `write(records)`, `finish
 from __future__ import annotations
 
 from ttd.model.file_modes import current_umask
-from ttd.errors import InputError
 import json
 import os
 import tempfile
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ttd.data.inputs import InputError
+from ttd.errors import InputError
 from ttd.jobs.input_identity import describe_change, input_fingerprint
 from ttd.jobs.output_lock import OutputLock, open_beside_output
 

@@ -9,7 +9,6 @@ another process waits on it would let two jobs in).
 
 from __future__ import annotations
 
-from ttd.errors import TTDError
 import fcntl
 import json
 import os
@@ -18,6 +17,8 @@ import stat
 import sys
 import time
 from pathlib import Path
+
+from ttd.errors import TTDError
 
 
 class OutputInUse(TTDError, ValueError):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ttd.errors import InputError
 import os
 from pathlib import Path
 
+from ttd.errors import InputError
 from ttd.jobs.jsonl_output import ResumableJsonl, output_format_of
 from ttd.jobs.output_lock import OutputLock
 

@@ -23,13 +23,13 @@ a null read as an absent field.
 
 from __future__ import annotations
 
-from ttd.errors import InputError, RuntimeProblem
 import json
 import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from ttd.errors import InputError, RuntimeProblem
 from ttd.jobs.jsonl_output import Progress, check_record, check_same_job, write_job
 from ttd.jobs.output_lock import OutputLock
 

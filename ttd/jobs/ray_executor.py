@@ -10,7 +10,6 @@ local`: the records are the same (the Ray equality tests hold this).
 
 from __future__ import annotations
 
-from ttd.errors import InputError
 import inspect
 import json
 import os
@@ -18,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ttd.errors import InputError
 from ttd.jobs.runner import JobOptions, Step, open_job_output, refuse_input_as_output, refuse_no_items
 
 

@@ -15,7 +15,6 @@ HTML-escaped.
 
 from __future__ import annotations
 
-from ttd.errors import InputError
 import base64
 import html
 import io
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ttd.errors import InputError
 from ttd.runtime.images import ImageError, decode_image
 from ttd.data.inputs import refuse_output_over_input
 from ttd.jobs.mask_files import mask_image

@@ -9,7 +9,6 @@ Record: {"image", "width", "height", ["caption"], "candidates": [{"tag", "score"
 
 from __future__ import annotations
 
-from ttd.errors import InputError
 import dataclasses
 import functools
 import json
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ttd.errors import InputError
 from ttd.jobs.coco import encode_rle, write_coco
 from ttd.data.voc import PALETTE_SIZE, palette
 from ttd.runtime.images import DEFAULT_MAX_PIXELS, ImageError, decode_image

@@ -4,7 +4,6 @@ are still tagged and written."""
 
 from __future__ import annotations
 
-from ttd.errors import InputError
 import re
 import warnings
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ttd.data.inputs import Item
+from ttd.errors import InputError
 from ttd.runtime.tagger import Tagger, TagResult
 from ttd.jobs.mask_files import mask_image
 

@@ -16,12 +16,12 @@ torchvision are imported inside the functions: the runtime imports no torch unti
 
 from __future__ import annotations
 
-from ttd.errors import InputError
 import io
 from dataclasses import dataclass
 
 import numpy as np
 
+from ttd.errors import InputError
 from ttd.runtime.images import ORIENTATION_TAG
 
 GATE = 0.99  # share of tag decisions (selected or not) the device path must share with PIL's

@@ -3,13 +3,13 @@ config, and the graphs, with every file's sha256 checked against the manifest.""
 
 from __future__ import annotations
 
-from ttd.errors import TTDError
 import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ttd.errors import TTDError
 from ttd.model.config import ModelConfig
 from ttd.model.contract import CONTRACT_VERSION, GRAPH_NAMES
 

@@ -6,7 +6,6 @@ record it for that item and carry on with the rest of a batch.
 
 from __future__ import annotations
 
-from ttd.errors import InputError, TTDError
 import io
 import math
 import re
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from ttd.errors import InputError, TTDError
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit
 RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,

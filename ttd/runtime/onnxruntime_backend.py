@@ -6,9 +6,9 @@ provider is checked after session creation, so a session never falls back to the
 
 from __future__ import annotations
 
-from ttd.errors import InputError, RuntimeProblem
 import numpy as np
 
+from ttd.errors import InputError, RuntimeProblem
 from ttd.model.contract import GRAPH_NAMES, IMAGE_ENCODER, TAG_HEAD, TEXT_ENCODER, ImageEmbeddings, TagHeadOutputs
 from ttd.runtime.backend import HeadRequest, ImagePreprocessing, tag_images_on_host
 from ttd.runtime.export_dir import ExportDir

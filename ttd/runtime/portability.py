@@ -9,12 +9,12 @@ is refused; an export without samples says plainly that it was not checked here.
 
 from __future__ import annotations
 
-from ttd.errors import TTDError, TTDWarning
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ttd.errors import TTDError, TTDWarning
 from ttd.model.contract import EMBEDDING_NAMES, IMAGE_ENCODER, TEXT_ENCODER
 from ttd.runtime.hardware import Capabilities, cpu_capabilities
 

@@ -8,11 +8,11 @@ the one scoring function (ttd/model/scoring.py) that the tag head runs.
 
 from __future__ import annotations
 
-from ttd.errors import InputError
 from dataclasses import dataclass
 
 import numpy as np
 
+from ttd.errors import InputError
 from ttd.model.config import DEFAULT_SCORE_METHOD, DEFAULT_THRESHOLD, SCORE_METHODS, ModelConfig
 from ttd.model.contract import SCORE_ROWS, TagHeadOutputs, score_row
 from ttd.model.tokenizer import build_tokenizer

@@ -15,12 +15,12 @@ from (ttd.model.scoring), so the answer is the same.
 
 from __future__ import annotations
 
-from ttd.errors import InputError, RuntimeProblem
 import re
 from dataclasses import dataclass
 
 import numpy as np
 
+from ttd.errors import InputError, RuntimeProblem
 from ttd.model.contract import GRAPH_NAMES, GRAPHS, ImageEmbeddings, TagHeadOutputs
 from ttd.model.scoring import tag_head
 from ttd.runtime.backend import HeadRequest, ImagePreprocessing, with_flipped

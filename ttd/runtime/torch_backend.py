@@ -9,10 +9,10 @@ power of two so that a job's last, smaller batch does not trigger a new compilat
 
 from __future__ import annotations
 
-from ttd.errors import InputError
 import numpy as np
 import torch
 
+from ttd.errors import InputError
 from ttd.model.config import canonical_precision
 from ttd.model.clip import TTDModel
 from ttd.model.contract import ImageEmbeddings, TagHeadOutputs

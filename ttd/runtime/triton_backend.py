@@ -4,13 +4,13 @@ served max batch size and sent with bounded concurrency."""
 
 from __future__ import annotations
 
-from ttd.errors import InputError, TTDError
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ttd.errors import InputError, TTDError
 from ttd.model.contract import GRAPHS, IMAGE_ENCODER, TAG_HEAD, TEXT_ENCODER, ImageEmbeddings, TagHeadOutputs
 from ttd.runtime.backend import HeadRequest, ImagePreprocessing, tag_images_on_host
 from ttd.runtime.onnxruntime_backend import head_feeds

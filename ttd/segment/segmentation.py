@@ -12,13 +12,13 @@ Both tasks are the runtime Tagger's tag-head maps over the whole image (ttd/segm
 
 from __future__ import annotations
 
-from ttd.errors import InputError
 import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
+from ttd.errors import InputError
 from ttd.runtime.tagger import Tagger
 from ttd.model.tags import candidate_tags
 from ttd.segment.whole_image import (ScoreMaps, WindowFeatures, encode_windows, refine_maps, score_maps,

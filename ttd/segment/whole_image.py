@@ -18,13 +18,13 @@ holds K full-size float maps).
 
 from __future__ import annotations
 
-from ttd.errors import InputError
 import functools
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
+from ttd.errors import InputError
 from ttd.model.contract import score_row
 from ttd.model.scoring import combine_windows
 from ttd.runtime.images import RESAMPLING

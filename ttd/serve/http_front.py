@@ -23,7 +23,6 @@ and every such event is one log line, rate-limited (RateLimitedLog).
 
 from __future__ import annotations
 
-from ttd.errors import InputError, TTDError
 import asyncio
 import json
 import re
@@ -35,6 +34,7 @@ from dataclasses import dataclass
 
 from aiohttp import ClientConnectionError, ClientSession, ClientTimeout, TCPConnector, web
 
+from ttd.errors import InputError, TTDError
 from ttd.serve.backend_client import BackendGone, BackendPool
 from ttd.serve.front_connections import Connections, FrontConnection, RateLimitedLog, connection_cap
 

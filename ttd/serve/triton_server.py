@@ -10,7 +10,6 @@ server is linked into the stub's own folder, so the models import the same code.
 
 from __future__ import annotations
 
-from ttd.errors import TTDError
 import os
 import re
 import resource
@@ -27,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ttd.errors import TTDError
 from ttd.model.contract import TAGGER_MODEL
 
 
