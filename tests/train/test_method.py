@@ -173,3 +173,28 @@ def test_schedule_switches_to_the_paper_targets_at_its_step():
     config = TrainConfig(target_norm="mixed", mask_after_step=150)
     assert [_target_norm(config, s) for s in (0, 149, 150, 299)] == ["mixed", "mixed", "mask", "mask"]
     assert _target_norm(TrainConfig(target_norm="mixed"), 299) == "mixed"
+
+
+def test_per_pixel_blend_anchors_a_tag_only_where_it_wins_the_pixel():
+    # docs/training.md, "per-pixel": tag 0 wins pixels 0-1, tag 1 pixel 2, tag 2 (rejected) pixel 3
+    from ttd.train.distill import won_pixels
+
+    cosines = torch.tensor([[[0.5, 0.3, 0.1, 0.0],
+                             [0.2, 0.1, 0.4, 0.1],
+                             [0.1, 0.0, 0.3, 0.6]]], dtype=torch.float64)[:, :, None, :]  # [1, 3, 1, 4]
+    valid = torch.tensor([[True, True, True]])
+    won = won_pixels(cosines, valid)
+    assert won[0, :, 0].long().tolist() == [[1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+    logits = 10 * cosines - 2.5
+    selected = torch.tensor([[True, True, False]])
+    tags, union = distill_targets(logits, selected, "mixed", 0.75, won=won)
+    mixed, _ = distill_targets(logits, selected, "mixed", 0.75)
+    paper, _ = distill_targets(logits, selected, "mask")
+    expected = torch.where(won, mixed, paper) * selected[:, :, None, None]
+    torch.testing.assert_close(tags, expected, rtol=0, atol=0)
+    assert tags[0, 0, 0, 1] == mixed[0, 0, 0, 1] and tags[0, 0, 0, 2] == paper[0, 0, 0, 2]
+    torch.testing.assert_close(union, tags.amax(dim=1), rtol=0, atol=0)
+    # a padding slot never wins a pixel, however high its (meaningless) cosine
+    assert not won_pixels(cosines, torch.tensor([[True, True, False]]))[0, 2].any()
+    with pytest.raises(ValueError, match="per-pixel blend"):
+        distill_targets(logits, selected, "mixed", 0.75, caption_norm="cosine", won=won)

@@ -79,6 +79,8 @@ class TrainConfig:
     # lift a selected tag's cosines so that their mean is not below the sigmoid's midpoint −b/w before the targets
     target_floor: bool = False
     caption_target_floor: bool | None = None  # the floor of the caption's target alone (None: target_floor)
+    # per-pixel blend: `target_norm`'s target where the tag wins the pixel, the paper's elsewhere (docs/training.md)
+    pixel_mix: bool = False
     # label-free guard against the caption-mask collapse (ttd/train/guard.py): flags it, keeps the last healthy weights
     collapse_guard: bool = True
     calibration_lr_scale: float = 10.0  # w and b are two scalars: AdamW at the base lr barely moves them
@@ -243,7 +245,7 @@ def _step_losses(model: TTDModel, teacher: TTDModel | None, pixels: torch.Tensor
                         config.lambda_clip, config.score_method, teacher_out, _global_share,
                         negative_embeds, model.config.negative_margin, _target_norm(config, step),
                         config.target_mask_share, config.caption_target_norm, config.target_floor,
-                        config.caption_target_floor)
+                        config.caption_target_floor, config.pixel_mix)
     return losses.total, {**losses.as_floats(), **losses.diagnostics}
 
 
