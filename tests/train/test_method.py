@@ -198,3 +198,20 @@ def test_per_pixel_blend_anchors_a_tag_only_where_it_wins_the_pixel():
     assert not won_pixels(cosines, torch.tensor([[True, True, False]]))[0, 2].any()
     with pytest.raises(ValueError, match="per-pixel blend"):
         distill_targets(logits, selected, "mixed", 0.75, caption_norm="cosine", won=won)
+
+
+def test_caption_area_floor_adds_the_shortfall_of_the_caption_mask_against_the_evidence(hand_batch):
+    # docs/training.md, "area floor": image 0's 4 pixels are all won by its selected tags (evidence 1.0);
+    # at b = -9 its caption mask's mean is about 0.36; image 1 has no selection and takes no part
+    patch, captions, tags, valid = hand_batch
+    w, b = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-9.0, dtype=torch.float64)
+    zero = torch.tensor(0.0, dtype=torch.float64)
+    run = lambda floor: ttd_losses(patch, captions, tags, valid, w, b, zero, 100.0, 0.6, 2.0, 1.0,  # noqa: E731
+                                   caption_area_floor=floor)
+    area = torch.sigmoid(w * torch.einsum("dhw,d->hw", patch[0], captions[0]) + b).mean()
+    assert 0.3 < float(area) < 0.4
+    plain, floored, under = run(None), run(0.65), run(0.1)
+    torch.testing.assert_close(floored.total - plain.total, 0.65 * 1.0 - area)
+    assert floored.diagnostics["area_term"] == pytest.approx(float(0.65 - area))
+    torch.testing.assert_close(under.total, plain.total)  # a mask above the floor costs nothing
+    assert under.diagnostics["area_term"] == 0.0 and "area_term" not in plain.diagnostics

@@ -180,6 +180,7 @@ def ttd_losses(
     floor: bool = False,
     caption_floor: bool | None = None,
     pixel_mix: bool = False,
+    caption_area_floor: float | None = None,
 ) -> DistillLosses:
     """The TTD loss of a batch. `teacher` = (patch_embeds, tag_embeds) of a frozen teacher; the
     default online teacher is the current model without gradient.
@@ -190,7 +191,12 @@ def ttd_losses(
 
     `negative_embeds` [N, D]: the teacher's embeddings of the negative prompts, needed by the
     `negatives` Stage-1 score (ttd/model/scoring.py; the default of TrainConfig). Called directly,
-    the function keeps the paper's softmax unless told otherwise."""
+    the function keeps the paper's softmax unless told otherwise.
+
+    `caption_area_floor`: the guard's criterion as a loss. Where an image's caption mask (its mean,
+    the soft area) falls below this share of its evidence area (`evidence_map`, label-free), the
+    shortfall is added to the loss, so the caption mask cannot sink away from the evidence while
+    the tag masks sharpen (docs/training.md, "Segmentation too": area floor)."""
     normaliser = normaliser or (lambda count: count)
     teacher_patch, teacher_tags = teacher if teacher is not None else (patch_embeds, tag_embeds)
     with torch.no_grad():
@@ -215,6 +221,12 @@ def ttd_losses(
     total = distill_loss + lambda_tag * tag_loss + lambda_clip * clip_term
     fraction = float(selected.sum()) / max(int(valid.sum()), 1)
     evidence = evidence_map(teacher_cosines, selected, valid)
+    area_term = None
+    if caption_area_floor is not None:
+        area = torch.sigmoid(caption_logits).mean(dim=(1, 2))
+        short = (caption_area_floor * evidence.float().mean(dim=(1, 2)) - area).clamp_min(0.0)
+        area_term = (short * has_selection).sum() / normaliser(has_selection.sum().float()).clamp_min(1e-6)
+        total = total + area_term
     diagnostics = mask_diagnostics(caption_logits, union, evidence, has_selection, mask_weight, mask_bias)
     with torch.no_grad():  # where the selected tags' cosines sit against the sigmoid's midpoint −b/w
         chosen = selected[:, :, None, None].expand_as(teacher_cosines)
@@ -222,4 +234,6 @@ def ttd_losses(
             diagnostics["selected_cos_mean"] = float(teacher_cosines[chosen].mean())
             diagnostics["selected_cos_max"] = float(teacher_cosines.amax(dim=(2, 3))[selected].mean())
         diagnostics["mask_midpoint"] = float(-mask_bias.detach() / mask_weight.detach())
+        if area_term is not None:
+            diagnostics["area_term"] = float(area_term)
     return DistillLosses(total, distill_loss, tag_loss, clip_term, fraction, {**diagnostics, "selected": fraction})

@@ -81,6 +81,8 @@ class TrainConfig:
     caption_target_floor: bool | None = None  # the floor of the caption's target alone (None: target_floor)
     # per-pixel blend: `target_norm`'s target where the tag wins the pixel, the paper's elsewhere (docs/training.md)
     pixel_mix: bool = False
+    # a loss on the caption mask's area falling below this share of the evidence area (None: off; docs/training.md)
+    caption_area_floor: float | None = None
     # label-free guard against the caption-mask collapse (ttd/train/guard.py): flags it, keeps the last healthy weights
     collapse_guard: bool = True
     # on the guard's first flag, go on from its last healthy snapshot with the learning rate × this
@@ -248,7 +250,7 @@ def _step_losses(model: TTDModel, teacher: TTDModel | None, pixels: torch.Tensor
                         config.lambda_clip, config.score_method, teacher_out, _global_share,
                         negative_embeds, model.config.negative_margin, _target_norm(config, step),
                         config.target_mask_share, config.caption_target_norm, config.target_floor,
-                        config.caption_target_floor, config.pixel_mix)
+                        config.caption_target_floor, config.pixel_mix, config.caption_area_floor)
     return losses.total, {**losses.as_floats(), **losses.diagnostics}
 
 
