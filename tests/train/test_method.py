@@ -207,11 +207,11 @@ def test_caption_area_floor_adds_the_shortfall_of_the_caption_mask_against_the_e
     w, b = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-9.0, dtype=torch.float64)
     zero = torch.tensor(0.0, dtype=torch.float64)
     run = lambda floor: ttd_losses(patch, captions, tags, valid, w, b, zero, 100.0, 0.6, 2.0, 1.0,  # noqa: E731
-                                   caption_area_floor=floor)
+                                   caption_area_floor=floor, caption_area_weight=3.0)
     area = torch.sigmoid(w * torch.einsum("dhw,d->hw", patch[0], captions[0]) + b).mean()
     assert 0.3 < float(area) < 0.4
     plain, floored, under = run(None), run(0.65), run(0.1)
-    torch.testing.assert_close(floored.total - plain.total, 0.65 * 1.0 - area)
+    torch.testing.assert_close(floored.total - plain.total, 3.0 * (0.65 * 1.0 - area))
     assert floored.diagnostics["area_term"] == pytest.approx(float(0.65 - area))
     torch.testing.assert_close(under.total, plain.total)  # a mask above the floor costs nothing
     assert under.diagnostics["area_term"] == 0.0 and "area_term" not in plain.diagnostics

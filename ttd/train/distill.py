@@ -181,6 +181,7 @@ def ttd_losses(
     caption_floor: bool | None = None,
     pixel_mix: bool = False,
     caption_area_floor: float | None = None,
+    caption_area_weight: float = 1.0,
 ) -> DistillLosses:
     """The TTD loss of a batch. `teacher` = (patch_embeds, tag_embeds) of a frozen teacher; the
     default online teacher is the current model without gradient.
@@ -226,7 +227,7 @@ def ttd_losses(
         area = torch.sigmoid(caption_logits).mean(dim=(1, 2))
         short = (caption_area_floor * evidence.float().mean(dim=(1, 2)) - area).clamp_min(0.0)
         area_term = (short * has_selection).sum() / normaliser(has_selection.sum().float()).clamp_min(1e-6)
-        total = total + area_term
+        total = total + caption_area_weight * area_term
     diagnostics = mask_diagnostics(caption_logits, union, evidence, has_selection, mask_weight, mask_bias)
     with torch.no_grad():  # where the selected tags' cosines sit against the sigmoid's midpoint −b/w
         chosen = selected[:, :, None, None].expand_as(teacher_cosines)

@@ -83,6 +83,9 @@ class TrainConfig:
     pixel_mix: bool = False
     # a loss on the caption mask's area falling below this share of the evidence area (None: off; docs/training.md)
     caption_area_floor: float | None = None
+    # its weight: the distill BCE moves a logit by (M - U) per pixel, the area term by λ·σ'(z) ≤ λ/4,
+    # so below 4 the term cannot hold a mask whose target is shrinking
+    caption_area_weight: float = 4.0
     # label-free guard against the caption-mask collapse (ttd/train/guard.py): flags it, keeps the last healthy weights
     collapse_guard: bool = True
     # on the guard's first flag, go on from its last healthy snapshot with the learning rate × this
@@ -250,7 +253,8 @@ def _step_losses(model: TTDModel, teacher: TTDModel | None, pixels: torch.Tensor
                         config.lambda_clip, config.score_method, teacher_out, _global_share,
                         negative_embeds, model.config.negative_margin, _target_norm(config, step),
                         config.target_mask_share, config.caption_target_norm, config.target_floor,
-                        config.caption_target_floor, config.pixel_mix, config.caption_area_floor)
+                        config.caption_target_floor, config.pixel_mix, config.caption_area_floor,
+                        config.caption_area_weight)
     return losses.total, {**losses.as_floats(), **losses.diagnostics}
 
 
