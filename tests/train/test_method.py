@@ -215,3 +215,21 @@ def test_caption_area_floor_adds_the_shortfall_of_the_caption_mask_against_the_e
     assert floored.diagnostics["area_term"] == pytest.approx(float(0.65 - area))
     torch.testing.assert_close(under.total, plain.total)  # a mask above the floor costs nothing
     assert under.diagnostics["area_term"] == 0.0 and "area_term" not in plain.diagnostics
+
+
+def test_ranked_caption_area_weights_the_mask_by_the_captions_own_cosine_order(hand_batch):
+    # image 0's caption cosines rank its pixels 1, 0, 2, 3 (min-max: 1, 0, ...): the area is the
+    # mask's mean under those weights, and the lift goes to the highest-ranked pixel first
+    patch, captions, tags, valid = hand_batch
+    patch = patch.clone().requires_grad_(True)
+    w, b = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-9.0, dtype=torch.float64)
+    zero = torch.tensor(0.0, dtype=torch.float64)
+    losses = ttd_losses(patch, captions, tags, valid, w, b, zero, 100.0, 0.6, 2.0, 1.0, caption_area_floor=0.9,
+                        caption_area_weight=1.0, caption_area_ranked=True)
+    logits = (w * torch.einsum("dhw,d->hw", patch[0], captions[0]) + b).detach()
+    rank = (logits - logits.min()) / (logits.max() - logits.min())
+    area = (torch.sigmoid(logits) * rank).sum() / rank.sum()
+    assert losses.diagnostics["area_term"] == pytest.approx(float(0.9 - area))
+    (grad,) = torch.autograd.grad(losses.total - losses.distill - 2.0 * losses.tag, patch)  # the area term alone
+    lift = (grad[0] * captions[0][:, None, None]).sum(dim=0)[0]  # d(term)/d(pixel toward the caption)
+    assert lift[rank[0].argmin()] == 0 and lift[rank[0].argmax()] < 0  # the lowest-ranked pixel is not lifted

@@ -182,6 +182,7 @@ def ttd_losses(
     pixel_mix: bool = False,
     caption_area_floor: float | None = None,
     caption_area_weight: float = 1.0,
+    caption_area_ranked: bool = False,
 ) -> DistillLosses:
     """The TTD loss of a batch. `teacher` = (patch_embeds, tag_embeds) of a frozen teacher; the
     default online teacher is the current model without gradient.
@@ -197,7 +198,10 @@ def ttd_losses(
     `caption_area_floor`: the guard's criterion as a loss. Where an image's caption mask (its mean,
     the soft area) falls below this share of its evidence area (`evidence_map`, label-free), the
     shortfall is added to the loss, so the caption mask cannot sink away from the evidence while
-    the tag masks sharpen (docs/training.md, "Segmentation too": area floor)."""
+    the tag masks sharpen (docs/training.md, "Segmentation too": area floor). `caption_area_ranked`:
+    the area is the mask's mean weighted by the caption's own min-max cosine map (no gradient), so
+    that the lift goes to the pixels the caption ranks highest rather than to those nearest the
+    sigmoid's midpoint."""
     normaliser = normaliser or (lambda count: count)
     teacher_patch, teacher_tags = teacher if teacher is not None else (patch_embeds, tag_embeds)
     with torch.no_grad():
@@ -224,7 +228,12 @@ def ttd_losses(
     evidence = evidence_map(teacher_cosines, selected, valid)
     area_term = None
     if caption_area_floor is not None:
-        area = torch.sigmoid(caption_logits).mean(dim=(1, 2))
+        mask = torch.sigmoid(caption_logits)
+        if caption_area_ranked:
+            rank = minmax_over_pixels(caption_logits.detach()[:, None])[:, 0]  # w > 0: the cosine's order
+            area = (mask * rank).sum(dim=(1, 2)) / rank.sum(dim=(1, 2)).clamp_min(1e-6)
+        else:
+            area = mask.mean(dim=(1, 2))
         short = (caption_area_floor * evidence.float().mean(dim=(1, 2)) - area).clamp_min(0.0)
         area_term = (short * has_selection).sum() / normaliser(has_selection.sum().float()).clamp_min(1e-6)
         total = total + caption_area_weight * area_term
