@@ -4,6 +4,7 @@ that flags it in training (ttd/train/guard.py, docs/training.md). Offline, a few
 import functools
 import json
 
+import pytest
 import torch
 
 import ttd.train.loop as loop_module
@@ -106,7 +107,7 @@ def _saved_adapter_equals(path, weights):
     return all(torch.equal(saved[n], w) for n, w in weights.items())
 
 
-def _guarded_run(tmp_path, monkeypatch, warmup: int, healthy_steps: int, steps: int):
+def _guarded_run(tmp_path, monkeypatch, warmup: int, healthy_steps: int, steps: int, **settings):
     """A short world-tiny run under a guard checking every 2 steps after `warmup`, its diagnostics
     scripted healthy for `healthy_steps`: (the guard's record, the weights as each step began)."""
     monkeypatch.setattr(loop_module, "CollapseGuard",
@@ -114,7 +115,7 @@ def _guarded_run(tmp_path, monkeypatch, warmup: int, healthy_steps: int, steps: 
     seen = _scripted_diagnostics(monkeypatch, healthy_steps=healthy_steps)
     torch.manual_seed(0)
     config = TrainConfig(out_dir=str(tmp_path / "run"), steps=steps, batch_size=4, warmup_steps=1, lr=1e-2,
-                         checkpoint_every=steps, calibrate_margin=False)
+                         checkpoint_every=steps, calibrate_margin=False, **settings)
     train(create_model("world-tiny", seed=0), config, resume=False, progress=False)
     return json.loads((tmp_path / "run" / "train_config.json").read_text())["collapse_guard"], seen
 
@@ -138,3 +139,25 @@ def test_a_run_that_collapses_within_the_warm_up_ends_with_its_initial_weights(t
     assert recorded["flagged"] and recorded["kept_step"] == 0 and recorded["kept_ratio"] is None
     assert _saved_adapter_equals(tmp_path / "run" / "adapter.safetensors", seen["weights"][0])
     assert "kept the weights of step 0 (the weights it started from: no step was seen healthy)" in capsys.readouterr().out
+
+
+def test_a_restarting_guard_goes_on_from_the_snapshot_at_a_lower_rate_once(tmp_path, monkeypatch, capsys):
+    """docs/training.md, "Segmentation too": restart. Healthy for 4 steps, collapsed after: at the
+    flag (step 4) the weights of the snapshot are put back and the rest of the run trains at a
+    tenth of the rate, once (step 5 is out of band again and goes on)."""
+    rates = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(optimizer, *args, **kwargs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        return real_step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    recorded, seen = _guarded_run(tmp_path, monkeypatch, warmup=2, healthy_steps=4, steps=8,
+                                  guard_restart_lr_scale=0.1)
+    assert recorded["flagged"] and recorded["restarted_step"] == 4 and recorded["restarted_from"] == 4
+    assert all(torch.equal(seen["weights"][5][n], w) for n, w in seen["weights"][4].items())  # step 4 undone
+    assert not all(torch.equal(seen["weights"][6][n], w) for n, w in seen["weights"][5].items())  # and trained on
+    plain = [loop_module._lr_factor(s, 1, 8) * 1e-2 for s in range(8)]
+    assert rates[:5] == pytest.approx(plain[:5]) and rates[5:] == pytest.approx([0.1 * r for r in plain[5:]])
+    assert capsys.readouterr().out.count("went back to the weights of step 4") == 1

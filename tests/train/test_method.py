@@ -173,3 +173,63 @@ def test_schedule_switches_to_the_paper_targets_at_its_step():
     config = TrainConfig(target_norm="mixed", mask_after_step=150)
     assert [_target_norm(config, s) for s in (0, 149, 150, 299)] == ["mixed", "mixed", "mask", "mask"]
     assert _target_norm(TrainConfig(target_norm="mixed"), 299) == "mixed"
+
+
+def test_per_pixel_blend_anchors_a_tag_only_where_it_wins_the_pixel():
+    # docs/training.md, "per-pixel": tag 0 wins pixels 0-1, tag 1 pixel 2, tag 2 (rejected) pixel 3
+    from ttd.train.distill import won_pixels
+
+    cosines = torch.tensor([[[0.5, 0.3, 0.1, 0.0],
+                             [0.2, 0.1, 0.4, 0.1],
+                             [0.1, 0.0, 0.3, 0.6]]], dtype=torch.float64)[:, :, None, :]  # [1, 3, 1, 4]
+    valid = torch.tensor([[True, True, True]])
+    won = won_pixels(cosines, valid)
+    assert won[0, :, 0].long().tolist() == [[1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+    logits = 10 * cosines - 2.5
+    selected = torch.tensor([[True, True, False]])
+    tags, union = distill_targets(logits, selected, "mixed", 0.75, won=won)
+    mixed, _ = distill_targets(logits, selected, "mixed", 0.75)
+    paper, _ = distill_targets(logits, selected, "mask")
+    expected = torch.where(won, mixed, paper) * selected[:, :, None, None]
+    torch.testing.assert_close(tags, expected, rtol=0, atol=0)
+    assert tags[0, 0, 0, 1] == mixed[0, 0, 0, 1] and tags[0, 0, 0, 2] == paper[0, 0, 0, 2]
+    torch.testing.assert_close(union, tags.amax(dim=1), rtol=0, atol=0)
+    # a padding slot never wins a pixel, however high its (meaningless) cosine
+    assert not won_pixels(cosines, torch.tensor([[True, True, False]]))[0, 2].any()
+    with pytest.raises(ValueError, match="per-pixel blend"):
+        distill_targets(logits, selected, "mixed", 0.75, caption_norm="cosine", won=won)
+
+
+def test_caption_area_floor_adds_the_shortfall_of_the_caption_mask_against_the_evidence(hand_batch):
+    # docs/training.md, "area floor": image 0's 4 pixels are all won by its selected tags (evidence 1.0);
+    # at b = -9 its caption mask's mean is about 0.36; image 1 has no selection and takes no part
+    patch, captions, tags, valid = hand_batch
+    w, b = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-9.0, dtype=torch.float64)
+    zero = torch.tensor(0.0, dtype=torch.float64)
+    run = lambda floor: ttd_losses(patch, captions, tags, valid, w, b, zero, 100.0, 0.6, 2.0, 1.0,  # noqa: E731
+                                   caption_area_floor=floor, caption_area_weight=3.0)
+    area = torch.sigmoid(w * torch.einsum("dhw,d->hw", patch[0], captions[0]) + b).mean()
+    assert 0.3 < float(area) < 0.4
+    plain, floored, under = run(None), run(0.65), run(0.1)
+    torch.testing.assert_close(floored.total - plain.total, 3.0 * (0.65 * 1.0 - area))
+    assert floored.diagnostics["area_term"] == pytest.approx(float(0.65 - area))
+    torch.testing.assert_close(under.total, plain.total)  # a mask above the floor costs nothing
+    assert under.diagnostics["area_term"] == 0.0 and "area_term" not in plain.diagnostics
+
+
+def test_ranked_caption_area_weights_the_mask_by_the_captions_own_cosine_order(hand_batch):
+    # image 0's caption cosines rank its pixels 1, 0, 2, 3 (min-max: 1, 0, ...): the area is the
+    # mask's mean under those weights, and the lift goes to the highest-ranked pixel first
+    patch, captions, tags, valid = hand_batch
+    patch = patch.clone().requires_grad_(True)
+    w, b = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-9.0, dtype=torch.float64)
+    zero = torch.tensor(0.0, dtype=torch.float64)
+    losses = ttd_losses(patch, captions, tags, valid, w, b, zero, 100.0, 0.6, 2.0, 1.0, caption_area_floor=0.9,
+                        caption_area_weight=1.0, caption_area_ranked=True)
+    logits = (w * torch.einsum("dhw,d->hw", patch[0], captions[0]) + b).detach()
+    rank = (logits - logits.min()) / (logits.max() - logits.min())
+    area = (torch.sigmoid(logits) * rank).sum() / rank.sum()
+    assert losses.diagnostics["area_term"] == pytest.approx(float(0.9 - area))
+    (grad,) = torch.autograd.grad(losses.total - losses.distill - 2.0 * losses.tag, patch)  # the area term alone
+    lift = (grad[0] * captions[0][:, None, None]).sum(dim=0)[0]  # d(term)/d(pixel toward the caption)
+    assert lift[rank[0].argmin()] == 0 and lift[rank[0].argmax()] < 0  # the lowest-ranked pixel is not lifted

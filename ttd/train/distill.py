@@ -74,6 +74,7 @@ def _normalised_maps(tag_logits: torch.Tensor, target_norm: str, mask_share: flo
 def distill_targets(
     tag_logits: torch.Tensor, selected: torch.Tensor, target_norm: str = "mask", mask_share: float = 0.5,
     caption_norm: str | None = None, floor: bool = False, caption_floor: bool | None = None,
+    won: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Y [B, K, h, w], U [B, h, w]) from mask logits and the selection [B, K], without gradient.
 
@@ -89,12 +90,23 @@ def distill_targets(
     has its cosines lifted so that the mean sits on it (docs/training.md, "Segmentation too": floor): the
     collapse follows that mean's fall below the midpoint, though healthy runs end below it too,
     which is why the floor over-corrects (measured there). `caption_floor`: the floor of the
-    caption's maps alone (None: `floor`)."""
+    caption's maps alone (None: `floor`).
+
+    `won` [B, K, h, w] bool (`won_pixels`): the per-pixel blend. Where tag k wins pixel i (its
+    nearest candidate tag), Y_k keeps `target_norm`'s map; everywhere else it is the paper's
+    min-max of the mask. The anchor then holds exactly where the image-level evidence puts the
+    tag, so the union U cannot sink below the evidence (the collapse), while outside it each tag
+    mask is sharpened as the paper's (docs/training.md, "Segmentation too": per-pixel)."""
     caption_norm = target_norm if caption_norm is None else caption_norm
     caption_floor = floor if caption_floor is None else caption_floor
+    if won is not None and (caption_norm, caption_floor) != (target_norm, floor):
+        raise InputError("the per-pixel blend builds the caption's target from the tags' own: give no caption_norm "
+                         "or caption_floor of their own with it")
     with torch.no_grad():
         keep = selected[:, :, None, None]
         maps = _normalised_maps(tag_logits, target_norm, mask_share, floor)
+        if won is not None:
+            maps = torch.where(won, maps, _normalised_maps(tag_logits, "mask", mask_share, floor))
         tag_targets = maps * keep
         if (caption_norm, caption_floor) == (target_norm, floor):
             union = tag_targets.amax(dim=1)
@@ -103,12 +115,24 @@ def distill_targets(
     return tag_targets, union
 
 
+def _nearest_tag(cosines: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[B, h, w]: the index of each pixel's nearest valid candidate tag (argmax_k cos(f_i, e_k))."""
+    return cosines.masked_fill(~valid[:, :, None, None], float("-inf")).argmax(dim=1)
+
+
+def won_pixels(cosines: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[B, K, h, w] bool: pixel i is tag k's when k is its nearest valid candidate tag."""
+    with torch.no_grad():
+        nearest = _nearest_tag(cosines, valid)
+        return F.one_hot(nearest, cosines.shape[1]).permute(0, 3, 1, 2).bool()
+
+
 def evidence_map(cosines: torch.Tensor, selected: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """[B, h, w] bool: pixels whose nearest candidate tag (argmax_k cos(f_i, e_k) over the valid
     tags) is a selected tag. Label-free image-level evidence of how much of the image the caption
     names, and free of w and b: a mask head that shifts its threshold cannot move it."""
     with torch.no_grad():
-        nearest = cosines.masked_fill(~valid[:, :, None, None], float("-inf")).argmax(dim=1)  # [B, h, w]
+        nearest = _nearest_tag(cosines, valid)
         return torch.gather(selected.float(), 1, nearest.flatten(1)).view_as(nearest) > 0
 
 
@@ -155,6 +179,10 @@ def ttd_losses(
     caption_norm: str | None = None,
     floor: bool = False,
     caption_floor: bool | None = None,
+    pixel_mix: bool = False,
+    caption_area_floor: float | None = None,
+    caption_area_weight: float = 1.0,
+    caption_area_ranked: bool = False,
 ) -> DistillLosses:
     """The TTD loss of a batch. `teacher` = (patch_embeds, tag_embeds) of a frozen teacher; the
     default online teacher is the current model without gradient.
@@ -165,7 +193,15 @@ def ttd_losses(
 
     `negative_embeds` [N, D]: the teacher's embeddings of the negative prompts, needed by the
     `negatives` Stage-1 score (ttd/model/scoring.py; the default of TrainConfig). Called directly,
-    the function keeps the paper's softmax unless told otherwise."""
+    the function keeps the paper's softmax unless told otherwise.
+
+    `caption_area_floor`: the guard's criterion as a loss. Where an image's caption mask (its mean,
+    the soft area) falls below this share of its evidence area (`evidence_map`, label-free), the
+    shortfall is added to the loss, so the caption mask cannot sink away from the evidence while
+    the tag masks sharpen (docs/training.md, "Segmentation too": area floor). `caption_area_ranked`:
+    the area is the mask's mean weighted by the caption's own min-max cosine map (no gradient), so
+    that the lift goes to the pixels the caption ranks highest rather than to those nearest the
+    sigmoid's midpoint."""
     normaliser = normaliser or (lambda count: count)
     teacher_patch, teacher_tags = teacher if teacher is not None else (patch_embeds, tag_embeds)
     with torch.no_grad():
@@ -174,8 +210,9 @@ def ttd_losses(
         selected = select_tags(scores, threshold, valid)
         teacher_cosines = pixel_cosines(teacher_patch.detach(), teacher_tags.detach())
         teacher_logits = mask_weight.detach() * teacher_cosines + mask_bias.detach()
+    won = won_pixels(teacher_cosines, valid) if pixel_mix else None
     tag_targets, union = distill_targets(teacher_logits, selected, target_norm, mask_share, caption_norm, floor,
-                                         caption_floor)
+                                         caption_floor, won)
 
     tag_logits = mask_weight * pixel_cosines(patch_embeds, tag_embeds) + mask_bias
     per_tag = F.binary_cross_entropy_with_logits(tag_logits, tag_targets, reduction="none").mean(dim=(2, 3))
@@ -189,6 +226,17 @@ def ttd_losses(
     total = distill_loss + lambda_tag * tag_loss + lambda_clip * clip_term
     fraction = float(selected.sum()) / max(int(valid.sum()), 1)
     evidence = evidence_map(teacher_cosines, selected, valid)
+    area_term = None
+    if caption_area_floor is not None:
+        mask = torch.sigmoid(caption_logits)
+        if caption_area_ranked:
+            rank = minmax_over_pixels(caption_logits.detach()[:, None])[:, 0]  # w > 0: the cosine's order
+            area = (mask * rank).sum(dim=(1, 2)) / rank.sum(dim=(1, 2)).clamp_min(1e-6)
+        else:
+            area = mask.mean(dim=(1, 2))
+        short = (caption_area_floor * evidence.float().mean(dim=(1, 2)) - area).clamp_min(0.0)
+        area_term = (short * has_selection).sum() / normaliser(has_selection.sum().float()).clamp_min(1e-6)
+        total = total + caption_area_weight * area_term
     diagnostics = mask_diagnostics(caption_logits, union, evidence, has_selection, mask_weight, mask_bias)
     with torch.no_grad():  # where the selected tags' cosines sit against the sigmoid's midpoint −b/w
         chosen = selected[:, :, None, None].expand_as(teacher_cosines)
@@ -196,4 +244,6 @@ def ttd_losses(
             diagnostics["selected_cos_mean"] = float(teacher_cosines[chosen].mean())
             diagnostics["selected_cos_max"] = float(teacher_cosines.amax(dim=(2, 3))[selected].mean())
         diagnostics["mask_midpoint"] = float(-mask_bias.detach() / mask_weight.detach())
+        if area_term is not None:
+            diagnostics["area_term"] = float(area_term)
     return DistillLosses(total, distill_loss, tag_loss, clip_term, fraction, {**diagnostics, "selected": fraction})

@@ -35,6 +35,8 @@ class GuardReport:
     kept_ratio: float | None = None
     band: tuple[float, float] = (GUARD_LOW, GUARD_HIGH)
     message: str = ""
+    restarted_step: int | None = None  # the step after which the run went on from a snapshot (`restart`)
+    restarted_from: int | None = None  # that snapshot's step
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -113,6 +115,19 @@ class CollapseGuard:
         self.caption, self.evidence, self.steps_seen = state["caption"], state["evidence"], state["steps_seen"]
         self.report = GuardReport(**{**state["report"], "band": tuple(state["report"]["band"])})
         self._kept, self._kept_step, self._kept_ratio = state["kept"], state["kept_step"], state["kept_ratio"]
+
+    def restart(self, step: int, params: list[torch.nn.Parameter]) -> str:
+        """Once, after the first flag: put the last healthy snapshot back into `params` and start
+        the averages afresh (a new warm-up), so that the run goes on from the snapshot; the
+        caller lowers the learning rate (docs/training.md, "Segmentation too": restart). The
+        report stays flagged. Returns the line to print."""
+        with torch.no_grad():
+            for p, kept in zip(params, self._kept):
+                p.copy_(kept)
+        self.report.restarted_step, self.report.restarted_from = step, self._kept_step
+        self.caption = self.evidence = None
+        self.steps_seen = 0
+        return f"collapse guard: went back to the weights of step {self._kept_step} after step {step}"
 
     def restore(self, params: list[torch.nn.Parameter]) -> GuardReport:
         """At the end of the run: put back the weights of the latest in-band step when the run

@@ -79,8 +79,19 @@ class TrainConfig:
     # lift a selected tag's cosines so that their mean is not below the sigmoid's midpoint −b/w before the targets
     target_floor: bool = False
     caption_target_floor: bool | None = None  # the floor of the caption's target alone (None: target_floor)
+    # per-pixel blend: `target_norm`'s target where the tag wins the pixel, the paper's elsewhere (docs/training.md)
+    pixel_mix: bool = False
+    # a loss on the caption mask's area falling below this share of the evidence area (None: off; docs/training.md)
+    caption_area_floor: float | None = None
+    # its weight: the distill BCE moves a logit by (M - U) per pixel, the area term by λ·σ'(z) ≤ λ/4,
+    # so below 4 the term cannot hold a mask whose target is shrinking
+    caption_area_weight: float = 4.0
+    caption_area_ranked: bool = False  # the area weighted by the caption's own min-max cosine map
     # label-free guard against the caption-mask collapse (ttd/train/guard.py): flags it, keeps the last healthy weights
     collapse_guard: bool = True
+    # on the guard's first flag, go on from its last healthy snapshot with the learning rate × this
+    # (fresh AdamW moments), once, instead of only keeping the snapshot at the end (None: off; one process)
+    guard_restart_lr_scale: float | None = None
     calibration_lr_scale: float = 10.0  # w and b are two scalars: AdamW at the base lr barely moves them
     # fit the negatives score's margin to the trained model: on the world's labelled calibration split
     # when training on the world, else label-free on the training pairs (ttd/evaluation/label_free.py)
@@ -243,7 +254,8 @@ def _step_losses(model: TTDModel, teacher: TTDModel | None, pixels: torch.Tensor
                         config.lambda_clip, config.score_method, teacher_out, _global_share,
                         negative_embeds, model.config.negative_margin, _target_norm(config, step),
                         config.target_mask_share, config.caption_target_norm, config.target_floor,
-                        config.caption_target_floor)
+                        config.caption_target_floor, config.pixel_mix, config.caption_area_floor,
+                        config.caption_area_weight, config.caption_area_ranked)
     return losses.total, {**losses.as_floats(), **losses.diagnostics}
 
 
@@ -366,6 +378,8 @@ def setup(model: TTDModel, config: TrainConfig, resume: bool = True) -> Training
     model.train()
     model.clip.set_grad_checkpointing(_grad_checkpointing(model, config))
     guard = CollapseGuard() if config.collapse_guard and config.objective == "ttd" and rank == 0 else None
+    if config.guard_restart_lr_scale is not None and world > 1:
+        raise InputError("guard_restart_lr_scale needs one process: the guard runs on rank 0 only")
     if guard is not None and state is not None and "guard" in state:
         guard.load_state_dict(state["guard"])
     if guard is not None:  # a run that collapses within the guard's warm-up ends with these (docs/training.md)
@@ -410,10 +424,24 @@ def train_step(run: TrainingRun, step: int, images: np.ndarray, captions: list[s
             model.clip.logit_scale.clamp_(0, math.log(100))
     if run.guard is not None and (line := run.guard.observe(step, logs, run.params)):
         tqdm.write(line)  # observed before the checkpoint, so that a resumed run decides as this one
+        if config.guard_restart_lr_scale is not None and run.guard.report.restarted_step is None:
+            tqdm.write(_restart(run, step, config.guard_restart_lr_scale))
     done = step + 1
     if run.rank == 0 and (done % config.checkpoint_every == 0 or done == config.steps):
         _save_state(run.state_path, model, run.optimizer, run.scheduler, done, config, run.teacher, run.guard)
     return logs
+
+
+def _restart(run: TrainingRun, step: int, lr_scale: float) -> str:
+    """The guard's snapshot back in the weights, AdamW's moments cleared (they carry the steps
+    being undone), and the rest of the schedule at `lr_scale` of its rate (the scheduler's base
+    rates, which last.pt saves, so a resumed run keeps the lower rate)."""
+    line = run.guard.restart(step, run.params)
+    run.optimizer.state.clear()
+    run.scheduler.base_lrs = [rate * lr_scale for rate in run.scheduler.base_lrs]
+    for group in run.optimizer.param_groups:  # the scheduler already set the next step's rate
+        group["lr"] *= lr_scale
+    return f"{line}, learning rate × {lr_scale:g} from step {step + 1}"
 
 
 METRICS_FILE = "metrics.jsonl"
