@@ -3,12 +3,12 @@ learnable mask calibration (w, b) of docs/architecture.md §3.3."""
 
 from __future__ import annotations
 
-from ttd.errors import InputError
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
 from torch import nn
 
+from ttd.errors import InputError
 from ttd.model.config import DENSE_MODES, ModelConfig
 from ttd.model.dense import check_supported, encode_image_dense
 from ttd.model.tokenizer import Tokenizer, build_tokenizer

@@ -10,7 +10,6 @@ ids, truncation (the last kept id becomes end-of-text) and zero padding.
 
 from __future__ import annotations
 
-from ttd.errors import InputError
 import gzip
 import html
 import string
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ttd.errors import InputError
 from ttd.model.truncation import warn_truncated
 
 MERGES_FILE = "bpe_simple_vocab_16e6.txt.gz"

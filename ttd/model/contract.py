@@ -8,9 +8,9 @@ torch, so that the Triton Python-backend stubs can import it.
 
 from __future__ import annotations
 
-from ttd.errors import InputError
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
+from ttd.errors import InputError
 from ttd.model.config import SCORE_METHODS
 
 if TYPE_CHECKING:  # numpy only names the field types: the Triton stubs and the CLI import this cheaply

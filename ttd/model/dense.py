@@ -11,7 +11,6 @@ and the dense mode decides what the last block does for the patch tokens:
 
 from __future__ import annotations
 
-from ttd.errors import InputError
 from typing import Literal
 
 import torch
@@ -19,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
+from ttd.errors import InputError
 from ttd.model.config import DENSE_MODES
 
 DenseMode = Literal["avg", "maskclip", "clearclip"]

@@ -4,7 +4,6 @@ nothing is ever unpickled."""
 
 from __future__ import annotations
 
-from ttd.errors import InputError, TTDError
 import dataclasses
 import json
 import os
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ttd.errors import InputError, TTDError
 from ttd.model.config import ModelConfig
 from ttd.model.file_modes import current_umask, keep_mode  # noqa: F401 - keep_mode: part of this module's API
 from ttd.model.clip import TTDModel

@@ -7,7 +7,6 @@ adapted weight without knowing about LoRA. Merging bakes W' in and removes the a
 
 from __future__ import annotations
 
-from ttd.errors import InputError
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ttd.errors import InputError
 from ttd.model.clip import TTDModel
 
 LORA_TARGETS = ("attn", "mlp")

@@ -7,13 +7,13 @@ or zero (rejected). Targets are computed without gradient.
 
 from __future__ import annotations
 
-from ttd.errors import InputError
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from ttd.errors import InputError
 from ttd.model.config import DEFAULT_MASK_THRESHOLD, DEFAULT_NEGATIVE_MARGIN, TARGET_NORMS
 from ttd.model.scoring import minmax_over_pixels, pixel_cosines, score_row, select_tags, tag_head
 
