@@ -518,6 +518,7 @@ CHECKED_TABLES = {
     ("docs/benchmarks.md", "| command | decisions | flips"), ("docs/benchmarks.md", "| scorer | P | R | F1 | mAP |"),
     ("docs/benchmarks.md", "| tree | encoder alone | `ttd tag` | job CPU s / 512 img"),
     ("docs/benchmarks.md", "| run | encoder alone | `ttd segment --captions`"),
+    ("docs/benchmarks.md", "| run | P9 wall (segment / tag whole)"),
     ("docs/calibration.md", "| model | fit | margin"), ("docs/calibration.md", "| model | margins"),
     ("docs/gpu.md", "| precision | world-base"), ("docs/gpu.md", "| dtype | batch 1"), ("docs/gpu.md", "| run | images/s"),
     ("docs/serving.md", "| side |"), ("docs/serving.md", "| side (ViT-B/16)"), ("docs/serving.md", "| load (2,000"),
@@ -572,6 +573,11 @@ def test_every_table_of_figures_is_checked_or_says_why_not():
 def test_p9_second_round_table_is_its_json():
     rows = _table("docs/benchmarks.md", "| run | encoder alone | `ttd segment --captions` | `ttd tag --crop whole`")
     assert rows
+    for row in _table("docs/benchmarks.md", "| run | P9 wall (segment / tag whole) | P5 wall (centre)"):
+        report = _results(f"p9_whole_images_idle_{row[0].split()[-1]}.json")
+        cells = [[f"{report[f'{p}{kind}_median']:.3f}" for p in ("p9_segment", "p9_tag_whole", "p5_centre")]
+                 for kind in ("", "_by_cpu", "_bound")]
+        assert row[1:] == [" / ".join(cells[0][:2]), cells[0][2], " / ".join(cells[1]), " / ".join(cells[2])], row[0]
     for row in rows:
         tree, pair = row[0].split(", pair ")
         report = _results(f"p9_whole_images_round4_{tree}_{pair}.json")
