@@ -29,22 +29,11 @@ from ttd.model.config import DEFAULT_SCORE_METHOD, DEFAULT_THRESHOLD
 from ttd.runtime import load_tagger
 from ttd.runtime.images import ImageError
 from ttd.serve.tagger_requests import MAX_IMAGE_BYTES, answer_arrays, parse_request
+from ttd.serve.triton_stub import client_error, input_array
 
 # what `ttd triton build --graph-engine` names -> the runtime backend (ttd/runtime/backends.py)
 BACKENDS = {"onnx": "onnxruntime", "torch": "torch", "tensorrt": "tensorrt"}
 EXPORT_FOLDER = "export"  # the export's files, copied beside this model.py by `ttd triton build`
-
-
-def _client_error(message):
-    """An error response the client caused (HTTP 400 where the server supports error codes)."""
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
-    error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
-    return pb_utils.InferenceResponse(error=error)
-
-
-def _input(request, name):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
 
 
 class TritonPythonModel:
@@ -72,7 +61,7 @@ class TritonPythonModel:
 
     def _prepare(self, request):
         """(uint8 image [S, S, 3], tags, masks wanted) of one request; ValueError names a bad one."""
-        parsed = parse_request(lambda name: _input(request, name), self.size, self.max_tags, self.max_image_bytes)
+        parsed = parse_request(lambda name: input_array(request, name), self.size, self.max_tags, self.max_image_bytes)
         image = parsed.rgb if parsed.rgb is not None else self.tagger.preprocess(parsed.encoded, "image")
         return image, parsed.tags, parsed.wants_masks
 
@@ -101,7 +90,7 @@ class TritonPythonModel:
             try:
                 image, tags, wants_masks = prepared()
             except (ImageError, ValueError, UnicodeDecodeError) as error:
-                responses[index] = _client_error(str(error))
+                responses[index] = client_error(str(error))
                 continue
             except Exception as error:  # unexpected: its type and message, never a traceback
                 responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(

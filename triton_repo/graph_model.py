@@ -16,12 +16,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-
-def _client_error(message):
-    """An error response the client caused (HTTP 400 where the server supports error codes)."""
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
-    error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
-    return pb_utils.InferenceResponse(error=error)
+from ttd.serve.triton_stub import client_error
 
 
 def _onnxruntime_engine(folder: Path, parameters: dict, inputs: list, outputs: list):
@@ -92,7 +87,7 @@ class TritonPythonModel:
             try:
                 self._check(request)
             except ValueError as error:
-                refused[i] = _client_error(str(error))
+                refused[i] = client_error(str(error))
         if refused:
             return [refused[i] if i in refused else self.execute([r])[0] for i, r in enumerate(requests)]
         try:

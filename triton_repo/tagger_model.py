@@ -21,6 +21,7 @@ from ttd.runtime.export_dir import with_export_tokenizer
 from ttd.runtime.onnxruntime_backend import head_feeds
 from ttd.runtime.tagger import Tagger
 from ttd.serve.tagger_requests import MAX_IMAGE_BYTES, answer_arrays, parse_request
+from ttd.serve.triton_stub import client_error, input_array
 
 
 class BlsBackend:
@@ -62,18 +63,6 @@ class BlsBackend:
         return tag_images_on_host(self, images, preprocessing, request)
 
 
-def _client_error(message):
-    """An error response the client caused (HTTP 400 where the server supports error codes)."""
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
-    error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
-    return pb_utils.InferenceResponse(error=error)
-
-
-def _input(request, name):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
-
-
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -95,7 +84,7 @@ class TritonPythonModel:
     def _prepare(self, request):
         """(preprocessed image, tags, masks wanted) of one request: the checks of every served
         tagger (ttd/serve/tagger_requests.py); this model takes encoded images only."""
-        parsed = parse_request(lambda name: _input(request, name), None, self.max_tags, self.max_image_bytes)
+        parsed = parse_request(lambda name: input_array(request, name), None, self.max_tags, self.max_image_bytes)
         return self.preprocess(parsed.encoded, "image"), parsed.tags, parsed.wants_masks
 
     def execute(self, requests):
@@ -105,7 +94,7 @@ class TritonPythonModel:
             try:
                 prepared[i] = self._prepare(request)
             except (ImageError, ValueError, UnicodeDecodeError) as error:
-                responses[i] = _client_error(str(error))
+                responses[i] = client_error(str(error))
             except Exception as error:  # unexpected: answer with its type and message, never a traceback
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(
                     f"request could not be prepared ({type(error).__name__}: {error})"))
