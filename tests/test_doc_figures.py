@@ -28,6 +28,7 @@ def _row(page: str, label: str) -> list[str]:
 
 
 BIAS = json.loads((ROOT / "benchmarks/results/bias.json").read_text())["base"]["tags"]
+BIAS_CAPTION = json.loads((ROOT / "benchmarks/results/bias.json").read_text())["base"]["caption_mask"]
 
 
 @pytest.mark.parametrize(("label", "scorer"), [
@@ -151,12 +152,7 @@ def _table(page: str, header: str) -> list[list[str]]:
     lines = (ROOT / page).read_text(encoding="utf-8").splitlines()
     start = next((i for i, line in enumerate(lines) if line.startswith(header)), None)
     assert start is not None, f"{page}: no table with header {header!r}"
-    rows = []
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        rows.append([c.strip().replace("*", "") for c in line.strip().strip("|").split("|")])
-    return rows
+    return _table_from(lines[start:])
 
 
 def _table_after(page: str, marker: str) -> list[list[str]]:
@@ -366,8 +362,6 @@ def test_readme_ttd_row_and_caption_sentence_are_the_default_targets_json():
     seeds = " / ".join(f"{v:.1f}" for v in ious)
     assert f"Caption mask IoU {mean_std} (seeds {seeds}; base {_percent(BIAS_CAPTION['iou'])})" in _flat("docs/benchmarks.md")
 
-
-BIAS_CAPTION = json.loads((ROOT / "benchmarks/results/bias.json").read_text())["base"]["caption_mask"]
 
 
 def test_mixed_targets_tables_are_their_reruns_json():
