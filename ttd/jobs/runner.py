@@ -177,6 +177,18 @@ def job_total(inputs: Sequence[Path]) -> int | None:
 STAGES = ("decode", "decode_wait", "submit", "stage", "upload", "encode", "head", "download", "wait", "host", "write",
           "main_cpu", "record_cpu")
 
+def announced(items: Iterable[tuple[int, Item]], step: Step) -> Iterator[tuple[int, Item]]:
+    """The items, each shown to the step's `ahead` (if it has one) as it is read: decoding reads a
+    few batches ahead of the record stage, which may use what is coming (ttd/runtime/texts_ahead.py)."""
+    ahead = getattr(step, "ahead", None)
+    if ahead is None:
+        yield from items
+        return
+    for entry in items:
+        ahead(entry[1])
+        yield entry
+
+
 def _thread_safe(tagger: Tagger) -> bool:
     """Whether the backend's graphs may run from two threads at once (a TensorRT execution context may not)."""
     from ttd.runtime.backends import REGISTRY
@@ -267,7 +279,8 @@ def run_job(tagger: Tagger, step: Step, items: Iterable[Item], output: Path, job
         with tqdm(total=mine, initial=summary.resumed, disable=not options.progress, unit="img", smoothing=0.1) as bar:
             decoding: dict[str, float] = {}  # this thread's stages; `recording`: the record stage's
             recording: dict[str, float] = {}
-            batches = decoded_batches(select_shard(counted, options.shard, options.num_shards, skip=summary.resumed),
+            mine_items = announced(select_shard(counted, options.shard, options.num_shards, skip=summary.resumed), step)
+            batches = decoded_batches(mine_items,
                                       options.batch_size, workers, step.decoder(tagger), options.prefetch,
                                       options.decoding_pool, decoding, step_destination(step, tagger))
 

@@ -25,6 +25,7 @@ from ttd.data.voc import PALETTE_SIZE, palette
 from ttd.runtime.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from ttd.data.inputs import Item
 from ttd.runtime.tagger import Tagger
+from ttd.runtime.texts_ahead import TextsAhead
 from ttd.segment.segmentation import SegmentOptions, Segmentation, segment_captions, segment_classes
 from ttd.segment.whole_image import WindowFeatures, encode_windows_of
 from ttd.jobs.decoding import Positioned
@@ -106,6 +107,7 @@ class WholeImageStep:
     masks_dir: Path | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     class_embeds: np.ndarray | None = None
+    captions_ahead: TextsAhead | None = None  # bound: the captions of items read, not yet recorded
 
     def description(self) -> dict:
         options = {k: v for k, v in dataclasses.asdict(self.options).items() if k != "batch_size"}  # speed only
@@ -113,9 +115,16 @@ class WholeImageStep:
                 "masks_dir": str(self.masks_dir) if self.masks_dir else None, "max_pixels": self.max_pixels}
 
     def bound(self, tagger: Tagger, progress: bool = False) -> WholeImageStep:
+        if self.classes is None:
+            return dataclasses.replace(self, captions_ahead=TextsAhead(tagger))
         if not self.classes or self.class_embeds is not None:
             return self
         return dataclasses.replace(self, class_embeds=tagger.encode_tags(self.classes, progress))
+
+    def ahead(self, item: Item) -> None:
+        """`item` was read: its caption will be asked for (the runner reads a few batches ahead)."""
+        if self.captions_ahead is not None and item.caption is not None:
+            self.captions_ahead.announce(item.caption)
 
     def decoder(self, tagger: Tagger) -> Callable[[list[Item]], list]:
         return functools.partial(decode_whole, captions=self.classes is None, max_pixels=self.max_pixels)
@@ -142,7 +151,8 @@ class WholeImageStep:
             return results
         if self.classes is None:
             segmented = segment_captions(tagger, [encoded.features[k] for k in keys],
-                                         [encoded.batch[k][1].caption for k in keys], self.options)
+                                         [encoded.batch[k][1].caption for k in keys], self.options,
+                                         self.captions_ahead.embeddings if self.captions_ahead else None)
             for k, result in zip(keys, segmented):
                 results[k] = result
             return results

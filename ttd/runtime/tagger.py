@@ -8,6 +8,7 @@ the one scoring function (ttd/model/scoring.py) that the tag head runs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,28 +83,42 @@ class Tagger:
     def encode_texts(self, texts: list[str], progress: bool = False) -> np.ndarray:
         """Text embeddings [T, D], always `text_rows` texts per backend call (see TEXT_ROWS), each
         call of texts of one length bucket when the backend takes cut ids (see PREFIX_STEP)."""
+        return self.encode_texts_filled(texts, (), progress)[0]
+
+    def encode_texts_filled(self, texts: Sequence[str], spare: Sequence[str],
+                            progress: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """`encode_texts`, the padding rows of a short call taken by `spare` texts of its length
+        bucket (texts needed soon; see ttd/runtime/texts_ahead.py): their embeddings come back too,
+        at no extra call. A text's embedding is the same whichever texts share its call."""
         if not texts:
-            return np.zeros((0, self.config.embed_dim), np.float32)
-        ids = self.tokenizer(texts)
-        lengths = np.full(len(texts), ids.shape[1])
+            return np.zeros((0, self.config.embed_dim), np.float32), {}
+        count = len(texts)
+        ids = self.tokenizer([*texts, *spare])
+        lengths = np.full(len(ids), ids.shape[1])
         if getattr(self.backend, "text_prefix", False):
             last = (ids != 0)[:, ::-1].argmax(axis=1)
             lengths = np.minimum(ids.shape[1], -(-(ids.shape[1] - last) // PREFIX_STEP) * PREFIX_STEP)
         rows = self.text_rows
-        calls = []  # (indices of the texts, cut length)
-        for length in np.unique(lengths):
-            members = np.flatnonzero(lengths == length)
-            calls += [(members[i : i + rows], int(length)) for i in range(0, len(members), rows)]
+        calls = []  # (rows of `ids`: its own texts first, then spare ones; cut length; how many are its own)
+        for length in np.unique(lengths[:count]):
+            members = np.flatnonzero(lengths[:count] == length)
+            fill = count + np.flatnonzero(lengths[count:] == length)
+            for i in range(0, len(members), rows):
+                own = members[i : i + rows]
+                extra, fill = fill[: rows - len(own)], fill[rows - len(own) :]
+                calls.append((np.concatenate([own, extra]), int(length), len(own)))
         if progress:
             from tqdm import tqdm
 
             calls = tqdm(calls, desc="encode texts", unit="chunk")
-        embeds = np.zeros((len(texts), self.config.embed_dim), np.float32)
-        for members, length in calls:
+        embeds = np.zeros((count, self.config.embed_dim), np.float32)
+        filled: dict[str, np.ndarray] = {}
+        for members, length, own in calls:
             padded = np.concatenate([members, members[-1:].repeat(rows - len(members))])
-            chunk = np.ascontiguousarray(ids[padded, :length])
-            embeds[members] = self.backend.encode_texts(chunk)[: len(members)]
-        return embeds
+            out = self.backend.encode_texts(np.ascontiguousarray(ids[padded, :length]))
+            embeds[members[:own]] = out[:own]
+            filled.update((spare[index - count], out[own + j]) for j, index in enumerate(members[own:]))
+        return embeds, filled
 
     def encode_tags(self, tags: list[str], progress: bool = False) -> np.ndarray:
         """Prompt-ensemble embeddings [K, D]; each tag is encoded once per Tagger (cached)."""

@@ -13,6 +13,7 @@ Both tasks are the runtime Tagger's tag-head maps over the whole image (ttd/segm
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,22 +93,20 @@ def segment_caption(tagger: Tagger, image: Image.Image, caption: str, options: S
 
 def segment_captions(tagger: Tagger, features: list[WindowFeatures], captions: list[str],
                      options: SegmentOptions = SegmentOptions(),
-                     caption_embeds: np.ndarray | None = None) -> list[Segmentation | str]:
+                     encode_captions: Callable[[list[str]], np.ndarray] | None = None) -> list[Segmentation | str]:
     """`segment_caption` of a batch of encoded images: the captions text-encoded together, the tag
     head run over every window of every image in one request for the tags and one for the captions
     (ttd.segment.whole_image.score_maps_of), and only the masks the record holds (the caption's and
     the selected tags') built at the image's size. An image whose caption has no candidate tags
-    gets the error message instead."""
+    gets the error message instead. `encode_captions`: how captions become embeddings (default
+    `tagger.encode_texts`; a job's ttd.runtime.texts_ahead.TextsAhead.embeddings gives the same)."""
     tag_lists = [candidate_tags(caption) for caption in captions]
     usable = [n for n, tags in enumerate(tag_lists) if tags]
     results: list[Segmentation | str] = [f"caption {caption!r} has no candidate tags (only stopwords or punctuation)"
                                          for caption in captions]
     if not usable:
         return results
-    if caption_embeds is None:
-        caption_embeds = tagger.encode_texts([captions[n] for n in usable])
-    else:
-        caption_embeds = caption_embeds[usable]
+    caption_embeds = (encode_captions or tagger.encode_texts)([captions[n] for n in usable])
     chosen = [features[n] for n in usable]
     tag_maps = score_maps_of(tagger, chosen, [tag_lists[n] for n in usable],
                              [tagger.encode_tags(tag_lists[n]) for n in usable])
