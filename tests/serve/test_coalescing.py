@@ -134,21 +134,25 @@ def submit(coalescer: Coalescer, caption: str, max_images: int = 32):
                                                   body, n, max_images))
 
 
-def test_a_lone_request_goes_at_once_and_pending_ones_go_together_when_a_place_frees():
-    async def main():
-        server = StandIn()
-        coalescer = Coalescer(server, in_flight=1, max_bytes=1 << 20)
-        first = submit(coalescer, "0")
-        await turns()
-        assert server.sent == [1]  # nothing waited for company
-        rest = [submit(coalescer, c) for c in ("1", "2", "0")]
+async def one_then_pending(captions: list[str], max_images: int = 32, max_bytes: int = 1 << 20,
+                           pending_checked: bool = False) -> tuple[list[int], list]:
+    """Caption "0" sent alone, then `captions` sent while it is at the stand-in (one place):
+    the images of each request the stand-in received, and every answer."""
+    server = StandIn()
+    coalescer = Coalescer(server, in_flight=1, max_bytes=max_bytes)
+    first = submit(coalescer, "0", max_images)
+    await turns()
+    assert server.sent == [1]  # nothing waited for company
+    rest = [submit(coalescer, c, max_images) for c in captions]
+    if pending_checked:
         await asyncio.sleep(0.01)
         assert server.sent == [1]  # the one place is taken: they pend in the front
-        server.release.set()
-        answers = await asyncio.gather(first, *rest)
-        return server.sent, answers
+    server.release.set()
+    return server.sent, await asyncio.gather(first, *rest)
 
-    sent, answers = asyncio.run(main())
+
+def test_a_lone_request_goes_at_once_and_pending_ones_go_together_when_a_place_frees():
+    sent, answers = asyncio.run(one_then_pending(["1", "2", "0"], pending_checked=True))
     assert sent == [1, 3]
     for got, row in zip(answers, [ROWS[0], ROWS[1], ROWS[2], ROWS[0]]):
         body, length = answer([row])
@@ -157,32 +161,14 @@ def test_a_lone_request_goes_at_once_and_pending_ones_go_together_when_a_place_f
 
 
 def test_a_coalesced_request_is_bounded_by_images_and_bytes():
-    async def main(max_images: int, max_bytes: int):
-        server = StandIn()
-        coalescer = Coalescer(server, in_flight=1, max_bytes=max_bytes)
-        tasks = [submit(coalescer, "0", max_images)]
-        await turns()
-        tasks += [submit(coalescer, str(k % 3), max_images) for k in range(7)]
-        server.release.set()
-        await asyncio.gather(*tasks)
-        return server.sent
-
-    assert asyncio.run(main(3, 1 << 20)) == [1, 3, 3, 1]
+    captions = [str(k % 3) for k in range(7)]
+    assert asyncio.run(one_then_pending(captions, max_images=3))[0] == [1, 3, 3, 1]
     body, n = request_body([b"png"], ["0"])
-    assert asyncio.run(main(32, 2 * (len(body) - n))) == [1, 2, 2, 2, 1]
+    assert asyncio.run(one_then_pending(captions, max_bytes=2 * (len(body) - n)))[0] == [1, 2, 2, 2, 1]
 
 
 def test_a_refused_coalesced_request_is_sent_again_image_by_image():
-    async def main():
-        server = StandIn()
-        coalescer = Coalescer(server, in_flight=1, max_bytes=1 << 20)
-        first = submit(coalescer, "0")
-        await turns()
-        rest = [submit(coalescer, c) for c in ("1", "bad", "2")]
-        server.release.set()
-        return server.sent, await asyncio.gather(first, *rest)
-
-    sent, answers = asyncio.run(main())
+    sent, answers = asyncio.run(one_then_pending(["1", "bad", "2"]))
     assert sent == [1, 3, 1, 1, 1]
     assert [a[0] for a in answers] == [200, 200, 400, 200]
     assert answers[2][2] == b'{"error":"cannot decode image"}'
