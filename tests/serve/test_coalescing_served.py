@@ -12,19 +12,10 @@ import numpy as np
 import pytest
 from ports import free_port
 
-from export.pipeline import run_export
 from export.triton import build_repository
-from ttd.model.factory import create_model
 
 tritonclient_http = pytest.importorskip("tritonclient.http")
 WORLD = Path(__file__).resolve().parents[2] / "examples" / "world"
-
-
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("export")
-    run_export(create_model("world-tiny", seed=0), out, check_count=8)
-    return out
 
 
 def request_body(images: list[bytes], captions: list[str] | None = None, tags: list[str] | None = None,
