@@ -64,7 +64,9 @@ class Coalescer:
 
     def _start(self, path: str, lane: Lane, max_images: int) -> None:
         while lane.pending and lane.running < self.in_flight:
-            key, group, size, rest = lane.pending[0].request.key, [], 0, []
+            key, size = lane.pending[0].request.key, 0
+            group: list[Waiting] = []
+            rest: list[Waiting] = []
             for waiting in lane.pending:
                 if waiting.answer.done():  # its client went away
                     continue

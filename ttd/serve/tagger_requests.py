@@ -146,11 +146,8 @@ def stacked_answer(rows: list[list[tuple[str, np.ndarray]]]) -> list[tuple[str, 
     width = max(dict(row)["tags"].shape[1] for row in rows)
     stacked = []
     for position, (name, first) in enumerate(rows[0]):
-        padded = []
-        for row in rows:
-            array = row[position][1]
-            pad = [(0, 0), (0, width - array.shape[1])] + [(0, 0)] * (array.ndim - 2)
-            padded.append(np.pad(array, pad, constant_values=PADDING[name]) if array.dtype != np.object_
-                          else np.concatenate([array, np.full((1, width - array.shape[1]), PADDING[name], np.object_)], 1))
-        stacked.append((name, np.concatenate(padded).astype(first.dtype)))
+        array = np.full((len(rows), width, *first.shape[2:]), PADDING[name], dtype=first.dtype)
+        for k, row in enumerate(rows):
+            array[k, : row[position][1].shape[1]] = row[position][1][0]
+        stacked.append((name, array))
     return stacked
