@@ -202,11 +202,12 @@ def triton_validate(repo):
                    "previous answer (also the keep-alive idle time).")
 @click.option("--body-timeout", "body_timeout_s", type=click.FloatRange(0.1), default=60, show_default=True,
               help="Seconds a request may take to send its body (408 after that).")
-@click.option("--coalesce", "coalesce_in_flight", type=click.IntRange(0), default=2, show_default=True,
-              help="Coalescing: at most this many inference requests at tritonserver at once for a model that takes "
-                   "several images a request (the fused tagger); one-image requests that arrive meanwhile go on "
-                   "together as one request, each client still getting its own answer. 0: every request forwarded "
-                   "as it came.")
+@click.option("--coalesce", "coalesce_in_flight", type=click.IntRange(0), default=0, show_default=True,
+              help="Coalescing, for a model that takes several images a request (the fused tagger): at most this "
+                   "many inference requests at tritonserver at once; one-image requests that arrive meanwhile go on "
+                   "together as one request, each client still getting its own answer, byte for byte. 0: off, every "
+                   "request forwarded as it came (on a CPU instance coalescing did not lower the cost: "
+                   "docs/serving.md, Coalescing).")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
               help="Serve Prometheus metrics (the front's requests, refusals, latency and restarts, and "
                    "tritonserver's own) at http://--metrics-host:PORT/metrics. Off by default; Triton's usual port "
