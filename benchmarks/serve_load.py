@@ -26,7 +26,7 @@ flavour, the order rotating each round), so a change in the machine's load hits 
 - `--engine torch|tensorrt --kind KIND_GPU`: the served models and the direct job on a GPU (the
   direct job on `--direct-device`, cuda by default); there the wall-clock ratio is the figure
   (the GPU's time is not CPU time).
-- The mean batch of each round from ttd_tagger's statistics (requests / executions).
+- The mean batch of each round from ttd_tagger's statistics (inferences / executions: images per model execution).
 """
 
 from __future__ import annotations
