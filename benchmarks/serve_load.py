@@ -26,7 +26,7 @@ flavour, the order rotating each round), so a change in the machine's load hits 
 - `--engine torch|tensorrt --kind KIND_GPU`: the served models and the direct job on a GPU (the
   direct job on `--direct-device`, cuda by default); there the wall-clock ratio is the figure
   (the GPU's time is not CPU time).
-- The mean batch of each round from ttd_tagger's statistics (requests / executions).
+- The mean batch of each round from ttd_tagger's statistics (inferences / executions: images per model execution).
 """
 
 from __future__ import annotations
@@ -229,13 +229,17 @@ NO_FRONT_GRPC = " (tritonserver gRPC, no front)"  # the same over tritonserver's
 GRPC = "grpc://"
 
 
-def start_serve(repo: Path, port: int, timeout_s: float = 180,
-                grpc_port: int | None = None) -> tuple[subprocess.Popen, str]:
-    """`ttd serve repo` on `port` (and tritonserver's gRPC on `grpc_port`); returns the process and
-    the loopback address of its tritonserver's HTTP port."""
+SERVE_SETTINGS = {"coalesce": "--coalesce"}  # flavour settings that are `ttd serve` options, not config.pbtxt's
+
+
+def start_serve(repo: Path, port: int, timeout_s: float = 180, grpc_port: int | None = None,
+                options: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`ttd serve repo` on `port` (and tritonserver's gRPC on `grpc_port`) with `options`; returns
+    the process and the loopback address of its tritonserver's HTTP port."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     grpc = ["--grpc-port", str(grpc_port)] if grpc_port else []
-    process = subprocess.Popen([sys.executable, "-m", "ttd", "serve", str(repo), "--http-port", str(port), *grpc],
+    process = subprocess.Popen([sys.executable, "-m", "ttd", "serve", str(repo), "--http-port", str(port), *grpc,
+                                *(options or [])],
                                stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -284,16 +288,24 @@ def served_round(url: str, process: subprocess.Popen, queues: list, results, ind
             "p50_ms": float(np.percentile(latency_ms, 50)), "p99_ms": float(np.percentile(latency_ms, 99))}
 
 
+def settings(flavour: str) -> list[tuple[str, str]]:
+    return [tuple(s.split("=", 1)) for s in flavour.split(":", 1)[1].split(",")] if ":" in flavour else []
+
+
+def serve_options(flavour: str) -> list[str]:
+    """`fused:coalesce=0`: the `ttd serve` options among a flavour's settings."""
+    return [item for key, value in settings(flavour) if key in SERVE_SETTINGS for item in (SERVE_SETTINGS[key], value)]
+
+
 def tune(repo: Path, flavour: str) -> None:
     """`fused:decode_threads=0,queue_delay_us=8000,instances=2`: set ttd_tagger's config parameters,
     its dynamic batcher's queue delay and its instance count (config.pbtxt is what operators tune;
-    the build does not hash it)."""
-    if ":" not in flavour:
-        return
+    the build does not hash it). `coalesce=N` is `ttd serve --coalesce N` (serve_options)."""
     config = repo / "ttd_tagger" / "config.pbtxt"
     text = config.read_text()
-    for setting in flavour.split(":", 1)[1].split(","):
-        key, value = setting.split("=")
+    for key, value in settings(flavour):
+        if key in SERVE_SETTINGS:
+            continue
         if key == "queue_delay_us":
             text = re.sub(r"max_queue_delay_microseconds: \d+", f"max_queue_delay_microseconds: {value}", text)
             continue
@@ -304,7 +316,8 @@ def tune(repo: Path, flavour: str) -> None:
         if not pattern.search(text):
             raise SystemExit(f"{flavour}: ttd_tagger has no parameter {key!r}")
         text = pattern.sub(rf"\g<1>{value}\g<2>", text)
-    config.write_text(text)
+    if settings(flavour):
+        config.write_text(text)
 
 
 def cpu_name() -> dict:
@@ -364,7 +377,7 @@ def run(export_dir: Path, flavours: list[str], clients: int, requests: int, roun
                 tune(repo, flavour)
                 port = free_loopback_port()
                 grpc_port = free_loopback_port() if grpc else None
-                process, triton_url = start_serve(repo, port, grpc_port=grpc_port)
+                process, triton_url = start_serve(repo, port, grpc_port=grpc_port, options=serve_options(flavour))
                 servers[flavour] = (f"127.0.0.1:{port}", process)
                 stats_urls[flavour] = servers[flavour][0]
                 if no_front:
@@ -443,7 +456,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--export-dir", type=Path, required=True)
     parser.add_argument("--flavours", nargs="+", default=["fused", "python"],
-                        help="Repository flavours to serve, each optionally tuned: fused:decode_threads=2,queue_delay_us=4000")
+                        help="Repository flavours to serve, each optionally tuned: fused:decode_threads=2,queue_delay_us=4000,coalesce=0")
     parser.add_argument("--clients", type=int, default=8, help="Client processes (one request at a time each).")
     parser.add_argument("--requests", type=int, default=512, help="Requests (images) per round and side.")
     parser.add_argument("--rounds", type=int, default=5)

@@ -264,6 +264,7 @@ def _build_fused(export, export_dir: Path, repo: Path, engine: str, batching: Ba
     inputs, outputs = _tagger_io(export.config, fused=True)
     parameters = {"engine": engine, "threshold": str(threshold), "max_tags": str(max_tags), "score_method": score_method,
                   "intra_op_threads": "1", "dtype": torch_dtype, "decode_threads": "2",
+                  "multi_image_requests": "true",  # the front may coalesce requests (docs/serving.md, "Coalescing")
                   "model_batch": str(_model_batch(kind, batching.preferred_batch_sizes, batching.max_batch_size))}
     common = {"source": str(export_dir), "max_batch_size": batching.max_batch_size,
               "preferred_batch_sizes": ", ".join(map(str, batching.preferred_batch_sizes)),

@@ -70,6 +70,7 @@ def test_serving_table_is_serve_load_json():
     summary = json.loads((ROOT / "benchmarks/results/serve_load.json").read_text())["summary"]
     no_front = " (tritonserver, no front)"  # benchmarks/serve_load.py --no-front
     for label, side in (("**fused**", summary["fused"]), ("python (BLS)", summary["python"]),
+                        ("fused, coalescing on (`--coalesce 2`)", summary["fused:coalesce=2"]),
                         ("fused, straight to tritonserver's port (no front)", summary["fused" + no_front]),
                         ("python (BLS), straight to tritonserver's port (no front)", summary["python" + no_front])):
         cells = _row("docs/serving.md", label)

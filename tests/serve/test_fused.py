@@ -10,22 +10,13 @@ import pytest
 from click.testing import CliRunner
 from ports import free_port
 
-from export.pipeline import run_export
 from export.triton import BatchingOptions, build_repository, validate_repository
 from ttd.cli import main
-from ttd.model.factory import create_model
 
 pytest.importorskip("tritonclient")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 WORLD = Path(__file__).resolve().parents[2] / "examples" / "world"
-
-
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("export")
-    run_export(create_model("world-tiny", seed=0), out, check_count=8)
-    return out
 
 
 def served_record(answer: dict) -> dict:

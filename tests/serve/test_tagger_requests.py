@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from ttd.errors import InputError
-from ttd.serve.tagger_requests import (answer_arrays, encoded_image, parse_request, request_tags, rgb_image,
-                                      texts)
+from ttd.serve.tagger_requests import (answer_arrays, encoded_image, parse_request, request_rows, request_tags,
+                                      rgb_image, stacked_answer, texts)
 
 
 def test_tags_come_from_the_tag_list_or_the_caption():
@@ -68,3 +68,26 @@ def test_one_answer_builder_for_every_served_tagger():
     assert arrays["selected"].dtype == np.bool_ and arrays["selected"].tolist() == [[True, False, True]]
     masks = dict(answer_arrays(["red"], np.ones(1), ["red"], np.ones((1, 8, 8))))["masks"]
     assert masks.shape == (1, 1, 8, 8) and masks.dtype == np.float32
+
+
+def test_a_request_of_several_images_is_read_row_by_row_and_answered_padded():
+    """The fused tagger's several-image requests (what the front's coalescing sends): one reader
+    per image with that image's inputs, and one answer stacking theirs, padded to the longest
+    tag list; a one-image request is read and answered as before."""
+    sent = {"image": np.array([[b"a"], [b"b"]], dtype=object), "caption": np.array([[b"red dog"], [b"blue sky"]], dtype=object)}
+    rows = request_rows(sent.get)
+    assert [r("image").tolist() for r in rows] == [[[b"a"]], [[b"b"]]]
+    assert [r("caption").tolist() for r in rows] == [[[b"red dog"]], [[b"blue sky"]]] and rows[1]("tags") is None
+    one = {"image": np.array([[b"a"]], dtype=object)}
+    assert len(request_rows(one.get)) == 1 and request_rows(one.get)[0]("image") is one["image"]
+    with pytest.raises(InputError, match="input 'caption' has a batch of 1, the image input 2"):
+        request_rows({**sent, "caption": sent["caption"][:1]}.get)
+    first = answer_arrays(["red", "dog"], np.array([0.9, 0.1]), ["red"], np.ones((2, 3, 3)))
+    second = answer_arrays(["sky"], np.array([0.8]), ["sky"], np.full((1, 3, 3), 2.0))
+    stacked = dict(stacked_answer([first, second]))
+    assert stacked["tags"].tolist() == [[b"red", b"dog"], [b"sky", b""]]
+    assert stacked["scores"].dtype == np.float32 and stacked["scores"].tolist() == [[pytest.approx(0.9), pytest.approx(0.1)],
+                                                                                  [pytest.approx(0.8), 0.0]]
+    assert stacked["selected"].tolist() == [[True, False], [True, False]]
+    assert stacked["masks"].shape == (2, 2, 3, 3) and stacked["masks"][1, 1].max() == 0 and stacked["masks"][1, 0].min() == 2
+    assert stacked_answer([first]) is first

@@ -6,19 +6,10 @@ import pytest
 from ports import free_port
 from click.testing import CliRunner
 
-from export.pipeline import run_export
 from export.triton import BatchingOptions, RepositoryError, build_repository, validate_repository
 from ttd.cli import main
-from ttd.model.factory import create_model
 
 pytest.importorskip("tritonclient")
-
-
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("export")
-    run_export(create_model("world-tiny", seed=0), out, check_count=8)
-    return out
 
 
 @pytest.mark.parametrize("flavour", ["python", "native"])

@@ -202,6 +202,12 @@ def triton_validate(repo):
                    "previous answer (also the keep-alive idle time).")
 @click.option("--body-timeout", "body_timeout_s", type=click.FloatRange(0.1), default=60, show_default=True,
               help="Seconds a request may take to send its body (408 after that).")
+@click.option("--coalesce", "coalesce_in_flight", type=click.IntRange(0), default=0, show_default=True,
+              help="Coalescing, for a model that takes several images a request (the fused tagger): at most this "
+                   "many inference requests at tritonserver at once; one-image requests that arrive meanwhile go on "
+                   "together as one request, each client still getting its own answer, byte for byte. 0: off, every "
+                   "request forwarded as it came (on a CPU instance coalescing did not lower the cost: "
+                   "docs/serving.md, Coalescing).")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
               help="Serve Prometheus metrics (the front's requests, refusals, latency and restarts, and "
                    "tritonserver's own) at http://--metrics-host:PORT/metrics. Off by default; Triton's usual port "
@@ -209,7 +215,7 @@ def triton_validate(repo):
 @click.option("--metrics-host", default="127.0.0.1", show_default=True,
               help="Address the metrics port binds (loopback unless you expose it on purpose).")
 def serve(repo, host, http_port, grpc_port, timeout_s, max_restarts, max_body_mb, max_connections, idle_timeout_s,
-          body_timeout_s, metrics_port, metrics_host):
+          body_timeout_s, coalesce_in_flight, metrics_port, metrics_host):
     """Serve a model repository with the tritonserver bundled by nvidia-pytriton, behind an HTTP
     front on --host:--http-port that refuses malformed requests (4xx with a JSON reason) and
     retries a request once when tritonserver dies under it; tritonserver itself listens on a
@@ -229,7 +235,8 @@ def serve(repo, host, http_port, grpc_port, timeout_s, max_restarts, max_body_mb
     try:
         code = serve_repository(repo, host, http_port, grpc_port, timeout_s, max_restarts,
                                 FrontLimits(max_body_bytes=int(max_body_mb * (1 << 20)), idle_timeout_s=idle_timeout_s,
-                                            body_timeout_s=body_timeout_s, max_connections=max_connections),
+                                            body_timeout_s=body_timeout_s, max_connections=max_connections,
+                                            coalesce_in_flight=coalesce_in_flight),
                                 lambda line: click.echo(line, err=True), metrics_port, metrics_host)
     except (ServerError, FrontError, RuntimeProblem) as error:
         fail(str(error))

@@ -28,7 +28,8 @@ import json
 import re
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 from urllib.parse import quote
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ from aiohttp import ClientConnectionError, ClientSession, ClientTimeout, TCPConn
 
 from ttd.errors import InputError, TTDError
 from ttd.serve.backend_client import BackendGone, BackendPool
+from ttd.serve.coalescing import one_image
+from ttd.serve.front_coalescer import Coalescer
 from ttd.serve.front_connections import Connections, FrontConnection, RateLimitedLog, connection_cap
 
 
@@ -54,6 +57,12 @@ class FrontLimits:
     max_per_client: int = 0  # connections one address may hold; 0: half of max_connections
     write_timeout_s: float = 30.0  # an answer the client reads none of for this long: the connection is closed
     log_interval_s: float = 10.0  # at most one log line per kind of event in this long
+    # coalescing (docs/serving.md, "Coalescing"): requests at tritonserver at once per inference path
+    # of a model that takes several images a request (0, the default: every request forwarded as it
+    # came; coalescing did not lower the CPU cost on a CPU instance), and the tensor bytes of one
+    # coalesced request
+    coalesce_in_flight: int = 0
+    coalesce_max_bytes: int = 16 << 20
 
 
 class Refusal(Exception):
@@ -237,6 +246,7 @@ class ModelShapes:
     max_batch_size: int
     dims: dict[str, list[int]]
     max_variable_dim: int | None
+    multi_image: bool = False  # the model's `multi_image_requests` parameter: it may be sent coalesced requests
 
     @classmethod
     def from_config(cls, config: dict) -> ModelShapes:
@@ -245,7 +255,7 @@ class ModelShapes:
         bound = next((int(b) for b in bounds if b), None)
         return cls(int(config.get("max_batch_size", 0)),
                    {i["name"]: [int(d) for d in i.get("dims", [])] for i in config.get("input", [])},
-                   bound)
+                   bound, parameters.get("multi_image_requests", {}).get("string_value") == "true")
 
     def largest_dim(self) -> int | None:
         """The largest size any dimension of any input may have (None: a variable one is unbounded)."""
@@ -298,6 +308,7 @@ def shape_problem(request: dict, shapes: ModelShapes) -> str | None:
 REQUEST_HEADERS = ("Inference-Header-Content-Length", "Accept", "Accept-Encoding")
 RESPONSE_HEADERS = ("Content-Type", "Inference-Header-Content-Length", "Content-Encoding")
 BACKEND: web.AppKey = web.AppKey("backend", object)
+COALESCER: web.AppKey = web.AppKey("coalescer", object)  # a Coalescer (ttd/serve/front_coalescer.py), or None
 METRICS: web.AppKey = web.AppKey("metrics", object)  # a FrontMetrics (ttd/serve/metrics.py), or None
 
 
@@ -356,6 +367,52 @@ class Backend:
             await self.session.close()
 
 
+T = TypeVar("T")
+
+
+async def retried(method: str, path: str, backend: Backend, attempt: Callable[[], Awaitable[T]],
+                  begun: Callable[[], bool] = lambda: False) -> T:
+    """`attempt()` (one exchange with tritonserver), once more when the backend connection broke
+    before an answer was `begun` to the client: after the backend is ready again (a restart)."""
+    for tries in (1, 2):
+        try:
+            return await attempt()
+        except (BackendGone, asyncio.TimeoutError) as error:
+            # a response already begun cannot be taken back: the client sees the connection drop
+            if begun():
+                raise
+            backend.pool.reset()
+            reason = f"{type(error).__name__}: {error}".rstrip(": ")
+            if path.startswith("/v2/health/"):  # a probe wants the state now, not after a wait
+                raise Refusal(503, f"the inference server is not reachable ({reason}); restarting?") from error
+            if tries == 2:
+                raise Refusal(502, f"the inference server failed this request twice ({reason})") from error
+            backend.say(f"front: backend connection lost during {method} {path} ({reason}); "
+                        "retrying once when it is ready")
+            if not await backend.wait_ready():
+                raise Refusal(503, f"the inference server is not ready after {backend.limits.retry_wait_s:.0f} s "
+                                   "(restarting?); retry later") from error
+    raise AssertionError("unreachable")
+
+
+def passed_on(headers: dict[str, str]) -> dict[str, str]:
+    """The answer's headers the client gets (tritonserver's, lower-case, by their usual names)."""
+    return {name: headers[name.lower()] for name in RESPONSE_HEADERS if name.lower() in headers}
+
+
+async def exchange(backend: Backend, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
+    """POST `body` to `path` and read the answer whole (the coalescer's small answers), retried
+    as every forwarded request."""
+    async def attempt() -> tuple[int, dict[str, str], bytes]:
+        answer = await backend.pool.send("POST", path, headers, body)
+        try:
+            return answer.status, passed_on(answer.headers), await answer.read()
+        finally:
+            answer.release()
+
+    return await retried("POST", path, backend, attempt)
+
+
 async def forward(request: web.BaseRequest, backend: Backend, body: bytes | None) -> web.StreamResponse:
     headers = {name: request.headers[name] for name in REQUEST_HEADERS if name in request.headers}
     if body is not None:
@@ -363,40 +420,27 @@ async def forward(request: web.BaseRequest, backend: Backend, body: bytes | None
         headers["Content-Type"] = "application/octet-stream" if binary else "application/json"
     path = request.rel_url.raw_path_qs
     response: web.StreamResponse | None = None
-    for attempt in (1, 2):
+
+    async def attempt() -> web.StreamResponse:
+        nonlocal response
+        answer = await backend.pool.send(request.method, path, headers, body)
         try:
-            answer = await backend.pool.send(request.method, path, headers, body)
-            try:
-                out_headers = {name: answer.headers[name.lower()] for name in RESPONSE_HEADERS
-                               if name.lower() in answer.headers}
-                if answer.length is not None and answer.length <= backend.limits.stream_above_bytes:
-                    return web.Response(status=answer.status, body=await answer.read(), headers=out_headers)
-                response = web.StreamResponse(status=answer.status, headers=out_headers)
-                if answer.length is not None:
-                    response.content_length = answer.length
-                await response.prepare(request)
-                async for chunk in answer.chunks():
-                    await response.write(chunk)
-                await response.write_eof()
-                return response
-            finally:
-                answer.release()
-        except (BackendGone, asyncio.TimeoutError) as error:
-            # a response already begun cannot be taken back: the client sees the connection drop
-            if response is not None and response.prepared:
-                raise
-            backend.pool.reset()
-            reason = f"{type(error).__name__}: {error}".rstrip(": ")
-            if request.path.startswith("/v2/health/"):  # a probe wants the state now, not after a wait
-                raise Refusal(503, f"the inference server is not reachable ({reason}); restarting?") from error
-            if attempt == 2:
-                raise Refusal(502, f"the inference server failed this request twice ({reason})") from error
-            backend.say(f"front: backend connection lost during {request.method} {request.path} ({reason}); "
-                        "retrying once when it is ready")
-            if not await backend.wait_ready():
-                raise Refusal(503, f"the inference server is not ready after {backend.limits.retry_wait_s:.0f} s "
-                                   "(restarting?); retry later") from error
-    raise AssertionError("unreachable")
+            out_headers = passed_on(answer.headers)
+            if answer.length is not None and answer.length <= backend.limits.stream_above_bytes:
+                return web.Response(status=answer.status, body=await answer.read(), headers=out_headers)
+            response = web.StreamResponse(status=answer.status, headers=out_headers)
+            if answer.length is not None:
+                response.content_length = answer.length
+            await response.prepare(request)
+            async for chunk in answer.chunks():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+        finally:
+            answer.release()
+
+    return await retried(request.method, request.path, backend, attempt,
+                         lambda: response is not None and response.prepared)
 
 
 async def refuse(request: web.BaseRequest, refusal: Refusal) -> web.Response:
@@ -458,6 +502,13 @@ async def _handle(request: web.BaseRequest) -> web.StreamResponse:
             parsed = check_infer_body(body, header_length)
         if shapes is not None and (problem := shape_problem(parsed, shapes)):
             raise Refusal(400, problem)
+        coalescer = request.app[COALESCER]
+        if coalescer is not None and shapes is not None and shapes.multi_image and header_length is not None:
+            one = one_image(parsed, body, header_length, request.headers)
+            if one is not None:
+                status, headers, answer = await coalescer.submit(request.rel_url.raw_path_qs, one, body, header_length,
+                                                                 shapes.max_batch_size)
+                return web.Response(status=status, body=answer, headers=headers)
         return await forward(request, backend, body)
     except Refusal as refusal:
         return await refuse(request, refusal)
@@ -468,8 +519,14 @@ def create_front(backend_url: str, limits: FrontLimits, say: Callable[[str], Non
     """The front as an aiohttp application forwarding to tritonserver at `backend_url` (host:port),
     counting into `metrics` (a FrontMetrics) when given."""
     app = web.Application(client_max_size=limits.max_body_bytes)
-    app[BACKEND] = Backend(backend_url, limits, say)
+    backend = app[BACKEND] = Backend(backend_url, limits, say)
     app[METRICS] = metrics
+    app[COALESCER] = None
+    if limits.coalesce_in_flight > 0:
+        app[COALESCER] = Coalescer(lambda path, headers, body: exchange(backend, path, headers, body),
+                                   limits.coalesce_in_flight, limits.coalesce_max_bytes,
+                                   None if metrics is None else lambda path, images: metrics.sent(  # type: ignore[attr-defined]
+                                       (INFER_PATH.match(path.split("?", 1)[0]) or {"model": ""})["model"], images))
 
     async def close_backend(app: web.Application) -> None:
         await app[BACKEND].close()

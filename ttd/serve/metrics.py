@@ -1,5 +1,6 @@
 """Prometheus metrics of `ttd serve` (docs/serving.md, "Metrics"): the front's own (requests by
-model and status, refusals by reason, inference latency, tritonserver restarts) and
+model and status, refusals by reason, inference latency, images per request the coalescer sent,
+tritonserver restarts) and
 tritonserver's (queue and compute time, batch counts, per model), on one metrics port that binds
 to loopback unless told otherwise.
 
@@ -24,6 +25,7 @@ REFUSAL_REASONS = {400: "malformed", 404: "not_found", 405: "method_not_allowed"
 # connections the front refused or closed itself (ttd/serve/front_connections.py)
 CONNECTION_REASONS = ("connection_cap", "per_client_cap", "evicted_idle", "header_timeout", "write_stalled",
                       "malformed_http")
+IMAGE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -50,6 +52,9 @@ class FrontMetrics:
         self.latency = Histogram("ttd_front_request_duration_seconds", "Inference requests through the front, "
                                  "from the request header to the answer (seconds)", ["model"],
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.sent_images = Histogram("ttd_front_coalesced_request_images", "Images per inference request the "
+                                     "front's coalescer sent to tritonserver (1: a request sent alone), by model",
+                                     ["model"], buckets=IMAGE_BUCKETS, registry=self.registry)
         self.restarts = Counter("ttd_tritonserver_restarts", "tritonserver restarts after it died",
                                 registry=self.registry)
         self.triton_up = Gauge("ttd_tritonserver_metrics_up", "1 when tritonserver's own metrics were read for "
@@ -65,6 +70,9 @@ class FrontMetrics:
         self.requests.labels(model, str(status)).inc()
         if model and seconds is not None:
             self.latency.labels(model).observe(seconds)
+
+    def sent(self, model: str, images: int) -> None:
+        self.sent_images.labels(model).observe(images)
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest

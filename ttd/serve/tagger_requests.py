@@ -1,7 +1,10 @@
 """What a `ttd_tagger` request asks for and what its answer holds, the same for every served
 tagger (the fused model and the python flavour's BLS model): the image (encoded bytes, or uint8
 RGB already at the model's size), the caption or tag list, whether masks are wanted; and the
-answer's `tags`, `scores`, `selected` (and `masks`) arrays. Pure functions of the request's arrays
+answer's `tags`, `scores`, `selected` (and `masks`) arrays. The fused model also takes a request
+of several images (a batch axis of N, one image per row: what the front's coalescing sends,
+docs/serving.md "Coalescing"): `request_rows` splits it, `stacked_answer` pads the rows' answers
+into one. Pure functions of the request's arrays
 (no Triton import), so they are tested without a server; a refusal is an InputError (a
 ValueError) whose message the client gets with HTTP 400."""
 
@@ -102,3 +105,49 @@ def answer_arrays(tags: list[str], scores: np.ndarray, selected: Collection[str]
     if masks is not None:
         arrays.append(("masks", np.asarray(masks, np.float32)[None]))
     return arrays
+
+
+def request_rows(read: Callable[[str], np.ndarray | None]) -> list[Callable[[str], np.ndarray | None]]:
+    """One reader per image of a request whose inputs have a batch axis of N (the image input's
+    first dimension), each giving that row's inputs with a batch axis of 1, as a one-image request
+    sends them. A request without an image is one row (parse_request says what is missing)."""
+    arrays: dict[str, np.ndarray | None] = {}
+
+    def whole(name: str) -> np.ndarray | None:
+        if name not in arrays:
+            arrays[name] = read(name)
+        return arrays[name]
+
+    image = next((a for a in (whole("image"), whole("image_rgb")) if a is not None), None)
+    count = 1 if image is None or image.ndim == 0 else int(image.shape[0])
+    if count == 1:
+        return [whole]
+    for name in ("image", "image_rgb", "caption", "tags", "return_masks"):
+        array = whole(name)
+        if array is not None and (array.ndim == 0 or array.shape[0] != count):
+            raise InputError(f"input {name!r} has a batch of {array.shape[0] if array.ndim else 0}, the image input {count}")
+
+    def row(k: int) -> Callable[[str], np.ndarray | None]:
+        return lambda name: None if (array := whole(name)) is None else array[k : k + 1]
+
+    return [row(k) for k in range(count)]
+
+
+PADDING = {"tags": b"", "scores": 0.0, "selected": False, "masks": 0.0}  # a tag is never empty (request_tags)
+
+
+def stacked_answer(rows: list[list[tuple[str, np.ndarray]]]) -> list[tuple[str, np.ndarray]]:
+    """The answer of a several-image request: each output's rows (answer_arrays of each image)
+    stacked on the batch axis, a row with fewer tags padded at the end (tags b"", scores 0,
+    selected False, masks 0); a row's own tags are its tags up to the first empty one. One row is
+    returned as it is, so a one-image request is answered exactly as before."""
+    if len(rows) == 1:
+        return rows[0]
+    width = max(dict(row)["tags"].shape[1] for row in rows)
+    stacked = []
+    for position, (name, first) in enumerate(rows[0]):
+        array = np.full((len(rows), width, *first.shape[2:]), PADDING[name], dtype=first.dtype)
+        for k, row in enumerate(rows):
+            array[k, : row[position][1].shape[1]] = row[position][1][0]
+        stacked.append((name, array))
+    return stacked
