@@ -233,3 +233,28 @@ def test_ranked_caption_area_weights_the_mask_by_the_captions_own_cosine_order(h
     (grad,) = torch.autograd.grad(losses.total - losses.distill - 2.0 * losses.tag, patch)  # the area term alone
     lift = (grad[0] * captions[0][:, None, None]).sum(dim=0)[0]  # d(term)/d(pixel toward the caption)
     assert lift[rank[0].argmin()] == 0 and lift[rank[0].argmax()] < 0  # the lowest-ranked pixel is not lifted
+
+
+def test_placed_caption_area_floor_is_a_recall_on_the_tags_pixels_and_never_lifts_the_backdrop():
+    # docs/training.md, "placed floor": two selected tags each own a pixel and share a third; the
+    # fourth (backdrop) ranks at 0.45 of both tags' range, under θ, though it is nearest to tag 0
+    # (evidence). The floor is on the caption mask's mean over the three placed pixels alone.
+    f = [unit(1, 0, 0), unit(0, 1, 0), unit(0.7, 0.7, 0.1), unit(0.45, 0.45, 0.77)]
+    patch = torch.stack(f, dim=1).reshape(1, 3, 1, 4).requires_grad_(True)
+    e = torch.eye(3, dtype=torch.float64)
+    tags = torch.stack([e[0], e[1], torch.zeros(3, dtype=torch.float64)])[None]
+    valid = torch.tensor([[True, True, False]])
+    captions = unit(1, 1, 0)[None]
+    w, b = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-9.0, dtype=torch.float64)
+    zero = torch.tensor(0.0, dtype=torch.float64)
+    losses = ttd_losses(patch, captions, tags, valid, w, b, zero, 100.0, 0.6, 2.0, 1.0, caption_area_floor=0.9,
+                        caption_area_weight=1.0, caption_area_placed=True)
+    mask = torch.sigmoid(w * torch.einsum("dhw,d->hw", patch[0], captions[0]) + b).detach()[0]
+    assert losses.selected_fraction == 1.0 and losses.diagnostics["placed_area"] == 0.75
+    assert losses.diagnostics["area_term"] == pytest.approx(float(0.9 - mask[:3].mean()))  # 0.575
+    (grad,) = torch.autograd.grad(losses.total - losses.distill - 2.0 * losses.tag, patch)  # the area term alone
+    lift = (grad[0] * captions[0][:, None, None]).sum(dim=0)[0]
+    assert lift[3] == 0 and (lift[:3] < 0).all()  # the backdrop pixel is not lifted, the tags' pixels are
+    with pytest.raises(ValueError, match="choose one"):
+        ttd_losses(patch, captions, tags, valid, w, b, zero, 100.0, 0.6, 2.0, 1.0, caption_area_floor=0.9,
+                   caption_area_placed=True, caption_area_ranked=True)
