@@ -147,6 +147,18 @@ def placed_map(teacher_logits: torch.Tensor, selected: torch.Tensor,
         return ranks.amax(dim=1) >= threshold
 
 
+def top_placed_map(teacher_logits: torch.Tensor, selected: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """[B, h, w] bool: image b's `pixels[b]` pixels ranked highest by its selected tags (the max over
+    them of the teacher's min-max normalised logit, i.e. cosine order). Its size is given, not read
+    off the ranks: a tag whose cosines sank to a few peaks still ranks the rest of its pixels."""
+    with torch.no_grad():
+        ranks = (minmax_over_pixels(teacher_logits) * selected[:, :, None, None]).amax(dim=1).flatten(1)
+        ordered = ranks.sort(dim=1, descending=True).values
+        count = pixels.round().long().clamp(1, ranks.shape[1])
+        cut = ordered.gather(1, (count - 1)[:, None])
+        return ((ranks >= cut) & (pixels[:, None] >= 0.5)).view(teacher_logits.shape[0], *teacher_logits.shape[2:])
+
+
 def stage1_scores(patch_embeds: torch.Tensor, tag_embeds: torch.Tensor, valid: torch.Tensor, tau: float,
                   score_method: str, mask_weight: torch.Tensor, mask_bias: torch.Tensor,
                   negative_embeds: torch.Tensor | None, negative_margin: float) -> torch.Tensor:
@@ -195,6 +207,7 @@ def ttd_losses(
     caption_area_weight: float = 1.0,
     caption_area_ranked: bool = False,
     caption_area_placed: bool = False,
+    caption_area_top: bool = False,
 ) -> DistillLosses:
     """The TTD loss of a batch. `teacher` = (patch_embeds, tag_embeds) of a frozen teacher; the
     default online teacher is the current model without gradient.
@@ -216,7 +229,10 @@ def ttd_losses(
     sigmoid's midpoint. `caption_area_placed`: a recall floor instead, where the tags are: the
     caption mask's mean over `placed_map` (the teacher's selected tags ranked high; no gradient)
     must reach the floor itself, so the term lifts the caption on the tags' pixels and never on the
-    backdrop (docs/training.md, "Segmentation too": placed floor)."""
+    backdrop (docs/training.md, "Segmentation too": placed floor). `caption_area_top`: the floor's
+    area, placed: only the caption's mass on the `top_placed_map` pixels (as many as the floor × the
+    evidence area, those the selected tags rank highest) counts towards the floor, so the term asks
+    the caption to cover exactly them, however far the tags' cosines sank."""
     normaliser = normaliser or (lambda count: count)
     teacher_patch, teacher_tags = teacher if teacher is not None else (patch_embeds, tag_embeds)
     with torch.no_grad():
@@ -243,14 +259,19 @@ def ttd_losses(
     evidence = evidence_map(teacher_cosines, selected, valid)
     area_term, placed_area = None, None
     if caption_area_floor is not None:
-        if caption_area_ranked and caption_area_placed:
-            raise InputError("caption_area_ranked and caption_area_placed are two measures of the caption's area: "
-                             "choose one")
+        if caption_area_ranked + caption_area_placed + caption_area_top > 1:
+            raise InputError("caption_area_ranked, caption_area_placed and caption_area_top are three measures of "
+                             "the caption's area: choose one")
         mask = torch.sigmoid(caption_logits)
         if caption_area_placed:  # a recall on the tags' pixels against the floor itself
             placed = placed_map(teacher_logits, selected).float()
             area = (mask * placed).sum(dim=(1, 2)) / placed.sum(dim=(1, 2)).clamp_min(1.0)
             short = (caption_area_floor - area).clamp_min(0.0)
+            placed_area = float((placed.mean(dim=(1, 2)) * has_selection).sum() / has_selection.sum().clamp_min(1))
+        elif caption_area_top:  # the caption's mass on the tags' top pixels, against the floor's area
+            wanted = caption_area_floor * evidence.float().sum(dim=(1, 2))
+            placed = top_placed_map(teacher_logits, selected, wanted).float()
+            short = (wanted - (mask * placed).sum(dim=(1, 2))).clamp_min(0.0) / mask[0].numel()
             placed_area = float((placed.mean(dim=(1, 2)) * has_selection).sum() / has_selection.sum().clamp_min(1))
         else:
             if caption_area_ranked:
