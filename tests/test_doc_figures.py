@@ -316,6 +316,11 @@ def test_every_training_candidate_row_is_a_run_in_its_json():
     assert checked >= 25
 
 
+def test_choice_table_is_every_candidates_runs_as_choose_default_renders_them():
+    rendered = _benchmark_module("choose_default").table()
+    assert rendered.count("\n| ") >= 15 and _rendered_rows_missing(rendered, "docs/training.md") == []
+
+
 def test_training_memory_table_is_train_memory_json():
     report = _results("train_memory_vit_b_16.json")
     rows = _table("docs/training.md", "| variant | batch 2 (GB)")
