@@ -52,7 +52,7 @@ CANDIDATES: tuple[tuple[str, dict, tuple[str, ...]], ...] = (
 
 
 # runs measured before benchmarks/seeds.py kept its JSONs: the paper's targets on the collapsing pair
-# (docs/training.md, "The collapse of issue 24", measured): 34.6 at the end; with the guard on it was
+# (docs/training.md, the collapse's section and "The default now"): 34.6 at the end; with the guard on it was
 # flagged at step 83 and kept step 80
 EARLIER_RUNS: dict[str, dict[str, dict]] = {
     "the paper's targets": {"data 4711 / seed 3": {"caption IoU": 34.6, "negatives F1": 99.9, "colour mIoU θ 0.5": 56.0,
