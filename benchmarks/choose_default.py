@@ -42,6 +42,7 @@ CANDIDATES: tuple[tuple[str, dict, tuple[str, ...]], ...] = (
     ("ranked floor 0.65", {"target_norm": "mask", "caption_area_floor": 0.65, "caption_area_ranked": True}, ()),
     ("ranked floor 0.8", {"target_norm": "mask", "caption_area_floor": 0.8, "caption_area_ranked": True}, ()),
     ("placed floor 0.8", {"target_norm": "mask", "caption_area_floor": 0.8, "caption_area_placed": True}, ()),
+    ("placed floor 0.8, mixed targets", {"caption_area_floor": 0.8, "caption_area_placed": True}, ()),
     ("top-placed floor 0.65", {"target_norm": "mask", "caption_area_floor": 0.65, "caption_area_top": True}, ()),
     ("floor on the tags' mean cosine", {"target_norm": "mask", "target_floor": True}, ()),
     ("split (caption floored)", {"target_norm": "mask", "caption_target_floor": True}, ()),
