@@ -47,6 +47,8 @@ CANDIDATES: tuple[tuple[str, dict, tuple[str, ...]], ...] = (
                                               "caption_area_placed": True}, ()),
     ("placed floor 0.8 at weight 1, mixed targets", {"caption_area_floor": 0.8, "caption_area_placed": True,
                                                      "caption_area_weight": 1}, ()),
+    ("placed floor 0.8 at weight 1, mixed 0.65", {"target_mask_share": 0.65, "caption_area_floor": 0.8,
+                                                  "caption_area_placed": True, "caption_area_weight": 1}, ()),
     ("top-placed floor 0.65", {"target_norm": "mask", "caption_area_floor": 0.65, "caption_area_top": True}, ()),
     ("floor on the tags' mean cosine", {"target_norm": "mask", "target_floor": True}, ()),
     ("split (caption floored)", {"target_norm": "mask", "caption_target_floor": True}, ()),
