@@ -233,3 +233,46 @@ def test_ranked_caption_area_weights_the_mask_by_the_captions_own_cosine_order(h
     (grad,) = torch.autograd.grad(losses.total - losses.distill - 2.0 * losses.tag, patch)  # the area term alone
     lift = (grad[0] * captions[0][:, None, None]).sum(dim=0)[0]  # d(term)/d(pixel toward the caption)
     assert lift[rank[0].argmin()] == 0 and lift[rank[0].argmax()] < 0  # the lowest-ranked pixel is not lifted
+
+
+
+def placed_batch():
+    """One image, two selected tags that each own a pixel and share a third; the fourth pixel
+    (backdrop) ranks at 0.45 of both tags' range, under θ, though it is nearest to tag 0 (evidence)."""
+    f = [unit(1, 0, 0), unit(0, 1, 0), unit(0.7, 0.7, 0.1), unit(0.45, 0.45, 0.77)]
+    patch = torch.stack(f, dim=1).reshape(1, 3, 1, 4).requires_grad_(True)
+    e = torch.eye(3, dtype=torch.float64)
+    tags = torch.stack([e[0], e[1], torch.zeros(3, dtype=torch.float64)])[None]
+    return patch, unit(1, 1, 0)[None], tags, torch.tensor([[True, True, False]])
+
+
+def area_floor_alone(floor, **measure):
+    """The losses, the caption mask and d(area term)/d(each pixel towards the caption) on `placed_batch`."""
+    patch, captions, tags, valid = placed_batch()
+    w, b = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-9.0, dtype=torch.float64)
+    zero = torch.tensor(0.0, dtype=torch.float64)
+    losses = ttd_losses(patch, captions, tags, valid, w, b, zero, 100.0, 0.6, 2.0, 1.0, caption_area_floor=floor,
+                        caption_area_weight=1.0, **measure)
+    mask = torch.sigmoid(w * torch.einsum("dhw,d->hw", patch[0], captions[0]) + b).detach()[0]
+    (grad,) = torch.autograd.grad(losses.total - losses.distill - 2.0 * losses.tag, patch)
+    return losses, mask, (grad[0] * captions[0][:, None, None]).sum(dim=0)[0]
+
+
+def test_placed_caption_area_floor_is_a_recall_on_the_tags_pixels_and_never_lifts_the_backdrop():
+    # docs/training.md, "placed floor": the floor is on the caption mask's mean over the three placed pixels alone
+    losses, mask, lift = area_floor_alone(0.9, caption_area_placed=True)
+    assert losses.selected_fraction == 1.0 and losses.diagnostics["placed_area"] == 0.75
+    assert losses.diagnostics["area_term"] == pytest.approx(float(0.9 - mask[:3].mean()))  # 0.575
+    assert lift[3] == 0 and (lift[:3] < 0).all()  # the backdrop pixel is not lifted, the tags' pixels are
+    with pytest.raises(ValueError, match="choose one"):
+        area_floor_alone(0.9, caption_area_placed=True, caption_area_ranked=True)
+
+
+def test_top_placed_caption_area_floor_asks_the_caption_to_cover_the_tags_top_pixels_at_the_floors_area():
+    # docs/training.md, "top-placed floor": evidence 4 pixels; a floor of 0.5 places 2 of them, the two
+    # each tag ranks first (rank 1.0), 0.75 adds the shared pixel (0.70), never the backdrop (0.45)
+    for floor, placed in ((0.5, 2), (0.75, 3)):
+        losses, mask, lift = area_floor_alone(floor, caption_area_top=True)
+        assert losses.diagnostics["evidence_area"] == 1.0 and losses.diagnostics["placed_area"] == placed / 4
+        assert losses.diagnostics["area_term"] == pytest.approx(float((placed - mask[:placed].sum()) / 4))
+        assert (lift[:placed] < 0).all() and (lift[placed:] == 0).all()

@@ -136,6 +136,29 @@ def evidence_map(cosines: torch.Tensor, selected: torch.Tensor, valid: torch.Ten
         return torch.gather(selected.float(), 1, nearest.flatten(1)).view_as(nearest) > 0
 
 
+def placed_map(teacher_logits: torch.Tensor, selected: torch.Tensor,
+               threshold: float = DEFAULT_MASK_THRESHOLD) -> torch.Tensor:
+    """[B, h, w] bool: where the selected tags are, by the teacher's own cosine order: pixels where a
+    selected tag's min-max normalised logit (w > 0: its cosine's rank over the image, whatever the
+    cosines' level against the sigmoid) reaches `threshold`. Unlike `evidence_map`, which gives the
+    backdrop to its nearest tag too, it leaves out the pixels no selected tag ranks high."""
+    with torch.no_grad():
+        ranks = minmax_over_pixels(teacher_logits) * selected[:, :, None, None]
+        return ranks.amax(dim=1) >= threshold
+
+
+def top_placed_map(teacher_logits: torch.Tensor, selected: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """[B, h, w] bool: image b's `pixels[b]` pixels ranked highest by its selected tags (the max over
+    them of the teacher's min-max normalised logit, i.e. cosine order). Its size is given, not read
+    off the ranks: a tag whose cosines sank to a few peaks still ranks the rest of its pixels."""
+    with torch.no_grad():
+        ranks = (minmax_over_pixels(teacher_logits) * selected[:, :, None, None]).amax(dim=1).flatten(1)
+        ordered = ranks.sort(dim=1, descending=True).values
+        count = pixels.round().long().clamp(1, ranks.shape[1])
+        cut = ordered.gather(1, (count - 1)[:, None])
+        return ((ranks >= cut) & (pixels[:, None] >= 0.5)).view(teacher_logits.shape[0], *teacher_logits.shape[2:])
+
+
 def stage1_scores(patch_embeds: torch.Tensor, tag_embeds: torch.Tensor, valid: torch.Tensor, tau: float,
                   score_method: str, mask_weight: torch.Tensor, mask_bias: torch.Tensor,
                   negative_embeds: torch.Tensor | None, negative_margin: float) -> torch.Tensor:
@@ -183,6 +206,8 @@ def ttd_losses(
     caption_area_floor: float | None = None,
     caption_area_weight: float = 1.0,
     caption_area_ranked: bool = False,
+    caption_area_placed: bool = False,
+    caption_area_top: bool = False,
 ) -> DistillLosses:
     """The TTD loss of a batch. `teacher` = (patch_embeds, tag_embeds) of a frozen teacher; the
     default online teacher is the current model without gradient.
@@ -201,7 +226,13 @@ def ttd_losses(
     the tag masks sharpen (docs/training.md, "Segmentation too": area floor). `caption_area_ranked`:
     the area is the mask's mean weighted by the caption's own min-max cosine map (no gradient), so
     that the lift goes to the pixels the caption ranks highest rather than to those nearest the
-    sigmoid's midpoint."""
+    sigmoid's midpoint. `caption_area_placed`: a recall floor instead, where the tags are: the
+    caption mask's mean over `placed_map` (the teacher's selected tags ranked high; no gradient)
+    must reach the floor itself, so the term lifts the caption on the tags' pixels and never on the
+    backdrop (docs/training.md, "Segmentation too": placed floor). `caption_area_top`: the floor's
+    area, placed: only the caption's mass on the `top_placed_map` pixels (as many as the floor × the
+    evidence area, those the selected tags rank highest) counts towards the floor, so the term asks
+    the caption to cover exactly them, however far the tags' cosines sank."""
     normaliser = normaliser or (lambda count: count)
     teacher_patch, teacher_tags = teacher if teacher is not None else (patch_embeds, tag_embeds)
     with torch.no_grad():
@@ -226,15 +257,29 @@ def ttd_losses(
     total = distill_loss + lambda_tag * tag_loss + lambda_clip * clip_term
     fraction = float(selected.sum()) / max(int(valid.sum()), 1)
     evidence = evidence_map(teacher_cosines, selected, valid)
-    area_term = None
+    area_term, placed_area = None, None
     if caption_area_floor is not None:
+        if caption_area_ranked + caption_area_placed + caption_area_top > 1:
+            raise InputError("caption_area_ranked, caption_area_placed and caption_area_top are three measures of "
+                             "the caption's area: choose one")
         mask = torch.sigmoid(caption_logits)
-        if caption_area_ranked:
-            rank = minmax_over_pixels(caption_logits.detach()[:, None])[:, 0]  # w > 0: the cosine's order
-            area = (mask * rank).sum(dim=(1, 2)) / rank.sum(dim=(1, 2)).clamp_min(1e-6)
+        if caption_area_placed:  # a recall on the tags' pixels against the floor itself
+            placed = placed_map(teacher_logits, selected).float()
+            area = (mask * placed).sum(dim=(1, 2)) / placed.sum(dim=(1, 2)).clamp_min(1.0)
+            short = (caption_area_floor - area).clamp_min(0.0)
+            placed_area = float((placed.mean(dim=(1, 2)) * has_selection).sum() / has_selection.sum().clamp_min(1))
+        elif caption_area_top:  # the caption's mass on the tags' top pixels, against the floor's area
+            wanted = caption_area_floor * evidence.float().sum(dim=(1, 2))
+            placed = top_placed_map(teacher_logits, selected, wanted).float()
+            short = (wanted - (mask * placed).sum(dim=(1, 2))).clamp_min(0.0) / mask[0].numel()
+            placed_area = float((placed.mean(dim=(1, 2)) * has_selection).sum() / has_selection.sum().clamp_min(1))
         else:
-            area = mask.mean(dim=(1, 2))
-        short = (caption_area_floor * evidence.float().mean(dim=(1, 2)) - area).clamp_min(0.0)
+            if caption_area_ranked:
+                rank = minmax_over_pixels(caption_logits.detach()[:, None])[:, 0]  # w > 0: the cosine's order
+                area = (mask * rank).sum(dim=(1, 2)) / rank.sum(dim=(1, 2)).clamp_min(1e-6)
+            else:
+                area = mask.mean(dim=(1, 2))
+            short = (caption_area_floor * evidence.float().mean(dim=(1, 2)) - area).clamp_min(0.0)
         area_term = (short * has_selection).sum() / normaliser(has_selection.sum().float()).clamp_min(1e-6)
         total = total + caption_area_weight * area_term
     diagnostics = mask_diagnostics(caption_logits, union, evidence, has_selection, mask_weight, mask_bias)
@@ -246,4 +291,6 @@ def ttd_losses(
         diagnostics["mask_midpoint"] = float(-mask_bias.detach() / mask_weight.detach())
         if area_term is not None:
             diagnostics["area_term"] = float(area_term)
+        if placed_area is not None:
+            diagnostics["placed_area"] = placed_area
     return DistillLosses(total, distill_loss, tag_loss, clip_term, fraction, {**diagnostics, "selected": fraction})

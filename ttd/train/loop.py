@@ -87,6 +87,10 @@ class TrainConfig:
     # so below 4 the term cannot hold a mask whose target is shrinking
     caption_area_weight: float = 4.0
     caption_area_ranked: bool = False  # the area weighted by the caption's own min-max cosine map
+    # the floor as a recall where the selected tags rank high (the teacher's cosine order), not on the backdrop
+    caption_area_placed: bool = False
+    # the floor's area placed: the caption must cover the floor × evidence-area pixels the selected tags rank highest
+    caption_area_top: bool = False
     # label-free guard against the caption-mask collapse (ttd/train/guard.py): flags it, keeps the last healthy weights
     collapse_guard: bool = True
     # on the guard's first flag, go on from its last healthy snapshot with the learning rate × this
@@ -255,7 +259,8 @@ def _step_losses(model: TTDModel, teacher: TTDModel | None, pixels: torch.Tensor
                         negative_embeds, model.config.negative_margin, _target_norm(config, step),
                         config.target_mask_share, config.caption_target_norm, config.target_floor,
                         config.caption_target_floor, config.pixel_mix, config.caption_area_floor,
-                        config.caption_area_weight, config.caption_area_ranked)
+                        config.caption_area_weight, config.caption_area_ranked, config.caption_area_placed,
+                        config.caption_area_top)
     return losses.total, {**losses.as_floats(), **losses.diagnostics}
 
 
