@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import statistics
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
@@ -518,7 +519,7 @@ CHECKED_TABLES = {
     ("docs/benchmarks.md", "| command | decisions | flips"), ("docs/benchmarks.md", "| scorer | P | R | F1 | mAP |"),
     ("docs/benchmarks.md", "| tree | encoder alone | `ttd tag` | job CPU s / 512 img"),
     ("docs/benchmarks.md", "| run | encoder alone | `ttd segment --captions`"),
-    ("docs/benchmarks.md", "| run | P9 wall (segment / tag whole)"),
+    ("docs/benchmarks.md", "| run | P9 wall (segment / tag whole)"), ("docs/benchmarks.md", "| texts-ahead run | P9 wall"),
     ("docs/calibration.md", "| model | fit | margin"), ("docs/calibration.md", "| model | margins"),
     ("docs/gpu.md", "| precision | world-base"), ("docs/gpu.md", "| dtype | batch 1"), ("docs/gpu.md", "| run | images/s"),
     ("docs/serving.md", "| side |"), ("docs/serving.md", "| side (ViT-B/16)"), ("docs/serving.md", "| load (2,000"),
@@ -569,6 +570,17 @@ def test_every_table_of_figures_is_checked_or_says_why_not():
     assert unknown == []
     stale = [k for k in known if not any(page == k[0] and header.startswith(k[1]) for page, header in _tables_with_figures())]
     assert stale == []
+
+
+def test_p9_texts_ahead_table_is_its_json():
+    rows = _table("docs/benchmarks.md", "| texts-ahead run | P9 wall")
+    assert len(rows) == 6
+    for row in rows:
+        report = _results(f"p9_whole_images_idle_{row[0]}.json")
+        cells = [[f"{report[f'{p}{kind}_median']:.3f}" for p in ("p9_segment", "p9_tag_whole", "p5_centre")]
+                 for kind in ("", "_by_cpu")]
+        record = statistics.median(r["stages_segment_s"]["record_cpu"] for r in report["runs"])
+        assert row[1:] == [" / ".join(cells[0][:2]), cells[0][2], " / ".join(cells[1]), f"{record:.3f}"], row[0]
 
 
 def test_p9_second_round_table_is_its_json():
