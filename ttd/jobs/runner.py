@@ -34,7 +34,9 @@ from ttd.runtime.tagger import Tagger
 
 class Step(Protocol):
     """What a mode makes of a batch of items. Steps are plain picklable settings: Ray actors get
-    the step itself and bind it to their own Tagger."""
+    the step itself and bind it to their own Tagger. Optional, looked up by name: `destination(tagger)`
+    (where decoded batches land) and `ahead(item)` (each item as it is read, a few batches before
+    its records: `announced`)."""
 
     def description(self) -> dict:
         """The settings that make its records (a resumed run must match them)."""
