@@ -142,9 +142,13 @@ def placed_map(teacher_logits: torch.Tensor, selected: torch.Tensor,
     selected tag's min-max normalised logit (w > 0: its cosine's rank over the image, whatever the
     cosines' level against the sigmoid) reaches `threshold`. Unlike `evidence_map`, which gives the
     backdrop to its nearest tag too, it leaves out the pixels no selected tag ranks high."""
+    return _selected_rank(teacher_logits, selected) >= threshold
+
+
+def _selected_rank(teacher_logits: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """[B, h, w]: the highest min-max normalised logit (cosine order) of a selected tag at each pixel."""
     with torch.no_grad():
-        ranks = minmax_over_pixels(teacher_logits) * selected[:, :, None, None]
-        return ranks.amax(dim=1) >= threshold
+        return (minmax_over_pixels(teacher_logits) * selected[:, :, None, None]).amax(dim=1)
 
 
 def top_placed_map(teacher_logits: torch.Tensor, selected: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
@@ -152,7 +156,7 @@ def top_placed_map(teacher_logits: torch.Tensor, selected: torch.Tensor, pixels:
     them of the teacher's min-max normalised logit, i.e. cosine order). Its size is given, not read
     off the ranks: a tag whose cosines sank to a few peaks still ranks the rest of its pixels."""
     with torch.no_grad():
-        ranks = (minmax_over_pixels(teacher_logits) * selected[:, :, None, None]).amax(dim=1).flatten(1)
+        ranks = _selected_rank(teacher_logits, selected).flatten(1)
         ordered = ranks.sort(dim=1, descending=True).values
         count = pixels.round().long().clamp(1, ranks.shape[1])
         cut = ordered.gather(1, (count - 1)[:, None])
@@ -267,12 +271,10 @@ def ttd_losses(
             placed = placed_map(teacher_logits, selected).float()
             area = (mask * placed).sum(dim=(1, 2)) / placed.sum(dim=(1, 2)).clamp_min(1.0)
             short = (caption_area_floor - area).clamp_min(0.0)
-            placed_area = float((placed.mean(dim=(1, 2)) * has_selection).sum() / has_selection.sum().clamp_min(1))
         elif caption_area_top:  # the caption's mass on the tags' top pixels, against the floor's area
             wanted = caption_area_floor * evidence.float().sum(dim=(1, 2))
             placed = top_placed_map(teacher_logits, selected, wanted).float()
             short = (wanted - (mask * placed).sum(dim=(1, 2))).clamp_min(0.0) / mask[0].numel()
-            placed_area = float((placed.mean(dim=(1, 2)) * has_selection).sum() / has_selection.sum().clamp_min(1))
         else:
             if caption_area_ranked:
                 rank = minmax_over_pixels(caption_logits.detach()[:, None])[:, 0]  # w > 0: the cosine's order
@@ -280,6 +282,8 @@ def ttd_losses(
             else:
                 area = mask.mean(dim=(1, 2))
             short = (caption_area_floor * evidence.float().mean(dim=(1, 2)) - area).clamp_min(0.0)
+        if caption_area_placed or caption_area_top:
+            placed_area = float((placed.mean(dim=(1, 2)) * has_selection).sum() / has_selection.sum().clamp_min(1))
         area_term = (short * has_selection).sum() / normaliser(has_selection.sum().float()).clamp_min(1e-6)
         total = total + caption_area_weight * area_term
     diagnostics = mask_diagnostics(caption_logits, union, evidence, has_selection, mask_weight, mask_bias)
