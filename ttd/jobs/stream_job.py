@@ -178,25 +178,23 @@ class CentreStep:
         results: dict[int, TagResult] = {}
         sizes = {k: prepared[k][2] for k in prepared}
         decoded = self._device_decoded(tagger, batch, records, prepared) if self.decoding and prepared else None
-        if prepared and self.pipelined:
-            keys, images = decoded or (sorted(prepared), None)
-            if images is None:
-                images = batch_images([prepared[k][0] for k in keys], self.destination(tagger))
+        if not prepared:
+            return TaggedBatch(batch, records, results, sizes)
+        keys, images = decoded or (sorted(prepared), None)
+        if images is None:  # host arrays, into the next upload slot when pipelined (`destination`)
+            images = batch_images([prepared[k][0] for k in keys], self.destination(tagger))
+        if self.pipelined:
             tag_lists = [prepared[k][1] for k in keys]
             pending = tagger.submit(images, None if self.vocabulary is not None else tag_lists, self.vocabulary_embeds,
                                     self.with_masks, self.top_k if self.vocabulary is not None else 0)
             return TaggedBatch(batch, records, results, sizes, pending, keys, tag_lists)
-        if prepared:
-            keys, images = decoded or (sorted(prepared), None)
-            if images is None:
-                images = batch_images([prepared[k][0] for k in keys])
-            elif not isinstance(images, np.ndarray):  # decoded on the device: the plain path takes host arrays
-                images = images.cpu().numpy()
-            if self.vocabulary is not None:
-                tagged = tagger.tag_vocabulary(images, self.vocabulary, self.vocabulary_embeds, self.with_masks)
-            else:
-                tagged = tagger.tag(images, [prepared[k][1] for k in keys], self.with_masks)
-            results = dict(zip(keys, tagged))
+        if not isinstance(images, np.ndarray):  # decoded on the device: the plain path takes host arrays
+            images = images.cpu().numpy()
+        if self.vocabulary is not None:
+            tagged = tagger.tag_vocabulary(images, self.vocabulary, self.vocabulary_embeds, self.with_masks)
+        else:
+            tagged = tagger.tag(images, [prepared[k][1] for k in keys], self.with_masks)
+        results = dict(zip(keys, tagged))
         return TaggedBatch(batch, records, results, sizes)
 
     def _whole_array_records(self, tagger: Tagger, tagged: TaggedBatch, scores: BatchScores) -> None:
