@@ -35,7 +35,7 @@ from ttd.model.contract import (
     TRITON_ENGINES,
 )
 from ttd.runtime.export_dir import CONFIG, MANIFEST, TOKENIZER, TORCH_WEIGHTS, read_export, sha256
-from ttd.serve.repository import RECORD, record_problems, write_record
+from ttd.serve.repository import record_problems, recorded_flavour, write_record
 
 TEMPLATES = Path(triton_repo.__file__).parent
 ENGINES = TRITON_ENGINES
@@ -283,13 +283,6 @@ def _parse(path: Path):
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
 
 
-def _recorded_flavour(repo: Path) -> str | None:
-    try:
-        return json.loads((repo / RECORD).read_text()).get("flavour")
-    except (OSError, ValueError, AttributeError):
-        return None  # record_problems names what is wrong with the record
-
-
 def validate_repository(repo: Path) -> list[str]:
     """Every config parsed with tritonclient's model_config_pb2 and checked against its files and
     graphs, and every file the build wrote checked against its recorded sha256; returns a summary line per model, raises RepositoryError listing all problems."""
@@ -300,7 +293,7 @@ def validate_repository(repo: Path) -> list[str]:
         raise RepositoryError(f"{repo} is not a folder")
     models = sorted(p for p in repo.iterdir() if p.is_dir())
     names = {p.name for p in models}
-    for expected in [TAGGER_MODEL] if _recorded_flavour(repo) == "fused" else [*SERVED_GRAPHS, TAGGER_MODEL]:
+    for expected in [TAGGER_MODEL] if recorded_flavour(repo) == "fused" else [*SERVED_GRAPHS, TAGGER_MODEL]:
         if expected not in names:
             problems.append(f"model {expected} is missing")
     batch_sizes, engines, tagger = {}, {}, None

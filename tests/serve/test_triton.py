@@ -112,6 +112,16 @@ def test_serve_refuses_a_folder_that_is_not_a_repository(tmp_path):
     assert result.exit_code == 2 and "is not a TTD model repository" in result.output
 
 
+@pytest.mark.deadline(60)
+def test_serve_refuses_coalescing_for_a_repository_whose_tagger_takes_one_image(export_dir, tmp_path):
+    """--coalesce sends several-image requests: the python flavour's tagger takes one image a
+    request, so it is refused before tritonserver starts instead of silently forwarding as it came."""
+    repo = build_repository(export_dir, tmp_path / "repo", "python")
+    result = CliRunner().invoke(main, ["serve", str(repo), "--coalesce", "2", "--http-port", "1"])
+    assert result.exit_code == 2 and "--coalesce sends several images a request, which only the fused tagger takes; " \
+        f"{repo} is the python flavour" in result.output, result.output
+
+
 @pytest.mark.deadline(300)
 def test_ttd_serve_stops_cleanly_on_ctrl_c(export_dir, tmp_path):
     import signal

@@ -36,6 +36,14 @@ def write_record(repo: Path, fields: dict) -> None:
     (repo / RECORD).write_text(json.dumps({**fields, "files": repository_files(repo)}, indent=1))
 
 
+def recorded_flavour(repo: Path) -> str | None:
+    """The flavour `ttd triton build` recorded (fused, python, native), None if the record is unreadable."""
+    try:
+        return json.loads((repo / RECORD).read_text()).get("flavour")
+    except (OSError, ValueError, AttributeError):
+        return None  # record_problems names what is wrong with the record
+
+
 def _inside(repo: Path, name: str) -> bool:
     parts = PurePosixPath(name).parts
     return bool(parts) and not PurePosixPath(name).is_absolute() and ".." not in parts and "\\" not in name

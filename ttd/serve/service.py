@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ttd.serve.http_front import FrontLimits, start_front
 from ttd.serve.metrics import FrontMetrics, start_metrics
-from ttd.serve.repository import record_problems
+from ttd.serve.repository import record_problems, recorded_flavour
 from ttd.model.contract import TAGGER_MODEL
 from ttd.serve.triton_server import ServerError, TritonServer, start_server, stop_on_signals, supervise
 
@@ -38,6 +38,9 @@ def serve_repository(repo: Path, host: str = "127.0.0.1", http_port: int = 8000,
     problems = record_problems(repo)
     if problems:
         raise ServerError(f"{repo} is not served: " + "; ".join(problems))
+    if limits.coalesce_in_flight and (flavour := recorded_flavour(repo)) != "fused":
+        raise ServerError(f"--coalesce sends several images a request, which only the fused tagger takes; {repo} is "
+                          f"the {flavour} flavour: leave --coalesce out, or build with `ttd triton build --flavour fused`")
     backend_port = free_loopback_port()
     triton_metrics_port = free_loopback_port() if metrics_port else None
     metrics = FrontMetrics() if metrics_port else None
