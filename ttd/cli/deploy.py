@@ -207,7 +207,7 @@ def triton_validate(repo):
                    "many inference requests at tritonserver at once; one-image requests that arrive meanwhile go on "
                    "together as one request, each client still getting its own answer, byte for byte. 0: off, every "
                    "request forwarded as it came (on a CPU instance coalescing did not lower the cost: "
-                   "docs/serving.md, Coalescing).")
+                   "docs/serving.md, Coalescing). Refused for a python or native repository (one image a request).")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
               help="Serve Prometheus metrics (the front's requests, refusals, latency and restarts, and "
                    "tritonserver's own) at http://--metrics-host:PORT/metrics. Off by default; Triton's usual port "
