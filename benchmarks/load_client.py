@@ -16,26 +16,41 @@ from ttd.model.contract import TAGGER_MODEL
 def tagger_request(client_module, client, image: bytes, caption: str | None = None, tags: list[str] | None = None,
                    return_masks: bool = False) -> dict:
     """One ttd_tagger call; returns {"tags", "scores", "selected"(, "masks")} or raises the server's error."""
-    inputs = []
-
-    def add(name: str, array: np.ndarray, dtype: str) -> None:
-        tensor = client_module.InferInput(name, list(array.shape), dtype)
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-
-    add("image", np.array([[image]], dtype=np.object_), "BYTES")
+    inputs = [_input(client_module, "image", np.array([[image]], dtype=np.object_), "BYTES")]
     if caption is not None:
-        add("caption", np.array([[caption.encode()]], dtype=np.object_), "BYTES")
+        inputs.append(_input(client_module, "caption", np.array([[caption.encode()]], dtype=np.object_), "BYTES"))
     if tags is not None:
-        add("tags", np.array([[t.encode() for t in tags]], dtype=np.object_), "BYTES")
+        inputs.append(_input(client_module, "tags", np.array([[t.encode() for t in tags]], dtype=np.object_), "BYTES"))
     if return_masks:
-        add("return_masks", np.array([[True]]), "BOOL")
+        inputs.append(_input(client_module, "return_masks", np.array([[True]]), "BOOL"))
     result = client.infer(TAGGER_MODEL, inputs)
     out = {"tags": [t.decode() for t in result.as_numpy("tags")[0]], "scores": result.as_numpy("scores")[0],
            "selected": result.as_numpy("selected")[0].astype(bool)}
     if return_masks:
         out["masks"] = result.as_numpy("masks")[0]
     return out
+
+
+def tagger_batch_request(client_module, client, images: list[bytes], captions: list[str]) -> list[dict]:
+    """One ttd_tagger call carrying several images (a batch axis of N, as Triton clients batch);
+    returns each image's {"tags", "scores", "selected"}: its row up to the answer's padding
+    (ttd/serve/tagger_requests.py stacked_answer)."""
+    result = client.infer(TAGGER_MODEL, [
+        _input(client_module, "image", np.array([[image] for image in images], dtype=np.object_), "BYTES"),
+        _input(client_module, "caption", np.array([[c.encode()] for c in captions], dtype=np.object_), "BYTES")])
+    tags, scores, selected = (result.as_numpy(name) for name in ("tags", "scores", "selected"))
+    answers = []
+    for k in range(len(images)):
+        row = [t.decode() for t in tags[k]]
+        n = row.index("") if "" in row else len(row)
+        answers.append({"tags": row[:n], "scores": scores[k][:n], "selected": selected[k][:n].astype(bool)})
+    return answers
+
+
+def _input(client_module, name: str, array: np.ndarray, dtype: str):
+    tensor = client_module.InferInput(name, list(array.shape), dtype)
+    tensor.set_data_from_numpy(array)
+    return tensor
 
 
 @dataclass

@@ -26,6 +26,8 @@ flavour, the order rotating each round), so a change in the machine's load hits 
 - `--engine torch|tensorrt --kind KIND_GPU`: the served models and the direct job on a GPU (the
   direct job on `--direct-device`, cuda by default); there the wall-clock ratio is the figure
   (the GPU's time is not CPU time).
+- `fused:images_per_request=8`: the clients send 8 images a request (a batch axis of 8, as
+  Triton clients batch; the direct job's batch), so the costs per request are shared by 8 images.
 - The mean batch of each round from ttd_tagger's statistics (inferences / executions: images per model execution).
 """
 
@@ -177,30 +179,34 @@ def direct_worker(export_dir: str, pairs: list, batch: int, threads: int, comman
 
 def client_worker(pairs: list, commands, results) -> None:
     """One load-generating process: a persistent client per server (gRPC for a `grpc://` url, HTTP
-    otherwise); each command is (url, indices), answered with (index, latency s, answer or None,
-    error or None) per request."""
+    otherwise); each command is (url, indices, images per request), answered with (indices,
+    latency s, answers or None, error or None) per request."""
     import tritonclient.grpc as grpc
     import tritonclient.http as http
 
-    from load_client import tagger_request
+    from load_client import tagger_batch_request, tagger_request
 
     clients: dict = {}
     while (command := commands.get()) is not None:
-        url, indices = command
+        url, indices, per_request = command
         if url not in clients:
             clients[url] = ((grpc, grpc.InferenceServerClient(url.removeprefix(GRPC))) if url.startswith(GRPC)
                             else (http, http.InferenceServerClient(url, network_timeout=120)))
         module, client = clients[url]
         out = []
-        for index in indices:
-            image, caption = pairs[index]
+        for first in range(0, len(indices), per_request):
+            chunk = indices[first : first + per_request]
             start = time.perf_counter()
             try:
-                got = tagger_request(module, client, image, caption)
-                out.append((index, time.perf_counter() - start,
-                            (got["tags"], got["scores"].tolist(), got["selected"].tolist()), None))
+                if len(chunk) == 1:  # a one-image request exactly as clients send it (no batch of several)
+                    got = [tagger_request(module, client, *pairs[chunk[0]])]
+                else:
+                    got = tagger_batch_request(module, client, [pairs[k][0] for k in chunk],
+                                               [pairs[k][1] for k in chunk])
+                out.append((chunk, time.perf_counter() - start,
+                            [(g["tags"], g["scores"].tolist(), g["selected"].tolist()) for g in got], None))
             except Exception as error:
-                out.append((index, time.perf_counter() - start, None, str(error)[:300]))
+                out.append((chunk, time.perf_counter() - start, None, str(error)[:300]))
         results.put(out)
 
 
@@ -230,6 +236,13 @@ GRPC = "grpc://"
 
 
 SERVE_SETTINGS = {"coalesce": "--coalesce"}  # flavour settings that are `ttd serve` options, not config.pbtxt's
+CLIENT_SETTINGS = {"images_per_request"}  # flavour settings of the clients: `fused:images_per_request=8`
+
+
+def images_per_request(side: str) -> int:
+    """The images each request of a side carries (a no-front side's name ends in NO_FRONT)."""
+    found = re.search(r"images_per_request=(\d+)", side)
+    return int(found.group(1)) if found else 1
 
 
 def start_serve(repo: Path, port: int, timeout_s: float = 180, grpc_port: int | None = None,
@@ -262,15 +275,16 @@ def stop_serve(process: subprocess.Popen) -> None:
 
 
 def served_round(url: str, process: subprocess.Popen, queues: list, results, indices: list[int],
-                 expected: list, stats_url: str | None = None) -> dict:
-    """One round of `indices` through `url`; `stats_url`: where ttd_tagger's statistics are read
-    over HTTP (default `url`; a gRPC side reads tritonserver's HTTP port)."""
+                 expected: list, stats_url: str | None = None, per_request: int = 1) -> dict:
+    """One round of `indices` through `url`, `per_request` images a request; `stats_url`: where
+    ttd_tagger's statistics are read over HTTP (default `url`; a gRPC side reads tritonserver's
+    HTTP port)."""
     shares = [indices[k :: len(queues)] for k in range(len(queues))]
     stats_url = stats_url or url
     counts = batch_counts(stats_url)
     before, wall = process_tree_cpu_by_name(process.pid), time.perf_counter()
     for queue, share in zip(queues, shares):
-        queue.put((url, share))
+        queue.put((url, share, per_request))
     answers = [a for _ in queues for a in results.get(timeout=600)]
     wall = time.perf_counter() - wall
     after = process_tree_cpu_by_name(process.pid)
@@ -278,13 +292,14 @@ def served_round(url: str, process: subprocess.Popen, queues: list, results, ind
     by_kind = {kind: after[kind] - before.get(kind, 0.0) for kind in after}
     cpu = sum(by_kind.values())
     errors = [e for *_, e in answers if e is not None]
-    ok = [(i, lat, got) for i, lat, got, e in answers if e is None]
-    mismatches = sum(not same(got, expected[i]) for i, _, got in ok)
+    ok = [(chunk, lat, got) for chunk, lat, got, e in answers if e is None]
+    images = sum(len(chunk) for chunk, _, _ in ok)
+    mismatches = sum(not same(g, expected[i]) for chunk, _, got in ok for i, g in zip(chunk, got, strict=True))
     latency_ms = np.array([lat for _, lat, _ in ok]) * 1000 if ok else np.zeros(1)
-    return {"requests": len(answers), "errors": len(errors), "mismatches": mismatches, "first_errors": errors[:3],
-            "cpu_ms_per_image": 1000 * cpu / max(1, len(ok)), "images_per_s": len(ok) / wall,
+    return {"requests": len(answers), "images": images, "errors": len(errors), "mismatches": mismatches,
+            "first_errors": errors[:3], "cpu_ms_per_image": 1000 * cpu / max(1, images), "images_per_s": images / wall,
             "mean_batch": inferences / max(1, executions),
-            "cpu_ms_per_image_by_process": {k: 1000 * v / max(1, len(ok)) for k, v in sorted(by_kind.items())},
+            "cpu_ms_per_image_by_process": {k: 1000 * v / max(1, images) for k, v in sorted(by_kind.items())},
             "p50_ms": float(np.percentile(latency_ms, 50)), "p99_ms": float(np.percentile(latency_ms, 99))}
 
 
@@ -304,7 +319,7 @@ def tune(repo: Path, flavour: str) -> None:
     config = repo / "ttd_tagger" / "config.pbtxt"
     text = config.read_text()
     for key, value in settings(flavour):
-        if key in SERVE_SETTINGS:
+        if key in SERVE_SETTINGS or key in CLIENT_SETTINGS:
             continue
         if key == "queue_delay_us":
             text = re.sub(r"max_queue_delay_microseconds: \d+", f"max_queue_delay_microseconds: {value}", text)
@@ -316,7 +331,7 @@ def tune(repo: Path, flavour: str) -> None:
         if not pattern.search(text):
             raise SystemExit(f"{flavour}: ttd_tagger has no parameter {key!r}")
         text = pattern.sub(rf"\g<1>{value}\g<2>", text)
-    if settings(flavour):
+    if any(key not in SERVE_SETTINGS and key not in CLIENT_SETTINGS for key, _ in settings(flavour)):
         config.write_text(text)
 
 
@@ -388,7 +403,7 @@ def run(export_dir: Path, flavours: list[str], clients: int, requests: int, roun
                     stats_urls[flavour + NO_FRONT_GRPC] = triton_url
             for flavour, (url, process) in servers.items():  # warm: sessions, tag caches, connections
                 warm = served_round(url, process, client_queues, client_results, list(range(pairs_count)), expected,
-                                    stats_urls[flavour])
+                                    stats_urls[flavour], images_per_request(flavour))
                 if warm["errors"]:
                     raise RuntimeError(f"{flavour}: warm-up errors {warm['first_errors']}")
             sides = [*direct_sides, *servers]
@@ -403,7 +418,7 @@ def run(export_dir: Path, flavours: list[str], clients: int, requests: int, roun
                     else:
                         url, process = servers[side]
                         measured[side].append(served_round(url, process, client_queues, client_results, indices,
-                                                           expected, stats_urls[side]))
+                                                           expected, stats_urls[side], images_per_request(side)))
             # malformed requests go through the front only: tritonserver alone was seen to crash on some
             malformed = {flavour: malformed_requests(servers[flavour][0]) for flavour in flavours}
             health = {flavour: healthy(servers[flavour][0]) for flavour in flavours}
@@ -458,7 +473,7 @@ def main() -> None:
     parser.add_argument("--flavours", nargs="+", default=["fused", "python"],
                         help="Repository flavours to serve, each optionally tuned: fused:decode_threads=2,queue_delay_us=4000,coalesce=0")
     parser.add_argument("--clients", type=int, default=8, help="Client processes (one request at a time each).")
-    parser.add_argument("--requests", type=int, default=512, help="Requests (images) per round and side.")
+    parser.add_argument("--requests", type=int, default=512, help="Images per round and side.")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-front", action="store_true",
                         help="Also measure each flavour with the clients calling tritonserver's own port (no front).")
