@@ -294,6 +294,8 @@ def test_whole_image_batch_runs_the_head_once_per_request_and_builds_only_the_re
     samples = [make_sample(3, i) for i in range(6)]
     images = [Image.fromarray(s.image) for s in samples]
     batch = [(i, Item(f"{i}.png", tmp_path / f"{i}.png", s.caption)) for i, s in enumerate(samples)]
+    for image, (_, item) in zip(images, batch):
+        image.save(item.path)
     step = WholeImageStep(None, SegmentOptions(batch_size=8))
     heads, canvases, combined = [], [], []
     score_tags = tagger.backend.score_tags
@@ -303,7 +305,7 @@ def test_whole_image_batch_runs_the_head_once_per_request_and_builds_only_the_re
     combine = whole_image.combine_windows
     whole_image.combine_windows = lambda scores, valid=None: combined.append(scores.shape[:2]) or combine(scores, valid)
     try:
-        records = step.records(tagger, step.run(tagger, batch, list(images)))
+        records = step.records(tagger, step.run(tagger, batch, step.decoder(tagger)([item for _, item in batch])))
     finally:
         WindowMaps.canvas_logits = canvas
         tagger.backend.score_tags = score_tags
@@ -320,3 +322,18 @@ def test_whole_image_batch_runs_the_head_once_per_request_and_builds_only_the_re
         np.testing.assert_allclose([c["score"] for c in record["candidates"]], [s for _, s in alone.candidates],
                                    atol=2e-6)
         assert record["selected"] == alone.selected
+
+
+def test_an_image_that_needs_too_many_windows_is_an_error_record_and_the_others_are_segmented(tmp_path):
+    """Images are cut into windows where they are decoded: one that would need more windows than
+    allowed is that item's error, not the job's."""
+    Image.new("RGB", (64, 8000), (90, 120, 200)).save(tmp_path / "big.png")  # a strip: 7,937 windows down it at stride 1
+    world_image(64, 64, index=1).save(tmp_path / "small.png")
+    out = tmp_path / "seg.jsonl"
+    result = CliRunner().invoke(main, ["segment", "--classes", "circle,square", str(tmp_path / "big.png"),
+                                       str(tmp_path / "small.png"), "--stride", "1", "-o", str(out), "--device", "cpu",
+                                       "--quiet"])
+    assert result.exit_code == 0, result.output
+    big, small = [json.loads(line) for line in out.read_text().splitlines()]
+    assert big["image"].endswith("big.png") and "needs 7937 windows of 64 px at stride 1" in big["error"]
+    assert "error" not in small and (small["width"], small["height"]) == (64, 64) and small["candidates"]

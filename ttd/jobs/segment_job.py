@@ -27,7 +27,7 @@ from ttd.data.inputs import Item
 from ttd.runtime.tagger import Tagger
 from ttd.runtime.texts_ahead import TextsAhead
 from ttd.segment.segmentation import SegmentOptions, Segmentation, segment_captions, segment_classes
-from ttd.segment.whole_image import WindowFeatures, encode_windows_of
+from ttd.segment.whole_image import WindowFeatures, Windowing, encode_windowed
 from ttd.jobs.decoding import Positioned
 from ttd.jobs.decode_items import caption_tags
 from ttd.jobs.tag_job import contained_path, safe_name
@@ -69,9 +69,9 @@ def _write_pngs(masks_dir: Path, index: int, item: Item, result: Segmentation) -
     return written
 
 
-def decode_whole(items: list[Item], captions: bool, max_pixels: int) -> list:
-    """Each item's image at its own size (an RGB PIL image), or the error that names its problem
-    (runs in a decoding worker)."""
+def decode_whole(items: list[Item], captions: bool, max_pixels: int, windowing: Windowing) -> list:
+    """Each item's image cut into the model's windows (a WindowedImage), or the error that names
+    its problem (runs in a decoding worker)."""
     outcomes: list = []
     for item in items:
         try:
@@ -80,7 +80,7 @@ def decode_whole(items: list[Item], captions: bool, max_pixels: int) -> list:
             if captions:
                 caption_tags(item)
             data = getattr(item, "data", None)  # a webdataset sample's own image bytes (ttd.data.items.ShardItem)
-            outcomes.append(decode_image(item.path if data is None else data, item.image, max_pixels))
+            outcomes.append(windowing.cut(decode_image(item.path if data is None else data, item.image, max_pixels)))
         except (ImageError, ValueError, OSError) as error:
             outcomes.append(str(error))
     return outcomes
@@ -88,7 +88,7 @@ def decode_whole(items: list[Item], captions: bool, max_pixels: int) -> list:
 
 @dataclass
 class EncodedBatch:
-    """A batch after the image encoder: its items, their decoded images (or errors) and each
+    """A batch after the image encoder: its items, their windowed images (or errors) and each
     decoded image's window features, by offset in the batch."""
 
     batch: Positioned
@@ -127,7 +127,9 @@ class WholeImageStep:
             self.captions_ahead.announce(item.caption)
 
     def decoder(self, tagger: Tagger) -> Callable[[list[Item]], list]:
-        return functools.partial(decode_whole, captions=self.classes is None, max_pixels=self.max_pixels)
+        options = self.options
+        return functools.partial(decode_whole, captions=self.classes is None, max_pixels=self.max_pixels,
+                                 windowing=Windowing.of(tagger, options.crop, options.scales, options.stride))
 
     def run(self, tagger: Tagger, batch: Positioned, outcomes: list) -> EncodedBatch:
         """The image encoder over the windows of the batch's images (this thread: the one that feeds
@@ -136,9 +138,7 @@ class WholeImageStep:
         decoded = [k for k, outcome in enumerate(outcomes) if not isinstance(outcome, str)]
         features = {}
         if decoded:
-            options = self.options
-            encoded = encode_windows_of(tagger, [outcomes[k] for k in decoded], options.crop, options.scales,
-                                        options.stride, options.batch_size)
+            encoded = encode_windowed(tagger, [outcomes[k] for k in decoded], self.options.crop, self.options.batch_size)
             features = dict(zip(decoded, encoded))
         return EncodedBatch(batch, outcomes, features)
 
@@ -158,7 +158,7 @@ class WholeImageStep:
             return results
         for k in keys:
             try:
-                results[k] = segment_classes(tagger, encoded.outcomes[k], self.classes, self.options, self.class_embeds,
+                results[k] = segment_classes(tagger, None, self.classes, self.options, self.class_embeds,
                                              encoded.features[k])
             except ValueError as error:
                 results[k] = str(error)

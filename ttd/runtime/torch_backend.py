@@ -3,11 +3,14 @@
 On a GPU it takes the usual fast path: bf16/fp16 weights (the tag head stays fp32), attention
 through `scaled_dot_product_attention` (open_clip's MultiheadAttention dispatches to it at
 inference), pinned host buffers with non-blocking copies, and optionally `torch.compile` of the
-fixed-shape image encoder (with CUDA graphs on a GPU). Compiled batches are padded to the next
+fixed-shape image encoder (with CUDA graphs on a GPU); without it the image encoder runs as a
+TorchScript trace checked bit for bit against itself (ttd/runtime/traced_graph.py). Compiled batches are padded to the next
 power of two so that a job's last, smaller batch does not trigger a new compilation.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -20,6 +23,7 @@ from ttd.model.graphs import ImageEncoderGraph, TagHeadGraph, TextEncoderGraph
 from ttd.runtime.backend import HeadRequest, ImagePreprocessing
 from ttd.runtime.device_pipeline import HostBuffers, InFlight, StageClock, UploadSlots, stream_context, to_host
 from ttd.runtime.tagger import TEXT_ROWS
+from ttd.runtime.traced_graph import TracedGraph
 
 CONSTANT_BYTES = 8 << 20  # request arrays shared by every image up to this size stay on the device
 TOP_SLACK = 32  # extra top-k candidates handed back: records rank by scores rounded to 6 decimals
@@ -51,13 +55,16 @@ class TorchBackend:
         self.dtype = DTYPES[canonical_precision(dtype, tuple(DTYPES))]
         self.compiled = compile
         model = model.to(self.device, self.dtype).eval()
-        self.image_encoder = ImageEncoderGraph(model)
-        if compile:
+        self.image_encoder: Callable = ImageEncoderGraph(model)
+        if not compile:  # one native call per batch (ttd/runtime/traced_graph.py)
+            self.image_encoder = TracedGraph(self.image_encoder)
+        else:
             # reduce-overhead = CUDA graphs on a GPU; on a CPU it is plain inductor code
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
             self.image_encoder = torch.compile(self.image_encoder, mode=mode, dynamic=False)
-        self.text_encoder = TextEncoderGraph(model)
-        self.text_prefix = self.text_encoder.accepts_prefix  # ids cut after the end token (tagger.py PREFIX_STEP)
+        text_encoder = TextEncoderGraph(model)
+        self.text_prefix = text_encoder.accepts_prefix  # ids cut after the end token (tagger.py PREFIX_STEP)
+        self.text_encoder = TracedGraph(text_encoder)
         self.text_rows = DEVICE_TEXT_ROWS if self.device.type == "cuda" else TEXT_ROWS
         self.tag_head = TagHeadGraph(model.config.tau, model.mask_weight.item(), model.mask_bias.item())
         self._normalisation: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -137,10 +137,15 @@ def class_maps(tagger: Tagger, features: WindowFeatures, classes: list[str], opt
     return refine_maps(maps, features.canvas_image) if options.pamr else maps
 
 
-def segment_classes(tagger: Tagger, image: Image.Image, classes: list[str], options: SegmentOptions = SegmentOptions(),
-                    class_embeds: np.ndarray | None = None, features: WindowFeatures | None = None) -> Segmentation:
-    """Open-vocabulary semantic segmentation: the label map and a mask per class it contains."""
-    features = features or encode(tagger, image, options)
+def segment_classes(tagger: Tagger, image: Image.Image | None, classes: list[str],
+                    options: SegmentOptions = SegmentOptions(), class_embeds: np.ndarray | None = None,
+                    features: WindowFeatures | None = None) -> Segmentation:
+    """Open-vocabulary semantic segmentation: the label map and a mask per class it contains
+    (`image` may be None when its `features` are given)."""
+    if features is None:
+        if image is None:
+            raise ValueError("segment_classes needs the image or its features")
+        features = encode(tagger, image, options)
     maps = class_maps(tagger, features, classes, options, class_embeds)
     labels = maps.label_map(options.mask_threshold)
     candidates = [(c, float(s)) for c, s in zip(classes, maps.scores)]

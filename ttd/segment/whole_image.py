@@ -117,6 +117,65 @@ def default_stride(size: int) -> int:
     return max(1, (2 * size) // 3)
 
 
+@dataclass(frozen=True)
+class Windowing:
+    """How images are cut into a model's windows (picklable: decoding workers cut them as they
+    decode, so the thread that feeds the model only stacks them)."""
+
+    size: int  # the model's input size S
+    interpolation: str  # ttd.runtime.images.RESAMPLING key
+    fill: tuple[int, int, int]  # padding colour: the normalisation mean
+    crop: str = "whole"
+    scales: tuple[float, ...] = (1.0,)
+    stride: int | None = None  # None: default_stride(size)
+
+    @classmethod
+    def of(cls, tagger: Tagger, crop: str = "whole", scales: tuple[float, ...] = (1.0,),
+           stride: int | None = None) -> Windowing:
+        """The windowing of `tagger`'s model, checked (an unknown crop or no scale is refused here)."""
+        config = tagger.config
+        if not scales:
+            raise InputError("give at least one scale")
+        if crop not in CROPS:
+            raise InputError(f"unknown crop {crop!r}; choose one of {', '.join(CROPS)}")
+        if crop == "center" and len(scales) > 1:
+            raise InputError("--crop center sees one window; multi-scale needs --crop whole")
+        return cls(config.image_size, config.interpolation, tuple(int(round(255 * m)) for m in config.mean), crop,
+                   tuple(scales), stride)
+
+    def plans(self, width: int, height: int) -> list[ScalePlan]:
+        stride = default_stride(self.size) if self.stride is None else self.stride
+        return [plan_scale(width, height, self.size, scale, stride, self.crop) for scale in self.scales]
+
+    def cut(self, image: Image.Image) -> WindowedImage:
+        """The image's windows, every scale's in order (InputError for an image that would need too many)."""
+        width, height = image.size
+        plans = self.plans(width, height)
+        windows = np.empty((sum(len(plan.windows) for plan in plans), self.size, self.size, 3), np.uint8)
+        canvas, filled = None, 0
+        for plan in plans:
+            resized = image if (plan.width, plan.height) == (width, height) else \
+                image.resize((plan.width, plan.height), RESAMPLING[self.interpolation])
+            pixels = np.asarray(resized, dtype=np.uint8)
+            if canvas is None or plan.width * plan.height > canvas.shape[0] * canvas.shape[1]:
+                canvas = pixels
+            crop_windows(pixels, plan, self.size, self.fill, windows[filled : filled + len(plan.windows)])
+            filled += len(plan.windows)
+        return WindowedImage(width, height, plans, windows, canvas)
+
+
+@dataclass
+class WindowedImage:
+    """An image cut into the encoder's windows (uint8 [N, S, S, 3], scale by scale), with what its
+    maps need afterwards."""
+
+    width: int
+    height: int
+    plans: list[ScalePlan]
+    windows: np.ndarray
+    canvas_image: np.ndarray  # uint8 [Hc, Wc, 3]: the image on the finest scale's canvas
+
+
 def encode_windows(tagger: Tagger, image: Image.Image, crop: str = "whole", scales: tuple[float, ...] = (1.0,),
                    stride: int | None = None, batch_size: int = 16) -> WindowFeatures:
     """Encode an RGB image window by window with the Tagger's backend (and its flip TTA)."""
@@ -128,45 +187,24 @@ def encode_windows_of(tagger: Tagger, images: list[Image.Image], crop: str = "wh
                       batch_size: int = 16) -> list[WindowFeatures]:
     """Encode the windows of several images together: `batch_size` windows per encoder call,
     whichever images they come from (a batch job's small images share calls)."""
-    config = tagger.config
-    size = config.image_size
-    if not scales:
-        raise InputError("give at least one scale")
-    if crop == "center" and len(scales) > 1:
-        raise InputError("--crop center sees one window; multi-scale needs --crop whole")
-    stride = default_stride(size) if stride is None else stride
-    fill = tuple(int(round(255 * m)) for m in config.mean)
-    plans_by_size: dict[tuple[int, int], list[ScalePlan]] = {}  # a batch's images mostly share a size
-    for image in images:
-        if image.size not in plans_by_size:
-            plans_by_size[image.size] = [plan_scale(*image.size, size, scale, stride, crop) for scale in scales]
-    plans_of = [plans_by_size[image.size] for image in images]
-    # one window array for the batch, each image's windows cut straight into it (an image that is
-    # exactly one window is copied once, as `ttd tag` copies its centre crop)
-    stacked = np.empty((sum(len(plan.windows) for plans in plans_of for plan in plans), size, size, 3), np.uint8)
-    planned = []  # per image: (plans, canvas, window counts per scale)
-    filled = 0
-    for image, plans in zip(images, plans_of):
-        width, height = image.size
-        canvas = None
-        for plan in plans:
-            resized = image if (plan.width, plan.height) == (width, height) else \
-                image.resize((plan.width, plan.height), RESAMPLING[config.interpolation])
-            pixels = np.asarray(resized, dtype=np.uint8)
-            if canvas is None or plan.width * plan.height > canvas.shape[0] * canvas.shape[1]:
-                canvas = pixels
-            crop_windows(pixels, plan, size, fill, stacked[filled : filled + len(plan.windows)])
-            filled += len(plan.windows)
-        planned.append((plans, canvas, [len(plan.windows) for plan in plans]))
+    windowing = Windowing.of(tagger, crop, scales, stride)
+    return encode_windowed(tagger, [windowing.cut(image) for image in images], crop, batch_size)
+
+
+def encode_windowed(tagger: Tagger, images: list[WindowedImage], crop: str, batch_size: int) -> list[WindowFeatures]:
+    """`encode_windows_of` of images already cut (Windowing.cut): their windows stacked once (an
+    image that is one window is copied once, as `ttd tag` copies its centre crop) and encoded
+    `batch_size` at a time."""
+    stacked = images[0].windows if len(images) == 1 else np.concatenate([image.windows for image in images])
     parts = [tagger.encode_images(stacked[i : i + batch_size])[1] for i in range(0, len(stacked), batch_size)]
     views = parts[0] if len(parts) == 1 else np.concatenate(parts)
     features, start = [], 0
-    for image, (plans, canvas, counts) in zip(images, planned):
-        parts = []
-        for count in counts:
-            parts.append(views[start : start + count])
-            start += count
-        features.append(WindowFeatures(image.size[0], image.size[1], plans, parts, canvas, crop))
+    for image in images:
+        per_scale = []
+        for plan in image.plans:
+            per_scale.append(views[start : start + len(plan.windows)])
+            start += len(plan.windows)
+        features.append(WindowFeatures(image.width, image.height, image.plans, per_scale, image.canvas_image, crop))
     return features
 
 

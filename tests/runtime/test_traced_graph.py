@@ -1,0 +1,101 @@
+"""The torch backend's image encoder runs as a TorchScript trace, each input shape checked bit for
+bit against the eager graph first (ttd/runtime/traced_graph.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ttd.runtime import load_tagger
+from ttd.runtime.traced_graph import TracedGraph
+
+
+def _encoder_and_calls():
+    """The world model's eager image encoder graph and a list that grows at each eager forward."""
+    graph = load_tagger("torch", device="cpu").backend.image_encoder.graph
+    calls: list[int] = []
+    graph.register_forward_hook(lambda module, inputs, outputs: calls.append(len(inputs[0])))
+    return graph, calls
+
+
+def _pixels(n: int) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(n).standard_normal((n, 3, 64, 64)).astype(np.float32))
+
+
+def test_a_checked_shape_runs_traced_with_the_eager_graphs_bits():
+    graph, calls = _encoder_and_calls()
+    traced = TracedGraph(graph)
+    eager_calls = []
+    with torch.inference_mode():
+        for n in (4, 4, 4, 3, 3):
+            want = graph(_pixels(n))  # the reference: one eager call
+            before = len(calls)
+            got = traced(_pixels(n))
+            eager_calls.append(len(calls) - before)
+            assert all(torch.equal(a, b) for a, b in zip(want, got)) and got[1].shape == (n, 128, 8, 8)
+    # a shape's first call runs eagerly (the answer) and is checked against the trace (made once,
+    # which runs the graph once); every later call of a checked shape runs the trace alone
+    assert eager_calls == [2, 0, 0, 1, 0]
+    assert [key[0][0] for key in traced.traced_shapes] == [(4, 3, 64, 64), (3, 3, 64, 64)]
+
+
+def test_a_trace_that_differs_from_the_eager_graph_is_never_used():
+    graph, calls = _encoder_and_calls()
+
+    def wrong_trace(module, inputs):
+        class Off(torch.nn.Module):
+            def forward(self, x):
+                image, patches = module(x)
+                return image, patches + 1e-7
+
+        return Off()
+
+    traced = TracedGraph(graph, trace=wrong_trace)
+    with torch.inference_mode():
+        want = graph(_pixels(2))
+        outputs = [traced(_pixels(2)) for _ in range(3)]
+    assert traced.traced_shapes == []
+    assert all(torch.equal(a, b) for got in outputs for a, b in zip(want, got))
+    assert len(calls) == 1 + 3 + 1  # the reference, every call eager, and the one check of the wrong trace
+
+
+def test_a_graph_the_tracer_cannot_follow_stays_eager():
+    graph, calls = _encoder_and_calls()
+
+    def failing_trace(module, inputs):
+        raise RuntimeError("cannot trace")
+
+    traced = TracedGraph(graph, trace=failing_trace)
+    with torch.inference_mode():
+        want = graph(_pixels(2))
+        got = [traced(_pixels(2)), traced(_pixels(5))]
+    assert all(torch.equal(a, b) for a, b in zip(want, got[0])) and got[1][1].shape == (5, 128, 8, 8)
+    assert traced.traced_shapes == [] and len(calls) == 3
+
+
+def test_a_shape_the_trace_cannot_run_stays_eager_and_the_others_keep_the_trace():
+    graph, calls = _encoder_and_calls()
+
+    def trace_failing_at_three(module, inputs):
+        class Partial(torch.nn.Module):
+            def forward(self, x):
+                if len(x) == 3:
+                    raise RuntimeError("shape baked into the trace")
+                return module(x)
+
+        return Partial()
+
+    traced = TracedGraph(graph, trace=trace_failing_at_three)
+    with torch.inference_mode():
+        got = [traced(_pixels(n)) for n in (2, 3, 3, 2)]
+    assert [key[0][0] for key in traced.traced_shapes] == [(2, 3, 64, 64)]
+    assert [got[k][1].shape[0] for k in range(4)] == [2, 3, 3, 2]
+
+
+def test_the_torch_backend_encodes_images_through_the_checked_trace():
+    tagger = load_tagger("torch", device="cpu")
+    images = np.random.default_rng(0).integers(0, 255, (6, 64, 64, 3), dtype=np.uint8)
+    first = tagger.encode_images(images)
+    again = tagger.encode_images(images)
+    assert [key[0][0] for key in tagger.backend.image_encoder.traced_shapes] == [(6, 3, 64, 64)]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))

@@ -1,0 +1,80 @@
+"""A graph run as one TorchScript trace: a forward is one native call that holds the GIL only to
+enter and leave, where eager PyTorch takes the GIL back between every two operators — so any
+busy Python thread beside it (a job's decoding or record stage) stalls each operator by up to
+the interpreter's switch interval (docs/benchmarks.md, P9: a pure-Python neighbour slowed the
+eager world encoder 9x and its trace 1.1x).
+
+The trace must compute exactly what the graph computes: each input shape is run both ways once,
+and only a shape whose outputs are bit-for-bit the eager ones is run traced from then on; a
+trace that cannot be made, or differs, leaves the graph eager (the records never change).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+Key = tuple[tuple[tuple[int, ...], torch.dtype, torch.device], ...]
+
+
+def _key(inputs: tuple[torch.Tensor, ...]) -> Key:
+    return tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
+
+
+def _outputs(result) -> tuple[torch.Tensor, ...]:
+    return result if isinstance(result, tuple) else (result,)
+
+
+def _identical(eager, traced) -> bool:
+    eager, traced = _outputs(eager), _outputs(traced)
+    return len(eager) == len(traced) and all(
+        a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(eager, traced))
+
+
+class TracedGraph:
+    """`graph` (an nn.Module of tensors in, a tensor or a tuple of tensors out), traced on its
+    first call and checked against itself per input shape (see the module's docstring)."""
+
+    def __init__(self, graph: nn.Module, trace: Callable[..., torch.jit.ScriptModule] | None = None) -> None:
+        self.graph = graph
+        self._trace_with = trace or _trace
+        self._trace: torch.jit.ScriptModule | None = None
+        self._failed = False
+        self._checked: dict[Key, bool] = {}  # input shape -> its trace gives the eager bits
+
+    @property
+    def traced_shapes(self) -> list[Key]:
+        """The input shapes run traced (checked identical)."""
+        return [key for key, same in self._checked.items() if same]
+
+    def __call__(self, *inputs: torch.Tensor):
+        key = _key(inputs)
+        same = self._checked.get(key)
+        if same:
+            return self._trace(*inputs)  # type: ignore[misc]
+        if same is not None or self._failed:
+            return self.graph(*inputs)
+        eager = self.graph(*inputs)
+        if self._trace is None:
+            try:
+                self._trace = self._trace_with(self.graph, inputs)
+            except Exception:  # noqa: BLE001 - a graph the tracer cannot follow stays eager
+                self._failed = True
+                return eager
+        try:
+            self._checked[key] = _identical(eager, self._trace(*inputs))
+        except Exception:  # noqa: BLE001 - a shape the trace cannot run stays eager
+            self._checked[key] = False
+        return eager
+
+
+def _trace(graph: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.jit.ScriptModule:
+    # traced outside inference mode (the tracer records through autograd's dispatch), from copies
+    # of the inputs: an inference-mode tensor cannot be used there
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace's deprecation notice and tracer hints: the check decides
+        example = tuple(t.clone() for t in inputs)
+        return torch.jit.trace(graph, example, check_trace=False)
