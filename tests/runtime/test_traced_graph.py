@@ -33,8 +33,8 @@ def test_a_checked_shape_runs_traced_with_the_eager_graphs_bits():
             got = traced(_pixels(n))
             eager_calls.append(len(calls) - before)
             assert all(torch.equal(a, b) for a, b in zip(want, got)) and got[1].shape == (n, 128, 8, 8)
-    # a shape's first call runs eagerly (the answer) and is checked against the trace (made once,
-    # which runs the graph once); every later call of a checked shape runs the trace alone
+    # a shape's first call runs eagerly (the answer) and is checked against the trace's runs (the
+    # trace made once, which runs the graph once); every later call of a checked shape runs the trace alone
     assert eager_calls == [2, 0, 0, 1, 0]
     assert [key[0][0] for key in traced.traced_shapes] == [(4, 3, 64, 64), (3, 3, 64, 64)]
 
@@ -57,6 +57,29 @@ def test_a_trace_that_differs_from_the_eager_graph_is_never_used():
     assert traced.traced_shapes == []
     assert all(torch.equal(a, b) for got in outputs for a, b in zip(want, got))
     assert len(calls) == 1 + 3 + 1  # the reference, every call eager, and the one check of the wrong trace
+
+
+def test_a_trace_that_drifts_after_its_first_run_is_never_used():
+    """TorchScript optimises a graph after profiling its first run: the check covers later runs."""
+    graph, _ = _encoder_and_calls()
+
+    def drifting_trace(module, inputs):
+        class Drifting(torch.nn.Module):
+            runs = 0
+
+            def forward(self, x):
+                self.runs += 1
+                image, patches = module(x)
+                return image, patches if self.runs == 1 else patches * (1 + 1e-6)
+
+        return Drifting()
+
+    traced = TracedGraph(graph, trace=drifting_trace)
+    with torch.inference_mode():
+        want = graph(_pixels(2))
+        got = [traced(_pixels(2)) for _ in range(3)]
+    assert traced.traced_shapes == []
+    assert all(torch.equal(a, b) for one in got for a, b in zip(want, one))
 
 
 def test_a_graph_the_tracer_cannot_follow_stays_eager():

@@ -4,9 +4,10 @@ busy Python thread beside it (a job's decoding or record stage) stalls each oper
 the interpreter's switch interval (docs/benchmarks.md, P9: a pure-Python neighbour slowed the
 eager world encoder 9x and its trace 1.1x).
 
-The trace must compute exactly what the graph computes: each input shape is run both ways once,
-and only a shape whose outputs are bit-for-bit the eager ones is run traced from then on; a
-trace that cannot be made, or differs, leaves the graph eager (the records never change).
+The trace must compute exactly what the graph computes: each input shape is run eagerly once and
+traced CHECK_RUNS times, and only a shape whose traced outputs are bit-for-bit the eager ones
+every time is run traced from then on; a trace that cannot be made, or differs, leaves the graph
+eager (the records never change).
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+
+# TorchScript's executor profiles a shape's first run and optimises the graph from the next one
+# (and may fuse operators on a GPU): the check covers the runs after the first too
+CHECK_RUNS = 3
 
 Key = tuple[tuple[tuple[int, ...], torch.dtype, torch.device], ...]
 
@@ -65,7 +70,7 @@ class TracedGraph:
                 self._failed = True
                 return eager
         try:
-            self._checked[key] = _identical(eager, self._trace(*inputs))
+            self._checked[key] = all(_identical(eager, self._trace(*inputs)) for _ in range(CHECK_RUNS))
         except Exception:  # noqa: BLE001 - a shape the trace cannot run stays eager
             self._checked[key] = False
         return eager
