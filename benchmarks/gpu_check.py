@@ -451,7 +451,9 @@ def step_tag_end_to_end(args, state) -> dict:
             tagger = tagger_for(model, args.device, dtype, compiled)
             encoder_only = _encoder_alone(tagger, size, device)
             rows[f"{name}: encoder alone"] = {"images_per_s": round(encoder_only, 1), "batch": size, "dtype": dtype,
-                                              "compiled": compiled}
+                                              "compiled": compiled,
+                                              # ttd/runtime/traced_graph.py: run traced only where bit-identical
+                                              "traced": bool(getattr(tagger.backend.image_encoder, "traced_shapes", []))}
             modes = [(label, captioned(paths, count, None), None) for label, paths in inputs.items()]
             if name == "tuned":
                 modes += [(f"open vocabulary of {len(words)} caption words, 500x375 JPEGs",

@@ -154,19 +154,19 @@ def process_tree_cpu_by_name(root: int) -> dict[str, float]:
 def direct_worker(export_dir: str, pairs: list, batch: int, threads: int, commands, results,
                   engine: str = "onnx", device: str = "cpu", torch_dtype: str = "fp32") -> None:
     """The direct job: one process, the runtime Tagger on onnxruntime with `threads` threads
-    (1: the served models' setting; 0: every core, `ttd tag`'s default)."""
+    (1: the served models' setting; 0: every core, `ttd tag`'s default), decoding each PNG and
+    finding each caption's tags inside its timing, as a served request does."""
     from ttd.model.tags import tags_of_caption
     from ttd.runtime import load_tagger
 
     options = {"threads": threads} if engine == "onnx" else {"dtype": torch_dtype} if engine == "torch" else {}
     tagger = load_tagger(RUNTIME_BACKENDS[engine], export_dir=export_dir, device=device, warn_unfitted=False, **options)
-    tag_lists = [tags_of_caption(caption) for _, caption in pairs]
 
     def run(indices: list[int]) -> list:
         out = []
-        for start in range(0, len(indices), batch):
+        for start in range(0, len(indices), batch):  # each caption's tags found here, as a served request's are
             chunk = indices[start : start + batch]
-            out += tagger.tag(tagger.prepare([pairs[k][0] for k in chunk]), [tag_lists[k] for k in chunk])
+            out += tagger.tag(tagger.prepare([pairs[k][0] for k in chunk]), [tags_of_caption(pairs[k][1]) for k in chunk])
         return out
 
     expected = run(list(range(len(pairs))))  # also warms the sessions and the tag cache

@@ -73,6 +73,9 @@ def test_serving_table_is_serve_load_json():
     for label, side in (("**fused**", summary["fused"]), ("python (BLS)", summary["python"]),
                         ("fused, coalescing on (`--coalesce 2`)", summary["fused:coalesce=2"]),
                         ("fused, straight to tritonserver's port (no front)", summary["fused" + no_front]),
+                        ("**fused, 8 images a request**", summary["fused:images_per_request=8"]),
+                        ("fused, 8 images a request, straight to tritonserver's port (no front)",
+                         summary["fused:images_per_request=8" + no_front]),
                         ("python (BLS), straight to tritonserver's port (no front)", summary["python" + no_front])):
         cells = _row("docs/serving.md", label)
         cpu = side["cpu_ms_per_image_by_process"]
