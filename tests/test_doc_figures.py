@@ -523,6 +523,7 @@ CHECKED_TABLES = {
     ("docs/benchmarks.md", "| tree | encoder alone | `ttd tag` | job CPU s / 512 img"),
     ("docs/benchmarks.md", "| run | encoder alone | `ttd segment --captions`"),
     ("docs/benchmarks.md", "| run | P9 wall (segment / tag whole)"), ("docs/benchmarks.md", "| texts-ahead run | P9 wall"),
+    ("docs/benchmarks.md", "| traced-encoders run |"),
     ("docs/calibration.md", "| model | fit | margin"), ("docs/calibration.md", "| model | margins"),
     ("docs/gpu.md", "| precision | world-base"), ("docs/gpu.md", "| dtype | batch 1"), ("docs/gpu.md", "| run | images/s"),
     ("docs/serving.md", "| side |"), ("docs/serving.md", "| side (ViT-B/16)"), ("docs/serving.md", "| load (2,000"),
@@ -584,6 +585,24 @@ def test_p9_texts_ahead_table_is_its_json():
                  for kind in ("", "_by_cpu")]
         record = statistics.median(r["stages_segment_s"]["record_cpu"] for r in report["runs"])
         assert row[1:] == [" / ".join(cells[0][:2]), cells[0][2], " / ".join(cells[1]), f"{record:.3f}"], row[0]
+
+
+def test_p9_traced_encoders_table_is_its_json():
+    rows = _table("docs/benchmarks.md", "| traced-encoders run |")
+    assert len(rows) == 12
+    for row in rows:
+        report = _results(f"p9_whole_images_{row[0]}.json")
+        runs = report["runs"]
+        cells = [[f"{report[f'{p}{kind}_median']:.3f}" for p in ("p9_segment", "p9_tag_whole", "p5_centre")]
+                 for kind in ("", "_by_cpu")]
+        assert row[1:] == [f"{statistics.median(r['encoder_img_s'][0] for r in runs):.0f}",
+                           f"{statistics.median(r['segment_windows_s'] for r in runs):.0f}",
+                           " / ".join(cells[0][:2]), cells[0][2], " / ".join(cells[1]),
+                           f"{statistics.median(r['stages_segment_s']['record_cpu'] for r in runs):.3f}"], row[0]
+    after = [_results(f"p9_whole_images_r6-after-{n}.json") for n in range(1, 7)]
+    for key, median, worst in (("p9_segment_median", "0.865", "0.836"), ("p9_tag_whole_median", "0.856", "0.825")):
+        values = [report[key] for report in after]
+        assert (f"{statistics.median(values):.3f}", f"{min(values):.3f}") == (median, worst)
 
 
 def test_p9_second_round_table_is_its_json():
