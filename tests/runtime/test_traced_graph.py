@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ttd.runtime import load_tagger
-from ttd.runtime.traced_graph import TracedGraph
+from ttd.runtime.traced_graph import TRACE_AFTER, TracedGraph
 
 
 def _encoder_and_calls():
@@ -22,21 +22,28 @@ def _pixels(n: int) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(n).standard_normal((n, 3, 64, 64)).astype(np.float32))
 
 
-def test_a_checked_shape_runs_traced_with_the_eager_graphs_bits():
+def test_a_recurring_shape_runs_traced_with_the_eager_graphs_bits():
     graph, calls = _encoder_and_calls()
     traced = TracedGraph(graph)
     eager_calls = []
     with torch.inference_mode():
-        for n in (4, 4, 4, 3, 3):
+        for n in (4, 4, 4, 4, 4, 3, 3, 3, 3, 7):
             want = graph(_pixels(n))  # the reference: one eager call
             before = len(calls)
             got = traced(_pixels(n))
             eager_calls.append(len(calls) - before)
             assert all(torch.equal(a, b) for a, b in zip(want, got)) and got[1].shape == (n, 128, 8, 8)
-    # a shape's first call runs eagerly (the answer) and is checked against the trace's runs (the
-    # trace made once, which runs the graph once); every later call of a checked shape runs the trace alone
-    assert eager_calls == [2, 0, 0, 1, 0]
+    # a shape's first TRACE_AFTER - 1 calls run eagerly; the next runs eagerly (the answer) and is
+    # checked against the trace's runs (the trace made once, which runs the graph once); every
+    # later call of a checked shape runs the trace alone; a shape seen once is never traced
+    assert TRACE_AFTER == 3
+    assert eager_calls == [1, 1, 2, 0, 0, 1, 1, 1, 0, 1]
     assert [key[0][0] for key in traced.traced_shapes] == [(4, 3, 64, 64), (3, 3, 64, 64)]
+
+
+def test_the_wrapper_reads_the_graphs_own_attributes():
+    graph, _ = _encoder_and_calls()
+    assert TracedGraph(graph).model is graph.model
 
 
 def test_a_trace_that_differs_from_the_eager_graph_is_never_used():
@@ -53,10 +60,10 @@ def test_a_trace_that_differs_from_the_eager_graph_is_never_used():
     traced = TracedGraph(graph, trace=wrong_trace)
     with torch.inference_mode():
         want = graph(_pixels(2))
-        outputs = [traced(_pixels(2)) for _ in range(3)]
-    assert traced.traced_shapes == []
+        outputs = [traced(_pixels(2)) for _ in range(5)]
+    assert traced.traced_shapes == [] and traced._checked  # checked, and refused
     assert all(torch.equal(a, b) for got in outputs for a, b in zip(want, got))
-    assert len(calls) == 1 + 3 + 1  # the reference, every call eager, and the one check of the wrong trace
+    assert len(calls) == 1 + 5 + 1  # the reference, every call eager, and the one check of the wrong trace
 
 
 def test_a_trace_that_drifts_after_its_first_run_is_never_used():
@@ -77,8 +84,8 @@ def test_a_trace_that_drifts_after_its_first_run_is_never_used():
     traced = TracedGraph(graph, trace=drifting_trace)
     with torch.inference_mode():
         want = graph(_pixels(2))
-        got = [traced(_pixels(2)) for _ in range(3)]
-    assert traced.traced_shapes == []
+        got = [traced(_pixels(2)) for _ in range(5)]
+    assert traced.traced_shapes == [] and traced._checked  # checked, and refused
     assert all(torch.equal(a, b) for one in got for a, b in zip(want, one))
 
 
@@ -91,9 +98,9 @@ def test_a_graph_the_tracer_cannot_follow_stays_eager():
     traced = TracedGraph(graph, trace=failing_trace)
     with torch.inference_mode():
         want = graph(_pixels(2))
-        got = [traced(_pixels(2)), traced(_pixels(5))]
-    assert all(torch.equal(a, b) for a, b in zip(want, got[0])) and got[1][1].shape == (5, 128, 8, 8)
-    assert traced.traced_shapes == [] and len(calls) == 3
+        got = [traced(_pixels(2)) for _ in range(3)] + [traced(_pixels(5))]
+    assert all(torch.equal(a, b) for one in got[:3] for a, b in zip(want, one)) and got[3][1].shape == (5, 128, 8, 8)
+    assert traced.traced_shapes == [] and traced._failed and len(calls) == 1 + 4
 
 
 def test_a_shape_the_trace_cannot_run_stays_eager_and_the_others_keep_the_trace():
@@ -110,15 +117,14 @@ def test_a_shape_the_trace_cannot_run_stays_eager_and_the_others_keep_the_trace(
 
     traced = TracedGraph(graph, trace=trace_failing_at_three)
     with torch.inference_mode():
-        got = [traced(_pixels(n)) for n in (2, 3, 3, 2)]
-    assert [key[0][0] for key in traced.traced_shapes] == [(2, 3, 64, 64)]
-    assert [got[k][1].shape[0] for k in range(4)] == [2, 3, 3, 2]
+        got = [traced(_pixels(n)) for n in (2, 2, 2, 3, 3, 3, 3, 2)]
+    assert [key[0][0] for key in traced.traced_shapes] == [(2, 3, 64, 64)] and len(traced._checked) == 2
+    assert [one[1].shape[0] for one in got] == [2, 2, 2, 3, 3, 3, 3, 2]
 
 
 def test_the_torch_backend_encodes_images_through_the_checked_trace():
     tagger = load_tagger("torch", device="cpu")
     images = np.random.default_rng(0).integers(0, 255, (6, 64, 64, 3), dtype=np.uint8)
-    first = tagger.encode_images(images)
-    again = tagger.encode_images(images)
+    runs = [tagger.encode_images(images) for _ in range(TRACE_AFTER + 1)]
     assert [key[0][0] for key in tagger.backend.image_encoder.traced_shapes] == [(6, 3, 64, 64)]
-    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert all(np.array_equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))

@@ -3,9 +3,10 @@
 On a GPU it takes the usual fast path: bf16/fp16 weights (the tag head stays fp32), attention
 through `scaled_dot_product_attention` (open_clip's MultiheadAttention dispatches to it at
 inference), pinned host buffers with non-blocking copies, and optionally `torch.compile` of the
-fixed-shape image encoder (with CUDA graphs on a GPU); without it the image encoder runs as a
-TorchScript trace checked bit for bit against itself (ttd/runtime/traced_graph.py). Compiled batches are padded to the next
-power of two so that a job's last, smaller batch does not trigger a new compilation.
+fixed-shape image encoder (with CUDA graphs on a GPU). Compiled batches are padded to the next
+power of two so that a job's last, smaller batch does not trigger a new compilation. Otherwise
+the image encoder, and always the text encoder, run as TorchScript traces that are used only
+where they give the eager graph's bits (ttd/runtime/traced_graph.py).
 """
 
 from __future__ import annotations

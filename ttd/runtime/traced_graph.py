@@ -1,12 +1,12 @@
 """A graph run as one TorchScript trace: a forward is one native call that holds the GIL only to
 enter and leave, where eager PyTorch takes the GIL back between every two operators — so any
 busy Python thread beside it (a job's decoding or record stage) stalls each operator by up to
-the interpreter's switch interval (docs/benchmarks.md, P9: a pure-Python neighbour slowed the
-eager world encoder 9x and its trace 1.1x).
+the interpreter's switch interval (measured: docs/benchmarks.md, P9 fourth round).
 
-The trace must compute exactly what the graph computes: each input shape is run eagerly once and
-traced CHECK_RUNS times, and only a shape whose traced outputs are bit-for-bit the eager ones
-every time is run traced from then on; a trace that cannot be made, or differs, leaves the graph
+The trace must compute exactly what the graph computes: a shape's first TRACE_AFTER - 1 calls run
+eagerly (a short job or a one-off call never pays for tracing), the next one runs eagerly and
+traced CHECK_RUNS times, and only a shape whose traced outputs were the eager ones bit for bit
+every time runs traced from then on; a trace that cannot be made, or differs, leaves the graph
 eager (the records never change).
 """
 
@@ -21,6 +21,7 @@ from torch import nn
 # TorchScript's executor profiles a shape's first run and optimises the graph from the next one
 # (and may fuse operators on a GPU): the check covers the runs after the first too
 CHECK_RUNS = 3
+TRACE_AFTER = 3  # a shape is traced at its third call: it recurs
 
 Key = tuple[tuple[tuple[int, ...], torch.dtype, torch.device], ...]
 
@@ -49,11 +50,18 @@ class TracedGraph:
         self._trace: torch.jit.ScriptModule | None = None
         self._failed = False
         self._checked: dict[Key, bool] = {}  # input shape -> its trace gives the eager bits
+        self._calls: dict[Key, int] = {}  # input shape -> calls before its check
 
     @property
     def traced_shapes(self) -> list[Key]:
         """The input shapes run traced (checked identical)."""
         return [key for key, same in self._checked.items() if same]
+
+    def __getattr__(self, name: str):
+        """The graph's own attributes (its model, what it accepts) read through the wrapper."""
+        if name == "graph":  # not set yet (an object being built or unpickled)
+            raise AttributeError(name)
+        return getattr(self.graph, name)
 
     def __call__(self, *inputs: torch.Tensor):
         key = _key(inputs)
@@ -63,6 +71,9 @@ class TracedGraph:
         if same is not None or self._failed:
             return self.graph(*inputs)
         eager = self.graph(*inputs)
+        self._calls[key] = self._calls.get(key, 0) + 1
+        if self._calls[key] < TRACE_AFTER:
+            return eager
         if self._trace is None:
             try:
                 self._trace = self._trace_with(self.graph, inputs)
