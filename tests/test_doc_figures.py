@@ -589,7 +589,7 @@ def test_p9_texts_ahead_table_is_its_json():
 
 def test_p9_traced_encoders_table_is_its_json():
     rows = _table("docs/benchmarks.md", "| traced-encoders run |")
-    assert len(rows) == 12
+    assert len(rows) == 14
     for row in rows:
         report = _results(f"p9_whole_images_{row[0]}.json")
         runs = report["runs"]

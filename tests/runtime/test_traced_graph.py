@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ttd.runtime import load_tagger
-from ttd.runtime.traced_graph import TRACE_AFTER, TracedGraph
+from ttd.runtime.traced_graph import TracedGraph
 
 
 def _encoder_and_calls():
@@ -19,13 +19,18 @@ def _encoder_and_calls():
     return graph, calls
 
 
+def _at_third_call(graph, **options) -> TracedGraph:
+    """A TracedGraph that traces a shape at its third call, whatever the time spent."""
+    return TracedGraph(graph, after_seconds=0.0, min_calls=3, **options)
+
+
 def _pixels(n: int) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(n).standard_normal((n, 3, 64, 64)).astype(np.float32))
 
 
 def test_a_recurring_shape_runs_traced_with_the_eager_graphs_bits():
     graph, calls = _encoder_and_calls()
-    traced = TracedGraph(graph)
+    traced = _at_third_call(graph)
     eager_calls = []
     with torch.inference_mode():
         for n in (4, 4, 4, 4, 4, 3, 3, 3, 3, 7):
@@ -34,10 +39,9 @@ def test_a_recurring_shape_runs_traced_with_the_eager_graphs_bits():
             got = traced(_pixels(n))
             eager_calls.append(len(calls) - before)
             assert all(torch.equal(a, b) for a, b in zip(want, got)) and got[1].shape == (n, 128, 8, 8)
-    # a shape's first TRACE_AFTER - 1 calls run eagerly; the next runs eagerly (the answer) and is
-    # checked against the trace's runs (the trace made once, which runs the graph once); every
-    # later call of a checked shape runs the trace alone; a shape seen once is never traced
-    assert TRACE_AFTER == 3
+    # a shape's first two calls run eagerly; the third runs eagerly (the answer) and is checked
+    # against the trace's runs (the trace made once, which runs the graph once); every later call
+    # of a checked shape runs the trace alone; a shape seen once is never traced
     assert eager_calls == [1, 1, 2, 0, 0, 1, 1, 1, 0, 1]
     assert [key[0][0] for key in traced.traced_shapes] == [(4, 3, 64, 64), (3, 3, 64, 64)]
 
@@ -62,7 +66,7 @@ def test_a_trace_that_differs_from_the_eager_graph_is_never_used(first_wrong_run
 
         return Wrong()
 
-    traced = TracedGraph(graph, trace=trace_wrong_from_a_run)
+    traced = _at_third_call(graph, trace=trace_wrong_from_a_run)
     with torch.inference_mode():
         want = graph(_pixels(2))
         got = [traced(_pixels(2)) for _ in range(5)]
@@ -76,7 +80,7 @@ def test_a_graph_the_tracer_cannot_follow_stays_eager():
     def failing_trace(module, inputs):
         raise RuntimeError("cannot trace")
 
-    traced = TracedGraph(graph, trace=failing_trace)
+    traced = _at_third_call(graph, trace=failing_trace)
     with torch.inference_mode():
         want = graph(_pixels(2))
         got = [traced(_pixels(2)) for _ in range(3)] + [traced(_pixels(5))]
@@ -96,16 +100,30 @@ def test_a_shape_the_trace_cannot_run_stays_eager_and_the_others_keep_the_trace(
 
         return Partial()
 
-    traced = TracedGraph(graph, trace=trace_failing_at_three)
+    traced = _at_third_call(graph, trace=trace_failing_at_three)
     with torch.inference_mode():
         got = [traced(_pixels(n)) for n in (2, 2, 2, 3, 3, 3, 3, 2)]
     assert [key[0][0] for key in traced.traced_shapes] == [(2, 3, 64, 64)] and len(traced._checked) == 2
     assert [one[1].shape[0] for one in got] == [2, 2, 2, 3, 3, 3, 3, 2]
 
 
-def test_the_torch_backend_encodes_images_through_the_checked_trace():
+def test_a_graph_is_traced_only_after_it_has_spent_its_time_eagerly():
+    """Tracing pays only over many calls: nothing is traced before `after_seconds` of eager calls."""
+    graph, _ = _encoder_and_calls()
+    ticks = iter(range(10_000))
+    traced = TracedGraph(graph, after_seconds=0.5, clock=lambda: next(ticks) / 16)  # each call: 1/16 s
+    with torch.inference_mode():
+        for call in range(1, 12):
+            traced(_pixels(2))
+            assert bool(traced.traced_shapes) == (call >= 8), call  # 8 calls x 1/16 s reach 0.5 s
+
+
+def test_the_torch_backend_encodes_images_and_texts_through_checked_traces():
     tagger = load_tagger("torch", device="cpu")
+    encoder = tagger.backend.image_encoder
+    assert isinstance(encoder, TracedGraph) and isinstance(tagger.backend.text_encoder, TracedGraph)
+    encoder.after_seconds = 0.0  # the world encoder is fast: trace it at once
     images = np.random.default_rng(0).integers(0, 255, (6, 64, 64, 3), dtype=np.uint8)
-    runs = [tagger.encode_images(images) for _ in range(TRACE_AFTER + 1)]
-    assert [key[0][0] for key in tagger.backend.image_encoder.traced_shapes] == [(6, 3, 64, 64)]
+    runs = [tagger.encode_images(images) for _ in range(3)]
+    assert [key[0][0] for key in encoder.traced_shapes] == [(6, 3, 64, 64)]
     assert all(np.array_equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
