@@ -28,6 +28,8 @@ flavour, the order rotating each round), so a change in the machine's load hits 
   (the GPU's time is not CPU time).
 - `fused:images_per_request=8`: the clients send 8 images a request (a batch axis of 8, as
   Triton clients batch; the direct job's batch), so the costs per request are shared by 8 images.
+  CPU time, images/s and answers different from direct count images; errors and the latency
+  percentiles count requests.
 - The mean batch of each round from ttd_tagger's statistics (inferences / executions: images per model execution).
 """
 

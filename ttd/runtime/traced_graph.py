@@ -3,16 +3,20 @@ enter and leave, where eager PyTorch takes the GIL back between every two operat
 busy Python thread beside it (a job's decoding or record stage) stalls each operator by up to
 the interpreter's switch interval (measured: docs/benchmarks.md, P9 fourth round).
 
-Tracing costs a few hundred milliseconds, so it pays only where a graph runs many times: a graph
-is traced once it has spent TRACE_AFTER_S seconds in eager calls, and then only for shapes that
-recur (MIN_CALLS); a short job or a one-off call never pays for it. The trace must compute exactly
-what the graph computes: a shape's check runs it eagerly and traced CHECK_RUNS times, and only a
-shape whose traced outputs were the eager ones bit for bit every time runs traced from then on; a
-trace that cannot be made, or differs, leaves the graph eager (the records never change).
+Tracing a shape costs a few hundred milliseconds, so it pays only where that shape runs many
+times: a shape is traced at its own inputs once its eager calls have taken TRACE_AFTER_S seconds
+(and it has recurred: MIN_CALLS), so tracing never costs more than a fraction of the time already
+spent, and a short job or a one-off call never pays for it.
+
+The trace must compute exactly what the graph computes: a shape's trace is run CHECK_RUNS times
+beside its eager call, and is used from then on only if its outputs were the eager ones bit for
+bit every time; a trace that cannot be made, or differs, leaves that shape eager (the records
+never change).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -23,14 +27,16 @@ from torch import nn
 # TorchScript's executor profiles a shape's first run and optimises the graph from the next one
 # (and may fuse operators on a GPU): the check covers the runs after the first too
 CHECK_RUNS = 3
-TRACE_AFTER_S = 0.5  # eager seconds before tracing: a few times what a trace costs (world: ~0.2 s)
-MIN_CALLS = 2  # a shape is traced from its second call on (a shape seen once may never come again)
+TRACE_AFTER_S = 0.5  # a shape's eager seconds before it is traced: about twice a trace and its check (world: ~0.25 s)
+MIN_CALLS = 2  # a shape is traced at its second call at the earliest (one seen once may never come again)
 
-Key = tuple[tuple[tuple[int, ...], torch.dtype, torch.device], ...]
+Key = tuple
 
 
 def _key(inputs: tuple[torch.Tensor, ...]) -> Key:
-    return tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
+    """The inputs' shapes, dtypes and devices, and the grad mode (a trace checked without grad is
+    not the eager graph under autograd)."""
+    return (*((tuple(t.shape), t.dtype, t.device) for t in inputs), torch.is_grad_enabled())
 
 
 def _outputs(result) -> tuple[torch.Tensor, ...]:
@@ -44,8 +50,9 @@ def _identical(eager, traced) -> bool:
 
 
 class TracedGraph:
-    """`graph` (an nn.Module of tensors in, a tensor or a tuple of tensors out), traced on its
-    first call and checked against itself per input shape (see the module's docstring)."""
+    """`graph` (an nn.Module of tensors in, a tensor or a tuple of tensors out), each recurring
+    input shape traced and checked against the eager graph on its own (see the module's
+    docstring). May be called from several threads: a shape is traced and checked once, under a lock."""
 
     def __init__(self, graph: nn.Module, trace: Callable[..., torch.jit.ScriptModule] | None = None,
                  after_seconds: float = TRACE_AFTER_S, min_calls: int = MIN_CALLS,
@@ -53,16 +60,15 @@ class TracedGraph:
         self.graph = graph
         self.after_seconds, self.min_calls, self._clock = after_seconds, min_calls, clock
         self._trace_with = trace or _trace
-        self._trace: torch.jit.ScriptModule | None = None
-        self._failed = False
-        self._checked: dict[Key, bool] = {}  # input shape -> its trace gives the eager bits
+        self._lock = threading.Lock()
+        self._traces: dict[Key, torch.jit.ScriptModule | None] = {}  # shape -> its checked trace, or None: eager
         self._calls: dict[Key, int] = {}  # input shape -> calls before its check
-        self._eager_s = 0.0  # seconds spent in eager calls (on a GPU: launching them)
+        self._eager_s: dict[Key, float] = {}  # input shape -> seconds in its eager calls (on a GPU: launching them)
 
     @property
     def traced_shapes(self) -> list[Key]:
         """The input shapes run traced (checked identical)."""
-        return [key for key, same in self._checked.items() if same]
+        return [key for key, trace in self._traces.items() if trace is not None]
 
     def __getattr__(self, name: str):
         """The graph's own attributes (its model, what it accepts) read through the wrapper."""
@@ -72,28 +78,27 @@ class TracedGraph:
 
     def __call__(self, *inputs: torch.Tensor):
         key = _key(inputs)
-        same = self._checked.get(key)
-        if same:
-            return self._trace(*inputs)  # type: ignore[misc]
-        if same is not None or self._failed:
-            return self.graph(*inputs)
+        if key in self._traces:
+            trace = self._traces[key]
+            return self.graph(*inputs) if trace is None else trace(*inputs)
         started = self._clock()
         eager = self.graph(*inputs)
-        self._eager_s += self._clock() - started
+        self._eager_s[key] = self._eager_s.get(key, 0.0) + self._clock() - started
         self._calls[key] = self._calls.get(key, 0) + 1
-        if self._calls[key] < self.min_calls or self._eager_s < self.after_seconds:
-            return eager
-        if self._trace is None:
-            try:
-                self._trace = self._trace_with(self.graph, inputs)
-            except Exception:  # noqa: BLE001 - a graph the tracer cannot follow stays eager
-                self._failed = True
-                return eager
-        try:
-            self._checked[key] = all(_identical(eager, self._trace(*inputs)) for _ in range(CHECK_RUNS))
-        except Exception:  # noqa: BLE001 - a shape the trace cannot run stays eager
-            self._checked[key] = False
+        if self._calls[key] >= self.min_calls and self._eager_s[key] >= self.after_seconds:
+            with self._lock:
+                if key not in self._traces:
+                    self._traces[key] = self._checked_trace(inputs, eager)
         return eager
+
+    def _checked_trace(self, inputs: tuple[torch.Tensor, ...], eager) -> torch.jit.ScriptModule | None:
+        """The trace of the graph at these inputs if its runs give `eager`'s bits, else None."""
+        try:
+            trace = self._trace_with(self.graph, inputs)
+            same = all(_identical(eager, trace(*inputs)) for _ in range(CHECK_RUNS))
+        except Exception:  # noqa: BLE001 - a graph or shape the tracer cannot follow stays eager
+            return None
+        return trace if same else None
 
 
 def _trace(graph: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.jit.ScriptModule:
