@@ -32,9 +32,9 @@ def tagger_request(client_module, client, image: bytes, caption: str | None = No
 
 
 def tagger_batch_request(client_module, client, images: list[bytes], captions: list[str]) -> list[dict]:
-    """One ttd_tagger call carrying several images (a batch axis of N, as Triton clients batch);
-    returns each image's {"tags", "scores", "selected"}: its row up to the answer's padding
-    (ttd/serve/tagger_requests.py stacked_answer)."""
+    """One ttd_tagger call carrying the images (a batch axis of N, as Triton clients batch; one image
+    is the one-image request `tagger_request` sends); returns each image's {"tags", "scores",
+    "selected"}: its row up to the answer's padding (ttd/serve/tagger_requests.py stacked_answer)."""
     result = client.infer(TAGGER_MODEL, [
         _input(client_module, "image", np.array([[image] for image in images], dtype=np.object_), "BYTES"),
         _input(client_module, "caption", np.array([[c.encode()] for c in captions], dtype=np.object_), "BYTES")])

@@ -186,7 +186,7 @@ def client_worker(pairs: list, commands, results) -> None:
     import tritonclient.grpc as grpc
     import tritonclient.http as http
 
-    from load_client import tagger_batch_request, tagger_request
+    from load_client import tagger_batch_request
 
     clients: dict = {}
     while (command := commands.get()) is not None:
@@ -200,11 +200,7 @@ def client_worker(pairs: list, commands, results) -> None:
             chunk = indices[first : first + per_request]
             start = time.perf_counter()
             try:
-                if len(chunk) == 1:  # a one-image request exactly as clients send it (no batch of several)
-                    got = [tagger_request(module, client, *pairs[chunk[0]])]
-                else:
-                    got = tagger_batch_request(module, client, [pairs[k][0] for k in chunk],
-                                               [pairs[k][1] for k in chunk])
+                got = tagger_batch_request(module, client, [pairs[k][0] for k in chunk], [pairs[k][1] for k in chunk])
                 out.append((chunk, time.perf_counter() - start,
                             [(g["tags"], g["scores"].tolist(), g["selected"].tolist()) for g in got], None))
             except Exception as error:

@@ -138,7 +138,7 @@ class WholeImageStep:
         decoded = [k for k, outcome in enumerate(outcomes) if not isinstance(outcome, str)]
         features = {}
         if decoded:
-            encoded = encode_windowed(tagger, [outcomes[k] for k in decoded], self.options.crop, self.options.batch_size)
+            encoded = encode_windowed(tagger, [outcomes[k] for k in decoded], self.options.batch_size)
             features = dict(zip(decoded, encoded))
         return EncodedBatch(batch, outcomes, features)
 

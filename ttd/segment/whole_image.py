@@ -68,10 +68,14 @@ def center_crop_box(width: int, height: int, size: int) -> tuple[float, float, f
     return left * sx, top * sy, (left + size) * sx, (top + size) * sy
 
 
-def plan_scale(width: int, height: int, size: int, scale: float, stride: int, crop: str = "whole") -> ScalePlan:
-    """The windows of one scale of a width×height image for a model of input size `size`."""
+def check_crop(crop: str) -> None:
     if crop not in CROPS:
         raise InputError(f"unknown crop {crop!r}; choose one of {', '.join(CROPS)}")
+
+
+def plan_scale(width: int, height: int, size: int, scale: float, stride: int, crop: str = "whole") -> ScalePlan:
+    """The windows of one scale of a width×height image for a model of input size `size`."""
+    check_crop(crop)
     if not (scale > 0 and np.isfinite(scale)):
         raise InputError(f"scale {scale!r} must be a finite number > 0")
     if stride < 1:
@@ -136,8 +140,7 @@ class Windowing:
         config = tagger.config
         if not scales:
             raise InputError("give at least one scale")
-        if crop not in CROPS:
-            raise InputError(f"unknown crop {crop!r}; choose one of {', '.join(CROPS)}")
+        check_crop(crop)
         if crop == "center" and len(scales) > 1:
             raise InputError("--crop center sees one window; multi-scale needs --crop whole")
         return cls(config.image_size, config.interpolation, tuple(int(round(255 * m)) for m in config.mean), crop,
@@ -161,7 +164,7 @@ class Windowing:
                 canvas = pixels
             crop_windows(pixels, plan, self.size, self.fill, windows[filled : filled + len(plan.windows)])
             filled += len(plan.windows)
-        return WindowedImage(width, height, plans, windows, canvas)
+        return WindowedImage(width, height, plans, windows, canvas, self.crop)
 
 
 @dataclass
@@ -174,6 +177,7 @@ class WindowedImage:
     plans: list[ScalePlan]
     windows: np.ndarray
     canvas_image: np.ndarray  # uint8 [Hc, Wc, 3]: the image on the finest scale's canvas
+    crop: str
 
 
 def encode_windows(tagger: Tagger, image: Image.Image, crop: str = "whole", scales: tuple[float, ...] = (1.0,),
@@ -188,10 +192,10 @@ def encode_windows_of(tagger: Tagger, images: list[Image.Image], crop: str = "wh
     """Encode the windows of several images together: `batch_size` windows per encoder call,
     whichever images they come from (a batch job's small images share calls)."""
     windowing = Windowing.of(tagger, crop, scales, stride)
-    return encode_windowed(tagger, [windowing.cut(image) for image in images], crop, batch_size)
+    return encode_windowed(tagger, [windowing.cut(image) for image in images], batch_size)
 
 
-def encode_windowed(tagger: Tagger, images: list[WindowedImage], crop: str, batch_size: int) -> list[WindowFeatures]:
+def encode_windowed(tagger: Tagger, images: list[WindowedImage], batch_size: int) -> list[WindowFeatures]:
     """`encode_windows_of` of images already cut (Windowing.cut): their windows stacked once (an
     image that is one window is copied once, as `ttd tag` copies its centre crop) and encoded
     `batch_size` at a time."""
@@ -204,7 +208,8 @@ def encode_windowed(tagger: Tagger, images: list[WindowedImage], crop: str, batc
         for plan in image.plans:
             per_scale.append(views[start : start + len(plan.windows)])
             start += len(plan.windows)
-        features.append(WindowFeatures(image.width, image.height, image.plans, per_scale, image.canvas_image, crop))
+        features.append(WindowFeatures(image.width, image.height, image.plans, per_scale, image.canvas_image,
+                                       image.crop))
     return features
 
 
