@@ -524,6 +524,7 @@ CHECKED_TABLES = {
     ("docs/benchmarks.md", "| run | encoder alone | `ttd segment --captions`"),
     ("docs/benchmarks.md", "| run | P9 wall (segment / tag whole)"), ("docs/benchmarks.md", "| texts-ahead run | P9 wall"),
     ("docs/benchmarks.md", "| traced-encoders run |"),
+    ("docs/benchmarks.md", "| core-share run |"),
     ("docs/calibration.md", "| model | fit | margin"), ("docs/calibration.md", "| model | margins"),
     ("docs/gpu.md", "| precision | world-base"), ("docs/gpu.md", "| dtype | batch 1"), ("docs/gpu.md", "| run | images/s"),
     ("docs/serving.md", "| side |"), ("docs/serving.md", "| side (ViT-B/16)"), ("docs/serving.md", "| load (2,000"),
@@ -603,6 +604,39 @@ def test_p9_traced_encoders_table_is_its_json():
     for key, median, worst in (("p9_segment_median", "0.865", "0.836"), ("p9_tag_whole_median", "0.856", "0.825")):
         values = [report[key] for report in after]
         assert (f"{statistics.median(values):.3f}", f"{min(values):.3f}") == (median, worst)
+
+
+def test_p9_core_share_table_is_its_json():
+    rows = _table("docs/benchmarks.md", "| core-share run |")
+    assert [row[0] for row in rows] == [f"r7-{side}-{n}" for n in range(1, 7)
+                                        for side in (("after", "before") if n % 2 else ("before", "after"))]
+    for row in rows:
+        report = _results(f"p9_whole_images_{row[0]}.json")
+        runs = report["runs"]
+        cells = [[f"{report[f'{p}{kind}_median']:.3f}" for p in ("p9_segment", "p9_tag_whole", "p5_centre")]
+                 for kind in ("", "_by_cpu")]
+        assert row[1:] == [f"{statistics.median(r['encoder_img_s'][0] for r in runs):.0f}",
+                           f"{statistics.median(r['segment_windows_s'] for r in runs):.0f}",
+                           " / ".join(cells[0][:2]), cells[0][2], " / ".join(cells[1]),
+                           report["load_average"][0]], row[0]
+    text = " ".join(Path("docs/benchmarks.md").read_text().split())
+    for side, runs in (("after", range(1, 7)), ("before", range(2, 7))):  # before-1: not on idle cores
+        reports = [_results(f"p9_whole_images_r7-{side}-{n}.json") for n in runs]
+        figures = {}
+        for key in ("p9_segment_median", "p9_tag_whole_median", "p5_centre_median"):
+            values = [report[key] for report in reports]
+            figures[key] = (f"{statistics.median(values):.3f}", f"{min(values):.3f}",
+                            f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}")
+        segment, tag_whole, centre = figures.values()
+        if side == "after":
+            claims = [f"segment median {segment[0]}, worst {segment[1]} (mean {segment[2]})",
+                      f"tag whole median {tag_whole[0]}, worst {tag_whole[1]} ({tag_whole[2]})",
+                      f"P5 (the centre crop, the same runner): median {centre[0]}, worst {centre[1]} after"]
+        else:
+            claims = [f"segment median {segment[0]}, worst {segment[1]} ({segment[2]}); tag whole {tag_whole[0]}, "
+                      f"worst {tag_whole[1]} ({tag_whole[2]})", f"{centre[0]}, worst {centre[1]} before"]
+        for claim in claims:
+            assert claim in text, claim
 
 
 def test_p9_second_round_table_is_its_json():

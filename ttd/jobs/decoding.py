@@ -28,6 +28,7 @@ import numpy as np
 
 from ttd.data.inputs import Item
 from ttd.errors import InputError
+from ttd.jobs.core_share import CoreShare
 
 Positioned = list[tuple[int, Item]]
 # (shape) -> a uint8 array of that shape for a decoded batch to land in (None: a fresh one); the
@@ -196,7 +197,8 @@ class DecodingPool:
 def decoded_batches(items: Iterable[tuple[int, Item]], batch_size: int, workers: int, prepare: Callable[[list[Item]], list],
                     prefetch: int = 2, pool: DecodingPool | None = None,
                     stages: dict[str, float] | None = None,
-                    destination: Destination | None = None) -> Iterator[tuple[Positioned, list]]:
+                    destination: Destination | None = None,
+                    share: CoreShare | None = None) -> Iterator[tuple[Positioned, list]]:
     """(batch of (position, item), outcomes): each outcome is (uint8 image, tags or None, the image's own size) or the
     error message of that item, as `prepare` (e.g. ttd.jobs.decode_items.prepare_items with its settings bound)
     after the items).
@@ -209,7 +211,8 @@ def decoded_batches(items: Iterable[tuple[int, Item]], batch_size: int, workers:
     item: the pool is dropped and the batches in flight are decoded here. `stages` (if given)
     accumulates "decode" (seconds spent decoding, summed over workers) and "decode_wait" (seconds
     this thread waited for a decoded batch). `destination`: where a pool's batch lands (see
-    DecodingPool.collect); the images of a batch are valid until the next batch is asked for."""
+    DecodingPool.collect); the images of a batch are valid until the next batch is asked for.
+    `share`: the cores the decoding thread shares with the model's (ttd/jobs/core_share.py)."""
     stream = iter(items)
     if pool is not None and not pool.alive:  # a pool broken by an earlier job's dead worker
         pool = None
@@ -228,7 +231,8 @@ def decoded_batches(items: Iterable[tuple[int, Item]], batch_size: int, workers:
             ring = (ring + 1) % (prefetch + 1)  # a block is reused only after its batch was collected
             return pool.submit(prepare, chunk, ring)
         if thread is not None:
-            return None, [thread.submit(_timed, prepare, chunk)]
+            return None, [thread.submit(share.helping, _timed, prepare, chunk) if share is not None
+                          else thread.submit(_timed, prepare, chunk)]
         return None, []
 
     failure: Exception | None = None  # the input stream's error: raised after the batches read before it

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from ttd.data.inputs import InputError, Item
 from ttd.data.items import check_shard, count_items, select_shard
-from ttd.jobs.decoding import DecodingPool, Positioned, decoded_batches, default_decode_workers
+from ttd.jobs.core_share import CoreShare
+from ttd.jobs.decoding import DecodingPool, Positioned, decoded_batches, default_decode_workers, usable_cores
 from ttd.jobs.jsonl_output import error_kind, partial_path
 from ttd.jobs.outputs import open_output
 from ttd.runtime.tagger import Tagger
@@ -35,8 +36,9 @@ from ttd.runtime.tagger import Tagger
 class Step(Protocol):
     """What a mode makes of a batch of items. Steps are plain picklable settings: Ray actors get
     the step itself and bind it to their own Tagger. Optional, looked up by name: `destination(tagger)`
-    (where decoded batches land) and `ahead(item)` (each item as it is read, a few batches before
-    its records: `announced`)."""
+    (where decoded batches land), `ahead(item)` (each item as it is read, a few batches before
+    its records: `announced`) and `arrived(ran)` (wait, computing nothing, for a batch the device
+    still computes: the record stage calls it before it takes a core)."""
 
     def description(self) -> dict:
         """The settings that make its records (a resumed run must match them)."""
@@ -202,12 +204,16 @@ def _thread_safe(tagger: Tagger) -> bool:
 class _RecordStage:
     """A thread that builds and writes the records of a batch while this thread runs the model on
     the next one (native kernels release the GIL, so both cores work); a bounded queue between the
-    two. `threaded=False` runs it in the caller's thread instead."""
+    two. It computes on a core the model does not need (`share`), and waits for a batch the device
+    still computes (the step's optional `arrived`) before it takes one. `threaded=False` runs it in
+    the caller's thread instead."""
 
-    def __init__(self, work: Callable[[Any], None], threaded: bool = True, depth: int = 2) -> None:
+    def __init__(self, work: Callable[[Any], None], threaded: bool = True, depth: int = 2,
+                 share: CoreShare | None = None, arrived: Callable[[Any], None] | None = None) -> None:
         self.queue: queue.Queue = queue.Queue(depth)
         self.error: BaseException | None = None
-        self.work = work
+        self.work, self.arrived = work, arrived
+        self.share = share or CoreShare(usable_cores())
         self.thread = threading.Thread(target=self._run, name="ttd-records", daemon=True) if threaded else None
         if self.thread is not None:
             self.thread.start()
@@ -216,12 +222,17 @@ class _RecordStage:
         while (ran := self.queue.get()) is not None:
             if self.error is None:
                 try:
-                    self.work(ran)
+                    if self.arrived is not None:
+                        self.arrived(ran)
+                    with self.share.helper():
+                        self.work(ran)
                 except BaseException as error:  # noqa: BLE001 - handed to the main thread
                     self.error = error
 
     def put(self, ran: Any) -> None:
         if self.thread is None:
+            if self.arrived is not None:
+                self.arrived(ran)
             self.work(ran)
             return
         self._raise()
@@ -282,9 +293,10 @@ def run_job(tagger: Tagger, step: Step, items: Iterable[Item], output: Path, job
             decoding: dict[str, float] = {}  # this thread's stages; `recording`: the record stage's
             recording: dict[str, float] = {}
             mine_items = announced(select_shard(counted, options.shard, options.num_shards, skip=summary.resumed), step)
+            share = CoreShare(usable_cores())  # the model's thread keeps a core (ttd/jobs/core_share.py)
             batches = decoded_batches(mine_items,
                                       options.batch_size, workers, step.decoder(tagger), options.prefetch,
-                                      options.decoding_pool, decoding, step_destination(step, tagger))
+                                      options.decoding_pool, decoding, step_destination(step, tagger), share)
 
             def write(ran: Any) -> None:
                 started, cpu = time.perf_counter(), time.thread_time()
@@ -292,17 +304,19 @@ def run_job(tagger: Tagger, step: Step, items: Iterable[Item], output: Path, job
                 built = time.perf_counter()
                 writer.write(records)
                 own = getattr(ran, "stages", None) or {}
-                add_stages(recording, {**own, "host": built - started - own.get("wait", 0.0),
+                add_stages(recording, {**own, "host": built - started,
                                        "write": time.perf_counter() - built, "record_cpu": time.thread_time() - cpu})
                 summary.add(records)
                 bar.update(len(records))
 
-            stage = _RecordStage(write, threaded=_thread_safe(tagger))
+            arrived = getattr(step, "arrived", None)
+            stage = _RecordStage(write, _thread_safe(tagger), share=share, arrived=arrived)
             main_started = time.thread_time()
             try:
                 for batch, outcomes in batches:
                     submitted = time.perf_counter()
-                    ran = step.run(tagger, batch, outcomes)
+                    with share.model():
+                        ran = step.run(tagger, batch, outcomes)
                     add_stages(decoding, {"submit": time.perf_counter() - submitted})
                     stage.put(ran)
             finally:

@@ -74,6 +74,7 @@ class TaggedBatch:
     keys: list[int] = dataclasses.field(default_factory=list)
     tag_lists: list[list[str]] = dataclasses.field(default_factory=list)
     stages: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per stage, once recorded
+    scores: BatchScores | None = None  # a pipelined batch's results, once they reached the host (`arrived`)
 
 
 ROUNDING_SLACK = 2e-6  # a score outside the device's top k + slack ranks below the k-th even after rounding
@@ -217,12 +218,18 @@ class CentreStep:
                                        "selected": [{"tag": vocabulary[i], "score": round(row[i], 6)} for i in picked],
                                        "top": [{"tag": vocabulary[i], "score": round(row[i], 6)} for i in top]}
 
+    def arrived(self, tagged: TaggedBatch) -> None:
+        """Wait for a pipelined batch's results to reach the host (its event only: no CPU work; the
+        record stage waits here before it takes a core, ttd/jobs/core_share.py)."""
+        if tagged.pending is not None and tagged.scores is None:
+            started = time.perf_counter()
+            tagged.scores = tagged.pending.wait()
+            tagged.stages = {**(tagged.scores.stages or {}), "wait": time.perf_counter() - started}
+
     def _received(self, tagger: Tagger, tagged: TaggedBatch) -> None:
-        """Wait for a pipelined batch (its event only), then fill its records or its results."""
-        started = time.perf_counter()
-        scores = tagged.pending.wait()
-        tagged.stages = {**(scores.stages or {}), "wait": time.perf_counter() - started}
-        tagged.pending = None
+        """A pipelined batch's records or results, once it arrived."""
+        self.arrived(tagged)
+        scores, tagged.pending = tagged.scores, None
         distinct = self.vocabulary is None or len(set(self.vocabulary)) == len(self.vocabulary)
         if self.with_masks or not distinct:  # masks are per tag anyway; a repeated tag is selected by name
             tagged.results = dict(zip(tagged.keys, tagger.results(scores.scores, scores.cosines, tagged.tag_lists)))
