@@ -588,18 +588,23 @@ def test_p9_texts_ahead_table_is_its_json():
         assert row[1:] == [" / ".join(cells[0][:2]), cells[0][2], " / ".join(cells[1]), f"{record:.3f}"], row[0]
 
 
+def _p9_run_cells(report: dict) -> list[str]:
+    """A P9 run's row: encoder alone img/s, segment windows/s, P9 wall, P5 wall, by the job's CPU."""
+    runs = report["runs"]
+    cells = [[f"{report[f'{p}{kind}_median']:.3f}" for p in ("p9_segment", "p9_tag_whole", "p5_centre")]
+             for kind in ("", "_by_cpu")]
+    return [f"{statistics.median(r['encoder_img_s'][0] for r in runs):.0f}",
+            f"{statistics.median(r['segment_windows_s'] for r in runs):.0f}",
+            " / ".join(cells[0][:2]), cells[0][2], " / ".join(cells[1])]
+
+
 def test_p9_traced_encoders_table_is_its_json():
     rows = _table("docs/benchmarks.md", "| traced-encoders run |")
     assert len(rows) == 14
     for row in rows:
         report = _results(f"p9_whole_images_{row[0]}.json")
-        runs = report["runs"]
-        cells = [[f"{report[f'{p}{kind}_median']:.3f}" for p in ("p9_segment", "p9_tag_whole", "p5_centre")]
-                 for kind in ("", "_by_cpu")]
-        assert row[1:] == [f"{statistics.median(r['encoder_img_s'][0] for r in runs):.0f}",
-                           f"{statistics.median(r['segment_windows_s'] for r in runs):.0f}",
-                           " / ".join(cells[0][:2]), cells[0][2], " / ".join(cells[1]),
-                           f"{statistics.median(r['stages_segment_s']['record_cpu'] for r in runs):.3f}"], row[0]
+        record_cpu = statistics.median(r["stages_segment_s"]["record_cpu"] for r in report["runs"])
+        assert row[1:] == [*_p9_run_cells(report), f"{record_cpu:.3f}"], row[0]
     after = [_results(f"p9_whole_images_r6-after-{n}.json") for n in range(1, 7)]
     for key, median, worst in (("p9_segment_median", "0.865", "0.836"), ("p9_tag_whole_median", "0.856", "0.825")):
         values = [report[key] for report in after]
@@ -612,13 +617,7 @@ def test_p9_core_share_table_is_its_json():
                                         for side in (("after", "before") if n % 2 else ("before", "after"))]
     for row in rows:
         report = _results(f"p9_whole_images_{row[0]}.json")
-        runs = report["runs"]
-        cells = [[f"{report[f'{p}{kind}_median']:.3f}" for p in ("p9_segment", "p9_tag_whole", "p5_centre")]
-                 for kind in ("", "_by_cpu")]
-        assert row[1:] == [f"{statistics.median(r['encoder_img_s'][0] for r in runs):.0f}",
-                           f"{statistics.median(r['segment_windows_s'] for r in runs):.0f}",
-                           " / ".join(cells[0][:2]), cells[0][2], " / ".join(cells[1]),
-                           report["load_average"][0]], row[0]
+        assert row[1:] == [*_p9_run_cells(report), report["load_average"][0]], row[0]
     text = " ".join(Path("docs/benchmarks.md").read_text().split())
     for side, runs in (("after", range(1, 7)), ("before", range(2, 7))):  # before-1: not on idle cores
         reports = [_results(f"p9_whole_images_r7-{side}-{n}.json") for n in runs]
