@@ -613,13 +613,13 @@ def test_p9_traced_encoders_table_is_its_json():
 
 def test_p9_core_share_table_is_its_json():
     rows = _table("docs/benchmarks.md", "| core-share run |")
-    assert [row[0] for row in rows] == [f"r7-{side}-{n}" for n in range(1, 7)
+    assert [row[0] for row in rows] == [f"r7-{side}-{n}" for n in range(1, 9)
                                         for side in (("after", "before") if n % 2 else ("before", "after"))]
     for row in rows:
         report = _results(f"p9_whole_images_{row[0]}.json")
         assert row[1:] == [*_p9_run_cells(report), report["load_average"][0]], row[0]
     text = " ".join(Path("docs/benchmarks.md").read_text().split())
-    for side, runs in (("after", range(1, 7)), ("before", range(2, 7))):  # before-1: not on idle cores
+    for side, runs in (("after", range(1, 9)), ("before", range(2, 9))):  # before-1: not on idle cores
         reports = [_results(f"p9_whole_images_r7-{side}-{n}.json") for n in runs]
         figures = {}
         for key in ("p9_segment_median", "p9_tag_whole_median", "p5_centre_median"):
