@@ -72,23 +72,32 @@ def test_on_one_core_a_helper_waits_for_the_model_and_the_model_never_waits():
     thread.join(WAIT)
 
 
+class _WatchedShare(CoreShare):
+    """The runner's share, each helper's admission seen as it is decided (under the share's lock)."""
+
+    def __init__(self, cores: int) -> None:
+        super().__init__(cores)
+        self.most_beside_model = 0  # the most helpers computing at once after one was let in beside the model
+
+    def _admits(self) -> bool:
+        admitted = super()._admits()
+        if admitted and self._model_busy:
+            self.most_beside_model = max(self.most_beside_model, self._helpers + 1)
+        return admitted
+
+
 class _Recorder:
-    """How many helpers compute at each moment, and the most that started computing while the
-    model computed (a helper already computing when the model starts finishes its work: the share
-    preempts nothing)."""
+    """How many helpers compute at each moment; which thread awaited each batch's device work."""
 
     def __init__(self) -> None:
         self.changed = threading.Condition()
         self.helpers = 0
-        self.model_busy = False
-        self.most_beside_model = 0
         self.beside_model = 0  # model calls that saw a helper compute beside them
+        self.arrivals: list[tuple[int, str]] = []  # (first position of the batch, the thread that awaited it)
 
     def helping(self, seconds: float) -> None:
         with self.changed:
             self.helpers += 1
-            if self.model_busy:
-                self.most_beside_model = max(self.most_beside_model, self.helpers)
             self.changed.notify_all()
         time.sleep(seconds)  # holds no GIL: without the share every helper would compute at once
         with self.changed:
@@ -97,12 +106,9 @@ class _Recorder:
     def model(self) -> None:
         """The model computes for 30 ms once a helper computes beside it (or 0.1 s passed: none had work)."""
         with self.changed:
-            self.model_busy = True
             if self.changed.wait_for(lambda: self.helpers > 0, 0.1):
                 self.beside_model += 1
         time.sleep(0.03)
-        with self.changed:
-            self.model_busy = False
 
 
 class _BusyStep:
@@ -127,43 +133,78 @@ class _BusyStep:
         self.recorder.model()
         return batch
 
+    def arrived(self, batch) -> None:
+        recorder = self.recorder
+        with recorder.changed:
+            recorder.arrivals.append((batch[0][0], threading.current_thread().name))
+
     def records(self, tagger, batch) -> list[dict]:
         self.recorder.helping(0.03)
         return [{"index": position, "image": item.image} for position, item in batch]
 
 
-def test_a_job_never_runs_more_helpers_beside_the_model_than_the_cores_it_leaves(tmp_path, monkeypatch):
+def _run_busy_job(tmp_path, monkeypatch, step: _BusyStep, cores: int, items: int, batch: int,
+                  backend: str = "torch"):
     import ttd.jobs.runner as runner
 
-    monkeypatch.setattr(runner, "usable_cores", lambda: 2)
+    monkeypatch.setattr(runner, "usable_cores", lambda: cores)
+    shares: list[_WatchedShare] = []
+    monkeypatch.setattr(runner, "CoreShare", lambda n: shares.append(_WatchedShare(n)) or shares[-1])
+    tagger = SimpleNamespace(backend=SimpleNamespace(name=backend))  # torch: the record stage is a thread
+    listed = [Item(f"{i}.png", Path(tmp_path / f"{i}.png"), None) for i in range(items)]
+    summary = runner.run_job(tagger, step, iter(listed), tmp_path / "out.jsonl", {},
+                             runner.JobOptions(batch, 0, progress=False))
+    assert summary.items == items
+    assert [line.count('"index"') for line in (tmp_path / "out.jsonl").read_text().splitlines()] == [1] * items
+    return shares[0]
+
+
+def test_a_job_never_lets_more_helpers_beside_the_model_than_the_cores_it_leaves(tmp_path, monkeypatch):
     recorder = _Recorder()
-    items = [Item(f"{i}.png", Path(tmp_path / f"{i}.png"), None) for i in range(24)]
-    tagger = SimpleNamespace(backend=SimpleNamespace(name="torch"))  # a backend whose record stage is a thread
-    summary = runner.run_job(tagger, _BusyStep(recorder), iter(items), tmp_path / "out.jsonl", {},
-                             runner.JobOptions(2, 0, progress=False))
-    assert summary.items == 24
+    share = _run_busy_job(tmp_path, monkeypatch, _BusyStep(recorder), cores=2, items=24, batch=2)
     assert recorder.beside_model >= 6, "helpers worked while the model computed (the job stays pipelined)"
-    assert recorder.most_beside_model == 1, "two helpers computed beside the model on two cores"
+    assert share.most_beside_model == 1, "two helpers computed beside the model on two cores"
+
+
+@pytest.mark.parametrize("backend", ["torch", "tensorrt"])
+def test_each_batch_is_awaited_once_before_its_records(tmp_path, monkeypatch, backend):
+    """`arrived` runs once per batch, before its records and outside the core it would hold up: in the
+    record stage's thread, or where the backend keeps records in the model's thread, in that one."""
+    recorder = _Recorder()
+    _run_busy_job(tmp_path, monkeypatch, _BusyStep(recorder), cores=2, items=12, batch=3, backend=backend)
+    assert [position for position, _ in recorder.arrivals] == [0, 3, 6, 9]
+    threads = {thread for _, thread in recorder.arrivals}
+    assert threads == ({"ttd-records"} if backend == "torch" else {threading.current_thread().name})
 
 
 @pytest.mark.parametrize("cores", [1, 2])
 def test_a_job_finishes_on_any_number_of_cores(tmp_path, monkeypatch, cores):
     """With one core a helper computes only while the model waits: the job still ends."""
-    import ttd.jobs.runner as runner
-
-    monkeypatch.setattr(runner, "usable_cores", lambda: cores)
-    recorder = _Recorder()
 
     class Quick(_BusyStep):
         def run(self, tagger, batch, outcomes):
             return batch
 
-    items = [Item(f"{i}.png", Path(tmp_path / f"{i}.png"), None) for i in range(10)]
-    tagger = SimpleNamespace(backend=SimpleNamespace(name="torch"))
-    summary = runner.run_job(tagger, Quick(recorder), iter(items), tmp_path / "out.jsonl", {},
-                             runner.JobOptions(3, 0, progress=False))
-    assert summary.items == 10
-    assert [line.count('"index"') for line in (tmp_path / "out.jsonl").read_text().splitlines()] == [1] * 10
+    share = _run_busy_job(tmp_path, monkeypatch, Quick(_Recorder()), cores=cores, items=10, batch=3)
+    entered, leave = threading.Event(), threading.Event()
+    with share.model():  # the job closed its share: after its end no helper waits, even on one busy core
+        thread = _helper_thread(share, entered, leave)
+        assert entered.wait(WAIT), "the job left its share open"
+    leave.set()
+    thread.join(WAIT)
+
+
+def test_a_closed_share_lets_every_waiting_helper_go():
+    """At a job's end (or an interrupt) no helper waits for a core behind a stuck record stage."""
+    share = CoreShare(1)
+    entered, leave = threading.Event(), threading.Event()
+    with share.model():
+        thread = _helper_thread(share, entered, leave)
+        assert not entered.wait(NOT_YET)
+        share.close()
+        assert entered.wait(WAIT), "a helper still waited after the job ended"
+    leave.set()
+    thread.join(WAIT)
 
 
 def test_the_record_stage_waits_for_the_device_before_it_takes_a_core():

@@ -29,6 +29,7 @@ class CoreShare:
         self._changed = threading.Condition()
         self._helpers = 0  # helpers computing now
         self._model_busy = False
+        self._closed = False
 
     @contextmanager
     def model(self) -> Iterator[None]:
@@ -46,7 +47,7 @@ class CoreShare:
     def helper(self) -> Iterator[None]:
         """A helper computes, once a core the model does not need is free."""
         with self._changed:
-            self._changed.wait_for(lambda: self._helpers < self.cores - self._model_busy)
+            self._changed.wait_for(self._admits)
             self._helpers += 1
         try:
             yield
@@ -54,6 +55,17 @@ class CoreShare:
             with self._changed:
                 self._helpers -= 1
                 self._changed.notify_all()
+
+    def _admits(self) -> bool:
+        """Whether a waiting helper may compute now (called under the share's lock)."""
+        return self._closed or self._helpers < self.cores - self._model_busy
+
+    def close(self) -> None:
+        """The job is ending (finished, failed or interrupted): no helper waits for a core any more,
+        so none holds up the job's end behind a record stage that is stuck or still draining."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
 
     def helping(self, work: Callable[..., Result], *args) -> Result:
         """`work(*args)` as a helper (for an executor's `submit`)."""

@@ -169,7 +169,8 @@ def job_total(inputs: Sequence[Path]) -> int | None:
 
 
 # The stage timers of a job. decode: seconds spent decoding (summed over workers); decode_wait: the
-# model's thread waiting for a decoded batch; submit: the model's thread handing a batch to the
+# model's thread waiting for a decoded batch (the decoding thread's own wait for a core included,
+# ttd/jobs/core_share.py); submit: the model's thread handing a batch to the
 # backend (on a CPU, where nothing is asynchronous, that is the model's work itself); upload,
 # encode, head, download: the backend's own clocks (CUDA events on a GPU, perf_counter on a CPU;
 # "upload" is the transfer alone, "stage" the host's copying into the pinned slot before it);
@@ -321,6 +322,7 @@ def run_job(tagger: Tagger, step: Step, items: Iterable[Item], output: Path, job
                     stage.put(ran)
             finally:
                 add_stages(decoding, {"main_cpu": time.thread_time() - main_started})
+                share.close()
                 stage.close()
                 add_stages(summary.stages, decoding)
                 add_stages(summary.stages, recording)

@@ -229,7 +229,8 @@ class CentreStep:
     def _received(self, tagger: Tagger, tagged: TaggedBatch) -> None:
         """A pipelined batch's records or results, once it arrived."""
         self.arrived(tagged)
-        scores, tagged.pending = tagged.scores, None
+        # the batch lets go of its results here: their host buffers are reused once nothing holds them
+        scores, tagged.pending, tagged.scores = tagged.scores, None, None
         distinct = self.vocabulary is None or len(set(self.vocabulary)) == len(self.vocabulary)
         if self.with_masks or not distinct:  # masks are per tag anyway; a repeated tag is selected by name
             tagged.results = dict(zip(tagged.keys, tagger.results(scores.scores, scores.cosines, tagged.tag_lists)))
