@@ -638,6 +638,29 @@ def test_p9_core_share_table_is_its_json():
             assert claim in text, claim
 
 
+def test_p9_core_share_paired_figures_are_their_json():
+    text = " ".join(Path("docs/benchmarks.md").read_text().split())
+    one, two = (_results(name) for name in ("core_share_paired.json", "core_share_paired_2.json"))
+
+    def ratio(report, kind, side):
+        figures = report["world_ratio"][kind][side]
+        return f"{figures['median']:.3f} ({figures['worst']:.3f})"
+
+    def pairs(report, kind, unit=""):
+        sides = report["photo_seconds"][kind]
+        values = [a / b for a, b in zip(sides["share"]["values"], sides["no_share"]["values"])]
+        return f"{statistics.median(values):.3f} ({len(values)}{unit})"
+
+    claims = [f"`ttd segment --captions` {ratio(one, 'segment', 'share')} and {ratio(two, 'segment', 'share')} with "
+              f"the share against {ratio(one, 'segment', 'no_share')} and {ratio(two, 'segment', 'no_share')} without",
+              f"`ttd tag --crop whole` {ratio(one, 'tag_whole', 'share')} and {ratio(two, 'tag_whole', 'share')} against "
+              f"{ratio(one, 'tag_whole', 'no_share')} and {ratio(two, 'tag_whole', 'no_share')}",
+              f"the decoding-bound centre crop {pairs(one, 'centre', ' pairs')} and {pairs(two, 'centre')}",
+              f"side) {pairs(one, 'segment')} and {pairs(two, 'segment')}"]
+    for claim in claims:
+        assert claim in text, claim
+
+
 def test_p9_second_round_table_is_its_json():
     rows = _table("docs/benchmarks.md", "| run | encoder alone | `ttd segment --captions` | `ttd tag --crop whole`")
     assert rows
