@@ -29,7 +29,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from whole_throughput import write_images
+from whole_throughput import write_captions, write_images
 
 
 def write_photos(folder: Path, count: int) -> Path:
@@ -44,9 +44,7 @@ def write_photos(folder: Path, count: int) -> Path:
         image = base.rotate(i % 7).crop((i % 13, i % 11, 1024 - i % 5, 768 - i % 3))
         image.save(folder / f"photo_{i:04d}.jpg", quality=90)
         rows.append({"image": f"photo_{i:04d}.jpg", "caption": "a red circle and a blue square on the grass"})
-    path = folder / "photos.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_captions(folder / "photos.jsonl", rows)
 
 
 def main() -> None:

@@ -46,7 +46,11 @@ def write_images(folder: Path, count: int, size: int) -> Path:
         sample = make_sample(7, i, size)
         Image.fromarray(sample.image).save(folder / f"{i:06d}.png")
         rows.append({"image": f"{i:06d}.png", "caption": sample.caption})
-    path = folder / "captions.jsonl"
+    return write_captions(folder / "captions.jsonl", rows)
+
+
+def write_captions(path: Path, rows: list[dict]) -> Path:
+    """A captions file (JSON lines: image, caption)."""
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
