@@ -101,22 +101,24 @@ def main() -> None:
             job("segment", world)
         for kind in ("centre", "segment"):
             job(kind, photos)
+        def sides(n: int):
+            """"share" and "no_share", the share switched to each in turn (which first: by round)."""
+            for on in ((True, False) if n % 2 == 0 else (False, True)):
+                sharing[0] = on
+                yield "share" if on else "no_share"
+            sharing[0] = True
+
         world_ratio: dict[str, dict[str, list[float]]] = {}
         photo_seconds: dict[str, dict[str, list[float]]] = {}
         for n in range(args.rounds):
             for kind in ("segment", "tag_whole", "centre"):
                 seconds = encoder()
-                for on in ((True, False) if n % 2 == 0 else (False, True)):
-                    sharing[0] = on
-                    side = "share" if on else "no_share"
+                for side in sides(n):
                     world_ratio.setdefault(kind, {}).setdefault(side, []).append(seconds / job(kind, world))
             if n < args.heavy_rounds:
                 for kind in ("centre", "segment"):
-                    for on in ((True, False) if n % 2 == 0 else (False, True)):
-                        sharing[0] = on
-                        side = "share" if on else "no_share"
+                    for side in sides(n):
                         photo_seconds.setdefault(kind, {}).setdefault(side, []).append(job(kind, photos))
-        sharing[0] = True
 
     def summary(values: list[float]) -> dict:
         return {"median": statistics.median(values), "worst": min(values), "best": max(values),

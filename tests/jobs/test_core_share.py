@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,59 +20,63 @@ WAIT = 5.0  # seconds an event that must happen may take (a hung share fails ins
 NOT_YET = 0.2  # seconds a helper that must wait is given to (wrongly) get in
 
 
-def _helper_thread(share: CoreShare, entered: threading.Event, leave: threading.Event) -> threading.Thread:
+@dataclass
+class _Helper:
+    entered: threading.Event  # set once the helper computes (got a core)
+    leave: threading.Event  # set to end its work
+
+
+@contextmanager
+def _helper_thread(share: CoreShare) -> Iterator[_Helper]:
+    """A helper thread that asks `share` for a core and keeps it until told to leave (or the block ends)."""
+    helper = _Helper(threading.Event(), threading.Event())
+
     def work() -> None:
         with share.helper():
-            entered.set()
-            leave.wait(WAIT)
+            helper.entered.set()
+            helper.leave.wait(WAIT)
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
-    return thread
+    try:
+        yield helper
+    finally:
+        helper.leave.set()
+        thread.join(WAIT)
 
 
 def test_while_the_model_runs_helpers_share_the_other_cores():
     share = CoreShare(2)
-    first, second = threading.Event(), threading.Event()
-    first_leaves, second_leaves = threading.Event(), threading.Event()
-    with share.model():
-        a = _helper_thread(share, first, first_leaves)
-        assert first.wait(WAIT), "one helper computes beside the model on two cores"
-        b = _helper_thread(share, second, second_leaves)
-        assert not second.wait(NOT_YET), "a second helper took the model's core"
-        first_leaves.set()
-        assert second.wait(WAIT), "the second helper gets the core the first one freed"
-    second_leaves.set()
-    a.join(WAIT), b.join(WAIT)
+    with share.model(), _helper_thread(share) as first:
+        assert first.entered.wait(WAIT), "one helper computes beside the model on two cores"
+        with _helper_thread(share) as second:
+            assert not second.entered.wait(NOT_YET), "a second helper took the model's core"
+            first.leave.set()
+            assert second.entered.wait(WAIT), "the second helper gets the core the first one freed"
 
 
 def test_while_the_model_waits_helpers_use_every_core():
     share = CoreShare(2)
-    first, second, leave = threading.Event(), threading.Event(), threading.Event()
-    threads = [_helper_thread(share, first, leave), _helper_thread(share, second, leave)]
-    assert first.wait(WAIT) and second.wait(WAIT), "two helpers compute at once when the model does not"
-    leave.set()
-    for thread in threads:
-        thread.join(WAIT)
+    with _helper_thread(share) as first, _helper_thread(share) as second:
+        assert first.entered.wait(WAIT) and second.entered.wait(WAIT), \
+            "two helpers compute at once when the model does not"
 
 
 def test_on_one_core_a_helper_waits_for_the_model_and_the_model_never_waits():
     share = CoreShare(1)
-    entered, leave = threading.Event(), threading.Event()
-    with share.model():
-        thread = _helper_thread(share, entered, leave)
-        assert not entered.wait(NOT_YET), "a helper preempted the model on the only core"
-    assert entered.wait(WAIT), "the helper runs once the model stops"
-    model_ran = threading.Event()
-
-    def model() -> None:
+    with ExitStack() as stack:
         with share.model():
-            model_ran.set()
+            helper = stack.enter_context(_helper_thread(share))
+            assert not helper.entered.wait(NOT_YET), "a helper preempted the model on the only core"
+        assert helper.entered.wait(WAIT), "the helper runs once the model stops"
+        model_ran = threading.Event()
 
-    threading.Thread(target=model, daemon=True).start()
-    assert model_ran.wait(WAIT), "the model waited for a helper"
-    leave.set()
-    thread.join(WAIT)
+        def model() -> None:
+            with share.model():
+                model_ran.set()
+
+        threading.Thread(target=model, daemon=True).start()
+        assert model_ran.wait(WAIT), "the model waited for a helper"
 
 
 class _WatchedShare(CoreShare):
@@ -186,25 +193,18 @@ def test_a_job_finishes_on_any_number_of_cores(tmp_path, monkeypatch, cores):
             return batch
 
     share = _run_busy_job(tmp_path, monkeypatch, Quick(_Recorder()), cores=cores, items=10, batch=3)
-    entered, leave = threading.Event(), threading.Event()
-    with share.model():  # the job closed its share: after its end no helper waits, even on one busy core
-        thread = _helper_thread(share, entered, leave)
-        assert entered.wait(WAIT), "the job left its share open"
-    leave.set()
-    thread.join(WAIT)
+    # the job closed its share: after its end no helper waits, even on one busy core
+    with share.model(), _helper_thread(share) as helper:
+        assert helper.entered.wait(WAIT), "the job left its share open"
 
 
 def test_a_closed_share_lets_every_waiting_helper_go():
     """At a job's end (or an interrupt) no helper waits for a core behind a stuck record stage."""
     share = CoreShare(1)
-    entered, leave = threading.Event(), threading.Event()
-    with share.model():
-        thread = _helper_thread(share, entered, leave)
-        assert not entered.wait(NOT_YET)
+    with share.model(), _helper_thread(share) as helper:
+        assert not helper.entered.wait(NOT_YET)
         share.close()
-        assert entered.wait(WAIT), "a helper still waited after the job ended"
-    leave.set()
-    thread.join(WAIT)
+        assert helper.entered.wait(WAIT), "a helper still waited after the job ended"
 
 
 def test_the_record_stage_waits_for_the_device_before_it_takes_a_core():
